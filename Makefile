@@ -1,0 +1,69 @@
+# Every target sets up what it needs: a fresh machine runs each with one command.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: all venv test test-python lint lint-python lint-system terraform-check \
+        demo bench bench-quick dist ami soak fuzz clean system-deps
+
+all: test
+
+$(STAMP): pyproject.toml
+	rm -f $(VENV)/.installed-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Debian packages for the real-system tests (namespaces, nspawn boots, unit checks).
+system-deps:
+	bash .ci/system-deps.sh
+
+test: $(STAMP) system-deps lint terraform-check test-python
+
+test-python: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: lint-python lint-system
+
+lint-python: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+lint-system: system-deps
+	bash .ci/lint-system.sh
+
+terraform-check: $(STAMP)
+	bash .ci/terraform-check.sh
+
+demo: $(STAMP)
+	$(BIN)/relayd demo
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench.codec
+	$(BIN)/python -m bench.relay
+
+bench-quick: $(STAMP) system-deps
+	$(BIN)/python -m bench.codec --quick
+	$(BIN)/python -m bench.relay --quick
+
+soak: $(STAMP) system-deps
+	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
+
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+
+ami: dist
+	cd packer && packer init . && packer build .
+
+clean:
+	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
