@@ -7,11 +7,16 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import trio
 
-MetricType = Literal["counter", "gauge"]
+MetricType = Literal["counter", "gauge", "histogram"]
 
 
 class Sample(NamedTuple):
-    """One Prometheus sample; ``name`` without the ``relayd_`` prefix."""
+    """One Prometheus sample; ``name`` without the ``relayd_`` prefix.
+
+    A histogram is given as its samples: ``<family>_bucket`` (with an ``le`` label, cumulative),
+    ``<family>_sum`` and ``<family>_count``, each with type "histogram"; the renderer strips the
+    suffix to find the family for the HELP and TYPE lines.
+    """
 
     name: str
     type: MetricType
