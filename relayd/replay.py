@@ -1,0 +1,158 @@
+"""The capture side's bounded buffer of framed DATA not yet acknowledged (sans-I/O).
+
+The capture hot path frames a batch of datagrams into one ``bytes`` object and appends it here
+as one chunk; the emit side's ACKs trim whole chunks whose last sequence is acknowledged. After
+a reconnect, ``rewind(welcome_ack)`` moves the send cursor back to the first chunk that holds
+anything past the new host's welcome ACK, and ``next_unsent`` hands out the chunks from there.
+A chunk that is only partly acknowledged is sent whole: the emit side skips sequences it has
+already emitted.
+
+Memory is bounded twice: by the bytes held (``max_bytes``; the oldest chunks go first, and the
+newest chunk is always kept, so the bound is ``max_bytes`` plus one batch) and by age
+(``max_age`` seconds, checked by ``expire``). Every chunk dropped unacknowledged is counted, so
+the caller can report and log the loss.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import NamedTuple
+
+__all__ = ["Chunk", "ReplayBuffer"]
+
+
+class Chunk(NamedTuple):
+    """Whole DATA frames of consecutive sequences ``first_seq..last_seq``."""
+
+    first_seq: int
+    last_seq: int
+    time: float  # when it was captured, in the caller's clock (seconds)
+    data: bytes
+
+    @property
+    def datagrams(self) -> int:
+        return self.last_seq - self.first_seq + 1
+
+
+class ReplayBuffer:
+    """Chunks in sequence order, a send cursor, and byte and age bounds."""
+
+    __slots__ = (
+        "_base",
+        "_chunks",
+        "_cursor",
+        "acked_seq",
+        "dropped_bytes",
+        "dropped_chunks",
+        "dropped_datagrams",
+        "dropped_unsent_datagrams",
+        "last_seq",
+        "max_age",
+        "max_bytes",
+        "total_bytes",
+    )
+
+    def __init__(self, max_bytes: int, max_age: float) -> None:
+        if max_bytes <= 0 or max_age <= 0:
+            raise ValueError("max_bytes and max_age must be positive")
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._chunks: deque[Chunk] = deque()
+        # Absolute index of _chunks[0]; the cursor is absolute too, so dropping from the left
+        # never moves what it points at.
+        self._base = 0
+        self._cursor = 0
+        self.total_bytes = 0
+        self.acked_seq = 0
+        self.last_seq = 0  # highest sequence ever appended
+        self.dropped_chunks = 0
+        self.dropped_datagrams = 0
+        self.dropped_bytes = 0
+        #: dropped before they were ever handed out by ``next_unsent`` (lost for sure)
+        self.dropped_unsent_datagrams = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return iter(self._chunks)
+
+    @property
+    def unacked_datagrams(self) -> int:
+        if not self._chunks:
+            return 0
+        return self.last_seq - max(self.acked_seq, self._chunks[0].first_seq - 1)
+
+    @property
+    def caught_up(self) -> bool:
+        """True when every chunk held has been handed out since the last rewind."""
+        return self._cursor >= self._base + len(self._chunks)
+
+    def append(self, chunk: Chunk) -> None:
+        """Add the newest chunk; drops the oldest while the byte bound is exceeded."""
+        if chunk.first_seq <= self.last_seq or chunk.last_seq < chunk.first_seq:
+            raise ValueError(
+                f"chunk {chunk.first_seq}..{chunk.last_seq} does not follow {self.last_seq}"
+            )
+        self._chunks.append(chunk)
+        self.total_bytes += len(chunk.data)
+        self.last_seq = chunk.last_seq
+        while self.total_bytes > self.max_bytes and len(self._chunks) > 1:
+            self._drop_oldest(lost=True)
+
+    def expire(self, now: float) -> int:
+        """Drop chunks captured more than ``max_age`` before ``now``; returns datagrams dropped."""
+        limit = now - self.max_age
+        dropped = 0
+        chunks = self._chunks
+        while chunks and chunks[0].time < limit:
+            dropped += self._drop_oldest(lost=True)
+        return dropped
+
+    def ack(self, seq: int) -> None:
+        """The emit side emitted everything up to ``seq``: forget the chunks it covers."""
+        self.acked_seq = max(self.acked_seq, seq)
+        chunks = self._chunks
+        while chunks and chunks[0].last_seq <= seq:
+            self._drop_oldest(lost=False)
+
+    def rewind(self, after_seq: int) -> int:
+        """Point the cursor at the first chunk holding a sequence above ``after_seq``.
+
+        Called with the welcome ACK of a new connection. Returns how many datagrams past
+        ``after_seq`` the chunks from the cursor hold (what is about to be resent).
+        """
+        self.ack(after_seq)
+        self._cursor = self._base
+        if not self._chunks:
+            return 0
+        return self.last_seq - max(after_seq, self._chunks[0].first_seq - 1)
+
+    def next_unsent(self) -> Chunk | None:
+        """The chunk at the cursor (and move past it), or None when caught up."""
+        index = self._cursor - self._base
+        if index < 0:
+            index = 0
+            self._cursor = self._base
+        if index >= len(self._chunks):
+            return None
+        self._cursor += 1
+        return self._chunks[index]
+
+    def _drop_oldest(self, *, lost: bool) -> int:
+        chunk = self._chunks.popleft()
+        self.total_bytes -= len(chunk.data)
+        unsent = self._cursor <= self._base
+        self._base += 1
+        if not lost:
+            return 0
+        count = chunk.last_seq - max(chunk.first_seq - 1, self.acked_seq)
+        if count <= 0:
+            return 0
+        self.dropped_chunks += 1
+        self.dropped_datagrams += count
+        self.dropped_bytes += len(chunk.data)
+        if unsent:
+            self.dropped_unsent_datagrams += count
+        return count

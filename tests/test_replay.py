@@ -1,0 +1,195 @@
+"""The replay buffer: bounds, ACK trimming, age, and resend order after a reconnect."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd.replay import Chunk, ReplayBuffer
+
+
+def chunk(first: int, last: int, size: int = 100, time: float = 0.0) -> Chunk:
+    return Chunk(first, last, time, bytes(size))
+
+
+def drain(buffer: ReplayBuffer) -> list[tuple[int, int]]:
+    out = []
+    while (c := buffer.next_unsent()) is not None:
+        out.append((c.first_seq, c.last_seq))
+    return out
+
+
+def test_append_and_send_in_order() -> None:
+    buffer = ReplayBuffer(10_000, 30.0)
+    buffer.append(chunk(1, 3))
+    buffer.append(chunk(4, 4))
+    assert drain(buffer) == [(1, 3), (4, 4)]
+    before = buffer.caught_up
+    buffer.append(chunk(5, 9))
+    after = buffer.caught_up
+    assert (before, after) == (True, False)
+    assert drain(buffer) == [(5, 9)]
+    assert buffer.total_bytes == 300
+    assert buffer.unacked_datagrams == 9
+
+
+def test_chunks_must_follow_each_other() -> None:
+    buffer = ReplayBuffer(10_000, 30.0)
+    buffer.append(chunk(1, 3))
+    with pytest.raises(ValueError, match="does not follow"):
+        buffer.append(chunk(3, 5))
+    with pytest.raises(ValueError, match="does not follow"):
+        buffer.append(chunk(6, 5))
+
+
+def test_ack_trims_whole_chunks_only() -> None:
+    buffer = ReplayBuffer(10_000, 30.0)
+    for first in range(1, 30, 3):
+        buffer.append(chunk(first, first + 2))
+    buffer.ack(7)  # chunk 7..9 is partly acked and stays
+    assert [c.first_seq for c in buffer][:2] == [7, 10]
+    assert buffer.unacked_datagrams == 30 - 7
+    buffer.ack(5)  # an older ACK changes nothing
+    assert buffer.acked_seq == 7
+    buffer.ack(30)
+    assert len(buffer) == 0
+    assert buffer.total_bytes == 0
+    assert buffer.unacked_datagrams == 0
+    assert buffer.dropped_datagrams == 0
+
+
+def test_byte_bound_drops_oldest_and_counts() -> None:
+    buffer = ReplayBuffer(1000, 30.0)
+    for i in range(1, 21):
+        buffer.append(chunk(2 * i - 1, 2 * i, size=100))
+    assert buffer.total_bytes == 1000
+    assert len(buffer) == 10
+    assert next(iter(buffer)).first_seq == 21
+    assert buffer.dropped_chunks == 10
+    assert buffer.dropped_datagrams == 20
+    assert buffer.dropped_bytes == 1000
+    assert buffer.dropped_unsent_datagrams == 20
+
+
+def test_a_chunk_larger_than_the_bound_is_kept_alone() -> None:
+    buffer = ReplayBuffer(1000, 30.0)
+    buffer.append(chunk(1, 1, size=10))
+    buffer.append(chunk(2, 50, size=5000))
+    assert [c.first_seq for c in buffer] == [2]
+    assert buffer.dropped_datagrams == 1
+
+
+def test_age_bound() -> None:
+    buffer = ReplayBuffer(1_000_000, 2.0)
+    for i in range(10):
+        buffer.append(chunk(i + 1, i + 1, time=float(i)))
+    assert buffer.expire(5.0) == 3  # captured at 0, 1, 2 < 5 - 2
+    assert next(iter(buffer)).first_seq == 4
+    assert buffer.expire(5.0) == 0
+    assert buffer.expire(100.0) == 7
+    assert len(buffer) == 0
+    assert buffer.dropped_datagrams == 10
+
+
+def test_sent_then_dropped_is_not_counted_as_unsent() -> None:
+    buffer = ReplayBuffer(1000, 30.0)
+    buffer.append(chunk(1, 5, size=600))
+    assert drain(buffer) == [(1, 5)]
+    buffer.append(chunk(6, 6, size=600))
+    assert buffer.dropped_datagrams == 5
+    assert buffer.dropped_unsent_datagrams == 0
+
+
+def test_partly_acked_drop_counts_only_the_unacked_part() -> None:
+    buffer = ReplayBuffer(1000, 30.0)
+    buffer.append(chunk(1, 10, size=600))
+    buffer.ack(4)
+    buffer.append(chunk(11, 11, size=600))
+    assert buffer.dropped_datagrams == 6
+
+
+def test_resend_after_reconnect() -> None:
+    buffer = ReplayBuffer(100_000, 30.0)
+    for first in range(1, 100, 10):
+        buffer.append(chunk(first, first + 9))
+    assert len(drain(buffer)) == 10
+    buffer.ack(20)
+    # The connection broke; the new host (failover) has emitted nothing: everything held
+    # is resent, in order.
+    assert buffer.rewind(0) == 80
+    assert drain(buffer) == [(f, f + 9) for f in range(21, 100, 10)]
+    # A reconnect to a host that emitted up to 45: resume with the chunk holding 46.
+    assert buffer.rewind(45) == 55
+    assert drain(buffer) == [(f, f + 9) for f in range(41, 100, 10)]
+    assert next(iter(buffer)).first_seq == 41
+
+
+def test_drops_during_the_resend_move_the_cursor() -> None:
+    buffer = ReplayBuffer(1000, 30.0)
+    for i in range(1, 11):
+        buffer.append(chunk(i, i, size=100))
+    drain(buffer)
+    buffer.rewind(0)
+    assert buffer.next_unsent() == chunk(1, 1)
+    for i in range(11, 16):
+        buffer.append(chunk(i, i, size=100))  # drops 1..5
+    assert [c.first_seq for c in iter(buffer.next_unsent, None)] == list(range(6, 16))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_bytes=st.integers(1, 5000),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 8), st.integers(0, 1500)),
+            st.tuples(st.just("ack"), st.integers(0, 60), st.just(0)),
+            st.tuples(st.just("send"), st.integers(0, 5), st.just(0)),
+            st.tuples(st.just("rewind"), st.integers(0, 60), st.just(0)),
+            st.tuples(st.just("tick"), st.integers(0, 3), st.just(0)),
+        ),
+        max_size=80,
+    ),
+)
+def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
+    """Bounds hold after every step; every sequence is acked, dropped or held; and the
+    chunks handed out after a rewind are exactly the held chunks past the ACK, in order."""
+    max_age = 5.0
+    buffer = ReplayBuffer(max_bytes, max_age)
+    now = 0.0
+    seq = 0
+    largest = 0
+    for op, a, b in ops:
+        if op == "append":
+            buffer.append(Chunk(seq + 1, seq + a, now, bytes(b)))
+            seq += a
+            largest = max(largest, b)
+        elif op == "ack":
+            target = min(a, seq)
+            buffer.ack(target)
+            assert all(c.last_seq > target for c in buffer)
+        elif op == "send":
+            for _ in range(a):
+                buffer.next_unsent()
+        elif op == "rewind":
+            target = min(max(a, buffer.acked_seq), seq)
+            expected = [c for c in buffer if c.last_seq > target]
+            buffer.rewind(target)
+            assert list(iter(buffer.next_unsent, None)) == expected
+        else:
+            now += a
+            buffer.expire(now)
+            assert all(c.time >= now - max_age for c in buffer)
+        held = list(buffer)
+        assert buffer.total_bytes == sum(len(c.data) for c in held)
+        assert buffer.total_bytes <= max(max_bytes, largest)
+        assert len(held) <= 1 or buffer.total_bytes <= max_bytes
+        for before, after in itertools.pairwise(held):
+            assert after.first_seq == before.last_seq + 1
+        # conservation: every sequence appended is acked, dropped, or still held
+        lowest_held = held[0].first_seq - 1 if held else seq
+        dropped_or_acked = seq - buffer.unacked_datagrams
+        assert dropped_or_acked >= buffer.dropped_datagrams
+        assert buffer.unacked_datagrams == seq - max(buffer.acked_seq, lowest_held)
