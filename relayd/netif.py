@@ -51,6 +51,7 @@ __all__ = [
 IP_PKTINFO = 8
 IP_MULTICAST_ALL = 49
 SO_RXQ_OVFL = 40
+IP_ADD_SOURCE_MEMBERSHIP = 39
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SIOCGIFADDR = 0x8915
@@ -214,6 +215,7 @@ def _open_receiver(
     interface: IPv4Address,
     receive_buffer: int,
     force_buffer: bool | None,
+    sources: Sequence[IPv4Address] = (),
 ) -> GroupReceiver:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -230,7 +232,13 @@ def _open_receiver(
             raise InterfaceError(f"cannot bind UDP port {port}: {exc.strerror}") from None
         for group in groups:
             try:
-                sock.setsockopt(_SOL_IP, socket.IP_ADD_MEMBERSHIP, group.packed + interface.packed)
+                if not sources:
+                    mreq = group.packed + interface.packed
+                    sock.setsockopt(_SOL_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                for source in sources:
+                    # struct ip_mreq_source: group, interface, source (source-specific join)
+                    mreq = group.packed + interface.packed + source.packed
+                    sock.setsockopt(_SOL_IP, IP_ADD_SOURCE_MEMBERSHIP, mreq)
             except OSError as exc:
                 raise InterfaceError(
                     f"cannot join {group}:{port} on {interface}: {exc.strerror}"
@@ -257,12 +265,15 @@ def open_group_receivers(
     *,
     max_memberships: int = MAX_MEMBERSHIPS_PER_SOCKET,
     force_buffer: bool | None = None,
+    sources: Sequence[IPv4Address] = (),
 ) -> list[GroupReceiver]:
     """Join every ``(group, port)`` on ``interface``; one socket per port and 20 groups.
 
     ``force_buffer`` None uses ``SO_RCVBUFFORCE`` when running as root (falling back to
-    ``SO_RCVBUF``); False always uses ``SO_RCVBUF``, which ``net.core.rmem_max`` caps. On any
-    failure every socket opened so far is closed and ``InterfaceError`` raised.
+    ``SO_RCVBUF``); False always uses ``SO_RCVBUF``, which ``net.core.rmem_max`` caps. ``sources``
+    non-empty makes the joins source-specific (``IP_ADD_SOURCE_MEMBERSHIP``, IGMPv3 SSM): only
+    datagrams sent from one of these addresses arrive. On any failure every socket opened so
+    far is closed and ``InterfaceError`` raised.
     """
     for group, port in groups:
         if not group.is_multicast:
@@ -274,7 +285,9 @@ def open_group_receivers(
     receivers: list[GroupReceiver] = []
     try:
         for port, members in _plan_sockets(groups, max_memberships):
-            receivers.append(_open_receiver(port, members, interface, receive_buffer, force_buffer))
+            receivers.append(
+                _open_receiver(port, members, interface, receive_buffer, force_buffer, sources)
+            )
     except BaseException:
         for receiver in receivers:
             receiver.close()
