@@ -1,0 +1,807 @@
+"""The TOML configuration: a frozen attrs model, its loader and its validation.
+
+``load_config(path)`` is the one entry point that ``relayd check-config``, start-up and
+``SIGHUP`` reload all use, so all three accept and refuse exactly the same files. Every problem
+in a file is collected and raised together as one :class:`ConfigError`, each message naming
+the TOML path it is about, in the form cattrs' ``transform_error`` uses::
+
+    invalid value for type, expected int @ $.emit[0].ttl
+
+The key reference is ``docs/CONFIG.md``; the classes below mirror it field for field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, get_args
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn, override
+
+from relayd.units import UnitError, format_duration, format_size, parse_duration, parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "CaptureFeed",
+    "Config",
+    "ConfigError",
+    "EmitFeed",
+    "Endpoint",
+    "GroupPort",
+    "HealthConfig",
+    "LogFormat",
+    "LogLevel",
+    "PortRange",
+    "ProcessConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/relayd/relayd.toml")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+MULTICAST: Final = IPv4Network("224.0.0.0/4")
+LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
+
+# Socket buffers are C ints and Linux doubles what it is given; 1 GiB keeps well clear of that.
+_MAX_SOCKET_BUFFER: Final = 1024**3
+# The replay buffer must hold at least two maximal frames (a 65507-byte datagram and header).
+_MIN_REPLAY_BYTES: Final = 128 * 1024
+
+_FEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_IFNAMSIZ: Final = 16  # Linux interface names are at most 15 bytes
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration, one message per problem."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors: tuple[str, ...] = tuple(errors)
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        return "; ".join(self.errors)
+
+
+class _InvalidValueError(ValueError):
+    """A value of the right type that breaks a rule; the message is shown as it is."""
+
+
+class _WrongTypeError(TypeError):
+    """A value of the wrong TOML type."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(f"invalid value for type, expected {expected}")
+
+
+# --------------------------------------------------------------------------------------------
+# Value types
+
+
+def _check_port(port: int, what: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise _InvalidValueError(f"invalid {what}: port {port} out of range {low}..65535")
+    return port
+
+
+def _parse_port(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise _InvalidValueError(f"invalid {what}: port {text!r} is not a number")
+    return int(text)
+
+
+def _check_host(host: str, text: str) -> str:
+    if not host:
+        raise _InvalidValueError(f"invalid address {text!r}: missing host (use 0.0.0.0 for all)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise _InvalidValueError(f"invalid address {text!r}: bad IPv6 address") from None
+        return host[1:-1]
+    if ":" in host:
+        raise _InvalidValueError(f"invalid address {text!r}: write IPv6 addresses as [addr]:port")
+    if host.replace(".", "").isdigit():
+        try:
+            IPv4Address(host)
+        except ValueError:
+            raise _InvalidValueError(f"invalid address {text!r}: bad IPv4 address") from None
+        return host
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise _InvalidValueError(f"invalid address {text!r}: bad host name")
+    return host
+
+
+@attrs.frozen
+class Endpoint:
+    """A TCP address, ``"host:port"`` in the file. ``host`` is an IPv4 address, an IPv6 address
+    (written in brackets in the file, stored without) or a DNS name resolved at run time."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, allow_port_zero: bool = False) -> Endpoint:
+        """``"0.0.0.0:6667"``, ``"nlb.example.com:6667"``, ``"[::1]:8080"``; port 0 (any free
+        port) only with ``allow_port_zero``. Raises ``ValueError`` with a readable message."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise _InvalidValueError(f'invalid address {text!r}: expected "host:port"')
+        port = _parse_port(port_text, f"address {text!r}")
+        port = _check_port(port, f"address {text!r}", allow_zero=allow_port_zero)
+        return cls(_check_host(host, text), port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _check_group(group: IPv4Address) -> IPv4Address:
+    if group not in MULTICAST:
+        raise _InvalidValueError(f"group {group} is not a multicast address (224.0.0.0/4)")
+    if group in LINK_LOCAL_MULTICAST:
+        raise _InvalidValueError(f"group {group} is in the link-local range 224.0.0.0/24")
+    return group
+
+
+@attrs.frozen(order=True)
+class GroupPort:
+    """A multicast destination, ``"group:port"`` in the file (``"239.111.111.1:6100"``)."""
+
+    group: IPv4Address
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> GroupPort:
+        """Parse and check ``"group:port"``: the group inside 224.0.0.0/4 and outside the
+        link-local 224.0.0.0/24, the port 1..65535. Raises ``ValueError``."""
+        group_text, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise _InvalidValueError(f'invalid group {text!r}: expected "group:port"')
+        try:
+            group = IPv4Address(group_text)
+        except ValueError:
+            raise _InvalidValueError(
+                f"invalid group {text!r}: {group_text!r} is not an IPv4 address"
+            ) from None
+        port = _parse_port(port_text, f"group {text!r}")
+        return cls(_check_group(group), _check_port(port, f"group {text!r}"))
+
+    def __str__(self) -> str:
+        return f"{self.group}:{self.port}"
+
+
+@attrs.frozen
+class PortRange:
+    """An inclusive range of UDP ports, ``6100``, ``"6100"`` or ``"6100-6101"`` in the file."""
+
+    lo: int
+    hi: int
+
+    @classmethod
+    def parse(cls, value: int | str) -> PortRange:
+        """Parse and check a port or ``"lo-hi"`` range (1..65535, lo <= hi)."""
+        if isinstance(value, int):
+            if not 1 <= value <= 65535:
+                raise _InvalidValueError(f"port {value} out of range 1..65535")
+            return cls(value, value)
+        lo_text, sep, hi_text = value.partition("-")
+        what = f"port range {value!r}"
+        lo = _check_port(_parse_port(lo_text.strip(), what), what)
+        hi = _check_port(_parse_port(hi_text.strip(), what), what) if sep else lo
+        if lo > hi:
+            raise _InvalidValueError(f"invalid port range {value!r}: {lo} > {hi}")
+        return cls(lo, hi)
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.lo <= port <= self.hi
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+@attrs.frozen(kw_only=True)
+class ProcessConfig:
+    """``[process]``: logging."""
+
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+
+
+@attrs.frozen(kw_only=True)
+class HealthConfig:
+    """``[health]``: the HTTP server for ``/healthz``, ``/healthz/<feed>`` and ``/metrics``."""
+
+    listen: Endpoint = Endpoint("0.0.0.0", 8080)
+
+
+_ALL_PORTS: Final = (PortRange(1, 65535),)
+
+
+@attrs.frozen(kw_only=True)
+class EmitFeed:
+    """One ``[[emit]]`` table: a TCP listener whose datagrams are sent out as multicast."""
+
+    name: str
+    listen: Endpoint
+    interface: str
+    allowed_sources: tuple[IPv4Network, ...]
+    allowed_groups: tuple[IPv4Network, ...]
+    ttl: int = 16
+    loop: bool = False
+    allowed_ports: tuple[PortRange, ...] = _ALL_PORTS
+    max_connections: int = 4
+    hello_timeout: float = 5.0
+    heartbeat_interval: float = 1.0
+    idle_timeout: float = 5.0
+    send_buffer: int = 4 * 1024**2
+    auth_key_files: tuple[Path, ...] = ()
+
+    # (network, netmask) and (lo, hi) pairs as ints, so that allows() is cheap per datagram.
+    _group_masks: tuple[tuple[int, int], ...] = attrs.field(init=False, repr=False, eq=False)
+    _port_bounds: tuple[tuple[int, int], ...] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        masks = tuple((int(n.network_address), int(n.netmask)) for n in self.allowed_groups)
+        object.__setattr__(self, "_group_masks", masks)
+        bounds = tuple((r.lo, r.hi) for r in self.allowed_ports)
+        object.__setattr__(self, "_port_bounds", bounds)
+
+    def allows(self, group: IPv4Address | int, port: int) -> bool:
+        """Whether a datagram to ``group:port`` may be emitted (group as an address or the
+        host-order int of one)."""
+        address = group if isinstance(group, int) else int(group)
+        return any(address & mask == net for net, mask in self._group_masks) and any(
+            lo <= port <= hi for lo, hi in self._port_bounds
+        )
+
+
+@attrs.frozen(kw_only=True)
+class CaptureFeed:
+    """One ``[[capture]]`` table: multicast groups joined and streamed to the emit side."""
+
+    name: str
+    interface: str
+    groups: tuple[GroupPort, ...]
+    targets: tuple[Endpoint, ...]
+    receive_buffer: int = 16 * 1024**2
+    replay_max_bytes: int = 64 * 1024**2
+    replay_max_age: float = 30.0
+    heartbeat_interval: float = 1.0
+    idle_timeout: float = 5.0
+    connect_timeout: float = 3.0
+    reconnect_budget: float = 10.0
+    auth_key_file: Path | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """A whole file. Feeds keep the order of the file; names are unique per kind."""
+
+    process: ProcessConfig = ProcessConfig()
+    health: HealthConfig = HealthConfig()
+    emit: tuple[EmitFeed, ...] = ()
+    capture: tuple[CaptureFeed, ...] = ()
+
+    def emit_feed(self, name: str) -> EmitFeed | None:
+        """The emit feed called ``name``, if any."""
+        return next((feed for feed in self.emit if feed.name == name), None)
+
+    def capture_feed(self, name: str) -> CaptureFeed | None:
+        """The capture feed called ``name``, if any."""
+        return next((feed for feed in self.capture if feed.name == name), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers: TOML value in, typed value out, or _WrongTypeError / _InvalidValueError.
+
+T = TypeVar("T")
+Parser = Callable[[Any], T]
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _WrongTypeError("str")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _WrongTypeError("int")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _WrongTypeError("bool")
+    return value
+
+
+def _int_in(lo: int, hi: int | None = None) -> Parser[int]:
+    def parse(value: Any) -> int:
+        number = _int(value)
+        if number < lo or (hi is not None and number > hi):
+            bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise _InvalidValueError(f"{number} out of range {bounds}")
+        return number
+
+    return parse
+
+
+def _one_of(choices: tuple[str, ...]) -> Parser[Any]:
+    def parse(value: Any) -> str:
+        text = _str(value)
+        if text not in choices:
+            raise _InvalidValueError(
+                f"invalid value {text!r}, expected one of: {', '.join(choices)}"
+            )
+        return text
+
+    return parse
+
+
+def _feed_name(value: Any) -> str:
+    name = _str(value)
+    if not _FEED_NAME.fullmatch(name):
+        raise _InvalidValueError(
+            f"invalid feed name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _interface(value: Any) -> str:
+    name = _str(value)
+    if name and name.replace(".", "").isdigit():
+        try:
+            IPv4Address(name)
+        except ValueError:
+            raise _InvalidValueError(f"invalid interface {name!r}: bad IPv4 address") from None
+        return name
+    if not name or len(name.encode()) >= _IFNAMSIZ or "/" in name or not name.isprintable():
+        raise _InvalidValueError(
+            f"invalid interface {name!r}: expected an interface name or IPv4 address"
+        )
+    if any(char.isspace() for char in name):
+        raise _InvalidValueError(
+            f"invalid interface {name!r}: expected an interface name or IPv4 address"
+        )
+    return name
+
+
+def _endpoint(value: Any) -> Endpoint:
+    return Endpoint.parse(_str(value))
+
+
+def _listen_endpoint(value: Any) -> Endpoint:
+    return Endpoint.parse(_str(value), allow_port_zero=True)
+
+
+def _group_port(value: Any) -> GroupPort:
+    return GroupPort.parse(_str(value))
+
+
+def _port_range(value: Any) -> PortRange:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _WrongTypeError('port or "lo-hi" range')
+    return PortRange.parse(value)
+
+
+def _cidr(value: Any) -> IPv4Network:
+    text = _str(value)
+    try:
+        return IPv4Network(text)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = IPv4Network(text, strict=False)
+            raise _InvalidValueError(
+                f"invalid CIDR {text!r}: host bits set (did you mean {loose}?)"
+            ) from None
+        raise _InvalidValueError(
+            f"invalid CIDR {text!r}: expected an IPv4 network like 10.0.0.0/8"
+        ) from None
+
+
+def _group_cidr(value: Any) -> IPv4Network:
+    network = _cidr(value)
+    if not network.subnet_of(MULTICAST):
+        raise _InvalidValueError(
+            f"group range {network} is not inside the multicast range 224.0.0.0/4"
+        )
+    if network.overlaps(LINK_LOCAL_MULTICAST):
+        raise _InvalidValueError(
+            f"group range {network} overlaps the link-local range 224.0.0.0/24"
+        )
+    return network
+
+
+def _path(value: Any) -> Path:
+    text = _str(value)
+    if not text:
+        raise _InvalidValueError("empty path")
+    return Path(text)
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _WrongTypeError("duration")
+    try:
+        seconds = parse_duration(value)
+    except UnitError as exc:
+        raise _InvalidValueError(str(exc)) from None
+    if seconds <= 0:
+        raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
+    return seconds
+
+
+def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _WrongTypeError("size")
+        try:
+            size = parse_size(value)
+        except UnitError as exc:
+            raise _InvalidValueError(str(exc)) from None
+        if size < lo:
+            least = "> 0" if lo == 1 else f"at least {format_size(lo)}"
+            raise _InvalidValueError(f"invalid size {value!r}: must be {least}")
+        if hi is not None and size > hi:
+            raise _InvalidValueError(f"invalid size {value!r}: must be at most {format_size(hi)}")
+        return size
+
+    return parse
+
+
+def _tuple_of(
+    item: Parser[T], *, non_empty: bool = False, unique: bool = False
+) -> Parser[tuple[T, ...]]:
+    """A TOML array, each element parsed by ``item``; every bad element is reported."""
+
+    def parse(value: Any) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise _WrongTypeError("array")
+        if non_empty and not value:
+            raise _InvalidValueError("must not be empty")
+        items: list[T] = []
+        first: dict[T, int] = {}
+        errors: list[Exception] = []
+        for index, element in enumerate(value):
+            try:
+                parsed = item(element)
+                if unique and parsed in first:
+                    raise _InvalidValueError(f"duplicate {parsed} (also at [{first[parsed]}])")
+            except Exception as exc:  # collected and reported with the path
+                note = IterableValidationNote(f"index {index}", index, object)
+                setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), note])  # noqa: B010
+                errors.append(exc)
+            else:
+                items.append(parsed)
+                if unique:
+                    first.setdefault(parsed, index)
+        if errors:
+            raise IterableValidationError("invalid array elements", errors, tuple)
+        return tuple(items)
+
+    return parse
+
+
+# --------------------------------------------------------------------------------------------
+# The converter: cattrs structures each table, the parsers above structure each value.
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _strict_hook(parser: Parser[T]) -> Callable[[Any, Any], T]:
+    return lambda value, _type: parser(value)
+
+
+for _type, _parser in ((int, _int), (str, _str), (bool, _bool)):
+    _converter.register_structure_hook(_type, _strict_hook(_parser))
+
+
+def _register(
+    cls: type[T],
+    parsers: Mapping[str, Parser[Any]],
+    check: Callable[[T], Iterator[tuple[str, str]]] | None = None,
+) -> None:
+    """Structure ``cls`` from a TOML table: unknown keys refused, each field by its parser, then
+    ``check`` for rules across fields (it yields ``(field, message)`` pairs)."""
+    missing = {a.name for a in attrs.fields(cls) if a.init} - set(parsers)  # type: ignore[arg-type]
+    assert not missing, f"no parser for {cls.__name__}.{missing}"
+    overrides = {name: override(struct_hook=_strict_hook(p)) for name, p in parsers.items()}
+    generated = make_dict_structure_fn(cls, _converter, **overrides)  # type: ignore[arg-type]
+
+    def structure(value: Any, _type: Any) -> T:
+        if not isinstance(value, dict):
+            raise _WrongTypeError("table")
+        instance: T = generated(value, cls)
+        if check is not None:
+            errors: list[Exception] = []
+            for field, message in check(instance):
+                exc = _InvalidValueError(message)
+                setattr(exc, "__notes__", [AttributeValidationNote(field, field, object)])  # noqa: B010
+                errors.append(exc)
+            if errors:
+                raise ClassValidationError(f"invalid {cls.__name__}", errors, cls)
+        return instance
+
+    _converter.register_structure_hook(cls, structure)
+
+
+def _check_timeouts(feed: EmitFeed | CaptureFeed) -> Iterator[tuple[str, str]]:
+    if feed.idle_timeout <= feed.heartbeat_interval:
+        yield (
+            "idle_timeout",
+            f"idle_timeout ({format_duration(feed.idle_timeout)}) must be longer than "
+            f"heartbeat_interval ({format_duration(feed.heartbeat_interval)})",
+        )
+
+
+def _check_emit(feed: EmitFeed) -> Iterator[tuple[str, str]]:
+    yield from _check_timeouts(feed)
+
+
+def _check_capture(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
+    yield from _check_timeouts(feed)
+
+
+_register(
+    ProcessConfig,
+    {"log_level": _one_of(get_args(LogLevel)), "log_format": _one_of(get_args(LogFormat))},
+)
+_register(HealthConfig, {"listen": _listen_endpoint})
+_register(
+    EmitFeed,
+    {
+        "name": _feed_name,
+        "listen": _listen_endpoint,
+        "interface": _interface,
+        "allowed_sources": _tuple_of(_cidr, non_empty=True),
+        "allowed_groups": _tuple_of(_group_cidr, non_empty=True),
+        "ttl": _int_in(1, 255),
+        "loop": _bool,
+        "allowed_ports": _tuple_of(_port_range, non_empty=True),
+        "max_connections": _int_in(1),
+        "hello_timeout": _duration,
+        "heartbeat_interval": _duration,
+        "idle_timeout": _duration,
+        "send_buffer": _size(hi=_MAX_SOCKET_BUFFER),
+        "auth_key_files": _tuple_of(_path),
+    },
+    _check_emit,
+)
+_register(
+    CaptureFeed,
+    {
+        "name": _feed_name,
+        "interface": _interface,
+        "groups": _tuple_of(_group_port, non_empty=True, unique=True),
+        "targets": _tuple_of(_endpoint, non_empty=True, unique=True),
+        "receive_buffer": _size(hi=_MAX_SOCKET_BUFFER),
+        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES),
+        "replay_max_age": _duration,
+        "heartbeat_interval": _duration,
+        "idle_timeout": _duration,
+        "connect_timeout": _duration,
+        "reconnect_budget": _duration,
+        "auth_key_file": _path,
+    },
+    _check_capture,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, (_InvalidValueError, _WrongTypeError)):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(exc.cl) if a.init]
+        return "; ".join(_unknown_key(key, known) for key in sorted(exc.extra_fields))
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _messages(exc: Exception, path: str) -> list[str]:
+    return cattrs.transform_error(exc, path, _describe)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+_SECTIONS: Final = ("process", "health", "emit", "capture")
+
+
+def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool = False) -> Config:
+    """Parse and validate a whole configuration from TOML text.
+
+    Relative key-file paths are made relative to ``base_dir`` when it is given. With
+    ``check_files`` every key file must exist and be readable. Raises :class:`ConfigError`
+    with every problem found; nothing else escapes for any input text.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"]) from None
+    errors: list[str] = []
+
+    for key in sorted(set(raw) - set(_SECTIONS)):
+        errors.append(f"{_unknown_key(key, _SECTIONS)} @ $")
+
+    def table(name: str, cls: type[T], default: T) -> T | None:
+        if name not in raw:
+            return default
+        try:
+            return _converter.structure(raw[name], cls)
+        except Exception as exc:  # every failure becomes a message
+            errors.extend(_messages(exc, f"$.{name}"))
+            return None
+
+    def feeds(name: str, cls: type[T]) -> list[tuple[int, T]]:
+        value = raw.get(name, [])
+        if not isinstance(value, list):
+            errors.append(f"expected an array of tables ([[{name}]]) @ $.{name}")
+            return []
+        good: list[tuple[int, T]] = []
+        for index, item in enumerate(value):
+            try:
+                good.append((index, _converter.structure(item, cls)))
+            except Exception as exc:  # every failure becomes a message
+                errors.extend(_messages(exc, f"$.{name}[{index}]"))
+        return good
+
+    process = table("process", ProcessConfig, ProcessConfig())
+    health = table("health", HealthConfig, HealthConfig())
+    emit = feeds("emit", EmitFeed)
+    capture = feeds("capture", CaptureFeed)
+    # Rules across tables look at the raw values that parse on their own, so that they are
+    # reported even when another key of the same table is broken.
+    errors.extend(_cross_checks(raw))
+    if check_files:
+        errors.extend(_check_key_files(raw, base_dir or Path()))
+
+    if errors or process is None or health is None:
+        raise ConfigError(errors)
+    if base_dir is not None:
+        emit = [(i, _rebase_emit(feed, base_dir)) for i, feed in emit]
+        capture = [(i, _rebase_capture(feed, base_dir)) for i, feed in capture]
+    return Config(
+        process=process,
+        health=health,
+        emit=tuple(feed for _, feed in emit),
+        capture=tuple(feed for _, feed in capture),
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, parse and validate the file at ``path``, and check that its key files are
+    readable. Raises :class:`ConfigError` with every problem (also for an unreadable file).
+
+    Relative key-file paths are taken relative to the file's directory."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not UTF-8 text (byte {exc.start})"]) from None
+    return parse_config(text, base_dir=path.parent, check_files=True)
+
+
+def _tables(raw: Mapping[str, Any], kind: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(path, table)`` for each table of an array of tables that is one."""
+    items = raw.get(kind)
+    if isinstance(items, list):
+        for index, item in enumerate(items):
+            if isinstance(item, dict):
+                yield f"$.{kind}[{index}]", item
+
+
+def _try(parser: Parser[T], value: Any) -> T | None:
+    """``parser(value)``, or None when the value is invalid (and so reported elsewhere)."""
+    try:
+        return parser(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _lenient(table: Mapping[str, Any], key: str, parser: Parser[T]) -> T | None:
+    """The parsed value of ``table[key]``, or None when it is absent or invalid."""
+    return _try(parser, table[key]) if key in table else None
+
+
+def _cross_checks(raw: Mapping[str, Any]) -> Iterator[str]:
+    for kind in ("emit", "capture"):
+        first_name: dict[str, str] = {}
+        for where, table in _tables(raw, kind):
+            name = _lenient(table, "name", _feed_name)
+            if name is None:
+                continue
+            if name in first_name:
+                yield f"duplicate feed name {name!r} (also {first_name[name]}) @ {where}.name"
+            first_name.setdefault(name, f"{where}.name")
+
+    listeners: list[tuple[str, Endpoint | None]] = []
+    health = raw.get("health", {})
+    if isinstance(health, dict):
+        if "listen" in health:
+            listeners.append(("$.health.listen", _lenient(health, "listen", _listen_endpoint)))
+        else:
+            listeners.append(("$.health.listen", HealthConfig().listen))
+    for where, table in _tables(raw, "emit"):
+        listeners.append((f"{where}.listen", _lenient(table, "listen", _listen_endpoint)))
+    first_port: dict[int, str] = {}
+    for where, endpoint in listeners:
+        if endpoint is None or endpoint.port == 0:  # 0: any free port, never a conflict
+            continue
+        if endpoint.port in first_port:
+            yield f"port {endpoint.port} is already used by {first_port[endpoint.port]} @ {where}"
+        first_port.setdefault(endpoint.port, where)
+
+
+def _check_key_files(raw: Mapping[str, Any], base_dir: Path) -> Iterator[str]:
+    files: list[tuple[str, Path | None]] = []
+    for where, table in _tables(raw, "emit"):
+        paths = table.get("auth_key_files")
+        if isinstance(paths, list):
+            files += [(f"{where}.auth_key_files[{i}]", _try(_path, p)) for i, p in enumerate(paths)]
+    for where, table in _tables(raw, "capture"):
+        files.append((f"{where}.auth_key_file", _lenient(table, "auth_key_file", _path)))
+    for where, relative in files:
+        if relative is None:
+            continue
+        path = base_dir / relative
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            yield f"cannot read key file {path}: {exc.strerror or exc} @ {where}"
+
+
+def _rebase_emit(feed: EmitFeed, base_dir: Path) -> EmitFeed:
+    return attrs.evolve(feed, auth_key_files=tuple(base_dir / p for p in feed.auth_key_files))
+
+
+def _rebase_capture(feed: CaptureFeed, base_dir: Path) -> CaptureFeed:
+    if feed.auth_key_file is None:
+        return feed
+    return attrs.evolve(feed, auth_key_file=base_dir / feed.auth_key_file)
