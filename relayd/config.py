@@ -300,6 +300,7 @@ class CaptureFeed:
     connect_timeout: float = 3.0
     reconnect_budget: float = 10.0
     auth_key_file: Path | None = None
+    sources: tuple[IPv4Address, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -395,6 +396,17 @@ def _interface(value: Any) -> str:
             f"invalid interface {name!r}: expected an interface name or IPv4 address"
         )
     return name
+
+
+def _source(value: Any) -> IPv4Address:
+    text = _str(value)
+    try:
+        address = IPv4Address(text)
+    except ValueError:
+        raise _InvalidValueError(f"invalid source {text!r}: expected an IPv4 address") from None
+    if address.is_multicast or address.is_unspecified:
+        raise _InvalidValueError(f"invalid source {text}: expected a unicast sender address")
+    return address
 
 
 def _endpoint(value: Any) -> Endpoint:
@@ -565,14 +577,6 @@ def _check_timeouts(feed: EmitFeed | CaptureFeed) -> Iterator[tuple[str, str]]:
         )
 
 
-def _check_emit(feed: EmitFeed) -> Iterator[tuple[str, str]]:
-    yield from _check_timeouts(feed)
-
-
-def _check_capture(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
-    yield from _check_timeouts(feed)
-
-
 _register(
     ProcessConfig,
     {"log_level": _one_of(get_args(LogLevel)), "log_format": _one_of(get_args(LogFormat))},
@@ -596,7 +600,7 @@ _register(
         "send_buffer": _size(hi=_MAX_SOCKET_BUFFER),
         "auth_key_files": _tuple_of(_path),
     },
-    _check_emit,
+    _check_timeouts,
 )
 _register(
     CaptureFeed,
@@ -613,8 +617,9 @@ _register(
         "connect_timeout": _duration,
         "reconnect_budget": _duration,
         "auth_key_file": _path,
+        "sources": _tuple_of(_source, unique=True),
     },
-    _check_capture,
+    _check_timeouts,
 )
 
 
