@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Install relayd onto the image: a Python venv in /opt/relayd from the wheel, the system user,
+# the rootfs tree (etc/, systemd/) copied as it is, the unit enabled.
+# Runs on Amazon Linux 2023 (dnf; the Packer build) and Debian 12 (apt; the boot test).
+#
+# Environment:
+#   RELAYD_WHEEL_DIR   directory holding the relayd wheel (required)
+#   RELAYD_TREE        checkout holding etc/ and systemd/ (required)
+#   RELAYD_WHEELHOUSE  directory of dependency wheels; when set, pip installs offline from it
+#   RELAYD_PREFIX      venv location (default /opt/relayd)
+set -euo pipefail
+
+: "${RELAYD_WHEEL_DIR:?directory of the relayd wheel}"
+: "${RELAYD_TREE:?directory holding etc/ and systemd/}"
+prefix=${RELAYD_PREFIX:-/opt/relayd}
+wheelhouse=${RELAYD_WHEELHOUSE:-}
+
+log() { printf 'install.sh: %s\n' "$*"; }
+
+# shellcheck source=/dev/null
+. /etc/os-release
+case "${ID:-}" in
+  amzn)
+    python=python3.11
+    log "Amazon Linux ${VERSION_ID:-}: dnf"
+    dnf install -y -q "$python" "$python-pip" rsyslog logrotate amazon-cloudwatch-agent
+    ;;
+  debian)
+    python=python3
+    log "Debian ${VERSION_ID:-}: apt"
+    want=()
+    command -v "$python" >/dev/null || want+=(python3)
+    "$python" -c 'import ensurepip' 2>/dev/null || want+=(python3-venv)
+    command -v useradd >/dev/null || want+=(passwd)
+    if [ ${#want[@]} -gt 0 ]; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "${want[@]}"
+    fi
+    ;;
+  *)
+    echo "install.sh: unsupported distribution '${ID:-unknown}'" >&2
+    exit 1
+    ;;
+esac
+
+shopt -s nullglob
+wheels=("$RELAYD_WHEEL_DIR"/relayd-*.whl)
+shopt -u nullglob
+if [ ${#wheels[@]} -ne 1 ]; then
+  echo "install.sh: want exactly one relayd wheel in $RELAYD_WHEEL_DIR, found ${#wheels[@]}" >&2
+  exit 1
+fi
+
+if ! getent group relayd >/dev/null; then
+  groupadd --system relayd
+fi
+if ! getent passwd relayd >/dev/null; then
+  useradd --system --gid relayd --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "relayd multicast relay" relayd
+fi
+
+log "venv in $prefix"
+rm -rf "$prefix"
+"$python" -m venv "$prefix"
+pip_args=(--quiet --disable-pip-version-check --no-cache-dir)
+if [ -n "$wheelhouse" ]; then
+  pip_args+=(--no-index --find-links "$wheelhouse")
+fi
+"$prefix/bin/pip" install "${pip_args[@]}" "${wheels[0]}"
+"$prefix/bin/relayd" --version
+
+log "rootfs tree"
+install -d -m 0755 /etc/sysctl.d /etc/ecs /etc/rsyslog.d /etc/logrotate.d \
+  /etc/amazon-cloudwatch-agent /etc/systemd/system
+install -m 0644 "$RELAYD_TREE/etc/sysctl.d/60-relayd.conf" /etc/sysctl.d/
+install -m 0644 "$RELAYD_TREE/etc/ecs/ecs.config" /etc/ecs/
+install -m 0644 "$RELAYD_TREE/etc/rsyslog.d/30-relayd.conf" /etc/rsyslog.d/
+install -m 0644 "$RELAYD_TREE/etc/logrotate.d/relayd" /etc/logrotate.d/
+install -m 0644 "$RELAYD_TREE/etc/amazon-cloudwatch-agent/relayd.json" /etc/amazon-cloudwatch-agent/
+# relayd reads its config as the relayd group; the key files named in it live here too.
+install -d -m 0750 -o root -g relayd /etc/relayd
+for f in "$RELAYD_TREE"/etc/relayd/*.toml; do
+  install -m 0640 -o root -g relayd "$f" /etc/relayd/
+done
+install -m 0644 "$RELAYD_TREE/systemd/relayd.service" /etc/systemd/system/
+
+systemctl enable relayd.service
+if [ -d /run/systemd/system ]; then
+  # A booted machine (the Packer builder): apply the sysctl file now so validate.sh sees it.
+  systemctl daemon-reload
+  systemctl restart systemd-sysctl.service
+fi
+
+if [ "${ID}" = amzn ]; then
+  systemctl enable rsyslog.service
+  # Translate the agent config into the agent's own format now; the agent starts at boot.
+  /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 \
+    -c file:/etc/amazon-cloudwatch-agent/relayd.json
+  systemctl enable amazon-cloudwatch-agent.service
+fi
+log "done"
