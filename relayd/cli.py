@@ -1,0 +1,283 @@
+"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``demo``.
+
+Every command but ``check-config`` lives in its own module, imported only when that command
+runs, so that ``check-config`` (what systemd runs before every start and reload) stays fast and
+never imports Trio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from relayd import __version__
+from relayd.config import DEFAULT_CONFIG_PATH, ConfigError, GroupPort, load_config
+from relayd.units import UnitError, parse_duration
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "build_parser",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # also what argparse uses for a bad command line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+_EPILOG = """\
+exit status:
+  0    success (check-config: the file is valid; run: stopped by SIGTERM or SIGINT)
+  1    runtime failure (an address could not be bound, a request failed, ...)
+  2    invalid configuration or command line
+  130  interrupted by Ctrl-C (SIGINT) where the command does not treat it as a normal stop
+
+Configuration reference: docs/CONFIG.md. Default configuration file: {config}
+"""
+
+
+def _duration(text: str) -> float:
+    """argparse type: a duration > 0 such as ``10``, ``2.5s`` or ``1m``."""
+    try:
+        seconds = parse_duration(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be > 0")
+    return seconds
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}: must be > 0")
+    return value
+
+
+def _group_port(text: str) -> GroupPort:
+    try:
+        return GroupPort.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
+    )
+    group.add_argument(
+        "config_file",
+        nargs="?",
+        type=Path,
+        metavar="PATH",
+        help="the configuration file, as a positional argument",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Each sub-command sets ``args.command``; the fields each one
+    sets are listed in its help."""
+    parser = argparse.ArgumentParser(
+        prog="relayd",
+        description="Carry UDP multicast market data over TCP and re-emit it as multicast.",
+        epilog=_EPILOG.format(config=DEFAULT_CONFIG_PATH),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=_EPILOG.format(config=DEFAULT_CONFIG_PATH),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("run", "run the capture and emit feeds of a configuration (systemd starts this)")
+    _add_config_arguments(run)
+
+    check = command("check-config", "validate a configuration file exactly as run and reload do")
+    _add_config_arguments(check)
+
+    status = command("status", "show the health of a running relayd, one row per feed")
+    status.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080",
+        help="base URL of the health server (default: %(default)s)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    status.add_argument(
+        "--timeout",
+        type=_duration,
+        default=3.0,
+        metavar="DURATION",
+        help="give up after this long (default: 3s)",
+    )
+
+    listen = command("listen", "join multicast groups and show per-group rates and totals")
+    listen.add_argument(
+        "groups",
+        nargs="+",
+        type=_group_port,
+        metavar="GROUP:PORT",
+        help="multicast group and UDP port, e.g. 239.111.111.1:6100",
+    )
+    listen.add_argument(
+        "--interface",
+        "-i",
+        default="0.0.0.0",
+        metavar="IF",
+        help="interface name or IPv4 address to join on (default: %(default)s, any)",
+    )
+    listen.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop after this long, e.g. 30s (default: until Ctrl-C)",
+    )
+    listen.add_argument(
+        "--interval",
+        type=_duration,
+        default=1.0,
+        metavar="DURATION",
+        help="report every this long (default: 1s)",
+    )
+    listen.add_argument("--json", action="store_true", help="one JSON object per report")
+    listen.add_argument(
+        "--deribit",
+        action="store_true",
+        help="decode Deribit's 8-byte frame header and report gaps and duplicates per channel",
+    )
+
+    demo = command("demo", "relay a Deribit sample capture on loopback, no root or setup needed")
+    demo.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop after this long (default: until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        metavar="X",
+        help="replay the capture X times faster than recorded (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="send N datagrams per second instead of the capture's own pacing",
+    )
+    return parser
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    path: Path | None = args.config or args.config_file
+    return path if path is not None else DEFAULT_CONFIG_PATH
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """``relayd check-config``: one summary line on stdout and exit 0, or one line per problem
+    on stderr, each prefixed by the file name, and exit 2."""
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"{path}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    parts = []
+    for feeds, noun in ((config.emit, "emit feed"), (config.capture, "capture feed")):
+        names = f" ({', '.join(feed.name for feed in feeds)})" if feeds else ""
+        parts.append(_plural(len(feeds), noun) + names)
+    print(f"ok: {', '.join(parts)}")
+    return EXIT_OK
+
+
+_COMMAND_MODULES = frozenset({"relayd.supervisor", "relayd.status", "relayd.listen", "relayd.demo"})
+
+
+def _command_module(name: str) -> Any:
+    """``relayd.<name>``, imported on first use."""
+    return importlib.import_module(f"relayd.{name}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``relayd run``: hand over to the supervisor."""
+    run_main = cast(Callable[[Path], int], _command_module("supervisor").run_main)
+    return run_main(_config_path(args))
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        entry = cast(Callable[[argparse.Namespace], int], _command_module(module).main)
+        return entry(args)
+
+    return handler
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": run,
+    "check-config": check_config,
+    "status": _delegate("status"),
+    "listen": _delegate("listen"),
+    "demo": _delegate("demo"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command and return its exit status.
+
+    ``--help``, ``--version`` and command-line errors return 0 or 2 as argparse prints them."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    try:
+        return _HANDLERS[args.command](args)
+    except ModuleNotFoundError as exc:
+        if exc.name not in _COMMAND_MODULES:
+            raise
+        print(f"relayd: {args.command}: not available ({exc.name} is missing)", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("relayd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
