@@ -1,7 +1,8 @@
 """Durations and sizes as operators write them: ``"250ms"``, ``"2s"``, ``"4MiB"``.
 
 Parsing is strict and exact: a duration is a number of seconds (int or float) or a decimal
-number followed by one of ``us``, ``ms``, ``s``, ``m``, ``h``; a size is a whole number of
+number followed by one of ``us``, ``ms``, ``s``, ``m``, ``h`` (several such parts add up:
+``"1m30s"``); a size is a whole number of
 bytes (int) or a decimal number followed by one of ``B``, ``KB``, ``MB``, ``GB``, ``TB``
 (powers of 1000) or ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers of 1024) that comes to a whole
 number of bytes. Negative values, NaN, infinities and booleans are refused. Whether zero is
@@ -46,6 +47,8 @@ SIZE_UNITS: dict[str, int] = {
 
 # A plain decimal number (no sign, no exponent), optional blanks, then an optional unit.
 _QUANTITY = re.compile(r"\s*(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)\s*")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]+)")
+_COMPOUND = re.compile(r"\s*(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*[A-Za-z]+\s*)+")
 
 
 class UnitError(ValueError):
@@ -64,7 +67,8 @@ def _split(text: str, kind: str, units: str) -> tuple[Decimal, str]:
 
 
 def parse_duration(value: str | float) -> float:
-    """Seconds from a number of seconds or a string such as ``"250ms"``, ``"2s"``, ``"1.5m"``."""
+    """Seconds from a number of seconds or a string such as ``"250ms"``, ``"2s"``, ``"1.5m"``
+    or ``"1m30s"`` (parts with units add up, so ``format_duration``'s output parses back)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UnitError(f"invalid duration {value!r}: expected a number of seconds or a string")
     if isinstance(value, (int, float)):
@@ -74,13 +78,19 @@ def parse_duration(value: str | float) -> float:
     units = ", ".join(DURATION_UNITS)
     if value.strip().startswith("-"):
         raise UnitError(f"invalid duration {value!r}: must not be negative")
-    number, unit = _split(value, "duration", units)
-    if not unit:
-        return float(number)
-    scale = DURATION_UNITS.get(unit)
-    if scale is None:
-        raise UnitError(f"invalid duration {value!r}: unknown unit {unit!r} (use {units})")
-    return float(number * scale)
+    if _QUANTITY.fullmatch(value) is None and _COMPOUND.fullmatch(value) is not None:
+        parts = _PART.findall(value)  # "1m30s", "1h 15m": every part has a unit
+    else:
+        parts = [_split(value, "duration", units)]
+    total = Decimal(0)
+    for number, unit in parts:
+        if not unit and len(parts) == 1:
+            return float(number)
+        scale = DURATION_UNITS.get(unit)
+        if scale is None:
+            raise UnitError(f"invalid duration {value!r}: unknown unit {unit!r} (use {units})")
+        total += Decimal(number) * scale
+    return float(total)
 
 
 def parse_size(value: str | int) -> int:
