@@ -1,0 +1,400 @@
+"""The capture feed on loopback: real multicast on 127.0.0.1 into a real TCP peer speaking the
+protocol (a small emit-side stand-in, so each test can make it misbehave on purpose)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from ipaddress import IPv4Address
+
+import attrs
+import pytest
+import trio
+
+from relayd import wire
+from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
+from relayd.config import CaptureFeed, Endpoint, GroupPort
+from relayd.netif import open_multicast_sender
+
+LOOPBACK = IPv4Address("127.0.0.1")
+FEED = "test"
+
+
+def _base_port() -> int:
+    return 20000 + (os.getpid() * 7 + random.randrange(1000)) % 20000
+
+
+@attrs.define
+class Peer:
+    """An emit-side stand-in: CHALLENGE, HELLO check, welcome ACK, DATA in, ACK out.
+
+    ``emitted`` is the highest sequence per session across connections, like a real emit host
+    (a new Peer is a new host: it knows no session). ``datagrams`` keeps every DATA in arrival
+    order, duplicates included; ``frames`` the raw bytes of each DATA frame.
+    """
+
+    refuse: int = 0  # answer HELLO with this ERROR code
+    read: bool = True  # False: stop reading after the handshake
+    ack: bool = True
+    emitted: dict[bytes, int] = attrs.field(factory=dict)
+    datagrams: list[wire.Datagram] = attrs.field(factory=list)
+    frames: list[bytes] = attrs.field(factory=list)
+    hellos: int = 0
+    connections: int = 0
+    errors: list[wire.Error] = attrs.field(factory=list)
+    streams: list[trio.SocketStream] = attrs.field(factory=list)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.streams.append(stream)
+        conn = wire.EmitConnection(FEED, [], os.urandom(16))
+        try:
+            await stream.send_all(conn.challenge())
+            raw = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                if conn.state is not wire.State.STREAMING:
+                    events = conn.receive(data)
+                    if conn.hello is None:
+                        continue
+                    self.hellos += 1
+                    if self.refuse:
+                        await stream.send_all(wire.encode_error(self.refuse, "refused"))
+                        return
+                    session = conn.hello.session_id
+                    await stream.send_all(wire.encode_ack(self.emitted.get(session, 0)))
+                    if not self.read:
+                        await trio.sleep_forever()
+                    continue
+                raw += data
+                events = conn.receive(data)
+                highest = self.emitted.get(session, 0)
+                for event in events:
+                    if isinstance(event, wire.Datagram):
+                        self.datagrams.append(event)
+                        size = wire.DATA_HEADER_SIZE + len(event.payload)
+                        self.frames.append(raw[:size])
+                        raw = raw[size:]
+                        highest = max(highest, event.seq)
+                    elif isinstance(event, wire.Heartbeat):
+                        raw = raw[11:]
+                    elif isinstance(event, wire.Error):
+                        self.errors.append(event)
+                        return
+                self.emitted[session] = highest
+                if self.ack and events:
+                    await stream.send_all(wire.encode_ack(highest))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError):
+            return
+        finally:
+            await stream.aclose()
+
+
+@attrs.define
+class Server:
+    peer: Peer
+    port: int
+    scope: trio.CancelScope
+
+
+async def serve(nursery: trio.Nursery, peer: Peer, port: int = 0) -> Server:
+    async def run(task_status: trio.TaskStatus[Server]) -> None:
+        with trio.CancelScope() as scope:
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            bound = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as handlers:
+                task_status.started(Server(peer, bound, scope))
+                await trio.serve_listeners(peer.handle, listeners, handler_nursery=handlers)
+
+    server: Server = await nursery.start(run)
+    return server
+
+
+def stop(server: Server) -> None:
+    server.scope.cancel()
+
+
+def feed_config(
+    groups: Sequence[tuple[str, int]], ports: Sequence[int], **overrides: object
+) -> CaptureFeed:
+    settings: dict[str, object] = {
+        "name": FEED,
+        "interface": "127.0.0.1",
+        "groups": tuple(GroupPort(IPv4Address(g), p) for g, p in groups),
+        "targets": tuple(Endpoint("127.0.0.1", p) for p in ports),
+        "receive_buffer": 4 * 1024 * 1024,
+        "heartbeat_interval": 0.2,
+        "idle_timeout": 1.0,
+        "connect_timeout": 1.0,
+        "reconnect_budget": 2.0,
+    }
+    settings.update(overrides)
+    return CaptureFeed(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sender() -> Iterator[socket.socket]:
+    sock = open_multicast_sender(LOOPBACK, 1, True, 4 * 1024 * 1024)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def send_many(
+    sock: socket.socket, targets: Sequence[tuple[str, int]], count: int, size: int = 100
+) -> list[tuple[str, int, bytes]]:
+    sent = []
+    for i in range(count):
+        group, port = targets[i % len(targets)]
+        payload = i.to_bytes(4, "big") + bytes((i + j) & 0xFF for j in range(size - 4))
+        while True:
+            try:
+                sock.sendto(payload, (group, port))
+                break
+            except BlockingIOError:
+                pass
+        sent.append((group, port, payload))
+    return sent
+
+
+def per_group(items: Sequence[tuple[str, int, bytes]]) -> dict[tuple[str, int], list[bytes]]:
+    out: dict[tuple[str, int], list[bytes]] = {}
+    for group, port, payload in items:
+        out.setdefault((group, port), []).append(payload)
+    return out
+
+
+def groups_for(base: int, count: int, third: int = 11) -> list[tuple[str, int]]:
+    return [(f"239.255.{third}.{i + 1}", base) for i in range(count)]
+
+
+async def test_frames_are_byte_identical_and_numbered(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    server = await serve(nursery, Peer())
+    base = _base_port()
+    groups = [*groups_for(base, 3), ("239.255.11.1", base + 1)]
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    sent = send_many(sender, groups, 500, size=300)
+    await wait_for(lambda: len(server.peer.datagrams) >= 500)
+    got = server.peer.datagrams
+    assert [d.seq for d in got] == list(range(1, 501))
+    # one socket per port: order holds per group (and per socket), not across sockets
+    assert per_group([(str(IPv4Address(d.group)), d.port, d.payload) for d in got]) == per_group(
+        sent
+    )
+    for frame, d in zip(server.peer.frames, got, strict=True):
+        expected = wire.encode_datagram(d.seq, d.group, d.port, d.ts_ns, d.payload)
+        assert frame == expected
+    await wait_for(lambda: feed.replay.acked_seq == 500)
+    await wait_for(lambda: len(feed.replay) == 0)
+    samples = {(s.name, s.labels): s.value for s in feed.samples()}
+    assert samples["capture_datagrams_in_total", (("feed", FEED),)] == 500
+    assert samples["capture_frames_sent_total", (("feed", FEED),)] == 500
+    assert samples["capture_connects_total", (("feed", FEED), ("result", "ok"))] == 1
+    assert feed.health().healthy
+    assert feed.health().state == "streaming"
+
+
+async def test_more_than_twenty_groups(nursery: trio.Nursery, sender: socket.socket) -> None:
+    server = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 45, third=12)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    await nursery.start(feed.run)
+    assert len(feed.receivers) == 3
+    await wait_for(lambda: feed.connected)
+    sent = send_many(sender, groups, 450, size=50)
+    await wait_for(lambda: len(server.peer.datagrams) >= 450)
+    by_group = {(str(IPv4Address(d.group)), d.port) for d in server.peer.datagrams}
+    assert by_group == set(groups)
+    assert sorted(d.payload for d in server.peer.datagrams) == sorted(p for _, _, p in sent)
+
+
+async def test_resend_after_reconnect_to_a_new_host(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """The first host reads but never ACKs, then dies; a new host on the same port gets
+    everything again (welcome ACK 0) and later data too, in order, with no gap."""
+    first = await serve(nursery, Peer(ack=False))
+    groups = groups_for(_base_port(), 2, third=13)
+    feed = CaptureFeedRuntime(feed_config(groups, [first.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    send_many(sender, groups, 200)
+    await wait_for(lambda: len(first.peer.datagrams) >= 200)
+    port = first.port
+    stop(first)
+    await wait_for(lambda: not feed.connected)
+    assert feed.health().state == "reconnecting"
+    assert feed.health().healthy
+    send_many(sender, groups, 100)  # captured while disconnected
+    await trio.sleep(0.1)
+    second = await serve(nursery, Peer(), port=port)
+    await wait_for(lambda: len(second.peer.datagrams) >= 300)
+    assert [d.seq for d in second.peer.datagrams] == list(range(1, 301))
+    assert feed.resent_datagrams == 200
+    await wait_for(lambda: feed.replay.acked_seq == 300)
+
+
+async def test_reconnect_to_the_same_host_resumes_after_its_ack(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    peer = Peer()
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=14)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    send_many(sender, groups, 50)
+    await wait_for(lambda: feed.replay.acked_seq == 50)
+    for stream in peer.streams:  # the host drops the connection, keeps its memory
+        await stream.aclose()
+    await wait_for(lambda: peer.connections == 2 and feed.connected)
+    send_many(sender, groups, 50)
+    await wait_for(lambda: len(peer.datagrams) >= 100)
+    assert [d.seq for d in peer.datagrams] == list(range(1, 101))
+
+
+async def test_targets_fail_over_to_the_next_address(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there: connection refused
+    server = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 1, third=15)
+    feed = CaptureFeedRuntime(feed_config(groups, [dead_port, server.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    assert feed.connects["ok"] == 1
+
+
+async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socket.socket) -> None:
+    peer = Peer(refuse=int(wire.ErrorCode.WRONG_FEED))
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=16)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port], reconnect_budget=0.3))
+    await nursery.start(feed.run)
+    await wait_for(lambda: peer.hellos >= 3)
+    assert not feed.connected
+    assert feed.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
+    assert feed.connects["refused"] >= 3
+    await trio.sleep(0.3)
+    health = feed.health()
+    assert not health.healthy
+    assert health.state == "disconnected"
+    assert "WRONG_FEED" in health.detail["last_error"]
+    send_many(sender, groups, 10)
+    await wait_for(lambda: feed.datagrams_in == 10)  # capture keeps running
+    peer.refuse = 0
+    await wait_for(lambda: len(peer.datagrams) == 10)
+    assert feed.health().healthy
+
+
+async def test_replay_bound_when_the_peer_stops_reading(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    peer = Peer(read=False)
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 4, third=17)
+    bound = 1024 * 1024
+    feed = CaptureFeedRuntime(
+        feed_config(groups, [server.port], replay_max_bytes=bound, idle_timeout=30.0)
+    )
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    total = 0
+    for _ in range(40):  # ~ 40 * 300 * 1000 B = 12 MB into a stalled TCP connection
+        send_many(sender, groups, 300, size=1000)
+        total += 300
+        await trio.sleep(0.01)
+        assert feed.replay.total_bytes <= bound + 512 * 1024
+    await wait_for(lambda: feed.datagrams_in + feed.kernel_drops >= total)
+    assert feed.replay.dropped_datagrams > 0
+    assert feed.replay.total_bytes <= bound + 512 * 1024
+    assert feed.connected  # the heartbeat keeps being skipped, the connection stays
+
+
+async def test_idle_peer_is_left_and_heartbeats_flow(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """With nothing to send the feed sends HEARTBEATs; a peer that says nothing (no ACK, no
+    heartbeat) for idle_timeout is left and the feed reconnects."""
+    peer = Peer(ack=False)
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=18)
+    feed = CaptureFeedRuntime(
+        feed_config(groups, [server.port], heartbeat_interval=0.05, idle_timeout=0.4)
+    )
+    await nursery.start(feed.run)
+    await wait_for(lambda: peer.connections >= 2, timeout=5)
+    assert feed.connects["ok"] >= 2
+
+
+async def test_stop_says_shutting_down(nursery: trio.Nursery, sender: socket.socket) -> None:
+    peer = Peer()
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=19)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await feed.run()
+
+    nursery.start_soon(run)
+    await wait_for(lambda: feed.connected)
+    feed.set_close_reason(int(wire.ErrorCode.FEED_REMOVED), "feed removed")
+    scope.cancel()
+    await wait_for(lambda: bool(peer.errors))
+    assert peer.errors[0] == wire.Error(int(wire.ErrorCode.FEED_REMOVED), "feed removed")
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    rng = random.Random(1)
+    assert backoff_delay(0, rng) == 0
+    first = [backoff_delay(1, rng) for _ in range(100)]
+    assert all(0.025 <= d <= 0.05 for d in first)
+    assert len(set(first)) > 50
+    assert all(0.05 <= backoff_delay(2, rng) <= 0.1 for _ in range(100))
+    late = [backoff_delay(n, rng) for n in range(8, 40)]
+    assert all(BACKOFF_CAP / 2 <= d <= BACKOFF_CAP for d in late)
+
+
+async def test_memory_stays_bounded_while_disconnected(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    groups = groups_for(_base_port(), 2, third=20)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    bound = 512 * 1024
+    feed = CaptureFeedRuntime(feed_config(groups, [dead_port], replay_max_bytes=bound))
+    await nursery.start(feed.run)
+    for _ in range(20):
+        send_many(sender, groups, 200, size=1200)
+        await trio.sleep(0.01)
+    await wait_for(lambda: feed.datagrams_in + feed.kernel_drops >= 4000)
+    assert feed.replay.total_bytes <= bound + 512 * 1024
+    assert feed.replay.dropped_datagrams >= 4000 - (bound + 512 * 1024) // 1226
+    assert feed.connects["failed"] >= 1
