@@ -95,7 +95,7 @@ build {
   }
 
   post-processor "manifest" {
-    output     = "${path.root}/manifest.json"
+    output     = "${local.dist_dir}/packer-manifest.json"
     strip_path = true
     custom_data = {
       version = local.version
