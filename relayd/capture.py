@@ -166,36 +166,36 @@ class CaptureFeedRuntime:
         def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
             return Sample(f"capture_{name}", kind, text, feed, value)
 
-        yield one("datagrams_in_total", "counter", "Datagrams received.", self.datagrams_in)
-        yield one("bytes_in_total", "counter", "Payload bytes received.", self.bytes_in)
+        yield one("datagrams_in", "counter", "Datagrams received.", self.datagrams_in)
+        yield one("bytes_in", "counter", "Payload bytes received.", self.bytes_in)
         yield one(
-            "kernel_drops_total", "counter", "Datagrams the kernel dropped.", self.kernel_drops
+            "kernel_drops", "counter", "Datagrams the kernel dropped.", self.kernel_drops
         )
-        yield one("frames_sent_total", "counter", "DATA frames sent.", self.frames_sent)
-        yield one("bytes_sent_total", "counter", "Bytes written to TCP.", self.bytes_sent)
+        yield one("frames_sent", "counter", "DATA frames sent.", self.frames_sent)
+        yield one("bytes_sent", "counter", "Bytes written to TCP.", self.bytes_sent)
         yield one("replay_bytes", "gauge", "Bytes in the replay buffer.", replay.total_bytes)
         yield one("replay_chunks", "gauge", "Chunks in the replay buffer.", len(replay))
         yield one(
-            "replay_dropped_datagrams_total",
+            "replay_dropped_datagrams",
             "counter",
             "Unacknowledged datagrams dropped from the replay buffer.",
             replay.dropped_datagrams,
         )
         yield one(
-            "replay_dropped_bytes_total",
+            "replay_dropped_bytes",
             "counter",
             "Unacknowledged bytes dropped from the replay buffer.",
             replay.dropped_bytes,
         )
         yield one(
-            "resent_datagrams_total",
+            "resent_datagrams",
             "counter",
             "Datagrams sent again after a reconnect.",
             self.resent_datagrams,
         )
         for result in ("ok", "failed", "refused"):
             yield Sample(
-                "capture_connects_total",
+                "capture_connects",
                 "counter",
                 "Connection attempts by result.",
                 (*feed, ("result", result)),
@@ -211,7 +211,7 @@ class CaptureFeedRuntime:
         )
         for code, count in sorted(self.errors_from_peer.items()):
             yield Sample(
-                "capture_errors_from_peer_total",
+                "capture_errors_from_peer",
                 "counter",
                 "ERROR frames received from the emit side, by code.",
                 (*feed, ("code", str(code))),

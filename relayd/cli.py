@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="send N datagrams per second instead of the capture's own pacing",
     )
+    demo.add_argument(
+        "--pcap",
+        default=None,
+        metavar="PATH",
+        help="replay this pcapng capture (default: the Deribit sample when present, else "
+        "synthetic Deribit-like traffic)",
+    )
     return parser
 
 

@@ -1,0 +1,406 @@
+"""``relayd demo``: the whole relay on loopback, in one process, with no root and no setup.
+
+A player sends Deribit-shaped multicast (the bundled sample capture when it is there, else
+synthetic traffic) from 127.0.0.2; a capture feed joins the groups on 127.0.0.1 and streams
+them over TCP to an emit feed on 127.0.0.1, which re-emits them as multicast (loop on, TTL 1);
+a receiver counts what the emit feed sent and shows live rates, end-to-end latency and loss.
+
+On one host the re-emitted copies go to the very groups and ports the capture feed joined, so
+every join here is source-specific (``IP_ADD_SOURCE_MEMBERSHIP``): the capture feed takes only
+datagrams sent from the player's address, the receiver only those sent from the emit feed's,
+and nothing is relayed twice. The groups are remapped into 239.255.77.0/24 (organisation-local
+scope, ports 16100 and up), so the demo cannot collide with a real feed.
+
+Latency is measured from the player's send to the receiver's receive: the player keeps each
+datagram's send time under its group, port and payload (byte-identical at the receiver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import logging
+import math
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import TextIO
+
+import attrs
+import trio
+
+from relayd.capture import CaptureFeedRuntime
+from relayd.config import CaptureFeed, EmitFeed, Endpoint, GroupPort
+from relayd.emit import EmitFeedRuntime
+from relayd.netif import (
+    ANCBUFSIZE,
+    MAX_DATAGRAM,
+    GroupReceiver,
+    open_group_receivers,
+    open_multicast_sender,
+    parse_ancillary,
+)
+from relayd.pcapng import CapturedDatagram, PcapngError, iter_datagrams
+from relayd.player import synth_deribit
+
+__all__ = ["DEMO_NETWORK", "Remap", "main"]
+
+log = logging.getLogger("relayd.demo")
+
+LOOPBACK = IPv4Address("127.0.0.1")
+PLAYER_SOURCE = IPv4Address("127.0.0.2")
+DEMO_NETWORK = IPv4Network("239.255.77.0/24")
+DEMO_PORT_BASE = 16100
+FEED = "demo"
+SAMPLE_NAME = "sample_capture_v1_6.pcapng"
+_REPORT_EVERY = 1.0
+_RESERVOIR = 100_000
+_DRAIN_GRACE = 1.0  # after the last send, wait this long for stragglers
+_PENDING_MAX_AGE_NS = 5_000_000_000
+
+
+@attrs.define
+class Remap:
+    """Maps captured group:port pairs into the demo range, one-to-one, in first-seen order."""
+
+    ports: dict[int, int] = attrs.field(factory=dict)
+    groups: dict[IPv4Address, IPv4Address] = attrs.field(factory=dict)
+
+    def __call__(self, group: IPv4Address, port: int) -> tuple[IPv4Address, int]:
+        new_port = self.ports.get(port)
+        if new_port is None:
+            new_port = self.ports[port] = DEMO_PORT_BASE + len(self.ports)
+        new_group = self.groups.get(group)
+        if new_group is None:
+            if len(self.groups) >= DEMO_NETWORK.num_addresses - 2:
+                raise ValueError("too many groups for the demo range")
+            new_group = self.groups[group] = DEMO_NETWORK[len(self.groups) + 1]
+        return new_group, new_port
+
+
+def find_sample() -> Path | None:
+    """The Deribit sample capture next to the project, if this is a source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    candidate = root.parent / "shared" / "testdata" / "deribit" / SAMPLE_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_traffic(pcap: Path | None, rate: int | None) -> tuple[list[CapturedDatagram], str, Remap]:
+    """One pass of traffic, remapped into the demo range, and a description of it."""
+    remap = Remap()
+    if pcap is not None:
+        source = list(iter_datagrams(pcap))
+        if not source:
+            raise PcapngError(f"{pcap} holds no multicast UDP datagrams")
+        what = f"{pcap.name} ({len(source)} datagrams)"
+    else:
+        source = list(synth_deribit(4000, rate=float(rate or 63), start_ns=0))
+        what = "synthetic Deribit-like traffic"
+    out = []
+    for index, datagram in enumerate(source):
+        group, port = remap(datagram.group, datagram.port)
+        ts = datagram.ts_ns if rate is None else index * 1_000_000_000 // rate
+        out.append(CapturedDatagram(ts, group, port, datagram.payload))
+    base = out[0].ts_ns
+    out = [d._replace(ts_ns=d.ts_ns - base) for d in out]
+    if rate is not None:
+        what += f" at {rate} datagrams/s"
+    return out, what, remap
+
+
+def endless(traffic: Sequence[CapturedDatagram], speed: float) -> Iterator[tuple[float, int]]:
+    """``(due time in seconds from the start, index)`` for the traffic repeated forever."""
+    if len(traffic) > 1:
+        step = traffic[-1].ts_ns + (traffic[-1].ts_ns - traffic[0].ts_ns) // (len(traffic) - 1)
+    else:
+        step = 1_000_000
+    step = max(step, 1)
+    for loop in itertools.count():
+        offset = loop * step
+        for index, datagram in enumerate(traffic):
+            yield (offset + datagram.ts_ns) / 1e9 / speed, index
+
+
+@attrs.define
+class Stats:
+    sent: int = 0
+    received: int = 0
+    unknown: int = 0  # received but never sent (would mean corruption)
+    duplicates: int = 0
+    latency_max_ns: int = 0
+    window: list[int] = attrs.field(factory=list)
+    reservoir: list[int] = attrs.field(factory=list)
+    seen: int = 0
+    rng: random.Random = attrs.field(factory=lambda: random.Random(7))
+
+    def observe(self, ns: int) -> None:
+        self.window.append(ns)
+        self.latency_max_ns = max(self.latency_max_ns, ns)
+        self.seen += 1
+        if len(self.reservoir) < _RESERVOIR:
+            self.reservoir.append(ns)
+        else:
+            slot = self.rng.randrange(self.seen)
+            if slot < _RESERVOIR:
+                self.reservoir[slot] = ns
+
+
+def percentile(values: Sequence[int], fraction: float) -> float:
+    """Nearest-rank percentile of sorted ``values`` in ms (NaN when empty)."""
+    if not values:
+        return math.nan
+    rank = min(len(values) - 1, max(0, math.ceil(fraction * len(values)) - 1))
+    return values[rank] / 1e6
+
+
+def _fmt_ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+async def _until(predicate: Callable[[], bool], interval: float = 0.005) -> None:
+    """Poll ``predicate`` (state of other components, which offer no events)."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(interval)
+
+
+class Demo:
+    def __init__(
+        self,
+        traffic: list[CapturedDatagram],
+        speed: float,
+        duration: float | None,
+        out: TextIO,
+    ) -> None:
+        self.traffic = traffic
+        self.speed = speed
+        self.duration = duration
+        self.out = out
+        self.stats = Stats()
+        # (group, port, payload) -> send times not yet matched, oldest first
+        self.pending: dict[tuple[int, int, bytes], collections.deque[int]] = {}
+        self.keys = [(int(d.group), d.port, d.payload) for d in traffic]
+        self.pairs = sorted({(d.group, d.port) for d in traffic})
+        self.emit: EmitFeedRuntime | None = None
+        self.capture: CaptureFeedRuntime | None = None
+        self.sending_done = False
+        self._stop_sending = trio.CancelScope()
+
+    async def run(self) -> int:
+        pairs = self.pairs
+        emit = EmitFeedRuntime(
+            EmitFeed(
+                name=FEED,
+                listen=Endpoint(str(LOOPBACK), 0),
+                interface=str(LOOPBACK),
+                ttl=1,
+                loop=True,
+                allowed_sources=(IPv4Network("127.0.0.0/8"),),
+                allowed_groups=(DEMO_NETWORK,),
+            )
+        )
+        self.emit = emit
+        receivers = open_group_receivers(pairs, LOOPBACK, 8 * 1024 * 1024, sources=(LOOPBACK,))
+        player = open_multicast_sender(LOOPBACK, 1, True, 4 * 1024 * 1024)
+        try:
+            player.bind((str(PLAYER_SOURCE), 0))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(emit.run)
+                assert emit.listen_port is not None
+                capture = CaptureFeedRuntime(
+                    CaptureFeed(
+                        name=FEED,
+                        interface=str(LOOPBACK),
+                        groups=tuple(GroupPort(g, p) for g, p in pairs),
+                        targets=(Endpoint(str(LOOPBACK), emit.listen_port),),
+                        receive_buffer=8 * 1024 * 1024,
+                        replay_max_bytes=32 * 1024 * 1024,
+                        sources=(PLAYER_SOURCE,),
+                    )
+                )
+                self.capture = capture
+                await nursery.start(capture.run)
+                with trio.fail_after(5):
+                    await _until(lambda: capture.connected)
+                for receiver in receivers:
+                    nursery.start_soon(self._receive, receiver)
+                print(
+                    f"relayd demo: player 127.0.0.2 -> capture feed (SSM joins on 127.0.0.1) -> "
+                    f"TCP 127.0.0.1:{emit.listen_port} -> emit feed -> multicast "
+                    f"{len(pairs)} groups in {DEMO_NETWORK} -> receiver. Ctrl-C stops.",
+                    file=self.out,
+                    flush=True,
+                )
+                nursery.start_soon(self._report_loop)
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                await self._send(player)
+                self.sending_done = True
+                with trio.move_on_after(_DRAIN_GRACE):
+                    await _until(lambda: self.stats.received >= self.stats.sent)
+                nursery.cancel_scope.cancel()
+        finally:
+            player.close()
+            for receiver in receivers:
+                receiver.close()
+        self._summary()
+        return 0
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                self.sending_done = True
+                self._stop_sending.cancel()
+                return
+
+    async def _send(self, sock: socket.socket) -> None:
+        traffic = self.traffic
+        keys = self.keys
+        pending = self.pending
+        stats = self.stats
+        addresses = {(d.group, d.port): (str(d.group), d.port) for d in traffic}
+        dests = [addresses[d.group, d.port] for d in traffic]
+        time_ns = time.time_ns
+        with self._stop_sending:
+            if self.duration is not None:
+                self._stop_sending.deadline = trio.current_time() + self.duration
+            start = trio.current_time()
+            sent_since_checkpoint = 0
+            for due, index in endless(traffic, self.speed):
+                when = start + due
+                now = trio.current_time()
+                if when > now:
+                    await trio.sleep_until(when)
+                    sent_since_checkpoint = 0
+                elif sent_since_checkpoint >= 256:
+                    await trio.lowlevel.checkpoint()
+                    sent_since_checkpoint = 0
+                key = keys[index]
+                queue = pending.get(key)
+                if queue is None:
+                    queue = pending[key] = collections.deque()
+                while True:
+                    stamp = time_ns()
+                    try:
+                        sock.sendto(traffic[index].payload, dests[index])
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                queue.append(stamp)
+                stats.sent += 1
+                sent_since_checkpoint += 1
+
+    async def _receive(self, receiver: GroupReceiver) -> None:
+        sock = receiver.sock
+        port = receiver.port
+        recvmsg = sock.recvmsg
+        pending = self.pending
+        stats = self.stats
+        time_ns = time.time_ns
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    payload, ancdata, _flags, _addr = recvmsg(MAX_DATAGRAM, ANCBUFSIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                now = time_ns()
+                group, _drops = parse_ancillary(ancdata)
+                queue = pending.get((group, port, payload))
+                if queue:
+                    stats.received += 1
+                    stats.observe(now - queue.popleft())
+                elif queue is None:
+                    stats.unknown += 1
+                else:
+                    stats.duplicates += 1
+
+    def _expire(self) -> None:
+        """Forget send times older than a few seconds (lost datagrams) to bound memory."""
+        limit = time.time_ns() - _PENDING_MAX_AGE_NS
+        for queue in self.pending.values():
+            while queue and queue[0] < limit:
+                queue.popleft()
+
+    async def _report_loop(self) -> None:
+        started = trio.current_time()
+        last = (started, 0, 0)
+        while True:
+            await trio.sleep(_REPORT_EVERY)
+            now = trio.current_time()
+            stats = self.stats
+            window = sorted(stats.window)
+            stats.window.clear()
+            then, sent_before, received_before = last
+            elapsed = max(now - then, 1e-9)
+            in_flight = stats.sent - stats.received
+            print(
+                f"{now - started:6.1f}s  sent {(stats.sent - sent_before) / elapsed:7.0f}/s  "
+                f"relayed {(stats.received - received_before) / elapsed:7.0f}/s  "
+                f"total {stats.received}/{stats.sent}  in flight/lost {in_flight}  "
+                f"latency ms p50 {_fmt_ms(percentile(window, 0.5))} "
+                f"p99 {_fmt_ms(percentile(window, 0.99))} "
+                f"max {_fmt_ms(window[-1] / 1e6 if window else math.nan)}",
+                file=self.out,
+                flush=True,
+            )
+            last = (now, stats.sent, stats.received)
+            self._expire()
+
+    def _summary(self) -> None:
+        stats = self.stats
+        values = sorted(stats.reservoir)
+        lost = stats.sent - stats.received
+        share = lost / stats.sent * 100 if stats.sent else 0.0
+        lines = [
+            "summary:",
+            f"  sent {stats.sent} datagrams, relayed {stats.received}, lost {lost} ({share:.3f} %),"
+            f" duplicates {stats.duplicates}, unknown {stats.unknown}",
+            f"  end-to-end latency ms: p50 {_fmt_ms(percentile(values, 0.5))}"
+            f"  p99 {_fmt_ms(percentile(values, 0.99))}"
+            f"  p99.9 {_fmt_ms(percentile(values, 0.999))}"
+            f"  max {_fmt_ms(stats.latency_max_ns / 1e6 if values else math.nan)}",
+        ]
+        capture = self.capture
+        if capture is not None:
+            lines.append(
+                f"  capture feed: {capture.datagrams_in} datagrams in, kernel drops "
+                f"{capture.kernel_drops}, replay drops {capture.replay.dropped_datagrams}, "
+                f"acked {capture.replay.acked_seq}"
+            )
+        print("\n".join(lines), file=self.out, flush=True)
+
+
+def _describe_groups(remap: Remap) -> str:
+    pairs = [f"{old}->{new}" for old, new in itertools.islice(remap.groups.items(), 3)]
+    more = "" if len(remap.groups) <= 3 else f", ... ({len(remap.groups)} groups)"
+    ports = ", ".join(f"{old}->{new}" for old, new in remap.ports.items())
+    return f"groups {', '.join(pairs)}{more}; ports {ports}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo; 0 at the end of ``--duration`` or on Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pcap_arg: str | None = args.pcap
+    pcap = Path(pcap_arg) if pcap_arg else find_sample()
+    speed = float(getattr(args, "speed", 1.0) or 1.0)
+    rate: int | None = getattr(args, "rate", None)
+    duration: float | None = getattr(args, "duration", None)
+    try:
+        traffic, what, remap = load_traffic(pcap, rate)
+    except (OSError, PcapngError) as exc:
+        print(f"relayd demo: {exc}", file=sys.stderr)
+        return 2
+    print(f"relayd demo: replaying {what} at {speed:g}x; {_describe_groups(remap)}", flush=True)
+    demo = Demo(traffic, speed, duration, sys.stdout)
+    try:
+        return trio.run(demo.run)
+    except OSError as exc:
+        print(f"relayd demo: {exc}", file=sys.stderr)
+        return 1
