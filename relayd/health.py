@@ -1,0 +1,292 @@
+"""The health server: a small ASGI app (``/healthz``, ``/healthz/<feed>``, ``/metrics``) that
+hypercorn serves inside the supervisor's nursery.
+
+What "healthy" means is the feeds' business (each feed's ``health()``, see docs/OPERATIONS.md);
+this module only shapes the answers. ``/healthz`` is 200 when every feed is healthy and 503
+otherwise; the body is JSON either way, so an operator sees why. A reload that failed validation
+shows in ``config_errors`` but does not make the instance unhealthy: the old configuration keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from typing import Any, Protocol, cast
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from relayd import __version__
+from relayd.metrics import CONTENT_TYPE, render
+from relayd.runtime import Sample
+
+log = logging.getLogger(__name__)
+
+
+class _QuietStartup(logging.Filter):
+    """Drops hypercorn's "Running on ..." line; the supervisor logs the address itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
+
+_hypercorn_log = logging.getLogger("relayd.http")
+_hypercorn_log.addFilter(_QuietStartup())
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Connection limits of the health server. NLB health checks open a connection, ask once and
+# close; anything that lingers is closed quickly so idle or slow clients cannot pile up.
+KEEP_ALIVE_TIMEOUT = 5.0  # an idle connection (also one that never sends a byte) is closed
+READ_TIMEOUT = 10  # a connection that sends nothing for this long is closed
+MAX_HEADER_BYTES = 8192  # an incomplete request larger than this is refused
+GRACEFUL_TIMEOUT = 1.0  # on stop or listen change, open requests get this long
+BACKLOG = 1024
+
+
+@attrs.frozen
+class FeedReport:
+    """One feed as the health endpoint shows it."""
+
+    name: str
+    kind: str
+    healthy: bool
+    state: str
+    detail: dict[str, Any] = attrs.field(factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "healthy": self.healthy, "state": self.state}
+        for key, value in self.detail.items():
+            out.setdefault(key, value)
+        return out
+
+
+class HealthModel(Protocol):
+    """What the health app asks the supervisor."""
+
+    def feed_reports(self) -> Sequence[FeedReport]: ...
+
+    def config_errors(self) -> Sequence[str]: ...
+
+    def uptime_seconds(self) -> float: ...
+
+    def stopping(self) -> bool: ...
+
+    def samples(self) -> Iterable[Sample]: ...
+
+
+def feed_key(report: FeedReport, reports: Sequence[FeedReport]) -> str:
+    """A feed's key in ``feeds``: its name, or ``kind/name`` when a capture and an emit feed
+    share the name (the one-process demo runs both halves of a feed)."""
+    clash = sum(1 for r in reports if r.name == report.name) > 1
+    return f"{report.kind}/{report.name}" if clash else report.name
+
+
+def health_body(model: HealthModel, only: str | None = None) -> tuple[int, dict[str, Any]] | None:
+    """The status code and JSON body of ``/healthz`` (``only``: one feed's path), or None for
+    an unknown feed."""
+    reports = list(model.feed_reports())
+    chosen = reports
+    if only is not None:
+        chosen = [
+            r for r in reports if only in (r.name, f"{r.kind}/{r.name}", feed_key(r, reports))
+        ]
+        if not chosen:
+            return None
+    healthy = all(r.healthy for r in chosen) and not model.stopping()
+    status = "stopping" if model.stopping() else "ok" if healthy else "unhealthy"
+    body = {
+        "status": status,
+        "version": __version__,
+        "uptime_seconds": round(model.uptime_seconds(), 3),
+        "config_errors": list(model.config_errors()),
+        "feeds": {feed_key(r, reports): r.as_json() for r in chosen},
+    }
+    return (200 if healthy else 503), body
+
+
+def process_samples(start_wall: float) -> Iterator[Sample]:
+    """Process facts for /metrics, read from /proc where Linux has them."""
+    yield Sample(
+        "build_info",
+        "gauge",
+        "relayd version and Python version; always 1.",
+        (("version", __version__), ("python", sys.version.split()[0])),
+        1,
+    )
+    yield Sample(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds.",
+        (),
+        start_wall,
+    )
+    yield Sample(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, in seconds.",
+        (),
+        time.process_time(),
+    )
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss_pages = int(f.read().split()[1])
+        yield Sample(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            (),
+            rss_pages * os.sysconf("SC_PAGE_SIZE"),
+        )
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        fds = len(os.listdir("/proc/self/fd")) - 1  # not counting the listing's own fd
+        yield Sample("process_open_fds", "gauge", "Number of open file descriptors.", (), fds)
+    except OSError:
+        pass
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        yield Sample(
+            "process_max_fds", "gauge", "Maximum number of open file descriptors.", (), soft
+        )
+
+
+class HealthApp:
+    """ASGI 3 application; HTTP/1.1 via hypercorn. GET and HEAD only."""
+
+    def __init__(self, model: HealthModel) -> None:
+        self.model = model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets are not served; hypercorn closes the connection
+        status, headers, body = self.respond(scope["method"], scope["path"])
+        headers = [
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            *headers,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+    def respond(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Route one request: (status, extra headers, body). Pure, so tests can call it."""
+        if path == "/metrics":
+            route = "metrics"
+        elif path == "/healthz":
+            route = "healthz"
+        elif path.startswith("/healthz/") and len(path) > len("/healthz/"):
+            route = "feed"
+        else:
+            return _text(404, "not found\n")
+        if method not in ("GET", "HEAD"):
+            status, headers, body = _text(405, "method not allowed\n")
+            return status, [*headers, (b"allow", b"GET, HEAD")], body
+        if route == "metrics":
+            text = render(self.model.samples())
+            return 200, [(b"content-type", CONTENT_TYPE.encode())], text.encode()
+        only = path[len("/healthz/") :] if route == "feed" else None
+        answer = health_body(self.model, only)
+        if answer is None:
+            return _json(404, {"error": f"no feed named {only!r}"})
+        return _json(*answer)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _json(status: int, obj: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = (json.dumps(obj, default=str, separators=(",", ":")) + "\n").encode()
+    return status, [(b"content-type", b"application/json")], body
+
+
+def _text(status: int, text: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    return status, [(b"content-type", b"text/plain; charset=utf-8")], text.encode()
+
+
+def hypercorn_config(fd: int) -> HypercornConfig:
+    """Hypercorn settings for serving on the already bound listening socket ``fd``."""
+    config = HypercornConfig()
+    config.bind = [f"fd://{fd}"]
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    config.read_timeout = READ_TIMEOUT
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.backlog = BACKLOG
+    config.accesslog = None  # health checks every few seconds are not events
+    config.errorlog = _hypercorn_log
+    config.include_server_header = False
+    return config
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for the health server; OSError (closed socket) when it cannot bind.
+
+    relayd binds it itself, so that a port in use is a clear error and nothing leaks, and hands
+    the descriptor to hypercorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``http://127.0.0.1:8080`` or ``http://[::1]:8080`` -> (host, port)."""
+    hostport = bind.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve_health(
+    app: HealthApp,
+    host: str,
+    port: int,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown_trigger`` returns; started() with the bound address."""
+
+    sock = bind_listener(host, port)
+    config = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(
+            cast(Any, app),  # hypercorn's TypedDict scopes vs. this app's plain mappings
+            config,
+            shutdown_trigger=shutdown_trigger,
+            task_status=task_status,
+        )
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        task_status.started(parse_bind(binds[0]))

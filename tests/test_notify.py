@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from relayd.notify import Notifier, monotonic_usec, socket_address
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(2.0)
+        try:
+            yield sock, path
+        finally:
+            sock.close()
+
+
+def test_nothing_without_notify_socket() -> None:
+    n = Notifier({})
+    assert not n.enabled
+    assert not n.ready("x")
+    assert not n.watchdog()
+    assert n.watchdog_interval is None
+    assert n.sent == 0
+    assert not Notifier({"NOTIFY_SOCKET": ""}).enabled
+
+
+def test_ready_status_and_reloading(notify_socket: tuple[socket.socket, str]) -> None:
+    sock, path = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert n.ready("2 feeds\nhealthy")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=2 feeds healthy"
+    before = monotonic_usec()
+    assert n.reloading()
+    lines = sock.recv(4096).decode().split("\n")
+    assert lines[0] == "RELOADING=1"
+    key, value = lines[1].split("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= monotonic_usec()
+    assert n.status("ok")
+    assert sock.recv(4096) == b"STATUS=ok"
+    assert n.stopping()
+    assert sock.recv(4096) == b"STOPPING=1"
+    n.close()
+
+
+def test_abstract_namespace_address() -> None:
+    assert socket_address("@relayd/notify") == "\0relayd/notify"
+    assert socket_address("/run/x") == "/run/x"
+    name = f"relayd-test-{os.getpid()}-{os.urandom(4).hex()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.settimeout(2.0)
+    try:
+        sock.bind("\0" + name)
+        n = Notifier({"NOTIFY_SOCKET": "@" + name})
+        assert n.ready()
+        assert sock.recv(100) == b"READY=1"
+        n.close()
+    finally:
+        sock.close()
+
+
+def test_send_failure_is_not_fatal() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        n = Notifier({"NOTIFY_SOCKET": os.path.join(d, "nobody-listens")})
+        assert n.enabled
+        assert not n.ready()
+        n.close()
+
+
+def _interval(env: dict[str, str]) -> float | None:
+    n = Notifier(env)
+    try:
+        return n.watchdog_interval
+    finally:
+        n.close()
+
+
+def test_watchdog_interval_and_pid() -> None:
+    env = {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "10000000"}
+    assert _interval(env) == 5.0
+    assert _interval({**env, "WATCHDOG_PID": str(os.getpid())}) == 5.0
+    assert _interval({**env, "WATCHDOG_PID": str(os.getpid() + 1)}) is None
+    assert _interval({**env, "WATCHDOG_USEC": "junk"}) is None
+    assert _interval({"WATCHDOG_USEC": "1000"}) is None
+
+
+async def test_watchdog_task_pings_at_half_interval(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    sock.setblocking(False)
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})  # ping every 50 ms
+    with trio.move_on_after(0.33):
+        await n.run_watchdog()
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(100))
+        except BlockingIOError:
+            break
+    assert set(got) == {b"WATCHDOG=1"}
+    assert 5 <= len(got) <= 8
+    n.close()
