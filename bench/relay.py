@@ -1,0 +1,741 @@
+"""End-to-end relay benchmark in network namespaces (``python -m bench.relay [--quick]``).
+
+A C generator (``bench/gen.c``) sends paced multicast to 4 groups, a C receiver
+(``bench/recv.c``) counts loss, duplicates and reordering and measures one-way latency (all
+namespaces share one clock). Two paths run in the same sweep:
+
+* ``direct``: generator -> receiver over one veth, no relay (the baseline);
+* ``relayd``: generator -> ``relayd run`` with a capture feed -> TCP over a veth ->
+  ``relayd run`` with an emit feed -> receiver.
+
+Two shapes: ``fixed`` (160-byte payloads at a fixed rate) and ``bursty`` (Deribit-like sizes in
+bursts of 50 back-to-back datagrams). For every point the CPU time (utime + stime) and RSS of
+both relay processes are sampled from ``/proc``, and the capture sockets' kernel drop counters
+say where a loss happened.
+
+``--quick`` runs one short sweep and prints the ratio of the relay to the direct path: a
+regression guard, not a timed test. ``--docs`` writes the results into ``docs/PERFORMANCE.md``
+and plots them to ``docs/performance.png`` (installing matplotlib into the venv if needed).
+``--profile`` records both relay processes with py-spy under load instead of sweeping.
+
+Needs root; without it the benchmark says why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.netns_bench import Topology, stop, unavailable_reason
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+GROUPS = ("239.77.0.1", "239.77.0.2", "239.77.0.3", "239.77.0.4")
+PORT = 16100
+TCP_PORT = 16667
+SIZE = 160
+BURST = 50
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RESULTS_BEGIN = "<!-- results:begin (written by python -m bench.relay --docs) -->"
+RESULTS_END = "<!-- results:end -->"
+
+FULL_SWEEP = {"fixed": (10_000, 50_000, 100_000, 150_000, 200_000), "bursty": (10_000, 50_000)}
+QUICK_SWEEP = {"fixed": (10_000, 100_000), "bursty": (50_000,)}
+
+
+# --------------------------------------------------------------------------------------------
+# Building and system set-up
+
+
+def build() -> tuple[Path, Path]:
+    """Compile the generator and the receiver into bench/out (when the source is newer)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    binaries = []
+    for name in ("gen", "recv"):
+        source, binary = REPO / "bench" / f"{name}.c", OUT / name
+        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+            subprocess.run(
+                ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(source)],
+                check=True,
+                timeout=120,
+            )
+        binaries.append(binary)
+    return binaries[0], binaries[1]
+
+
+def _appliance_sysctls() -> dict[str, int]:
+    """The socket-buffer limits the appliance sets (etc/sysctl.d), which relayd is sized for."""
+    wanted: dict[str, int] = {}
+    conf = REPO / "etc" / "sysctl.d" / "60-relayd.conf"
+    if conf.exists():
+        for line in conf.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if sep and key in ("net.core.rmem_max", "net.core.wmem_max"):
+                wanted[key] = int(value.strip())
+    return wanted
+
+
+@contextlib.contextmanager
+def appliance_limits() -> Iterator[list[str]]:
+    """Raise net.core.rmem_max/wmem_max (global, not per namespace) to the appliance's values
+    for the run, and put the old values back afterwards."""
+    changed: list[tuple[Path, str]] = []
+    notes: list[str] = []
+    try:
+        for key, value in _appliance_sysctls().items():
+            path = Path("/proc/sys") / key.replace(".", "/")
+            old = path.read_text().strip()
+            if int(old) < value:
+                path.write_text(str(value))
+                changed.append((path, old))
+                notes.append(f"{key} {old} -> {value} (appliance value, restored afterwards)")
+        yield notes
+    finally:
+        for path, old in changed:
+            with contextlib.suppress(OSError):
+                path.write_text(old)
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (
+        f"{os.cpu_count()} vCPU ({model}), {mem_gib:.0f} GiB RAM, Linux {platform.release()},"
+        f" Python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# /proc sampling
+
+
+@dataclass
+class ProcSample:
+    cpu_ticks: int
+    rss_kib: int
+    hwm_kib: int
+    udp_drops: int
+
+
+def sample(pid: int, port: int) -> ProcSample:
+    """CPU ticks (utime + stime, all threads), RSS and peak RSS of ``pid``, and the kernel drop
+    counters of the UDP sockets bound to ``port`` in its network namespace."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])
+    rss = hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    drops = 0
+    port_hex = f":{port:04X}"
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 12 and parts[1].endswith(port_hex):
+                drops += int(parts[-1])
+    return ProcSample(ticks, rss, hwm, drops)
+
+
+# --------------------------------------------------------------------------------------------
+# The relay under test
+
+
+class Relay:
+    """Two ``relayd run`` processes: an emit feed in the emit namespace, a capture feed in the
+    capture namespace, joined by TCP over the cap-emit veth."""
+
+    def __init__(self, topo: Topology, workdir: Path, log_level: str = "warning") -> None:
+        self.topo = topo
+        self.workdir = workdir
+        self.log_level = log_level
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def _configs(self) -> dict[str, str]:
+        cap_link, tcp_link, out_link = (self.topo.links[d] for d in ("g0", "c1", "e1"))
+        head = (
+            f'[process]\nlog_level = "{self.log_level}"\n\n[health]\nlisten = "127.0.0.1:18080"\n\n'
+        )
+        groups = ", ".join(f'"{g}:{PORT}"' for g in GROUPS)
+        return {
+            "emit": head + "[[emit]]\n"
+            'name = "bench"\n'
+            f'listen = "{tcp_link.b_addr}:{TCP_PORT}"\n'
+            f'interface = "{out_link.a_dev}"\n'
+            "ttl = 1\nloop = false\n"
+            f'allowed_sources = ["{tcp_link.a_addr.rsplit(".", 1)[0]}.0/24"]\n'
+            'allowed_groups = ["239.77.0.0/24"]\n',
+            "cap": head + "[[capture]]\n"
+            'name = "bench"\n'
+            f'interface = "{cap_link.b_dev}"\n'
+            f"groups = [{groups}]\n"
+            f'targets = ["{tcp_link.b_addr}:{TCP_PORT}"]\n',
+        }
+
+    def start(self) -> None:
+        for role, text in self._configs().items():
+            config = self.workdir / f"{role}.toml"
+            config.write_text(text)
+            log = (self.workdir / f"{role}.log").open("w")
+            self.procs[role] = self.topo.popen(
+                role,
+                [sys.executable, "-m", "relayd", "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+            log.close()
+            if role == "emit":
+                time.sleep(0.5)  # listener first, so the capture side connects at once
+
+    def failure(self) -> str | None:
+        """None while both processes run, else what happened (exit codes and log tails)."""
+        dead = [(r, p.returncode) for r, p in self.procs.items() if p.poll() is not None]
+        if not dead:
+            return None
+        return "; ".join(f"{role} exited {code}: {self.log_tail(role)}" for role, code in dead)
+
+    def log_tail(self, role: str, lines: int = 6) -> str:
+        path = self.workdir / f"{role}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def pids(self) -> dict[str, int]:
+        return {role: proc.pid for role, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+
+# --------------------------------------------------------------------------------------------
+# One measurement
+
+
+@dataclass
+class Point:
+    path: str
+    shape: str
+    rate: int
+    sent: int = 0
+    received: int = 0
+    dup: int = 0
+    reorder: int = 0
+    p50: float = -1.0
+    p99: float = -1.0
+    p999: float = -1.0
+    max: float = -1.0
+    k_p50: float = -1.0
+    k_p99: float = -1.0
+    gen_rate: float = 0.0
+    gen_max_late_us: float = 0.0
+    recv_drops: int = 0
+    capture_drops: int = 0
+    cpu_capture_us: float | None = None
+    cpu_emit_us: float | None = None
+    rss_capture_mb: float | None = None
+    rss_emit_mb: float | None = None
+    hwm_capture_mb: float | None = None
+    hwm_emit_mb: float | None = None
+    error: str | None = None
+    runs: int = 1
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * (self.sent - self.received) / self.sent if self.sent else 100.0
+
+    @property
+    def cpu_us(self) -> float | None:
+        if self.cpu_capture_us is None or self.cpu_emit_us is None:
+            return None
+        return self.cpu_capture_us + self.cpu_emit_us
+
+
+def _kv(line: str) -> dict[str, str]:
+    words = line.split()
+    return dict(zip(words[::2], words[1::2], strict=False))
+
+
+class Bench:
+    def __init__(self, topo: Topology, gen: Path, recv: Path, relay: Relay | None) -> None:
+        self.topo, self.gen, self.recv, self.relay = topo, gen, recv, relay
+        self.run_id = 1
+
+    def _addresses(self, path: str) -> tuple[str, str]:
+        """(generator egress address, receiver ingress address) of a path."""
+        if path == "direct":
+            link = self.topo.links["g1"]
+            return link.a_addr, link.b_addr
+        return self.topo.links["g0"].a_addr, self.topo.links["e1"].b_addr
+
+    def _start_receiver(self, argv: list[str]) -> subprocess.Popen[str]:
+        proc = self.topo.popen("recv", argv)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+        line = proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            stop(proc)
+            raise RuntimeError(
+                f"receiver did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
+        return proc
+
+    def probe(self, path: str, timeout: float = 20.0) -> bool:
+        """True once a datagram of every group came through ``path`` (the relay is up)."""
+        gen_addr, recv_addr = self._addresses(path)
+        groups = ",".join(GROUPS)
+        recv = self._start_receiver(
+            [str(self.recv), "--iface", recv_addr, "--groups", groups, "--port", str(PORT),
+             "--until-all-groups", "--timeout-ms", str(int(timeout * 1000))]
+        )  # fmt: skip
+        gen = self.topo.popen(
+            "gen",
+            [str(self.gen), "--iface", gen_addr, "--groups", groups, "--port", str(PORT),
+             "--rate", "200", "--count", str(int(timeout * 200)), "--run-id", "0"],
+        )  # fmt: skip
+        try:
+            recv.wait(timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            stop(recv)
+        stop(gen)
+        gen.communicate()
+        recv.communicate()
+        return recv.returncode == 0
+
+    def point(self, path: str, shape: str, rate: int, seconds: float) -> Point:
+        self.run_id += 1
+        point = Point(path, shape, rate)
+        count = int(rate * seconds)
+        if shape == "bursty":
+            count = max(BURST, count // BURST * BURST)
+        gen_addr, recv_addr = self._addresses(path)
+        groups = ",".join(GROUPS)
+        recv = self._start_receiver(
+            [str(self.recv), "--iface", recv_addr, "--groups", groups, "--port", str(PORT),
+             "--count", str(count), "--run-id", str(self.run_id), "--idle-ms", "700",
+             "--timeout-ms", str(int((seconds * 3 + 15) * 1000))]
+        )  # fmt: skip
+        pids = self.relay.pids() if path == "relayd" and self.relay else {}
+        before = {role: sample(pid, PORT) for role, pid in pids.items()}
+        gen = self.topo.run(
+            "gen",
+            [str(self.gen), "--iface", gen_addr, "--groups", groups, "--port", str(PORT),
+             "--rate", str(rate), "--count", str(count), "--shape", shape, "--size", str(SIZE),
+             "--burst", str(BURST), "--run-id", str(self.run_id)],
+            timeout=seconds * 3 + 15,
+        )  # fmt: skip
+        try:
+            out, err = recv.communicate(timeout=seconds * 3 + 20)
+        except subprocess.TimeoutExpired:
+            stop(recv)
+            out, err = recv.communicate()
+        after = {
+            role: sample(pid, PORT) for role, pid in pids.items() if Path(f"/proc/{pid}").exists()
+        }
+        g = _kv(gen.stdout)
+        r = _kv(out.strip().splitlines()[-1] if out.strip() else "")
+        if gen.returncode != 0 or "sent" not in g:
+            point.error = f"generator failed: {gen.stderr.strip()}"
+            return point
+        if "received" not in r:
+            point.error = f"receiver failed: {err.strip()}"
+            return point
+        point.sent = int(g["sent"])
+        point.gen_rate = point.sent / float(g["elapsed_s"]) if float(g["elapsed_s"]) else 0.0
+        point.gen_max_late_us = float(g["max_late_us"])
+        point.received = int(r["received"])
+        point.dup, point.reorder = int(r["dup"]), int(r["reorder"])
+        point.p50, point.p99, point.p999, point.max = (
+            float(r[k]) for k in ("p50_us", "p99_us", "p999_us", "max_us")
+        )
+        point.k_p50, point.k_p99 = float(r["k_p50_us"]), float(r["k_p99_us"])
+        point.recv_drops = int(r["drops"])
+        if pids:
+            if set(after) != set(before):
+                point.error = f"relay died: {self.relay.failure() if self.relay else ''}"
+                return point
+            relayed = max(point.received, 1)
+            us_per_tick = 1e6 / CLK_TCK
+            cap, emit = (after["cap"], before["cap"]), (after["emit"], before["emit"])
+            point.cpu_capture_us = (cap[0].cpu_ticks - cap[1].cpu_ticks) * us_per_tick / relayed
+            point.cpu_emit_us = (emit[0].cpu_ticks - emit[1].cpu_ticks) * us_per_tick / relayed
+            point.rss_capture_mb = cap[0].rss_kib / 1024
+            point.rss_emit_mb = emit[0].rss_kib / 1024
+            point.hwm_capture_mb = cap[0].hwm_kib / 1024
+            point.hwm_emit_mb = emit[0].hwm_kib / 1024
+            point.capture_drops = cap[0].udp_drops - cap[1].udp_drops
+        return point
+
+
+def median_point(points: Sequence[Point]) -> Point:
+    """Field-wise median of repeated runs of one (path, shape, rate)."""
+    good = [p for p in points if p.error is None] or list(points)
+    first = good[0]
+    merged = Point(first.path, first.shape, first.rate, runs=len(good), error=first.error)
+    for name in asdict(first):
+        if name in ("path", "shape", "rate", "error", "runs"):
+            continue
+        values = [getattr(p, name) for p in good if getattr(p, name) is not None]
+        if values:
+            value = statistics.median(values)
+            setattr(merged, name, type(getattr(first, name))(value))
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or value < 0 else f"{value:.{digits}f}"
+
+
+def table(points: Sequence[Point]) -> list[str]:
+    header = (
+        "| path | shape | rate/s | sent | received | loss % | dup | reorder "
+        "| p50 µs | p99 µs | p999 µs | relay CPU µs/dgram (cap+emit) | RSS MB (cap/emit) |"
+    )
+    rows = [header, "|" + "---|" * 13]
+    for p in points:
+        if p.error and not p.sent:
+            rows.append(f"| {p.path} | {p.shape} | {p.rate:,} | {p.error} |" + " |" * 9)
+            continue
+        cpu = (
+            "-"
+            if p.cpu_us is None
+            else f"{p.cpu_us:.1f} ({p.cpu_capture_us:.1f}+{p.cpu_emit_us:.1f})"
+        )
+        rss = (
+            "-"
+            if p.rss_capture_mb is None or p.rss_emit_mb is None
+            else f"{p.rss_capture_mb:.0f}/{p.rss_emit_mb:.0f}"
+        )
+        rows.append(
+            f"| {p.path} | {p.shape} | {p.rate:,} | {p.sent:,} | {p.received:,} "
+            f"| {p.loss_pct:.3f} | {p.dup} | {p.reorder} | {_fmt(p.p50)} | {_fmt(p.p99)} "
+            f"| {_fmt(p.p999)} | {cpu} | {rss} |"
+        )
+    return rows
+
+
+def ratios(points: Sequence[Point]) -> list[str]:
+    """The relay against the direct path at each (shape, rate): the regression guard."""
+    by_key = {(p.path, p.shape, p.rate): p for p in points}
+    lines = []
+    for p in points:
+        if p.path != "relayd":
+            continue
+        d = by_key.get(("direct", p.shape, p.rate))
+        if d is None or not d.received or not p.received or d.p50 <= 0 or d.p99 <= 0:
+            continue
+        lines.append(
+            f"  {p.shape:6s} {p.rate:>7,}/s: delivered {p.received / max(d.received, 1):.4f}"
+            f" of direct, p50 x{p.p50 / d.p50:.1f} (+{p.p50 - d.p50:.0f} µs),"
+            f" p99 x{p.p99 / d.p99:.1f} (+{p.p99 - d.p99:.0f} µs)"
+            + (f", CPU {p.cpu_us:.1f} µs/dgram" if p.cpu_us is not None else "")
+        )
+    return lines
+
+
+def write_docs(points: Sequence[Point], meta: dict[str, Any]) -> None:
+    doc = REPO / "docs" / "PERFORMANCE.md"
+    block = [
+        RESULTS_BEGIN,
+        "",
+        f"Measured {meta['date']} with `{meta['command']}`"
+        f" ({meta['mode']}: {meta['seconds']:g} s per point, median of {meta['runs']} runs).",
+        f"Machine: {meta['machine']}; load average {meta['load']} at the start.",
+        *(f"System: {note}." for note in meta["notes"]),
+        "",
+        *table(points),
+        "",
+        "Relay against direct at each rate:",
+        "",
+        "```",
+        *ratios(points),
+        "```",
+        "",
+        RESULTS_END,
+    ]
+    text = doc.read_text() if doc.exists() else f"# Performance\n\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
+    if begin < 0 or end < 0:
+        text = text.rstrip("\n") + "\n\n" + RESULTS_BEGIN + "\n" + RESULTS_END + "\n"
+        begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
+    text = text[:begin] + "\n".join(block) + text[end + len(RESULTS_END) :]
+    doc.write_text(text)
+    plot(points, REPO / "docs" / "performance.png", meta)
+
+
+def _pyplot() -> Any:
+    try:
+        return importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        print("installing matplotlib into the venv for the plot ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "matplotlib"],
+            check=True,
+            timeout=600,
+        )  # fmt: skip
+        importlib.invalidate_caches()
+        return importlib.import_module("matplotlib.pyplot")
+
+
+def plot(points: Sequence[Point], target: Path, meta: dict[str, Any]) -> None:
+    plt = _pyplot()
+    plt.switch_backend("Agg")
+    fig, (ax_loss, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    colors = {("direct", "fixed"): "tab:blue", ("relayd", "fixed"): "tab:red",
+              ("direct", "bursty"): "tab:cyan", ("relayd", "bursty"): "tab:orange"}  # fmt: skip
+    for (path, shape), color in colors.items():
+        series = sorted((p for p in points if p.path == path and p.shape == shape and p.sent),
+                        key=lambda p: p.rate)  # fmt: skip
+        if not series:
+            continue
+        rates = [p.rate / 1000 for p in series]
+        label = f"{path}, {shape}"
+        ax_loss.plot(rates, [p.loss_pct for p in series], "o-", color=color, label=label)
+        for attr, style in (("p50", "o-"), ("p99", "s--"), ("p999", "^:")):
+            values = [getattr(p, attr) for p in series]
+            ax_lat.plot(rates, [v if v > 0 else float("nan") for v in values], style,
+                        color=color, label=f"{label} {attr}")  # fmt: skip
+    ax_loss.set_xlabel("rate (k datagrams/s)")
+    ax_loss.set_ylabel("loss (%)")
+    ax_loss.set_title("loss against rate")
+    ax_loss.set_ylim(bottom=-0.5)
+    ax_loss.grid(True, alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_lat.set_xlabel("rate (k datagrams/s)")
+    ax_lat.set_ylabel("one-way latency (µs, log)")
+    ax_lat.set_yscale("log")
+    ax_lat.set_title("latency p50 / p99 / p999 against rate")
+    ax_lat.grid(True, which="both", alpha=0.3)
+    ax_lat.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"relayd vs direct multicast, {meta['machine'].split(' (')[0]}, {meta['date']}",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Profile
+
+
+def _py_spy() -> Path:
+    binary = Path(sys.executable).parent / "py-spy"
+    if not binary.exists():
+        found = shutil.which("py-spy")
+        if found:
+            return Path(found)
+        print("installing py-spy into the venv ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "py-spy"],
+            check=True,
+            timeout=600,
+        )  # fmt: skip
+    return binary
+
+
+def summarize_profile(raw: Path, top: int = 15) -> list[str]:
+    """Self and inclusive sample shares per function from py-spy's collapsed-stack output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [re.sub(r" \(.*?/", " (", f) for f in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return ["  (no samples: the process was idle)"]
+    lines = [f"  {total} samples; self time:"]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines.append("  inclusive time:")
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
+    return lines
+
+
+def profile(bench: Bench, relay: Relay, rate: int, seconds: float, shape: str) -> list[str]:
+    spy = _py_spy()
+    procs = {}
+    for role, pid in relay.pids().items():
+        raw = OUT / f"profile-{role}.txt"
+        procs[role] = (
+            subprocess.Popen(
+                [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                 "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            raw,
+        )  # fmt: skip
+    time.sleep(1.0)
+    point = bench.point("relayd", shape, rate, seconds - 2)
+    lines = table([point])
+    for role, (proc, raw) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            _, err = proc.communicate()
+        lines.append(f"py-spy, {role} process ({'capture' if role == 'cap' else 'emit'}):")
+        lines += summarize_profile(raw) if raw.exists() else [f"  py-spy failed: {err.strip()}"]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.relay", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="one short sweep, 1 run per point")
+    parser.add_argument("--runs", type=int, help="runs per point (median); default 3, quick 1")
+    parser.add_argument("--seconds", type=float, help="seconds per point; default 3, quick 1.5")
+    parser.add_argument("--paths", default="direct,relayd", help="comma-separated paths")
+    parser.add_argument("--fixed", help="comma-separated rates for the 160-byte shape")
+    parser.add_argument("--bursty", help="comma-separated rates for the bursty shape")
+    parser.add_argument("--docs", action="store_true",
+                        help="write docs/PERFORMANCE.md and docs/performance.png")  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy both relay processes under load, no sweep"
+    )
+    parser.add_argument("--profile-rate", type=int, default=100_000)
+    parser.add_argument("--profile-shape", default="fixed", choices=("fixed", "bursty"))
+    args = parser.parse_args(argv)
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench.relay: skipped: {reason}")
+        return 0
+    runs = args.runs or (1 if args.quick else 3)
+    seconds = args.seconds or (1.5 if args.quick else 3.0)
+    sweep = dict(QUICK_SWEEP if args.quick else FULL_SWEEP)
+    for shape in ("fixed", "bursty"):
+        given = getattr(args, shape)
+        if given is not None:
+            sweep[shape] = tuple(int(float(r)) for r in given.split(",") if r)
+    paths = [p for p in args.paths.split(",") if p]
+
+    gen, recv = build()
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    started = time.monotonic()
+    with (
+        appliance_limits() as notes,
+        Topology() as topo,
+        tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
+    ):
+        for note in notes:
+            print(f"bench.relay: {note}")
+        relay: Relay | None = None
+        if "relayd" in paths or args.profile:
+            relay = Relay(topo, Path(tmp))
+            relay.start()
+        bench = Bench(topo, gen, recv, relay)
+        try:
+            if relay is not None and not bench.probe("relayd"):
+                problem = relay.failure() or (
+                    f"no datagram came through; logs: cap: {relay.log_tail('cap')}"
+                    f" emit: {relay.log_tail('emit')}"
+                )
+                print(f"bench.relay: relay path unavailable: {problem}")
+                relay.stop()
+                relay = bench.relay = None
+                paths = [p for p in paths if p != "relayd"]
+                if args.profile:
+                    return 1
+            if args.profile and relay is not None:
+                print("\n".join(profile(bench, relay, args.profile_rate, 12, args.profile_shape)))
+                return 0
+            results: list[Point] = []
+            for shape, rates in sweep.items():
+                for rate in rates:
+                    per_path: dict[str, list[Point]] = {p: [] for p in paths}
+                    for _ in range(runs):
+                        for path in paths:  # interleaved, so drifting load hits both alike
+                            point = bench.point(path, shape, rate, seconds)
+                            per_path[path].append(point)
+                            if point.error:
+                                print(f"bench.relay: {path} {shape} {rate}: {point.error}")
+                    for path in paths:
+                        merged = median_point(per_path[path])
+                        results.append(merged)
+                        print(
+                            f"  {path:6s} {shape:6s} {rate:>7,}/s  loss {merged.loss_pct:7.3f} %"
+                            f"  p50 {_fmt(merged.p50):>8s}  p99 {_fmt(merged.p99):>8s} µs"
+                            + (f"  CPU {merged.cpu_us:.1f} µs/dgram" if merged.cpu_us else ""),
+                            flush=True,
+                        )
+        finally:
+            if relay is not None:
+                relay.stop()
+    mode = "quick" if args.quick else "full"
+    command = "make bench-quick" if args.quick else "make bench"
+    if args.docs:
+        command = "python -m bench.relay --docs" + (" --quick" if args.quick else "")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "mode": mode,
+        "seconds": seconds,
+        "runs": runs,
+        "machine": machine_description(),
+        "load": load,
+        "notes": notes,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    print()
+    print(f"relay benchmark ({mode}, {seconds:g} s per point, median of {runs}); {meta['machine']}")
+    print("\n".join(table(results)))
+    guard = ratios(results)
+    if guard:
+        print("\nrelayd against the direct path:")
+        print("\n".join(guard))
+    (OUT / "relay-results.json").write_text(
+        json.dumps({"meta": meta, "points": [asdict(p) for p in results]}, indent=1)
+    )
+    if args.docs:
+        write_docs(results, meta)
+        print("wrote docs/PERFORMANCE.md and docs/performance.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
