@@ -1,0 +1,956 @@
+"""An emit feed: one TCP listener whose DATA frames go out as multicast.
+
+The cloud half of the data path. ``EmitFeedRuntime(config)`` implements
+:class:`relayd.runtime.Feed`: ``run`` binds the listener, opens the multicast sender and serves
+capture connections until cancelled.
+
+Connections
+-----------
+Every accepted peer outside ``allowed_sources`` is closed at once. Everyone else gets a
+CHALLENGE and must answer with a valid HELLO within ``hello_timeout``. Until then a connection
+is *pending*: it costs one file descriptor and one small task, and it does not hold one of the
+``max_connections`` slots. Pending connections have a cap of their own
+(``pending_limit``, default ``max(16, 8 * max_connections)``); when it is reached the oldest
+pending connection is closed to make room, so a flood of silent connections (load-balancer
+probes, scanners, half-open floods) can neither exhaust the slots a real capture side needs nor
+grow without bound. ``max_connections`` counts only connections past a valid HELLO.
+
+A HELLO whose session already has a connection here supersedes it: that older connection (a
+capture process that reconnected before this side noticed the old TCP stream died) is closed,
+so it never blocks the reconnect with TOO_MANY_CONNECTIONS and never competes with it.
+
+Sessions
+--------
+The feed remembers, per ``session_id``, the highest sequence it emitted (at most
+``SESSION_LIMIT`` sessions, least recently used forgotten first). The welcome ACK carries it,
+DATA at or below it is counted as a duplicate and not emitted again, DATA above ``highest + 1``
+counts a gap (not for the first DATA of a session this host has not seen before: after a
+failover the capture side resends only what the previous host did not acknowledge).
+
+Hot path
+--------
+Each received chunk is decoded completely, then every datagram is sent with a non-blocking
+``sendto``; the task waits for writability only on ``EAGAIN``. Destinations are cached per
+``(group, port)``; the cache holds only allowed destinations, so the allowlist costs one dict
+lookup per datagram. Counters are integer adds per chunk; the capture-to-emit latency histogram
+is updated once per chunk, from the chunk's last datagram.
+
+A second task per connection sends the ACKs (coalesced: at most one per ``ACK_INTERVAL``, and
+always soon after the stream goes quiet) and a HEARTBEAT after ``heartbeat_interval`` without
+other output. If such a send cannot complete within ``idle_timeout`` the peer has stopped
+reading: it is closed with SLOW_CONSUMER. A connection that sends nothing for ``idle_timeout``
+is closed with IDLE_TIMEOUT.
+
+Send errors on the multicast socket (ENOBUFS, ENETUNREACH, EPERM, ...) drop that datagram, are
+counted by errno name and logged (rate-limited). The feed is unhealthy from a failed send until
+the next successful one (or until ``FAILING_HOLD`` seconds pass with no send at all, so an idle
+standby instance does not stay unhealthy forever).
+
+Health
+------
+Healthy means: the listener is bound and the multicast sender is not failing. An instance that
+is ready but has no capture connection is healthy (otherwise the load balancer would never
+route the feed to it).
+
+Authentication keys: ``keys`` given to the constructor are used as they are; when ``keys`` is
+None, ``run`` reads ``config.auth_key_files`` with :func:`load_auth_keys` before it reports
+ready, so an unreadable key file fails the start.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import trio
+
+from relayd.config import EmitFeed
+from relayd.logs import RateLimitedLogger
+from relayd.metrics import LatencyHistogram, Rate
+from relayd.netif import open_multicast_sender, resolve_interface
+from relayd.runtime import FeedHealth, Sample
+from relayd.wire import (
+    Datagram,
+    EmitConnection,
+    Error,
+    ErrorCode,
+    HandshakeError,
+    Heartbeat,
+    ProtocolError,
+    State,
+    encode_ack,
+    encode_error,
+    encode_heartbeat,
+)
+
+__all__ = [
+    "ACK_INTERVAL",
+    "FAILING_HOLD",
+    "SESSION_LIMIT",
+    "EmitFeedRuntime",
+    "KeyFileError",
+    "load_auth_keys",
+]
+
+log = logging.getLogger("relayd.emit")
+
+#: Shortest time between two ACKs on one connection (ACKs are coalesced, not per datagram).
+ACK_INTERVAL: Final = 0.002
+#: Sessions remembered per feed for deduplication.
+SESSION_LIMIT: Final = 1024
+#: A failed send keeps the feed unhealthy at most this long when no send follows it.
+FAILING_HOLD: Final = 30.0
+#: How long a deliberate close waits for the peer's FIN after ERROR and our FIN.
+LINGER: Final = 0.2
+#: Bytes read per ``recv`` while streaming (about 1400 DATA frames of 160-byte payloads).
+RECEIVE_SIZE: Final = 256 * 1024
+#: Bytes read per ``recv`` before the HELLO.
+HANDSHAKE_RECEIVE_SIZE: Final = 2048
+#: Destinations cached at most; the cache is cleared when it grows past this.
+DESTINATION_CACHE_LIMIT: Final = 65536
+#: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
+CONTROL_SEND_BUFFER: Final = 64 * 1024
+#: Accepts in a row before the accept loop yields to other tasks.
+ACCEPT_BATCH: Final = 64
+#: Shortest key accepted from a key file.
+MIN_KEY_BYTES: Final = 16
+
+_DROP_REASONS: Final = ("group_not_allowed", "port_not_allowed", "send_error")
+_REJECT_REASONS: Final = (
+    "source",
+    "limit",
+    "pending_limit",
+    "hello_timeout",
+    "no_hello",
+    "wrong_feed",
+    "auth",
+    "version",
+    "protocol",
+    "peer_error",
+)
+_CLOSE_REASONS: Final = (
+    "eof",
+    "reset",
+    "peer_error",
+    "idle_timeout",
+    "protocol",
+    "slow_consumer",
+    "superseded",
+    "stopped",
+    "internal_error",
+)
+_SENT: Final = object()
+_FAILED: Final = object()
+_SKIPPED: Final = object()
+_HANDSHAKE_REJECT: Final = {
+    ErrorCode.WRONG_FEED: "wrong_feed",
+    ErrorCode.AUTH_FAILED: "auth",
+    ErrorCode.UNSUPPORTED_VERSION: "version",
+}
+
+
+class KeyFileError(Exception):
+    """An authentication key file that cannot be used."""
+
+
+def load_auth_keys(paths: Iterable[Path]) -> tuple[bytes, ...]:
+    """The keys in ``paths``: each file's bytes with surrounding whitespace removed.
+
+    A key must be at least ``MIN_KEY_BYTES`` bytes (e.g. 32 random bytes, or their hex or
+    base64 text: the text itself is the key, as the capture side reads it the same way).
+    """
+    keys = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        if len(data) < MIN_KEY_BYTES:
+            raise KeyFileError(f"key file {path} holds fewer than {MIN_KEY_BYTES} bytes")
+        keys.append(data)
+    return tuple(keys)
+
+
+class _Session:
+    __slots__ = ("connection", "highest", "session_id")
+
+    def __init__(self, session_id: bytes) -> None:
+        self.session_id = session_id
+        self.highest = 0  # highest sequence emitted (or deliberately skipped)
+        self.connection: _Connection | None = None  # the connection streaming it, if any
+
+
+class _Connection:
+    __slots__ = (
+        "acked",
+        "error",
+        "id",
+        "peer",
+        "reason",
+        "scope",
+        "session",
+        "sock",
+        "wake",
+    )
+
+    def __init__(self, conn_id: int, sock: socket.socket, peer: str) -> None:
+        self.id = conn_id
+        self.sock = sock
+        self.peer = peer
+        self.scope = trio.CancelScope()
+        self.session: _Session | None = None
+        self.acked = -1  # highest sequence ACKed to the peer (-1: not even the welcome)
+        self.wake = trio.Event()  # set when an ACK is due
+        self.error: tuple[int, str] | None = None  # the ERROR (code, text) to close with
+        self.reason: str | None = None  # why a streaming connection ended (connections_closed)
+
+    def end(self, code: int, message: str, reason: str | None) -> None:
+        """End the connection with ERROR(code, message), counted as ``reason``."""
+        if self.error is None:
+            self.error = (code, message)
+            self.reason = reason
+        self.scope.cancel()
+
+
+class _Stats:
+    """Plain integer counters, added to once per chunk."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connections_accepted",
+        "datagrams_in",
+        "datagrams_out",
+        "decode_errors",
+        "duplicates",
+        "frames_in",
+        "gap_sequences",
+        "gaps",
+    )
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.bytes_out = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.gap_sequences = 0
+        self.connections_accepted = 0
+        self.decode_errors = 0
+
+
+class EmitFeedRuntime:
+    """One ``[[emit]]`` feed: listener, HELLO gate, decode, dedup, multicast send."""
+
+    kind: Literal["emit"] = "emit"
+
+    def __init__(
+        self,
+        config: EmitFeed,
+        *,
+        keys: Sequence[bytes] | None = None,
+        pending_limit: int | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._keys: tuple[bytes, ...] | None = None if keys is None else tuple(keys)
+        self.pending_limit = (
+            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections)
+        )
+        #: The bound TCP port, once ``run`` reported ready (useful with port 0).
+        self.listen_port: int | None = None
+        self.interface_address: IPv4Address | None = None
+        self._close_reason: tuple[int, str] = (
+            ErrorCode.SHUTTING_DOWN,
+            "relay shutting down",
+        )
+        self._state = "starting"
+        self._listening = False
+        self._mcast: socket.socket | None = None
+        self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
+        self._pending: dict[int, _Connection] = {}
+        self._active: dict[int, _Connection] = {}
+        self._next_id = 0
+        # allowed destinations only: (group << 16 | port) -> ("a.b.c.d", port)
+        self._dests: dict[int, tuple[str, int]] = {}
+        # refused destinations: (group << 16 | port) -> drop reason
+        self._denied: dict[int, str] = {}
+        self.stats = _Stats()
+        self.dropped: dict[str, int] = dict.fromkeys(_DROP_REASONS, 0)
+        self.rejected: dict[str, int] = dict.fromkeys(_REJECT_REASONS, 0)
+        self.closed: dict[str, int] = dict.fromkeys(_CLOSE_REASONS, 0)
+        self.send_errors: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+        self._started_at = time.monotonic()
+        self._last_datagram_at: float | None = None
+        self._send_failing_since: float | None = None
+        self._last_error: str | None = None
+        self._rate_out = Rate(window=10.0)
+        self._rate_in_bytes = Rate(window=10.0)
+        self._rlog = RateLimitedLogger(log, interval=10.0, max_keys=256)
+
+    # -- Feed interface ---------------------------------------------------------------------
+
+    def set_close_reason(self, code: int, message: str) -> None:
+        """What every connection is told (ERROR code and text) when the feed is cancelled."""
+        self._close_reason = (int(code), message)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        if self._keys is None:
+            self._keys = load_auth_keys(cfg.auth_key_files)
+        self.interface_address = resolve_interface(cfg.interface)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        mcast: socket.socket | None = None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((cfg.listen.host, cfg.listen.port))
+            listener.listen(socket.SOMAXCONN)
+            listener.setblocking(False)
+            mcast = open_multicast_sender(
+                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+            )
+            self._mcast = mcast
+            self.listen_port = listener.getsockname()[1]
+            self._started_at = time.monotonic()
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._tick)
+                async with trio.open_nursery() as handlers:
+                    self._listening = True
+                    self._state = "listening"
+                    log.info(
+                        "emit feed %s listening on %s:%d, multicast out of %s ttl %d",
+                        self.name,
+                        cfg.listen.host,
+                        self.listen_port,
+                        self.interface_address,
+                        cfg.ttl,
+                    )
+                    task_status.started()
+                    await self._accept_loop(listener, handlers)
+        finally:
+            self._listening = False
+            self._state = "stopped"
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+            if mcast is not None:
+                mcast.close()
+
+    def health(self) -> FeedHealth:
+        failing = self._sending_failed()
+        healthy = self._listening and not failing
+        if not self._listening:
+            state = self._state
+        elif failing:
+            state = "failing"
+        elif self._active:
+            state = "streaming"
+        else:
+            state = "listening"
+        detail: dict[str, Any] = {
+            "listen": f"{self.config.listen.host}:{self.listen_port or self.config.listen.port}",
+            "interface": str(self.interface_address or self.config.interface),
+            "connections": [self._describe(c) for c in self._active.values()],
+            "pending_connections": len(self._pending),
+            "sessions": len(self._sessions),
+            "last_datagram_age_seconds": round(self._last_datagram_age(), 3),
+            "datagrams_per_second": round(self._rate_out.per_second(), 1),
+            "bytes_in_per_second": round(self._rate_in_bytes.per_second(), 1),
+            "datagrams_out": self.stats.datagrams_out,
+            "sending_failed": failing,
+            "last_error": self._last_error,
+        }
+        return FeedHealth(healthy, state, detail)
+
+    def samples(self) -> Iterable[Sample]:
+        return list(self._samples())
+
+    # -- accounting helpers -----------------------------------------------------------------
+
+    def _describe(self, conn: _Connection) -> dict[str, Any]:
+        session = conn.session
+        return {
+            "peer": conn.peer,
+            "session": session.session_id.hex() if session else None,
+            "highest_seq": session.highest if session else 0,
+            "acked_seq": max(conn.acked, 0),
+        }
+
+    def _last_datagram_age(self) -> float:
+        since = self._last_datagram_at if self._last_datagram_at is not None else self._started_at
+        return max(0.0, time.monotonic() - since)
+
+    def _sending_failed(self) -> bool:
+        since = self._send_failing_since
+        return since is not None and time.monotonic() - since < FAILING_HOLD
+
+    def _ack_lag(self) -> int:
+        lag = 0
+        for conn in self._active.values():
+            if conn.session is not None:
+                lag = max(lag, conn.session.highest - max(conn.acked, 0))
+        return lag
+
+    def _samples(self) -> Iterator[Sample]:
+        feed = (("feed", self.name),)
+        s = self.stats
+
+        def counter(name: str, help_text: str, value: float, *extra: tuple[str, str]) -> Sample:
+            return Sample(name, "counter", help_text, feed + extra, value)
+
+        def gauge(name: str, help_text: str, value: float) -> Sample:
+            return Sample(name, "gauge", help_text, feed, value)
+
+        yield counter("frames_in", "Frames received from capture connections.", s.frames_in)
+        yield counter("bytes_in", "TCP bytes received from capture connections.", s.bytes_in)
+        yield counter("datagrams_in", "DATA frames received.", s.datagrams_in)
+        yield counter("datagrams_out", "Datagrams sent as multicast.", s.datagrams_out)
+        yield counter("bytes_out", "Payload bytes sent as multicast.", s.bytes_out)
+        for reason, value in self.dropped.items():
+            yield counter(
+                "datagrams_dropped", "Datagrams not emitted, by reason.", value, ("reason", reason)
+            )
+        yield counter("duplicates", "DATA frames already emitted in their session.", s.duplicates)
+        yield counter("gaps", "Jumps in a session's sequence numbers.", s.gaps)
+        yield counter(
+            "gap_sequences",
+            "Sequence numbers missing in the jumps counted by gaps.",
+            s.gap_sequences,
+        )
+        yield counter(
+            "connections_accepted", "Connections accepted past HELLO.", s.connections_accepted
+        )
+        for reason, value in self.rejected.items():
+            yield counter(
+                "connections_rejected",
+                "Connections refused before streaming, by reason.",
+                value,
+                ("reason", reason),
+            )
+        for reason, value in self.closed.items():
+            yield counter(
+                "connections_closed",
+                "Streaming connections that ended, by reason.",
+                value,
+                ("reason", reason),
+            )
+        yield counter("decode_errors", "Connections that sent undecodable bytes.", s.decode_errors)
+        for name, value in sorted(self.send_errors.items()):
+            yield counter(
+                "send_errors", "Failed multicast sends, by errno.", value, ("errno", name)
+            )
+        yield gauge("active_connections", "Capture connections past HELLO.", len(self._active))
+        yield gauge(
+            "pending_connections", "Connections waiting for their HELLO.", len(self._pending)
+        )
+        yield gauge(
+            "sessions", "Capture sessions remembered for deduplication.", len(self._sessions)
+        )
+        yield gauge(
+            "last_datagram_age_seconds",
+            "Seconds since the last DATA frame (since start when none yet).",
+            self._last_datagram_age(),
+        )
+        yield gauge(
+            "ack_lag",
+            "Largest difference between a session's emitted and acknowledged sequence.",
+            self._ack_lag(),
+        )
+        yield gauge(
+            "up",
+            "1 while the listener is bound and the emitter works.",
+            float(self._listening and not self._sending_failed()),
+        )
+        yield from self.latency.samples(
+            "capture_to_emit_latency_seconds",
+            feed,
+            "Capture timestamp to multicast send of each chunk's last datagram, in seconds.",
+        )
+
+    async def _tick(self) -> None:
+        """Feed the rate windows once a second."""
+        while True:
+            now = time.monotonic()
+            self._rate_out.update(self.stats.datagrams_out, now)
+            self._rate_in_bytes.update(self.stats.bytes_in, now)
+            await trio.sleep(1.0)
+
+    # -- accepting --------------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket, handlers: trio.Nursery) -> None:
+        sources = self.config.allowed_sources
+        accepted_in_row = 0
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                accepted_in_row = 0
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._rlog.error(
+                        "accept", "%s: accept failed: %s; retrying", self.name, exc.strerror
+                    )
+                    await trio.sleep(0.1)
+                continue  # ECONNABORTED, EPROTO, ...: that peer is gone, the listener is fine
+            peer_ip = IPv4Address(addr[0])
+            peer = f"{addr[0]}:{addr[1]}"
+            if not any(peer_ip in net for net in sources):
+                sock.close()
+                self.rejected["source"] += 1
+                self._rlog.warning(
+                    f"source:{addr[0]}",
+                    "%s: refused connection from %s: not in allowed_sources",
+                    self.name,
+                    peer,
+                )
+            else:
+                sock.setblocking(False)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    # Only small control frames go back: a modest send buffer bounds the memory
+                    # of a peer that stops reading and lets SLOW_CONSUMER notice it sooner.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONTROL_SEND_BUFFER)
+                except OSError:
+                    sock.close()
+                    continue
+                self._next_id += 1
+                conn = _Connection(self._next_id, sock, peer)
+                if len(self._pending) >= self.pending_limit:
+                    oldest = self._pending.pop(next(iter(self._pending)))
+                    self.rejected["pending_limit"] += 1
+                    oldest.end(
+                        ErrorCode.TOO_MANY_CONNECTIONS,
+                        "too many connections waiting for HELLO",
+                        None,
+                    )
+                    self._rlog.warning(
+                        "pending_limit",
+                        "%s: %d connections without HELLO; closed the oldest (%s)",
+                        self.name,
+                        self.pending_limit,
+                        oldest.peer,
+                    )
+                self._pending[conn.id] = conn
+                handlers.start_soon(self._serve, conn)
+            accepted_in_row += 1
+            if accepted_in_row >= ACCEPT_BATCH:
+                accepted_in_row = 0
+                await trio.lowlevel.checkpoint()
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _serve(self, conn: _Connection) -> None:
+        ended = False  # False at the finally: cancelled from outside, i.e. the feed stops
+        try:
+            with conn.scope:
+                proto = await self._handshake(conn)
+                if proto is not None:
+                    await self._stream(conn, proto)
+            ended = True
+        except Exception:  # one connection's bug must never take the feed down
+            ended = True
+            log.exception("%s: connection from %s failed", self.name, conn.peer)
+            if conn.error is None:
+                conn.error = (ErrorCode.PROTOCOL, "internal error")
+                conn.reason = "internal_error"
+        finally:
+            if not ended and conn.error is None:
+                conn.error = self._close_reason
+                conn.reason = "stopped"
+            await self._finish(conn)
+
+    async def _finish(self, conn: _Connection) -> None:
+        self._pending.pop(conn.id, None)
+        session = conn.session
+        if self._active.pop(conn.id, None) is not None:
+            reason = conn.reason or "eof"
+            self.closed[reason] = self.closed.get(reason, 0) + 1
+            log.info("%s: connection from %s closed (%s)", self.name, conn.peer, reason)
+            if session is not None and session.connection is conn:
+                session.connection = None
+        sock = conn.sock
+        try:
+            if conn.error is not None:
+                code, message = conn.error
+                try:
+                    sock.send(encode_error(code, message))
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                else:
+                    await self._linger(sock)
+        finally:
+            sock.close()
+
+    @staticmethod
+    async def _linger(sock: socket.socket) -> None:
+        """Read and discard until the peer closes, briefly, so our ERROR is not cut by a RST
+        (closing with unread input resets the connection)."""
+        with trio.CancelScope(deadline=trio.current_time() + LINGER, shield=True):
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                except OSError:
+                    return
+
+    def _reject(self, conn: _Connection, reason: str, code: int, message: str) -> None:
+        self.rejected[reason] += 1
+        conn.error = (code, message)
+        self._rlog.info(
+            f"reject:{reason}", "%s: refused %s: %s (%s)", self.name, conn.peer, message, reason
+        )
+
+    async def _handshake(self, conn: _Connection) -> EmitConnection | None:
+        """CHALLENGE, then a valid HELLO within hello_timeout; the connection is then active and
+        welcomed. None when it was refused (``conn.error`` says why) or closed."""
+        cfg = self.config
+        assert self._keys is not None
+        proto = EmitConnection(self.name, self._keys, os.urandom(16))
+        sock = conn.sock
+        stats = self.stats
+        with trio.move_on_after(cfg.hello_timeout):
+            try:
+                sock.send(proto.challenge())  # 25 bytes into an empty socket buffer
+                while proto.state is not State.STREAMING:
+                    try:
+                        data = sock.recv(HANDSHAKE_RECEIVE_SIZE)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if not data:
+                        self.rejected["no_hello"] += 1
+                        return None
+                    stats.bytes_in += len(data)
+                    events = proto.receive(data)
+                    stats.frames_in += len(events)
+                    for event in events:
+                        if isinstance(event, Error):
+                            self.rejected["peer_error"] += 1
+                            log.info(
+                                "%s: %s sent ERROR %d: %s",
+                                self.name,
+                                conn.peer,
+                                event.code,
+                                event.message,
+                            )
+                            return None
+            except HandshakeError as exc:
+                reason = _HANDSHAKE_REJECT.get(exc.code, "protocol")
+                self._reject(conn, reason, exc.code, str(exc))
+                return None
+            except ProtocolError as exc:
+                stats.decode_errors += 1
+                self._reject(conn, "protocol", ErrorCode.PROTOCOL, str(exc))
+                return None
+            except OSError:
+                self.rejected["no_hello"] += 1
+                return None
+        if proto.state is not State.STREAMING:
+            self._reject(conn, "hello_timeout", ErrorCode.HELLO_TIMEOUT, "no HELLO in time")
+            return None
+        hello = proto.hello
+        assert hello is not None
+        self._pending.pop(conn.id, None)
+        # A new connection of a session replaces the old one (which the capture side left).
+        session = self._sessions.get(hello.session_id)
+        if session is not None and session.connection is not None:
+            old = session.connection
+            old.end(ErrorCode.TOO_MANY_CONNECTIONS, "superseded by a newer connection", None)
+            # Free the slot now: the old task closes at its next checkpoint.
+            self._active.pop(old.id, None)
+            self.closed["superseded"] += 1
+            session.connection = None
+            log.info("%s: %s supersedes %s for its session", self.name, conn.peer, old.peer)
+        if len(self._active) >= cfg.max_connections:
+            self._reject(
+                conn,
+                "limit",
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"feed {self.name!r} already has {cfg.max_connections} connections",
+            )
+            return None
+        if session is None:
+            session = self._sessions[hello.session_id] = _Session(hello.session_id)
+            while len(self._sessions) > SESSION_LIMIT:
+                self._sessions.popitem(last=False)
+        else:
+            self._sessions.move_to_end(hello.session_id)
+        session.connection = conn
+        conn.session = session
+        self._active[conn.id] = conn
+        stats.connections_accepted += 1
+        log.info(
+            "%s: capture connection from %s, session %s, resuming after %d",
+            self.name,
+            conn.peer,
+            hello.session_id.hex(),
+            session.highest,
+        )
+        return proto
+
+    async def _stream(self, conn: _Connection, proto: EmitConnection) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, conn)
+            await self._reader(conn, proto)
+            nursery.cancel_scope.cancel()
+
+    async def _writer(self, conn: _Connection) -> None:
+        """The welcome ACK, then coalesced ACKs and idle HEARTBEATs; SLOW_CONSUMER when a send
+        cannot complete within idle_timeout."""
+        cfg = self.config
+        session = conn.session
+        assert session is not None
+        sock = conn.sock
+        slow = cfg.idle_timeout
+        heartbeat = cfg.heartbeat_interval
+        last_send = -float("inf")
+        while True:
+            highest = session.highest
+            if highest > conn.acked:
+                frame = encode_ack(highest)
+                conn.acked = highest
+            elif trio.current_time() - last_send >= heartbeat:
+                frame = encode_heartbeat(time.time_ns())
+            else:
+                frame = b""
+            if frame:
+                with trio.move_on_after(slow) as scope:
+                    await _send_all(sock, frame)
+                if scope.cancelled_caught:
+                    conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
+                    return
+                last_send = trio.current_time()
+            with trio.move_on_at(last_send + heartbeat):
+                await conn.wake.wait()
+            if conn.wake.is_set():
+                conn.wake = trio.Event()
+                await trio.sleep_until(last_send + ACK_INTERVAL)
+
+    async def _reader(self, conn: _Connection, proto: EmitConnection) -> None:
+        """Receive, decode and emit until EOF, an error, or idle_timeout."""
+        cfg = self.config
+        sock = conn.sock
+        recv_into = sock.recv_into
+        receive = proto.receive
+        buf = bytearray(RECEIVE_SIZE)
+        view = memoryview(buf)
+        stats = self.stats
+        idle = cfg.idle_timeout
+        session = conn.session
+        assert session is not None
+        with trio.CancelScope(deadline=trio.current_time() + idle) as idle_scope:
+            while True:
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    if session.highest > conn.acked:
+                        conn.wake.set()
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    conn.reason = "reset"  # no ERROR to a reset connection
+                    log.info("%s: %s: %s", self.name, conn.peer, exc.strerror or exc)
+                    return
+                if not n:
+                    return  # EOF: closed by the capture side
+                idle_scope.deadline = trio.current_time() + idle
+                stats.bytes_in += n
+                try:
+                    events = receive(view[:n])
+                except ProtocolError as exc:
+                    stats.decode_errors += 1
+                    conn.error = (ErrorCode.PROTOCOL, str(exc))
+                    conn.reason = "protocol"
+                    self._rlog.warning(
+                        f"decode:{conn.peer}",
+                        "%s: undecodable bytes from %s: %s",
+                        self.name,
+                        conn.peer,
+                        exc,
+                    )
+                    return
+                stats.frames_in += len(events)
+                if await self._emit(session, events):
+                    for event in events:
+                        if isinstance(event, Error):
+                            log.info(
+                                "%s: %s sent ERROR %d: %s",
+                                self.name,
+                                conn.peer,
+                                event.code,
+                                event.message,
+                            )
+                    conn.reason = "peer_error"
+                    return
+                if session.highest > conn.acked:
+                    conn.wake.set()
+                await trio.lowlevel.checkpoint()
+        if idle_scope.cancelled_caught:
+            conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {idle:g}s")
+            conn.reason = "idle_timeout"
+
+    async def _emit(self, session: _Session, events: list[Any]) -> bool:
+        """Send the datagrams of one chunk; True when the chunk held an ERROR from the peer."""
+        mcast = self._mcast
+        assert mcast is not None
+        sendto = mcast.sendto
+        dests_get = self._dests.get
+        highest = session.highest
+        start_highest = highest
+        n_in = n_out = bytes_out = dups = gaps = gap_seqs = 0
+        last_ts = 0
+        peer_error = False
+        failed = False
+        for event in events:
+            if event.__class__ is not Datagram:
+                if event.__class__ is Heartbeat:
+                    continue
+                peer_error = True
+                break
+            seq, group, port, ts_ns, payload = event
+            n_in += 1
+            if seq <= highest:
+                dups += 1
+                continue
+            if seq != highest + 1 and highest:
+                gaps += 1
+                gap_seqs += seq - highest - 1
+            previous = highest
+            highest = seq
+            last_ts = ts_ns
+            dest = dests_get((group << 16) | port)
+            if dest is None:
+                dest = self._destination(group, port)
+                if dest is None:
+                    continue
+            try:
+                sendto(payload, dest)
+            except BlockingIOError:
+                # Publish only what was really sent while we wait (another connection of the
+                # session may take over meanwhile); the datagram is claimed again after.
+                session.highest = highest = previous
+                outcome = await self._send_when_writable(session, seq, payload, dest)
+                highest = max(seq, session.highest)
+                session.highest = highest
+                if outcome is not _SENT:
+                    if outcome is _FAILED:
+                        failed = True
+                    continue
+            except OSError as exc:
+                failed = True
+                self._send_failed(exc)
+                continue
+            else:
+                failed = False
+            n_out += 1
+            bytes_out += len(payload)
+        session.highest = highest
+        stats = self.stats
+        stats.datagrams_in += n_in
+        stats.datagrams_out += n_out
+        stats.bytes_out += bytes_out
+        stats.duplicates += dups
+        if gaps:
+            stats.gaps += gaps
+            stats.gap_sequences += gap_seqs
+            self._rlog.warning(
+                f"gap:{session.session_id.hex()}",
+                "%s: session %s skipped %d sequence numbers (capture side dropped them)",
+                self.name,
+                session.session_id.hex(),
+                gap_seqs,
+            )
+        if n_in:
+            self._last_datagram_at = time.monotonic()
+        if highest > start_highest and last_ts:
+            self.latency.observe_ns(time.time_ns() - last_ts)
+        if n_out and not failed:
+            self._send_failing_since = None
+        return peer_error
+
+    async def _send_when_writable(
+        self, session: _Session, seq: int, payload: bytes, dest: tuple[str, int]
+    ) -> object:
+        """Send one datagram after EAGAIN: _SENT, _FAILED (counted), or _SKIPPED when another
+        connection of the session sent it meanwhile."""
+        mcast = self._mcast
+        assert mcast is not None
+        while True:
+            await trio.lowlevel.wait_writable(mcast)
+            if session.highest >= seq:
+                return _SKIPPED
+            try:
+                mcast.sendto(payload, dest)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._send_failed(exc)
+                return _FAILED
+            return _SENT
+
+    def _send_failed(self, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.send_errors[name] = self.send_errors.get(name, 0) + 1
+        self.dropped["send_error"] += 1
+        if self._send_failing_since is None:
+            self._send_failing_since = time.monotonic()
+        self._last_error = f"multicast send: {name} ({exc.strerror})"
+        self._rlog.warning(
+            f"send:{name}", "%s: multicast send failed: %s (%s)", self.name, exc.strerror, name
+        )
+
+    def _destination(self, group: int, port: int) -> tuple[str, int] | None:
+        """The cached sendto address of an allowed group:port; None (counted) otherwise."""
+        key = (group << 16) | port
+        reason = self._denied.get(key)
+        if reason is None:
+            cfg = self.config
+            address = IPv4Address(group)
+            if not any(address in net for net in cfg.allowed_groups):
+                reason = "group_not_allowed"
+            elif not any(port in ports for ports in cfg.allowed_ports):
+                reason = "port_not_allowed"
+            else:
+                if len(self._dests) >= DESTINATION_CACHE_LIMIT:
+                    self._dests.clear()
+                dest = self._dests[key] = (str(address), port)
+                return dest
+            if len(self._denied) >= DESTINATION_CACHE_LIMIT:
+                self._denied.clear()
+            self._denied[key] = reason
+        self.dropped[reason] += 1
+        self._rlog.warning(
+            f"{reason}:{key}",
+            "%s: dropped a datagram for %s:%d (%s)",
+            self.name,
+            IPv4Address(group),
+            port,
+            reason.replace("_", " "),
+        )
+        return None
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]

@@ -1,0 +1,685 @@
+"""The emit feed over real loopback sockets: TCP in, wire protocol, multicast out.
+
+The feed sends out of 127.0.0.1 with IP_MULTICAST_LOOP on; receivers join test groups in
+239.255.0.0/16 on 127.0.0.1 (with IP_MULTICAST_ALL off, so they see only their own groups).
+The capture side is played by the test with the wire encoders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from relayd.config import EmitFeed, Endpoint, PortRange
+from relayd.emit import EmitFeedRuntime, KeyFileError, load_auth_keys
+from relayd.netif import GroupReceiver, drain, open_group_receivers
+from relayd.wire import (
+    FROM_EMIT,
+    Ack,
+    Challenge,
+    Decoder,
+    Error,
+    ErrorCode,
+    Event,
+    Heartbeat,
+    encode_datagram,
+    encode_heartbeat,
+    encode_hello,
+    hello_mac,
+)
+
+LOOPBACK = IPv4Address("127.0.0.1")
+FEED = "test"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])
+
+
+def pick_groups(count: int) -> list[tuple[IPv4Address, int]]:
+    """Distinct random groups in 239.255.0.0/16 on free ports (no clash with other tests)."""
+    rng = random.Random()
+    base = rng.randrange(1, 250)
+    port = free_udp_port()
+    return [(IPv4Address(f"239.255.{base}.{1 + i}"), port + (i % 3)) for i in range(count)]
+
+
+def make_config(**changes: Any) -> EmitFeed:
+    config = EmitFeed(
+        name=FEED,
+        listen=Endpoint("127.0.0.1", 0),
+        interface="127.0.0.1",
+        loop=True,
+        ttl=1,
+        allowed_sources=(IPv4Network("127.0.0.0/8"),),
+        allowed_groups=(IPv4Network("239.255.0.0/16"),),
+        hello_timeout=2.0,
+        heartbeat_interval=1.0,
+        idle_timeout=5.0,
+        send_buffer=1024 * 1024,
+    )
+    return attrs.evolve(config, **changes)
+
+
+@asynccontextmanager
+async def running(config: EmitFeed, **kwargs: Any) -> AsyncIterator[EmitFeedRuntime]:
+    feed = EmitFeedRuntime(config, **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        try:
+            yield feed
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def metric(feed: EmitFeedRuntime, name: str, **labels: str) -> float:
+    want = {("feed", FEED), *labels.items()}
+    found = [s.value for s in feed.samples() if s.name == name and set(s.labels) == want]
+    assert len(found) == 1, f"{name}{labels}: {found}"
+    return found[0]
+
+
+_STREAMS: list[trio.SocketStream] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_streams() -> Iterable[None]:
+    """Every client connection a test opened is closed when it ends."""
+    yield
+    while _STREAMS:
+        fd = _STREAMS.pop().socket.detach()  # outside Trio: no notify_closing possible
+        if fd >= 0:
+            os.close(fd)
+
+
+class Peer:
+    """A test client speaking the capture side of the protocol."""
+
+    def __init__(self, stream: trio.SocketStream, session: bytes, feed: str, key: bytes | None):
+        self.stream = stream
+        self.session = session
+        self.feed = feed
+        self.key = key
+        self.decoder = Decoder(FROM_EMIT)
+        self.events: list[Event] = []
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, port: int) -> trio.SocketStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        _STREAMS.append(stream)
+        return stream
+
+    @classmethod
+    async def start(
+        cls,
+        port: int,
+        *,
+        session: bytes | None = None,
+        feed: str = FEED,
+        key: bytes | None = None,
+    ) -> Peer:
+        """Connect and say HELLO; the welcome (or refusal) is the next event."""
+        peer = cls(await cls.connect(port), session or os.urandom(16), feed, key)
+        challenge = await peer.next_event()
+        assert isinstance(challenge, Challenge)
+        mac = hello_mac(key, challenge.nonce, feed, peer.session) if key else b""
+        await peer.stream.send_all(encode_hello(feed, peer.session, mac))
+        return peer
+
+    async def next_event(self, timeout: float = 5.0) -> Event | None:
+        """The next frame from the emit side; None at EOF."""
+        with trio.fail_after(timeout):
+            while not self.events:
+                if self.eof:
+                    return None
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    self.eof = True
+                    continue
+                self.events.extend(self.decoder.feed(data))
+        return self.events.pop(0)
+
+    async def welcome(self) -> int:
+        event = await self.next_event()
+        assert isinstance(event, Ack), event
+        return event.seq
+
+    async def wait_ack(self, seq: int, timeout: float = 5.0) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                event = await self.next_event()
+                assert isinstance(event, (Ack, Heartbeat)), event
+                if isinstance(event, Ack) and event.seq >= seq:
+                    assert event.seq == seq
+                    return
+
+    async def closed_with(self, code: int, timeout: float = 5.0) -> Error:
+        """The ERROR this connection is closed with (skipping ACKs and heartbeats), then EOF."""
+        with trio.fail_after(timeout):
+            while True:
+                event = await self.next_event(timeout)
+                if isinstance(event, Error):
+                    break
+                assert isinstance(event, (Ack, Heartbeat)), event
+            assert event.code == code, event
+            assert await self.next_event(timeout) is None
+        return event
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Receivers:
+    """Multicast receivers joined on loopback; collects (group, port, payload) in order."""
+
+    def __init__(self, groups: Sequence[tuple[IPv4Address, int]]) -> None:
+        self.sockets: list[GroupReceiver] = open_group_receivers(groups, LOOPBACK, 4 * 1024**2)
+        self.got: list[tuple[IPv4Address, int, bytes]] = []
+
+    def _drain(self) -> None:
+        for receiver in self.sockets:
+            for group, port, payload, drops in drain(receiver):
+                assert drops is None, "the receiving socket dropped datagrams"
+                self.got.append((group, port, payload))
+
+    async def collect(
+        self, count: int, timeout: float = 5.0
+    ) -> list[tuple[IPv4Address, int, bytes]]:
+        with trio.move_on_after(timeout):
+            while len(self.got) < count:
+                self._drain()
+                await trio.sleep(0.005)
+        return self.got
+
+    async def settle(self, quiet: float = 0.2) -> list[tuple[IPv4Address, int, bytes]]:
+        """Everything received until nothing more arrives for ``quiet`` seconds."""
+        seen = -1
+        while seen != len(self.got):
+            seen = len(self.got)
+            await trio.sleep(quiet)
+            self._drain()
+        return self.got
+
+    def close(self) -> None:
+        for receiver in self.sockets:
+            receiver.close()
+
+
+@pytest.fixture
+def groups() -> list[tuple[IPv4Address, int]]:
+    return pick_groups(6)
+
+
+@pytest.fixture
+def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterable[Receivers]:
+    rx = Receivers(groups)
+    yield rx
+    rx.close()
+
+
+def make_datagrams(
+    groups: Sequence[tuple[IPv4Address, int]], count: int, first_seq: int = 1, seed: int = 1
+) -> list[tuple[int, IPv4Address, int, bytes]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        group, port = groups[rng.randrange(len(groups))]
+        size = rng.choice((0, 1, 153, 160, 1200, 8000))
+        payload = bytes(rng.getrandbits(8) for _ in range(size))
+        out.append((first_seq + i, group, port, payload))
+    return out
+
+
+def frames(datagrams: Iterable[tuple[int, IPv4Address, int, bytes]]) -> bytes:
+    return b"".join(
+        encode_datagram(seq, int(group), port, 1_700_000_000_000_000_000 + seq, payload)
+        for seq, group, port, payload in datagrams
+    )
+
+
+async def send_in_pieces(peer: Peer, data: bytes, seed: int = 2) -> None:
+    """Send with arbitrary splits, frames cut anywhere."""
+    rng = random.Random(seed)
+    pos = 0
+    while pos < len(data):
+        step = rng.randrange(1, 5000)
+        await peer.stream.send_all(data[pos : pos + step])
+        pos += step
+        if rng.random() < 0.2:
+            await trio.sleep(0.001)
+
+
+def expected(
+    datagrams: Iterable[tuple[int, IPv4Address, int, bytes]],
+) -> list[tuple[IPv4Address, int, bytes]]:
+    return [(group, port, payload) for _, group, port, payload in datagrams]
+
+
+def per_group(
+    items: Iterable[tuple[IPv4Address, int, bytes]],
+) -> dict[tuple[IPv4Address, int], list[bytes]]:
+    out: dict[tuple[IPv4Address, int], list[bytes]] = {}
+    for group, port, payload in items:
+        out.setdefault((group, port), []).append(payload)
+    return out
+
+
+def same_per_group(
+    got: Sequence[tuple[IPv4Address, int, bytes]], want: Sequence[tuple[IPv4Address, int, bytes]]
+) -> bool:
+    """The same datagrams, in the same order within each group:port, and nothing extra."""
+    return len(got) == len(want) and per_group(got) == per_group(want)
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+async def test_datagrams_arrive_byte_identical_in_order(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    datagrams = make_datagrams(groups, 400)
+    with trio.fail_after(15):
+        async with running(make_config()) as feed:
+            assert feed.health().healthy
+            assert feed.health().state == "listening"
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            assert feed.health().state == "streaming"
+            await send_in_pieces(peer, frames(datagrams))
+            await peer.wait_ack(400)
+            got = await receivers.settle()
+            assert per_group(got) == per_group(expected(datagrams))
+            assert len(got) == len(datagrams)
+            payload_bytes = sum(len(d[3]) for d in datagrams)
+            assert metric(feed, "datagrams_in") == 400
+            assert metric(feed, "datagrams_out") == 400
+            assert metric(feed, "bytes_out") == payload_bytes
+            assert metric(feed, "bytes_in") > payload_bytes
+            assert metric(feed, "frames_in") == 401  # and the HELLO
+            assert metric(feed, "duplicates") == 0
+            assert metric(feed, "gaps") == 0
+            assert metric(feed, "connections_accepted") == 1
+            assert metric(feed, "active_connections") == 1
+            assert metric(feed, "ack_lag") == 0
+            assert metric(feed, "last_datagram_age_seconds") < 5
+            count = metric(feed, "capture_to_emit_latency_seconds_count")
+            assert 1 <= count <= 400  # once per chunk, not per datagram
+            health = feed.health()
+            assert health.healthy
+            assert health.detail["connections"][0]["highest_seq"] == 400
+            await peer.aclose()
+            with trio.fail_after(2):
+                while metric(feed, "active_connections"):
+                    await trio.sleep(0.01)
+            assert metric(feed, "connections_closed", reason="eof") == 1
+
+
+async def test_resent_frames_after_reconnect_are_not_emitted_twice(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    session = os.urandom(16)
+    datagrams = make_datagrams(groups, 120)
+    with trio.fail_after(15):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            first = await Peer.start(feed.listen_port, session=session)
+            assert await first.welcome() == 0
+            await first.stream.send_all(frames(datagrams[:50]))
+            await first.wait_ack(50)
+            await first.aclose()
+            # The capture side resends everything from its replay buffer after reconnecting.
+            second = await Peer.start(feed.listen_port, session=session)
+            assert await second.welcome() == 50
+            await send_in_pieces(second, frames(datagrams[20:90]))
+            await second.wait_ack(90)
+            # A third connection of the same session supersedes the second (which the capture
+            # side has abandoned) instead of being refused; it resumes after 90.
+            third = await Peer.start(feed.listen_port, session=session)
+            assert await third.welcome() == 90
+            await second.closed_with(ErrorCode.TOO_MANY_CONNECTIONS)
+            await third.stream.send_all(frames(datagrams[60:]))
+            await third.wait_ack(120)
+            got = await receivers.settle()
+            assert same_per_group(got, expected(datagrams))
+            assert metric(feed, "duplicates") == 30 + 30
+            assert metric(feed, "datagrams_out") == 120
+            assert metric(feed, "connections_closed", reason="superseded") == 1
+            # A new session starts from zero.
+            other = await Peer.start(feed.listen_port)
+            assert await other.welcome() == 0
+            assert metric(feed, "sessions") == 2
+
+
+async def test_wrong_feed_gets_error_and_close() -> None:
+    with trio.fail_after(10):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port, feed="prod")
+            error = await peer.closed_with(ErrorCode.WRONG_FEED)
+            assert "prod" in error.message
+            assert metric(feed, "connections_rejected", reason="wrong_feed") == 1
+            assert metric(feed, "connections_accepted") == 0
+
+
+async def test_source_outside_allowed_cidrs_is_closed_at_once() -> None:
+    config = make_config(allowed_sources=(IPv4Network("10.0.0.0/8"),))
+    with trio.fail_after(10):
+        async with running(config) as feed:
+            assert feed.listen_port
+            stream = await Peer.connect(feed.listen_port)
+            with trio.fail_after(2):  # far below hello_timeout: closed at accept
+                try:
+                    data = await stream.receive_some(1024)
+                except trio.BrokenResourceError:
+                    data = b""
+            assert data == b""  # not even a CHALLENGE
+            await stream.aclose()
+            assert metric(feed, "connections_rejected", reason="source") == 1
+            assert metric(feed, "pending_connections") == 0
+
+
+async def test_silent_garbage_and_probe_connections_do_not_disturb_a_stream(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    datagrams = make_datagrams(groups, 600, seed=7)
+    data = frames(datagrams)
+    garbage = [
+        b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n",
+        bytes.fromhex("16030100f4010000f00303") + os.urandom(64),  # a TLS ClientHello start
+        b"\x00\x05\x01" + os.urandom(40),  # DATA before HELLO
+    ]
+    config = make_config(hello_timeout=0.5, max_connections=1)
+    with trio.fail_after(20):
+        async with running(config) as feed:
+            assert feed.listen_port
+            port = feed.listen_port
+            silent = [await Peer.connect(port) for _ in range(8)]
+            peer = await Peer.start(port)  # silent ones hold no max_connections slot
+            assert await peer.welcome() == 0
+            bad: list[trio.SocketStream] = []
+
+            async def disturb() -> None:
+                for blob in garbage:
+                    stream = await Peer.connect(port)
+                    await stream.send_all(blob)
+                    bad.append(stream)
+                for _ in range(20):  # load-balancer TCP health checks: connect, close
+                    probe = await Peer.connect(port)
+                    await probe.aclose()
+                    await trio.sleep(0.005)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(disturb)
+                await send_in_pieces(peer, data[: len(data) // 2])
+                await trio.sleep(0.7)  # the silent ones time out meanwhile
+                await send_in_pieces(peer, data[len(data) // 2 :])
+            await peer.wait_ack(600)
+            got = await receivers.settle()
+            assert same_per_group(got, expected(datagrams))
+
+            for stream in bad:
+                reader = Peer(stream, b"", FEED, None)
+                challenge = await reader.next_event()
+                assert isinstance(challenge, Challenge)
+                await reader.closed_with(ErrorCode.PROTOCOL)
+            for stream in silent:
+                reader = Peer(stream, b"", FEED, None)
+                assert isinstance(await reader.next_event(), Challenge)
+                await reader.closed_with(ErrorCode.HELLO_TIMEOUT)
+            assert metric(feed, "decode_errors") == 3
+            assert metric(feed, "connections_rejected", reason="protocol") == 3
+            assert metric(feed, "connections_rejected", reason="hello_timeout") == 8
+            assert metric(feed, "connections_rejected", reason="no_hello") == 20
+            assert metric(feed, "active_connections") == 1
+            assert metric(feed, "pending_connections") == 0
+            assert feed.health().healthy
+
+
+async def test_groups_and_ports_outside_the_allowlist_are_dropped_and_counted() -> None:
+    allowed, port = pick_groups(1)[0]
+    outside_group = IPv4Address("239.1.2.3")  # outside 239.255.0.0/16
+    bad_port = port + 1
+    rx = Receivers([(allowed, port), (outside_group, port), (allowed, bad_port)])
+    config = make_config(allowed_ports=(PortRange(port, port),))
+    datagrams = [
+        (1, allowed, port, b"one"),
+        (2, outside_group, port, b"not me"),
+        (3, allowed, bad_port, b"nor me"),
+        (4, allowed, port, b"four"),
+        (5, outside_group, port, b"never"),
+    ]
+    try:
+        with trio.fail_after(10):
+            async with running(config) as feed:
+                assert feed.listen_port
+                peer = await Peer.start(feed.listen_port)
+                await peer.welcome()
+                await peer.stream.send_all(frames(datagrams))
+                await peer.wait_ack(5)  # dropped ones are acknowledged too
+                assert await rx.settle(0.3) == [(allowed, port, b"one"), (allowed, port, b"four")]
+                assert metric(feed, "datagrams_dropped", reason="group_not_allowed") == 2
+                assert metric(feed, "datagrams_dropped", reason="port_not_allowed") == 1
+                assert metric(feed, "datagrams_out") == 2
+    finally:
+        rx.close()
+
+
+async def test_hello_timeout_closes_with_error() -> None:
+    with trio.fail_after(10):
+        async with running(make_config(hello_timeout=0.3)) as feed:
+            assert feed.listen_port
+            peer = Peer(await Peer.connect(feed.listen_port), b"", FEED, None)
+            start = trio.current_time()
+            assert isinstance(await peer.next_event(), Challenge)
+            await peer.closed_with(ErrorCode.HELLO_TIMEOUT)
+            assert 0.25 < trio.current_time() - start < 2.0
+            assert metric(feed, "connections_rejected", reason="hello_timeout") == 1
+
+
+async def test_max_connections_counts_only_welcomed_connections() -> None:
+    with trio.fail_after(10):
+        async with running(make_config(max_connections=2)) as feed:
+            assert feed.listen_port
+            port = feed.listen_port
+            waiting = [await Peer.connect(port) for _ in range(5)]
+            first = await Peer.start(port)
+            second = await Peer.start(port)
+            assert await first.welcome() == 0
+            assert await second.welcome() == 0
+            third = await Peer.start(port)
+            error = await third.closed_with(ErrorCode.TOO_MANY_CONNECTIONS)
+            assert "2 connections" in error.message
+            assert metric(feed, "connections_rejected", reason="limit") == 1
+            await first.aclose()
+            with trio.fail_after(2):
+                while metric(feed, "active_connections") != 1:
+                    await trio.sleep(0.01)
+            fourth = await Peer.start(port)
+            assert await fourth.welcome() == 0
+            for stream in waiting:
+                await stream.aclose()
+
+
+async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
+    with trio.fail_after(10):
+        async with running(make_config(hello_timeout=5.0), pending_limit=3) as feed:
+            assert feed.listen_port
+            port = feed.listen_port
+            silent = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(3)]
+            for peer in silent:
+                assert isinstance(await peer.next_event(), Challenge)
+            newest = Peer(await Peer.connect(port), b"", FEED, None)
+            await silent[0].closed_with(ErrorCode.TOO_MANY_CONNECTIONS, timeout=2)
+            assert isinstance(await newest.next_event(), Challenge)
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 1
+            assert metric(feed, "pending_connections") == 3
+            real = await Peer.start(port)  # a real capture still gets in at once
+            assert await real.welcome() == 0
+
+
+async def test_heartbeats_when_idle_then_idle_timeout() -> None:
+    config = make_config(heartbeat_interval=0.1, idle_timeout=0.6)
+    with trio.fail_after(10):
+        async with running(config) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            beats = 0
+            start = trio.current_time()
+            while True:
+                event = await peer.next_event()
+                if isinstance(event, Heartbeat):
+                    beats += 1
+                    continue
+                assert isinstance(event, Error)
+                assert event.code == ErrorCode.IDLE_TIMEOUT
+                break
+            assert 0.5 < trio.current_time() - start < 2.0
+            assert beats >= 3
+            assert await peer.next_event() is None
+            assert metric(feed, "connections_closed", reason="idle_timeout") == 1
+
+
+async def test_peer_heartbeats_keep_the_connection_open() -> None:
+    config = make_config(heartbeat_interval=0.1, idle_timeout=0.4)
+    with trio.fail_after(10):
+        async with running(config) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            for _ in range(10):  # a second, more than twice the idle timeout
+                await peer.stream.send_all(encode_heartbeat(0))
+                await trio.sleep(0.1)
+            assert metric(feed, "active_connections") == 1
+            assert metric(feed, "connections_closed", reason="idle_timeout") == 0
+
+
+async def test_garbage_after_hello_closes_only_that_connection(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    datagrams = make_datagrams(groups, 50, seed=3)
+    with trio.fail_after(10):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            good = await Peer.start(feed.listen_port)
+            bad = await Peer.start(feed.listen_port)
+            await good.welcome()
+            await bad.welcome()
+            await bad.stream.send_all(b"\x00\x09\x77" + bytes(9))  # unknown frame type
+            await bad.closed_with(ErrorCode.PROTOCOL)
+            await good.stream.send_all(frames(datagrams))
+            await good.wait_ack(50)
+            assert same_per_group(await receivers.settle(), expected(datagrams))
+            assert metric(feed, "decode_errors") == 1
+            assert metric(feed, "connections_closed", reason="protocol") == 1
+
+
+async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
+    # A capture side that sends and never reads: every small ACK and heartbeat queues up until
+    # the socket buffers are full, then the emit side gives up on it.
+    config = make_config(heartbeat_interval=0.001, idle_timeout=1.0)
+    with trio.fail_after(20):
+        async with running(config) as feed:
+            assert feed.listen_port
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before the window
+            await sock.connect(("127.0.0.1", feed.listen_port))
+            stream = trio.SocketStream(sock)
+            _STREAMS.append(stream)
+            challenge = Decoder(FROM_EMIT).feed(await stream.receive_some(1024))[0]
+            assert isinstance(challenge, Challenge)
+            await stream.send_all(encode_hello(FEED, os.urandom(16)))
+            other = await Peer.start(feed.listen_port)
+            assert await other.welcome() == 0
+
+            async def keep_reading() -> None:
+                while await other.next_event(10) is not None:
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_reading)
+                with trio.fail_after(15):
+                    while metric(feed, "connections_closed", reason="slow_consumer") == 0:
+                        await stream.send_all(encode_heartbeat(0))
+                        await other.stream.send_all(encode_heartbeat(0))
+                        await trio.sleep(0.05)
+                assert metric(feed, "active_connections") == 1  # the other one is fine
+                nursery.cancel_scope.cancel()
+
+
+async def test_stop_tells_every_connection_the_close_reason() -> None:
+    feed = EmitFeedRuntime(make_config())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(feed.run)
+            assert feed.listen_port
+            peers = [await Peer.start(feed.listen_port) for _ in range(2)]
+            for peer in peers:
+                await peer.welcome()
+            pending = Peer(await Peer.connect(feed.listen_port), b"", FEED, None)
+            assert isinstance(await pending.next_event(), Challenge)
+            feed.set_close_reason(ErrorCode.FEED_REMOVED, "feed removed from the configuration")
+            start = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - start < 1.0
+        for peer in [*peers, pending]:
+            error = await peer.closed_with(ErrorCode.FEED_REMOVED)
+            assert error.message == "feed removed from the configuration"
+    assert not feed.health().healthy
+    assert feed.health().state == "stopped"
+
+
+async def test_authentication(tmp_path: Any) -> None:
+    key = b"k" * 32
+    key_file = tmp_path / "feed.key"
+    key_file.write_bytes(key + b"\n")
+    config = make_config(auth_key_files=(key_file,))
+    with trio.fail_after(10):
+        async with running(config) as feed:
+            assert feed.listen_port
+            anonymous = await Peer.start(feed.listen_port)
+            await anonymous.closed_with(ErrorCode.AUTH_FAILED)
+            wrong = await Peer.start(feed.listen_port, key=b"w" * 32)
+            await wrong.closed_with(ErrorCode.AUTH_FAILED)
+            right = await Peer.start(feed.listen_port, key=key)
+            assert await right.welcome() == 0
+            assert metric(feed, "connections_rejected", reason="auth") == 2
+
+
+def test_load_auth_keys(tmp_path: Any) -> None:
+    good = tmp_path / "good"
+    good.write_text("0123456789abcdef0123456789abcdef\n")
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    assert load_auth_keys([good]) == (b"0123456789abcdef0123456789abcdef",)
+    with pytest.raises(KeyFileError, match="fewer than"):
+        load_auth_keys([short])
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_auth_keys([tmp_path / "missing"])
+
+
+async def test_listener_port_in_use_fails_the_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        feed = EmitFeedRuntime(make_config(listen=Endpoint("127.0.0.1", port)))
+        with pytest.raises(OSError, match="in use"):
+            await feed.run()
+        assert not feed.health().healthy
