@@ -47,8 +47,9 @@ def _sources_files() -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def archive_mirror() -> str:
-    """The Debian archive URI this machine's apt uses for SUITE (not the security archive)."""
+def _deb_sources() -> list[tuple[str, list[str]]]:
+    """(URI, suites) of every `deb` source this machine's apt uses, in apt's order."""
+    found: list[tuple[str, list[str]]] = []
     for path in _sources_files():
         text = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".sources":
@@ -59,18 +60,30 @@ def archive_mirror() -> str:
                         continue
                     key, _, value = line.partition(":")
                     fields[key.strip().lower()] = value.strip()
-                suites = fields.get("suites", "").split()
-                types = fields.get("types", "").split()
-                if "deb" in types and SUITE in suites:
-                    return fields["uris"].split()[0]
+                if "deb" in fields.get("types", "").split() and fields.get("uris"):
+                    suites = fields.get("suites", "").split()
+                    found += [(uri, suites) for uri in fields["uris"].split()]
         else:
             for line in text.splitlines():
                 words = line.split("#", 1)[0].split()
                 if len(words) >= 3 and words[0] == "deb":
-                    uri_index = 2 if words[1].startswith("[") else 1
-                    if len(words) > uri_index + 1 and words[uri_index + 1] == SUITE:
-                        return words[uri_index]
-    raise RootfsError(f"no apt source for suite {SUITE!r} on this machine")
+                    at = 2 if words[1].startswith("[") else 1
+                    if len(words) > at + 1:
+                        found.append((words[at], [words[at + 1]]))
+    return found
+
+
+def archive_mirror() -> str:
+    """The Debian archive this machine's apt uses: the source listing SUITE, else the first
+    main-archive source of another suite (one archive serves every suite)."""
+    sources = _deb_sources()
+    for uri, suites in sources:
+        if SUITE in suites:
+            return uri
+    for uri, suites in sources:
+        if not any(s.endswith(("-security", "-updates", "-backports")) for s in suites):
+            return uri
+    raise RootfsError("no Debian archive among this machine's apt sources")
 
 
 def recipe_key(mirror: str) -> str:
