@@ -1,0 +1,772 @@
+"""The configuration model: example files, defaults, every refusal with its exact message,
+agreement with docs/CONFIG.md, and a fuzz test that only ConfigError ever escapes."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd.config import (
+    CaptureFeed,
+    Config,
+    ConfigError,
+    EmitFeed,
+    Endpoint,
+    GroupPort,
+    HealthConfig,
+    PortRange,
+    ProcessConfig,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "etc" / "relayd"
+
+EMIT = """
+[[emit]]
+name = "dev"
+listen = "0.0.0.0:6666"
+interface = "ens5"
+allowed_sources = ["10.20.0.0/24"]
+allowed_groups = ["239.111.111.0/27"]
+"""
+
+CAPTURE = """
+[[capture]]
+name = "dev"
+interface = "eth1"
+groups = ["239.111.111.1:6100"]
+targets = ["relay.example.com:6666"]
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text))
+    return list(info.value.errors)
+
+
+def emit_with(**lines: str) -> str:
+    """The minimal emit feed with keys replaced or added (values are TOML)."""
+    base = dict(re.findall(r"^(\w+) = (.*)$", EMIT, re.MULTILINE))
+    base.update(lines)
+    return "[[emit]]\n" + "".join(f"{key} = {value}\n" for key, value in base.items())
+
+
+def capture_with(**lines: str) -> str:
+    base = dict(re.findall(r"^(\w+) = (.*)$", CAPTURE, re.MULTILINE))
+    base.update(lines)
+    return "[[capture]]\n" + "".join(f"{key} = {value}\n" for key, value in base.items())
+
+
+# --------------------------------------------------------------------------------------------
+# The example files
+
+
+def test_cloud_example_loads() -> None:
+    config = load_config(EXAMPLES / "relayd.toml")
+    assert config.health.listen == Endpoint("0.0.0.0", 8080)
+    assert [(f.name, f.listen.port) for f in config.emit] == [("prod", 6667), ("dev", 6666)]
+    prod = config.emit_feed("prod")
+    assert prod is not None
+    assert prod.interface == "ens5"
+    assert prod.ttl == 16
+    assert prod.loop is False
+    assert prod.allowed_groups == (IPv4Network("239.111.111.0/27"),)
+    assert prod.allowed_ports == (PortRange(6100, 6101),)
+    assert all(net.is_private for net in prod.allowed_sources)
+    assert prod.auth_key_files == ()
+    assert config.capture == ()
+
+
+def test_capture_example_loads() -> None:
+    config = load_config(EXAMPLES / "capture.example.toml")
+    assert config.emit == ()
+    prod = config.capture_feed("prod")
+    assert prod is not None
+    expected = {
+        GroupPort(IPv4Address(f"239.111.111.{i}"), port) for i in range(22) for port in (6100, 6101)
+    }
+    assert set(prod.groups) == expected
+    assert len(prod.groups) == 44  # more than one socket's 20 memberships
+    assert prod.targets == (Endpoint("relay-nlb.example.com", 6667),)
+    assert prod.receive_buffer == 16 * 1024**2
+    assert prod.replay_max_bytes == 64 * 1024**2
+    assert prod.replay_max_age == 30.0
+
+
+def test_example_feeds_pair_up() -> None:
+    """Every capture feed of the data-centre example targets the port of the cloud example's
+    emit feed of the same name, and sends only groups and ports that feed allows."""
+    cloud = load_config(EXAMPLES / "relayd.toml")
+    dc = load_config(EXAMPLES / "capture.example.toml")
+    for capture in dc.capture:
+        emit = cloud.emit_feed(capture.name)
+        assert emit is not None, capture.name
+        assert {t.port for t in capture.targets} == {emit.listen.port}
+        assert all(emit.allows(g.group, g.port) for g in capture.groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults
+
+
+def test_empty_file_is_all_defaults() -> None:
+    config = parse_config("")
+    assert config == Config()
+    assert config.process == ProcessConfig(log_level="info", log_format="text")
+    assert config.health == HealthConfig(listen=Endpoint("0.0.0.0", 8080))
+
+
+def test_emit_defaults() -> None:
+    (feed,) = parse_config(EMIT).emit
+    assert feed == EmitFeed(
+        name="dev",
+        listen=Endpoint("0.0.0.0", 6666),
+        interface="ens5",
+        allowed_sources=(IPv4Network("10.20.0.0/24"),),
+        allowed_groups=(IPv4Network("239.111.111.0/27"),),
+        ttl=16,
+        loop=False,
+        allowed_ports=(PortRange(1, 65535),),
+        max_connections=4,
+        hello_timeout=5.0,
+        heartbeat_interval=1.0,
+        idle_timeout=5.0,
+        send_buffer=4 * 1024**2,
+        auth_key_files=(),
+    )
+
+
+def test_capture_defaults() -> None:
+    (feed,) = parse_config(CAPTURE).capture
+    assert feed == CaptureFeed(
+        name="dev",
+        interface="eth1",
+        groups=(GroupPort(IPv4Address("239.111.111.1"), 6100),),
+        targets=(Endpoint("relay.example.com", 6666),),
+        receive_buffer=16 * 1024**2,
+        replay_max_bytes=64 * 1024**2,
+        replay_max_age=30.0,
+        heartbeat_interval=1.0,
+        idle_timeout=5.0,
+        connect_timeout=3.0,
+        reconnect_budget=10.0,
+        auth_key_file=None,
+    )
+
+
+def test_values_in_units() -> None:
+    text = emit_with(
+        hello_timeout='"250ms"',
+        heartbeat_interval="2",
+        idle_timeout='"1m30s"',
+        send_buffer='"64KiB"',
+        ttl="255",
+        loop="true",
+        max_connections="1",
+        allowed_ports='[6100, "6101", "7000-7010"]',
+        interface='"10.0.1.5"',
+        listen='"127.0.0.1:0"',
+    )
+    (feed,) = parse_config(text).emit
+    assert (feed.hello_timeout, feed.heartbeat_interval, feed.idle_timeout) == (0.25, 2.0, 90.0)
+    assert feed.send_buffer == 65536
+    assert (feed.ttl, feed.loop, feed.max_connections) == (255, True, 1)
+    assert feed.allowed_ports == (
+        PortRange(6100, 6100),
+        PortRange(6101, 6101),
+        PortRange(7000, 7010),
+    )
+    assert feed.interface == "10.0.1.5"
+    assert feed.listen == Endpoint("127.0.0.1", 0)
+
+
+def test_config_is_frozen_and_hashable() -> None:
+    first = parse_config(EMIT + CAPTURE)
+    second = parse_config(EMIT + CAPTURE)
+    assert first == second
+    assert hash(first) == hash(second)
+    assert isinstance(first.emit, tuple)
+    assert isinstance(first.emit[0].allowed_groups, tuple)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        first.emit[0].ttl = 3  # type: ignore[misc]
+    changed = parse_config(emit_with(ttl="17") + CAPTURE)
+    assert changed.emit != first.emit
+    assert changed.capture == first.capture
+
+
+# --------------------------------------------------------------------------------------------
+# Value types
+
+
+def test_endpoint_parse_and_str() -> None:
+    assert Endpoint.parse("0.0.0.0:6667") == Endpoint("0.0.0.0", 6667)
+    assert Endpoint.parse("nlb.example.com:6667") == Endpoint("nlb.example.com", 6667)
+    assert Endpoint.parse("[::1]:8080") == Endpoint("::1", 8080)
+    assert str(Endpoint("::1", 8080)) == "[::1]:8080"
+    assert str(Endpoint("10.0.0.1", 1)) == "10.0.0.1:1"
+    assert Endpoint.parse("127.0.0.1:0", allow_port_zero=True).port == 0
+    with pytest.raises(ValueError, match=r"port 0 out of range 1\.\.65535"):
+        Endpoint.parse("127.0.0.1:0")
+
+
+def test_group_port_and_port_range() -> None:
+    group = GroupPort.parse("239.111.111.21:6101")
+    assert group == GroupPort(IPv4Address("239.111.111.21"), 6101)
+    assert str(group) == "239.111.111.21:6101"
+    ports = PortRange.parse("6100-6101")
+    assert 6100 in ports
+    assert 6101 in ports
+    assert 6099 not in ports
+    assert 6102 not in ports
+    assert "6100" not in ports
+    assert str(ports) == "6100-6101"
+    assert str(PortRange.parse(53)) == "53"
+
+
+def test_allows() -> None:
+    text = emit_with(
+        allowed_groups='["239.111.111.0/27", "239.1.2.3/32"]',
+        allowed_ports='["6100-6101", 7000]',
+    )
+    (feed,) = parse_config(text).emit
+    cases = {
+        ("239.111.111.0", 6100): True,
+        ("239.111.111.31", 6101): True,
+        ("239.111.111.32", 6100): False,
+        ("239.111.110.255", 6100): False,
+        ("239.1.2.3", 7000): True,
+        ("239.1.2.4", 7000): False,
+        ("239.111.111.5", 6102): False,
+        ("239.111.111.5", 6099): False,
+    }
+    for (group, port), allowed in cases.items():
+        assert feed.allows(IPv4Address(group), port) is allowed, (group, port)
+        assert feed.allows(int(IPv4Address(group)), port) is allowed, (group, port)
+
+
+# --------------------------------------------------------------------------------------------
+# Each broken configuration, with its exact messages
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "tll = 3\n[process]\nlog_levle = 'info'\n",
+            [
+                "unknown key 'tll' @ $",
+                "unknown key 'log_levle' (did you mean 'log_level'?) @ $.process",
+            ],
+            id="unknown-key-top-and-process",
+        ),
+        pytest.param(
+            emit_with(tll="3", colour='"red"'),
+            ["unknown key 'colour'; unknown key 'tll' (did you mean 'ttl'?) @ $.emit[0]"],
+            id="unknown-keys-in-feed",
+        ),
+        pytest.param(
+            EMIT + EMIT.replace("6666", "6667"),
+            ["duplicate feed name 'dev' (also $.emit[0].name) @ $.emit[1].name"],
+            id="duplicate-emit-name",
+        ),
+        pytest.param(
+            CAPTURE + CAPTURE + CAPTURE,
+            [
+                "duplicate feed name 'dev' (also $.capture[0].name) @ $.capture[1].name",
+                "duplicate feed name 'dev' (also $.capture[0].name) @ $.capture[2].name",
+            ],
+            id="duplicate-capture-name",
+        ),
+        pytest.param(
+            EMIT + EMIT.replace('"dev"', '"prod"'),
+            ["port 6666 is already used by $.emit[0].listen @ $.emit[1].listen"],
+            id="two-emit-listeners-one-port",
+        ),
+        pytest.param(
+            emit_with(listen='"10.0.0.5:8080"'),
+            ["port 8080 is already used by $.health.listen @ $.emit[0].listen"],
+            id="emit-on-default-health-port",
+        ),
+        pytest.param(
+            "[health]\nlisten = '127.0.0.1:6666'\n" + EMIT,
+            ["port 6666 is already used by $.health.listen @ $.emit[0].listen"],
+            id="health-on-emit-port",
+        ),
+        pytest.param(
+            capture_with(groups='["240.1.1.1:6100", "10.0.0.1:6100"]'),
+            [
+                "group 240.1.1.1 is not a multicast address (224.0.0.0/4) @ $.capture[0].groups[0]",
+                "group 10.0.0.1 is not a multicast address (224.0.0.0/4) @ $.capture[0].groups[1]",
+            ],
+            id="group-outside-multicast",
+        ),
+        pytest.param(
+            capture_with(groups='["224.0.0.251:5353"]'),
+            ["group 224.0.0.251 is in the link-local range 224.0.0.0/24 @ $.capture[0].groups[0]"],
+            id="group-link-local",
+        ),
+        pytest.param(
+            emit_with(allowed_groups='["239.0.0.0/8", "10.0.0.0/8", "224.0.0.0/4"]'),
+            [
+                "group range 10.0.0.0/8 is not inside the multicast range 224.0.0.0/4"
+                " @ $.emit[0].allowed_groups[1]",
+                "group range 224.0.0.0/4 overlaps the link-local range 224.0.0.0/24"
+                " @ $.emit[0].allowed_groups[2]",
+            ],
+            id="allowed-groups-outside-or-link-local",
+        ),
+        pytest.param(
+            capture_with(
+                groups='["239.1.1.1:0", "239.1.1.1:65536"]',
+                targets='["relay.example.com:70000"]',
+            ),
+            [
+                "invalid group '239.1.1.1:0': port 0 out of range 1..65535"
+                " @ $.capture[0].groups[0]",
+                "invalid group '239.1.1.1:65536': port 65536 out of range 1..65535"
+                " @ $.capture[0].groups[1]",
+                "invalid address 'relay.example.com:70000': port 70000 out of range 1..65535"
+                " @ $.capture[0].targets[0]",
+            ],
+            id="ports-out-of-range",
+        ),
+        pytest.param(
+            emit_with(allowed_ports='[0, "6101-6100", "1-65536", "x"]', listen='"0.0.0.0:-1"'),
+            [
+                "invalid address '0.0.0.0:-1': port '-1' is not a number @ $.emit[0].listen",
+                "port 0 out of range 1..65535 @ $.emit[0].allowed_ports[0]",
+                "invalid port range '6101-6100': 6101 > 6100 @ $.emit[0].allowed_ports[1]",
+                "invalid port range '1-65536': port 65536 out of range 1..65535"
+                " @ $.emit[0].allowed_ports[2]",
+                "invalid port range 'x': port 'x' is not a number @ $.emit[0].allowed_ports[3]",
+            ],
+            id="allowed-ports-and-listen-port",
+        ),
+        pytest.param(
+            emit_with(allowed_sources='["10.20.0.1/24", "10.20.0.0/33", "fd00::/8", "x"]'),
+            [
+                "invalid CIDR '10.20.0.1/24': host bits set (did you mean 10.20.0.0/24?)"
+                " @ $.emit[0].allowed_sources[0]",
+                "invalid CIDR '10.20.0.0/33': expected an IPv4 network like 10.0.0.0/8"
+                " @ $.emit[0].allowed_sources[1]",
+                "invalid CIDR 'fd00::/8': expected an IPv4 network like 10.0.0.0/8"
+                " @ $.emit[0].allowed_sources[2]",
+                "invalid CIDR 'x': expected an IPv4 network like 10.0.0.0/8"
+                " @ $.emit[0].allowed_sources[3]",
+            ],
+            id="bad-cidrs",
+        ),
+        pytest.param(
+            emit_with(
+                hello_timeout='"5x"',
+                heartbeat_interval='"-1s"',
+                idle_timeout="0",
+                send_buffer='"4MB2"',
+            ),
+            [
+                "invalid duration '5x': unknown unit 'x' (use us, ms, s, m, h)"
+                " @ $.emit[0].hello_timeout",
+                "invalid duration '-1s': must not be negative @ $.emit[0].heartbeat_interval",
+                "invalid duration 0: must be > 0 @ $.emit[0].idle_timeout",
+                "invalid size '4MB2': expected a number with a unit"
+                " (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB) @ $.emit[0].send_buffer",
+            ],
+            id="bad-durations-and-sizes",
+        ),
+        pytest.param(
+            capture_with(
+                receive_buffer='"2GiB"',
+                replay_max_bytes='"64KiB"',
+                replay_max_age="true",
+                connect_timeout="[1]",
+            ),
+            [
+                "invalid size '2GiB': must be at most 1GiB @ $.capture[0].receive_buffer",
+                "invalid size '64KiB': must be at least 128KiB @ $.capture[0].replay_max_bytes",
+                "invalid value for type, expected duration @ $.capture[0].replay_max_age",
+                "invalid value for type, expected duration @ $.capture[0].connect_timeout",
+            ],
+            id="size-bounds-and-duration-types",
+        ),
+        pytest.param(
+            emit_with(ttl='"16"', loop="1", max_connections="true", name="6"),
+            [
+                "invalid value for type, expected str @ $.emit[0].name",
+                "invalid value for type, expected int @ $.emit[0].ttl",
+                "invalid value for type, expected bool @ $.emit[0].loop",
+                "invalid value for type, expected int @ $.emit[0].max_connections",
+            ],
+            id="strict-types",
+        ),
+        pytest.param(
+            emit_with(ttl="0", max_connections="0"),
+            [
+                "0 out of range 1..255 @ $.emit[0].ttl",
+                "0 out of range >= 1 @ $.emit[0].max_connections",
+            ],
+            id="int-ranges",
+        ),
+        pytest.param(
+            emit_with(heartbeat_interval='"5s"'),
+            [
+                "idle_timeout (5s) must be longer than heartbeat_interval (5s)"
+                " @ $.emit[0].idle_timeout"
+            ],
+            id="idle-not-above-heartbeat",
+        ),
+        pytest.param(
+            "[[emit]]\nname = 'dev'\n",
+            [
+                "required key missing @ $.emit[0].listen",
+                "required key missing @ $.emit[0].interface",
+                "required key missing @ $.emit[0].allowed_sources",
+                "required key missing @ $.emit[0].allowed_groups",
+            ],
+            id="required-keys",
+        ),
+        pytest.param(
+            "[emit]\nname = 'dev'\n",
+            ["expected an array of tables ([[emit]]) @ $.emit"],
+            id="table-instead-of-array",
+        ),
+        pytest.param(
+            "emit = [1]\nprocess = 3\n",
+            [
+                "invalid value for type, expected table @ $.process",
+                "invalid value for type, expected table @ $.emit[0]",
+            ],
+            id="not-tables",
+        ),
+        pytest.param(
+            "[process]\nlog_level = 'verbose'\nlog_format = 'xml'\n",
+            [
+                "invalid value 'verbose', expected one of: debug, info, warning, error"
+                " @ $.process.log_level",
+                "invalid value 'xml', expected one of: text, json @ $.process.log_format",
+            ],
+            id="enumerations",
+        ),
+        pytest.param(
+            emit_with(name='"Prod"', interface='"a-very-long-name0"')
+            + capture_with(interface='"10.0.0"', name='""'),
+            [
+                "invalid feed name 'Prod': 1 to 63 of a-z, 0-9, '_' and '-',"
+                " starting with a letter or digit @ $.emit[0].name",
+                "invalid interface 'a-very-long-name0': expected an interface name or IPv4"
+                " address @ $.emit[0].interface",
+                "invalid feed name '': 1 to 63 of a-z, 0-9, '_' and '-',"
+                " starting with a letter or digit @ $.capture[0].name",
+                "invalid interface '10.0.0': bad IPv4 address @ $.capture[0].interface",
+            ],
+            id="names-and-interfaces",
+        ),
+        pytest.param(
+            capture_with(
+                groups='["239.1.1.1:6100", "239.1.1.1:6100"]',
+                targets='["a.example:1", "::1:5", ":6666", "bad_host:1", "a.example:1"]',
+            ),
+            [
+                "duplicate 239.1.1.1:6100 (also at [0]) @ $.capture[0].groups[1]",
+                "invalid address '::1:5': write IPv6 addresses as [addr]:port"
+                " @ $.capture[0].targets[1]",
+                "invalid address ':6666': missing host (use 0.0.0.0 for all)"
+                " @ $.capture[0].targets[2]",
+                "invalid address 'bad_host:1': bad host name @ $.capture[0].targets[3]",
+                "duplicate a.example:1 (also at [0]) @ $.capture[0].targets[4]",
+            ],
+            id="duplicates-and-addresses",
+        ),
+        pytest.param(
+            emit_with(allowed_sources="[]", allowed_groups="[]", allowed_ports="[]"),
+            [
+                "must not be empty @ $.emit[0].allowed_sources",
+                "must not be empty @ $.emit[0].allowed_groups",
+                "must not be empty @ $.emit[0].allowed_ports",
+            ],
+            id="empty-lists",
+        ),
+        pytest.param(
+            "[[emit]]\nname = 'dev'\nlisten = \n",
+            ["invalid TOML: Invalid value (at line 3, column 10)"],
+            id="toml-syntax",
+        ),
+    ],
+)
+def test_refused_with_exact_messages(text: str, expected: list[str]) -> None:
+    assert errors_of(text) == expected
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Problems in several tables, and rules across tables, all come out together, even when
+    the tables they concern have other errors."""
+    text = (
+        "[health]\nlisten = '0.0.0.0:6666'\n"
+        + emit_with(ttl='"16"')
+        + emit_with(idle_timeout='"1s"')
+        + capture_with(groups='["10.0.0.1:1"]')
+    )
+    assert errors_of(text) == [
+        "invalid value for type, expected int @ $.emit[0].ttl",
+        "idle_timeout (1s) must be longer than heartbeat_interval (1s) @ $.emit[1].idle_timeout",
+        "group 10.0.0.1 is not a multicast address (224.0.0.0/4) @ $.capture[0].groups[0]",
+        "duplicate feed name 'dev' (also $.emit[0].name) @ $.emit[1].name",
+        "port 6666 is already used by $.health.listen @ $.emit[0].listen",
+        "port 6666 is already used by $.health.listen @ $.emit[1].listen",
+    ]
+
+
+def test_port_zero_listeners_never_conflict() -> None:
+    text = "[health]\nlisten = '127.0.0.1:0'\n" + emit_with(listen='"127.0.0.1:0"')
+    text += emit_with(name='"prod"', listen='"127.0.0.1:0"')
+    assert [feed.listen.port for feed in parse_config(text).emit] == [0, 0]
+
+
+def test_emit_and_capture_may_share_a_name() -> None:
+    config = parse_config(EMIT + CAPTURE)
+    assert [f.name for f in config.emit] == [f.name for f in config.capture] == ["dev"]
+
+
+def test_config_error_str_joins_every_message() -> None:
+    error = ConfigError(["a @ $.x", "b @ $.y"])
+    assert error.errors == ("a @ $.x", "b @ $.y")
+    assert str(error) == "a @ $.x; b @ $.y"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == (f"cannot read {path}: No such file or directory",)
+
+
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == (f"{path} is not UTF-8 text (byte 5)",)
+
+
+def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "dev.key").write_bytes(b"k" * 32)
+    good = tmp_path / "good.toml"
+    good.write_text(
+        emit_with(auth_key_files='["keys/dev.key"]')
+        + capture_with(auth_key_file=f'"{tmp_path / "keys" / "dev.key"}"')
+    )
+    config = load_config(good)
+    assert config.emit[0].auth_key_files == (tmp_path / "keys" / "dev.key",)
+    assert config.capture[0].auth_key_file == tmp_path / "keys" / "dev.key"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        emit_with(auth_key_files='["keys/dev.key", "keys/new.key", "keys"]', ttl='"x"')
+        + capture_with(auth_key_file='"/nonexistent/relayd.key"')
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert info.value.errors == (
+        "invalid value for type, expected int @ $.emit[0].ttl",
+        f"cannot read key file {tmp_path / 'keys' / 'new.key'}: No such file or directory"
+        " @ $.emit[0].auth_key_files[1]",
+        f"cannot read key file {tmp_path / 'keys'}: Is a directory @ $.emit[0].auth_key_files[2]",
+        "cannot read key file /nonexistent/relayd.key: No such file or directory"
+        " @ $.capture[0].auth_key_file",
+    )
+    # parse_config alone does not touch the file system.
+    assert parse_config(bad.read_text().replace('ttl = "x"', "ttl = 3")).emit[0].ttl == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement with docs/CONFIG.md
+
+
+def _documented() -> dict[str, dict[str, str]]:
+    """``{section: {key: default cell}}`` from the tables of docs/CONFIG.md."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in (ROOT / "docs" / "CONFIG.md").read_text().splitlines():
+        heading = re.match(r"## `\[+(\w+)\]+`", line)
+        if heading:
+            current = sections.setdefault(heading[1], {})
+        elif line.startswith("## "):
+            current = None
+        elif current is not None and (row := re.match(r"\| `(\w+)` \|(.*)\|(.*)\|(.*)\|", line)):
+            current[row[1]] = row[3].strip()
+    return sections
+
+
+def test_doc_lists_exactly_the_model_keys() -> None:
+    documented = _documented()
+    model = {"process": ProcessConfig, "health": HealthConfig, "emit": EmitFeed}
+    model["capture"] = CaptureFeed
+    assert set(documented) == set(model)
+    for section, cls in model.items():
+        fields = {a.name for a in attrs.fields(cls) if a.init}
+        assert set(documented[section]) == fields, section
+
+
+def test_doc_defaults_are_the_model_defaults() -> None:
+    """Writing a key with the value its doc row gives as default changes nothing."""
+    tables = {
+        "process": ("[process]\n", ""),
+        "health": ("[health]\n", ""),
+        "emit": (EMIT, ""),
+        "capture": (CAPTURE, ""),
+    }
+    checked = 0
+    for section, keys in _documented().items():
+        head, _ = tables[section]
+        baseline = parse_config(head)
+        for key, default in keys.items():
+            if default in ("required", "none"):
+                continue
+            value = default.strip("`")
+            assert parse_config(f"{head}{key} = {value}\n") == baseline, (section, key)
+            checked += 1
+    assert checked >= 20
+
+
+def test_doc_error_example_is_real() -> None:
+    text = (ROOT / "docs" / "CONFIG.md").read_text()
+    block = re.search(r"\$ relayd check-config --config bad\.toml\n(.*?)\n\$ echo", text, re.S)
+    assert block is not None
+    shown = [line.removeprefix("bad.toml: ") for line in block[1].splitlines()]
+    config = emit_with(ttl='"16"', tll="3") + emit_with(listen='"0.0.0.0:8080"')
+    assert errors_of(config) == shown
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzz: any text gives a Config or a ConfigError, nothing else
+
+_GOOD = {
+    "log_level": ['"debug"', '"error"'],
+    "log_format": ['"json"'],
+    "name": ['"dev"', '"prod"', '"a_b-1"'],
+    "listen": ['"0.0.0.0:6666"', '"127.0.0.1:0"', '"0.0.0.0:8080"', '"[::]:6667"'],
+    "interface": ['"ens5"', '"10.0.0.1"', '"lo"'],
+    "ttl": ["1", "255"],
+    "loop": ["true"],
+    "allowed_sources": ['["10.0.0.0/8"]', '["10.20.0.0/24", "192.0.2.1"]'],
+    "allowed_groups": ['["239.0.0.0/8"]', '["239.111.111.0/27", "224.0.1.0/24"]'],
+    "allowed_ports": ['["6100-6101"]', "[1, 65535]"],
+    "max_connections": ["1", "1000"],
+    "groups": ['["239.1.1.1:6100"]', '["239.1.1.1:6100", "239.1.1.2:6100"]'],
+    "targets": ['["relay.example.com:6666"]', '["10.0.0.1:1", "[::1]:2"]'],
+    "sources": ['["10.0.0.1"]', "[]"],
+    "auth_key_files": ["[]"],
+}
+_DURATIONS = ['"250ms"', '"1m30s"', "0.5", "30", '"1h"']
+_SIZES = ['"4MiB"', '"1GiB"', "1048576", '"200KB"']
+_SECTIONS = {
+    "process": ProcessConfig,
+    "health": HealthConfig,
+    "emit": EmitFeed,
+    "capture": CaptureFeed,
+}
+_SCALARS = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(str),
+    st.floats().map(str),  # "nan", "inf", "-inf" and "1e+300" are TOML floats too
+    st.booleans().map(lambda b: "true" if b else "false"),
+    st.sampled_from(
+        [
+            '"2s"',
+            '"0"',
+            '"-1s"',
+            '"1e9"',
+            '"0.0.0.0:8080"',
+            '"[::1]:0"',
+            '"224.0.0.1:1"',
+            '"10.0.0.0/8"',
+            '"6100-6101"',
+            '"65535-1"',
+            '""',
+            '"a:b:c"',
+            '"/dev/null"',
+            "1979-05-27T07:32:00Z",
+            "{a = 1}",
+        ]
+    ),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=12).map(
+        lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    ),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    max_leaves=8,
+)
+
+
+def _value_for(key: str) -> st.SearchStrategy[str]:
+    good = _GOOD.get(key) or (_DURATIONS if "time" in key or "interval" in key else _SIZES)
+    if key.endswith(("_age", "_budget")):
+        good = _DURATIONS
+    return st.one_of(st.sampled_from(good), st.sampled_from(good), _VALUES)
+
+
+@st.composite
+def _tables(draw: st.DrawFn) -> str:
+    """A TOML table of a known section, mostly with plausible values for its keys."""
+    section = draw(st.sampled_from(sorted(_SECTIONS)))
+    many = section in ("emit", "capture")
+    header = f"[[{section}]]" if many and draw(st.integers(0, 9)) else f"[{section}]"
+    fields = [a.name for a in attrs.fields(_SECTIONS[section]) if a.init]
+    keys = draw(st.lists(st.sampled_from([*fields, "tll", "x"]), unique=True))
+    return "\n".join([header, *(f"{key} = {draw(_value_for(key))}" for key in keys)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_tables(), max_size=6))
+def test_plausible_tables_give_config_or_config_error(tables: list[str]) -> None:
+    _config_or_config_error("\n".join(tables))
+
+
+_LINES = st.one_of(
+    st.sampled_from(["[process]", "[health]", "[[emit]]", "[[capture]]", "[emit]", "[x]", ""]),
+    st.tuples(st.sampled_from(["name", "ttl", "listen", "groups", "x"]), _VALUES).map(
+        lambda kv: f"{kv[0]} = {kv[1]}"
+    ),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_LINES, max_size=25))
+def test_any_lines_give_config_or_config_error(lines: list[str]) -> None:
+    _config_or_config_error("\n".join(lines))
+
+
+def _config_or_config_error(text: str) -> None:
+    try:
+        config = parse_config(text)
+    except ConfigError as exc:
+        errors = exc.errors
+    else:
+        assert isinstance(config, Config)
+        return
+    assert errors
+    assert all(isinstance(e, str) and e for e in errors)
+    # A crash inside a parser would surface as cattrs' catch-all wording.
+    assert not any("unknown error" in e or "invalid type (" in e for e in errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_unicode_gives_config_or_config_error(text: str) -> None:
+    _config_or_config_error(text)
