@@ -1,0 +1,232 @@
+"""The command line: --version, --help, check-config end to end (also as a real process),
+and the arguments every other sub-command receives."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+import relayd
+from relayd import cli
+from relayd.config import DEFAULT_CONFIG_PATH, GroupPort
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "etc" / "relayd"
+
+BROKEN = """\
+[[emit]]
+name = "dev"
+listen = "0.0.0.0:8080"
+interface = "ens5"
+allowed_sources = ["10.20.0.1/24"]
+allowed_groups = ["239.111.111.0/27"]
+ttl = "16"
+"""
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"relayd {relayd.__version__}\n"
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("run", "check-config", "status", "listen", "demo"):
+        assert command in out
+    assert "exit status:" in out
+    for code in ("0 ", "1 ", "2 ", "130 "):
+        assert f"\n  {code}" in out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "summary"),
+    [
+        ("relayd.toml", "ok: 2 emit feeds (prod, dev), 0 capture feeds\n"),
+        ("capture.example.toml", "ok: 0 emit feeds, 2 capture feeds (prod, dev)\n"),
+    ],
+)
+def test_check_config_examples(name: str, summary: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(EXAMPLES / name)
+    assert cli.main(["check-config", "--config", path]) == 0
+    assert capsys.readouterr() == (summary, "")
+    assert cli.main(["check-config", path]) == 0
+    assert capsys.readouterr() == (summary, "")
+
+
+def test_check_config_one_feed_is_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text(BROKEN.replace('"16"', "16").replace(".1/24", ".0/24").replace("8080", "0"))
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    assert capsys.readouterr().out == "ok: 1 emit feed (dev), 0 capture feeds\n"
+
+
+def test_check_config_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text(BROKEN)
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}: invalid CIDR '10.20.0.1/24': host bits set (did you mean 10.20.0.0/24?)"
+        " @ $.emit[0].allowed_sources[0]",
+        f"{path}: invalid value for type, expected int @ $.emit[0].ttl",
+        f"{path}: port 8080 is already used by $.health.listen @ $.emit[0].listen",
+    ]
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.toml"
+    assert cli.main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}: cannot read {path}: No such file or directory\n"
+
+
+def test_config_given_twice_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "a.toml", "--config", "b.toml"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._HANDLERS, "check-config", interrupted)
+    assert cli.main(["check-config"]) == 130
+    assert capsys.readouterr().err == "relayd: interrupted\n"
+
+
+def _run_process(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_python_m_relayd_exit_codes(tmp_path: Path) -> None:
+    good = _run_process("-m", "relayd", "check-config", str(EXAMPLES / "relayd.toml"))
+    assert (good.returncode, good.stdout) == (0, "ok: 2 emit feeds (prod, dev), 0 capture feeds\n")
+    path = tmp_path / "broken.toml"
+    path.write_text(BROKEN)
+    bad = _run_process("-m", "relayd", "check-config", "--config", str(path))
+    assert bad.returncode == 2
+    assert len(bad.stderr.splitlines()) == 3
+    version = _run_process("-m", "relayd", "--version")
+    assert (version.returncode, version.stdout) == (0, f"relayd {relayd.__version__}\n")
+
+
+def test_check_config_does_not_import_trio() -> None:
+    code = (
+        "import sys\n"
+        "from relayd.cli import main\n"
+        f"code = main(['check-config', {str(EXAMPLES / 'relayd.toml')!r}])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'hypercorn'))\n"
+        "print(code, loaded)\n"
+    )
+    result = _run_process("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "0 []"
+
+
+# --------------------------------------------------------------------------------------------
+# What the other sub-commands receive
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(argv)
+
+
+def test_run_arguments() -> None:
+    args = parse("run")
+    assert args.command == "run"
+    assert cli._config_path(args) == DEFAULT_CONFIG_PATH
+    assert cli._config_path(parse("run", "--config", "x.toml")) == Path("x.toml")
+    assert cli._config_path(parse("run", "y.toml")) == Path("y.toml")
+
+
+def test_status_arguments() -> None:
+    args = parse("status")
+    assert (args.command, args.url, args.json, args.timeout) == (
+        "status",
+        "http://127.0.0.1:8080",
+        False,
+        3.0,
+    )
+    args = parse("status", "--url", "http://10.0.0.5:9090", "--json", "--timeout", "500ms")
+    assert (args.url, args.json, args.timeout) == ("http://10.0.0.5:9090", True, 0.5)
+
+
+def test_listen_arguments() -> None:
+    args = parse("listen", "239.111.111.1:6100", "239.111.111.2:6101")
+    assert args.command == "listen"
+    assert args.groups == [
+        GroupPort(IPv4Address("239.111.111.1"), 6100),
+        GroupPort(IPv4Address("239.111.111.2"), 6101),
+    ]
+    assert (args.interface, args.duration, args.interval, args.json, args.deribit) == (
+        "0.0.0.0",
+        None,
+        1.0,
+        False,
+        False,
+    )
+    args = parse(
+        "listen", "239.1.1.1:1", "-i", "ens5", "--duration", "1m", "--interval", "250ms",
+        "--json", "--deribit",
+    )  # fmt: skip
+    assert (args.interface, args.duration, args.interval, args.json, args.deribit) == (
+        "ens5",
+        60.0,
+        0.25,
+        True,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["listen"], "the following arguments are required: GROUP:PORT"),
+        (["listen", "10.0.0.1:5"], "group 10.0.0.1 is not a multicast address (224.0.0.0/4)"),
+        (["listen", "239.1.1.1"], "invalid group '239.1.1.1': expected \"group:port\""),
+        (["listen", "239.1.1.1:1", "--duration", "0"], "invalid duration '0': must be > 0"),
+        (["demo", "--speed", "0"], "invalid number '0': must be > 0"),
+        (["demo", "--rate", "x"], "invalid integer 'x'"),
+        (["status", "--timeout", "5x"], "unknown unit 'x'"),
+    ],
+)
+def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_arguments() -> None:
+    args = parse("demo")
+    assert (args.command, args.duration, args.speed, args.rate) == ("demo", None, 1.0, None)
+    args = parse("demo", "--duration", "30", "--speed", "100", "--rate", "20000")
+    assert (args.duration, args.speed, args.rate) == (30.0, 100.0, 20000)
