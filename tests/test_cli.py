@@ -227,6 +227,14 @@ def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixt
 
 def test_demo_arguments() -> None:
     args = parse("demo")
-    assert (args.command, args.duration, args.speed, args.rate) == ("demo", None, 1.0, None)
-    args = parse("demo", "--duration", "30", "--speed", "100", "--rate", "20000")
-    assert (args.duration, args.speed, args.rate) == (30.0, 100.0, 20000)
+    assert (args.command, args.duration, args.speed, args.rate, args.pcap) == (
+        "demo",
+        None,
+        1.0,
+        None,
+        None,
+    )
+    args = parse(
+        "demo", "--duration", "30", "--speed", "100", "--rate", "20000", "--pcap", "x.pcapng"
+    )
+    assert (args.duration, args.speed, args.rate, args.pcap) == (30.0, 100.0, 20000, "x.pcapng")
