@@ -434,7 +434,8 @@ def main(args: argparse.Namespace) -> int:
         interface_text = getattr(args, "interface", None) or "0.0.0.0"
         interface = resolve_interface(interface_text)
         duration: float | None = getattr(args, "duration", None)
-        interval = float(getattr(args, "interval", 1.0) or 1.0)
+        interval_arg = getattr(args, "interval", None)
+        interval = 1.0 if interval_arg is None else float(interval_arg)
         if duration is not None and (duration <= 0 or math.isnan(duration)):
             raise UsageError(f"--duration must be positive, not {duration}")
         if interval <= 0 or math.isnan(interval):
