@@ -19,7 +19,9 @@
  * Waiting: clock_nanosleep (timer slack 1 ns) until the next due time, spinning only for the
  * last few microseconds, so the generator leaves the shared cores to the relay.
  *
- * Prints one line: "sent N elapsed_s E max_late_us L batches B".
+ * Prints one line: "sent N elapsed_s E max_late_us L batches B cpu_us_per_dgram C" (C: the
+ * generator's own CPU time per datagram, which on a veth includes the receiving side's kernel
+ * work: the packet is delivered in the sender's context).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -31,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -229,7 +232,11 @@ int main(int argc, char **argv) {
         batches++;
     }
     double elapsed = (double)(now_ns(CLOCK_MONOTONIC) - start) / 1e9;
-    printf("sent %lld elapsed_s %.6f max_late_us %.1f batches %lld\n", sent, elapsed,
-           (double)max_late / 1e3, batches);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu_us = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+                    (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+    printf("sent %lld elapsed_s %.6f max_late_us %.1f batches %lld cpu_us_per_dgram %.2f\n",
+           sent, elapsed, (double)max_late / 1e3, batches, sent ? cpu_us / (double)sent : 0.0);
     return 0;
 }

@@ -255,6 +255,7 @@ class Point:
     k_p99: float = -1.0
     gen_rate: float = 0.0
     gen_max_late_us: float = 0.0
+    gen_cpu_us: float = 0.0
     recv_drops: int = 0
     capture_drops: int = 0
     cpu_capture_us: float | None = None
@@ -369,6 +370,7 @@ class Bench:
         point.sent = int(g["sent"])
         point.gen_rate = point.sent / float(g["elapsed_s"]) if float(g["elapsed_s"]) else 0.0
         point.gen_max_late_us = float(g["max_late_us"])
+        point.gen_cpu_us = float(g["cpu_us_per_dgram"])
         point.received = int(r["received"])
         point.dup, point.reorder = int(r["dup"]), int(r["reorder"])
         point.p50, point.p99, point.p999, point.max = (
@@ -419,12 +421,13 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def table(points: Sequence[Point]) -> list[str]:
     header = (
         "| path | shape | rate/s | sent | received | loss % | dup | reorder "
-        "| p50 µs | p99 µs | p999 µs | relay CPU µs/dgram (cap+emit) | RSS MB (cap/emit) |"
+        "| p50 µs | p99 µs | p999 µs | socket p50/p99 µs | relay CPU µs/dgram (cap+emit) "
+        "| RSS MB (cap/emit) |"
     )
-    rows = [header, "|" + "---|" * 13]
+    rows = [header, "|" + "---|" * 14]
     for p in points:
         if p.error and not p.sent:
-            rows.append(f"| {p.path} | {p.shape} | {p.rate:,} | {p.error} |" + " |" * 9)
+            rows.append(f"| {p.path} | {p.shape} | {p.rate:,} | {p.error} |" + " |" * 10)
             continue
         cpu = (
             "-"
@@ -439,7 +442,7 @@ def table(points: Sequence[Point]) -> list[str]:
         rows.append(
             f"| {p.path} | {p.shape} | {p.rate:,} | {p.sent:,} | {p.received:,} "
             f"| {p.loss_pct:.3f} | {p.dup} | {p.reorder} | {_fmt(p.p50)} | {_fmt(p.p99)} "
-            f"| {_fmt(p.p999)} | {cpu} | {rss} |"
+            f"| {_fmt(p.p999)} | {_fmt(p.k_p50)}/{_fmt(p.k_p99)} | {cpu} | {rss} |"
         )
     return rows
 
@@ -700,7 +703,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(
                             f"  {path:6s} {shape:6s} {rate:>7,}/s  loss {merged.loss_pct:7.3f} %"
                             f"  p50 {_fmt(merged.p50):>8s}  p99 {_fmt(merged.p99):>8s} µs"
-                            + (f"  CPU {merged.cpu_us:.1f} µs/dgram" if merged.cpu_us else ""),
+                            f" (kernel stamp {_fmt(merged.k_p50)}/{_fmt(merged.k_p99)})"
+                            f"  gen {merged.gen_cpu_us:.1f} µs/dgram"
+                            + (f"  relay {merged.cpu_us:.1f} µs/dgram" if merged.cpu_us else "")
+                            + (
+                                f"  capture drops {merged.capture_drops}"
+                                if merged.capture_drops
+                                else ""
+                            ),
                             flush=True,
                         )
         finally:
