@@ -51,9 +51,18 @@ def format_value(value: float) -> str:
     return repr(float(value))
 
 
+def sample_name(sample: Sample) -> str:
+    """The exposed name: ``relayd_`` prefix, and ``_total`` at the end of every counter, as
+    Prometheus names counters (feeds may give ``frames_in`` or ``frames_in_total``)."""
+    name = metric_name(sample.name)
+    if sample.type == "counter" and not name.endswith("_total"):
+        name += "_total"
+    return name
+
+
 def family_of(sample: Sample) -> str:
     """The metric family a sample belongs to (a histogram's suffix stripped)."""
-    name = metric_name(sample.name)
+    name = sample_name(sample)
     if sample.type == "histogram":
         for suffix in _HISTOGRAM_SUFFIXES:
             if name.endswith(suffix):
@@ -85,7 +94,7 @@ def render(samples: Iterable[Sample]) -> str:
         elif entry[0] != sample.type:
             continue
         entry[2].append(
-            f"{metric_name(sample.name)}{_labels(sample.labels)} {format_value(sample.value)}"
+            f"{sample_name(sample)}{_labels(sample.labels)} {format_value(sample.value)}"
         )
     out: list[str] = []
     for family, (kind, help_text, lines) in families.items():

@@ -56,7 +56,8 @@ def test_render_groups_families_and_escapes() -> None:
     samples = [
         Sample("frames_in_total", "counter", "Frames received.", (("feed", "a"),), 3),
         Sample("active_connections", "gauge", "Open connections.", (("feed", "a"),), 1),
-        Sample("frames_in_total", "counter", "Frames received.", (("feed", "b"),), 4.5),
+        # A counter named without _total gets it.
+        Sample("frames_in", "counter", "Frames received.", (("feed", "b"),), 4.5),
         Sample(
             "drops_total",
             "counter",
@@ -65,7 +66,7 @@ def test_render_groups_families_and_escapes() -> None:
             7,
         ),
         # Same family, another type: dropped rather than producing an invalid exposition.
-        Sample("active_connections", "counter", "x", (("feed", "b"),), 9),
+        Sample("frames_in_total", "gauge", "x", (("feed", "c"),), 9),
         Sample("big", "gauge", "x", (), math.inf),
     ]
     text = render(samples)

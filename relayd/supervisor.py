@@ -1,0 +1,727 @@
+"""``relayd run``: the one Trio nursery that runs the health server and every feed.
+
+Start order: the signal task, the watchdog, the health server, then each feed with
+``nursery.start`` (a feed is started when its listener is bound or its groups are joined).
+READY=1 goes to systemd only after the last feed started and the health server answered a
+request. Each feed runs under its own supervising task: a crash is logged, shown as "failed" on
+``/healthz`` and the feed is restarted with exponential backoff; it never stops another feed or
+the health server. At start-up, though, a feed that cannot start (an address in use, an unknown
+interface) fails the whole process at once with exit status 1, so a broken deployment is seen.
+
+SIGTERM/SIGINT: every feed is told SHUTTING_DOWN (so it can send its peers an ERROR) and
+cancelled, the health server stops, exit 0. A second signal stops at once.
+
+SIGHUP: the file is loaded again. Invalid: the running configuration stays and the errors show
+in STATUS, ``/healthz`` (``config_errors``) and the log. Valid: only the difference is applied:
+added feeds start, removed feeds stop (FEED_REMOVED), changed feeds restart, unchanged feeds are
+not touched; a new health address restarts the health server; logging is set up again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from relayd import __version__
+from relayd.config import CaptureFeed, Config, ConfigError, EmitFeed, Endpoint, load_config
+from relayd.health import FeedReport, HealthApp, process_samples, serve_health
+from relayd.logs import RateLimitedLogger, setup_logging
+from relayd.metrics import Rate
+from relayd.notify import Notifier
+from relayd.runtime import Feed, Sample
+from relayd.wire import ErrorCode
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# The one place that says which class runs which kind of feed: (module, class name), each
+# built as ``cls(feed_config)``. Imported on first use.
+FEED_RUNTIMES: dict[str, tuple[str, str]] = {
+    "emit": ("relayd.emit", "EmitFeedRuntime"),
+    "capture": ("relayd.capture", "CaptureFeedRuntime"),
+}
+
+# The counter (sample name, ``_total`` optional) that gives a feed's datagrams/s in STATUS and
+# /healthz when the feed does not report ``datagrams_per_second`` in its health detail itself.
+RATE_COUNTERS: dict[str, tuple[str, ...]] = {
+    "emit": ("datagrams_out",),
+    "capture": ("capture_datagrams_in", "datagrams_in"),
+}
+
+BACKOFF_INITIAL = 0.5  # first restart after a crash
+BACKOFF_MAX = 30.0  # doubling up to this
+STABLE_AFTER = 60.0  # a feed that ran this long without crashing starts again at the initial
+START_TIMEOUT = 30.0  # a feed's run() must call started() within this
+STOP_TIMEOUT = 5.0  # feeds get this long to say goodbye to their peers on shutdown
+TICK_INTERVAL = 2.0  # rates and STATUS refresh
+PROBE_TIMEOUT = 5.0  # the health server must answer its first request within this
+
+FeedConfig = EmitFeed | CaptureFeed
+FeedKey = tuple[str, str]  # (kind, name)
+FeedFactory = Callable[[str, Any], Feed]
+
+
+def default_factory(kind: str, feed_config: Any) -> Feed:
+    """Build the runtime of one feed from its config (see ``FEED_RUNTIMES``)."""
+    module_name, class_name = FEED_RUNTIMES[kind]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    feed: Feed = cls(feed_config)
+    return feed
+
+
+def feeds_of(config: Config) -> dict[FeedKey, FeedConfig]:
+    """Every feed of a configuration by (kind, name), in file order."""
+    out: dict[FeedKey, FeedConfig] = {("emit", f.name): f for f in config.emit}
+    out.update({("capture", f.name): f for f in config.capture})
+    return out
+
+
+@attrs.frozen
+class ReloadPlan:
+    """What a reload changes; feeds by (kind, name)."""
+
+    added: tuple[FeedKey, ...]
+    removed: tuple[FeedKey, ...]
+    changed: tuple[FeedKey, ...]
+    unchanged: tuple[FeedKey, ...]
+    health_changed: bool
+    logging_changed: bool
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.added
+            or self.removed
+            or self.changed
+            or self.health_changed
+            or self.logging_changed
+        )
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    """The difference between two configurations; a feed whose settings differ in any way is
+    "changed" (configs are frozen attrs classes, compared by value)."""
+    before, after = feeds_of(old), feeds_of(new)
+    return ReloadPlan(
+        added=tuple(k for k in after if k not in before),
+        removed=tuple(k for k in before if k not in after),
+        changed=tuple(k for k in after if k in before and before[k] != after[k]),
+        unchanged=tuple(k for k in after if k in before and before[k] == after[k]),
+        health_changed=old.health != new.health,
+        logging_changed=old.process != new.process,
+    )
+
+
+class StartupError(Exception):
+    """A component could not start at process start-up (exit status 1)."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception; a group of one is unwrapped."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _find(exc: BaseException, kind: type[Exception]) -> Exception | None:
+    """The first ``kind`` inside ``exc`` or its (nested) groups."""
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find(inner, kind)
+        if found is not None:
+            return found
+    return None
+
+
+class FeedSlot:
+    """One configured feed and the state of its supervising task."""
+
+    def __init__(self, kind: str, name: str, config: FeedConfig) -> None:
+        self.kind = kind
+        self.name = name
+        self.config = config
+        self.runtime: Feed | None = None
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.last_error_time: float | None = None  # wall clock, for people
+        self.retry_at: float | None = None  # trio clock
+        self.cancel_scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.rate = Rate(window=10.0)
+        self._last_crash: tuple[type[BaseException], str] | None = None
+
+    @property
+    def key(self) -> FeedKey:
+        return (self.kind, self.name)
+
+    def stop(self, code: ErrorCode, message: str) -> None:
+        """Tell the feed why it stops, then cancel it."""
+        self.state = "stopping"
+        if self.runtime is not None:
+            try:
+                self.runtime.set_close_reason(int(code), message)
+            except Exception:
+                log.exception("set_close_reason failed", extra={"feed": self.name})
+        self.cancel_scope.cancel()
+
+    def feed_samples(self) -> list[Sample]:
+        if self.runtime is None or self.state != "running":
+            return []
+        samples = []
+        for sample in self.runtime.samples():
+            if any(k == "feed" for k, _ in sample.labels):
+                samples.append(sample)
+            else:
+                samples.append(sample._replace(labels=(("feed", self.name), *sample.labels)))
+        return samples
+
+    def counter_total(self, samples: Iterable[Sample]) -> float | None:
+        by_name: dict[str, float] = {}
+        for s in samples:
+            if s.type == "counter":
+                name = s.name.removesuffix("_total")
+                by_name[name] = by_name.get(name, 0.0) + s.value
+        for name in RATE_COUNTERS.get(self.kind, ()):
+            if name in by_name:
+                return by_name[name]
+        return None
+
+    def report(self) -> FeedReport:
+        common: dict[str, Any] = {"restarts": self.restarts}
+        if self.last_error is not None:
+            common["last_error"] = self.last_error
+            common["last_error_time"] = self.last_error_time
+        if self.state == "running" and self.runtime is not None:
+            try:
+                h = self.runtime.health()
+            except Exception as exc:
+                return FeedReport(self.name, self.kind, False, "error", {"error": describe(exc)})
+            detail = dict(h.detail)
+            detail.setdefault("datagrams_per_second", round(self.rate.per_second(), 1))
+            for key, value in common.items():
+                detail.setdefault(key, value)
+            return FeedReport(self.name, self.kind, h.healthy, h.state, detail)
+        if self.state == "failed" and self.retry_at is not None:
+            common["retry_in_seconds"] = round(max(0.0, self.retry_at - trio.current_time()), 1)
+        return FeedReport(self.name, self.kind, False, self.state, common)
+
+
+class Supervisor:
+    """Runs one configuration; ``run()`` returns the process exit status."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        factory: FeedFactory = default_factory,
+        notifier: Notifier | None = None,
+        load: Callable[[Path], Config] = load_config,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.factory = factory
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.load = load
+        self.slots: dict[FeedKey, FeedSlot] = {}
+        self.health_address: tuple[str, int] | None = None
+        self.ready = trio.Event()
+        self.reloads: dict[str, int] = {"ok": 0, "invalid": 0, "failed": 0}
+        self.reload_count = 0  # reloads finished, whatever their result
+        self.reload_done = trio.Event()  # set after each reload (replaced by a fresh one)
+        self._config_errors: tuple[str, ...] = ()
+        self._stopping = False
+        self._start_monotonic = time.monotonic()
+        self._start_wall = time.time()
+        self._rate = Rate(window=10.0)
+        self._nursery: trio.Nursery | None = None
+        self._health_stop: trio.Event | None = None
+        self._health_done: trio.Event | None = None
+        self._reload_send, self._reload_receive = trio.open_memory_channel[None](1)
+        self._exit_status = EXIT_OK
+        self._rl = RateLimitedLogger(log)
+        self.app = HealthApp(self)
+
+    # -- HealthModel ---------------------------------------------------------------------
+
+    def feed_reports(self) -> Sequence[FeedReport]:
+        return [slot.report() for slot in self.slots.values()]
+
+    def config_errors(self) -> Sequence[str]:
+        return self._config_errors
+
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._start_monotonic
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def samples(self) -> Iterator[Sample]:
+        for slot in list(self.slots.values()):
+            try:
+                yield from slot.feed_samples()
+            except Exception as exc:
+                self._rl.warning(
+                    f"samples:{slot.name}",
+                    "feed %s: samples() failed: %s",
+                    slot.name,
+                    describe(exc),
+                    extra={"feed": slot.name},
+                )
+        for slot in self.slots.values():
+            labels = (("feed", slot.name), ("kind", slot.kind))
+            report = slot.report()
+            yield Sample(
+                "feed_up",
+                "gauge",
+                "1 when the feed is healthy.",
+                labels,
+                1 if report.healthy else 0,
+            )
+            yield Sample(
+                "feed_restarts_total",
+                "counter",
+                "Restarts of the feed after a crash.",
+                labels,
+                slot.restarts,
+            )
+        for result, count in self.reloads.items():
+            yield Sample(
+                "reloads_total",
+                "counter",
+                "Configuration reloads (SIGHUP) by result.",
+                (("result", result),),
+                count,
+            )
+        yield Sample(
+            "config_errors",
+            "gauge",
+            "Problems in the configuration file at the last reload (0: it applied).",
+            (),
+            len(self._config_errors),
+        )
+        yield Sample(
+            "process_uptime_seconds",
+            "gauge",
+            "Seconds since relayd started.",
+            (),
+            round(self.uptime_seconds(), 3),
+        )
+        yield from process_samples(self._start_wall)
+
+    # -- status line ---------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        reports = self.feed_reports()
+        healthy = sum(1 for r in reports if r.healthy)
+        connections = sum(connection_count(r) for r in reports)
+        rate = sum(datagram_rate(r) for r in reports)
+        feeds = f"{len(reports)} feed{'s' if len(reports) != 1 else ''}"
+        text = f"{feeds} ({healthy} healthy), {connections} connections, {rate:.0f} datagrams/s"
+        unhealthy = [r.name for r in reports if not r.healthy]
+        if unhealthy:
+            text += f"; unhealthy: {', '.join(unhealthy)}"
+        if self._config_errors:
+            n = len(self._config_errors)
+            text += f"; reload failed with {n} config error{'s' if n != 1 else ''}, old config kept"
+        return text
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._signal_task)
+                nursery.start_soon(self.notifier.run_watchdog)
+                try:
+                    await self._start_health(self.config.health.listen, fail_fast=True)
+                    for key, feed in feeds_of(self.config).items():
+                        await self._start_feed(key, feed, fail_fast=True)
+                    await self._probe_health()
+                except StartupError as exc:
+                    log.error("%s", exc)
+                    self.notifier.status(f"failed to start: {exc}")
+                    self._exit_status = EXIT_FAILURE
+                    nursery.cancel_scope.cancel()
+                    return self._exit_status
+                nursery.start_soon(self._reload_task)
+                nursery.start_soon(self._tick_task)
+                self._update_rates()
+                log.info(
+                    "relayd %s ready: %s",
+                    __version__,
+                    self.status_line(),
+                    extra={"health": _format_address(self.health_address)},
+                )
+                self.notifier.ready(self.status_line())
+                self.ready.set()
+                task_status.started()
+        finally:
+            self.notifier.close()
+        return self._exit_status
+
+    async def _start_feed(self, key: FeedKey, feed: FeedConfig, *, fail_fast: bool) -> None:
+        assert self._nursery is not None
+        slot = FeedSlot(key[0], key[1], feed)
+        self.slots[key] = slot
+        await self._nursery.start(partial(self._supervise, slot, fail_fast=fail_fast))
+
+    async def _supervise(
+        self, slot: FeedSlot, *, fail_fast: bool, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Run one feed until its slot is stopped; restart it with backoff when it fails."""
+        extra = {"feed": slot.name, "kind": slot.kind}
+        backoff = BACKOFF_INITIAL
+        reported = False
+        try:
+            with slot.cancel_scope:
+                while True:
+                    slot.state = "starting"
+                    began = trio.current_time()
+                    try:
+                        slot.runtime = self.factory(slot.kind, slot.config)
+                        async with trio.open_nursery() as inner:
+                            with trio.fail_after(START_TIMEOUT):
+                                await inner.start(slot.runtime.run)
+                            slot.state = "running"
+                            slot.retry_at = None
+                            log.info("%s feed %s started", slot.kind, slot.name, extra=extra)
+                            if not reported:
+                                reported = True
+                                task_status.started()
+                        raise RuntimeError("run() returned while the feed was not stopped")
+                    except Exception as exc:
+                        if fail_fast and not reported:
+                            raise StartupError(
+                                f"cannot start {slot.kind} feed {slot.name}: {describe(exc)}"
+                            ) from exc
+                        if trio.current_time() - began >= STABLE_AFTER:
+                            backoff = BACKOFF_INITIAL
+                        self._crashed(slot, exc, backoff)
+                        if not reported:
+                            reported = True
+                            task_status.started()
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, BACKOFF_MAX)
+                        slot.restarts += 1
+        except StartupError:
+            raise
+        except Exception as exc:  # raised by the feed while it was being stopped
+            log.error(
+                "%s feed %s failed while stopping: %s",
+                slot.kind,
+                slot.name,
+                describe(exc),
+                exc_info=exc,
+                extra=extra,
+            )
+        finally:
+            slot.state = "stopped"
+            slot.runtime = None
+            slot.done.set()
+
+    def _crashed(self, slot: FeedSlot, exc: Exception, backoff: float) -> None:
+        message = describe(exc)
+        slot.state = "failed"
+        slot.last_error = message
+        slot.last_error_time = round(time.time(), 3)
+        slot.retry_at = trio.current_time() + backoff
+        # The traceback once per distinct error; a crash loop logs one line per restart.
+        key = (type(exc), message)
+        exc_info = exc if key != slot._last_crash else None
+        slot._last_crash = key
+        log.error(
+            "%s feed %s failed: %s; restarting in %.1f s",
+            slot.kind,
+            slot.name,
+            message,
+            backoff,
+            exc_info=exc_info,
+            extra={"feed": slot.name, "kind": slot.kind, "restarts": slot.restarts},
+        )
+
+    async def _stop_feed(self, key: FeedKey, code: ErrorCode, message: str) -> None:
+        slot = self.slots.get(key)
+        if slot is None:
+            return
+        slot.stop(code, message)
+        await slot.done.wait()
+        del self.slots[key]
+
+    # -- health server -------------------------------------------------------------------
+
+    async def _start_health(self, endpoint: Endpoint, *, fail_fast: bool) -> None:
+        assert self._nursery is not None
+        stop, done = trio.Event(), trio.Event()
+        self._health_stop, self._health_done = stop, done
+        try:
+            self.health_address = await self._nursery.start(
+                partial(self._health_task, endpoint, stop, done)
+            )
+        except Exception as exc:
+            message = f"cannot start the health server on {endpoint}: {describe(exc)}"
+            if fail_fast:
+                raise StartupError(message) from exc
+            raise RuntimeError(message) from exc
+
+    async def _stop_health(self) -> None:
+        if self._health_stop is not None and self._health_done is not None:
+            self._health_stop.set()
+            with trio.move_on_after(2 * STOP_TIMEOUT):
+                await self._health_done.wait()
+
+    async def _health_task(
+        self,
+        endpoint: Endpoint,
+        stop: trio.Event,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]],
+    ) -> None:
+        reported = False
+        try:
+            while not stop.is_set():
+                try:
+                    async with trio.open_nursery() as nursery:
+                        address = await nursery.start(
+                            partial(
+                                serve_health,
+                                self.app,
+                                endpoint.host,
+                                endpoint.port,
+                                shutdown_trigger=stop.wait,
+                            )
+                        )
+                        self.health_address = address
+                        if not reported:
+                            reported = True
+                            task_status.started(address)
+                        log.info("health server listening on %s", _format_address(address))
+                except Exception as exc:
+                    if not reported:
+                        raise
+                    log.error(
+                        "health server failed: %s; restarting in 1 s", describe(exc), exc_info=exc
+                    )
+                    await trio.sleep(1.0)
+        finally:
+            done.set()
+
+    async def _probe_health(self) -> None:
+        """One real request to the health server: READY=1 only once it answers."""
+        assert self.health_address is not None
+        host, port = self.health_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(request)
+                    head = b""
+                    while b"\r\n" not in head:
+                        chunk = await stream.receive_some(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise StartupError(f"the health server does not answer: {describe(exc)}") from exc
+        if not head.startswith(b"HTTP/1.1 "):
+            raise StartupError(f"the health server answered {head[:40]!r}")
+
+    # -- signals, reload, shutdown -------------------------------------------------------
+
+    async def _signal_task(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if self._stopping:
+                        continue
+                    log.info("SIGHUP: reloading %s", self.config_path)
+                    # When a reload is already queued, it will read the newest file anyway.
+                    with contextlib.suppress(trio.WouldBlock):
+                        self._reload_send.send_nowait(None)
+                else:
+                    self.request_stop(name)
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        """What SIGTERM and SIGINT do: a graceful stop, or at once when one is under way."""
+        assert self._nursery is not None
+        if not self._stopping:
+            log.info("%s: stopping", why)
+            self._stopping = True
+            self._nursery.start_soon(self._shutdown)
+        else:
+            log.warning("%s again: stopping now", why)
+            self._nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        assert self._nursery is not None
+        self.notifier.stopping("stopping")
+        slots = list(self.slots.values())
+        for slot in slots:
+            slot.stop(ErrorCode.SHUTTING_DOWN, "relayd is shutting down")
+        with trio.move_on_after(STOP_TIMEOUT):
+            for slot in slots:
+                await slot.done.wait()
+        await self._stop_health()
+        log.info("stopped")
+        self._nursery.cancel_scope.cancel()
+
+    async def _reload_task(self) -> None:
+        async for _ in self._reload_receive:
+            if self._stopping:
+                return
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Load the file again and apply the difference (see the module docstring)."""
+        self.notifier.reloading("reloading")
+        try:
+            new = await trio.to_thread.run_sync(self.load, self.config_path)
+        except ConfigError as exc:
+            self._config_errors = tuple(exc.errors) or ("invalid configuration",)
+            self.reloads["invalid"] += 1
+            for error in self._config_errors:
+                log.error("reload: %s", error, extra={"config": str(self.config_path)})
+            log.error(
+                "reload failed with %d error(s); the running configuration stays",
+                len(self._config_errors),
+            )
+        else:
+            try:
+                await self._apply(new)
+            except Exception as exc:
+                self.reloads["failed"] += 1
+                log.error("reload failed: %s", describe(exc), exc_info=exc)
+            else:
+                self.reloads["ok"] += 1
+        self.reload_count += 1
+        done, self.reload_done = self.reload_done, trio.Event()
+        done.set()
+        self.notifier.ready(self.status_line())
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        plan = plan_reload(old, new)
+        self._config_errors = ()
+        self.config = new
+        if plan.logging_changed:
+            setup_logging(new.process.log_level, new.process.log_format)
+        if plan.empty:
+            log.info("reload: nothing changed")
+            return
+        log.info(
+            "reload: %d added, %d removed, %d changed, %d unchanged%s",
+            len(plan.added),
+            len(plan.removed),
+            len(plan.changed),
+            len(plan.unchanged),
+            ", health server moves" if plan.health_changed else "",
+        )
+        # Free listeners first: a changed feed may keep its port, an added one take a freed one.
+        for key in plan.removed:
+            log.info("reload: stopping removed %s feed %s", *key)
+            await self._stop_feed(
+                key, ErrorCode.FEED_REMOVED, "feed removed from the configuration"
+            )
+        for key in plan.changed:
+            log.info("reload: restarting changed %s feed %s", *key)
+            await self._stop_feed(
+                key, ErrorCode.SHUTTING_DOWN, "feed restarting with a new configuration"
+            )
+        if plan.health_changed:
+            await self._stop_health()
+            try:
+                await self._start_health(new.health.listen, fail_fast=False)
+            except RuntimeError as exc:
+                log.error("%s; back to %s", exc, old.health.listen)
+                await self._start_health(old.health.listen, fail_fast=False)
+                raise
+        feeds = feeds_of(new)
+        for key in (*plan.changed, *plan.added):
+            log.info("reload: starting %s feed %s", *key)
+            await self._start_feed(key, feeds[key], fail_fast=False)
+        # Keep the file's order for /healthz.
+        self.slots = {k: self.slots[k] for k in feeds if k in self.slots}
+
+    # -- periodic ------------------------------------------------------------------------
+
+    def _update_rates(self) -> None:
+        for slot in list(self.slots.values()):
+            try:
+                total = slot.counter_total(slot.feed_samples())
+            except Exception:
+                total = None
+            if total is not None:
+                slot.rate.update(total)
+
+    async def _tick_task(self) -> None:
+        while True:
+            await trio.sleep(TICK_INTERVAL)
+            self._update_rates()
+            self.notifier.status(self.status_line())
+
+
+def connection_count(report: FeedReport) -> int:
+    """Connections of a feed: emit feeds list theirs, a capture feed has one while streaming."""
+    value = report.detail.get("connections")
+    if isinstance(value, list | tuple | dict):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return 1 if report.kind == "capture" and report.state == "streaming" else 0
+
+
+def datagram_rate(report: FeedReport) -> float:
+    value = report.detail.get("datagrams_per_second", 0.0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _format_address(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "-"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_main(config_path: Path) -> int:
+    """``relayd run``: exit 0 after SIGTERM/SIGINT, 1 on a runtime failure (a listener that
+    cannot bind at start), 2 when the configuration is invalid at start."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"relayd: {config_path}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.process.log_level, config.process.log_format)
+    supervisor = Supervisor(config_path, config)
+    try:
+        return trio.run(supervisor.run)
+    except KeyboardInterrupt:  # a SIGINT before the signal task took over
+        return EXIT_OK
+    except Exception:
+        log.critical("relayd failed", exc_info=True)
+        return EXIT_FAILURE
+    finally:
+        logging.shutdown()

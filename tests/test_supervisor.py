@@ -1,0 +1,548 @@
+"""The supervisor in-process, with small real feeds defined here (TCP listeners, crashers):
+start order, READY after the health server answers, crash-restart with backoff, reload diff,
+fail-fast start-up, shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import pytest
+import trio
+
+import relayd.supervisor as sv
+from relayd.config import Config, ConfigError, EmitFeed, Endpoint, HealthConfig, ProcessConfig
+from relayd.notify import Notifier
+from relayd.runtime import Feed, FeedHealth, Sample
+from relayd.supervisor import Supervisor, plan_reload
+from relayd.wire import ErrorCode
+
+# -- feeds for the tests -------------------------------------------------------------------
+
+_instances = itertools.count(1)
+
+
+class EchoFeed:
+    """A real TCP listener that echoes; on stop it writes ``BYE <code> <message>`` to every
+    connection, so a test sees what the supervisor told it."""
+
+    kind: Literal["emit", "capture"] = "emit"
+
+    def __init__(self, config: EmitFeed, journal: list[tuple[str, str]]) -> None:
+        self.config = config
+        self.name = config.name
+        self.journal = journal
+        self.instance = next(_instances)
+        self.port = 0
+        self.connections = 0
+        self.reason: tuple[int, str] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(
+            self.config.listen.port, host=self.config.listen.host
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+        self.journal.append(("started", self.name))
+        try:
+            async with trio.open_nursery() as handlers:
+                task_status.started()
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+        finally:
+            self.journal.append(("stopped", self.name))
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            while True:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                await stream.send_all(data)
+        finally:
+            self.connections -= 1
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                if self.reason is not None:
+                    code, message = self.reason
+                    await stream.send_all(f"BYE {code} {message}\n".encode())
+                await stream.aclose()
+
+    def health(self) -> FeedHealth:
+        return FeedHealth(True, "listening", {"port": self.port, "connections": self.connections})
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample("datagrams_out", "counter", "Datagrams.", (), 10.0 * self.instance),
+            Sample("active_connections", "gauge", "Connections.", (), self.connections),
+        ]
+
+    def set_close_reason(self, code: int, message: str) -> None:
+        self.reason = (code, message)
+
+
+@attrs.define
+class CrashPlan:
+    """How a CrashFeed behaves: fail before started() or after ``after`` seconds, for the
+    first ``times`` runs; then run quietly."""
+
+    before_start: bool = False
+    after: float = 0.0
+    times: int = 1_000_000
+    starts: list[float] = attrs.field(factory=list)
+
+
+class CrashFeed:
+    kind: Literal["emit", "capture"] = "emit"
+
+    def __init__(self, config: EmitFeed, plan: CrashPlan) -> None:
+        self.name = config.name
+        self.plan = plan
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.plan.starts.append(trio.current_time())
+        crash = len(self.plan.starts) <= self.plan.times
+        if crash and self.plan.before_start:
+            raise OSError(98, "Address already in use (simulated)")
+        task_status.started()
+        if crash:
+            await trio.sleep(self.plan.after)
+            raise RuntimeError(f"boom {len(self.plan.starts)}")
+        await trio.sleep_forever()
+
+    def health(self) -> FeedHealth:
+        return FeedHealth(True, "listening", {})
+
+    def samples(self) -> list[Sample]:
+        return []
+
+    def set_close_reason(self, code: int, message: str) -> None:
+        pass
+
+
+def emit(name: str, port: int = 0, ttl: int = 16) -> EmitFeed:
+    return EmitFeed(
+        name=name,
+        listen=Endpoint("127.0.0.1", port),
+        interface="lo",
+        allowed_sources=(IPv4Network("127.0.0.0/8"),),
+        allowed_groups=(IPv4Network("239.0.0.0/8"),),
+        ttl=ttl,
+    )
+
+
+def config(*feeds: EmitFeed, health_port: int = 0, level: str = "info") -> Config:
+    return Config(
+        process=ProcessConfig(log_level=level),  # type: ignore[arg-type]
+        health=HealthConfig(listen=Endpoint("127.0.0.1", health_port)),
+        emit=feeds,
+    )
+
+
+@attrs.define
+class Harness:
+    journal: list[tuple[str, str]] = attrs.field(factory=list)
+    crash: dict[str, CrashPlan] = attrs.field(factory=dict)
+    feeds: dict[str, list[Feed]] = attrs.field(factory=dict)
+
+    def factory(self, kind: str, cfg: Any) -> Feed:
+        assert kind == "emit"
+        feed: Feed
+        if cfg.name in self.crash:
+            feed = CrashFeed(cfg, self.crash[cfg.name])
+        else:
+            feed = EchoFeed(cfg, self.journal)
+        self.feeds.setdefault(cfg.name, []).append(feed)
+        return feed
+
+    def echo(self, name: str) -> EchoFeed:
+        feed = self.feeds[name][-1]
+        assert isinstance(feed, EchoFeed)
+        return feed
+
+
+@pytest.fixture
+async def notify_path() -> AsyncIterator[tuple[trio.socket.SocketType, str]]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "notify")
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        raw.bind(path)
+        tsock = trio.socket.from_stdlib_socket(raw)
+        try:
+            yield tsock, path
+        finally:
+            tsock.close()
+
+
+async def recv_messages(
+    sock: trio.socket.SocketType, until: str, timeout: float = 5.0
+) -> list[str]:
+    """Notify datagrams, up to and including the first that contains ``until``."""
+    got: list[str] = []
+    with trio.fail_after(timeout):
+        while True:
+            got.append((await sock.recv(4096)).decode())
+            if until in got[-1]:
+                return got
+
+
+async def http(port: int, path: str) -> tuple[int, dict[str, Any] | str]:
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    if b"application/json" in head:
+        return status, json.loads(body)
+    return status, body.decode()
+
+
+async def echo_client(port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"ping\n")
+    with trio.fail_after(2):
+        assert await stream.receive_some(100) == b"ping\n"
+    return stream
+
+
+async def read_all(stream: trio.SocketStream, timeout: float = 3.0) -> bytes:
+    """Everything until the peer closes; then the stream is closed."""
+    data = b""
+    async with stream:
+        with trio.fail_after(timeout):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    return data
+
+
+class Running:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.exit_status: int | None = None
+
+    async def run(self) -> None:
+        self.exit_status = await self.sup.run()
+
+    @property
+    def port(self) -> int:
+        assert self.sup.health_address is not None
+        return self.sup.health_address[1]
+
+
+def quiet_notifier() -> Notifier:
+    return Notifier({})
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_plan_reload() -> None:
+    a, b, c = emit("a", 7001), emit("b", 7002), emit("c", 7003)
+    old = config(a, b, c)
+    new = config(a, emit("b", 7002, ttl=3), emit("d", 7004), level="debug")
+    plan = plan_reload(old, new)
+    assert plan.added == (("emit", "d"),)
+    assert plan.removed == (("emit", "c"),)
+    assert plan.changed == (("emit", "b"),)
+    assert plan.unchanged == (("emit", "a"),)
+    assert not plan.health_changed
+    assert plan.logging_changed
+    assert plan_reload(old, old).empty
+    assert plan_reload(old, config(a, b, c, health_port=9999)).health_changed
+
+
+async def test_start_order_ready_after_health_answers(
+    notify_path: tuple[trio.socket.SocketType, str],
+) -> None:
+    sock, path = notify_path
+    h = Harness()
+    order: list[str] = []
+
+    class Probe(EchoFeed):
+        async def run(
+            self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            # The health server is up before any feed starts.
+            assert sup.health_address is not None
+            status, _ = await http(sup.health_address[1], "/healthz")
+            order.append(f"{self.name}: health answered {status}")
+            await trio.sleep(0.05)
+            await super().run(task_status=task_status)
+
+    def factory(kind: str, cfg: Any) -> Feed:
+        return Probe(cfg, h.journal)
+
+    sup = Supervisor(
+        Path("x"),
+        config(emit("a"), emit("b")),
+        factory=factory,
+        notifier=Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}),
+    )
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        messages = await recv_messages(sock, "READY=1")
+        # Before READY: only watchdog pings; READY comes after both feeds started.
+        assert all(m == "WATCHDOG=1" for m in messages[:-1])
+        assert h.journal == [("started", "a"), ("started", "b")]
+        assert order == ["a: health answered 503", "b: health answered 503"]
+        assert messages[-1].startswith("READY=1\nSTATUS=2 feeds (2 healthy), 0 connections")
+        assert sup.ready.is_set()
+        status, body = await http(r.port, "/healthz")
+        assert status == 200
+        assert isinstance(body, dict)
+        assert list(body["feeds"]) == ["a", "b"]
+        # Watchdog keeps pinging at half of WATCHDOG_USEC.
+        more = await recv_messages(sock, "WATCHDOG=1")
+        more += await recv_messages(sock, "WATCHDOG=1")
+        assert more.count("WATCHDOG=1") >= 2
+        sup.request_stop()
+    assert r.exit_status == 0
+    assert set(h.journal[2:]) == {("stopped", "a"), ("stopped", "b")}
+
+
+async def test_crash_restart_with_backoff_isolated(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.05)
+    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.2)
+    caplog.set_level(logging.INFO, logger="relayd.supervisor")
+    h = Harness(crash={"bad": CrashPlan(after=0.0, times=5)})
+    sup = Supervisor(
+        Path("x"), config(emit("good"), emit("bad")), factory=h.factory, notifier=quiet_notifier()
+    )
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        client = await echo_client(h.echo("good").port)
+        # While "bad" crash-loops it is reported failed, "good" stays healthy.
+        await trio.sleep(0.02)
+        status, body = await http(r.port, "/healthz")
+        assert status == 503
+        assert isinstance(body, dict)
+        bad = body["feeds"]["bad"]
+        assert bad["healthy"] is False
+        assert bad["state"] == "failed"
+        assert bad["last_error"].startswith("RuntimeError: boom")
+        assert (await http(r.port, "/healthz/good"))[0] == 200
+        assert (await http(r.port, "/healthz/bad"))[0] == 503
+        # After 5 crashes it runs; total backoff 0.05 + 0.1 + 0.2 + 0.2 + 0.2.
+        with trio.fail_after(5):
+            while len(h.crash["bad"].starts) < 6:
+                await trio.sleep(0.01)
+        starts = h.crash["bad"].starts
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert [round(g, 2) for g in gaps] == pytest.approx([0.05, 0.1, 0.2, 0.2, 0.2], abs=0.04)
+        await trio.sleep(0.05)
+        status, body = await http(r.port, "/healthz")
+        assert status == 200
+        assert isinstance(body, dict)
+        assert body["feeds"]["bad"]["restarts"] == 5
+        assert body["feeds"]["bad"]["last_error"] == "RuntimeError: boom 5"
+        # The other feed's connection never noticed.
+        await client.send_all(b"still\n")
+        with trio.fail_after(2):
+            assert await client.receive_some(100) == b"still\n"
+        status, text = await http(r.port, "/metrics")
+        assert isinstance(text, str)
+        assert 'relayd_feed_restarts_total{feed="bad",kind="emit"} 5' in text
+        assert 'relayd_feed_up{feed="good",kind="emit"} 1' in text
+        sup.request_stop()
+        assert (await read_all(client)).startswith(b"BYE 6 ")
+    assert r.exit_status == 0
+    crash_logs = [rec for rec in caplog.records if "failed: RuntimeError" in rec.getMessage()]
+    assert len(crash_logs) == 5
+    # The traceback once per distinct error: each "boom N" differs, so each has one here...
+    assert all(rec.exc_info for rec in crash_logs)
+
+
+async def test_same_crash_logs_traceback_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.02)
+    caplog.set_level(logging.INFO, logger="relayd.supervisor")
+    h = Harness(crash={"bad": CrashPlan(before_start=True)})
+    sup = Supervisor(Path("x"), config(emit("good")), factory=h.factory, notifier=quiet_notifier())
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        # Added by a reload, a feed that cannot start is retried, not fatal.
+        sup.load = lambda _path: config(emit("good"), emit("bad"))
+        await sup.reload()
+        with trio.fail_after(5):
+            while len(h.crash["bad"].starts) < 4:
+                await trio.sleep(0.01)
+        status, body = await http(r.port, "/healthz/bad")
+        assert status == 503
+        assert isinstance(body, dict)
+        assert "Address already in use" in body["feeds"]["bad"]["last_error"]
+        sup.request_stop()
+    assert r.exit_status == 0
+    crash_logs = [rec for rec in caplog.records if "feed bad failed" in rec.getMessage()]
+    assert len(crash_logs) >= 3
+    assert crash_logs[0].exc_info
+    assert not any(rec.exc_info for rec in crash_logs[1:])
+
+
+async def test_reload_applies_only_the_difference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    current = config(emit("keep"), emit("change"), emit("drop"))
+    sup = Supervisor(Path("x"), current, factory=h.factory, notifier=quiet_notifier())
+    sup.load = lambda _path: current
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        keep, change, drop = h.echo("keep"), h.echo("change"), h.echo("drop")
+        c_keep = await echo_client(keep.port)
+        c_change = await echo_client(change.port)
+        c_drop = await echo_client(drop.port)
+
+        current = config(emit("keep"), emit("change", ttl=2), emit("add"), level="debug")
+        await sup.reload()
+
+        # Removed: told FEED_REMOVED. Changed: told it restarts, and runs as a new instance.
+        assert (
+            await read_all(c_drop)
+        ) == f"BYE {int(ErrorCode.FEED_REMOVED)} feed removed from the configuration\n".encode()
+        assert (await read_all(c_change)).startswith(
+            f"BYE {int(ErrorCode.SHUTTING_DOWN)} ".encode()
+        )
+        assert h.echo("change") is not change
+        assert len(h.feeds["keep"]) == 1
+        # Unchanged: the same instance, the connection untouched.
+        await c_keep.send_all(b"again\n")
+        with trio.fail_after(2):
+            assert await c_keep.receive_some(100) == b"again\n"
+        # Added: listening.
+        c_add = await echo_client(h.echo("add").port)
+        await c_add.aclose()
+        status, body = await http(r.port, "/healthz")
+        assert status == 200
+        assert isinstance(body, dict)
+        assert list(body["feeds"]) == ["keep", "change", "add"]
+        assert logging.getLogger().level == logging.DEBUG
+        assert sup.reloads["ok"] == 1
+
+        # An invalid file keeps everything running and shows the errors, still healthy.
+        def broken(_path: Path) -> Config:
+            raise ConfigError(["invalid value @ $.emit[0].ttl", "unknown key 'x' @ $"])
+
+        sup.load = broken
+        await sup.reload()
+        status, body = await http(r.port, "/healthz")
+        assert status == 200
+        assert isinstance(body, dict)
+        assert body["config_errors"] == ["invalid value @ $.emit[0].ttl", "unknown key 'x' @ $"]
+        assert "reload failed with 2 config errors, old config kept" in sup.status_line()
+        await c_keep.send_all(b"third\n")
+        with trio.fail_after(2):
+            assert await c_keep.receive_some(100) == b"third\n"
+        errors = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR]
+        assert "reload: invalid value @ $.emit[0].ttl" in errors
+        assert "reload: unknown key 'x' @ $" in errors
+        status, text = await http(r.port, "/metrics")
+        assert isinstance(text, str)
+        assert 'relayd_reloads_total{result="invalid"} 1' in text
+        assert "relayd_config_errors 2" in text
+
+        # The next good reload clears them.
+        sup.load = lambda _path: current
+        await sup.reload()
+        assert sup.config_errors() == ()
+        sup.request_stop()
+        assert (await read_all(c_keep)).startswith(b"BYE 6 relayd is shutting down")
+    assert r.exit_status == 0
+
+
+async def test_reload_moves_the_health_server() -> None:
+    h = Harness()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        new_port = probe.getsockname()[1]
+    current = config(emit("a"))
+    sup = Supervisor(Path("x"), current, factory=h.factory, notifier=quiet_notifier())
+    sup.load = lambda _path: config(emit("a"), health_port=new_port)
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        old_port = r.port
+        client = await echo_client(h.echo("a").port)
+        await sup.reload()
+        assert r.port == new_port
+        assert (await http(new_port, "/healthz"))[0] == 200
+        with pytest.raises(OSError, match=r"refused|connect"):
+            await trio.open_tcp_stream("127.0.0.1", old_port)
+        await client.send_all(b"x")
+        with trio.fail_after(2):
+            assert await client.receive_some(10) == b"x"
+        sup.request_stop()
+        assert (await read_all(client)).startswith(b"BYE 6 ")
+    assert r.exit_status == 0
+
+
+async def test_start_fails_fast_when_a_port_is_taken(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        h = Harness()
+        sup = Supervisor(
+            Path("x"),
+            config(emit("a"), emit("b", port)),
+            factory=h.factory,
+            notifier=quiet_notifier(),
+        )
+        with trio.fail_after(5):
+            assert await sup.run() == 1
+        assert any(
+            "cannot start emit feed b" in rec.getMessage() and "in use" in rec.getMessage()
+            for rec in caplog.records
+        )
+        assert ("stopped", "a") in h.journal
+        sup2 = Supervisor(
+            Path("x"),
+            config(emit("a"), health_port=port),
+            factory=h.factory,
+            notifier=quiet_notifier(),
+        )
+        with trio.fail_after(5):
+            assert await sup2.run() == 1
+        assert any("cannot start the health server" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_status_line_counts() -> None:
+    h = Harness()
+    sup = Supervisor(
+        Path("x"), config(emit("a"), emit("b")), factory=h.factory, notifier=quiet_notifier()
+    )
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        clients = [await echo_client(h.echo("a").port) for _ in range(2)]
+        clients.append(await echo_client(h.echo("b").port))
+        assert sup.status_line().startswith("2 feeds (2 healthy), 3 connections, ")
+        for c in clients:
+            await c.aclose()
+        sup.request_stop()
