@@ -1,0 +1,370 @@
+"""``relayd listen`` and the player, with real multicast on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import pty
+import random
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+import trio
+from netns import read_line
+
+from relayd.config import GroupPort
+from relayd.listen import ChannelStats, ListenState, UsageError, main, parse_groups
+from relayd.netif import open_multicast_sender
+from relayd.pcapng import CapturedDatagram
+from relayd.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
+
+LOOPBACK = IPv4Address("127.0.0.1")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _random_groups(count: int) -> list[tuple[IPv4Address, int]]:
+    """Groups on a free port in 239.255.0.0/16, random so parallel runs do not meet."""
+    port = _free_port()
+    base = int(IPv4Address("239.255.0.0")) + random.randrange(1, 250) * 256
+    return [(IPv4Address(base + i), port) for i in range(count)]
+
+
+def _deribit(channel: int, sequence: int, body: bytes = b"x" * 10) -> bytes:
+    return DERIBIT_HEADER.pack(len(body), channel, sequence) + body
+
+
+@pytest.fixture
+def sender() -> Iterator[socket.socket]:
+    sock = open_multicast_sender(LOOPBACK, ttl=0, loop=True, send_buffer=4 << 20)
+    yield sock
+    sock.close()
+
+
+# ---- counting, no sockets --------------------------------------------------------------------
+
+
+def test_channel_stats_gaps_and_duplicates() -> None:
+    stats = ChannelStats(first=10, highest=10)
+    for sequence in (11, 12, 15, 16, 16, 14, 20):
+        stats.see(sequence)
+    assert (stats.datagrams, stats.highest) == (8, 20)
+    assert (stats.gaps, stats.missing, stats.duplicates) == (2, 5, 2)
+
+
+def test_listen_state_counts_groups_sizes_and_channels() -> None:
+    a = (IPv4Address("239.1.1.1"), 6100)
+    b = (IPv4Address("239.1.1.2"), 6100)
+    state = ListenState(groups=(a, b), deribit=True)
+    state.record(*a, _deribit(1, 5, b"y" * 100))
+    state.record(*a, _deribit(1, 6))
+    state.record(*a, _deribit(1, 8))
+    state.record(*a, _deribit(2, 1))
+    state.record(*b, b"short")
+    state.record(*b, struct.pack("<HHI", 99, 1, 1) + b"z")  # length field does not match
+    state.record(IPv4Address("239.9.9.9"), 6100, _deribit(1, 1))
+    summary = state.summary(time.monotonic())
+    groups = {g["group"]: g for g in summary["groups"]}
+    assert groups["239.1.1.1:6100"] | {"rate": 0, "mean_size": 0} == {
+        "group": "239.1.1.1:6100",
+        "datagrams": 4,
+        "bytes": 108 + 18 * 3,
+        "min_size": 18,
+        "mean_size": 0,
+        "max_size": 108,
+        "rate": 0,
+        "malformed": 0,
+    }
+    assert groups["239.1.1.2:6100"]["malformed"] == 2
+    assert summary["unexpected"] == 1
+    assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (1, 1, 0)
+    assert [(c["channel"], c["first"], c["last"]) for c in summary["channels"]] == [
+        (1, 5, 8),
+        (2, 1, 1),
+    ]
+    report = state.report(time.monotonic())
+    assert report["datagrams"] == 6
+    assert report["active_groups"] == 2
+    # the next report covers only what came since
+    state.record(*b, _deribit(3, 1))
+    later = state.report(time.monotonic())
+    assert [g["datagrams"] for g in later["groups"]] == [4, 3]
+    assert later["rate"] > 0
+
+
+def test_parse_groups() -> None:
+    keys = parse_groups(["239.1.1.1:6100", GroupPort(IPv4Address("239.1.1.2"), 6101)])
+    assert keys == ((IPv4Address("239.1.1.1"), 6100), (IPv4Address("239.1.1.2"), 6101))
+    assert parse_groups(["239.1.1.1:6100", "239.1.1.1:6100"]) == keys[:1]
+    for bad, message in [
+        ("10.1.1.1:6100", "not a multicast group"),
+        ("239.1.1.1", "expected GROUP:PORT"),
+        ("239.1.1.1:x", "expected GROUP:PORT"),
+        ("239.1.1.1:70000", "outside 1..65535"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            parse_groups([bad])
+
+
+def _args(groups: Sequence[str], **kwargs: Any) -> argparse.Namespace:
+    values: dict[str, Any] = {
+        "groups": list(groups),
+        "interface": "lo",
+        "duration": 0.2,
+        "json": True,
+        "deribit": False,
+        "interval": 1.0,
+    }
+    values.update(kwargs)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"groups": ["10.0.0.1:6100"]}, "10.0.0.1 is not a multicast group"),
+        ({"interface": "nosuchif0"}, "no interface named 'nosuchif0'"),
+        ({"interval": 0.0}, "--interval must be positive"),
+    ],
+)
+def test_bad_arguments_exit_2(
+    capsys: pytest.CaptureFixture[str], kwargs: dict[str, Any], message: str
+) -> None:
+    args = _args(kwargs.pop("groups", ["239.255.1.1:6100"]), **kwargs)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
+
+
+# ---- the real thing on loopback --------------------------------------------------------------
+
+
+def _listen_argv(groups: Sequence[tuple[IPv4Address, int]], *extra: str) -> list[str]:
+    names = [f"{group}:{port}" for group, port in groups]
+    return [sys.executable, "-m", "relayd", "listen", *names, "--interface", "lo", *extra]
+
+
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = json.loads(read_line(proc, timeout=20.0))
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert ready["event"] == "ready"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> list[dict[str, Any]]:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 0), err.decode()
+    return [json.loads(line) for line in out.decode().splitlines()]
+
+
+def _send(sock: socket.socket, datagrams: list[CapturedDatagram], speed: float = 0) -> None:
+    async def go() -> None:
+        await replay(sock, datagrams, speed=speed)
+
+    trio.run(go)
+
+
+def test_listen_counts_every_datagram_per_group(sender: socket.socket) -> None:
+    groups = _random_groups(25)  # more than 20: two sockets on the port
+    datagrams = list(synth_deribit(3000, groups=groups, seed=7))
+    proc = _start(_listen_argv(groups, "--json", "--deribit", "--interval", "0.2"))
+    try:
+        _send(sender, datagrams)
+        time.sleep(0.5)
+    finally:
+        events = _stop(proc)
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    assert [e["event"] for e in events[:-1]].count("report") >= 1
+    expected = Counter(f"{d.group}:{d.port}" for d in datagrams)
+    assert {g["group"]: g["datagrams"] for g in summary["groups"] if g["datagrams"]} == expected
+    assert summary["bytes"] == sum(len(d.payload) for d in datagrams)
+    assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (0, 0, 0)
+    assert summary["kernel_drops"] == 0
+    assert summary["unexpected"] == 0
+    for channel in summary["channels"]:
+        assert channel["first"] == 1
+        assert channel["last"] == channel["datagrams"]
+
+
+def test_listen_reports_gaps_and_duplicates(sender: socket.socket) -> None:
+    groups = _random_groups(2)
+    datagrams = list(synth_deribit(200, groups=groups, seed=3))
+    first_group = [i for i, d in enumerate(datagrams) if (d.group, d.port) == groups[0]]
+    gone = {first_group[10], first_group[11]}
+    again = datagrams[first_group[20]]
+    sent = [d for i, d in enumerate(datagrams) if i not in gone] + [again]
+    proc = _start(_listen_argv(groups, "--json", "--deribit"))
+    try:
+        _send(sender, sent)
+        time.sleep(0.3)
+    finally:
+        summary = _stop(proc)[-1]
+    assert summary["datagrams"] == len(sent)
+    assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (1, 2, 1)
+    channel = next(c for c in summary["channels"] if c["gaps"])
+    assert channel["group"] == f"{groups[0][0]}:{groups[0][1]}"
+    assert (channel["gaps"], channel["missing"], channel["duplicates"]) == (1, 2, 1)
+
+
+def test_listen_plain_lines_and_summary_table(sender: socket.socket) -> None:
+    groups = _random_groups(3)
+    datagrams = list(synth_deribit(90, groups=groups, seed=1))
+    proc = subprocess.Popen(
+        _listen_argv(groups, "--duration", "1.5", "--interval", "0.3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.7)  # joined by then (no ready line in text mode; it goes to stderr)
+    _send(sender, datagrams)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert "listening on 3 groups via 127.0.0.1" in err.decode()
+    lines = out.decode().splitlines()
+    reports = [line for line in lines if line.startswith("[")]
+    assert len(reports) >= 3
+    assert "\r" not in out.decode()
+    summary = lines[len(reports)]
+    assert summary.startswith("summary: 90 datagrams")
+    for group, port in groups:
+        count = sum(1 for d in datagrams if d.group == group)
+        row = next(line for line in lines if line.startswith(f"{group}:{port} "))
+        assert row.split()[1] == str(count)
+
+
+def test_listen_live_line_on_a_terminal(sender: socket.socket) -> None:
+    groups = _random_groups(1)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        _listen_argv(groups, "--duration", "1.0", "--interval", "0.2"),
+        stdout=terminal,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # the terminal closed: the process ended
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(controller)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    text = output.decode()
+    assert text.count("\r\x1b[K[") >= 3  # the live line, rewritten in place
+    assert "summary: 0 datagrams" in text
+
+
+def test_ctrl_c_exits_130_with_a_summary(sender: socket.socket) -> None:
+    groups = _random_groups(1)
+    proc = _start(_listen_argv(groups, "--json"))
+    _send(sender, list(synth_deribit(5, groups=groups)))
+    time.sleep(0.2)
+    summary = _stop(proc, signal.SIGINT)[-1]
+    assert summary["event"] == "summary"
+    assert summary["datagrams"] == 5
+
+
+# ---- the player ------------------------------------------------------------------------------
+
+
+def test_synth_deribit_looks_like_the_sample() -> None:
+    datagrams = list(synth_deribit(5000, seed=11, start_ns=10**18))
+    assert datagrams == list(synth_deribit(5000, seed=11, start_ns=10**18))
+    assert {(d.group, d.port) for d in datagrams} <= set(SYNTH_GROUPS)
+    assert all(d.group in IPv4Network("239.255.0.0/16") for d in datagrams)  # local scope
+    sizes = sorted(len(d.payload) for d in datagrams)
+    assert sizes[0] >= 20
+    assert sizes[-1] <= 1458
+    assert sizes[len(sizes) // 2] == 153
+    span = (datagrams[-1].ts_ns - datagrams[0].ts_ns) / 1e9
+    assert 40 < len(datagrams) / span < 120  # about 63 datagrams/s
+    assert all(b.ts_ns >= a.ts_ns for a, b in itertools.pairwise(datagrams))
+    per_channel: dict[int, list[int]] = {}
+    for d in datagrams:
+        length, channel, sequence = DERIBIT_HEADER.unpack_from(d.payload)
+        assert length == len(d.payload) - DERIBIT_HEADER.size
+        assert (d.group, d.port) == SYNTH_GROUPS[channel - 1]
+        per_channel.setdefault(channel, []).append(sequence)
+    for sequences in per_channel.values():
+        assert sequences == list(range(1, len(sequences) + 1))
+
+
+def test_synth_deribit_is_endless_without_a_count() -> None:
+    stream = synth_deribit()
+    assert len([next(stream) for _ in range(10_000)]) == 10_000
+
+
+async def test_replay_keeps_the_capture_pacing() -> None:
+    groups = _random_groups(1)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    receiver.bind(("0.0.0.0", groups[0][1]))
+    receiver.setsockopt(
+        socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, groups[0][0].packed + LOOPBACK.packed
+    )
+    receiver.setblocking(False)
+    # five datagrams at 0, 100, 200, 300, 400 ms, played at 2x: 200 ms in all
+    datagrams = [
+        CapturedDatagram(1_000_000_000 + i * 100_000_000, groups[0][0], groups[0][1], bytes([i]))
+        for i in range(5)
+    ]
+    with receiver, open_multicast_sender(LOOPBACK, 0, True, 1 << 16) as sock:
+        stats = await replay(sock, datagrams, speed=2.0, skip=frozenset({3}))
+        await trio.sleep(0.05)
+        got = []
+        while True:
+            try:
+                got.append(receiver.recv(100))
+            except BlockingIOError:
+                break
+    assert got == [b"\x00", b"\x01", b"\x02", b"\x04"]
+    assert stats.datagrams == 4
+    assert stats.bytes == 4
+    # paced: never early; the upper bounds leave room for a busy machine
+    assert 0.195 <= stats.elapsed < 0.5
+    assert stats.max_late < 0.2
+
+
+async def test_replay_flat_out_and_bad_speed(sender: socket.socket) -> None:
+    groups = _random_groups(1)
+    datagrams = list(synth_deribit(2000, groups=groups))
+    stats = await replay(sender, datagrams, speed=math.inf)
+    assert stats.datagrams == 2000
+    assert stats.elapsed < 5.0  # the capture spans about 30 s
+    with pytest.raises(ValueError, match="speed"):
+        await replay(sender, datagrams, speed=-1)
