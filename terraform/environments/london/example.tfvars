@@ -1,0 +1,32 @@
+# Example values for London. Every ID below is a placeholder: replace them with your own.
+name = "relayd-ldn"
+
+vpc = {
+  id              = "vpc-0a1b2c3d4e5f60718"
+  cidr_block      = "10.60.0.0/16"
+  subnet_ids      = ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002", "subnet-0a1b2c3d4e5f60003"]
+  route_table_ids = ["rtb-0a1b2c3d4e5f60001", "rtb-0a1b2c3d4e5f60002", "rtb-0a1b2c3d4e5f60003"]
+}
+
+data_centre = {
+  cidrs              = ["10.20.0.0/16", "172.16.40.0/24"]
+  transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
+}
+
+feeds = {
+  dev  = { port = 6666, groups = ["239.192.10.0/24"] }
+  prod = { port = 6667, groups = ["239.192.20.0/24", "239.192.21.0/24"], ports = ["30000-30999"] }
+}
+
+instance = {
+  ami_id = "ami-0a1b2c3d4e5f60718"
+}
+
+ecs_cluster_name     = "multicast"
+consumer_account_ids = ["210987654321", "345678901234"]
+alarm_emails         = ["relay-oncall@example.com"]
+
+tags = {
+  Project = "relayd"
+  Owner   = "market-data"
+}

@@ -1,0 +1,93 @@
+# Offline tests of the London environment: both modules composed, mock_provider "aws".
+
+mock_provider "aws" {
+  source = "../../tests/mocks/aws"
+}
+
+override_resource {
+  target = module.relay.aws_lb_target_group.feed["prod"]
+  values = {
+    arn        = "arn:aws:elasticloadbalancing:eu-west-2:111122223333:targetgroup/relayd-ldn-prod/00000000000000e2"
+    arn_suffix = "targetgroup/relayd-ldn-prod/00000000000000e2"
+  }
+}
+
+override_resource {
+  target = module.relay.aws_lb_listener.feed["prod"]
+  values = {
+    arn = "arn:aws:elasticloadbalancing:eu-west-2:111122223333:listener/net/relayd-ldn-nlb/0123456789abcdef/00000000000000e2"
+  }
+}
+
+variables {
+  vpc = {
+    id              = "vpc-0a1b2c3d4e5f60718"
+    cidr_block      = "10.60.0.0/16"
+    subnet_ids      = ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"]
+    route_table_ids = ["rtb-0a1b2c3d4e5f60001", "rtb-0a1b2c3d4e5f60002"]
+  }
+  data_centre = {
+    cidrs              = ["10.20.0.0/16", "172.16.40.0/24"]
+    transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
+  }
+  feeds = {
+    dev  = { port = 6666, groups = ["239.192.10.0/24"] }
+    prod = { port = 6667, groups = ["239.192.20.0/24"] }
+  }
+  instance             = { ami_id = "ami-0a1b2c3d4e5f60718" }
+  consumer_account_ids = ["210987654321", "345678901234"]
+}
+
+run "london" {
+  assert {
+    condition     = module.relay.feeds["prod"].port == 6667 && module.relay.feeds["prod"].target_group_arn == "arn:aws:elasticloadbalancing:eu-west-2:111122223333:targetgroup/relayd-ldn-prod/00000000000000e2" && module.relay.feeds["prod"].health_check_path == "/healthz/prod"
+    error_message = "The prod feed's listener on 6667 belongs to its own target group, checked on /healthz/prod."
+  }
+
+  assert {
+    condition     = output.capture_targets["prod"][0] == "${module.relay.nlb_dns_name}:6667" && output.capture_targets["dev"][0] == "${module.relay.nlb_dns_name}:6666" && length(output.capture_targets["prod"]) == 1
+    error_message = "The capture side targets the NLB on each feed's port."
+  }
+
+  assert {
+    condition     = toset([for r in aws_route.data_centre : "${r.route_table_id}>${r.destination_cidr_block}>${r.transit_gateway_id}"]) == toset([for p in setproduct(["rtb-0a1b2c3d4e5f60001", "rtb-0a1b2c3d4e5f60002"], ["10.20.0.0/16", "172.16.40.0/24"]) : "${p[0]}>${p[1]}>tgw-0a1b2c3d4e5f60718"])
+    error_message = "Every relay route table sends every data-centre CIDR to the data-centre Transit Gateway."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway_vpc_attachment.data_centre[0].transit_gateway_id == "tgw-0a1b2c3d4e5f60718" && aws_ec2_transit_gateway_vpc_attachment.data_centre[0].vpc_id == "vpc-0a1b2c3d4e5f60718"
+    error_message = "The relay VPC is attached to the data-centre Transit Gateway."
+  }
+
+  assert {
+    condition     = module.multicast_domain.consumer_account_ids == tolist(["210987654321", "345678901234"])
+    error_message = "The RAM share reaches exactly the consumer accounts."
+  }
+
+  assert {
+    condition     = output.customer.transit_gateway_id == module.multicast_domain.transit_gateway_id && output.customer.igmp_version == 2 && output.customer.feeds["prod"].groups == tolist(["239.192.20.0/24"])
+    error_message = "The customer output carries the Transit Gateway, IGMPv2 and the feed groups."
+  }
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "name = \"prod\"\nlisten = \"0.0.0.0:6667\"\n") && strcontains(output.relayd_toml, "allowed_sources = [\"10.20.0.0/16\", \"172.16.40.0/24\"]\nallowed_groups = [\"239.192.20.0/24\"]\n")
+    error_message = "relayd.toml comes from the same feed list and data-centre CIDRs."
+  }
+}
+
+run "existing_attachment" {
+  command = plan
+
+  variables {
+    data_centre = {
+      cidrs              = ["10.20.0.0/16"]
+      transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
+      attach_relay_vpc   = false
+    }
+  }
+
+  assert {
+    condition     = length(aws_ec2_transit_gateway_vpc_attachment.data_centre) == 0 && length(aws_route.data_centre) == 2
+    error_message = "With the VPC already attached only the routes are added."
+  }
+}

@@ -1,0 +1,34 @@
+# Example values for Tokyo. Every ID below is a placeholder: replace them with your own.
+name = "relayd-tyo"
+
+vpc = {
+  id              = "vpc-0f1e2d3c4b5a69788"
+  cidr_block      = "10.70.0.0/16"
+  subnet_ids      = ["subnet-0f1e2d3c4b5a60001", "subnet-0f1e2d3c4b5a60002", "subnet-0f1e2d3c4b5a60003"]
+  route_table_ids = ["rtb-0f1e2d3c4b5a60001", "rtb-0f1e2d3c4b5a60002", "rtb-0f1e2d3c4b5a60003"]
+}
+
+data_centre_cidrs = ["10.20.0.0/16", "172.16.40.0/24"]
+
+london = {
+  transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
+  route_table_id     = "tgw-rtb-0a1b2c3d4e5f60718"
+}
+
+feeds = {
+  dev  = { port = 6666, groups = ["239.192.10.0/24"] }
+  prod = { port = 6667, groups = ["239.192.20.0/24", "239.192.21.0/24"], ports = ["30000-30999"] }
+}
+
+instance = {
+  ami_id = "ami-0f1e2d3c4b5a69788"
+}
+
+ecs_cluster_name     = "multicast"
+consumer_account_ids = ["210987654321", "456789012345"]
+alarm_emails         = ["relay-oncall@example.com"]
+
+tags = {
+  Project = "relayd"
+  Owner   = "market-data"
+}

@@ -1,0 +1,32 @@
+output "relayd_toml" {
+  description = "The relayd.toml the Tokyo relays run."
+  value       = module.relay.relayd_toml
+}
+
+output "capture_targets" {
+  description = "Targets for the data centre's [[capture]] feeds (\"host:port\")."
+  value       = module.relay.capture_targets
+}
+
+output "relay" {
+  description = "The relay's NLB, group, log group and alarm topic."
+  value = {
+    nlb_dns_name           = module.relay.nlb_dns_name
+    autoscaling_group_name = module.relay.autoscaling_group_name
+    log_group_name         = module.relay.log_group_name
+    alarm_topic_arn        = module.relay.alarm_topic_arn
+  }
+}
+
+output "customer" {
+  description = "What a consumer account needs: the RAM share, Transit Gateway and domain, and the groups per feed."
+  value = merge(module.multicast_domain.customer, {
+    region = "ap-northeast-1"
+    feeds  = { for name, feed in var.feeds : name => { groups = feed.groups, ports = feed.ports } }
+  })
+}
+
+output "peering_attachment_id" {
+  description = "The Tokyo-London Transit Gateway peering attachment (London accepts it unless accept_peering)."
+  value       = aws_ec2_transit_gateway_peering_attachment.london.id
+}

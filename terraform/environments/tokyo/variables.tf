@@ -1,0 +1,112 @@
+variable "name" {
+  description = "Name prefix of this environment's relay resources."
+  type        = string
+  default     = "relayd-tyo"
+}
+
+variable "vpc" {
+  description = "The existing relay VPC: ID, IPv4 CIDR, at least two private subnets in different zones, and the route tables of those subnets."
+  type = object({
+    id              = string
+    cidr_block      = string
+    subnet_ids      = list(string)
+    route_table_ids = list(string)
+  })
+}
+
+variable "data_centre_cidrs" {
+  description = "CIDRs of the data-centre capture hosts; their TCP streams reach Tokyo through London over Transit Gateway peering."
+  type        = list(string)
+}
+
+variable "london" {
+  description = <<-EOT
+    The London data-centre Transit Gateway to peer with: its ID, the route table that routes
+    the data centre's traffic, and its account (default: this one). accept_peering accepts the
+    peering and adds the route back to Tokyo from here (same account, provider aws.london);
+    set it to false when London's owner does that.
+  EOT
+  type = object({
+    transit_gateway_id = string
+    route_table_id     = string
+    account_id         = optional(string)
+    accept_peering     = optional(bool, true)
+  })
+
+  validation {
+    condition     = can(regex("^tgw-[0-9a-f]+$", var.london.transit_gateway_id)) && can(regex("^tgw-rtb-[0-9a-f]+$", var.london.route_table_id))
+    error_message = "london.transit_gateway_id must be a Transit Gateway ID (tgw-...) and route_table_id a route table ID (tgw-rtb-...)."
+  }
+
+  validation {
+    condition     = var.london.account_id == null || can(regex("^[0-9]{12}$", var.london.account_id))
+    error_message = "london.account_id must be a 12-digit account ID."
+  }
+}
+
+variable "transport_asn" {
+  description = "Amazon side ASN of the Tokyo transport Transit Gateway (must differ from London's)."
+  type        = number
+  default     = 64513
+}
+
+variable "feeds" {
+  description = "The feeds, keyed by name: the single source for listeners, target groups, security group rules and relayd.toml (see the relay module)."
+  type = map(object({
+    port            = number
+    groups          = list(string)
+    ports           = optional(list(string), ["1-65535"])
+    ttl             = optional(number, 16)
+    max_connections = optional(number, 4)
+  }))
+}
+
+variable "instance" {
+  description = "Relay instances: the relayd AMI (copied to this region) and the group size."
+  type = object({
+    ami_id           = string
+    type             = optional(string, "c6in.large")
+    min_size         = optional(number, 2)
+    max_size         = optional(number, 4)
+    desired_capacity = optional(number, 2)
+  })
+}
+
+variable "ecs_cluster_name" {
+  description = "ECS cluster the relay instances join."
+  type        = string
+  default     = "multicast"
+}
+
+variable "consumer_account_ids" {
+  description = "Customer AWS accounts that receive the feeds (the RAM share principals)."
+  type        = list(string)
+}
+
+variable "allow_external_principals" {
+  description = "Whether consumers may be outside this AWS Organization."
+  type        = bool
+  default     = false
+}
+
+variable "consumer_attachments" {
+  description = "Consumer VPC attachments to accept (see the multicast-domain module)."
+  type = map(object({
+    account_id    = string
+    attachment_id = string
+    subnet_ids    = optional(list(string), [])
+  }))
+  default = {}
+}
+
+variable "alarm_emails" {
+  description = "Addresses subscribed to the relay alarms (each must confirm by mail)."
+  type        = list(string)
+  default     = []
+}
+
+variable "tags" {
+  description = "Tags merged into every resource."
+  type        = map(string)
+  default     = {}
+}

@@ -1,0 +1,22 @@
+terraform {
+  required_version = ">= 1.9"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 5.100"
+    }
+  }
+
+  # Configure a remote backend (S3 with locking) before applying for real; see ../../README.md.
+}
+
+provider "aws" {
+  region = "ap-northeast-1"
+}
+
+# The London side of the peering: its acceptance and the route back to Tokyo.
+provider "aws" {
+  alias  = "london"
+  region = "eu-west-2"
+}

@@ -1,0 +1,490 @@
+data "aws_partition" "current" {}
+data "aws_region" "current" {}
+data "aws_caller_identity" "current" {}
+
+locals {
+  partition  = data.aws_partition.current.partition
+  region     = data.aws_region.current.name
+  account_id = data.aws_caller_identity.current.account_id
+
+  tags = merge(var.tags, { "relayd:relay" = var.name })
+
+  log_group_name = "/relayd/${var.name}"
+
+  # The single feed list, flattened for the security group rules.
+  feed_sources = { for pair in setproduct(keys(var.feeds), var.data_centre_cidrs) :
+    "${pair[0]}|${pair[1]}" => { feed = pair[0], cidr = pair[1], port = var.feeds[pair[0]].port }
+  }
+  all_groups = toset(flatten([for f in values(var.feeds) : f.groups]))
+
+  # relayd.toml, rendered from the same feed list; see docs/CONFIG.md.
+  relayd_toml = templatefile("${path.module}/templates/relayd.toml.tftpl", {
+    log_level         = var.log_level
+    health_listen     = "0.0.0.0:${var.health_port}"
+    interface         = var.multicast_interface
+    data_centre_cidrs = var.data_centre_cidrs
+    feeds = [for name in sort(keys(var.feeds)) : {
+      name            = name
+      listen          = "0.0.0.0:${var.feeds[name].port}"
+      ttl             = var.feeds[name].ttl
+      max_connections = var.feeds[name].max_connections
+      groups          = var.feeds[name].groups
+      # Single ports render as TOML integers, ranges as strings.
+      ports = [for p in var.feeds[name].ports : can(tonumber(p)) ? tostring(tonumber(p)) : jsonencode(p)]
+    }]
+  })
+
+  user_data = templatefile("${path.module}/templates/user-data.sh.tftpl", {
+    relayd_toml      = local.relayd_toml
+    ecs_cluster_name = var.ecs_cluster_name
+    log_group_name   = local.log_group_name
+  })
+
+  sns_topic_arn = var.alarms.sns_topic_arn != null ? var.alarms.sns_topic_arn : aws_sns_topic.alarms[0].arn
+}
+
+################################################################################
+# Encryption key for the log group and the alarm topic
+################################################################################
+
+resource "aws_kms_key" "this" {
+  description             = "relayd ${var.name}: log group and alarm topic"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "AccountAdministration"
+        Effect    = "Allow"
+        Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
+        Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        Sid       = "CloudWatchLogs"
+        Effect    = "Allow"
+        Principal = { Service = "logs.${local.region}.amazonaws.com" }
+        Action    = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
+        Resource  = "*"
+        Condition = {
+          ArnLike = {
+            "kms:EncryptionContext:aws:logs:arn" = "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:${local.log_group_name}"
+          }
+        }
+      },
+      {
+        Sid       = "CloudWatchAlarmsPublishToTopic"
+        Effect    = "Allow"
+        Principal = { Service = "cloudwatch.amazonaws.com" }
+        Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
+        Resource  = "*"
+      },
+    ]
+  })
+  tags = local.tags
+}
+
+resource "aws_kms_alias" "this" {
+  name          = "alias/relayd-${var.name}"
+  target_key_id = aws_kms_key.this.key_id
+}
+
+resource "aws_cloudwatch_log_group" "this" {
+  name              = local.log_group_name
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.this.arn
+  tags              = local.tags
+}
+
+################################################################################
+# Network Load Balancer: one TCP listener and target group per feed
+################################################################################
+
+resource "aws_lb" "this" {
+  #checkov:skip=CKV_AWS_91:Access logs are an input (access_logs): they need an S3 bucket whose policy admits the log delivery service, which the deployment owns; TCP flows are also in VPC flow logs.
+  name                             = "${var.name}-nlb"
+  internal                         = true
+  load_balancer_type               = "network"
+  subnets                          = var.vpc.subnet_ids
+  security_groups                  = [aws_security_group.nlb.id]
+  enable_cross_zone_load_balancing = true
+  enable_deletion_protection       = var.deletion_protection
+
+  dynamic "access_logs" {
+    for_each = var.access_logs == null ? [] : [var.access_logs]
+    content {
+      bucket  = access_logs.value.bucket
+      prefix  = access_logs.value.prefix
+      enabled = true
+    }
+  }
+
+  tags = local.tags
+}
+
+resource "aws_lb_target_group" "feed" {
+  for_each = var.feeds
+
+  name        = "${var.name}-${replace(each.key, "_", "-")}"
+  vpc_id      = var.vpc.id
+  target_type = "instance"
+  protocol    = "TCP"
+  port        = each.value.port
+
+  # relayd's allowed_sources sees the data-centre address only if the NLB keeps it.
+  preserve_client_ip = true
+
+  # A draining instance closes its streams at once so the capture side reconnects (and
+  # resends from its replay buffer) instead of waiting out the default 300 s.
+  deregistration_delay              = 15
+  connection_termination            = true
+  load_balancing_cross_zone_enabled = "use_load_balancer_configuration"
+
+  # A dead instance is out after unhealthy_threshold x interval = 3 x 10 s = 30 s (each probe
+  # times out after 5 s, within that window); three good probes (30 s) bring it back, which
+  # keeps a flapping instance from taking streams.
+  health_check {
+    enabled             = true
+    protocol            = "HTTP"
+    port                = tostring(var.health_port)
+    path                = "/healthz/${each.key}"
+    matcher             = "200"
+    interval            = 10
+    timeout             = 5
+    healthy_threshold   = 3
+    unhealthy_threshold = 3
+  }
+
+  tags = merge(local.tags, { "relayd:feed" = each.key })
+}
+
+resource "aws_lb_listener" "feed" {
+  for_each = var.feeds
+
+  load_balancer_arn = aws_lb.this.arn
+  protocol          = "TCP"
+  port              = each.value.port
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.feed[each.key].arn
+  }
+
+  tags = merge(local.tags, { "relayd:feed" = each.key })
+}
+
+################################################################################
+# Security groups
+################################################################################
+
+resource "aws_security_group" "nlb" {
+  name_prefix = "${var.name}-nlb-"
+  description = "relayd ${var.name} NLB: feed ports from the data centre only"
+  vpc_id      = var.vpc.id
+  tags        = merge(local.tags, { Name = "${var.name}-nlb" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "nlb_feed" {
+  for_each = local.feed_sources
+
+  security_group_id = aws_security_group.nlb.id
+  description       = "relayd feed ${each.value.feed} from the data centre"
+  ip_protocol       = "tcp"
+  from_port         = each.value.port
+  to_port           = each.value.port
+  cidr_ipv4         = each.value.cidr
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_feed" {
+  for_each = var.feeds
+
+  security_group_id            = aws_security_group.nlb.id
+  description                  = "relayd feed ${each.key} to the relay instances"
+  ip_protocol                  = "tcp"
+  from_port                    = each.value.port
+  to_port                      = each.value.port
+  referenced_security_group_id = aws_security_group.instance.id
+  tags                         = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_health" {
+  security_group_id            = aws_security_group.nlb.id
+  description                  = "Health checks to relayd"
+  ip_protocol                  = "tcp"
+  from_port                    = var.health_port
+  to_port                      = var.health_port
+  referenced_security_group_id = aws_security_group.instance.id
+  tags                         = local.tags
+}
+
+resource "aws_security_group" "instance" {
+  name_prefix = "${var.name}-instance-"
+  description = "relayd ${var.name} instances: feeds from the data centre, health from the VPC, IGMP, multicast out"
+  vpc_id      = var.vpc.id
+  tags        = merge(local.tags, { Name = "${var.name}-instance" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+# Client IP preservation: the instances see the data-centre address, not the NLB's.
+resource "aws_vpc_security_group_ingress_rule" "instance_feed" {
+  for_each = local.feed_sources
+
+  security_group_id = aws_security_group.instance.id
+  description       = "relayd feed ${each.value.feed} from the data centre (client IP preserved by the NLB)"
+  ip_protocol       = "tcp"
+  from_port         = each.value.port
+  to_port           = each.value.port
+  cidr_ipv4         = each.value.cidr
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "instance_health" {
+  security_group_id = aws_security_group.instance.id
+  description       = "relayd health port from the VPC (NLB health checks)"
+  ip_protocol       = "tcp"
+  from_port         = var.health_port
+  to_port           = var.health_port
+  cidr_ipv4         = var.vpc.cidr_block
+  tags              = local.tags
+}
+
+# The Transit Gateway sends its IGMP general queries from 0.0.0.0.
+resource "aws_vpc_security_group_ingress_rule" "instance_igmp" {
+  security_group_id = aws_security_group.instance.id
+  description       = "IGMP queries from the multicast Transit Gateway"
+  ip_protocol       = "2"
+  cidr_ipv4         = "0.0.0.0/32"
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "instance_multicast" {
+  for_each = local.all_groups
+
+  security_group_id = aws_security_group.instance.id
+  description       = "Multicast out to the feed groups"
+  ip_protocol       = "udp"
+  from_port         = 0
+  to_port           = 65535
+  cidr_ipv4         = each.value
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "instance_https" {
+  for_each = toset(var.https_egress_cidrs)
+
+  security_group_id = aws_security_group.instance.id
+  description       = "HTTPS to AWS endpoints (SSM, CloudWatch, ECS)"
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+  cidr_ipv4         = each.value
+  tags              = local.tags
+}
+
+################################################################################
+# Instance role: CloudWatch agent and SSM only
+################################################################################
+
+resource "aws_iam_role" "instance" {
+  name_prefix = "${var.name}-relay-"
+  description = "relayd ${var.name} instances"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Service = "ec2.amazonaws.com" }
+      Action    = "sts:AssumeRole"
+    }]
+  })
+  tags = local.tags
+}
+
+resource "aws_iam_role_policy_attachment" "instance" {
+  for_each = toset(concat(
+    ["CloudWatchAgentServerPolicy", "AmazonSSMManagedInstanceCore"],
+    var.attach_ecs_instance_policy ? ["service-role/AmazonEC2ContainerServiceforEC2Role"] : [],
+  ))
+
+  role       = aws_iam_role.instance.name
+  policy_arn = "arn:${local.partition}:iam::aws:policy/${each.value}"
+}
+
+resource "aws_iam_instance_profile" "instance" {
+  name_prefix = "${var.name}-relay-"
+  role        = aws_iam_role.instance.name
+  tags        = local.tags
+}
+
+################################################################################
+# Launch template and Auto Scaling group
+################################################################################
+
+resource "aws_launch_template" "this" {
+  name_prefix            = "${var.name}-relay-"
+  description            = "relayd ${var.name}"
+  image_id               = var.instance.ami_id
+  instance_type          = var.instance.type
+  update_default_version = true
+  ebs_optimized          = true
+  user_data              = base64encode(local.user_data)
+
+  iam_instance_profile {
+    arn = aws_iam_instance_profile.instance.arn
+  }
+
+  network_interfaces {
+    device_index                = 0
+    associate_public_ip_address = false
+    delete_on_termination       = true
+    security_groups             = [aws_security_group.instance.id]
+  }
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+    instance_metadata_tags      = "enabled"
+  }
+
+  # One-minute EC2 metrics: the traffic alarms evaluate per minute.
+  monitoring {
+    enabled = true
+  }
+
+  block_device_mappings {
+    device_name = "/dev/xvda"
+    ebs {
+      volume_type           = "gp3"
+      volume_size           = var.instance.root_volume_size
+      encrypted             = true
+      kms_key_id            = var.instance.ebs_kms_key_arn
+      delete_on_termination = true
+    }
+  }
+
+  tag_specifications {
+    resource_type = "instance"
+    tags          = merge(local.tags, { Name = "${var.name}-relay" })
+  }
+
+  tag_specifications {
+    resource_type = "volume"
+    tags          = merge(local.tags, { Name = "${var.name}-relay" })
+  }
+
+  tags = local.tags
+}
+
+resource "aws_autoscaling_group" "this" {
+  name_prefix         = "${var.name}-relay-"
+  vpc_zone_identifier = var.vpc.subnet_ids
+  min_size            = var.instance.min_size
+  max_size            = var.instance.max_size
+  desired_capacity    = var.instance.desired_capacity
+  target_group_arns   = [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
+
+  # Replace an instance the NLB finds unhealthy, not only one EC2 finds broken.
+  health_check_type         = "ELB"
+  health_check_grace_period = 120
+  default_instance_warmup   = 60
+
+  launch_template {
+    id      = aws_launch_template.this.id
+    version = aws_launch_template.this.latest_version
+  }
+
+  # A new launch template version (AMI, feed list, user data) rolls through the group while at
+  # least half of it keeps serving.
+  instance_refresh {
+    strategy = "Rolling"
+    preferences {
+      min_healthy_percentage = 50
+      instance_warmup        = 60
+    }
+  }
+
+  enabled_metrics = ["GroupInServiceInstances", "GroupDesiredCapacity", "GroupTotalInstances"]
+
+  dynamic "tag" {
+    for_each = merge(local.tags, { Name = "${var.name}-relay" })
+    content {
+      key                 = tag.key
+      value               = tag.value
+      propagate_at_launch = true
+    }
+  }
+}
+
+################################################################################
+# Alarms
+################################################################################
+
+resource "aws_sns_topic" "alarms" {
+  count = var.alarms.sns_topic_arn == null ? 1 : 0
+
+  name              = "${var.name}-relay-alarms"
+  kms_master_key_id = aws_kms_key.this.arn
+  tags              = local.tags
+}
+
+resource "aws_sns_topic_subscription" "email" {
+  for_each = toset(var.alarms.email_endpoints)
+
+  topic_arn = local.sns_topic_arn
+  protocol  = "email"
+  endpoint  = each.value
+}
+
+# EC2 publishes the group's instances under the AutoScalingGroupName dimension; the Minimum
+# statistic is the quietest instance's minute, so one silent instance is enough to alarm.
+resource "aws_cloudwatch_metric_alarm" "traffic" {
+  for_each = {
+    in  = { metric = "NetworkIn", what = "TCP in from the data centre" }
+    out = { metric = "NetworkOut", what = "multicast out to the Transit Gateway" }
+  }
+
+  alarm_name          = "${var.name}-relay-traffic-${each.key}"
+  alarm_description   = "An instance of relay ${var.name} moved less than ${var.alarms.min_bytes_per_minute} bytes/min of ${each.value.what}; there should always be traffic."
+  namespace           = "AWS/EC2"
+  metric_name         = each.value.metric
+  dimensions          = { AutoScalingGroupName = aws_autoscaling_group.this.name }
+  statistic           = "Minimum"
+  period              = 60
+  evaluation_periods  = var.alarms.evaluation_minutes
+  comparison_operator = "LessThanThreshold"
+  threshold           = var.alarms.min_bytes_per_minute
+  treat_missing_data  = "breaching"
+  actions_enabled     = true
+  alarm_actions       = [local.sns_topic_arn]
+  ok_actions          = [local.sns_topic_arn]
+  tags                = local.tags
+}
+
+resource "aws_cloudwatch_metric_alarm" "healthy_hosts" {
+  for_each = var.feeds
+
+  alarm_name          = "${var.name}-relay-${each.key}-healthy-hosts"
+  alarm_description   = "Feed ${each.key} of relay ${var.name} has no healthy instance behind the NLB."
+  namespace           = "AWS/NetworkELB"
+  metric_name         = "HealthyHostCount"
+  dimensions          = { LoadBalancer = aws_lb.this.arn_suffix, TargetGroup = aws_lb_target_group.feed[each.key].arn_suffix }
+  statistic           = "Minimum"
+  period              = 60
+  evaluation_periods  = 2
+  comparison_operator = "LessThanThreshold"
+  threshold           = 1
+  treat_missing_data  = "breaching"
+  actions_enabled     = true
+  alarm_actions       = [local.sns_topic_arn]
+  ok_actions          = [local.sns_topic_arn]
+  tags                = merge(local.tags, { "relayd:feed" = each.key })
+}

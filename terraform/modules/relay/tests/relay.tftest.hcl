@@ -1,0 +1,250 @@
+# Offline tests of the relay module: mock_provider "aws" plans and applies without AWS.
+
+mock_provider "aws" {
+  source = "../../tests/mocks/aws"
+}
+
+# Distinct target group ARNs, so a listener wired to the wrong group cannot pass.
+override_resource {
+  target = aws_lb_target_group.feed["dev"]
+  values = {
+    arn        = "arn:aws:elasticloadbalancing:eu-west-2:111122223333:targetgroup/relay-dev/00000000000000d1"
+    arn_suffix = "targetgroup/relay-dev/00000000000000d1"
+  }
+}
+
+override_resource {
+  target = aws_lb_target_group.feed["prod"]
+  values = {
+    arn        = "arn:aws:elasticloadbalancing:eu-west-2:111122223333:targetgroup/relay-prod/00000000000000e2"
+    arn_suffix = "targetgroup/relay-prod/00000000000000e2"
+  }
+}
+
+variables {
+  name = "relay"
+  vpc = {
+    id         = "vpc-0123456789abcdef0"
+    cidr_block = "10.50.0.0/16"
+    subnet_ids = ["subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb"]
+  }
+  feeds = {
+    dev  = { port = 6666, groups = ["239.10.1.0/24"] }
+    prod = { port = 6667, groups = ["239.10.2.0/24", "239.10.3.0/24"], ports = ["5000-5099", "6000"] }
+  }
+  data_centre_cidrs = ["10.20.0.0/16", "192.168.10.0/24"]
+  instance          = { ami_id = "ami-0123456789abcdef0" }
+}
+
+run "load_balancer" {
+  assert {
+    condition     = aws_lb.this.internal && aws_lb.this.load_balancer_type == "network" && aws_lb.this.enable_cross_zone_load_balancing
+    error_message = "The NLB must be internal, of type network, with cross-zone load balancing on."
+  }
+
+  assert {
+    condition     = toset(keys(aws_lb_listener.feed)) == toset(["dev", "prod"]) && toset(keys(aws_lb_target_group.feed)) == toset(["dev", "prod"])
+    error_message = "There must be exactly one listener and one target group per feed."
+  }
+
+  assert {
+    condition     = aws_lb_listener.feed["prod"].port == 6667 && aws_lb_listener.feed["prod"].protocol == "TCP"
+    error_message = "The prod listener must be TCP on 6667."
+  }
+
+  assert {
+    condition     = aws_lb_listener.feed["prod"].default_action[0].type == "forward" && aws_lb_listener.feed["prod"].default_action[0].target_group_arn == aws_lb_target_group.feed["prod"].arn
+    error_message = "The listener on 6667 must forward to the prod target group."
+  }
+
+  assert {
+    condition     = aws_lb_listener.feed["dev"].port == 6666 && aws_lb_listener.feed["dev"].default_action[0].target_group_arn == aws_lb_target_group.feed["dev"].arn
+    error_message = "The listener on 6666 must forward to the dev target group."
+  }
+
+  assert {
+    condition     = aws_lb_target_group.feed["prod"].port == 6667 && aws_lb_target_group.feed["prod"].protocol == "TCP" && aws_lb_target_group.feed["prod"].target_type == "instance"
+    error_message = "The prod target group must be TCP 6667 with instance targets."
+  }
+
+  assert {
+    condition = alltrue([for name, tg in aws_lb_target_group.feed :
+      tg.health_check[0].protocol == "HTTP" && tg.health_check[0].port == "8080" && tg.health_check[0].path == "/healthz/${name}" && tg.health_check[0].matcher == "200"
+    ])
+    error_message = "Each target group must health-check HTTP on 8080 /healthz/<feed>."
+  }
+
+  assert {
+    condition = alltrue([for tg in values(aws_lb_target_group.feed) :
+      tg.health_check[0].interval * tg.health_check[0].unhealthy_threshold <= 30 && tg.health_check[0].timeout < tg.health_check[0].interval
+    ])
+    error_message = "A dead instance must leave the target group within 30 s."
+  }
+
+  assert {
+    condition     = alltrue([for tg in values(aws_lb_target_group.feed) : tostring(tg.preserve_client_ip) == "true" && tg.connection_termination])
+    error_message = "Target groups must preserve the client IP (relayd's allowed_sources) and close streams on deregistration."
+  }
+}
+
+run "instances" {
+  assert {
+    condition     = length(toset(aws_autoscaling_group.this.vpc_zone_identifier)) >= 2
+    error_message = "The Auto Scaling group must span at least two subnets."
+  }
+
+  assert {
+    condition     = aws_autoscaling_group.this.health_check_type == "ELB" && aws_autoscaling_group.this.instance_refresh[0].strategy == "Rolling"
+    error_message = "The group must use ELB health checks and rolling instance refresh."
+  }
+
+  assert {
+    condition     = toset(aws_autoscaling_group.this.target_group_arns) == toset([for tg in values(aws_lb_target_group.feed) : tg.arn])
+    error_message = "The group must register with every feed's target group."
+  }
+
+  assert {
+    condition     = aws_launch_template.this.metadata_options[0].http_tokens == "required" && aws_launch_template.this.metadata_options[0].http_put_response_hop_limit == 1
+    error_message = "The launch template must require IMDSv2 (tokens) with a hop limit of 1."
+  }
+
+  assert {
+    condition     = alltrue([for b in aws_launch_template.this.block_device_mappings : tostring(b.ebs[0].encrypted) == "true"])
+    error_message = "Every volume of the launch template must be encrypted."
+  }
+
+  assert {
+    condition     = aws_launch_template.this.image_id == "ami-0123456789abcdef0" && !aws_launch_template.this.network_interfaces[0].associate_public_ip_address
+    error_message = "Instances run the given AMI without a public address."
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.this.user_data), output.relayd_toml)
+    error_message = "The user data must write exactly the rendered relayd.toml."
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.this.user_data), "ECS_CLUSTER=multicast") && strcontains(base64decode(aws_launch_template.this.user_data), "/etc/relayd/relayd.toml")
+    error_message = "The user data must set the ECS cluster and write /etc/relayd/relayd.toml."
+  }
+
+  assert {
+    condition     = toset([for a in aws_iam_role_policy_attachment.instance : a.policy_arn]) == toset(["arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy", "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"])
+    error_message = "The instance role carries the CloudWatch agent and SSM policies, nothing else."
+  }
+
+  assert {
+    condition     = aws_cloudwatch_log_group.this.retention_in_days == 365 && aws_cloudwatch_log_group.this.kms_key_id == aws_kms_key.this.arn
+    error_message = "The log group keeps logs 365 days, encrypted with the module's key."
+  }
+}
+
+run "security_groups" {
+  assert {
+    condition = toset([for r in aws_vpc_security_group_ingress_rule.instance_feed : "${r.from_port}-${r.to_port}/${r.ip_protocol}<${r.cidr_ipv4}"]) == toset([
+      "6666-6666/tcp<10.20.0.0/16", "6666-6666/tcp<192.168.10.0/24",
+      "6667-6667/tcp<10.20.0.0/16", "6667-6667/tcp<192.168.10.0/24",
+    ])
+    error_message = "The instances take each feed port from each data-centre CIDR and nothing else."
+  }
+
+  assert {
+    condition     = toset([for r in aws_vpc_security_group_ingress_rule.nlb_feed : "${r.from_port}<${r.cidr_ipv4}"]) == toset(["6666<10.20.0.0/16", "6666<192.168.10.0/24", "6667<10.20.0.0/16", "6667<192.168.10.0/24"])
+    error_message = "The NLB takes each feed port from each data-centre CIDR and nothing else."
+  }
+
+  assert {
+    condition     = aws_vpc_security_group_ingress_rule.instance_health.from_port == 8080 && aws_vpc_security_group_ingress_rule.instance_health.to_port == 8080 && aws_vpc_security_group_ingress_rule.instance_health.cidr_ipv4 == "10.50.0.0/16"
+    error_message = "The health port is open only from the VPC CIDR."
+  }
+
+  assert {
+    condition     = aws_vpc_security_group_ingress_rule.instance_igmp.ip_protocol == "2" && aws_vpc_security_group_ingress_rule.instance_igmp.cidr_ipv4 == "0.0.0.0/32"
+    error_message = "IGMP (protocol 2) must be allowed in from 0.0.0.0/32, where the Transit Gateway's queries come from."
+  }
+
+  assert {
+    condition     = toset([for r in aws_vpc_security_group_egress_rule.instance_multicast : r.cidr_ipv4]) == toset(["239.10.1.0/24", "239.10.2.0/24", "239.10.3.0/24"]) && alltrue([for r in aws_vpc_security_group_egress_rule.instance_multicast : r.ip_protocol == "udp"])
+    error_message = "Multicast egress is UDP to exactly the feed groups."
+  }
+}
+
+run "alarms" {
+  assert {
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.healthy_hosts :
+      a.metric_name == "HealthyHostCount" && a.namespace == "AWS/NetworkELB" && a.threshold == 1 && a.comparison_operator == "LessThanThreshold" && a.dimensions.TargetGroup == aws_lb_target_group.feed[name].arn_suffix
+    ]) && length(aws_cloudwatch_metric_alarm.healthy_hosts) == 2
+    error_message = "Each feed's target group must alarm on fewer than one healthy host."
+  }
+
+  assert {
+    condition     = toset([for a in aws_cloudwatch_metric_alarm.traffic : a.metric_name]) == toset(["NetworkIn", "NetworkOut"]) && alltrue([for a in aws_cloudwatch_metric_alarm.traffic : a.statistic == "Minimum" && a.comparison_operator == "LessThanThreshold" && a.treat_missing_data == "breaching"])
+    error_message = "Traffic in and out must alarm when the quietest instance goes below the threshold or silent."
+  }
+
+  assert {
+    condition     = alltrue([for a in concat(values(aws_cloudwatch_metric_alarm.traffic), values(aws_cloudwatch_metric_alarm.healthy_hosts)) : a.alarm_actions == toset([aws_sns_topic.alarms[0].arn])])
+    error_message = "Every alarm must notify the module's SNS topic."
+  }
+
+  assert {
+    condition     = aws_sns_topic.alarms[0].kms_master_key_id == aws_kms_key.this.arn
+    error_message = "The alarm topic must be encrypted with the module's key."
+  }
+}
+
+run "rendered_toml" {
+  command = plan
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "[health]\nlisten = \"0.0.0.0:8080\"\n")
+    error_message = "The health server listens on 0.0.0.0:8080."
+  }
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "name = \"prod\"\nlisten = \"0.0.0.0:6667\"\ninterface = \"ens5\"\n")
+    error_message = "The prod feed listens on 0.0.0.0:6667 and emits on ens5."
+  }
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "allowed_sources = [\"10.20.0.0/16\", \"192.168.10.0/24\"]\nallowed_groups = [\"239.10.2.0/24\", \"239.10.3.0/24\"]\nallowed_ports = [\"5000-5099\", 6000]\n")
+    error_message = "allowed_sources, allowed_groups and allowed_ports come from the inputs."
+  }
+
+  assert {
+    condition     = length(regexall("\\[\\[emit\\]\\]", output.relayd_toml)) == 2
+    error_message = "One [[emit]] table per feed."
+  }
+}
+
+run "ecs_policy_opt_in" {
+  command = plan
+
+  variables {
+    attach_ecs_instance_policy = true
+    ecs_cluster_name           = "relay-tokyo"
+  }
+
+  assert {
+    condition     = contains(keys(aws_iam_role_policy_attachment.instance), "service-role/AmazonEC2ContainerServiceforEC2Role") && length(aws_iam_role_policy_attachment.instance) == 3
+    error_message = "attach_ecs_instance_policy adds the ECS instance policy and nothing more."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "ECS_CLUSTER=relay-tokyo")
+    error_message = "The ECS cluster name reaches the user data."
+  }
+}
+
+run "existing_topic" {
+  command = plan
+
+  variables {
+    alarms = { sns_topic_arn = "arn:aws:sns:eu-west-2:111122223333:ops-pager" }
+  }
+
+  assert {
+    condition     = length(aws_sns_topic.alarms) == 0 && alltrue([for a in values(aws_cloudwatch_metric_alarm.healthy_hosts) : a.alarm_actions == toset(["arn:aws:sns:eu-west-2:111122223333:ops-pager"])])
+    error_message = "A given topic is used and none is created."
+  }
+}

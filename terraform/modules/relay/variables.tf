@@ -1,0 +1,264 @@
+variable "name" {
+  description = "Name prefix for every resource of this relay (load balancer, group, roles, alarms)."
+  type        = string
+
+  validation {
+    # The NLB and target group names derived from it must stay within 32 characters.
+    condition     = can(regex("^[a-z][a-z0-9-]{0,17}$", var.name))
+    error_message = "name must be 1-18 characters of lower-case letters, digits and '-', starting with a letter."
+  }
+}
+
+variable "vpc" {
+  description = "The relay VPC: its ID, its IPv4 CIDR (health checks come from it) and at least two subnets in different zones for the load balancer and the instances."
+  type = object({
+    id         = string
+    cidr_block = string
+    subnet_ids = list(string)
+  })
+
+  validation {
+    condition     = can(cidrhost(var.vpc.cidr_block, 0)) && cidrhost(var.vpc.cidr_block, 0) == split("/", var.vpc.cidr_block)[0]
+    error_message = "vpc.cidr_block must be an IPv4 CIDR without host bits set."
+  }
+
+  validation {
+    condition     = length(distinct(var.vpc.subnet_ids)) >= 2
+    error_message = "vpc.subnet_ids must name at least two distinct subnets (one per availability zone) so the relay survives the loss of a zone."
+  }
+}
+
+variable "feeds" {
+  description = <<-EOT
+    The feeds this relay emits, keyed by feed name. This map is the single source for the NLB
+    listeners, the target groups and their health checks, the security group rules, the alarms
+    and the rendered relayd.toml. `groups` are the multicast CIDRs the feed may emit
+    (allowed_groups), `ports` the UDP ports (numbers or "lo-hi" ranges).
+  EOT
+  type = map(object({
+    port            = number
+    groups          = list(string)
+    ports           = optional(list(string), ["1-65535"])
+    ttl             = optional(number, 16)
+    max_connections = optional(number, 4)
+  }))
+
+  validation {
+    condition     = length(var.feeds) > 0
+    error_message = "feeds must name at least one feed."
+  }
+
+  validation {
+    condition     = alltrue([for name in keys(var.feeds) : can(regex("^[a-z0-9][a-z0-9_-]{0,62}$", name))])
+    error_message = "Feed names must match [a-z0-9][a-z0-9_-]{0,62} (the relayd feed name rule)."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : f.port == floor(f.port) && f.port >= 1 && f.port <= 65535])
+    error_message = "Every feed port must be an integer in 1..65535."
+  }
+
+  validation {
+    condition     = length(distinct([for f in values(var.feeds) : f.port])) == length(var.feeds) && !contains([for f in values(var.feeds) : f.port], var.health_port)
+    error_message = "Feed ports must be unique and must differ from health_port: relayd refuses two listeners on one port."
+  }
+
+  validation {
+    # Target group names are "<name>-<feed>" with '_' as '-', at most 32 characters, unique.
+    condition     = alltrue([for n in keys(var.feeds) : length(n) + length(var.name) < 32]) && length(distinct([for n in keys(var.feeds) : replace(n, "_", "-")])) == length(var.feeds)
+    error_message = "Each \"<name>-<feed>\" must fit the 32 characters of a target group name, and feed names must stay distinct with '_' read as '-'."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : length(f.groups) > 0])
+    error_message = "Every feed must allow at least one multicast group."
+  }
+
+  validation {
+    # Inside 224.0.0.0/4, outside the link-local 224.0.0.0/24, no host bits set.
+    condition = alltrue(flatten([for f in values(var.feeds) : [for g in f.groups :
+      can(cidrhost(g, 0)) &&
+      try(cidrhost(g, 0) == split("/", g)[0], false) &&
+      try(tonumber(split(".", g)[0]) >= 224 && tonumber(split(".", g)[0]) <= 239, false) &&
+      try(tonumber(split("/", g)[1]) >= 4, false) &&
+      !startswith(g, "224.0.0.")
+    ]]))
+    error_message = "Every feed group must be a CIDR inside 224.0.0.0/4 and outside 224.0.0.0/24, without host bits set (e.g. \"239.10.1.0/24\")."
+  }
+
+  validation {
+    condition = alltrue(flatten([for f in values(var.feeds) : [for p in f.ports :
+      can(regex("^[0-9]+(-[0-9]+)?$", p)) &&
+      try(tonumber(split("-", p)[0]) >= 1 && tonumber(split("-", p)[length(split("-", p)) - 1]) <= 65535 && tonumber(split("-", p)[0]) <= tonumber(split("-", p)[length(split("-", p)) - 1]), false)
+    ]]))
+    error_message = "Feed ports lists take UDP ports (\"5000\") or ranges (\"5000-5099\") within 1..65535 with lo <= hi."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : f.ttl == floor(f.ttl) && f.ttl >= 1 && f.ttl <= 255 && f.max_connections == floor(f.max_connections) && f.max_connections >= 1])
+    error_message = "ttl must be an integer in 1..255 and max_connections an integer of at least 1."
+  }
+}
+
+variable "data_centre_cidrs" {
+  description = "IPv4 CIDRs of the data-centre capture hosts: the only sources allowed on the feed ports (security groups and relayd's allowed_sources)."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.data_centre_cidrs) > 0
+    error_message = "data_centre_cidrs must name at least one CIDR."
+  }
+
+  validation {
+    condition = alltrue([for c in var.data_centre_cidrs :
+      can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+/[0-9]+$", c)) && can(cidrhost(c, 0)) && try(cidrhost(c, 0) == split("/", c)[0], false)
+    ])
+    error_message = "data_centre_cidrs must be IPv4 CIDRs without host bits set (e.g. \"10.20.0.0/16\")."
+  }
+
+  validation {
+    condition     = !contains(var.data_centre_cidrs, "0.0.0.0/0")
+    error_message = "data_centre_cidrs must name the data centre, not 0.0.0.0/0: the feed ports are open only to it."
+  }
+}
+
+variable "health_port" {
+  description = "Port of relayd's HTTP health server (/healthz/<feed>), used by the NLB health checks."
+  type        = number
+  default     = 8080
+
+  validation {
+    condition     = var.health_port == floor(var.health_port) && var.health_port >= 1 && var.health_port <= 65535
+    error_message = "health_port must be an integer in 1..65535."
+  }
+}
+
+variable "multicast_interface" {
+  description = "Egress interface relayd sends the multicast on. Amazon Linux 2023 names the primary ENA interface of Nitro instances ens5 (predictable names), not eth0."
+  type        = string
+  default     = "ens5"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.:-]{1,15}$", var.multicast_interface))
+    error_message = "multicast_interface must be a Linux interface name (at most 15 characters) or an IPv4 address."
+  }
+}
+
+variable "log_level" {
+  description = "relayd [process] log_level."
+  type        = string
+  default     = "info"
+
+  validation {
+    condition     = contains(["debug", "info", "warning", "error"], var.log_level)
+    error_message = "log_level must be one of debug, info, warning, error."
+  }
+}
+
+variable "instance" {
+  description = "The relay instances: the relayd AMI, type, root volume and the Auto Scaling group size."
+  type = object({
+    ami_id           = string
+    type             = optional(string, "c6in.large")
+    root_volume_size = optional(number, 30)
+    ebs_kms_key_arn  = optional(string)
+    min_size         = optional(number, 2)
+    max_size         = optional(number, 4)
+    desired_capacity = optional(number, 2)
+  })
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.instance.ami_id))
+    error_message = "instance.ami_id must be an AMI ID (ami-...)."
+  }
+
+  validation {
+    condition     = var.instance.min_size >= 1 && var.instance.min_size <= var.instance.desired_capacity && var.instance.desired_capacity <= var.instance.max_size
+    error_message = "The group size must satisfy 1 <= min_size <= desired_capacity <= max_size."
+  }
+}
+
+variable "ecs_cluster_name" {
+  description = "ECS cluster the instances' agent joins (written to /etc/ecs/ecs.config by user data)."
+  type        = string
+  default     = "multicast"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{1,255}$", var.ecs_cluster_name))
+    error_message = "ecs_cluster_name must be 1-255 letters, digits, '-' or '_'."
+  }
+}
+
+variable "attach_ecs_instance_policy" {
+  description = "Attach AmazonEC2ContainerServiceforEC2Role so the ECS agent can register. Off by default: the role then carries only the CloudWatch agent and SSM."
+  type        = bool
+  default     = false
+}
+
+variable "https_egress_cidrs" {
+  description = "Where the instances may open HTTPS (SSM, CloudWatch, ECS endpoints). Narrow it to the VPC CIDR when the VPC has interface endpoints."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+
+  validation {
+    condition     = alltrue([for c in var.https_egress_cidrs : can(cidrhost(c, 0))])
+    error_message = "https_egress_cidrs must be IPv4 CIDRs."
+  }
+}
+
+variable "deletion_protection" {
+  description = "Deletion protection of the NLB; turn it off (and apply) before destroying the relay."
+  type        = bool
+  default     = true
+}
+
+variable "access_logs" {
+  description = "Optional NLB access logs to an existing S3 bucket whose policy admits the log delivery service."
+  type = object({
+    bucket = string
+    prefix = optional(string, "relay-nlb")
+  })
+  default = null
+}
+
+variable "log_retention_days" {
+  description = "Retention of the relay log group, in days."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a value CloudWatch Logs accepts (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, ...)."
+  }
+}
+
+variable "alarms" {
+  description = <<-EOT
+    CloudWatch alarms. An SNS topic is created unless sns_topic_arn names one (its key policy
+    must then let CloudWatch publish). Traffic alarms fire when the quietest instance moves
+    fewer than min_bytes_per_minute in or out for evaluation_minutes; there is always traffic.
+  EOT
+  type = object({
+    sns_topic_arn        = optional(string)
+    email_endpoints      = optional(list(string), [])
+    min_bytes_per_minute = optional(number, 1024)
+    evaluation_minutes   = optional(number, 5)
+  })
+  default = {}
+
+  validation {
+    condition     = var.alarms.sns_topic_arn == null || can(regex("^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]+$", var.alarms.sns_topic_arn))
+    error_message = "alarms.sns_topic_arn must be an SNS topic ARN."
+  }
+
+  validation {
+    condition     = var.alarms.min_bytes_per_minute > 0 && var.alarms.evaluation_minutes >= 1
+    error_message = "alarms.min_bytes_per_minute must be positive and evaluation_minutes at least 1."
+  }
+}
+
+variable "tags" {
+  description = "Tags merged into every resource."
+  type        = map(string)
+  default     = {}
+}
