@@ -8,9 +8,18 @@ import itertools
 import json
 import logging
 import os
+import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Literal
@@ -546,3 +555,288 @@ async def test_status_line_counts() -> None:
         for c in clients:
             await c.aclose()
         sup.request_stop()
+
+
+# -- `relayd run` as a process: real config file, real signals, real emit feeds on loopback ---
+
+PEER = Path(__file__).resolve().parent / "run_peer.py"
+
+
+class RelaydProcess:
+    """``relayd run`` in a child process; stderr collected line by line."""
+
+    def __init__(self, config_path: Path, env: dict[str, str], prefix: Sequence[str] = ()) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        full_env.pop("JOURNAL_STREAM", None)
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "relayd", "run", "--config", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=full_env,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = regex.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no line matching {pattern!r} in:\n" + "\n".join(self.lines)
+                    )
+                self._cond.wait(min(left, 0.1))
+
+    def health_port(self) -> int:
+        return int(self.wait_line(r"health server listening on [\d.]+:(\d+)").group(1))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(2)
+        return code, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._reader.join(2)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def sync_notify() -> Iterator[tuple[socket.socket, str]]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        try:
+            yield sock, path
+        finally:
+            sock.close()
+
+
+def wait_notify(sock: socket.socket, want: str, timeout: float = 10.0) -> list[str]:
+    """Notify datagrams up to and including the first containing ``want``."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            raise AssertionError(f"no {want!r} in {got}") from None
+        if want in got[-1]:
+            return got
+
+
+def get_json(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def get_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+def pick_groups(count: int) -> list[tuple[str, int]]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    base = random.randrange(1, 250)
+    return [(f"239.255.{base}.{i + 1}", port) for i in range(count)]
+
+
+def emit_toml(name: str, *, port: int = 0, interface: str = "127.0.0.1", ttl: int = 16) -> str:
+    return f"""
+[[emit]]
+name = "{name}"
+listen = "127.0.0.1:{port}"
+interface = "{interface}"
+loop = true
+ttl = {ttl}
+allowed_sources = ["127.0.0.0/8"]
+allowed_groups = ["239.255.0.0/16"]
+idle_timeout = "30s"
+"""
+
+
+def process_toml(*feeds: str, health: str = "127.0.0.1:0", level: str = "info") -> str:
+    return f'[process]\nlog_level = "{level}"\n\n[health]\nlisten = "{health}"\n' + "".join(feeds)
+
+
+def feed_port(health_port: int, name: str) -> int:
+    _, doc = get_json(health_port, f"/healthz/{name}")
+    return int(doc["feeds"][name]["listen"].rsplit(":", 1)[1])
+
+
+def peer_argv(*args: str) -> list[str]:
+    return [sys.executable, str(PEER), *args]
+
+
+def groups_arg(groups: Sequence[tuple[str, int]]) -> str:
+    return ",".join(f"{g}:{p}" for g, p in groups)
+
+
+@pytest.mark.slow
+def test_run_process_notify_reload_and_stop(
+    tmp_path: Path, sync_notify: tuple[socket.socket, str]
+) -> None:
+    sock, path = sync_notify
+    config_path = tmp_path / "relayd.toml"
+    config_path.write_text(process_toml(emit_toml("alpha")))
+    relayd = RelaydProcess(config_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    receiver = sender = None
+    try:
+        first = wait_notify(sock, "READY=1")
+        assert first[-1].startswith("READY=1\nSTATUS=1 feed (1 healthy), 0 connections")
+        health = relayd.health_port()
+        alpha = feed_port(health, "alpha")
+        status, doc = get_json(health)
+        assert status == 200
+        assert doc["feeds"]["alpha"]["state"] == "listening"
+        # Watchdog pings at half of WATCHDOG_USEC; STATUS refreshes.
+        pings = wait_notify(sock, "STATUS=")
+        assert pings.count("WATCHDOG=1") >= 2
+
+        groups = pick_groups(3)
+        total = 3000
+        receiver = subprocess.Popen(
+            peer_argv("receive", "--interface", "127.0.0.1", "--groups", groups_arg(groups),
+                      "--count", str(total), "--duration", "20"),
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline() == b"ready\n"
+        # 3000 datagrams at 1000/s: the reload below happens in the middle of the stream.
+        sender = subprocess.Popen(
+            peer_argv("send", "--connect", f"127.0.0.1:{alpha}", "--feed", "alpha",
+                      "--groups", groups_arg(groups), "--count", str(total), "--rate", "1000",
+                      "--linger", "20"),
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert sender.stdout is not None
+        time.sleep(1.0)
+        config_path.write_text(process_toml(emit_toml("alpha"), emit_toml("beta")))
+        mark = len(relayd.lines)
+        relayd.proc.send_signal(signal.SIGHUP)
+        reload_msgs = wait_notify(sock, "READY=1")
+        reloading = [m for m in reload_msgs if m.startswith("RELOADING=1")]
+        assert len(reloading) == 1
+        assert re.search(r"\nMONOTONIC_USEC=\d+", reloading[0])
+        assert reload_msgs.index(reloading[0]) < len(reload_msgs) - 1
+        relayd.wait_line(r"reload: 1 added, 0 removed, 0 changed, 1 unchanged", start=mark)
+        status, doc = get_json(health)
+        assert list(doc["feeds"]) == ["alpha", "beta"]
+        assert doc["feeds"]["beta"]["state"] == "listening"
+        beta = feed_port(health, "beta")
+        with socket.create_connection(("127.0.0.1", beta), timeout=5) as c:
+            assert c.recv(3)[2:3] == b"\x10"  # CHALLENGE at once
+
+        streamed = json.loads(sender.stdout.readline())
+        assert streamed == {"streamed": total}
+        out, _ = receiver.communicate(timeout=20)
+        got = json.loads(out)["got"]
+        assert len(got) == total
+        assert [seq for _, _, seq in got] == list(range(1, total + 1))
+        text = get_text(health, "/metrics")
+        assert f'relayd_datagrams_out_total{{feed="alpha"}} {total}' in text
+        assert 'relayd_reloads_total{result="ok"} 1' in text
+
+        # An invalid file: the old config keeps serving, errors shown, still healthy.
+        config_path.write_text(process_toml(emit_toml("alpha", ttl=0), emit_toml("beta")))
+        relayd.proc.send_signal(signal.SIGHUP)
+        msgs = wait_notify(sock, "READY=1")
+        assert any(m.startswith("RELOADING=1") for m in msgs)
+        assert "config error" in msgs[-1]
+        status, doc = get_json(health)
+        assert status == 200
+        assert len(doc["config_errors"]) == 1
+        assert "$.emit[0].ttl" in doc["config_errors"][0]
+        assert list(doc["feeds"]) == ["alpha", "beta"]
+
+        # SIGTERM: the streaming connection is told SHUTTING_DOWN, exit 0 promptly.
+        code, took = relayd.stop(signal.SIGTERM)
+        assert code == 0
+        assert took < 3.0
+        result = json.loads(sender.communicate(timeout=10)[0])
+        assert result["acked"] == total
+        assert result["errors"] == [[int(ErrorCode.SHUTTING_DOWN), result["errors"][0][1]]]
+        assert result["closed"] is True
+        assert any(m.startswith("STOPPING=1") for m in wait_notify(sock, "STOPPING=1"))
+    finally:
+        for p in (sender, receiver):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+        relayd.kill()
+
+
+def test_run_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(process_toml(emit_toml("alpha", ttl=0)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relayd", "run", "--config", str(bad)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "$.emit[0].ttl" in proc.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = tmp_path / "busy.toml"
+        busy.write_text(process_toml(emit_toml("alpha", port=port)))
+        proc = subprocess.run(
+            [sys.executable, "-m", "relayd", "run", "--config", str(busy)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert "cannot start emit feed alpha" in proc.stderr
+        assert "Address already in use" in proc.stderr
+
+
+def test_run_sigint_exits_zero(tmp_path: Path) -> None:
+    config_path = tmp_path / "relayd.toml"
+    config_path.write_text(process_toml(emit_toml("alpha"), level="warning"))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            relayd = RelaydProcess(config_path, {"NOTIFY_SOCKET": path})
+            try:
+                wait_notify(sock, "READY=1")
+                code, took = relayd.stop(signal.SIGINT)
+                assert code == 0
+                assert took < 3.0
+            finally:
+                relayd.kill()
