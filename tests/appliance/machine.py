@@ -34,7 +34,7 @@ class MachineError(Exception):
     """A container step failed; the message carries the output that explains it."""
 
 
-def _run(
+def host_run(
     cmd: Sequence[str], *, timeout: float, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
@@ -50,7 +50,7 @@ def _run(
 
 def build_wheel(dest: Path) -> Path:
     """Build the relayd wheel from this checkout, as `make dist` does."""
-    _run(
+    host_run(
         [
             sys.executable,
             "-m",
@@ -73,7 +73,7 @@ def build_wheel(dest: Path) -> Path:
 
 def fill_wheelhouse(wheel: Path, dest: Path) -> None:
     """Download the wheel's dependencies on the host: pip inside the rootfs is offline."""
-    _run(
+    host_run(
         [
             sys.executable,
             "-m",
@@ -94,7 +94,7 @@ def mount_overlay(lower: Sequence[Path], upper: Path, work: Path, merged: Path) 
     for d in (upper, work, merged):
         d.mkdir(parents=True, exist_ok=True)
     lowerdir = ":".join(str(p) for p in lower)
-    _run(
+    host_run(
         [
             "mount",
             "-t",
@@ -110,9 +110,9 @@ def mount_overlay(lower: Sequence[Path], upper: Path, work: Path, merged: Path) 
 
 def unmount(path: Path) -> None:
     if os.path.ismount(path):
-        proc = _run(["umount", str(path)], timeout=30, check=False)
+        proc = host_run(["umount", str(path)], timeout=30, check=False)
         if proc.returncode != 0:
-            _run(["umount", "--lazy", str(path)], timeout=30, check=False)
+            host_run(["umount", "--lazy", str(path)], timeout=30, check=False)
 
 
 def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) -> None:
@@ -123,7 +123,7 @@ def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) ->
     try:
         mount_overlay([base], layer, scratch / "work", merged)
         script = f"set -e; bash {IN_TREE}/{INSTALL_SH}; systemctl enable systemd-networkd.service"
-        _run(
+        host_run(
             [
                 "systemd-nspawn",
                 "--quiet",
@@ -151,8 +151,8 @@ def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) ->
 
 def _free_subnet() -> tuple[str, str, str]:
     """A /30 in 10.0.0.0/8 that no host route uses: (network, host side, guest side)."""
-    used = _run(["ip", "-4", "-o", "addr", "show"], timeout=10).stdout
-    used += _run(["ip", "-4", "route", "show", "table", "all"], timeout=10).stdout
+    used = host_run(["ip", "-4", "-o", "addr", "show"], timeout=10).stdout
+    used += host_run(["ip", "-4", "route", "show", "table", "all"], timeout=10).stdout
     rng = random.Random()
     for _ in range(100):
         b, c, d = rng.randrange(64, 250), rng.randrange(256), rng.randrange(0, 256, 4)
@@ -196,7 +196,9 @@ class Machine:
     def run(
         self, *cmd: str, timeout: float = 30, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return _run(["nsenter", "-t", str(self.leader), "-a", *cmd], timeout=timeout, check=check)
+        return host_run(
+            ["nsenter", "-t", str(self.leader), "-a", *cmd], timeout=timeout, check=check
+        )
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         args = ["systemctl", "show", unit, "--no-pager"]
@@ -257,8 +259,8 @@ class Machine:
         while not Path(f"/sys/class/net/{self.host_if}").exists():
             self._check_alive(deadline)
             time.sleep(0.01)
-        _run(["ip", "addr", "add", f"{self.host_addr}/30", "dev", self.host_if], timeout=10)
-        _run(["ip", "link", "set", self.host_if, "up"], timeout=10)
+        host_run(["ip", "addr", "add", f"{self.host_addr}/30", "dev", self.host_if], timeout=10)
+        host_run(["ip", "link", "set", self.host_if, "up"], timeout=10)
         while not self.leader:
             self._check_alive(deadline)
             for pid in _children(self.proc.pid):
@@ -297,7 +299,7 @@ class Machine:
                     self.proc.wait(timeout=10)
         finally:
             if Path(f"/sys/class/net/{self.host_if}").exists():
-                _run(["ip", "link", "del", self.host_if], timeout=10, check=False)
+                host_run(["ip", "link", "del", self.host_if], timeout=10, check=False)
             unmount(self.root)
             shutil.rmtree(self.scratch, ignore_errors=True)
 
