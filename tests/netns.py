@@ -270,11 +270,12 @@ class Sniffer:
         return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """One line of ``proc``'s stdout within ``timeout`` seconds (NetnsError otherwise)."""
-    stream = proc.stdout
+def read_line(proc: subprocess.Popen[bytes], timeout: float, *, stderr: bool = False) -> str:
+    """One line of ``proc``'s stdout (or stderr) within ``timeout`` seconds (NetnsError
+    otherwise). Reads the pipe unbuffered, so ``communicate()`` later still sees the rest."""
+    stream = proc.stderr if stderr else proc.stdout
     if stream is None:
-        raise NetnsError("the process has no stdout pipe")
+        raise NetnsError("the process has no such pipe")
     return _read_line(stream, timeout)
 
 

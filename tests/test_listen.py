@@ -239,11 +239,11 @@ def test_listen_plain_lines_and_summary_table(sender: socket.socket) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(0.7)  # joined by then (no ready line in text mode; it goes to stderr)
+    # in text mode the "listening" line goes to stderr once every group is joined
+    assert read_line(proc, 20, stderr=True).startswith("listening on 3 groups via 127.0.0.1")
     _send(sender, datagrams)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()
-    assert "listening on 3 groups via 127.0.0.1" in err.decode()
     lines = out.decode().splitlines()
     reports = [line for line in lines if line.startswith("[")]
     assert len(reports) >= 3
