@@ -101,6 +101,9 @@ def ensure_rootfs() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "usr/lib/systemd/systemd").exists():
             return target
+        # Holding the lock, any staging directory is a build that was killed half way.
+        for stale in base.glob("building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix="building-", dir=base))
         try:
             cmd = [
