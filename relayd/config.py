@@ -387,11 +387,8 @@ def _interface(value: Any) -> str:
         except ValueError:
             raise _InvalidValueError(f"invalid interface {name!r}: bad IPv4 address") from None
         return name
-    if not name or len(name.encode()) >= _IFNAMSIZ or "/" in name or not name.isprintable():
-        raise _InvalidValueError(
-            f"invalid interface {name!r}: expected an interface name or IPv4 address"
-        )
-    if any(char.isspace() for char in name):
+    bad_char = any(char == "/" or char.isspace() or not char.isprintable() for char in name)
+    if not name or len(name.encode()) >= _IFNAMSIZ or bad_char:
         raise _InvalidValueError(
             f"invalid interface {name!r}: expected an interface name or IPv4 address"
         )
@@ -457,8 +454,8 @@ def _group_cidr(value: Any) -> IPv4Network:
 
 def _path(value: Any) -> Path:
     text = _str(value)
-    if not text:
-        raise _InvalidValueError("empty path")
+    if not text or "\0" in text:
+        raise _InvalidValueError(f"invalid path {text!r}")
     return Path(text)
 
 

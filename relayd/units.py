@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 __all__ = [
     "DURATION_UNITS",
@@ -25,12 +25,13 @@ __all__ = [
     "parse_size",
 ]
 
-DURATION_UNITS: dict[str, Decimal] = {
-    "us": Decimal("0.000001"),
-    "ms": Decimal("0.001"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
+# Exact rational arithmetic: "1.5MiB" is 1572864 bytes, whatever the number of digits.
+DURATION_UNITS: dict[str, Fraction] = {
+    "us": Fraction(1, 1_000_000),
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
 }
 
 SIZE_UNITS: dict[str, int] = {
@@ -55,15 +56,14 @@ class UnitError(ValueError):
     """A duration or size that cannot be parsed; the message says what was expected."""
 
 
-def _split(text: str, kind: str, units: str) -> tuple[Decimal, str]:
+_MAX_TEXT = 64  # longer strings are refused before any arithmetic
+
+
+def _split(text: str, kind: str, units: str) -> tuple[Fraction, str]:
     match = _QUANTITY.fullmatch(text)
     if match is None:
         raise UnitError(f"invalid {kind} {text!r}: expected a number with a unit ({units})")
-    try:
-        number = Decimal(match["number"])
-    except InvalidOperation:  # pragma: no cover - the pattern only lets decimals through
-        raise UnitError(f"invalid {kind} {text!r}: not a number") from None
-    return number, match["unit"]
+    return Fraction(match["number"]), match["unit"]
 
 
 def parse_duration(value: str | float) -> float:
@@ -76,21 +76,25 @@ def parse_duration(value: str | float) -> float:
             raise UnitError(f"invalid duration {value!r}: must be a finite number >= 0")
         return float(value)
     units = ", ".join(DURATION_UNITS)
+    if len(value) > _MAX_TEXT:
+        raise UnitError(f"invalid duration {value[:_MAX_TEXT]!r}...: too long")
     if value.strip().startswith("-"):
         raise UnitError(f"invalid duration {value!r}: must not be negative")
     if _QUANTITY.fullmatch(value) is None and _COMPOUND.fullmatch(value) is not None:
-        parts = _PART.findall(value)  # "1m30s", "1h 15m": every part has a unit
+        # "1m30s", "1h 15m": every part has a unit.
+        parts = [(Fraction(number), unit) for number, unit in _PART.findall(value)]
     else:
         parts = [_split(value, "duration", units)]
-    total = Decimal(0)
+    total = Fraction(0)
     for number, unit in parts:
-        if not unit and len(parts) == 1:
-            return float(number)
-        scale = DURATION_UNITS.get(unit)
+        scale = DURATION_UNITS.get(unit) if unit or len(parts) > 1 else Fraction(1)
         if scale is None:
             raise UnitError(f"invalid duration {value!r}: unknown unit {unit!r} (use {units})")
-        total += Decimal(number) * scale
-    return float(total)
+        total += number * scale
+    try:
+        return float(total)
+    except OverflowError:
+        raise UnitError(f"invalid duration {value!r}: too large") from None
 
 
 def parse_size(value: str | int) -> int:
@@ -102,6 +106,8 @@ def parse_size(value: str | int) -> int:
             raise UnitError(f"invalid size {value!r}: must be >= 0")
         return value
     units = ", ".join(SIZE_UNITS)
+    if len(value) > _MAX_TEXT:
+        raise UnitError(f"invalid size {value[:_MAX_TEXT]!r}...: too long")
     if value.strip().startswith("-"):
         raise UnitError(f"invalid size {value!r}: must not be negative")
     number, unit = _split(value, "size", units)
@@ -113,7 +119,7 @@ def parse_size(value: str | int) -> int:
             raise UnitError(f"invalid size {value!r}: unknown unit {unit!r} (use {units})")
         scale = found
     size = number * scale
-    if size != size.to_integral_value():
+    if size.denominator != 1:
         raise UnitError(f"invalid size {value!r}: not a whole number of bytes")
     return int(size)
 

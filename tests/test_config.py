@@ -3,6 +3,7 @@ agreement with docs/CONFIG.md, and a fuzz test that only ConfigError ever escape
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from ipaddress import IPv4Address, IPv4Network
@@ -496,6 +497,15 @@ def test_allows() -> None:
             id="empty-lists",
         ),
         pytest.param(
+            emit_with(auth_key_files='["", "a\\u0000b", 5]'),
+            [
+                "invalid path '' @ $.emit[0].auth_key_files[0]",
+                "invalid path 'a\\x00b' @ $.emit[0].auth_key_files[1]",
+                "invalid value for type, expected str @ $.emit[0].auth_key_files[2]",
+            ],
+            id="bad-paths",
+        ),
+        pytest.param(
             "[[emit]]\nname = 'dev'\nlisten = \n",
             ["invalid TOML: Invalid value (at line 3, column 10)"],
             id="toml-syntax",
@@ -654,6 +664,9 @@ def test_doc_error_example_is_real() -> None:
 # --------------------------------------------------------------------------------------------
 # Fuzz: any text gives a Config or a ConfigError, nothing else
 
+# `make fuzz` raises this; the default keeps `make test` quick.
+FUZZ_EXAMPLES = int(os.environ.get("RELAYD_FUZZ_EXAMPLES", "150"))
+
 _GOOD = {
     "log_level": ['"debug"', '"error"'],
     "log_format": ['"json"'],
@@ -669,7 +682,8 @@ _GOOD = {
     "groups": ['["239.1.1.1:6100"]', '["239.1.1.1:6100", "239.1.1.2:6100"]'],
     "targets": ['["relay.example.com:6666"]', '["10.0.0.1:1", "[::1]:2"]'],
     "sources": ['["10.0.0.1"]', "[]"],
-    "auth_key_files": ["[]"],
+    "auth_key_files": ["[]", '["test_config.py"]'],
+    "auth_key_file": ['"test_config.py"', '"absent.key"'],
 }
 _DURATIONS = ['"250ms"', '"1m30s"', "0.5", "30", '"1h"']
 _SIZES = ['"4MiB"', '"1GiB"', "1048576", '"200KB"']
@@ -731,7 +745,7 @@ def _tables(draw: st.DrawFn) -> str:
     return "\n".join([header, *(f"{key} = {draw(_value_for(key))}" for key in keys)])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.lists(_tables(), max_size=6))
 def test_plausible_tables_give_config_or_config_error(tables: list[str]) -> None:
     _config_or_config_error("\n".join(tables))
@@ -746,15 +760,20 @@ _LINES = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.lists(_LINES, max_size=25))
 def test_any_lines_give_config_or_config_error(lines: list[str]) -> None:
     _config_or_config_error("\n".join(lines))
 
 
 def _config_or_config_error(text: str) -> None:
+    for check_files in (False, True):
+        _one_config_or_config_error(text, check_files=check_files)
+
+
+def _one_config_or_config_error(text: str, *, check_files: bool) -> None:
     try:
-        config = parse_config(text)
+        config = parse_config(text, base_dir=Path(__file__).parent, check_files=check_files)
     except ConfigError as exc:
         errors = exc.errors
     else:
@@ -766,7 +785,7 @@ def _config_or_config_error(text: str) -> None:
     assert not any("unknown error" in e or "invalid type (" in e for e in errors)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.text(max_size=200))
 def test_any_unicode_gives_config_or_config_error(text: str) -> None:
     _config_or_config_error(text)
