@@ -252,7 +252,7 @@ class _Stats:
 class EmitFeedRuntime:
     """One ``[[emit]]`` feed: listener, HELLO gate, decode, dedup, multicast send."""
 
-    kind: Literal["emit"] = "emit"
+    kind: Literal["emit", "capture"] = "emit"  # the type relayd.runtime.Feed declares
 
     def __init__(
         self,
@@ -662,6 +662,8 @@ class EmitFeedRuntime:
                 return None
         if proto.state is not State.STREAMING:
             self._reject(conn, "hello_timeout", ErrorCode.HELLO_TIMEOUT, "no HELLO in time")
+            return None
+        if conn.scope.cancel_called:  # evicted while its HELLO was already on the way
             return None
         hello = proto.hello
         assert hello is not None

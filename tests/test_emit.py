@@ -22,6 +22,7 @@ import trio
 from relayd.config import EmitFeed, Endpoint, PortRange
 from relayd.emit import EmitFeedRuntime, KeyFileError, load_auth_keys
 from relayd.netif import GroupReceiver, drain, open_group_receivers
+from relayd.runtime import Feed
 from relayd.wire import (
     FROM_EMIT,
     Ack,
@@ -625,6 +626,9 @@ async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
 
 async def test_stop_tells_every_connection_the_close_reason() -> None:
     feed = EmitFeedRuntime(make_config())
+    as_feed: Feed = feed  # mypy checks that the runtime implements the Feed protocol
+    assert as_feed.kind == "emit"
+    assert as_feed.name == FEED
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(feed.run)
