@@ -56,7 +56,7 @@ soak: $(STAMP) system-deps
 	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
 
 fuzz: $(STAMP)
-	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
+	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)
 
 dist: $(STAMP)
 	rm -rf dist
