@@ -136,6 +136,7 @@ def machine_description() -> str:
 @dataclass
 class ProcSample:
     cpu_ticks: int
+    sys_ticks: int
     rss_kib: int
     hwm_kib: int
     udp_drops: int
@@ -160,7 +161,7 @@ def sample(pid: int, port: int) -> ProcSample:
             parts = line.split()
             if len(parts) > 12 and parts[1].endswith(port_hex):
                 drops += int(parts[-1])
-    return ProcSample(ticks, rss, hwm, drops)
+    return ProcSample(ticks, int(fields[12]), rss, hwm, drops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,12 +255,15 @@ class Point:
     k_p50: float = -1.0
     k_p99: float = -1.0
     gen_rate: float = 0.0
+    delivered_rate: float = 0.0
     gen_max_late_us: float = 0.0
     gen_cpu_us: float = 0.0
     recv_drops: int = 0
     capture_drops: int = 0
     cpu_capture_us: float | None = None
     cpu_emit_us: float | None = None
+    #: share of the relay CPU spent in the kernel (stime), percent
+    cpu_sys_pct: float | None = None
     rss_capture_mb: float | None = None
     rss_emit_mb: float | None = None
     hwm_capture_mb: float | None = None
@@ -378,6 +382,8 @@ class Bench:
         )
         point.k_p50, point.k_p99 = float(r["k_p50_us"]), float(r["k_p99_us"])
         point.recv_drops = int(r["drops"])
+        span = float(r["span_s"])
+        point.delivered_rate = point.received / span if span > 0 else 0.0
         if pids:
             if set(after) != set(before):
                 point.error = f"relay died: {self.relay.failure() if self.relay else ''}"
@@ -387,6 +393,9 @@ class Bench:
             cap, emit = (after["cap"], before["cap"]), (after["emit"], before["emit"])
             point.cpu_capture_us = (cap[0].cpu_ticks - cap[1].cpu_ticks) * us_per_tick / relayed
             point.cpu_emit_us = (emit[0].cpu_ticks - emit[1].cpu_ticks) * us_per_tick / relayed
+            ticks = sum(a.cpu_ticks - b.cpu_ticks for a, b in (cap, emit))
+            sys_ticks = sum(a.sys_ticks - b.sys_ticks for a, b in (cap, emit))
+            point.cpu_sys_pct = 100.0 * sys_ticks / ticks if ticks else None
             point.rss_capture_mb = cap[0].rss_kib / 1024
             point.rss_emit_mb = emit[0].rss_kib / 1024
             point.hwm_capture_mb = cap[0].hwm_kib / 1024
@@ -420,14 +429,14 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def table(points: Sequence[Point]) -> list[str]:
     header = (
-        "| path | shape | rate/s | sent | received | loss % | dup | reorder "
+        "| path | shape | rate/s | sent | received | delivered/s | loss % | dup | reorder "
         "| p50 µs | p99 µs | p999 µs | socket p50/p99 µs | relay CPU µs/dgram (cap+emit) "
         "| RSS MB (cap/emit) |"
     )
-    rows = [header, "|" + "---|" * 14]
+    rows = [header, "|" + "---|" * 15]
     for p in points:
         if p.error and not p.sent:
-            rows.append(f"| {p.path} | {p.shape} | {p.rate:,} | {p.error} |" + " |" * 10)
+            rows.append(f"| {p.path} | {p.shape} | {p.rate:,} | {p.error} |" + " |" * 11)
             continue
         cpu = (
             "-"
@@ -441,6 +450,7 @@ def table(points: Sequence[Point]) -> list[str]:
         )
         rows.append(
             f"| {p.path} | {p.shape} | {p.rate:,} | {p.sent:,} | {p.received:,} "
+            f"| {p.delivered_rate / 1000:,.1f}k "
             f"| {p.loss_pct:.3f} | {p.dup} | {p.reorder} | {_fmt(p.p50)} | {_fmt(p.p99)} "
             f"| {_fmt(p.p999)} | {_fmt(p.k_p50)}/{_fmt(p.k_p99)} | {cpu} | {rss} |"
         )
@@ -472,7 +482,8 @@ def write_docs(points: Sequence[Point], meta: dict[str, Any]) -> None:
         RESULTS_BEGIN,
         "",
         f"Measured {meta['date']} with `{meta['command']}`"
-        f" ({meta['mode']}: {meta['seconds']:g} s per point, median of {meta['runs']} runs).",
+        f" ({meta['mode']}: {meta['seconds']:g} s per point,"
+        + (f" median of {meta['runs']} runs)." if meta["runs"] > 1 else " one run)."),
         f"Machine: {meta['machine']}; load average {meta['load']} at the start.",
         *(f"System: {note}." for note in meta["notes"]),
         "",
@@ -514,7 +525,7 @@ def _pyplot() -> Any:
 def plot(points: Sequence[Point], target: Path, meta: dict[str, Any]) -> None:
     plt = _pyplot()
     plt.switch_backend("Agg")
-    fig, (ax_loss, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    fig, (ax_rate, ax_loss, ax_lat) = plt.subplots(1, 3, figsize=(16, 5), dpi=100)
     colors = {("direct", "fixed"): "tab:blue", ("relayd", "fixed"): "tab:red",
               ("direct", "bursty"): "tab:cyan", ("relayd", "bursty"): "tab:orange"}  # fmt: skip
     for (path, shape), color in colors.items():
@@ -525,6 +536,8 @@ def plot(points: Sequence[Point], target: Path, meta: dict[str, Any]) -> None:
         rates = [p.rate / 1000 for p in series]
         label = f"{path}, {shape}"
         ax_loss.plot(rates, [p.loss_pct for p in series], "o-", color=color, label=label)
+        ax_rate.plot(rates, [p.delivered_rate / 1000 for p in series], "o-", color=color,
+                     label=label)  # fmt: skip
         for attr, style in (("p50", "o-"), ("p99", "s--"), ("p999", "^:")):
             values = [getattr(p, attr) for p in series]
             ax_lat.plot(rates, [v if v > 0 else float("nan") for v in values], style,
@@ -532,7 +545,15 @@ def plot(points: Sequence[Point], target: Path, meta: dict[str, Any]) -> None:
     ax_loss.set_xlabel("rate (k datagrams/s)")
     ax_loss.set_ylabel("loss (%)")
     ax_loss.set_title("loss against rate")
-    ax_loss.set_ylim(bottom=-0.5)
+    worst = max((p.loss_pct for p in points if p.sent), default=0.0)
+    ax_loss.set_ylim(-0.05 * max(worst, 1.0), 1.1 * max(worst, 1.0))
+    top = max((p.rate / 1000 for p in points), default=1.0)
+    ax_rate.plot([0, top], [0, top], color="grey", linewidth=0.8, label="offered")
+    ax_rate.set_xlabel("offered rate (k datagrams/s)")
+    ax_rate.set_ylabel("delivered rate (k datagrams/s)")
+    ax_rate.set_title("throughput: below the grey line = falling behind")
+    ax_rate.grid(True, alpha=0.3)
+    ax_rate.legend(fontsize=8)
     ax_loss.grid(True, alpha=0.3)
     ax_loss.legend(fontsize=8)
     ax_lat.set_xlabel("rate (k datagrams/s)")
@@ -642,7 +663,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--profile-rate", type=int, default=100_000)
     parser.add_argument("--profile-shape", default="fixed", choices=("fixed", "bursty"))
+    parser.add_argument(
+        "--docs-only",
+        action="store_true",
+        help="rewrite the docs from the last run's bench/out/relay-results.json, no measuring",
+    )
     args = parser.parse_args(argv)
+    if args.docs_only:
+        saved = json.loads((OUT / "relay-results.json").read_text())
+        write_docs([Point(**p) for p in saved["points"]], saved["meta"])
+        print("wrote docs/PERFORMANCE.md and docs/performance.png")
+        return 0
 
     reason = unavailable_reason()
     if reason:
@@ -705,7 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"  p50 {_fmt(merged.p50):>8s}  p99 {_fmt(merged.p99):>8s} µs"
                             f" (kernel stamp {_fmt(merged.k_p50)}/{_fmt(merged.k_p99)})"
                             f"  gen {merged.gen_cpu_us:.1f} µs/dgram"
-                            + (f"  relay {merged.cpu_us:.1f} µs/dgram" if merged.cpu_us else "")
+                            + (
+                                f"  relay {merged.cpu_us:.1f} µs/dgram"
+                                f" ({_fmt(merged.cpu_sys_pct, 0)}% sys)"
+                                if merged.cpu_us
+                                else ""
+                            )
                             + (
                                 f"  capture drops {merged.capture_drops}"
                                 if merged.capture_drops
