@@ -534,6 +534,34 @@ async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
             assert await real.welcome() == 0
 
 
+async def test_connection_flood_is_bounded_and_a_capture_still_streams(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    datagrams = make_datagrams(groups, 200, seed=11)
+    config = make_config(hello_timeout=10.0, max_connections=1)
+    with trio.fail_after(20):
+        async with running(config, pending_limit=16) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            flood = []
+            for i in range(150):  # connections that never speak, far beyond the pending cap
+                flood.append(await Peer.connect(feed.listen_port))
+                if i % 10 == 0:
+                    await peer.stream.send_all(frames(datagrams[i : i + 10]))
+                assert metric(feed, "pending_connections") <= 16
+            await peer.stream.send_all(frames(datagrams[150:]))
+            await peer.wait_ack(200)
+            assert same_per_group(await receivers.settle(), expected(datagrams))
+            # A second capture process still gets through the flood to its HELLO check.
+            late = await Peer.start(feed.listen_port)
+            await late.closed_with(ErrorCode.TOO_MANY_CONNECTIONS)  # the limit, not the flood
+            assert metric(feed, "connections_rejected", reason="limit") == 1
+            assert metric(feed, "connections_rejected", reason="pending_limit") >= 150 - 16
+            assert metric(feed, "pending_connections") <= 16
+            assert metric(feed, "active_connections") == 1
+
+
 async def test_heartbeats_when_idle_then_idle_timeout() -> None:
     config = make_config(heartbeat_interval=0.1, idle_timeout=0.6)
     with trio.fail_after(10):
