@@ -20,7 +20,7 @@ skip() {
   exit 0
 }
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> [%3ds] %s\n' "$SECONDS" "$*"; }
 
 command -v terraform >/dev/null || skip "terraform is not installed on this machine"
 
@@ -112,6 +112,15 @@ done
 render modules/relay tests/edge-cases.tfvars local.relayd_toml "$work/relayd-edge-cases.toml"
 tomls+=("$work/relayd-edge-cases.toml")
 
+# The user data around it is a bash script: shellcheck it too where shellcheck is installed.
+render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data.sh"
+if command -v shellcheck >/dev/null; then
+  timeout 60 shellcheck -s bash "$work/user-data.sh"
+  echo "user data: shellcheck clean"
+else
+  echo "WARNING: shellcheck is not installed; the rendered user data is not linted" >&2
+fi
+
 relayd=$repo/.venv/bin/relayd
 python=$repo/.venv/bin/python
 [ -x "$python" ] || python=python3
@@ -156,4 +165,4 @@ if grep -q 'Parsing errors: [1-9]' "$work/checkov.log"; then
 fi
 
 echo
-echo "terraform checks: all passed"
+echo "terraform checks: all passed in ${SECONDS}s"
