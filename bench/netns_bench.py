@@ -85,7 +85,8 @@ def remove_stale() -> None:
 class Topology:
     """The four namespaces and four links; a context manager that always tears them down."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
+        self.nice = nice
         self.tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.ns = {role: f"{self.tag}-{role}" for role in ROLES}
         self.links: dict[str, Link] = {}
@@ -132,9 +133,11 @@ class Topology:
         stderr: int | IO[Any] | None = subprocess.PIPE,
         cwd: Path | None = None,
     ) -> subprocess.Popen[str]:
-        """Start ``argv`` inside a namespace (``ip netns exec`` execs it: the pid is its own)."""
+        """Start ``argv`` inside a namespace (``ip netns exec`` and ``nice`` exec it: the pid
+        is its own), at the topology's nice level."""
+        prefix = ["nice", "-n", str(self.nice)] if self.nice else []
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[role], *argv],
+            ["ip", "netns", "exec", self.ns[role], *prefix, *argv],
             stdout=stdout,
             stderr=stderr,
             text=True,
