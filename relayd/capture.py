@@ -37,6 +37,7 @@ import trio
 
 from relayd import wire
 from relayd.config import CaptureFeed
+from relayd.emit import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import (
     ANCBUFSIZE,
@@ -89,9 +90,7 @@ class CaptureFeedRuntime:
         self.config = config
         self.name = config.name
         self.session_id = os.urandom(wire.SESSION_ID_SIZE)
-        self._key: bytes | None = None
-        if config.auth_key_file is not None:
-            self._key = config.auth_key_file.read_bytes().strip()
+        self._key: bytes | None = None  # read by run(): a missing key fails the start
         self._rng = rng or random.Random()
         self._replay = ReplayBuffer(config.replay_max_bytes, config.replay_max_age)
         self._limited = RateLimitedLogger(log)
@@ -122,6 +121,7 @@ class CaptureFeedRuntime:
         self.connects: collections.Counter[str] = collections.Counter()
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
         self.receivers: list[GroupReceiver] = []
+        self._reported_drops = 0
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -220,6 +220,8 @@ class CaptureFeedRuntime:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        if config.auth_key_file is not None:
+            self._key = load_auth_keys([config.auth_key_file])[0]
         interface = resolve_interface(config.interface)
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers = open_group_receivers(
@@ -296,8 +298,8 @@ class CaptureFeedRuntime:
                     self.bytes_in += offset - header * count
                     now = trio.current_time()
                     replay.append(Chunk(first + 1, seq, now, bytes(view[:offset])))
-                    if replay.dropped_datagrams:
-                        replay.expire(now)
+                    replay.expire(now)
+                    if replay.dropped_datagrams != self._reported_drops:
                         self._note_replay_drops()
                     self._kick()
                 if drops is not None and drops != last_drops:
@@ -312,8 +314,6 @@ class CaptureFeedRuntime:
                 if not full:
                     break
                 await trio.lowlevel.checkpoint()
-
-    _reported_drops = 0
 
     def _note_replay_drops(self) -> None:
         dropped = self._replay.dropped_datagrams
