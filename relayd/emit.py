@@ -72,7 +72,7 @@ from typing import Any, Final, Literal
 
 import trio
 
-from relayd.config import EmitFeed
+from relayd.config import MIN_KEY_BYTES, EmitFeed, MissingKeyFileError
 from relayd.logs import RateLimitedLogger
 from relayd.metrics import LatencyHistogram, Rate
 from relayd.netif import open_multicast_sender, resolve_interface
@@ -94,9 +94,11 @@ from relayd.wire import (
 __all__ = [
     "ACK_INTERVAL",
     "FAILING_HOLD",
+    "MIN_KEY_BYTES",
     "SESSION_LIMIT",
     "EmitFeedRuntime",
     "KeyFileError",
+    "KeyFileMissingError",
     "load_auth_keys",
 ]
 
@@ -117,11 +119,9 @@ HANDSHAKE_RECEIVE_SIZE: Final = 2048
 #: Destinations cached at most; the cache is cleared when it grows past this.
 DESTINATION_CACHE_LIMIT: Final = 65536
 #: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
-CONTROL_SEND_BUFFER: Final = 64 * 1024
+CONTROL_SEND_BUFFER: Final = 16 * 1024
 #: Accepts in a row before the accept loop yields to other tasks.
 ACCEPT_BATCH: Final = 64
-#: Shortest key accepted from a key file.
-MIN_KEY_BYTES: Final = 16
 
 _DROP_REASONS: Final = ("group_not_allowed", "port_not_allowed", "send_error")
 _REJECT_REASONS: Final = (
@@ -161,6 +161,10 @@ class KeyFileError(Exception):
     """An authentication key file that cannot be used."""
 
 
+class KeyFileMissingError(KeyFileError, MissingKeyFileError):
+    """A key file that does not exist (yet): the supervisor retries the feed with backoff."""
+
+
 def load_auth_keys(paths: Iterable[Path]) -> tuple[bytes, ...]:
     """The keys in ``paths``: each file's bytes with surrounding whitespace removed.
 
@@ -171,6 +175,8 @@ def load_auth_keys(paths: Iterable[Path]) -> tuple[bytes, ...]:
     for path in paths:
         try:
             data = Path(path).read_bytes().strip()
+        except FileNotFoundError:
+            raise KeyFileMissingError(f"key file {path} does not exist (yet)") from None
         except OSError as exc:
             raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None
         if len(data) < MIN_KEY_BYTES:
