@@ -418,3 +418,28 @@ def test_demo_relays_without_loss() -> None:
     assert sent > 2000
     assert relayed == sent
     assert "duplicates 0, unknown 0" in summary
+
+
+async def test_slow_emit_restart_is_picked_up_within_the_backoff_cap(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """The emit side is gone for 3 s (longer than the backoff cap): the capture side keeps
+    capturing, and connects again at most about BACKOFF_CAP after the listener is back."""
+    first = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 1, third=21)
+    feed = CaptureFeedRuntime(feed_config(groups, [first.port], reconnect_budget=1.0))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    port = first.port
+    stop(first)
+    await wait_for(lambda: not feed.connected)
+    send_many(sender, groups, 30)
+    await trio.sleep(3.0)
+    assert feed.health().state == "disconnected"
+    assert feed.datagrams_in == 30
+    back = trio.current_time()
+    second = await serve(nursery, Peer(), port=port)
+    await wait_for(lambda: feed.connected, timeout=BACKOFF_CAP + 2)
+    assert trio.current_time() - back <= BACKOFF_CAP + 0.5
+    await wait_for(lambda: len(second.peer.datagrams) == 30)
+    assert feed.health().state == "streaming"
