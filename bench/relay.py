@@ -24,6 +24,7 @@ Needs root; without it the benchmark says why and exits 0.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime
 import importlib
@@ -643,6 +644,78 @@ def profile(bench: Bench, relay: Relay, rate: int, seconds: float, shape: str) -
 
 
 # --------------------------------------------------------------------------------------------
+# Per-hop latency
+
+
+def _pcap_times(path: Path) -> list[float]:
+    times = []
+    for line in path.read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        with contextlib.suppress(ValueError):
+            times.append(float(head))
+    return times
+
+
+def hops(bench: Bench, relay: Relay, rate: int, seconds: float, workdir: Path) -> list[str]:
+    """Where the relay's latency goes: tcpdump stamps on the capture's ingress (c0), the TCP
+    stream leaving capture (c1) and reaching emit (e0), and the multicast leaving emit (e1).
+
+    A datagram's TCP time is that of the first capture->emit data segment at or after its
+    arrival (datagrams of one batch share a segment), so the split is exact at low rates and
+    an approximation once segments carry many datagrams."""
+    if shutil.which("tcpdump") is None:
+        return ["hops: needs tcpdump"]
+    topo = bench.topo
+    captures = {}
+    for role, dev, expression in (
+        ("cap", "c0", f"udp dst port {PORT}"),
+        ("cap", "c1", f"tcp dst port {TCP_PORT} and greater 60"),
+        ("emit", "e0", f"tcp dst port {TCP_PORT} and greater 60"),
+        ("emit", "e1", f"udp dst port {PORT}"),
+    ):
+        out = (workdir / f"{dev}.txt").open("w")
+        proc = topo.popen(
+            role,
+            ["tcpdump", "-i", dev, "-n", "-tt", "--time-stamp-precision=nano", "-l", expression],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+        captures[dev] = (proc, out)
+    time.sleep(1.5)  # tcpdump attached
+    point = bench.point("relayd", "fixed", rate, seconds)
+    time.sleep(0.5)
+    for proc, out in captures.values():
+        stop(proc)
+        out.close()
+    t = {dev: _pcap_times(workdir / f"{dev}.txt") for dev in captures}
+    parts: dict[str, list[float]] = {
+        "capture: datagram in -> TCP out": [],
+        "TCP over the veth": [],
+        "emit: TCP in -> multicast out": [],
+        "relay total (c0 -> e1)": [],
+    }
+    names = list(parts)
+    if len(t["c0"]) != len(t["e1"]) or len(t["c1"]) != len(t["e0"]):
+        return [f"hops: packets seen { ({d: len(v) for d, v in t.items()}) } do not pair up"]
+    for arrived, left in zip(t["c0"], t["e1"], strict=True):
+        j = bisect.bisect_left(t["c1"], arrived)
+        if j == len(t["c1"]):
+            continue
+        parts[names[0]].append(t["c1"][j] - arrived)
+        parts[names[1]].append(t["e0"][j] - t["c1"][j])
+        parts[names[2]].append(left - t["e0"][j])
+        parts[names[3]].append(left - arrived)
+    lines = table([point])
+    lines.append(f"per hop at {rate:,}/s ({len(t['c0'])} datagrams, {len(t['c1'])} TCP segments):")
+    for name, values in parts.items():
+        values.sort()
+        if values:
+            q = [values[min(len(values) - 1, int(f * len(values)))] * 1e6 for f in (0.5, 0.9, 0.99)]
+            lines.append(f"  {name:34s} p50 {q[0]:7.1f}  p90 {q[1]:7.1f}  p99 {q[2]:8.1f} µs")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 
 
@@ -662,6 +735,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", action="store_true", help="py-spy both relay processes under load, no sweep"
     )
     parser.add_argument("--profile-rate", type=int, default=100_000)
+    parser.add_argument(
+        "--hops",
+        type=int,
+        metavar="RATE",
+        help="split the relay's latency per hop with tcpdump at RATE datagrams/s, no sweep",
+    )
     parser.add_argument("--profile-shape", default="fixed", choices=("fixed", "bursty"))
     parser.add_argument(
         "--nice",
@@ -706,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
-        if "relayd" in paths or args.profile:
+        if "relayd" in paths or args.profile or args.hops:
             relay = Relay(topo, Path(tmp))
             relay.start()
         bench = Bench(topo, gen, recv, relay)
@@ -720,8 +799,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 relay.stop()
                 relay = bench.relay = None
                 paths = [p for p in paths if p != "relayd"]
-                if args.profile:
+                if args.profile or args.hops:
                     return 1
+            if args.hops and relay is not None:
+                print("\n".join(hops(bench, relay, args.hops, seconds, Path(tmp))))
+                return 0
             if args.profile and relay is not None:
                 print("\n".join(profile(bench, relay, args.profile_rate, 12, args.profile_shape)))
                 return 0
