@@ -240,6 +240,7 @@ class _Stats:
         "frames_in",
         "gap_sequences",
         "gaps",
+        "send_waits",
     )
 
     def __init__(self) -> None:
@@ -253,6 +254,7 @@ class _Stats:
         self.gap_sequences = 0
         self.connections_accepted = 0
         self.decode_errors = 0
+        self.send_waits = 0  # times the multicast socket was full (EAGAIN) and we waited
 
 
 class EmitFeedRuntime:
@@ -450,6 +452,11 @@ class EmitFeedRuntime:
                 value,
                 ("reason", reason),
             )
+        yield counter(
+            "send_waits",
+            "Times the multicast socket's send buffer was full and the feed waited for room.",
+            s.send_waits,
+        )
         yield counter("decode_errors", "Connections that sent undecodable bytes.", s.decode_errors)
         for name, value in sorted(self.send_errors.items()):
             yield counter(
@@ -899,6 +906,7 @@ class EmitFeedRuntime:
         mcast = self._mcast
         assert mcast is not None
         while True:
+            self.stats.send_waits += 1
             await trio.lowlevel.wait_writable(mcast)
             if session.highest >= seq:
                 return _SKIPPED

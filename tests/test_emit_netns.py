@@ -12,19 +12,21 @@ errors, unhealthy) and up again (healthy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
-from netns import Netns, NetnsHarness, read_line
+from netns import Link, Netns, NetnsHarness, read_line
 from promtext import Family, parse
 
-from relayd.pcapng import read_datagrams
+from relayd.pcapng import CapturedDatagram, read_datagrams
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -37,6 +39,7 @@ UNJOINED = ("239.111.112.1", 6100)  # allowed, but the customer does not join it
 
 # The capture side, run inside the sender namespace. Modes:
 #   stream HOST PORT PCAP SESSION  - the main scenario; prints one JSON line of what it saw
+#   plain HOST PORT PCAP SESSION   - only the capture, then waits for the last ACK
 #   send HOST PORT SESSION FIRST_SEQ COUNT GROUP UDP_PORT - COUNT datagrams, waits for the ACK
 SENDER = r"""
 import json, os, select, socket, sys
@@ -130,6 +133,15 @@ if mode == "stream":
     result["silent"] = [conn.codes_until_eof() for conn in silent]
     again.sock.close()
     print(json.dumps(result), flush=True)
+elif mode == "plain":
+    pcap, session = sys.argv[4], bytes.fromhex(sys.argv[5])
+    frames = [frame(i + 1, str(d.group), d.port, d.payload)
+              for i, d in enumerate(read_datagrams(pcap))]
+    conn = Conn(host, port)
+    welcome = conn.hello(FEED, session).seq
+    send(conn, frames)
+    print(json.dumps({"welcome": welcome, "ack": conn.wait_ack(len(frames))}), flush=True)
+    conn.sock.close()
 else:
     session, first, count = bytes.fromhex(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
     group, udp_port = sys.argv[7], int(sys.argv[8])
@@ -207,7 +219,7 @@ def value(families: dict[str, Family], name: str, **labels: str) -> float:
     return found[0]
 
 
-def write_config(path: Path, interface: str, sender_net: str) -> None:
+def write_config(path: Path, interface: str, sender_net: str, extra: str = "") -> None:
     path.write_text(
         f"""
 [health]
@@ -223,6 +235,7 @@ allowed_groups = ["{ALLOWED_GROUPS}"]
 hello_timeout = "1s"
 heartbeat_interval = "500ms"
 idle_timeout = "5s"
+{extra}
 """
     )
 
@@ -262,16 +275,26 @@ def per_group(items: Sequence[tuple[str, int, bytes]]) -> dict[tuple[str, int], 
     return out
 
 
-def test_deribit_sample_through_relayd_run(
-    netns: NetnsHarness, deribit_sample: Path, tmp_path: Path
-) -> None:
+@attrs.define
+class Topology:
+    sender: Netns
+    cloud: Netns
+    customer: Netns
+    uplink: Link
+    downlink: Link
+    relayd: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def topology(netns: NetnsHarness, tmp_path: Path, extra_config: str = "") -> Iterator[Topology]:
+    """sender -- cloud (relayd run) -- customer; relayd's log is printed when the test fails."""
     sender = netns.namespace("snd")
     cloud = netns.namespace("cloud")
     customer = netns.namespace("cust")
     uplink = netns.link(sender, cloud)
     downlink = netns.link(cloud, customer)
     config = tmp_path / "relayd.toml"
-    write_config(config, downlink.a_dev, str(uplink.a_addr.network))
+    write_config(config, downlink.a_dev, str(uplink.a_addr.network), extra_config)
     log = tmp_path / "relayd.log"
     with log.open("wb") as log_file:
         relayd = cloud.popen(
@@ -280,32 +303,56 @@ def test_deribit_sample_through_relayd_run(
             stderr=log_file,
         )
     try:
-        scenario(netns, cloud, relayd, deribit_sample, tmp_path)
+        wait_healthy(cloud, relayd)
+        yield Topology(sender, cloud, customer, uplink, downlink, relayd)
+        relayd.send_signal(signal.SIGTERM)
+        assert relayd.wait(timeout=15) == 0
     finally:
         print(log.read_text(errors="replace"))  # shown when the test fails
 
 
-def scenario(
-    netns: NetnsHarness,
-    cloud: Netns,
-    relayd: subprocess.Popen[bytes],
-    deribit_sample: Path,
-    tmp_path: Path,
-) -> None:
-    sender, customer = netns.namespaces[0], netns.namespaces[2]
-    uplink, downlink = netns.links
-    datagrams = read_datagrams(deribit_sample)
-    groups = sorted({(str(d.group), d.port) for d in datagrams})
-    assert len(datagrams) == 5066
-    wait_healthy(cloud, relayd)
-    out = tmp_path / "received.txt"
-    receiver = customer.popen(
-        customer.python_argv(
-            "-c", RECEIVER, downlink.b_dev, json.dumps([*groups, OUTSIDE]), str(out)
-        ),
+def start_receiver(
+    net: Topology, groups: Sequence[tuple[str, int]], out: Path
+) -> subprocess.Popen[bytes]:
+    receiver = net.customer.popen(
+        net.customer.python_argv("-c", RECEIVER, net.downlink.b_dev, json.dumps(groups), str(out)),
         stdout=subprocess.PIPE,
     )
     assert read_line(receiver, timeout=20).strip() == "ready"
+    return receiver
+
+
+def stop_receiver(receiver: subprocess.Popen[bytes], out: Path) -> list[tuple[str, int, bytes]]:
+    """What the customer received, checking its sockets dropped nothing."""
+    time.sleep(0.3)
+    receiver.send_signal(signal.SIGTERM)
+    assert receiver.wait(timeout=10) == 0
+    got = received(out)
+    assert all(drops == "None" for *_, drops in got), "the customer's sockets dropped datagrams"
+    return [g[:3] for g in got]
+
+
+def test_deribit_sample_through_relayd_run(
+    netns: NetnsHarness, deribit_sample: Path, tmp_path: Path
+) -> None:
+    datagrams = read_datagrams(deribit_sample)
+    groups = sorted({(str(d.group), d.port) for d in datagrams})
+    assert len(datagrams) == 5066
+    with topology(netns, tmp_path) as net:
+        scenario(net, datagrams, groups, deribit_sample, tmp_path)
+
+
+def scenario(
+    net: Topology,
+    datagrams: list[CapturedDatagram],
+    groups: list[tuple[str, int]],
+    deribit_sample: Path,
+    tmp_path: Path,
+) -> None:
+    sender, cloud, customer = net.sender, net.cloud, net.customer
+    uplink, downlink = net.uplink, net.downlink
+    out = tmp_path / "received.txt"
+    receiver = start_receiver(net, [*groups, OUTSIDE], out)
 
     # A peer outside allowed_sources is closed before it is even challenged.
     probe = customer.run(
@@ -366,14 +413,36 @@ def scenario(
     assert status == 200, body
     assert json.loads(body)["feeds"][FEED]["healthy"] is True
 
-    time.sleep(0.3)
-    receiver.send_signal(signal.SIGTERM)
-    assert receiver.wait(timeout=10) == 0
-    got = received(out)
-    assert all(drops == "None" for *_, drops in got), "the customer's sockets dropped datagrams"
+    got = stop_receiver(receiver, out)
     want = [(str(d.group), d.port, d.payload) for d in datagrams]
     assert len(got) == len(want)  # nothing extra: no resend twice, nothing from OUTSIDE
-    assert per_group([g[:3] for g in got]) == per_group(want)
+    assert per_group(got) == per_group(want)
 
-    relayd.send_signal(signal.SIGTERM)
-    assert relayd.wait(timeout=15) == 0
+
+def test_full_send_buffer_waits_and_loses_nothing(
+    netns: NetnsHarness, deribit_sample: Path, tmp_path: Path
+) -> None:
+    """A slow egress (token bucket on the customer link) and a small send buffer: the feed
+    waits for room (EAGAIN, then writable) instead of dropping, and keeps the order."""
+    datagrams = read_datagrams(deribit_sample)
+    groups = sorted({(str(d.group), d.port) for d in datagrams})
+    with topology(netns, tmp_path, 'send_buffer = "8KiB"') as net:
+        net.cloud.run(
+            ["tc", "qdisc", "add", "dev", net.downlink.a_dev, "root", "tbf",
+             "rate", "20mbit", "burst", "16kb", "latency", "5s"]
+        )  # fmt: skip
+        out = tmp_path / "received.txt"
+        receiver = start_receiver(net, groups, out)
+        result = run_sender(
+            net.sender, "plain", str(net.uplink.b_addr.ip), str(PORT), str(deribit_sample),
+            "ab" * 16,
+        )  # fmt: skip
+        assert result == {"welcome": 0, "ack": len(datagrams)}
+        got = stop_receiver(receiver, out)
+        want = [(str(d.group), d.port, d.payload) for d in datagrams]
+        assert len(got) == len(want)
+        assert per_group(got) == per_group(want)
+        families = metrics(net.cloud)
+        assert value(families, "datagrams_out_total") == len(datagrams)
+        assert value(families, "send_waits_total") > 0
+        assert value(families, "datagrams_dropped_total", reason="send_error") == 0
