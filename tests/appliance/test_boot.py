@@ -223,11 +223,14 @@ def sniffer(ifname: str) -> Iterator[socket.socket]:
 def udp_to(
     sock: socket.socket, group: str, port: int, want: int, timeout: float
 ) -> list[tuple[int, bytes]]:
-    """(TTL, payload) of UDP datagrams to group:port seen on ``sock``, until ``want`` of them."""
+    """(TTL, payload) of UDP datagrams to group:port seen on ``sock``: until ``want`` of them
+    came, and a little longer, so that extra ones (duplicates) are seen too."""
     dst = socket.inet_aton(group)
     seen: list[tuple[int, bytes]] = []
     deadline = time.monotonic() + timeout
-    while len(seen) < want and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if len(seen) == want:
+            deadline = min(deadline, time.monotonic() + 0.5)
         try:
             pkt = sock.recv(65536)
         except TimeoutError:
