@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from relayd import __version__
-from relayd.config import DEFAULT_CONFIG_PATH, ConfigError, GroupPort, load_config
+from relayd.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    GroupPort,
+    key_file_warnings,
+    load_config,
+)
 from relayd.units import UnitError, parse_duration
 
 __all__ = [
@@ -228,6 +234,8 @@ def check_config(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(f"{path}: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    for warning in key_file_warnings(config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     parts = []
     for feeds, noun in ((config.emit, "emit feed"), (config.capture, "capture feed")):
         names = f" ({', '.join(feed.name for feed in feeds)})" if feeds else ""

@@ -50,13 +50,17 @@ __all__ = [
     "HealthConfig",
     "LogFormat",
     "LogLevel",
+    "MissingKeyFileError",
     "PortRange",
     "ProcessConfig",
+    "key_file_warnings",
     "load_config",
     "parse_config",
 ]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/relayd/relayd.toml")
+#: Shortest key accepted from a key file (bytes, surrounding whitespace removed).
+MIN_KEY_BYTES: Final = 16
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -83,6 +87,11 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return "; ".join(self.errors)
+
+
+class MissingKeyFileError(Exception):
+    """A feed's key file does not exist (yet). The feed cannot start until it does; unlike
+    other start failures this one does not stop relayd at start-up (see ``key_file_warnings``)."""
 
 
 class _InvalidValueError(ValueError):
@@ -793,10 +802,35 @@ def _check_key_files(raw: Mapping[str, Any], base_dir: Path) -> Iterator[str]:
             continue
         path = base_dir / relative
         try:
-            with path.open("rb"):
-                pass
+            with path.open("rb") as file:
+                key = file.read(64 * 1024).strip()
+        except FileNotFoundError:
+            continue  # not provisioned yet: a warning (key_file_warnings), not an error
         except OSError as exc:
             yield f"cannot read key file {path}: {exc.strerror or exc} @ {where}"
+            continue
+        if len(key) < MIN_KEY_BYTES:
+            yield f"key file {path} holds fewer than {MIN_KEY_BYTES} bytes @ {where}"
+
+
+def key_file_warnings(config: Config) -> list[str]:
+    """One line per key file that does not exist (yet), naming its TOML path.
+
+    Not an error: the key may be provisioned after the configuration (user data, a secrets
+    agent). Until it exists that feed does not start; the supervisor retries it with backoff.
+    """
+    found: list[tuple[str, str, Path]] = []
+    for index, emit in enumerate(config.emit):
+        for number, path in enumerate(emit.auth_key_files):
+            found.append((f"$.emit[{index}].auth_key_files[{number}]", emit.name, path))
+    for index, capture in enumerate(config.capture):
+        if capture.auth_key_file is not None:
+            found.append((f"$.capture[{index}].auth_key_file", capture.name, capture.auth_key_file))
+    return [
+        f"key file {path} does not exist yet; feed {name!r} will not start until it does @ {where}"
+        for where, name, path in found
+        if not path.exists() and not path.is_symlink()
+    ]
 
 
 def _rebase_emit(feed: EmitFeed, base_dir: Path) -> EmitFeed:

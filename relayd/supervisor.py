@@ -34,7 +34,15 @@ import attrs
 import trio
 
 from relayd import __version__
-from relayd.config import CaptureFeed, Config, ConfigError, EmitFeed, Endpoint, load_config
+from relayd.config import (
+    CaptureFeed,
+    Config,
+    ConfigError,
+    EmitFeed,
+    Endpoint,
+    MissingKeyFileError,
+    load_config,
+)
 from relayd.health import FeedReport, HealthApp, process_samples, serve_health
 from relayd.logs import RateLimitedLogger, setup_logging
 from relayd.metrics import Rate
@@ -409,7 +417,9 @@ class Supervisor:
                                 task_status.started()
                         raise RuntimeError("run() returned while the feed was not stopped")
                     except Exception as exc:
-                        if fail_fast and not reported:
+                        # A key not provisioned yet fails this feed alone, retried below.
+                        missing_key = _find(exc, MissingKeyFileError) is not None
+                        if fail_fast and not reported and not missing_key:
                             raise StartupError(
                                 f"cannot start {slot.kind} feed {slot.name}: {describe(exc)}"
                             ) from exc

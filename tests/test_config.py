@@ -24,6 +24,7 @@ from relayd.config import (
     HealthConfig,
     PortRange,
     ProcessConfig,
+    key_file_warnings,
     load_config,
     parse_config,
 )
@@ -583,21 +584,30 @@ def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
     assert config.emit[0].auth_key_files == (tmp_path / "keys" / "dev.key",)
     assert config.capture[0].auth_key_file == tmp_path / "keys" / "dev.key"
 
+    (tmp_path / "keys" / "short.key").write_bytes(b"k" * 15 + b"\n")
     bad = tmp_path / "bad.toml"
     bad.write_text(
-        emit_with(auth_key_files='["keys/dev.key", "keys/new.key", "keys"]', ttl='"x"')
+        emit_with(
+            auth_key_files='["keys/dev.key", "keys/new.key", "keys", "keys/short.key"]',
+            ttl='"x"',
+        )
         + capture_with(auth_key_file='"/nonexistent/relayd.key"')
     )
     with pytest.raises(ConfigError) as info:
         load_config(bad)
+    # A key file that does not exist yet is not an error (key_file_warnings names it).
     assert info.value.errors == (
         "invalid value for type, expected int @ $.emit[0].ttl",
-        f"cannot read key file {tmp_path / 'keys' / 'new.key'}: No such file or directory"
-        " @ $.emit[0].auth_key_files[1]",
         f"cannot read key file {tmp_path / 'keys'}: Is a directory @ $.emit[0].auth_key_files[2]",
-        "cannot read key file /nonexistent/relayd.key: No such file or directory"
-        " @ $.capture[0].auth_key_file",
+        f"key file {tmp_path / 'keys' / 'short.key'} holds fewer than 16 bytes"
+        " @ $.emit[0].auth_key_files[3]",
     )
+    later = tmp_path / "later.toml"
+    later.write_text(emit_with(auth_key_files='["keys/new.key"]'))
+    assert key_file_warnings(load_config(later)) == [
+        f"key file {tmp_path / 'keys' / 'new.key'} does not exist yet; feed 'dev' will not"
+        " start until it does @ $.emit[0].auth_key_files[0]"
+    ]
     # parse_config alone does not touch the file system.
     assert parse_config(bad.read_text().replace('ttl = "x"', "ttl = 3")).emit[0].ttl == 3
 

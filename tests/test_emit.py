@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from relayd.config import EmitFeed, Endpoint, PortRange
-from relayd.emit import EmitFeedRuntime, KeyFileError, load_auth_keys
+from relayd.emit import EmitFeedRuntime, KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.netif import GroupReceiver, drain, open_group_receivers
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -702,8 +702,10 @@ def test_load_auth_keys(tmp_path: Any) -> None:
     assert load_auth_keys([good]) == (b"0123456789abcdef0123456789abcdef",)
     with pytest.raises(KeyFileError, match="fewer than"):
         load_auth_keys([short])
-    with pytest.raises(KeyFileError, match="cannot read"):
+    with pytest.raises(KeyFileMissingError, match="does not exist"):
         load_auth_keys([tmp_path / "missing"])
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_auth_keys([tmp_path])
 
 
 async def test_listener_port_in_use_fails_the_start() -> None:
