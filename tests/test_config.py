@@ -85,7 +85,7 @@ def test_cloud_example_loads() -> None:
     assert prod.allowed_groups == (IPv4Network("239.111.111.0/27"),)
     assert prod.allowed_ports == (PortRange(6100, 6101),)
     assert all(net.is_private for net in prod.allowed_sources)
-    assert prod.auth_key_files == ()
+    assert prod.auth_key_files == (Path("/etc/relayd/keys/prod.key"),)
     assert config.capture == ()
 
 
