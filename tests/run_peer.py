@@ -110,7 +110,8 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
             result["sent"] += len(frames)
             seq += len(frames)
             due = start + (seq - args.first_seq) / args.rate
-            peer.pump(max(0.0, due - time.monotonic()))
+            while not peer.closed and (left := due - time.monotonic()) > 0:
+                peer.pump(left)
         deadline = time.monotonic() + 10
         while peer.acked < last and not peer.closed and time.monotonic() < deadline:
             peer.pump(0.2)
