@@ -8,8 +8,10 @@ a receiver counts what the emit feed sent and shows live rates, end-to-end laten
 On one host the re-emitted copies go to the very groups and ports the capture feed joined, so
 every join here is source-specific (``IP_ADD_SOURCE_MEMBERSHIP``): the capture feed takes only
 datagrams sent from the player's address, the receiver only those sent from the emit feed's,
-and nothing is relayed twice. The groups are remapped into 239.255.77.0/24 (organisation-local
-scope, ports 16100 and up), so the demo cannot collide with a real feed.
+and nothing is relayed twice. Both addresses are picked at random in 127.0.0.0/8 for each run
+(all of it is loopback on Linux), and so is the first port, so two demos running at once do
+not see each other's traffic. The groups are remapped into 239.255.77.0/24 (organisation-local
+scope, ports 16100-16999), so the demo cannot collide with a real feed.
 
 Latency is measured from the player's send to the receiver's receive: the player keeps each
 datagram's send time under its group, port and payload (byte-identical at the receiver).
@@ -54,9 +56,8 @@ __all__ = ["DEMO_NETWORK", "Remap", "main"]
 log = logging.getLogger("relayd.demo")
 
 LOOPBACK = IPv4Address("127.0.0.1")
-PLAYER_SOURCE = IPv4Address("127.0.0.2")
 DEMO_NETWORK = IPv4Network("239.255.77.0/24")
-DEMO_PORT_BASE = 16100
+DEMO_PORTS = range(16100, 17000, 8)  # first port of a run; a capture rarely has 8 ports
 FEED = "demo"
 SAMPLE_NAME = "sample_capture_v1_6.pcapng"
 _REPORT_EVERY = 1.0
@@ -65,17 +66,22 @@ _DRAIN_GRACE = 1.0  # after the last send, wait this long for stragglers
 _PENDING_MAX_AGE_NS = 5_000_000_000
 
 
+def _random_source(rng: random.Random, second_octet: int) -> IPv4Address:
+    return IPv4Address(f"127.{second_octet}.{rng.randrange(256)}.{rng.randrange(1, 255)}")
+
+
 @attrs.define
 class Remap:
     """Maps captured group:port pairs into the demo range, one-to-one, in first-seen order."""
 
+    port_base: int = DEMO_PORTS[0]
     ports: dict[int, int] = attrs.field(factory=dict)
     groups: dict[IPv4Address, IPv4Address] = attrs.field(factory=dict)
 
     def __call__(self, group: IPv4Address, port: int) -> tuple[IPv4Address, int]:
         new_port = self.ports.get(port)
         if new_port is None:
-            new_port = self.ports[port] = DEMO_PORT_BASE + len(self.ports)
+            new_port = self.ports[port] = self.port_base + len(self.ports)
         new_group = self.groups.get(group)
         if new_group is None:
             if len(self.groups) >= DEMO_NETWORK.num_addresses - 2:
@@ -91,9 +97,11 @@ def find_sample() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_traffic(pcap: Path | None, rate: int | None) -> tuple[list[CapturedDatagram], str, Remap]:
+def load_traffic(
+    pcap: Path | None, rate: int | None, port_base: int = DEMO_PORTS[0]
+) -> tuple[list[CapturedDatagram], str, Remap]:
     """One pass of traffic, remapped into the demo range, and a description of it."""
-    remap = Remap()
+    remap = Remap(port_base)
     if pcap is not None:
         source = list(iter_datagrams(pcap))
         if not source:
@@ -178,7 +186,10 @@ class Demo:
         speed: float,
         duration: float | None,
         out: TextIO,
+        rng: random.Random,
     ) -> None:
+        self.player_source = _random_source(rng, 2)
+        self.emit_source = _random_source(rng, 3)
         self.traffic = traffic
         self.speed = speed
         self.duration = duration
@@ -199,7 +210,7 @@ class Demo:
             EmitFeed(
                 name=FEED,
                 listen=Endpoint(str(LOOPBACK), 0),
-                interface=str(LOOPBACK),
+                interface=str(self.emit_source),
                 ttl=1,
                 loop=True,
                 allowed_sources=(IPv4Network("127.0.0.0/8"),),
@@ -207,10 +218,12 @@ class Demo:
             )
         )
         self.emit = emit
-        receivers = open_group_receivers(pairs, LOOPBACK, 8 * 1024 * 1024, sources=(LOOPBACK,))
+        receivers = open_group_receivers(
+            pairs, LOOPBACK, 8 * 1024 * 1024, sources=(self.emit_source,)
+        )
         player = open_multicast_sender(LOOPBACK, 1, True, 4 * 1024 * 1024)
         try:
-            player.bind((str(PLAYER_SOURCE), 0))
+            player.bind((str(self.player_source), 0))
             async with trio.open_nursery() as nursery:
                 await nursery.start(emit.run)
                 assert emit.listen_port is not None
@@ -222,7 +235,7 @@ class Demo:
                         targets=(Endpoint(str(LOOPBACK), emit.listen_port),),
                         receive_buffer=8 * 1024 * 1024,
                         replay_max_bytes=32 * 1024 * 1024,
-                        sources=(PLAYER_SOURCE,),
+                        sources=(self.player_source,),
                     )
                 )
                 self.capture = capture
@@ -232,9 +245,10 @@ class Demo:
                 for receiver in receivers:
                     nursery.start_soon(self._receive, receiver)
                 print(
-                    f"relayd demo: player 127.0.0.2 -> capture feed (SSM joins on 127.0.0.1) -> "
-                    f"TCP 127.0.0.1:{emit.listen_port} -> emit feed -> multicast "
-                    f"{len(pairs)} groups in {DEMO_NETWORK} -> receiver. Ctrl-C stops.",
+                    f"relayd demo: player {self.player_source} -> capture feed (joins on "
+                    f"127.0.0.1 for that source) -> TCP 127.0.0.1:{emit.listen_port} -> emit "
+                    f"feed -> multicast from {self.emit_source} to {len(pairs)} groups in "
+                    f"{DEMO_NETWORK} -> receiver. Ctrl-C stops.",
                     file=self.out,
                     flush=True,
                 )
@@ -392,13 +406,14 @@ def main(args: argparse.Namespace) -> int:
     speed = float(getattr(args, "speed", 1.0) or 1.0)
     rate: int | None = getattr(args, "rate", None)
     duration: float | None = getattr(args, "duration", None)
+    rng = random.Random()
     try:
-        traffic, what, remap = load_traffic(pcap, rate)
+        traffic, what, remap = load_traffic(pcap, rate, rng.choice(DEMO_PORTS))
     except (OSError, PcapngError) as exc:
         print(f"relayd demo: {exc}", file=sys.stderr)
         return 2
     print(f"relayd demo: replaying {what} at {speed:g}x; {_describe_groups(remap)}", flush=True)
-    demo = Demo(traffic, speed, duration, sys.stdout)
+    demo = Demo(traffic, speed, duration, sys.stdout, rng)
     try:
         return trio.run(demo.run)
     except OSError as exc:
