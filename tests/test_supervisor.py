@@ -352,9 +352,10 @@ async def test_crash_restart_with_backoff_isolated(
                 await trio.sleep(0.01)
         starts = h.crash["bad"].starts
         gaps = [b - a for a, b in itertools.pairwise(starts)]
-        # Backoff doubles from 0.05 s up to 0.2 s (never shorter; a little longer under load).
+        # Backoff doubles from 0.05 s up to 0.2 s: never shorter, and (with room for a loaded
+        # machine) shorter than the next doubling would be, which shows the cap.
         for gap, want in zip(gaps, [0.05, 0.1, 0.2, 0.2, 0.2], strict=True):
-            assert want - 0.005 <= gap <= want + 0.15, gaps
+            assert want - 0.005 <= gap < 2 * want - 0.01, gaps
         await trio.sleep(0.05)
         status, body = await http(r.port, "/healthz")
         assert status == 200
