@@ -102,7 +102,7 @@ resource "aws_cloudwatch_log_group" "this" {
 ################################################################################
 
 resource "aws_lb" "this" {
-  #checkov:skip=CKV_AWS_91:Access logs are an input (access_logs): they need an S3 bucket whose policy admits the log delivery service, which the deployment owns; TCP flows are also in VPC flow logs.
+  #checkov:skip=CKV_AWS_91:An NLB writes access logs only for TLS listeners; these are plain TCP (relayd frames its own stream), so the logs would stay empty. The access_logs input remains for a TLS listener.
   name                             = "${var.name}-nlb"
   internal                         = true
   load_balancer_type               = "network"

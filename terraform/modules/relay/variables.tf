@@ -213,7 +213,7 @@ variable "deletion_protection" {
 }
 
 variable "access_logs" {
-  description = "Optional NLB access logs to an existing S3 bucket whose policy admits the log delivery service."
+  description = "Optional NLB access logs to an existing S3 bucket whose policy admits the log delivery service (an NLB logs TLS listeners only)."
   type = object({
     bucket = string
     prefix = optional(string, "relay-nlb")
