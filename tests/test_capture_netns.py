@@ -442,6 +442,7 @@ def test_tcp_path_cut_and_restored(relay: Relay, deribit_sample: Path) -> None:
     status = Path(f"/proc/{relay.capture.pid}/status").read_text()
     rss_kib = int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1])
     assert rss_kib < 300 * 1024
+    print(f"path cut: replay buffer {held / 1e6:.2f} MB, capture RSS {rss_kib / 1024:.1f} MiB")
     relay.path.set_up(True)
     result = _wait(player, timeout=60)
     assert result["sent"] == len(datagrams)
