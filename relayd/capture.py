@@ -168,9 +168,7 @@ class CaptureFeedRuntime:
 
         yield one("datagrams_in", "counter", "Datagrams received.", self.datagrams_in)
         yield one("bytes_in", "counter", "Payload bytes received.", self.bytes_in)
-        yield one(
-            "kernel_drops", "counter", "Datagrams the kernel dropped.", self.kernel_drops
-        )
+        yield one("kernel_drops", "counter", "Datagrams the kernel dropped.", self.kernel_drops)
         yield one("frames_sent", "counter", "DATA frames sent.", self.frames_sent)
         yield one("bytes_sent", "counter", "Bytes written to TCP.", self.bytes_sent)
         yield one("replay_bytes", "gauge", "Bytes in the replay buffer.", replay.total_bytes)
