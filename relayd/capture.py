@@ -129,6 +129,14 @@ class CaptureFeedRuntime:
         self._close_code = code
         self._close_message = message
 
+    def update_keys(self, config: CaptureFeed) -> None:
+        """Read ``config.auth_key_file`` again for the next connection (a reload that rotates
+        the key); the current connection, session and replay buffer are kept. Raises
+        KeyFileError and keeps the current key when the file cannot be used."""
+        path = config.auth_key_file
+        self._key = None if path is None else load_auth_keys([path])[0]
+        self.config = config
+
     @property
     def connected(self) -> bool:
         return self._sock is not None

@@ -313,6 +313,13 @@ class EmitFeedRuntime:
         """What every connection is told (ERROR code and text) when the feed is cancelled."""
         self._close_reason = (int(code), message)
 
+    def update_keys(self, config: EmitFeed) -> None:
+        """Read ``config.auth_key_files`` again and use them for every later HELLO (a reload
+        that rotates keys); streaming connections are not touched. Raises KeyFileError and
+        keeps the current keys when a file cannot be used."""
+        self._keys = load_auth_keys(config.auth_key_files)
+        self.config = config
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         if self._keys is None:

@@ -634,6 +634,19 @@ class Supervisor:
     async def _apply(self, new: Config) -> None:
         old = self.config
         plan = plan_reload(old, new)
+        feeds = feeds_of(new)
+        # A feed whose only change is its keys, and every feed with keys (a key file may have
+        # been rewritten in place), takes them without a restart: its connections stay up.
+        rekeyed = tuple(k for k in plan.changed if self._rekey(k, feeds[k]))
+        for key in plan.unchanged:
+            self._rekey(key, feeds[key])
+        if rekeyed:
+            log.info("reload: new keys for %s", ", ".join(f"{k} feed {n}" for k, n in rekeyed))
+            plan = attrs.evolve(
+                plan,
+                changed=tuple(k for k in plan.changed if k not in rekeyed),
+                unchanged=(*plan.unchanged, *rekeyed),
+            )
         self._config_errors = ()
         self.config = new
         if plan.logging_changed:
@@ -668,12 +681,47 @@ class Supervisor:
                 log.error("%s; back to %s", exc, old.health.listen)
                 await self._start_health(old.health.listen, fail_fast=False)
                 raise
-        feeds = feeds_of(new)
         for key in (*plan.changed, *plan.added):
             log.info("reload: starting %s feed %s", *key)
             await self._start_feed(key, feeds[key], fail_fast=False)
         # Keep the file's order for /healthz.
         self.slots = {k: self.slots[k] for k in feeds if k in self.slots}
+
+    def _rekey(self, key: FeedKey, new: FeedConfig) -> bool:
+        """Give a running feed the keys of ``new`` when nothing else differs; True when done.
+
+        A key file that cannot be read is logged and the feed keeps its current keys (a later
+        reload tries again)."""
+        slot = self.slots.get(key)
+        if slot is None or slot.state != "running" or slot.runtime is None:
+            return False
+        old = slot.config
+        if isinstance(new, EmitFeed) and isinstance(old, EmitFeed):
+            if attrs.evolve(old, auth_key_files=new.auth_key_files) != new or not (
+                old.auth_key_files or new.auth_key_files
+            ):
+                return False
+        elif isinstance(new, CaptureFeed) and isinstance(old, CaptureFeed):
+            if attrs.evolve(old, auth_key_file=new.auth_key_file) != new or not (
+                old.auth_key_file or new.auth_key_file
+            ):
+                return False
+        else:
+            return False
+        update = getattr(slot.runtime, "update_keys", None)
+        if update is None:
+            return False
+        try:
+            update(new)
+        except Exception as exc:
+            log.error(
+                "reload: %s feed %s keeps its current keys: %s",
+                *key,
+                describe(exc),
+                extra={"feed": slot.name, "kind": slot.kind},
+            )
+        slot.config = new
+        return True
 
     # -- periodic ------------------------------------------------------------------------
 
