@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import attrs
 import pytest
@@ -40,6 +41,7 @@ class Peer:
     refuse: int = 0  # answer HELLO with this ERROR code
     read: bool = True  # False: stop reading after the handshake
     ack: bool = True
+    keys: tuple[bytes, ...] = ()
     emitted: dict[bytes, int] = attrs.field(factory=dict)
     datagrams: list[wire.Datagram] = attrs.field(factory=list)
     frames: list[bytes] = attrs.field(factory=list)
@@ -51,7 +53,7 @@ class Peer:
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         self.streams.append(stream)
-        conn = wire.EmitConnection(FEED, [], os.urandom(16))
+        conn = wire.EmitConnection(FEED, self.keys, os.urandom(16))
         try:
             await stream.send_all(conn.challenge())
             raw = b""
@@ -60,7 +62,11 @@ class Peer:
                 if not data:
                     return
                 if conn.state is not wire.State.STREAMING:
-                    events = conn.receive(data)
+                    try:
+                        events = conn.receive(data)
+                    except wire.HandshakeError as exc:
+                        await stream.send_all(wire.encode_error(exc.code, str(exc)))
+                        return
                     if conn.hello is None:
                         continue
                     self.hellos += 1
@@ -443,3 +449,28 @@ async def test_slow_emit_restart_is_picked_up_within_the_backoff_cap(
     assert trio.current_time() - back <= BACKOFF_CAP + 0.5
     await wait_for(lambda: len(second.peer.datagrams) == 30)
     assert feed.health().state == "streaming"
+
+
+async def test_authenticated_hello(
+    nursery: trio.Nursery, sender: socket.socket, tmp_path: Path
+) -> None:
+    """With auth_key_file the HELLO carries the MAC the emit side checks; a wrong key is
+    refused with AUTH_FAILED and retried."""
+    key = b"0123456789abcdef0123456789abcdef"
+    good = tmp_path / "good.key"
+    good.write_bytes(key + b"\n")
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(b"f" * 32)
+    groups = groups_for(_base_port(), 1, third=22)
+    peer = Peer(keys=(key,))
+    server = await serve(nursery, peer)
+    refused = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=bad))
+    await nursery.start(refused.run)
+    await wait_for(lambda: refused.errors_from_peer[int(wire.ErrorCode.AUTH_FAILED)] >= 2)
+    assert not refused.connected
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=good))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    send_many(sender, groups, 5)
+    await wait_for(lambda: len(peer.datagrams) == 5)
+    assert not refused.connected
