@@ -83,6 +83,8 @@ install -d -m 0750 -o root -g relayd /etc/relayd
 for f in "$RELAYD_TREE"/etc/relayd/*.toml; do
   install -m 0640 -o root -g relayd "$f" /etc/relayd/
 done
+# HELLO authentication keys (auth_key_files) go here at launch, readable by relayd alone.
+install -d -m 0700 -o relayd -g relayd /etc/relayd/keys
 install -m 0644 "$RELAYD_TREE/systemd/relayd.service" /etc/systemd/system/
 
 systemctl enable relayd.service

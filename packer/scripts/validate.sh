@@ -11,7 +11,7 @@ ok() { echo "validate.sh: ok: $*"; }
 check() {
   local what=$1
   shift
-  if "$@"; then ok "$what"; else fail "$what"; fi
+  if "$@" >/dev/null; then ok "$what"; else fail "$what"; fi
 }
 
 if version=$("$prefix/bin/relayd" --version 2>&1); then
@@ -37,6 +37,7 @@ fi
 check "relayd.service enabled" [ "$(systemctl is-enabled relayd.service)" = enabled ]
 check "system user relayd" getent passwd relayd
 check "relayd.toml owned root:relayd" [ "$(stat -c %U:%G /etc/relayd/relayd.toml)" = root:relayd ]
+check "key directory relayd-only" [ "$(stat -c %U:%a /etc/relayd/keys)" = relayd:700 ]
 
 # The file is in place and, on a booted machine (the builder), systemd-sysctl applied it.
 want=(

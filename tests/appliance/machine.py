@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-INSTALL_SH = "packer/scripts/install.sh"
+# The Packer build's provisioning scripts (packer/scripts/), in its order.
+PROVISION = ("install", "validate", "cleanup")
 # Mount points inside the install container (its /run is a fresh tmpfs, so nothing is left).
 IN_DIST = "/run/relayd-install/dist"
 IN_WHEELHOUSE = "/run/relayd-install/wheelhouse"
@@ -115,15 +116,22 @@ def unmount(path: Path) -> None:
             host_run(["umount", "--lazy", str(path)], timeout=30, check=False)
 
 
-def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) -> None:
-    """Run install.sh (as the Packer build does) in a container over ``base``; the files it
-    writes land in ``layer``. Also enables systemd-networkd, which the test's network uses."""
+def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) -> str:
+    """Run install.sh, validate.sh and cleanup.sh, as the Packer build does, in a container over
+    ``base``; the files they write land in ``layer``. Then enable systemd-networkd, which the
+    test's network uses (the AMI has its own network set-up). Returns the scripts' output."""
     scratch = Path(tempfile.mkdtemp(prefix="relayd-install-"))
     merged = scratch / "merged"
     try:
         mount_overlay([base], layer, scratch / "work", merged)
-        script = f"set -e; bash {IN_TREE}/{INSTALL_SH}; systemctl enable systemd-networkd.service"
-        host_run(
+        script = "; ".join(
+            [
+                "set -e",
+                *(f"bash {IN_TREE}/packer/scripts/{name}.sh" for name in PROVISION),
+                "systemctl enable systemd-networkd.service",
+            ]
+        )
+        return host_run(
             [
                 "systemd-nspawn",
                 "--quiet",
@@ -143,7 +151,7 @@ def install_layer(base: Path, layer: Path, wheel_dir: Path, wheelhouse: Path) ->
                 script,
             ],
             timeout=300,
-        )
+        ).stdout
     finally:
         unmount(merged)
         shutil.rmtree(scratch, ignore_errors=True)
