@@ -489,7 +489,7 @@ async def test_hello_timeout_closes_with_error() -> None:
             start = trio.current_time()
             assert isinstance(await peer.next_event(), Challenge)
             await peer.closed_with(ErrorCode.HELLO_TIMEOUT)
-            assert 0.25 < trio.current_time() - start < 2.0
+            assert 0.25 < trio.current_time() - start < 3.0
             assert metric(feed, "connections_rejected", reason="hello_timeout") == 1
 
 
@@ -579,20 +579,20 @@ async def test_heartbeats_when_idle_then_idle_timeout() -> None:
                 assert isinstance(event, Error)
                 assert event.code == ErrorCode.IDLE_TIMEOUT
                 break
-            assert 0.5 < trio.current_time() - start < 2.0
+            assert 0.5 < trio.current_time() - start < 3.0
             assert beats >= 3
             assert await peer.next_event() is None
             assert metric(feed, "connections_closed", reason="idle_timeout") == 1
 
 
 async def test_peer_heartbeats_keep_the_connection_open() -> None:
-    config = make_config(heartbeat_interval=0.1, idle_timeout=0.4)
+    config = make_config(heartbeat_interval=0.1, idle_timeout=1.0)
     with trio.fail_after(10):
         async with running(config) as feed:
             assert feed.listen_port
             peer = await Peer.start(feed.listen_port)
             assert await peer.welcome() == 0
-            for _ in range(10):  # a second, more than twice the idle timeout
+            for _ in range(25):  # 2.5 s, more than twice the idle timeout
                 await peer.stream.send_all(encode_heartbeat(0))
                 await trio.sleep(0.1)
             assert metric(feed, "active_connections") == 1
@@ -669,7 +669,7 @@ async def test_stop_tells_every_connection_the_close_reason() -> None:
             feed.set_close_reason(ErrorCode.FEED_REMOVED, "feed removed from the configuration")
             start = trio.current_time()
             nursery.cancel_scope.cancel()
-        assert trio.current_time() - start < 1.0
+        assert trio.current_time() - start < 2.0
         for peer in [*peers, pending]:
             error = await peer.closed_with(ErrorCode.FEED_REMOVED)
             assert error.message == "feed removed from the configuration"
