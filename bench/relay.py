@@ -277,6 +277,11 @@ class Point:
         return 100.0 * (self.sent - self.received) / self.sent if self.sent else 100.0
 
     @property
+    def keeps_up(self) -> bool:
+        """Delivered at (nearly) the offered rate: no backlog built up during the point."""
+        return self.delivered_rate >= 0.95 * self.gen_rate
+
+    @property
     def cpu_us(self) -> float | None:
         if self.cpu_capture_us is None or self.cpu_emit_us is None:
             return None
@@ -468,8 +473,10 @@ def ratios(points: Sequence[Point]) -> list[str]:
         d = by_key.get(("direct", p.shape, p.rate))
         if d is None or not d.received or not p.received or d.p50 <= 0 or d.p99 <= 0:
             continue
+        pace = "keeps up" if p.keeps_up else "FALLS BEHIND"
         lines.append(
-            f"  {p.shape:6s} {p.rate:>7,}/s: delivered {p.received / max(d.received, 1):.4f}"
+            f"  {p.shape:6s} {p.rate:>7,}/s: {pace:12s} delivered"
+            f" {p.received / max(d.received, 1):.4f}"
             f" of direct, p50 x{p.p50 / d.p50:.1f} (+{p.p50 - d.p50:.0f} µs),"
             f" p99 x{p.p99 / d.p99:.1f} (+{p.p99 - d.p99:.0f} µs)"
             + (f", CPU {p.cpu_us:.1f} µs/dgram" if p.cpu_us is not None else "")
