@@ -301,7 +301,8 @@ class EmitFeedRuntime:
         self.latency = LatencyHistogram()
         self._started_at = time.monotonic()
         self._last_datagram_at: float | None = None
-        self._send_failing_since: float | None = None
+        # time of the latest failed send while failing; None after a successful one
+        self._send_failed_at: float | None = None
         self._last_error: str | None = None
         self._rate_out = Rate(window=10.0)
         self._rate_in_bytes = Rate(window=10.0)
@@ -406,8 +407,8 @@ class EmitFeedRuntime:
         return max(0.0, time.monotonic() - since)
 
     def _sending_failed(self) -> bool:
-        since = self._send_failing_since
-        return since is not None and time.monotonic() - since < FAILING_HOLD
+        failed_at = self._send_failed_at
+        return failed_at is not None and time.monotonic() - failed_at < FAILING_HOLD
 
     def _ack_lag(self) -> int:
         lag = 0
@@ -902,7 +903,7 @@ class EmitFeedRuntime:
         if highest > start_highest and last_ts:
             self.latency.observe_ns(time.time_ns() - last_ts)
         if n_out and not failed:
-            self._send_failing_since = None
+            self._send_failed_at = None
         return peer_error
 
     async def _send_when_writable(
@@ -930,8 +931,7 @@ class EmitFeedRuntime:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         self.send_errors[name] = self.send_errors.get(name, 0) + 1
         self.dropped["send_error"] += 1
-        if self._send_failing_since is None:
-            self._send_failing_since = time.monotonic()
+        self._send_failed_at = time.monotonic()
         self._last_error = f"multicast send: {name} ({exc.strerror})"
         self._rlog.warning(
             f"send:{name}", "%s: multicast send failed: %s (%s)", self.name, exc.strerror, name
