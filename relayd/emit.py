@@ -319,6 +319,12 @@ class EmitFeedRuntime:
         that rotates keys); streaming connections are not touched. Raises KeyFileError and
         keeps the current keys when a file cannot be used."""
         self._keys = load_auth_keys(config.auth_key_files)
+        if (config.allowed_groups, config.allowed_ports) != (
+            self.config.allowed_groups,
+            self.config.allowed_ports,
+        ):
+            self._dests.clear()  # the destination caches encode the allowlist
+            self._denied.clear()
         self.config = config
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
