@@ -46,6 +46,8 @@ demo: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.codec
+	$(BIN)/python -m bench.emit
+	$(BIN)/python -m bench.capture
 	$(BIN)/python -m bench.relay
 
 bench-quick: $(STAMP) system-deps
