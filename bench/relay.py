@@ -141,6 +141,8 @@ class ProcSample:
     rss_kib: int
     hwm_kib: int
     udp_drops: int
+    #: nanoseconds runnable but waiting for a CPU, all threads (/proc/PID/task/*/schedstat)
+    runq_wait_ns: int
 
 
 def sample(pid: int, port: int) -> ProcSample:
@@ -162,7 +164,12 @@ def sample(pid: int, port: int) -> ProcSample:
             parts = line.split()
             if len(parts) > 12 and parts[1].endswith(port_hex):
                 drops += int(parts[-1])
-    return ProcSample(ticks, int(fields[12]), rss, hwm, drops)
+    wait = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                wait += int((task / "schedstat").read_text().split()[1])
+    return ProcSample(ticks, int(fields[12]), rss, hwm, drops, wait)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +272,10 @@ class Point:
     cpu_emit_us: float | None = None
     #: share of the relay CPU spent in the kernel (stime), percent
     cpu_sys_pct: float | None = None
+    #: time the relay processes waited for a CPU while runnable, percent of the point's wall
+    #: time (capture, emit): high values mean the relay was starved, not slow
+    runq_capture_pct: float | None = None
+    runq_emit_pct: float | None = None
     rss_capture_mb: float | None = None
     rss_emit_mb: float | None = None
     hwm_capture_mb: float | None = None
@@ -354,6 +365,7 @@ class Bench:
         )  # fmt: skip
         pids = self.relay.pids() if path == "relayd" and self.relay else {}
         before = {role: sample(pid, PORT) for role, pid in pids.items()}
+        started = time.monotonic()
         gen = self.topo.run(
             "gen",
             [str(self.gen), "--iface", gen_addr, "--groups", groups, "--port", str(PORT),
@@ -407,6 +419,9 @@ class Bench:
             point.hwm_capture_mb = cap[0].hwm_kib / 1024
             point.hwm_emit_mb = emit[0].hwm_kib / 1024
             point.capture_drops = cap[0].udp_drops - cap[1].udp_drops
+            wall_ns = max(1.0, (time.monotonic() - started) * 1e9)
+            point.runq_capture_pct = 100.0 * (cap[0].runq_wait_ns - cap[1].runq_wait_ns) / wall_ns
+            point.runq_emit_pct = 100.0 * (emit[0].runq_wait_ns - emit[1].runq_wait_ns) / wall_ns
         return point
 
 
@@ -783,6 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gen, recv = build()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    with contextlib.suppress(OSError, IndexError):
+        pressure = Path("/proc/pressure/cpu").read_text().split()[2]  # some avg60=..
+        load += f", CPU pressure {pressure.replace('=', ' ')} %"
     started = time.monotonic()
     with (
         appliance_limits() as notes,
@@ -834,7 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"  gen {merged.gen_cpu_us:.1f} µs/dgram"
                             + (
                                 f"  relay {merged.cpu_us:.1f} µs/dgram"
-                                f" ({_fmt(merged.cpu_sys_pct, 0)}% sys)"
+                                f" ({_fmt(merged.cpu_sys_pct, 0)}% sys), waited for a CPU"
+                                f" {_fmt(merged.runq_capture_pct, 0)}%/"
+                                f"{_fmt(merged.runq_emit_pct, 0)}% of the time"
                                 if merged.cpu_us
                                 else ""
                             )
