@@ -74,23 +74,28 @@ for dir in "${dirs[@]}"; do
   tf 120 "$dir" validate -no-color
 done
 
-step "terraform test (mock_provider \"aws\", offline; directories in parallel)"
+step "terraform test (mock_provider \"aws\", offline; in parallel)"
+# Each job: a directory and its test arguments. The environments also plan and apply their own
+# example.tfvars (tests/example holds that one run, which takes every value from the file).
+jobs=()
+for dir in "${dirs[@]}"; do jobs+=("$dir|"); done
+for dir in "${envs[@]}"; do jobs+=("$dir|-test-directory=tests/example -var-file=example.tfvars"); done
 pids=()
-for dir in "${dirs[@]}"; do
-  log="$work/test-${dir//\//_}.log"
-  (tf 600 "$dir" test -no-color >"$log" 2>&1; echo $? >"$log.rc") &
+for i in "${!jobs[@]}"; do
+  dir=${jobs[$i]%%|*}
+  read -r -a args <<<"${jobs[$i]#*|}"
+  (tf 600 "$dir" test -no-color "${args[@]}" >"$work/test-$i.log" 2>&1; echo $? >"$work/test-$i.rc") &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done
 failed=()
-for dir in "${dirs[@]}"; do
-  log="$work/test-${dir//\//_}.log"
-  echo "--- $tf_root/$dir"
-  cat "$log"
-  [ "$(cat "$log.rc")" = 0 ] || failed+=("$dir")
+for i in "${!jobs[@]}"; do
+  echo "--- $tf_root/${jobs[$i]%%|*} ${jobs[$i]#*|}"
+  cat "$work/test-$i.log"
+  [ "$(cat "$work/test-$i.rc")" = 0 ] || failed+=("${jobs[$i]}")
 done
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "terraform test failed in: ${failed[*]}" >&2
+  printf 'terraform test failed in: %s\n' "${failed[@]}" >&2
   exit 1
 fi
 

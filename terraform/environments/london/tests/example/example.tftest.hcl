@@ -1,0 +1,18 @@
+# example.tfvars itself, planned and applied against the mocked provider. Run by the check script
+# as `terraform test -test-directory=tests/example -var-file=example.tfvars`.
+
+mock_provider "aws" {
+  source = "../../tests/mocks/aws"
+}
+
+run "example_tfvars" {
+  assert {
+    condition     = length(output.capture_targets) == length(var.feeds) && length(regexall("\\[\\[emit\\]\\]", output.relayd_toml)) == length(var.feeds)
+    error_message = "Every feed of example.tfvars gets a capture target and an [[emit]] table."
+  }
+
+  assert {
+    condition     = output.customer.igmp_version == 2 && length(module.multicast_domain.consumer_account_ids) == length(var.consumer_account_ids)
+    error_message = "The example shares the domain with its consumers."
+  }
+}
