@@ -16,8 +16,10 @@ resource "aws_ec2_transit_gateway" "this" {
   multicast_support = "enable"
   # Consumer attachments are accepted by name (consumer_attachments), never automatically.
   auto_accept_shared_attachments  = "disable"
-  default_route_table_association = "enable"
-  default_route_table_propagation = "enable"
+  # Multicast needs no route table. Without a default one, attachments get no unicast routes,
+  # so customers sharing this gateway cannot reach each other or the relay VPC.
+  default_route_table_association = "disable"
+  default_route_table_propagation = "disable"
   dns_support                     = "enable"
   vpn_ecmp_support                = "disable"
   tags                            = merge(local.tags, { Name = var.name })

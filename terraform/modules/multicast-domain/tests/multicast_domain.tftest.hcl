@@ -52,6 +52,11 @@ run "domain" {
     condition     = aws_ec2_transit_gateway.this.auto_accept_shared_attachments == "disable"
     error_message = "Shared attachments are not accepted automatically."
   }
+
+  assert {
+    condition     = aws_ec2_transit_gateway.this.default_route_table_association == "disable" && aws_ec2_transit_gateway.this.default_route_table_propagation == "disable"
+    error_message = "No default route table: customers on the shared gateway get no unicast path to each other."
+  }
 }
 
 run "share" {
