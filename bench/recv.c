@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -250,15 +251,21 @@ int main(int argc, char **argv) {
         printf("probe groups %lld of %d\n", unique, ngroups);
         return unique >= ngroups ? 0 : 3;
     }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu_us = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+                    (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
     qsort(lat, (size_t)nlat, sizeof(int64_t), cmp_i64);
     qsort(klat, (size_t)nklat, sizeof(int64_t), cmp_i64);
     printf("received %lld bytes %lld dup %lld reorder %lld foreign %lld bad %lld drops %u"
            " p50_us %.1f p99_us %.1f p999_us %.1f max_us %.1f"
-           " k_p50_us %.1f k_p99_us %.1f k_p999_us %.1f k_max_us %.1f span_s %.6f\n",
+           " k_p50_us %.1f k_p99_us %.1f k_p999_us %.1f k_max_us %.1f span_s %.6f"
+           " cpu_us_per_dgram %.2f\n",
            unique, bytes, dups, reorder, foreign, bad, drops, percentile(lat, nlat, 0.5),
            percentile(lat, nlat, 0.99), percentile(lat, nlat, 0.999),
            percentile(lat, nlat, 1.0), percentile(klat, nklat, 0.5),
            percentile(klat, nklat, 0.99), percentile(klat, nklat, 0.999),
-           percentile(klat, nklat, 1.0), (double)(last_rx_real - first_rx_real) / 1e9);
+           percentile(klat, nklat, 1.0), (double)(last_rx_real - first_rx_real) / 1e9,
+           unique ? cpu_us / (double)unique : 0.0);
     return 0;
 }

@@ -266,6 +266,7 @@ class Point:
     delivered_rate: float = 0.0
     gen_max_late_us: float = 0.0
     gen_cpu_us: float = 0.0
+    recv_cpu_us: float = 0.0
     recv_drops: int = 0
     capture_drops: int = 0
     cpu_capture_us: float | None = None
@@ -400,6 +401,7 @@ class Bench:
         )
         point.k_p50, point.k_p99 = float(r["k_p50_us"]), float(r["k_p99_us"])
         point.recv_drops = int(r["drops"])
+        point.recv_cpu_us = float(r["cpu_us_per_dgram"])
         span = float(r["span_s"])
         point.delivered_rate = point.received / span if span > 0 else 0.0
         if pids:
@@ -478,6 +480,30 @@ def table(points: Sequence[Point]) -> list[str]:
     return rows
 
 
+def diagnostics(points: Sequence[Point]) -> list[str]:
+    """Why a relay point looks the way it does: pace, CPU of everyone, starvation, drops."""
+    rows = [
+        "| shape | rate/s | relay pace | gen / recv CPU µs/dgram | relay kernel share "
+        "| relay waited for a CPU (cap/emit) | capture socket drops | peak RSS MB (cap/emit) |",
+        "|" + "---|" * 8,
+    ]
+    for p in points:
+        if p.path != "relayd" or not p.sent:
+            continue
+        peak = (
+            "-"
+            if p.hwm_capture_mb is None or p.hwm_emit_mb is None
+            else f"{p.hwm_capture_mb:.0f}/{p.hwm_emit_mb:.0f}"
+        )
+        rows.append(
+            f"| {p.shape} | {p.rate:,} | {'keeps up' if p.keeps_up else 'falls behind'} "
+            f"| {p.gen_cpu_us:.1f} / {p.recv_cpu_us:.1f} | {_fmt(p.cpu_sys_pct, 0)} % "
+            f"| {_fmt(p.runq_capture_pct, 0)} % / {_fmt(p.runq_emit_pct, 0)} % "
+            f"| {p.capture_drops} | {peak} |"
+        )
+    return rows
+
+
 def ratios(points: Sequence[Point]) -> list[str]:
     """The relay against the direct path at each (shape, rate): the regression guard."""
     by_key = {(p.path, p.shape, p.rate): p for p in points}
@@ -511,6 +537,8 @@ def write_docs(points: Sequence[Point], meta: dict[str, Any]) -> None:
         *(f"System: {note}." for note in meta["notes"]),
         "",
         *table(points),
+        "",
+        *diagnostics(points),
         "",
         "Relay against direct at each rate:",
         "",
@@ -849,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"  {path:6s} {shape:6s} {rate:>7,}/s  loss {merged.loss_pct:7.3f} %"
                             f"  p50 {_fmt(merged.p50):>8s}  p99 {_fmt(merged.p99):>8s} µs"
                             f" (kernel stamp {_fmt(merged.k_p50)}/{_fmt(merged.k_p99)})"
-                            f"  gen {merged.gen_cpu_us:.1f} µs/dgram"
+                            f"  gen {merged.gen_cpu_us:.1f} recv {merged.recv_cpu_us:.1f} µs/dgram"
                             + (
                                 f"  relay {merged.cpu_us:.1f} µs/dgram"
                                 f" ({_fmt(merged.cpu_sys_pct, 0)}% sys), waited for a CPU"
