@@ -18,6 +18,8 @@ import trio
 
 log = logging.getLogger(__name__)
 
+STATE_WAIT = 1.0  # seconds a state change (READY, RELOADING, STOPPING) may wait for room
+
 
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -53,31 +55,48 @@ class Notifier:
             return None
         return self.watchdog_usec / 2e6
 
-    def send(self, *lines: str) -> bool:
-        """One datagram with the given ``KEY=value`` lines; False when not sent."""
+    def send(self, *lines: str, wait: float = 0.0) -> bool:
+        """One datagram with the given ``KEY=value`` lines; False when not sent.
+
+        The send never blocks, unless the receiving queue is full and ``wait`` > 0: then it
+        waits up to ``wait`` seconds for room. Periodic messages (STATUS, WATCHDOG) are simply
+        dropped when systemd lags; state changes (READY, RELOADING, STOPPING) wait, because
+        systemd would otherwise wait for them until its timeout.
+        """
         if self._sock is None or self.address is None:
             return False
         data = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8", "replace")
         try:
-            self._sock.sendto(data, self.address)
+            try:
+                self._sock.sendto(data, self.address)
+            except BlockingIOError:
+                if wait <= 0:
+                    raise
+                self._sock.settimeout(wait)
+                try:
+                    self._sock.sendto(data, self.address)
+                finally:
+                    self._sock.setblocking(False)
         except OSError as exc:
-            # systemd gone or the socket full: nothing to do but say so at debug level.
+            # systemd gone or its queue full: nothing to do but say so at debug level.
             log.debug("sd_notify failed: %s", exc)
             return False
         self.sent += 1
         return True
 
     def ready(self, status: str | None = None) -> bool:
-        return self.send("READY=1", *(() if status is None else (f"STATUS={status}",)))
+        lines = ("READY=1", *(() if status is None else (f"STATUS={status}",)))
+        return self.send(*lines, wait=STATE_WAIT)
 
     def reloading(self, status: str | None = None) -> bool:
         lines = ["RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}"]
         if status is not None:
             lines.append(f"STATUS={status}")
-        return self.send(*lines)
+        return self.send(*lines, wait=STATE_WAIT)
 
     def stopping(self, status: str | None = None) -> bool:
-        return self.send("STOPPING=1", *(() if status is None else (f"STATUS={status}",)))
+        lines = ("STOPPING=1", *(() if status is None else (f"STATUS={status}",)))
+        return self.send(*lines, wait=STATE_WAIT)
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -83,18 +84,55 @@ class RelaydProcess:
             self.proc.stderr.close()
 
 
-def wait_notify(sock: socket.socket, want: str, timeout: float = 10.0) -> list[str]:
-    """Notify datagrams up to and including the first containing ``want``."""
-    got: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            got.append(sock.recv(4096).decode())
-        except TimeoutError:
-            raise AssertionError(f"no {want!r} in {got}") from None
-        if want in got[-1]:
-            return got
+class NotifyListener:
+    """A systemd-style notify socket (a path, so it works from any network namespace) read
+    by a thread as systemd would, so the sender never finds its queue full."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self._dir.name, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._cursor = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append(data.decode())
+                self._cond.notify_all()
+
+    def wait(self, want: str, timeout: float = 10.0) -> list[str]:
+        """Messages since the last wait, up to and including the first containing ``want``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for i in range(self._cursor, len(self.messages)):
+                    if want in self.messages[i]:
+                        got = self.messages[self._cursor : i + 1]
+                        self._cursor = i + 1
+                        return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {want!r} in {self.messages[self._cursor :]}")
+                self._cond.wait(min(left, 0.1))
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(2)
+        self.sock.close()
+        self._dir.cleanup()
 
 
 def get_json(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:

@@ -346,7 +346,8 @@ async def test_idle_and_slow_clients_do_not_block_health(monkeypatch: pytest.Mon
                 status, _, _ = await _request(port, _get("/healthz"))
                 worst = max(worst, time.perf_counter() - t0)
                 assert status == 200
-            assert worst < 0.5, f"slowest /healthz took {worst * 1000:.0f} ms"
+            # NLB health checks time out after 2 s at the least; measured: a few ms.
+            assert worst < 2.0, f"slowest /healthz took {worst * 1000:.0f} ms"
             # After the timeouts every idle connection has been closed by the server.
             await trio.sleep(2.5)
             closed = 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -110,4 +112,28 @@ async def test_watchdog_task_pings_at_half_interval(
             break
     assert set(got) == {b"WATCHDOG=1"}
     assert 5 <= len(got) <= 8
+    n.close()
+
+
+def test_state_changes_wait_for_room_periodic_messages_do_not(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    # Fill the receiver's queue (net.unix.max_dgram_qlen, 10 by default).
+    filled = 0
+    while n.watchdog():
+        filled += 1
+        assert filled < 100_000
+    assert not n.status("dropped, not waited for")
+    # A reader makes room after a moment: READY waits for it instead of being lost.
+    reader = threading.Timer(0.2, lambda: sock.recv(100))
+    reader.start()
+    t0 = time.monotonic()
+    assert n.ready()
+    assert 0.1 < time.monotonic() - t0 < 1.0
+    reader.join()
+    got = [sock.recv(100) for _ in range(filled)]
+    assert got[-1] == b"READY=1"
+    assert set(got[:-1]) == {b"WATCHDOG=1"}
     n.close()

@@ -10,11 +10,8 @@ systemd starts it (a config file, NOTIFY_SOCKET, signals).
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +20,12 @@ from typing import Any
 import pytest
 from netns import Netns, NetnsHarness
 from relayd_process import (
+    NotifyListener,
     RelaydProcess,
     emit_toml,
     groups_arg,
     peer_argv,
     process_toml,
-    wait_notify,
 )
 
 from relayd.wire import ErrorCode
@@ -39,16 +36,13 @@ HEALTH = "http://127.0.0.1:8080"
 
 
 @pytest.fixture
-def notify() -> Iterator[tuple[socket.socket, str]]:
+def notify() -> Iterator[NotifyListener]:
     # A path socket: unlike abstract ones, it is reachable from every network namespace.
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 def status(cloud: Netns, feed: str = "") -> tuple[int, dict[str, Any]]:
@@ -113,10 +107,9 @@ def assert_complete_in_order(
 
 
 def test_stream_across_namespaces_with_reload_and_stop(
-    netns: NetnsHarness, tmp_path: Path, notify: tuple[socket.socket, str]
+    netns: NetnsHarness, tmp_path: Path, notify: NotifyListener
 ) -> None:
     sender, cloud, customer, listen_ip, egress, customer_ip = topology(netns)
-    sock, notify_path = notify
 
     def config(*names: str, ttl: int = 16) -> str:
         feeds = [
@@ -136,10 +129,10 @@ def test_stream_across_namespaces_with_reload_and_stop(
     config_path = tmp_path / "relayd.toml"
     config_path.write_text(config("alpha"))
     relayd = RelaydProcess(
-        config_path, {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "2000000"}, cloud.argv([])
+        config_path, {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"}, cloud.argv([])
     )
     try:
-        ready = wait_notify(sock, "READY=1", timeout=15)
+        ready = notify.wait("READY=1", timeout=15)
         assert ready[-1].startswith("READY=1\nSTATUS=1 feed (1 healthy)")
         code, alpha = status(cloud, "alpha")
         assert code == 0
@@ -159,7 +152,7 @@ def test_stream_across_namespaces_with_reload_and_stop(
         time.sleep(1.0)
         config_path.write_text(config("alpha", "beta"))
         relayd.proc.send_signal(signal.SIGHUP)
-        msgs = wait_notify(sock, "READY=1")
+        msgs = notify.wait("READY=1")
         assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in msgs)
         code, doc = status(cloud)
         assert list(doc["feeds"]) == ["alpha", "beta"]
@@ -190,7 +183,7 @@ def test_stream_across_namespaces_with_reload_and_stop(
         # An invalid reload keeps serving (and the instance healthy).
         config_path.write_text(config("alpha", "beta", ttl=0))
         relayd.proc.send_signal(signal.SIGHUP)
-        assert "config error" in wait_notify(sock, "READY=1")[-1]
+        assert "config error" in notify.wait("READY=1")[-1]
         code, doc = status(cloud)
         assert code == 0
         assert len(doc["config_errors"]) == 1
@@ -209,12 +202,11 @@ def test_stream_across_namespaces_with_reload_and_stop(
 
 
 def test_health_answers_while_the_data_port_is_flooded(
-    netns: NetnsHarness, tmp_path: Path, notify: tuple[socket.socket, str]
+    netns: NetnsHarness, tmp_path: Path, notify: NotifyListener
 ) -> None:
     """Hundreds of silent and garbage connections on the data port from the sender namespace,
     a stream in parallel: /healthz keeps answering fast and the stream loses nothing."""
     sender, cloud, customer, listen_ip, egress, customer_ip = topology(netns)
-    sock, notify_path = notify
     config_path = tmp_path / "relayd.toml"
     config_path.write_text(
         process_toml(
@@ -223,9 +215,9 @@ def test_health_answers_while_the_data_port_is_flooded(
             health="0.0.0.0:8080",
         )
     )  # fmt: skip
-    relayd = RelaydProcess(config_path, {"NOTIFY_SOCKET": notify_path}, cloud.argv([]))
+    relayd = RelaydProcess(config_path, {"NOTIFY_SOCKET": notify.path}, cloud.argv([]))
     try:
-        wait_notify(sock, "READY=1", timeout=15)
+        notify.wait("READY=1", timeout=15)
         flood_script = f"""
 import socket, time
 conns = []
@@ -268,7 +260,9 @@ for _ in range(20):
 print(worst)
 """
         worst = float(cloud.run(cloud.python_argv("-c", probe), timeout=60).stdout)
-        assert worst < 0.5, f"slowest /healthz took {worst * 1000:.0f} ms"
+        # An NLB health check times out after 2 s at the least (typically 5-10 s). Measured
+        # here: tens of ms; the bound leaves room for a machine busy with other tests.
+        assert worst < 2.0, f"slowest /healthz took {worst * 1000:.0f} ms"
         result = json.loads(tx.communicate(timeout=30)[0])
         assert result["acked"] == total
         got = json.loads(rx.communicate(timeout=30)[0])
