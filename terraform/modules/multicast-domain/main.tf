@@ -10,14 +10,14 @@ locals {
 # Multicast Transit Gateway and its IGMPv2 domain
 ################################################################################
 
+# Consumer attachments are accepted by ID (consumer_attachments), never automatically.
+# Multicast needs no route table: without a default one, attachments get no unicast routes,
+# so customers sharing this gateway cannot reach each other or the relay VPC.
 resource "aws_ec2_transit_gateway" "this" {
-  description       = var.transit_gateway.description
-  amazon_side_asn   = var.transit_gateway.amazon_side_asn
-  multicast_support = "enable"
-  # Consumer attachments are accepted by name (consumer_attachments), never automatically.
+  description                     = var.transit_gateway.description
+  amazon_side_asn                 = var.transit_gateway.amazon_side_asn
+  multicast_support               = "enable"
   auto_accept_shared_attachments  = "disable"
-  # Multicast needs no route table. Without a default one, attachments get no unicast routes,
-  # so customers sharing this gateway cannot reach each other or the relay VPC.
   default_route_table_association = "disable"
   default_route_table_propagation = "disable"
   dns_support                     = "enable"
