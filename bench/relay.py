@@ -239,8 +239,24 @@ class Relay:
         return {role: proc.pid for role, proc in self.procs.items()}
 
     def stop(self) -> None:
+        """Stop both processes and keep their logs in bench/out/relay-<role>.log."""
         for proc in self.procs.values():
             stop(proc)
+        for role in self.procs:
+            log = self.workdir / f"{role}.log"
+            if log.exists():
+                shutil.copyfile(log, OUT / f"relay-{role}.log")
+
+    def warnings(self) -> list[str]:
+        """The log lines of both processes so far (the log level is warning)."""
+        lines = []
+        for role in self.procs:
+            log = self.workdir / f"{role}.log"
+            if log.exists():
+                lines += [
+                    f"{role}: {line}" for line in log.read_text(errors="replace").splitlines()
+                ]
+        return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +307,7 @@ class Point:
     @property
     def keeps_up(self) -> bool:
         """Delivered at (nearly) the offered rate: no backlog built up during the point."""
-        return self.delivered_rate >= 0.95 * self.gen_rate
+        return self.received == self.sent and self.delivered_rate >= 0.95 * self.gen_rate
 
     @property
     def cpu_us(self) -> float | None:
@@ -359,9 +375,12 @@ class Bench:
             count = max(BURST, count // BURST * BURST)
         gen_addr, recv_addr = self._addresses(path)
         groups = ",".join(GROUPS)
+        # a backlogged relay on a busy machine can pause for a while: wait longer before
+        # calling what is missing lost
+        idle_ms = "700" if path == "direct" else "2000"
         recv = self._start_receiver(
             [str(self.recv), "--iface", recv_addr, "--groups", groups, "--port", str(PORT),
-             "--count", str(count), "--run-id", str(self.run_id), "--idle-ms", "700",
+             "--count", str(count), "--run-id", str(self.run_id), "--idle-ms", idle_ms,
              "--timeout-ms", str(int((seconds * 3 + 15) * 1000))]
         )  # fmt: skip
         pids = self.relay.pids() if path == "relayd" and self.relay else {}
@@ -480,6 +499,10 @@ def table(points: Sequence[Point]) -> list[str]:
     return rows
 
 
+def _pace(p: Point) -> str:
+    return "keeps up" if p.keeps_up else "loses" if p.received < p.sent else "falls behind"
+
+
 def diagnostics(points: Sequence[Point]) -> list[str]:
     """Why a relay point looks the way it does: pace, CPU of everyone, starvation, drops."""
     rows = [
@@ -496,7 +519,7 @@ def diagnostics(points: Sequence[Point]) -> list[str]:
             else f"{p.hwm_capture_mb:.0f}/{p.hwm_emit_mb:.0f}"
         )
         rows.append(
-            f"| {p.shape} | {p.rate:,} | {'keeps up' if p.keeps_up else 'falls behind'} "
+            f"| {p.shape} | {p.rate:,} | {_pace(p)} "
             f"| {p.gen_cpu_us:.1f} / {p.recv_cpu_us:.1f} | {_fmt(p.cpu_sys_pct, 0)} % "
             f"| {_fmt(p.runq_capture_pct, 0)} % / {_fmt(p.runq_emit_pct, 0)} % "
             f"| {p.capture_drops} | {peak} |"
@@ -514,7 +537,7 @@ def ratios(points: Sequence[Point]) -> list[str]:
         d = by_key.get(("direct", p.shape, p.rate))
         if d is None or not d.received or not p.received or d.p50 <= 0 or d.p99 <= 0:
             continue
-        pace = "keeps up" if p.keeps_up else "FALLS BEHIND"
+        pace = _pace(p).upper() if not p.keeps_up else _pace(p)
         lines.append(
             f"  {p.shape:6s} {p.rate:>7,}/s: {pace:12s} delivered"
             f" {p.received / max(d.received, 1):.4f}"
@@ -895,7 +918,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
         finally:
             if relay is not None:
+                logged = relay.warnings()
                 relay.stop()
+                if logged:
+                    print(f"bench.relay: the relay logged {len(logged)} lines (warning and up),"
+                          " in bench/out/relay-*.log; the last ones:")  # fmt: skip
+                    print("\n".join(f"  {line}" for line in logged[-8:]))
     mode = "quick" if args.quick else "full"
     command = "make bench-quick" if args.quick else "make bench"
     if args.docs:
