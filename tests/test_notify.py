@@ -137,3 +137,39 @@ def test_state_changes_wait_for_room_periodic_messages_do_not(
     assert got[-1] == b"READY=1"
     assert set(got[:-1]) == {b"WATCHDOG=1"}
     n.close()
+
+
+async def test_a_blocked_event_loop_stops_the_pings(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    """What makes systemd's watchdog useful: the pings come from the event loop, so while it
+    is stuck none are sent."""
+    sock, path = notify_socket
+    arrivals: list[float] = []
+
+    def read() -> None:
+        sock.settimeout(0.5)
+        while True:
+            try:
+                sock.recv(100)
+            except TimeoutError:
+                return
+            arrivals.append(time.monotonic())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"})  # ping every 20 ms
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(n.run_watchdog)
+        await trio.sleep(0.2)
+        stuck_from = time.monotonic()
+        time.sleep(0.4)  # a blocking call in the event loop
+        stuck_until = time.monotonic()
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    reader.join()
+    n.close()
+    during = [t for t in arrivals if stuck_from + 0.01 < t < stuck_until - 0.01]
+    assert during == []
+    assert len([t for t in arrivals if t < stuck_from]) >= 5
+    assert len([t for t in arrivals if t > stuck_until]) >= 5
