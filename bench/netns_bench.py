@@ -147,10 +147,10 @@ class Topology:
         return proc
 
     def run(
-        self, role: str, argv: Sequence[str], *, timeout: float
+        self, role: str, argv: Sequence[str], *, timeout: float, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside a namespace to completion; killed when it overruns."""
-        proc = self.popen(role, argv)
+        proc = self.popen(role, argv, cwd=cwd)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
