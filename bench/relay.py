@@ -34,6 +34,7 @@ import platform
 import re
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -792,6 +793,10 @@ def hops(bench: Bench, relay: Relay, rate: int, seconds: float, workdir: Path) -
 # Main
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.relay", description=__doc__.split("\n")[0]
@@ -838,6 +843,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"bench.relay: skipped: {reason}")
         return 0
+    # SIGTERM and SIGHUP unwind like Ctrl-C: namespaces deleted, sysctls restored
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     runs = args.runs or (1 if args.quick else 3)
     seconds = args.seconds or (1.5 if args.quick else 3.0)
     sweep = dict(QUICK_SWEEP if args.quick else FULL_SWEEP)
