@@ -1,0 +1,1 @@
+"""Fault, load and bad-input scenarios against real relayd processes in namespaces."""

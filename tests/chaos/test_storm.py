@@ -1,0 +1,138 @@
+"""Connection storm on the data port and abuse of the health port, during a 20k/s stream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from chaos.topology import (
+    EMIT_HEALTH,
+    EMIT_PORT,
+    Relay,
+    Sampler,
+    every,
+    fd_count,
+    metric,
+    report,
+    scaled,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+RATE = 20_000
+
+
+def _agent_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, object]:
+    out, _ = proc.communicate(timeout=timeout)
+    lines = [line for line in out.decode().splitlines() if line.startswith("{")]
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def test_connection_storm_on_the_data_port(relay: Relay) -> None:
+    relay.start()
+    seconds = scaled(12.0, 60.0)
+    storm_rate = 400
+    stream = relay.stream(RATE, seconds + 6)
+    sampler = Sampler({"emit": relay.pid("emit")})
+    sampler.sample()
+    storm = relay.agent(
+        relay.edge, "storm",
+        "--target", f"{relay.attack.b_addr.ip}:{EMIT_PORT}",
+        "--rate", str(storm_rate),
+        "--duration", str(seconds),
+        "--syn-from", str(relay.attack.a_addr.network),
+    )  # fmt: skip
+    statuses: list[int] = []
+    latencies: list[float] = []
+    half_open = 0
+    for elapsed in every(0.5, seconds + 3):
+        status, _, took = relay.health("emit")
+        statuses.append(status)
+        latencies.append(took)
+        sampler.sample()
+        if elapsed < seconds:  # SYN_RECV sockets on the data port: the half-open ones
+            listing = relay.cloud.run(["ss", "-Htn", "state", "syn-recv", f"sport = :{EMIT_PORT}"])
+            half_open = max(half_open, len(listing.stdout.splitlines()))
+    attack = _agent_result(storm, 30)
+    result = stream.result(timeout=60)
+    text = relay.metrics("emit")
+    rejected = {
+        reason: metric(text, "connections_rejected_total", reason=reason)
+        for reason in ("hello_timeout", "no_hello", "protocol", "pending_limit", "auth")
+    }
+    figures = sampler.figures()["emit"]
+    report(
+        "connection storm",
+        seconds=seconds,
+        storm_rate=storm_rate,
+        attack=attack,
+        stream=result,
+        health_non_200=sum(1 for s in statuses if s != 200),
+        health_max_s=round(max(latencies), 3),
+        half_open_max=half_open,
+        rejected=rejected,
+        emit=figures,
+    )
+    assert result["lost"] == 0, (result, relay.log_text("emit.log")[-3000:])
+    assert result["dup"] == 0
+    assert all(s == 200 for s in statuses), statuses
+    assert max(latencies) < 1.0
+    connected = sum(int(v) for k, v in attack.items() if k.endswith("_connected"))  # type: ignore[call-overload]
+    assert connected > seconds * storm_rate * 0.5, attack  # the storm really happened
+    assert half_open > 0  # spoofed SYNs left half-open connections on the listener
+    # Bounded: pending connections are capped (8 x max_connections = 32), refused ones linger
+    # at most 0.2 s for the peer's FIN; once the storm is over the count is back where it was.
+    assert figures["fds_max"] <= figures["fds_first"] + 32 + storm_rate * 0.2 + 32, figures
+    assert figures["fds_last"] <= figures["fds_first"] + 2, figures
+    assert figures["rss_kib_max"] <= figures["rss_kib_first"] + 20 * 1024, figures
+    assert relay.health("emit")[0] == 200
+
+
+def test_health_port_abuse(relay: Relay) -> None:
+    relay.start()
+    seconds = scaled(8.0, 60.0)
+    stream = relay.stream(RATE, seconds + 4)
+    sampler = Sampler({"emit": relay.pid("emit")})
+    sampler.sample()
+    abuse = relay.agent(
+        relay.edge, "health",
+        "--target", f"{relay.attack.b_addr.ip}:{EMIT_HEALTH}",
+        "--idle", "300", "--slow", "100", "--duration", str(seconds),
+    )  # fmt: skip
+    latencies: list[float] = []
+    statuses: list[int] = []
+    for _ in every(0.25, seconds + 1):
+        status, _, took = relay.health("emit")
+        statuses.append(status)
+        latencies.append(took)
+        sampler.sample()
+    attack = _agent_result(abuse, 30)
+    result = stream.result(timeout=60)
+    # The abusers are gone: their descriptors are released.
+    pid = relay.pid("emit")
+    for _ in every(0.2, 10.0):
+        if fd_count(pid) <= sampler.rows["emit"][0][2] + 2:
+            break
+    sampler.sample()
+    figures = sampler.figures()["emit"]
+    latencies.sort()
+    report(
+        "health port abuse",
+        seconds=seconds,
+        attack=attack,
+        stream=result,
+        probes=len(latencies),
+        health_non_200=sum(1 for s in statuses if s != 200),
+        health_p50_s=round(latencies[len(latencies) // 2], 4),
+        health_max_s=round(latencies[-1], 4),
+        emit=figures,
+    )
+    assert result["lost"] == 0, result
+    assert all(s == 200 for s in statuses), statuses
+    assert latencies[-1] < 1.0
+    assert int(attack.get("idle_opened", 0)) >= 300, attack  # type: ignore[call-overload]
+    assert figures["rss_kib_max"] <= figures["rss_kib_first"] + 30 * 1024, figures
+    assert figures["fds_last"] <= figures["fds_first"] + 2, figures
