@@ -458,7 +458,7 @@ def median_point(points: Sequence[Point]) -> Point:
         values = [getattr(p, name) for p in good if getattr(p, name) is not None]
         if values:
             value = statistics.median(values)
-            setattr(merged, name, type(getattr(first, name))(value))
+            setattr(merged, name, int(value) if isinstance(values[0], int) else float(value))
     return merged
 
 
