@@ -307,8 +307,13 @@ class Point:
 
     @property
     def keeps_up(self) -> bool:
-        """Delivered at (nearly) the offered rate: no backlog built up during the point."""
-        return self.received == self.sent and self.delivered_rate >= 0.95 * self.gen_rate
+        """Delivered everything at (nearly) the offered rate, and the median datagram did not
+        wait in a backlog (p50 under 10 ms): no queue built up during the point."""
+        return (
+            self.received == self.sent
+            and self.delivered_rate >= 0.95 * self.gen_rate
+            and 0 <= self.p50 < 10_000
+        )
 
     @property
     def cpu_us(self) -> float | None:
