@@ -17,6 +17,24 @@ locals {
   }
   all_groups = toset(flatten([for f in values(var.feeds) : f.groups]))
 
+  # HELLO authentication keys: one file per configured SSM parameter, numbered from 1 within the
+  # feed. A name is read in the instance's own region; an ARN in the region it names.
+  auth_keys = flatten([for name in sort(keys(var.feeds)) : [
+    for i, parameter in var.feeds[name].auth_key_parameters : {
+      feed      = name
+      file      = "/etc/relayd/keys/${name}-${i + 1}.key"
+      parameter = parameter
+      region    = startswith(parameter, "arn:") ? split(":", parameter)[3] : ""
+    }
+  ]])
+  auth_key_files = { for name in keys(var.feeds) : name => [for k in local.auth_keys : k.file if k.feed == name] }
+
+  # The exact parameter ARNs the instance role may read (a name becomes this region's ARN).
+  auth_key_parameter_arns = sort(distinct([for k in local.auth_keys :
+    startswith(k.parameter, "arn:") ? k.parameter : "arn:${local.partition}:ssm:${local.region}:${local.account_id}:parameter/${trimprefix(k.parameter, "/")}"
+  ]))
+  auth_key_regions = sort(distinct([for arn in local.auth_key_parameter_arns : split(":", arn)[3]]))
+
   # relayd.toml, rendered from the same feed list; see docs/CONFIG.md.
   relayd_toml = templatefile("${path.module}/templates/relayd.toml.tftpl", {
     log_level         = var.log_level
@@ -30,7 +48,8 @@ locals {
       max_connections = var.feeds[name].max_connections
       groups          = var.feeds[name].groups
       # Single ports render as TOML integers, ranges as strings.
-      ports = [for p in var.feeds[name].ports : can(tonumber(p)) ? tostring(tonumber(p)) : jsonencode(p)]
+      ports          = [for p in var.feeds[name].ports : can(tonumber(p)) ? tostring(tonumber(p)) : jsonencode(p)]
+      auth_key_files = local.auth_key_files[name]
     }]
   })
 
@@ -38,6 +57,7 @@ locals {
     relayd_toml      = local.relayd_toml
     ecs_cluster_name = var.ecs_cluster_name
     log_group_name   = local.log_group_name
+    auth_keys        = local.auth_keys
   })
 
   sns_topic_arn = var.alarms.sns_topic_arn != null ? var.alarms.sns_topic_arn : aws_sns_topic.alarms[0].arn
@@ -318,6 +338,49 @@ resource "aws_iam_role_policy_attachment" "instance" {
   policy_arn = "arn:${local.partition}:iam::aws:policy/${each.value}"
 }
 
+# The feeds' authentication keys, and no other parameter. AmazonSSMManagedInstanceCore allows
+# ssm:GetParameter(s) on every parameter of the account, so unless restrict_parameter_reads is
+# off, a Deny takes back all parameter reads but these and the CloudWatch agent's own.
+resource "aws_iam_role_policy" "parameters" {
+  count = length(local.auth_key_parameter_arns) > 0 || var.restrict_parameter_reads ? 1 : 0
+
+  name_prefix = "relayd-parameters-"
+  role        = aws_iam_role.instance.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = concat(
+      length(local.auth_key_parameter_arns) == 0 ? [] : [{
+        Sid      = "ReadFeedAuthKeys"
+        Effect   = "Allow"
+        Action   = ["ssm:GetParameter"]
+        Resource = local.auth_key_parameter_arns
+      }],
+      # With the AWS managed key aws/ssm there is nothing to add: its key policy already lets
+      # every principal of the account decrypt through SSM (and only through SSM).
+      length(local.auth_key_parameter_arns) == 0 || length(var.auth_key_kms_key_arns) == 0 ? [] : [{
+        Sid      = "DecryptFeedAuthKeysThroughSsm"
+        Effect   = "Allow"
+        Action   = ["kms:Decrypt"]
+        Resource = sort(distinct(var.auth_key_kms_key_arns))
+        Condition = {
+          StringEquals = {
+            "kms:ViaService"                      = [for r in local.auth_key_regions : "ssm.${r}.${data.aws_partition.current.dns_suffix}"]
+            "kms:EncryptionContext:PARAMETER_ARN" = local.auth_key_parameter_arns
+          }
+        }
+      }],
+      var.restrict_parameter_reads ? [{
+        Sid    = "NoOtherParameters"
+        Effect = "Deny"
+        Action = ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath", "ssm:GetParameterHistory"]
+        NotResource = concat(local.auth_key_parameter_arns, [
+          "arn:${local.partition}:ssm:*:${local.account_id}:parameter/AmazonCloudWatch-*",
+        ])
+      }] : [],
+    )
+  })
+}
+
 resource "aws_iam_instance_profile" "instance" {
   name_prefix = "${var.name}-relay-"
   role        = aws_iam_role.instance.name
@@ -401,6 +464,9 @@ resource "aws_autoscaling_group" "this" {
     id      = aws_launch_template.this.id
     version = aws_launch_template.this.latest_version
   }
+
+  # Instances fetch their keys at boot: the role's parameter policy must be in place first.
+  depends_on = [aws_iam_role_policy.parameters]
 
   # A new launch template version (AMI, feed list, user data) rolls through the group while at
   # least half of it keeps serving.

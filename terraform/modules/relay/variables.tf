@@ -34,13 +34,18 @@ variable "feeds" {
     listeners, the target groups and their health checks, the security group rules, the alarms
     and the rendered relayd.toml. `groups` are the multicast CIDRs the feed may emit
     (allowed_groups), `ports` the UDP ports (numbers or "lo-hi" ranges).
+    `auth_key_parameters` turns HELLO authentication on for the feed: SSM SecureString
+    parameters (names such as "/relayd/prod/key-1", or parameter ARNs) each holding one key; the
+    instances fetch them at boot into /etc/relayd/keys/<feed>-<n>.key and relayd accepts any of
+    them (auth_key_files), so a rotation lists the old and the new key for a while.
   EOT
   type = map(object({
-    port            = number
-    groups          = list(string)
-    ports           = optional(list(string), ["1-65535"])
-    ttl             = optional(number, 16)
-    max_connections = optional(number, 4)
+    port                = number
+    groups              = list(string)
+    ports               = optional(list(string), ["1-65535"])
+    ttl                 = optional(number, 16)
+    max_connections     = optional(number, 4)
+    auth_key_parameters = optional(list(string), [])
   }))
 
   validation {
@@ -98,6 +103,57 @@ variable "feeds" {
     condition     = alltrue([for f in values(var.feeds) : f.ttl == floor(f.ttl) && f.ttl >= 1 && f.ttl <= 255 && f.max_connections == floor(f.max_connections) && f.max_connections >= 1])
     error_message = "ttl must be an integer in 1..255 and max_connections an integer of at least 1."
   }
+
+  validation {
+    # A parameter name as SSM takes it (letters, digits, '_', '.', '-', and '/' between the levels
+    # of a hierarchy, which then starts with '/'; at most 15 levels; no reserved "aws"/"ssm"
+    # prefix), or the ARN of one. No wildcards: each entry becomes one exact IAM resource.
+    condition = alltrue(flatten([for f in values(var.feeds) : [for p in f.auth_key_parameters :
+      (
+        can(regex("^(/[A-Za-z0-9_.-]+){1,15}$|^[A-Za-z0-9_.-]+$", p)) ||
+        can(regex("^arn:aws[a-z-]*:ssm:[a-z]{2}(-[a-z]+)+-[0-9]:[0-9]{12}:parameter/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,14}$", p))
+      ) &&
+      length(p) <= 1011 &&
+      !can(regex("^(?i)/?(aws|ssm)", startswith(p, "arn:") ? try(split(":parameter/", p)[1], "") : p))
+    ]]))
+    error_message = "auth_key_parameters takes SSM parameter names (\"/relayd/prod/key-1\": letters, digits, '_', '.', '-', levels separated by '/' and starting with '/', not starting with \"aws\" or \"ssm\") or parameter ARNs (arn:aws:ssm:<region>:<account>:parameter/...), without wildcards."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : length(distinct(f.auth_key_parameters)) == length(f.auth_key_parameters)])
+    error_message = "A feed's auth_key_parameters must not name one parameter twice."
+  }
+}
+
+variable "auth_key_kms_key_arns" {
+  description = <<-EOT
+    Customer managed KMS keys that encrypt the feeds' auth_key_parameters. Empty (the default):
+    the parameters use the AWS managed key aws/ssm, whose own key policy already lets every
+    principal of the account decrypt through SSM, so the role gets no KMS statement. Named
+    keys: the role may kms:Decrypt with them only through SSM (kms:ViaService) and only for
+    these parameters (kms:EncryptionContext:PARAMETER_ARN); each key's policy must admit the
+    account (or the role).
+  EOT
+  type        = list(string)
+  default     = []
+
+  validation {
+    # Key ARNs, not alias ARNs: IAM matches kms:Decrypt against the key's ARN.
+    condition     = alltrue([for k in var.auth_key_kms_key_arns : can(regex("^arn:aws[a-z-]*:kms:[a-z]{2}(-[a-z]+)+-[0-9]:[0-9]{12}:key/(mrk-[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", k))])
+    error_message = "auth_key_kms_key_arns takes KMS key ARNs (arn:aws:kms:<region>:<account>:key/<key id>), not aliases."
+  }
+}
+
+variable "restrict_parameter_reads" {
+  description = <<-EOT
+    Deny the instance role every SSM parameter read except the feeds' auth_key_parameters and
+    the CloudWatch agent's AmazonCloudWatch-* parameters. AmazonSSMManagedInstanceCore alone
+    allows ssm:GetParameter(s) on every parameter of the account, and the aws/ssm key decrypts
+    for every principal of the account. Turn it off only if Run Command or State Manager
+    documents on these instances resolve other parameters.
+  EOT
+  type        = bool
+  default     = true
 }
 
 variable "data_centre_cidrs" {

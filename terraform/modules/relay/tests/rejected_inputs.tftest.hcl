@@ -145,3 +145,75 @@ run "bad_ami" {
   }
   expect_failures = [var.instance]
 }
+
+run "auth_key_parameter_with_space" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/relayd/prod key"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_wildcard" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/relayd/prod/*"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_hierarchy_without_leading_slash" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["relayd/prod/key-1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_empty_level" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/relayd//key-1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_reserved_prefix" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/AWS/relayd/key-1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_not_ssm_arn" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["arn:aws:secretsmanager:eu-west-2:111122223333:secret:relayd-prod"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_arn_wildcard_account" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["arn:aws:ssm:eu-west-2:*:parameter/relayd/prod/key-1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_parameter_twice" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/relayd/prod/key-1", "/relayd/prod/key-1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "auth_key_kms_alias" {
+  command = plan
+  variables {
+    auth_key_kms_key_arns = ["arn:aws:kms:eu-west-2:111122223333:alias/relayd-keys"]
+  }
+  expect_failures = [var.auth_key_kms_key_arns]
+}

@@ -248,3 +248,143 @@ run "existing_topic" {
     error_message = "A given topic is used and none is created."
   }
 }
+
+run "unauthenticated_feeds" {
+  command = plan
+
+  assert {
+    condition     = !strcontains(output.relayd_toml, "auth_key_files") && !strcontains(output.user_data, "fetch_key") && !strcontains(output.user_data, "aws ssm")
+    error_message = "Without auth_key_parameters no feed lists key files and the user data fetches nothing."
+  }
+
+  assert {
+    condition = alltrue([for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s.Effect == "Deny"]) && toset(jsondecode(aws_iam_role_policy.parameters[0].policy).Statement[0].NotResource) == toset([
+      "arn:aws:ssm:*:111122223333:parameter/AmazonCloudWatch-*",
+    ])
+    error_message = "Without keys the role reads no parameter but the CloudWatch agent's: the policy only denies."
+  }
+}
+
+run "parameter_reads_unrestricted" {
+  command = plan
+
+  variables {
+    restrict_parameter_reads = false
+  }
+
+  assert {
+    condition     = length(aws_iam_role_policy.parameters) == 0
+    error_message = "No keys and no restriction: no parameter policy at all."
+  }
+}
+
+run "authenticated_feed" {
+  variables {
+    feeds = {
+      dev  = { port = 6666, groups = ["239.10.1.0/24"] }
+      prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["/relayd/prod/key-1", "/relayd/prod/key-2"] }
+    }
+  }
+
+  assert {
+    condition     = strcontains(one([for s in split("[[emit]]", output.relayd_toml) : s if strcontains(s, "name = \"prod\"")]), "\nauth_key_files = [\"/etc/relayd/keys/prod-1.key\", \"/etc/relayd/keys/prod-2.key\"]\n")
+    error_message = "The authenticated feed lists one key file per parameter, in order, in its own [[emit]] table."
+  }
+
+  assert {
+    condition     = !strcontains(one([for s in split("[[emit]]", output.relayd_toml) : s if strcontains(s, "name = \"dev\"")]), "auth_key_files") && length(regexall("auth_key_files", output.relayd_toml)) == 1
+    error_message = "The unauthenticated feed lists no key files."
+  }
+
+  assert {
+    # The Allow statements of the parameter policy, and every other statement's effect.
+    condition = [for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s if s.Effect == "Allow"] == [{
+      Sid      = "ReadFeedAuthKeys"
+      Effect   = "Allow"
+      Action   = ["ssm:GetParameter"]
+      Resource = ["arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-1", "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2"]
+    }]
+    error_message = "The role may read exactly the configured parameters, nothing else, and gets no KMS statement with the AWS managed key."
+  }
+
+  assert {
+    condition = toset(one([for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s.NotResource if s.Effect == "Deny"])) == toset([
+      "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-1",
+      "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2",
+      "arn:aws:ssm:*:111122223333:parameter/AmazonCloudWatch-*",
+    ]) && contains(one([for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s.Action if s.Effect == "Deny"]), "ssm:GetParameters")
+    error_message = "Every other parameter read (which AmazonSSMManagedInstanceCore would allow) is denied."
+  }
+
+  assert {
+    condition     = aws_iam_role_policy.parameters[0].role == aws_iam_role.instance.id && contains(aws_autoscaling_group.this.launch_template[*].id, aws_launch_template.this.id)
+    error_message = "The parameter policy belongs to the instance role."
+  }
+
+  assert {
+    # Both keys are fetched (in this region: no region argument) before relayd.toml is written.
+    condition     = strcontains(split("cat > /etc/relayd/relayd.toml.new", output.user_data)[0], "\nfetch_key 'prod' '/etc/relayd/keys/prod-1.key' '' '/relayd/prod/key-1' || true\nfetch_key 'prod' '/etc/relayd/keys/prod-2.key' '' '/relayd/prod/key-2' || true\n") && !strcontains(output.user_data, "fetch_key 'dev'")
+    error_message = "The user data fetches each parameter of the feed, in order, before it writes relayd.toml."
+  }
+
+  assert {
+    condition     = length(regexall("(?m)^\\s*set\\s+-[a-z]*x|set\\s+-o\\s+xtrace|bash\\s+-x", output.user_data)) == 0 && strcontains(output.user_data, "--with-decryption --query Parameter.Value --output text >\"$tmp\"")
+    error_message = "The user data never traces its commands and sends the key value only into the temporary file."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "chown relayd:relayd \"$tmp\" && chmod 0400 \"$tmp\" && mv -f \"$tmp\" \"$file\"") && strcontains(output.user_data, "install -d -m 0700 -o relayd -g relayd /etc/relayd/keys")
+    error_message = "Key files become 0400 relayd:relayd by rename, in the 0700 key directory."
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.this.user_data), "fetch_key 'prod'")
+    error_message = "The launch template carries the key-fetching user data."
+  }
+}
+
+run "customer_managed_key_and_arns" {
+  command = plan
+
+  variables {
+    feeds = {
+      dev  = { port = 6666, groups = ["239.10.1.0/24"], auth_key_parameters = ["relayd-dev-key"] }
+      prod = { port = 6667, groups = ["239.10.2.0/24"], auth_key_parameters = ["arn:aws:ssm:ap-northeast-1:444455556666:parameter/relayd/prod/key-1", "relayd-dev-key"] }
+    }
+    auth_key_kms_key_arns = ["arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+  }
+
+  assert {
+    condition = one([for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s.Resource if s.Sid == "ReadFeedAuthKeys"]) == [
+      "arn:aws:ssm:ap-northeast-1:444455556666:parameter/relayd/prod/key-1",
+      "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd-dev-key",
+    ]
+    error_message = "An ARN is used as given, a name becomes this region's ARN, and a parameter shared by two feeds is granted once."
+  }
+
+  assert {
+    condition = [for s in jsondecode(aws_iam_role_policy.parameters[0].policy).Statement : s if s.Sid == "DecryptFeedAuthKeysThroughSsm"] == [{
+      Sid      = "DecryptFeedAuthKeysThroughSsm"
+      Effect   = "Allow"
+      Action   = ["kms:Decrypt"]
+      Resource = ["arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+      Condition = {
+        StringEquals = {
+          "kms:ViaService"                      = ["ssm.ap-northeast-1.amazonaws.com", "ssm.eu-west-2.amazonaws.com"]
+          "kms:EncryptionContext:PARAMETER_ARN" = ["arn:aws:ssm:ap-northeast-1:444455556666:parameter/relayd/prod/key-1", "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd-dev-key"]
+        }
+      }
+    }]
+    error_message = "With a customer managed key the role may decrypt with that key only, only through SSM in the parameters' regions, and only for these parameters."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "fetch_key 'prod' '/etc/relayd/keys/prod-1.key' 'ap-northeast-1' 'arn:aws:ssm:ap-northeast-1:444455556666:parameter/relayd/prod/key-1' || true\nfetch_key 'prod' '/etc/relayd/keys/prod-2.key' '' 'relayd-dev-key' || true\n") && strcontains(output.user_data, "fetch_key 'dev' '/etc/relayd/keys/dev-1.key' '' 'relayd-dev-key' || true\n")
+    error_message = "An ARN is fetched in the region it names; each feed numbers its own key files."
+  }
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/dev-1.key\"]\n") && strcontains(output.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/prod-1.key\", \"/etc/relayd/keys/prod-2.key\"]\n")
+    error_message = "Each authenticated feed lists its own key files."
+  }
+}
