@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Terraform checks (`make terraform-check`): fmt, validate, the offline `terraform test` suites
-# (mock_provider "aws"), checkov, and `relayd check-config` on the relayd.toml that Terraform
-# renders. The AWS provider comes from this machine's local filesystem mirror; where there is
-# none, the checks are skipped with a loud line and the script exits 0. Anything else that goes
-# wrong exits non-zero.
+# (mock_provider "aws"), checkov, `relayd check-config` on the relayd.toml that Terraform
+# renders (as it is, and with the key files it names provisioned), shellcheck of the rendered
+# user data, and a run of its key-fetching block against a stand-in AWS CLI. The AWS provider
+# comes from this machine's local filesystem mirror; where there is none, the checks are skipped
+# with a loud line and the script exits 0. Anything else that goes wrong exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -120,11 +121,13 @@ tomls+=("$work/relayd-edge-cases.toml")
 # The user data around it is a bash script: shellcheck it too where shellcheck is installed.
 render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data.sh"
 if command -v shellcheck >/dev/null; then
-  timeout 60 shellcheck -s bash "$work/user-data.sh"
+  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh"
   echo "user data: shellcheck clean"
 else
   echo "WARNING: shellcheck is not installed; the rendered user data is not linted" >&2
 fi
+# Its key-fetching block, run against a stand-in AWS CLI in a scratch directory.
+timeout 120 bash "$tf_root/tests/user-data-keys.sh" "$work/user-data.sh"
 
 relayd=$repo/.venv/bin/relayd
 python=$repo/.venv/bin/python
@@ -141,7 +144,25 @@ for toml in "${tomls[@]}"; do
   timeout 60 "$python" -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$toml" ||
     { cat -n "$toml"; exit 1; }
   if [ "$have_checker" = 1 ]; then
+    # As rendered, the key files of authenticated feeds do not exist here: warnings, exit 0.
     timeout 60 "$relayd" check-config --config "$toml" || { cat -n "$toml"; exit 1; }
+    # With every key file provisioned (in a scratch directory), the file must check clean.
+    if grep -q '^auth_key_files = ' "$toml"; then
+      keys=$work/keys-$(basename "$toml" .toml)
+      mkdir -p "$keys"
+      sed "s|\"/etc/relayd/keys/|\"$keys/|g" "$toml" >"$keys/relayd.toml"
+      for key in $(grep -o "\"$keys/[^\"]*\"" "$keys/relayd.toml" | tr -d '"'); do
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$key")
+      done
+      printf '%s with its keys: ' "$(basename "$toml")"
+      timeout 60 "$relayd" check-config --config "$keys/relayd.toml" 2>"$keys/stderr" ||
+        { cat "$keys/stderr"; cat -n "$keys/relayd.toml"; exit 1; }
+      if [ -s "$keys/stderr" ]; then
+        cat "$keys/stderr"
+        echo "relayd check-config warns although every key file exists" >&2
+        exit 1
+      fi
+    fi
   else
     echo "parses as TOML"
   fi

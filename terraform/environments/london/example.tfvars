@@ -14,8 +14,16 @@ data_centre = {
 }
 
 feeds = {
-  dev  = { port = 6666, groups = ["239.192.10.0/24"] }
-  prod = { port = 6667, groups = ["239.192.20.0/24", "239.192.21.0/24"], ports = ["30000-30999"] }
+  dev = { port = 6666, groups = ["239.192.10.0/24"] }
+  # prod authenticates its HELLO with the key in this SecureString parameter (created in this
+  # region beforehand; see terraform/README.md). During a rotation: ["/relayd/prod/key-1",
+  # "/relayd/prod/key-2"].
+  prod = {
+    port                = 6667
+    groups              = ["239.192.20.0/24", "239.192.21.0/24"]
+    ports               = ["30000-30999"]
+    auth_key_parameters = ["/relayd/prod/key-1"]
+  }
 }
 
 instance = {

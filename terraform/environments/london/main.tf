@@ -12,14 +12,15 @@ locals {
 module "relay" {
   source = "../../modules/relay"
 
-  name              = var.name
-  vpc               = { id = var.vpc.id, cidr_block = var.vpc.cidr_block, subnet_ids = var.vpc.subnet_ids }
-  feeds             = var.feeds
-  data_centre_cidrs = var.data_centre.cidrs
-  instance          = var.instance
-  ecs_cluster_name  = var.ecs_cluster_name
-  alarms            = { email_endpoints = var.alarm_emails }
-  tags              = local.tags
+  name                  = var.name
+  vpc                   = { id = var.vpc.id, cidr_block = var.vpc.cidr_block, subnet_ids = var.vpc.subnet_ids }
+  feeds                 = var.feeds
+  auth_key_kms_key_arns = var.auth_key_kms_key_arns
+  data_centre_cidrs     = var.data_centre.cidrs
+  instance              = var.instance
+  ecs_cluster_name      = var.ecs_cluster_name
+  alarms                = { email_endpoints = var.alarm_emails }
+  tags                  = local.tags
 }
 
 module "multicast_domain" {

@@ -18,6 +18,11 @@ output "relay" {
   }
 }
 
+output "auth_key_parameters" {
+  description = "The SSM SecureString parameters (ARNs) the relays read their feeds' HELLO keys from; they must exist in this account before the instances boot."
+  value       = module.relay.auth_key_parameter_arns
+}
+
 output "customer" {
   description = "What a consumer account needs: the RAM share, Transit Gateway and domain, and the groups per feed."
   value = merge(module.multicast_domain.customer, {

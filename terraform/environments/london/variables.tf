@@ -32,14 +32,21 @@ variable "data_centre" {
 }
 
 variable "feeds" {
-  description = "The feeds, keyed by name: the single source for listeners, target groups, security group rules and relayd.toml (see the relay module)."
+  description = "The feeds, keyed by name: the single source for listeners, target groups, security group rules and relayd.toml (see the relay module). auth_key_parameters: SSM SecureString parameters (names or ARNs) holding the feed's HELLO keys; two during a rotation."
   type = map(object({
-    port            = number
-    groups          = list(string)
-    ports           = optional(list(string), ["1-65535"])
-    ttl             = optional(number, 16)
-    max_connections = optional(number, 4)
+    port                = number
+    groups              = list(string)
+    ports               = optional(list(string), ["1-65535"])
+    ttl                 = optional(number, 16)
+    max_connections     = optional(number, 4)
+    auth_key_parameters = optional(list(string), [])
   }))
+}
+
+variable "auth_key_kms_key_arns" {
+  description = "Customer managed KMS keys that encrypt the auth_key_parameters; empty: the AWS managed key aws/ssm (see the relay module)."
+  type        = list(string)
+  default     = []
 }
 
 variable "instance" {

@@ -73,3 +73,13 @@ output "alarm_topic_arn" {
   description = "SNS topic the alarms notify."
   value       = local.sns_topic_arn
 }
+
+output "auth_key_parameter_arns" {
+  description = "The SSM parameters holding the feeds' HELLO keys, as the ARNs the instance role may read: create these SecureStrings before the instances boot."
+  value       = local.auth_key_parameter_arns
+}
+
+output "auth_key_files" {
+  description = "Per feed, the key files the user data writes and relayd.toml lists (auth_key_files); empty for a feed without authentication."
+  value       = local.auth_key_files
+}

@@ -91,3 +91,25 @@ run "existing_attachment" {
     error_message = "With the VPC already attached only the routes are added."
   }
 }
+
+run "authenticated_feeds" {
+  command = plan
+
+  variables {
+    feeds = {
+      dev  = { port = 6666, groups = ["239.192.10.0/24"] }
+      prod = { port = 6667, groups = ["239.192.20.0/24"], auth_key_parameters = ["/relayd/prod/key-1", "/relayd/prod/key-2"] }
+    }
+    auth_key_kms_key_arns = ["arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+  }
+
+  assert {
+    condition     = output.auth_key_parameters == tolist(["arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-1", "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2"])
+    error_message = "London passes the key parameters through to the relay module."
+  }
+
+  assert {
+    condition     = length(module.relay.auth_key_files["dev"]) == 0 && tolist(module.relay.auth_key_files["prod"]) == tolist(["/etc/relayd/keys/prod-1.key", "/etc/relayd/keys/prod-2.key"]) && strcontains(output.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/prod-1.key\", \"/etc/relayd/keys/prod-2.key\"]\n")
+    error_message = "Only prod lists key files in relayd.toml, both during the rotation."
+  }
+}

@@ -131,3 +131,25 @@ run "rejects_bad_london_ids" {
 
   expect_failures = [var.london]
 }
+
+run "authenticated_feeds" {
+  command = plan
+
+  variables {
+    feeds = {
+      dev = { port = 6666, groups = ["239.192.10.0/24"] }
+      # The old key from Tokyo's own parameter, the new one read from London's by ARN.
+      prod = { port = 6667, groups = ["239.192.20.0/24"], auth_key_parameters = ["/relayd/prod/key-1", "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2"] }
+    }
+  }
+
+  assert {
+    condition     = output.auth_key_parameters == tolist(["arn:aws:ssm:ap-northeast-1:111122223333:parameter/relayd/prod/key-1", "arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2"])
+    error_message = "A parameter name is Tokyo's own parameter; an ARN is read where it points."
+  }
+
+  assert {
+    condition     = strcontains(module.relay.user_data, "fetch_key 'prod' '/etc/relayd/keys/prod-2.key' 'eu-west-2' 'arn:aws:ssm:eu-west-2:111122223333:parameter/relayd/prod/key-2'") && strcontains(module.relay.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/prod-1.key\", \"/etc/relayd/keys/prod-2.key\"]\n")
+    error_message = "Tokyo's user data fetches London's parameter from London, and relayd.toml lists both key files."
+  }
+}

@@ -12,6 +12,16 @@ mock_provider "aws" {
 
 run "example_tfvars" {
   assert {
+    condition     = tolist(module.relay.auth_key_files["prod"]) == tolist(["/etc/relayd/keys/prod-1.key"]) && strcontains(output.relayd_toml, "\nauth_key_files = [\"/etc/relayd/keys/prod-1.key\"]\n") && length(regexall("auth_key_files", output.relayd_toml)) == 1
+    error_message = "The example authenticates prod with one key file and no other feed."
+  }
+
+  assert {
+    condition     = length(output.auth_key_parameters) == 1 && endswith(output.auth_key_parameters[0], ":parameter/relayd/prod/key-1") && startswith(output.auth_key_parameters[0], "arn:aws:ssm:")
+    error_message = "The relays read exactly the example's key parameter."
+  }
+
+  assert {
     condition     = length(output.capture_targets) == length(var.feeds) && length(regexall("\\[\\[emit\\]\\]", output.relayd_toml)) == length(var.feeds)
     error_message = "Every feed of example.tfvars gets a capture target and an [[emit]] table."
   }
