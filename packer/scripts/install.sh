@@ -23,7 +23,9 @@ case "${ID:-}" in
   amzn)
     python=python3.11
     log "Amazon Linux ${VERSION_ID:-}: dnf"
-    dnf install -y -q "$python" "$python-pip" rsyslog logrotate amazon-cloudwatch-agent
+    # awscli-2: the user data fetches the feeds' HELLO keys from SSM (the ECS-optimized AMI is
+    # built from the minimal one, which has no AWS CLI).
+    dnf install -y -q "$python" "$python-pip" rsyslog logrotate amazon-cloudwatch-agent awscli-2
     ;;
   debian)
     python=python3
