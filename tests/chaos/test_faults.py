@@ -42,7 +42,7 @@ def test_peer_that_stops_reading_is_dropped(relay: Relay) -> None:
             break
     out, _ = stalled.communicate(timeout=seconds + 30)
     peer = json.loads(out.decode().splitlines()[-1])
-    result = stream.result(timeout=60)
+    result = stream.result(timeout=90)
     status, doc, _ = relay.health("emit")
     report("peer stops reading", seconds=seconds, stream=result, stalled_peer=peer,
            slow_consumer_closed_at_s=closed, emit_state=doc["feeds"]["chaos"]["state"])  # fmt: skip
@@ -57,7 +57,7 @@ def test_customer_link_down_is_counted_shown_and_recovered(relay: Relay) -> None
     relay.start()
     outage = scaled(3.0, 20.0)
     seconds = outage + 8
-    stream = relay.stream(RATE, seconds)
+    stream = relay.stream(RATE, seconds, idle=outage + 5)
     time.sleep(2.0)
     dev = relay.egress.a_dev
     relay.cloud.run(["ip", "link", "set", dev, "down"])
@@ -75,7 +75,7 @@ def test_customer_link_down_is_counted_shown_and_recovered(relay: Relay) -> None
         if relay.health("emit")[0] == 200:
             recovered = elapsed
             break
-    result = stream.result(timeout=60)
+    result = stream.result(timeout=90)
     text = relay.metrics("emit")
     errors = metric(text, "send_errors_total")
     by_errno = {
@@ -108,7 +108,7 @@ def test_tcp_path_slow_then_cut(relay: Relay) -> None:
     relay.start(capture=relay.capture_toml(replay_max_bytes=f'"{bound}"'))
     slow, cut = scaled(4.0, 30.0), scaled(3.0, 20.0)
     seconds = slow + cut + 8
-    stream = relay.stream(RATE, seconds)
+    stream = relay.stream(RATE, seconds, idle=cut + 5)
     sampler = Sampler({"capture": relay.pid("capture")})
     replay_max = 0.0
 
@@ -135,7 +135,7 @@ def test_tcp_path_slow_then_cut(relay: Relay) -> None:
     finally:
         relay.path.set_up(True)
     watch(seconds - slow - cut - 1.0)
-    result = stream.result(timeout=60)
+    result = stream.result(timeout=90)
     text = relay.metrics("capture")
     dropped = metric(text, "capture_replay_dropped_datagrams")
     kernel = metric(text, "capture_kernel_drops")
@@ -192,7 +192,7 @@ allowed_groups = ["239.111.112.0/24"]
         relay.hup("emit")
         relay.hup("capture")  # same file: parsed, compared, keys re-read
     time.sleep(1.0)
-    result = stream.result(timeout=60)
+    result = stream.result(timeout=90)
     emit_text, capture_text = relay.metrics("emit"), relay.metrics("capture")
     status, doc, _ = relay.health("emit")
     report(

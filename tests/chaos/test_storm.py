@@ -14,6 +14,7 @@ from chaos.topology import (
     Sampler,
     every,
     fd_count,
+    http_get,
     metric,
     report,
     scaled,
@@ -83,9 +84,10 @@ def test_connection_storm_on_the_data_port(relay: Relay) -> None:
     connected = sum(int(v) for k, v in attack.items() if k.endswith("_connected"))  # type: ignore[call-overload]
     assert connected > seconds * storm_rate * 0.5, attack  # the storm really happened
     assert half_open > 0  # spoofed SYNs left half-open connections on the listener
-    # Bounded: pending connections are capped (8 x max_connections = 32), refused ones linger
-    # at most 0.2 s for the peer's FIN; once the storm is over the count is back where it was.
-    assert figures["fds_max"] <= figures["fds_first"] + 32 + storm_rate * 0.2 + 32, figures
+    # Bounded: pending connections are capped (8 x max_connections = 32) and refused ones
+    # linger at most 0.2 s for the peer's FIN (longer when the CPU is busy): well under one
+    # second of the storm's connections at any time, and back to the start once it is over.
+    assert figures["fds_max"] <= figures["fds_first"] + 32 + storm_rate, figures
     assert figures["fds_last"] <= figures["fds_first"] + 2, figures
     assert figures["rss_kib_max"] <= figures["rss_kib_first"] + 20 * 1024, figures
     assert relay.health("emit")[0] == 200
@@ -136,3 +138,51 @@ def test_health_port_abuse(relay: Relay) -> None:
     assert int(attack.get("idle_opened", 0)) >= 300, attack  # type: ignore[call-overload]
     assert figures["rss_kib_max"] <= figures["rss_kib_first"] + 30 * 1024, figures
     assert figures["fds_last"] <= figures["fds_first"] + 2, figures
+
+
+def test_descriptor_limit_reached_through_the_health_port(relay: Relay) -> None:
+    """More idle health clients than the process may hold descriptors: the stream that is
+    already running goes on, /healthz fails while the limit is reached and comes back after."""
+    nofile = 256
+    relay.start(emit_nofile=nofile)
+    seconds = scaled(8.0, 30.0)
+    stream = relay.stream(RATE, seconds + 8)
+    abuse = relay.agent(
+        relay.edge, "health",
+        "--target", f"{relay.attack.b_addr.ip}:{EMIT_HEALTH}",
+        "--idle", str(nofile + 100), "--slow", "0", "--duration", str(seconds),
+    )  # fmt: skip
+    worker = relay.worker(relay.cloud)
+    failed = answered = 0
+    for _ in every(0.5, seconds):
+        try:
+            worker.call(http_get, EMIT_HEALTH, "/healthz", 1.0)
+            answered += 1
+        except OSError:
+            failed += 1
+    attack = _agent_result(abuse, 30)
+    recovered = None
+    for elapsed in every(0.2, 15.0):
+        try:
+            if worker.call(http_get, EMIT_HEALTH, "/healthz", 1.0)[0] == 200:
+                recovered = elapsed
+                break
+        except OSError:
+            pass
+    result = stream.result(timeout=60)
+    log = relay.log_text("emit.log")
+    report(
+        "descriptor limit via the health port",
+        nofile=nofile,
+        seconds=seconds,
+        attack=attack,
+        probes_answered=answered,
+        probes_failed=failed,
+        recovered_after_s=recovered,
+        emfile_logged="Too many open files" in log,
+        stream=result,
+    )
+    assert result["lost"] == 0, result  # the established stream needs no new descriptor
+    assert recovered is not None
+    assert relay.emit is not None
+    assert relay.emit.poll() is None

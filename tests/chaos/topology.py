@@ -313,19 +313,24 @@ class Relay:
         body = "".join(f"{k} = {v}\n" for k, v in keys.items())
         return f'[health]\nlisten = "0.0.0.0:{EMIT_HEALTH}"\n\n[[emit]]\n{body}{extra}'
 
-    def start(self, *, capture: str | None = None, emit: str | None = None) -> None:
+    def start(
+        self, *, capture: str | None = None, emit: str | None = None, emit_nofile: int = 0
+    ) -> None:
         """Both relayd processes (at nice -10, like the appliance's single busy service on a
-        shared host); returns when both health servers report every feed healthy."""
+        shared host); returns when both health servers report every feed healthy.
+        ``emit_nofile`` > 0 sets the emit process's descriptor limit (soft and hard)."""
         (self.workdir / "emit.toml").write_text(emit or self.emit_toml())
         (self.workdir / "capture.toml").write_text(capture or self.capture_toml())
-        self.emit = self._relayd(self.cloud, "emit")
+        self.emit = self._relayd(self.cloud, "emit", emit_nofile)
         self._wait_healthy(self.cloud, EMIT_HEALTH)
         self.capture = self._relayd(self.dc, "capture")
         self._wait_healthy(self.dc, CAPTURE_HEALTH, state="streaming")
 
-    def _relayd(self, ns: Netns, name: str) -> subprocess.Popen[bytes]:
+    def _relayd(self, ns: Netns, name: str, nofile: int = 0) -> subprocess.Popen[bytes]:
         config = str(self.workdir / f"{name}.toml")
         argv = ["nice", "-n", "-10", *ns.relayd_argv("run", "--config", config)]
+        if nofile:
+            argv = ["prlimit", f"--nofile={nofile}:{nofile}", *argv]
         return ns.popen(argv, stdout=subprocess.DEVNULL, stderr=self._log(f"{name}.log"))
 
     def _wait_healthy(
@@ -349,7 +354,8 @@ class Relay:
                              f"\n{self.log_text('capture.log')}")  # fmt: skip
 
     def pid(self, which: str) -> int:
-        """The relayd process (``ip netns exec`` and ``nice`` exec into it: same pid)."""
+        """The relayd process (``ip netns exec``, ``prlimit`` and ``nice`` exec into it: same
+        pid)."""
         proc = self.capture if which == "capture" else self.emit
         assert proc is not None
         assert proc.poll() is None, f"{which} relayd is not running"
@@ -369,14 +375,17 @@ class Relay:
 
     # -- the stream --------------------------------------------------------------------------
 
-    def stream(self, rate: float, seconds: float, run_id: int = 1) -> Stream:
-        """Start the receiver, then the generator: ``rate`` datagrams/s for ``seconds``."""
+    def stream(self, rate: float, seconds: float, run_id: int = 1, idle: float = 5.0) -> Stream:
+        """Start the receiver, then the generator: ``rate`` datagrams/s for ``seconds``. The
+        receiver stops after ``idle`` seconds without a datagram (longer than any outage the
+        test makes), or once it has every datagram."""
         count = int(rate * seconds)
         groups = ",".join(GROUPS)
         recv = self.cust.popen(
             [str(self.recv_bin), "--iface", str(self.egress.b_addr.ip), "--groups", groups,
              "--port", str(MCAST_PORT), "--count", str(count), "--run-id", str(run_id),
-             "--idle-ms", "5000", "--timeout-ms", str(int((seconds + 60) * 1000))],
+             "--idle-ms", str(int(idle * 1000)),
+             "--timeout-ms", str(int((seconds + idle + 60) * 1000))],
             stdout=subprocess.PIPE, stderr=self._log("recv.log"),
         )  # fmt: skip
         assert read_line(recv, 10.0).strip() == "ready"
