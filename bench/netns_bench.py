@@ -59,7 +59,7 @@ def unavailable_reason() -> str | None:
         return "needs root (network namespaces, veth links); run it as root"
     for tool in ("ip", "gcc"):
         if shutil.which(tool) is None:
-            return f"needs the {tool!r} command (make system-deps installs it)"
+            return f"needs the {tool!r} command (Debian: apt-get install iproute2 gcc libc6-dev)"
     return None
 
 
