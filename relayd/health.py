@@ -32,6 +32,33 @@ from relayd.runtime import Sample
 log = logging.getLogger(__name__)
 
 
+class _OncePerInterval(logging.Filter):
+    """Pass one record per ``interval`` seconds; the next one passed says how many were not.
+
+    trio's listener logs an error with a traceback on every 0.1 s retry while ``accept`` fails
+    with EMFILE (a flood of health clients): ten lines a second for as long as it lasts."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return False
+        self._last = now
+        if self._suppressed:
+            record.msg = f"{record.msg} ({self._suppressed} suppressed)"
+            self._suppressed = 0
+        return True
+
+
+logging.getLogger("trio.serve_listeners").addFilter(_OncePerInterval())
+
+
 class _QuietStartup(logging.Filter):
     """Drops hypercorn's "Running on ..." line; the supervisor logs the address itself."""
 
