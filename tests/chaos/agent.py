@@ -3,6 +3,7 @@
     python agent.py storm --target HOST:PORT --rate R --duration S [--syn-from NET]
     python agent.py stall --target HOST:PORT --feed NAME --key FILE --group G:P --rate R
     python agent.py health --target HOST:PORT --idle N --slow M --duration S
+    python agent.py authflood --target HOST:PORT --feed NAME --duration S
 
 ``storm``: R new connections per second, round robin over four kinds: connect and close,
 connect and stay silent (held until the relay closes them, at most 2000 at once), connect and
@@ -13,6 +14,8 @@ TCP SYN from a spoofed address on the local subnet that never answers the SYN-AC
 own session and never reads, so the emit side's ACKs fill its window.
 
 ``health``: idle connections and slow ("slowloris") requests against the health port.
+
+``authflood``: HELLOs for the right feed with a wrong key, one connection after another.
 
 Each prints one JSON line with its counts when it ends (``duration`` or SIGTERM).
 """
@@ -228,6 +231,38 @@ def stall(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- authflood --------------------------------------------------------------------------------
+
+
+def authflood(args: argparse.Namespace) -> dict[str, Any]:
+    """HELLOs for the right feed with a wrong key, one connection after another."""
+    target = _address(args.target)
+    counts: collections.Counter[str] = collections.Counter()
+    start = time.monotonic()
+    while not _stop and time.monotonic() - start < args.duration:
+        try:
+            with socket.create_connection(target, timeout=2) as sock:
+                conn = CaptureConnection(args.feed, os.urandom(16), os.urandom(32))
+                done = False
+                while not done:
+                    data = sock.recv(4096)
+                    if not data:
+                        counts["closed_without_error"] += 1
+                        break
+                    for event in conn.receive(data):
+                        if isinstance(event, Challenge):
+                            sock.sendall(conn.hello(event))
+                        elif isinstance(event, Error):
+                            counts["auth_failed" if event.code == 4 else f"error_{event.code}"] += 1
+                            done = True
+                        elif isinstance(event, Ack):
+                            counts["accepted"] += 1  # must never happen
+                            done = True
+        except OSError:
+            counts["connect_errors"] += 1
+    return {"elapsed": round(time.monotonic() - start, 3), **counts}
+
+
 # -- health ------------------------------------------------------------------------------------
 
 
@@ -299,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rate", type=float, default=1000)
     t.add_argument("--rcvbuf", type=int, default=1024)
     t.add_argument("--duration", type=float, default=20)
+    a = sub.add_parser("authflood")
+    a.add_argument("--target", required=True)
+    a.add_argument("--feed", required=True)
+    a.add_argument("--duration", type=float, default=10)
     h = sub.add_parser("health")
     h.add_argument("--target", required=True)
     h.add_argument("--idle", type=int, default=200)
@@ -306,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--duration", type=float, default=10)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
-    result = {"storm": storm, "stall": stall, "health": health}[args.command](args)
+    commands = {"storm": storm, "stall": stall, "health": health, "authflood": authflood}
+    result = commands[args.command](args)
     print(json.dumps(result), flush=True)
     return 0
 
