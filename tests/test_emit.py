@@ -344,6 +344,10 @@ async def test_resent_frames_after_reconnect_are_not_emitted_twice(
             await first.stream.send_all(frames(datagrams[:50]))
             await first.wait_ack(50)
             await first.aclose()
+            # The data-path thread notices the EOF on its own; wait until the feed has closed
+            # the first connection, so the second is a reconnect, not a supersede.
+            while metric(feed, "active_connections"):
+                await trio.sleep(0.01)
             # The capture side resends everything from its replay buffer after reconnecting.
             second = await Peer.start(feed.listen_port, session=session)
             assert await second.welcome() == 50
