@@ -1,8 +1,10 @@
 """A soak at 20k/s: 60 s in ``make test``, 10 minutes with RELAYD_SOAK=1 (``make soak``).
 
-Memory and descriptor counts of both relayd processes are sampled once a second; after a
-warm-up the least-squares slope of each must be flat. The slopes are reported (KiB per minute
-and descriptors per minute) with the loss of the stream, which must be zero.
+Memory and descriptor counts of both relayd processes are sampled once a second. Descriptors
+must stay flat; memory may grow only as far as the capture side's replay buffer needed (it
+holds more while ACKs are late), and in the long run its least-squares slope after a warm-up
+must stay below what a leak of one byte per datagram would give. The slopes are reported (KiB
+per minute and descriptors per minute) with the loss of the stream, which must be zero.
 RELAYD_SOAK_SECONDS overrides the duration.
 """
 
@@ -56,11 +58,16 @@ def test_soak(relay: Relay) -> None:
     assert result["dup"] == 0
     assert all(s == 200 for s in statuses)
     for name, fig in figures.items():
-        # Flat: no steady growth. A leak of one byte per datagram would be about 1200 KiB a
-        # minute at this rate. RSS can step up without a leak: when the emit side's ACKs are
-        # late (a busy CPU), the capture side's replay buffer (64 MiB at most by default)
-        # holds more for a while, and the allocator keeps the memory for the next time.
         assert abs(fig["fds_per_min"]) < 0.5, (name, fig)
         assert fig["fds_last"] == fig["fds_first"], (name, fig)
-        assert fig["rss_kib_per_min"] < (2048 if seconds < 300 else 1024), (name, fig)
-        assert fig["rss_kib_max"] < 120 * 1024, (name, fig)
+        # RSS can step up without a leak: when the emit side's ACKs are late (a busy CPU),
+        # the capture side's replay buffer (64 MiB at most by default) holds more for a
+        # while, and the allocator keeps that memory for the next time. So the growth must
+        # stay within what the replay buffer needed (three times its largest size, for the
+        # bytes objects, their chunk records and the allocator) plus 8 MiB.
+        allowance = 3 * replay_max / 1024 + 8 * 1024
+        assert fig["rss_kib_last"] - fig["rss_kib_first"] <= allowance, (name, fig, replay_max)
+        if seconds >= 300:
+            # Over minutes a leak of one byte per datagram (about 1200 KiB a minute at this
+            # rate) shows in the slope even through such steps.
+            assert fig["rss_kib_per_min"] < 1024, (name, fig)
