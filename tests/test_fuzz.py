@@ -348,7 +348,7 @@ def _check_messages(errors: tuple[str, ...]) -> None:
 @CONFIG_SETTINGS
 @given(mutated_config())
 def test_mutated_examples_give_config_or_named_errors(text: str) -> None:
-    outcomes = []
+    outcomes: list[object] = []
     for _ in range(2):  # deterministic: the same text gives the same answer
         try:
             outcomes.append(parse_config(text))
