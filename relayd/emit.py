@@ -767,8 +767,12 @@ class EmitFeedRuntime:
         assert session is not None
         # A superseded connection's thread may still be finishing its chunk: one data-path
         # thread per session at a time, so dedup by ``session.highest`` stays exact.
-        previous = session.pump_done
-        if previous is not None:
+        while True:
+            if session.connection is not conn:
+                return  # superseded in turn while waiting: never start a second thread
+            previous = session.pump_done
+            if previous is None:
+                break
             await previous.wait()
         done = session.pump_done = trio.Event()
         stop_r, stop_w = os.pipe()

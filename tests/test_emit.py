@@ -371,6 +371,34 @@ async def test_resent_frames_after_reconnect_are_not_emitted_twice(
             assert metric(feed, "sessions") == 2
 
 
+async def test_rapid_supersedes_never_emit_a_datagram_twice(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """Connections of one session replacing each other in quick succession, each resending
+    from before its welcome ACK while the previous one may still be streaming: each datagram
+    goes out exactly once, in order."""
+    session = os.urandom(16)
+    total, step = 600, 60
+    datagrams = make_datagrams(groups, total)
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peers = []
+            for end in range(step, total + 1, step):
+                peer = await Peer.start(feed.listen_port, session=session)
+                resume = await peer.welcome()
+                assert resume <= end - step  # nothing emitted twice or ahead of its frames
+                # Like a replay buffer: resend from a little before the welcome ACK.
+                await peer.stream.send_all(frames(datagrams[max(0, resume - 25) : end]))
+                peers.append(peer)
+            await peers[-1].wait_ack(total)
+            got = await receivers.settle()
+            assert same_per_group(got, expected(datagrams))
+            assert metric(feed, "datagrams_out") == total
+            assert metric(feed, "connections_closed", reason="superseded") == len(peers) - 1
+            assert metric(feed, "active_connections") == 1
+
+
 async def test_wrong_feed_gets_error_and_close() -> None:
     with trio.fail_after(10):
         async with running(make_config()) as feed:
