@@ -707,6 +707,9 @@ def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool =
     errors.extend(_cross_checks(raw))
     if check_files:
         errors.extend(_check_key_files(raw, base_dir or Path()))
+    if not raw.get("emit") and not raw.get("capture"):
+        # An empty or truncated file must not pass a reload and stop every feed.
+        errors.append("no feeds: add at least one [[emit]] or [[capture]] table @ $")
 
     if errors or process is None or health is None:
         raise ConfigError(errors)

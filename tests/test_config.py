@@ -121,9 +121,15 @@ def test_example_feeds_pair_up() -> None:
 # Defaults
 
 
-def test_empty_file_is_all_defaults() -> None:
-    config = parse_config("")
-    assert config == Config()
+def test_empty_file_is_refused() -> None:
+    # A truncated or empty file must not pass check-config and then stop every feed on reload.
+    with pytest.raises(ConfigError) as info:
+        parse_config("")
+    assert info.value.errors == ("no feeds: add at least one [[emit]] or [[capture]] table @ $",)
+
+
+def test_sections_default() -> None:
+    config = parse_config(EMIT)
     assert config.process == ProcessConfig(log_level="info", log_format="text")
     assert config.health == HealthConfig(listen=Endpoint("0.0.0.0", 8080))
 
@@ -264,7 +270,7 @@ def test_allows() -> None:
     ("text", "expected"),
     [
         pytest.param(
-            "tll = 3\n[process]\nlog_levle = 'info'\n",
+            "tll = 3\n[process]\nlog_levle = 'info'\n" + EMIT,
             [
                 "unknown key 'tll' @ $",
                 "unknown key 'log_levle' (did you mean 'log_level'?) @ $.process",
@@ -450,7 +456,7 @@ def test_allows() -> None:
             id="not-tables",
         ),
         pytest.param(
-            "[process]\nlog_level = 'verbose'\nlog_format = 'xml'\n",
+            "[process]\nlog_level = 'verbose'\nlog_format = 'xml'\n" + EMIT,
             [
                 "invalid value 'verbose', expected one of: debug, info, warning, error"
                 " @ $.process.log_level",
@@ -644,8 +650,8 @@ def test_doc_lists_exactly_the_model_keys() -> None:
 def test_doc_defaults_are_the_model_defaults() -> None:
     """Writing a key with the value its doc row gives as default changes nothing."""
     tables = {
-        "process": ("[process]\n", ""),
-        "health": ("[health]\n", ""),
+        "process": (EMIT + "[process]\n", ""),
+        "health": (EMIT + "[health]\n", ""),
         "emit": (EMIT, ""),
         "capture": (CAPTURE, ""),
     }
