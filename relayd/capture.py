@@ -53,6 +53,7 @@ from relayd.netif import (
     open_group_receivers,
     parse_ancillary,
     resolve_interface,
+    send_all,
 )
 from relayd.replay import Chunk, ReplayBuffer
 from relayd.runtime import FeedHealth, MetricType, Sample
@@ -643,7 +644,7 @@ class CaptureFeedRuntime:
             await trio.lowlevel.wait_readable(sock)
             for event in self._decode(conn, self._recv(sock)):
                 if isinstance(event, wire.Challenge):
-                    await self._send_all(sock, conn.hello(event))
+                    await send_all(sock, conn.hello(event))
                 elif isinstance(event, wire.Error):
                     self._peer_error(event)
                 elif isinstance(event, wire.Ack):
@@ -653,16 +654,6 @@ class CaptureFeedRuntime:
                         with self._lock:
                             self._replay.ack(event.seq)
         return welcome
-
-    async def _send_all(self, sock: socket.socket, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            view = view[sent:]
 
     async def _stream(self, sock: socket.socket, conn: wire.CaptureConnection) -> str:
         """Run reader, sender and heartbeats until one of them ends the connection."""

@@ -87,7 +87,7 @@ import trio
 from relayd.config import MIN_KEY_BYTES, EmitFeed, MissingKeyFileError
 from relayd.logs import RateLimitedLogger
 from relayd.metrics import LatencyHistogram, Rate
-from relayd.netif import open_multicast_sender, resolve_interface
+from relayd.netif import open_multicast_sender, resolve_interface, send_all
 from relayd.runtime import FeedHealth, Sample
 from relayd.wire import (
     Datagram,
@@ -848,7 +848,7 @@ class EmitFeedRuntime:
                 frame = b""
             if frame:
                 with trio.move_on_after(slow) as scope:
-                    await _send_all(sock, frame)
+                    await send_all(sock, frame)
                 if scope.cancelled_caught:
                     conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
                     return
@@ -1066,14 +1066,3 @@ def _wait_writable(sock: socket.socket, stop_fd: int) -> bool:
             return False
         if ready:
             return True
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[sent:]

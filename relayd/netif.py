@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address
 
 import attrs
+import trio
 
 __all__ = [
     "ANCBUFSIZE",
@@ -337,3 +338,15 @@ def drain(
         group, drops = parse_ancillary(ancdata)
         out.append((group_of(group), port, payload, drops))
     return out
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking stream socket, waiting only while it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
