@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ import trio
 
 from relayd import wire
 from relayd.config import CaptureFeed
+from relayd.datapath import run_stoppable
 from relayd.emit import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import (
@@ -276,17 +278,7 @@ class CaptureFeedRuntime:
 
     async def _receive(self, receiver: GroupReceiver) -> None:
         """Run the socket's data-path thread (``_drain``) until cancelled."""
-        stop_r, stop_w = os.pipe()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_when_cancelled, stop_w)
-                await trio.to_thread.run_sync(
-                    self._drain, receiver, stop_r, trio.lowlevel.current_trio_token()
-                )
-                nursery.cancel_scope.cancel()
-        finally:
-            os.close(stop_r)
-            os.close(stop_w)
+        await run_stoppable(functools.partial(self._drain, receiver))
 
     def _drain(self, receiver: GroupReceiver, stop_fd: int, token: trio.lowlevel.TrioToken) -> None:
         """The data-path thread of one socket: block in ``poll`` (with ``stop_fd``, which
@@ -686,11 +678,3 @@ class CaptureFeedRuntime:
             sock.send(wire.encode_error(self._close_code, self._close_message))
         except OSError:
             pass
-
-
-async def _stop_when_cancelled(stop_fd: int) -> None:
-    """Wake a data-path thread (its ``poll`` watches ``stop_fd``) when cancelled."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        os.write(stop_fd, b"x")

@@ -69,6 +69,7 @@ ready, so an unreadable key file fails the start.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
@@ -85,6 +86,7 @@ from typing import Any, Final, Literal
 import trio
 
 from relayd.config import MIN_KEY_BYTES, EmitFeed, MissingKeyFileError
+from relayd.datapath import run_stoppable, wait_writable
 from relayd.logs import RateLimitedLogger
 from relayd.metrics import LatencyHistogram, Rate
 from relayd.netif import open_multicast_sender, resolve_interface, send_all
@@ -775,18 +777,11 @@ class EmitFeedRuntime:
                 break
             await previous.wait()
         done = session.pump_done = trio.Event()
-        stop_r, stop_w = os.pipe()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn)
-                nursery.start_soon(_stop_when_cancelled, stop_w)
-                outcome, detail = await trio.to_thread.run_sync(
-                    self._pump,
-                    conn,
-                    proto,
-                    stop_r,
-                    trio.lowlevel.current_trio_token(),
-                    limiter=self._limiter,
+                outcome, detail = await run_stoppable(
+                    functools.partial(self._pump, conn, proto), limiter=self._limiter
                 )
                 self._pumped(conn, outcome, detail)
                 nursery.cancel_scope.cancel()
@@ -794,8 +789,6 @@ class EmitFeedRuntime:
             done.set()
             if session.pump_done is done:
                 session.pump_done = None
-            os.close(stop_r)
-            os.close(stop_w)
 
     def _pumped(self, conn: _Connection, outcome: str, detail: Any) -> None:
         """Record how the data-path thread ended (in Trio)."""
@@ -962,7 +955,7 @@ class EmitFeedRuntime:
                     sendto(payload, dest)
                 except BlockingIOError:
                     waits += 1
-                    if not _wait_writable(mcast, stop_fd):
+                    if not wait_writable(mcast, stop_fd):
                         outcome = "stopped"  # this datagram was not sent: not claimed
                         break
                     continue
@@ -1045,24 +1038,3 @@ class EmitFeedRuntime:
             reason.replace("_", " "),
         )
         return None
-
-
-async def _stop_when_cancelled(stop_fd: int) -> None:
-    """Wake the data-path thread (its ``poll`` watches ``stop_fd``) when cancelled."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        os.write(stop_fd, b"x")
-
-
-def _wait_writable(sock: socket.socket, stop_fd: int) -> bool:
-    """Block until ``sock`` is writable (True) or ``stop_fd`` readable (False)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    poller.register(stop_fd, select.POLLIN)
-    while True:
-        ready = poller.poll()
-        if any(fd == stop_fd for fd, _ in ready):
-            return False
-        if ready:
-            return True
