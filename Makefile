@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
+# The C data plane, a build product of relayd/_fastpath.c (hatch_build.py holds the command).
+FASTPATH := relayd/_fastpath.so
 
 .PHONY: all venv test test-python lint lint-python lint-system terraform-check \
         demo bench bench-quick dist ami soak fuzz clean system-deps
@@ -17,7 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) $(FASTPATH)
+
+# Rebuilt when the C source changes, without a new venv. Without a C compiler: one warning,
+# and relayd runs its Python data path (RELAYD_REQUIRE_FASTPATH=1 makes that an error).
+$(FASTPATH): relayd/_fastpath.c hatch_build.py | $(STAMP)
+	$(BIN)/python hatch_build.py
 
 # Debian packages for the real-system tests (namespaces, nspawn boots, unit checks).
 system-deps:
@@ -25,7 +32,7 @@ system-deps:
 
 test: $(STAMP) system-deps lint terraform-check test-python
 
-test-python: $(STAMP)
+test-python: $(STAMP) $(FASTPATH)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: lint-python lint-system
@@ -41,31 +48,34 @@ lint-system: system-deps
 terraform-check: $(STAMP)
 	bash .ci/terraform-check.sh
 
-demo: $(STAMP)
+demo: $(STAMP) $(FASTPATH)
 	$(BIN)/relayd demo
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) $(FASTPATH) system-deps
 	$(BIN)/python -m bench.codec
 	$(BIN)/python -m bench.emit
 	$(BIN)/python -m bench.capture
 	$(BIN)/python -m bench.relay
 
-bench-quick: $(STAMP) system-deps
+bench-quick: $(STAMP) $(FASTPATH) system-deps
 	$(BIN)/python -m bench.codec --quick
 	$(BIN)/python -m bench.relay --quick
 
-soak: $(STAMP) system-deps
+soak: $(STAMP) $(FASTPATH) system-deps
 	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
 
-fuzz: $(STAMP)
+fuzz: $(STAMP) $(FASTPATH)
 	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)
 
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+	@if ls dist/relayd-*-none-any.whl >/dev/null 2>&1; then \
+	  echo "WARNING: dist: a pure-Python wheel (no C compiler): relayd will run its Python data path" >&2; fi
 
 ami: dist
 	cd packer && packer init . && packer build .
 
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -f $(FASTPATH)
