@@ -42,6 +42,36 @@ else
   skip "shellcheck not installed"
 fi
 
+# --- C: the data plane --------------------------------------------------------------------------
+# The build's own command and flags (hatch_build.py), plus -Werror: any warning fails.
+csource=relayd/_fastpath.c
+if [ -f "$csource" ]; then
+  py=python3
+  [ -x "$repo/.venv/bin/python" ] && py=$repo/.venv/bin/python
+  cc_cmd=${CC:-}
+  [ -n "$cc_cmd" ] || { have cc && cc_cmd=cc; } || { have gcc && cc_cmd=gcc; } || true
+  if [ -n "$cc_cmd" ] && have "${cc_cmd%% *}"; then
+    if RELAYD_REQUIRE_FASTPATH=1 "$py" hatch_build.py --werror --output "$scratch/c/_fastpath.so"; then
+      echo "lint-system: $csource compiles without warnings"
+    else
+      fail "$csource: compiler warnings or errors (flags: hatch_build.py)"
+    fi
+  else
+    skip "no C compiler (${CC:-cc/gcc}): $csource not compiled"
+  fi
+  if have cppcheck; then
+    # Bug classes only (not style): a finding is a real defect to fix or to suppress inline.
+    if cppcheck --quiet --error-exitcode=1 --inline-suppr --std=c11 --platform=unix64 \
+      --enable=warning,portability,performance "$csource"; then
+      echo "lint-system: cppcheck $csource: clean"
+    else
+      fail "cppcheck $csource"
+    fi
+  else
+    skip "cppcheck not installed"
+  fi
+fi
+
 # --- Packer -------------------------------------------------------------------------------------
 # fmt parses every file (versions.pkr.hcl included) and checks the canonical layout. validate
 # runs with whatever Packer is installed: Debian's 1.6.6 knows neither `required_plugins` nor
