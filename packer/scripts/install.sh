@@ -71,6 +71,16 @@ if [ -n "$wheelhouse" ]; then
 fi
 "$prefix/bin/pip" install "${pip_args[@]}" "${wheels[0]}"
 "$prefix/bin/relayd" --version
+# A wheel built with a C compiler carries the C data plane: it must load here (libc, platform).
+# A pure wheel runs the Python data path, which is supported but slower: say so.
+probe=$("$prefix/bin/python" -c \
+  'import relayd.fastpath as f; print(int(f.LIBRARY.is_file()), f.describe())')
+read -r shipped datapath <<<"$probe"
+log "data path: $datapath"
+if [ "$shipped" = 1 ] && [ "$datapath" != C ]; then
+  echo "install.sh: the wheel's C data plane does not load on this system: $datapath" >&2
+  exit 1
+fi
 
 log "rootfs tree"
 install -d -m 0755 /etc/sysctl.d /etc/ecs /etc/rsyslog.d /etc/logrotate.d \
