@@ -28,6 +28,7 @@ absorbs it, bounded in bytes and age, and its drops are counted and logged.
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import functools
 import logging
@@ -39,11 +40,11 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import trio
 
-from relayd import wire
+from relayd import fastpath, wire
 from relayd.config import CaptureFeed
 from relayd.datapath import run_stoppable
 from relayd.emit import load_auth_keys
@@ -135,6 +136,7 @@ class CaptureFeedRuntime:
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
         self.receivers: list[GroupReceiver] = []
         self._reported_drops = 0
+        self._lib: Any = None  # the C data plane (relayd.fastpath), or None: Python
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class CaptureFeedRuntime:
         if config.auth_key_file is not None:
             self._key = load_auth_keys([config.auth_key_file])[0]
         interface = resolve_interface(config.interface)
+        self._lib = fastpath.load()
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers = open_group_receivers(
             groups, interface, config.receive_buffer, sources=config.sources
@@ -262,11 +265,12 @@ class CaptureFeedRuntime:
                 self._started = True
                 self._down_since = time.monotonic()
                 log.info(
-                    "feed %s: joined %d groups on %s with %d sockets",
+                    "feed %s: joined %d groups on %s with %d sockets, data path %s",
                     self.name,
                     len(groups),
                     interface,
                     len(self.receivers),
+                    fastpath.describe(),
                 )
                 task_status.started()
                 await self._connect_loop()
@@ -277,8 +281,68 @@ class CaptureFeedRuntime:
     # -- receive (hot path) -----------------------------------------------------------------
 
     async def _receive(self, receiver: GroupReceiver) -> None:
-        """Run the socket's data-path thread (``_drain``) until cancelled."""
-        await run_stoppable(functools.partial(self._drain, receiver))
+        """Run the socket's data-path thread (``_drain``, or ``_drain_c`` on the C data plane)
+        until cancelled."""
+        drain = self._drain if self._lib is None else self._drain_c
+        await run_stoppable(functools.partial(drain, receiver))
+
+    def _drain_c(
+        self, receiver: GroupReceiver, stop_fd: int, token: trio.lowlevel.TrioToken
+    ) -> None:
+        """``_drain`` on the C data plane: ``rd_capture_wait`` blocks in ``poll`` and
+        ``rd_capture_batch`` receives, stamps, numbers and frames a whole batch without the
+        GIL; the replay buffer and the send stay here, once per batch."""
+        lib = self._lib
+        assert lib is not None
+        frame = (ctypes.c_uint8 * BATCH_BUFFER)()
+        view = memoryview(frame).cast("B")
+        state = fastpath.CaptureState(
+            fd=receiver.sock.fileno(),
+            stop_fd=stop_fd,
+            buf=ctypes.addressof(frame),
+            cap=BATCH_BUFFER,
+            room=_FRAME_ROOM,
+            port=receiver.port,
+        )
+        ref = ctypes.byref(state)
+        wait = lib.rd_capture_wait
+        batch = lib.rd_capture_batch
+        monotonic = time.monotonic
+        replay = self._replay
+        lock = self._lock
+        wake_sender = self._wake_sender
+        schedule = token.run_sync_soon
+        last_drops = 0
+        while True:
+            why = wait(ref)
+            if why == fastpath.RD_STOPPED:
+                return
+            if why == fastpath.RD_ERROR:
+                raise OSError(state.err, os.strerror(state.err))
+            why = fastpath.RD_FULL
+            while why == fastpath.RD_FULL:  # batches until the socket is empty
+                # Sequence numbers are assigned while receiving: one lock holds the batch, so
+                # chunks of several sockets enter the replay buffer in sequence order.
+                with lock:
+                    first = self._seq
+                    why = batch(ref, first + 1)
+                    count = state.count
+                    if count:
+                        seq = self._seq = first + count
+                        self.datagrams_in += count
+                        self.bytes_in += state.payload_bytes
+                        now = monotonic()
+                        replay.append(Chunk(first + 1, seq, now, bytes(view[: state.offset])))
+                        replay.expire(now)
+                        if replay.dropped_datagrams != self._reported_drops:
+                            self._note_replay_drops()
+                        if self._kick():
+                            schedule(wake_sender)
+                    if state.drops_seen and state.drops != last_drops:
+                        self._count_kernel_drops(int(state.drops) - last_drops)
+                        last_drops = int(state.drops)
+                if why == fastpath.RD_ERROR:
+                    raise OSError(state.err, os.strerror(state.err))
 
     def _drain(self, receiver: GroupReceiver, stop_fd: int, token: trio.lowlevel.TrioToken) -> None:
         """The data-path thread of one socket: block in ``poll`` (with ``stop_fd``, which
@@ -343,15 +407,18 @@ class CaptureFeedRuntime:
                         if self._kick():
                             schedule(wake_sender)
                     if drops is not None and drops != last_drops:
-                        self.kernel_drops += (drops - last_drops) & 0xFFFFFFFF
+                        self._count_kernel_drops(drops - last_drops)
                         last_drops = drops
-                        self._limited.warning(
-                            f"{self.name}:kernel-drops",
-                            "feed %s: the kernel dropped datagrams (receive buffer full), "
-                            "%d so far",
-                            self.name,
-                            self.kernel_drops,
-                        )
+
+    def _count_kernel_drops(self, growth: int) -> None:
+        """The socket's drop counter (SO_RXQ_OVFL, 32 bits, wraps) grew: count and warn."""
+        self.kernel_drops += growth & 0xFFFFFFFF
+        self._limited.warning(
+            f"{self.name}:kernel-drops",
+            "feed %s: the kernel dropped datagrams (receive buffer full), %d so far",
+            self.name,
+            self.kernel_drops,
+        )
 
     def _wake_sender(self) -> None:
         """Run by Trio on behalf of a data-path thread."""

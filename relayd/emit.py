@@ -68,6 +68,7 @@ ready, so an unreadable key file fails the start.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -85,6 +86,7 @@ from typing import Any, Final, Literal
 
 import trio
 
+from relayd import fastpath
 from relayd.config import MIN_KEY_BYTES, EmitFeed, MissingKeyFileError
 from relayd.datapath import run_stoppable, wait_writable
 from relayd.logs import RateLimitedLogger
@@ -197,14 +199,26 @@ def load_auth_keys(paths: Iterable[Path]) -> tuple[bytes, ...]:
 
 
 class _Session:
-    __slots__ = ("connection", "highest", "pump_done", "session_id")
+    __slots__ = ("_highest", "connection", "pump", "pump_done", "session_id")
 
     def __init__(self, session_id: bytes) -> None:
         self.session_id = session_id
-        self.highest = 0  # highest sequence emitted (or deliberately skipped)
+        self._highest = 0
         self.connection: _Connection | None = None  # the connection streaming it, if any
         # set when the data-path thread of the session's latest connection has returned
         self.pump_done: trio.Event | None = None
+        # the C data path's state while it streams this session (it holds ``highest`` then)
+        self.pump: fastpath.EmitState | None = None
+
+    @property
+    def highest(self) -> int:
+        """Highest sequence emitted (or deliberately skipped)."""
+        pump = self.pump
+        return self._highest if pump is None else int(pump.highest)
+
+    @highest.setter
+    def highest(self, value: int) -> None:
+        self._highest = value
 
 
 class _Connection:
@@ -276,6 +290,35 @@ class _Stats:
         self.send_waits = 0  # times the multicast socket was full (EAGAIN) and we waited
 
 
+#: ``struct rd_emit`` counters, in the order ``_sync`` unpacks them.
+_C_COUNTERS: Final = (
+    "bytes_in",
+    "frames_in",
+    "datagrams_in",
+    "datagrams_out",
+    "bytes_out",
+    "duplicates",
+    "gaps",
+    "gap_sequences",
+    "send_waits",
+    "denied_group",
+    "denied_port",
+    "latency_count",
+)
+
+
+class _PumpLink:
+    """A running C data path and what of its counters the feed has counted already."""
+
+    __slots__ = ("last", "latency", "latency_sum_ns", "state")
+
+    def __init__(self, state: fastpath.EmitState) -> None:
+        self.state = state
+        self.last = [0] * len(_C_COUNTERS)
+        self.latency = [0] * len(state.latency)
+        self.latency_sum_ns = 0
+
+
 class EmitFeedRuntime:
     """One ``[[emit]]`` feed: listener, HELLO gate, decode, dedup, multicast send."""
 
@@ -331,6 +374,8 @@ class EmitFeedRuntime:
         # lock, once per chunk.
         self._lock = threading.Lock()
         self._limiter: trio.CapacityLimiter | None = None
+        self._lib: Any = None  # the C data plane (relayd.fastpath), or None: Python
+        self._pumps: list[_PumpLink] = []  # running C data paths
 
     # -- Feed interface ---------------------------------------------------------------------
 
@@ -350,6 +395,8 @@ class EmitFeedRuntime:
             with self._lock:
                 self._dests.clear()  # the destination caches encode the allowlist
                 self._denied.clear()
+                for link in self._pumps:
+                    link.state.clear_dests = 1
                 self.config = config
         self.config = config
 
@@ -358,6 +405,7 @@ class EmitFeedRuntime:
         if self._keys is None:
             self._keys = load_auth_keys(cfg.auth_key_files)
         self.interface_address = resolve_interface(cfg.interface)
+        self._lib = fastpath.load()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         mcast: socket.socket | None = None
         try:
@@ -379,12 +427,13 @@ class EmitFeedRuntime:
                     self._listening = True
                     self._state = "listening"
                     log.info(
-                        "emit feed %s listening on %s:%d, multicast out of %s ttl %d",
+                        "emit feed %s listening on %s:%d, multicast out of %s ttl %d, data path %s",
                         self.name,
                         cfg.listen.host,
                         self.listen_port,
                         self.interface_address,
                         cfg.ttl,
+                        fastpath.describe(),
                     )
                     task_status.started()
                     await self._accept_loop(listener, handlers)
@@ -397,6 +446,7 @@ class EmitFeedRuntime:
                 mcast.close()
 
     def health(self) -> FeedHealth:
+        self._sync_all()
         failing = self._sending_failed()
         healthy = self._listening and not failing
         if not self._listening:
@@ -423,6 +473,7 @@ class EmitFeedRuntime:
         return FeedHealth(healthy, state, detail)
 
     def samples(self) -> Iterable[Sample]:
+        self._sync_all()
         return list(self._samples())
 
     # -- accounting helpers -----------------------------------------------------------------
@@ -535,6 +586,7 @@ class EmitFeedRuntime:
     async def _tick(self) -> None:
         """Feed the rate windows once a second."""
         while True:
+            self._sync_all()
             now = time.monotonic()
             self._rate_out.update(self.stats.datagrams_out, now)
             self._rate_in_bytes.update(self.stats.bytes_in, now)
@@ -780,8 +832,9 @@ class EmitFeedRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn)
+                pump = self._pump if self._lib is None else self._pump_c
                 outcome, detail = await run_stoppable(
-                    functools.partial(self._pump, conn, proto), limiter=self._limiter
+                    functools.partial(pump, conn, proto), limiter=self._limiter
                 )
                 self._pumped(conn, outcome, detail)
                 nursery.cancel_scope.cancel()
@@ -846,6 +899,11 @@ class EmitFeedRuntime:
                     conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
                     return
                 last_send = trio.current_time()
+                pump = session.pump
+                if pump is not None:  # the C data path asks for the next ACK above this one
+                    pump.ack_above = conn.acked
+                    if pump.highest > conn.acked:  # emitted meanwhile, not asked for
+                        conn.wake.set()
             with trio.move_on_at(last_send + heartbeat):
                 await conn.wake.wait()
             if conn.wake.is_set():
@@ -913,6 +971,172 @@ class EmitFeedRuntime:
             if session.highest > conn.acked and not conn.ack_requested:
                 conn.ack_requested = True
                 schedule(request_ack)
+
+    def _pump_c(
+        self,
+        conn: _Connection,
+        proto: EmitConnection,
+        stop_fd: int,
+        token: trio.lowlevel.TrioToken,
+    ) -> tuple[str, Any]:
+        """The data-path thread on the C data plane: ``rd_emit_pump`` runs poll, recv, decode,
+        dedup and sendto without the GIL, and returns only for what needs Python (a control
+        or malformed frame, a destination seen for the first time, a send error, an ACK due,
+        the end). Same outcomes as ``_pump``."""
+        lib = self._lib
+        mcast = self._mcast
+        assert lib is not None
+        assert mcast is not None
+        session = conn.session
+        assert session is not None
+        buffer = (ctypes.c_uint8 * RECEIVE_SIZE)()
+        state = fastpath.EmitState(
+            tcp_fd=conn.sock.fileno(),
+            stop_fd=stop_fd,
+            mcast_fd=mcast.fileno(),
+            buf=ctypes.addressof(buffer),
+            cap=RECEIVE_SIZE,
+            idle_ns=int(self.config.idle_timeout * 1e9),
+            highest=session.highest,
+            ack_above=max(conn.acked, 0),
+        )
+        leftover = proto.take_buffered()  # bytes after the HELLO: the start of the stream
+        ctypes.memmove(buffer, leftover, len(leftover))
+        state.end = len(leftover)
+        ref = ctypes.byref(state)
+        pump = lib.rd_emit_pump
+        set_dest = lib.rd_emit_set_dest
+        schedule = token.run_sync_soon
+        link = _PumpLink(state)
+        with self._lock:
+            self._pumps.append(link)
+            session.pump = state
+        try:
+            while True:
+                why = pump(ref)
+                if why == fastpath.RD_ACK:
+                    schedule(conn.request_ack)
+                    continue
+                with self._lock:
+                    self._sync(link)
+                    if why == fastpath.RD_NEED_DEST:
+                        key = state.need_key
+                        verdict = self._verdict(key)
+                        if isinstance(verdict, tuple):
+                            set_dest(ref, key, fastpath.DEST_ALLOWED)
+                        else:
+                            self._log_denied(key, verdict)
+                            denied = verdict == "group_not_allowed"
+                            set_dest(
+                                ref,
+                                key,
+                                fastpath.DEST_DENIED_GROUP if denied else fastpath.DEST_DENIED_PORT,
+                            )
+                        continue
+                    if why == fastpath.RD_SEND_ERROR:
+                        self._send_failed(OSError(state.err, os.strerror(state.err)))
+                        continue
+                if why == fastpath.RD_CONTROL:
+                    return self._control(proto, bytes(buffer[state.start : state.end]))
+                if why == fastpath.RD_STOPPED:
+                    return "stopped", None
+                if why == fastpath.RD_EOF:
+                    return "eof", None
+                if why == fastpath.RD_RESET:
+                    return "reset", os.strerror(state.err)
+                if why == fastpath.RD_IDLE:
+                    return "idle", self.config.idle_timeout
+                raise RuntimeError(f"rd_emit_pump returned {why}")
+        finally:
+            with self._lock:
+                self._sync(link)
+                self._pumps.remove(link)
+                session.highest = int(state.highest)
+                session.pump = None
+
+    @staticmethod
+    def _control(proto: EmitConnection, frames: bytes) -> tuple[str, Any]:
+        """The verdict on what the C data path handed back: an ERROR from the peer ends the
+        connection as "peer_error", anything else is a protocol error (with the Python
+        decoder's message)."""
+        try:
+            events = proto.receive(frames)
+        except ProtocolError as exc:
+            return "protocol", exc
+        if events and isinstance(events[0], Error):
+            return "peer_error", events
+        return "protocol", ProtocolError(f"undecodable frame: {frames[:16].hex()}")
+
+    def _sync(self, link: _PumpLink) -> None:
+        """Add what a C data path counted since the last call to the feed's counters (the
+        caller holds ``_lock``; called from its thread and from Trio)."""
+        state = link.state
+        last = link.last
+        stats = self.stats
+        values = [getattr(state, name) for name in _C_COUNTERS]
+        growth = [now - before for now, before in zip(values, last, strict=True)]
+        if not any(growth):
+            return
+        link.last = values
+        (
+            bytes_in,
+            frames_in,
+            datagrams_in,
+            datagrams_out,
+            bytes_out,
+            duplicates,
+            gaps,
+            gap_sequences,
+            send_waits,
+            denied_group,
+            denied_port,
+            observed,
+        ) = growth
+        stats.bytes_in += bytes_in
+        stats.frames_in += frames_in
+        stats.datagrams_in += datagrams_in
+        stats.datagrams_out += datagrams_out
+        stats.bytes_out += bytes_out
+        stats.duplicates += duplicates
+        stats.send_waits += send_waits
+        self.dropped["group_not_allowed"] += denied_group
+        self.dropped["port_not_allowed"] += denied_port
+        if datagrams_in:
+            self._last_datagram_at = state.last_rx_ns / 1e9
+        if datagrams_out and state.last_send_ok:
+            self._send_failed_at = None
+        if observed:
+            buckets = list(state.latency)
+            self.latency.add_counts(
+                [a - b for a, b in zip(buckets, link.latency, strict=True)],
+                state.latency_sum_ns - link.latency_sum_ns,
+            )
+            link.latency = buckets
+            link.latency_sum_ns = state.latency_sum_ns
+        if gaps:
+            stats.gaps += gaps
+            stats.gap_sequences += gap_sequences
+            session = self._session_of(state)
+            self._rlog.warning(
+                f"gap:{session}",
+                "%s: session %s skipped %d sequence numbers (capture side dropped them)",
+                self.name,
+                session,
+                gap_sequences,
+            )
+
+    def _session_of(self, state: fastpath.EmitState) -> str:
+        for session in self._sessions.values():
+            if session.pump is state:
+                return session.session_id.hex()
+        return "?"
+
+    def _sync_all(self) -> None:
+        """Bring the counters up to date with every running C data path (from Trio)."""
+        if self._pumps:
+            with self._lock:
+                for link in self._pumps:
+                    self._sync(link)
 
     def _emit(self, session: _Session, events: list[Any], stop_fd: int) -> str | None:
         """Send the datagrams of one chunk (in the data-path thread). None, or "peer_error"
@@ -1010,31 +1234,47 @@ class EmitFeedRuntime:
         )
 
     def _destination(self, group: int, port: int) -> tuple[str, int] | None:
-        """The cached sendto address of an allowed group:port; None (counted) otherwise."""
+        """The cached sendto address of an allowed group:port; None (counted) otherwise.
+        The caller holds ``_lock``."""
         key = (group << 16) | port
+        verdict = self._verdict(key)
+        if isinstance(verdict, tuple):
+            return verdict
+        self.dropped[verdict] += 1
+        self._log_denied(key, verdict)
+        return None
+
+    def _verdict(self, key: int) -> tuple[str, int] | str:
+        """The sendto address of destination ``group << 16 | port``, or the drop reason when
+        the allowlist refuses it; cached. The caller holds ``_lock``."""
+        dest = self._dests.get(key)
+        if dest is not None:
+            return dest
         reason = self._denied.get(key)
-        if reason is None:
-            cfg = self.config
-            address = IPv4Address(group)
-            if not any(address in net for net in cfg.allowed_groups):
-                reason = "group_not_allowed"
-            elif not any(port in ports for ports in cfg.allowed_ports):
-                reason = "port_not_allowed"
-            else:
-                if len(self._dests) >= DESTINATION_CACHE_LIMIT:
-                    self._dests.clear()
-                dest = self._dests[key] = (str(address), port)
-                return dest
-            if len(self._denied) >= DESTINATION_CACHE_LIMIT:
-                self._denied.clear()
-            self._denied[key] = reason
-        self.dropped[reason] += 1
+        if reason is not None:
+            return reason
+        cfg = self.config
+        address = IPv4Address(key >> 16)
+        if not any(address in net for net in cfg.allowed_groups):
+            reason = "group_not_allowed"
+        elif not any((key & 0xFFFF) in ports for ports in cfg.allowed_ports):
+            reason = "port_not_allowed"
+        else:
+            if len(self._dests) >= DESTINATION_CACHE_LIMIT:
+                self._dests.clear()
+            dest = self._dests[key] = (str(address), key & 0xFFFF)
+            return dest
+        if len(self._denied) >= DESTINATION_CACHE_LIMIT:
+            self._denied.clear()
+        self._denied[key] = reason
+        return reason
+
+    def _log_denied(self, key: int, reason: str) -> None:
         self._rlog.warning(
             f"{reason}:{key}",
             "%s: dropped a datagram for %s:%d (%s)",
             self.name,
-            IPv4Address(group),
-            port,
+            IPv4Address(key >> 16),
+            key & 0xFFFF,
             reason.replace("_", " "),
         )
-        return None

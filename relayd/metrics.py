@@ -136,6 +136,15 @@ class LatencyHistogram:
         self.count += 1
         self.sum_ns += ns
 
+    def add_counts(self, counts: list[int], sum_ns: int) -> None:
+        """Add observations counted elsewhere in the same buckets (the C data path)."""
+        if len(counts) != self._n + 1:
+            raise ValueError(f"{len(counts)} bucket counts for {self._n + 1} buckets")
+        for k, count in enumerate(counts):
+            self._counts[k] += count
+        self.count += sum(counts)
+        self.sum_ns += sum_ns
+
     def samples(
         self,
         family: str,

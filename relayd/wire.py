@@ -248,6 +248,11 @@ class Decoder:
         """Bytes held of an incomplete frame (never more than one maximal frame)."""
         return len(self._pending)
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes of an incomplete frame: another decoder goes on from there."""
+        data, self._pending = self._pending, b""
+        return data
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Decode every complete frame of ``data`` (after what was buffered before).
 
@@ -383,6 +388,11 @@ class EmitConnection:
                 if not isinstance(later, Error):
                     raise ProtocolError(f"{type(later).__name__.upper()} frame before the welcome")
         return events
+
+    def take_buffered(self) -> bytes:
+        """The bytes received after the last complete frame, taken out of the decoder (the
+        emit feed's C data path goes on decoding from them)."""
+        return self._decoder.take_buffered()
 
     def _accept(self, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:

@@ -1,0 +1,394 @@
+/* relayd's data plane in C: the per-datagram loops of both feeds, without the GIL.
+ *
+ * Loaded with ctypes by relayd/fastpath.py (so it does not depend on the Python ABI), called
+ * from the data-path threads of relayd/emit.py and relayd/capture.py; ctypes releases the GIL
+ * for the length of every call. The Python code keeps everything but the hot loop: handshake,
+ * ACK writer, replay buffer, supervision, health, metrics, and every rare case (a control
+ * frame, a malformed frame, a destination seen for the first time, an error). C handles only
+ * what it can check completely; anything else goes back to Python with the stream positioned
+ * at the frame in question, and the Python decoder gives the verdict and its message.
+ *
+ * Wire format (docs/PROTOCOL.md): u16 length | u8 type | body, network byte order. DATA is
+ * length type flags port group seq ts (26 bytes) + payload.
+ *
+ * The structs are shared with Python (ctypes.Structure in fastpath.py): 8-byte fields only, so
+ * there is no padding to disagree on; RD_ABI and the struct sizes are checked at load time.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define RD_ABI 1
+
+/* Why a call returned (both loops). */
+enum {
+    RD_STOPPED = 1,    /* the stop pipe became readable */
+    RD_EOF = 2,        /* the peer closed the TCP connection */
+    RD_RESET = 3,      /* recv failed: err */
+    RD_IDLE = 4,       /* nothing received for idle_ns */
+    RD_CONTROL = 5,    /* buf[start] is a frame C does not handle: Python decodes it */
+    RD_NEED_DEST = 6,  /* buf[start] is DATA for need_key, not in the table yet */
+    RD_SEND_ERROR = 7, /* a multicast send failed (err); that datagram is consumed */
+    RD_ACK = 8,        /* highest passed ack_above (which is now UINT64_MAX): ask for an ACK */
+    RD_EMPTY = 9,      /* capture: the socket has no more datagrams */
+    RD_FULL = 10,      /* capture: the frame buffer has no room for another datagram */
+    RD_ERROR = 11,     /* capture: recvmsg or poll failed: err */
+};
+
+enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT = 3 };
+
+#define DATA_HEADER 26
+#define DATA_BODY_MIN 24 /* DATA length field: everything after the length, header included */
+#define TYPE_DATA 0x01
+#define TYPE_HEARTBEAT 0x02
+#define TYPE_ERROR 0x04
+#define MAX_ERROR_TEXT 1024
+#define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
+#define DEST_SLOTS 1024    /* per connection; cleared when half full */
+
+struct rd_dest {
+    uint64_t key; /* group << 16 | port */
+    uint64_t state;
+    uint64_t addr; /* struct sockaddr_in, IPv4 only: 16 bytes */
+    uint64_t addr2;
+};
+
+struct rd_emit {
+    /* set by Python before the first call */
+    int64_t tcp_fd, stop_fd, mcast_fd;
+    uint8_t *buf;
+    uint64_t cap;
+    int64_t idle_ns;
+    /* the stream: undecoded bytes are buf[start:end] */
+    uint64_t start, end;
+    uint64_t highest;   /* highest sequence emitted or deliberately skipped */
+    uint64_t ack_above; /* RD_ACK when highest > this; Trio's ACK writer re-arms it */
+    uint64_t clear_dests;
+    /* counters, only ever growing (Python adds their growth to the feed's) */
+    uint64_t bytes_in, frames_in, datagrams_in, datagrams_out, bytes_out, duplicates;
+    uint64_t gaps, gap_sequences, send_waits, denied_group, denied_port, send_errors;
+    uint64_t last_send_ok;        /* 1 when the latest send succeeded */
+    int64_t last_ts_ns;           /* capture stamp of the latest datagram emitted */
+    int64_t last_rx_ns;           /* CLOCK_MONOTONIC of the latest chunk received */
+    uint64_t latency[LATENCY_BUCKETS + 1];
+    uint64_t latency_count, latency_sum_ns;
+    /* detail of the latest return */
+    int64_t err;
+    uint64_t need_key;
+    struct rd_dest dests[DEST_SLOTS];
+    uint64_t dest_count;
+};
+
+struct rd_capture {
+    int64_t fd, stop_fd;
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t room; /* a batch ends when less than this is left after the last frame */
+    uint64_t port;
+    /* out, per batch */
+    uint64_t count, offset, payload_bytes;
+    uint64_t drops, drops_seen; /* SO_RXQ_OVFL: the socket's cumulative drop counter */
+    int64_t err;
+};
+
+int rd_abi(void) { return RD_ABI; }
+uint64_t rd_emit_size(void) { return sizeof(struct rd_emit); }
+uint64_t rd_capture_size(void) { return sizeof(struct rd_capture); }
+
+static int64_t now_ns(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get32(p + 4); }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
+static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
+
+/* -- emit: the destination table (open addressing, one per connection) ---------------------- */
+
+static uint64_t slot_of(uint64_t key) { return (key * 0x9E3779B97F4A7C15ull) >> 54; /* 10 bits */ }
+
+static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key) {
+    for (uint64_t i = slot_of(key);; i = (i + 1) & (DEST_SLOTS - 1)) {
+        struct rd_dest *d = &s->dests[i];
+        if (d->state == DEST_EMPTY || d->key == key) return d;
+    }
+}
+
+/* Python's verdict for a destination: state DEST_ALLOWED (group and port in host byte order)
+ * or one of the DEST_DENIED_* reasons. */
+void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state) {
+    if (s->dest_count >= DEST_SLOTS / 2) {
+        memset(s->dests, 0, sizeof s->dests);
+        s->dest_count = 0;
+    }
+    struct rd_dest *d = dest_find(s, key);
+    if (d->state == DEST_EMPTY) s->dest_count++;
+    d->key = key;
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)(key & 0xFFFF));
+    sa.sin_addr.s_addr = htonl((uint32_t)(key >> 16));
+    memcpy(&d->addr, &sa, sizeof sa);
+    d->state = state;
+}
+
+static void observe_latency(struct rd_emit *s, int64_t ns) {
+    unsigned k = 0;
+    if (ns <= 0) ns = 0;
+    else {
+        uint64_t us = (uint64_t)(ns - 1) / 1000;
+        k = us ? 64 - (unsigned)__builtin_clzll(us) : 0; /* bit_length */
+    }
+    s->latency[k < LATENCY_BUCKETS ? k : LATENCY_BUCKETS]++;
+    s->latency_count++;
+    s->latency_sum_ns += (uint64_t)ns;
+}
+
+/* Block until the multicast socket takes more (0) or the stop pipe is readable (1). */
+static int wait_writable(int fd, int stop_fd) {
+    struct pollfd p[2] = {{fd, POLLOUT, 0}, {stop_fd, POLLIN, 0}};
+    for (;;) {
+        int n = poll(p, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || p[1].revents) return 1;
+        if (p[0].revents) return 0;
+    }
+}
+
+/* Decode and emit every complete frame in buf[start:end]. 0 when all complete frames are
+ * done, else the RD_* reason to return with (start at the frame concerned). */
+static int emit_frames(struct rd_emit *s) {
+    uint8_t *buf = s->buf;
+    uint64_t highest = s->highest, start = s->start;
+    int64_t last_ts = 0;
+    int outcome = 0;
+    if (s->clear_dests) {
+        s->clear_dests = 0;
+        memset(s->dests, 0, sizeof s->dests);
+        s->dest_count = 0;
+    }
+    while (s->end - start >= 3) {
+        const uint8_t *f = buf + start;
+        uint64_t length = get16(f), size = length + 2;
+        uint8_t type = f[2];
+        if (type == TYPE_HEARTBEAT && length == 9) {
+            if (s->end - start < size) break;
+            s->frames_in++;
+            start += size;
+            continue;
+        }
+        if (type != TYPE_DATA || length < DATA_BODY_MIN) {
+            /* A control frame, or a malformed one: Python's decoder decides. An ERROR is
+             * handed over whole; anything else is refused from its first 3 bytes. */
+            if (type == TYPE_ERROR && length >= 3 && length <= 3 + MAX_ERROR_TEXT &&
+                s->end - start < size)
+                break;
+            outcome = RD_CONTROL;
+            break;
+        }
+        if (s->end - start < size) break;
+        if (f[3] != 0) { /* unknown flags */
+            outcome = RD_CONTROL;
+            break;
+        }
+        uint64_t port = get16(f + 4), group = get32(f + 6), seq = get64(f + 10);
+        uint64_t key = group << 16 | port;
+        if (seq <= highest) {
+            s->frames_in++;
+            s->datagrams_in++;
+            s->duplicates++;
+            start += size;
+            continue;
+        }
+        struct rd_dest *d = dest_find(s, key);
+        if (d->state == DEST_EMPTY) {
+            s->need_key = key;
+            outcome = RD_NEED_DEST;
+            break;
+        }
+        if (highest && seq != highest + 1) {
+            s->gaps++;
+            s->gap_sequences += seq - highest - 1;
+        }
+        if (d->state == DEST_ALLOWED) {
+            uint64_t len = size - DATA_HEADER;
+            for (;;) {
+                ssize_t sent = sendto((int)s->mcast_fd, f + DATA_HEADER, len, 0,
+                                      (const struct sockaddr *)&d->addr, sizeof(struct sockaddr_in));
+                if (sent >= 0) {
+                    s->datagrams_out++;
+                    s->bytes_out += len;
+                    s->last_send_ok = 1;
+                    break;
+                }
+                if (errno == EAGAIN || errno == EINTR) {
+                    if (errno == EAGAIN) s->send_waits++;
+                    if (wait_writable((int)s->mcast_fd, (int)s->stop_fd)) {
+                        outcome = RD_STOPPED; /* this datagram was not sent: not claimed */
+                        goto out;
+                    }
+                    continue;
+                }
+                s->err = errno;
+                s->send_errors++;
+                s->last_send_ok = 0;
+                outcome = RD_SEND_ERROR;
+                break;
+            }
+            last_ts = (int64_t)get64(f + 18);
+        } else if (d->state == DEST_DENIED_GROUP) {
+            s->denied_group++;
+        } else {
+            s->denied_port++;
+        }
+        s->frames_in++;
+        s->datagrams_in++;
+        highest = seq;
+        start += size;
+        if (outcome) break;
+    }
+out:
+    if (last_ts) {
+        s->last_ts_ns = last_ts;
+        observe_latency(s, now_ns(CLOCK_REALTIME) - last_ts);
+    }
+    s->highest = highest;
+    s->start = start;
+    return outcome;
+}
+
+/* The emit data path: poll the TCP socket and the stop pipe, recv, decode, sendto, until
+ * something needs Python (the RD_* return value). Call again to go on. */
+int rd_emit_pump(struct rd_emit *s) {
+    int64_t deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
+    for (;;) {
+        int outcome = emit_frames(s);
+        if (outcome) return outcome;
+        if (s->highest > __atomic_load_n(&s->ack_above, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&s->ack_above, UINT64_MAX, __ATOMIC_RELEASE);
+            return RD_ACK;
+        }
+        if (s->start == s->end) s->start = s->end = 0;
+        else if (s->cap - s->end < 65536 + 3) { /* keep room for a whole frame */
+            memmove(s->buf, s->buf + s->start, s->end - s->start);
+            s->end -= s->start;
+            s->start = 0;
+        }
+        for (;;) {
+            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
+            if (left <= 0) return RD_IDLE;
+            struct pollfd p[2] = {{(int)s->tcp_fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+            int n = poll(p, 2, (int)((left + 999999) / 1000000));
+            if (n < 0 && errno != EINTR) {
+                s->err = errno;
+                return RD_RESET;
+            }
+            if (n <= 0) continue;
+            if (p[1].revents) return RD_STOPPED;
+            ssize_t got = recv((int)s->tcp_fd, s->buf + s->end, s->cap - s->end, 0);
+            if (got < 0) {
+                if (errno == EAGAIN || errno == EINTR) continue;
+                s->err = errno;
+                return RD_RESET;
+            }
+            if (got == 0) return RD_EOF;
+            int64_t now = now_ns(CLOCK_MONOTONIC);
+            deadline = now + s->idle_ns;
+            s->last_rx_ns = now;
+            s->bytes_in += (uint64_t)got;
+            s->end += (uint64_t)got;
+            break;
+        }
+    }
+}
+
+/* -- capture ---------------------------------------------------------------------------------- */
+
+/* Block until the socket is readable (0) or the stop pipe is (RD_STOPPED). */
+int rd_capture_wait(struct rd_capture *s) {
+    struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+    for (;;) {
+        int n = poll(p, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            s->err = errno;
+            return RD_ERROR;
+        }
+        if (p[1].revents) return RD_STOPPED;
+        if (p[0].revents) return 0;
+    }
+}
+
+/* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
+ * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL). */
+int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
+    uint8_t *buf = s->buf;
+    uint64_t offset = 0, count = 0, bytes = 0;
+    union {
+        char space[CMSG_SPACE(sizeof(struct in_pktinfo)) + CMSG_SPACE(sizeof(uint32_t))];
+        struct cmsghdr align;
+    } control;
+    int outcome = RD_FULL;
+    s->drops_seen = 0;
+    while (offset + s->room <= s->cap) {
+        uint8_t *f = buf + offset;
+        struct iovec iov = {f + DATA_HEADER, s->cap - offset - DATA_HEADER};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof control.space;
+        ssize_t size = recvmsg((int)s->fd, &msg, MSG_DONTWAIT);
+        if (size < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) {
+                outcome = RD_EMPTY;
+                break;
+            }
+            s->err = errno;
+            outcome = RD_ERROR;
+            break;
+        }
+        int64_t ts = now_ns(CLOCK_REALTIME);
+        uint32_t group = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+                struct in_pktinfo info;
+                memcpy(&info, CMSG_DATA(c), sizeof info);
+                group = ntohl(info.ipi_addr.s_addr);
+            } else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL) {
+                uint32_t drops;
+                memcpy(&drops, CMSG_DATA(c), sizeof drops);
+                s->drops = drops;
+                s->drops_seen = 1;
+            }
+        }
+        put16(f, (uint16_t)(DATA_BODY_MIN + size));
+        f[2] = TYPE_DATA;
+        f[3] = 0;
+        put16(f + 4, (uint16_t)s->port);
+        put32(f + 6, group);
+        put64(f + 10, first_seq + count);
+        put64(f + 18, (uint64_t)ts);
+        offset += DATA_HEADER + (uint64_t)size;
+        bytes += (uint64_t)size;
+        count++;
+    }
+    s->count = count;
+    s->offset = offset;
+    s->payload_bytes = bytes;
+    return outcome;
+}
