@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 1
+#define RD_ABI 2
 
 /* Why a call returned (both loops). */
 enum {
@@ -34,7 +34,7 @@ enum {
     RD_CONTROL = 5,    /* buf[start] is a frame C does not handle: Python decodes it */
     RD_NEED_DEST = 6,  /* buf[start] is DATA for need_key, not in the table yet */
     RD_SEND_ERROR = 7, /* a multicast send failed (err); that datagram is consumed */
-    RD_ACK = 8,        /* highest passed ack_above (which is now UINT64_MAX): ask for an ACK */
+    RD_SLOW = 8,       /* an ACK or HEARTBEAT could not be written for idle_ns: slow consumer */
     RD_EMPTY = 9,      /* capture: the socket has no more datagrams */
     RD_FULL = 10,      /* capture: the frame buffer has no room for another datagram */
     RD_ERROR = 11,     /* capture: recvmsg or poll failed: err */
@@ -46,6 +46,7 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define DATA_BODY_MIN 24 /* DATA length field: everything after the length, header included */
 #define TYPE_DATA 0x01
 #define TYPE_HEARTBEAT 0x02
+#define TYPE_ACK 0x03
 #define TYPE_ERROR 0x04
 #define MAX_ERROR_TEXT 1024
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
@@ -63,11 +64,18 @@ struct rd_emit {
     int64_t tcp_fd, stop_fd, mcast_fd;
     uint8_t *buf;
     uint64_t cap;
-    int64_t idle_ns;
+    int64_t idle_ns;          /* nothing received this long: RD_IDLE; nothing written: RD_SLOW */
+    int64_t ack_interval_ns;  /* shortest time between two control frames */
+    int64_t heartbeat_ns;     /* a HEARTBEAT after this long without output */
     /* the stream: undecoded bytes are buf[start:end] */
     uint64_t start, end;
-    uint64_t highest;   /* highest sequence emitted or deliberately skipped */
-    uint64_t ack_above; /* RD_ACK when highest > this; Trio's ACK writer re-arms it */
+    uint64_t highest;         /* highest sequence emitted or deliberately skipped */
+    int64_t acked;            /* highest sequence ACKed to the peer; -1: not even the welcome */
+    int64_t last_out_ns;      /* CLOCK_MONOTONIC of the latest control frame written */
+    int64_t blocked_since_ns; /* when the pending control frame first found the socket full */
+    uint64_t out_off, out_len; /* the control frame being written: out[out_off:out_len] */
+    uint8_t out[16];
+    uint64_t acks_sent, heartbeats_sent;
     uint64_t clear_dests;
     /* counters, only ever growing (Python adds their growth to the feed's) */
     uint64_t bytes_in, frames_in, datagrams_in, datagrams_out, bytes_out, duplicates;
@@ -270,17 +278,55 @@ out:
     return outcome;
 }
 
-/* The emit data path: poll the TCP socket and the stop pipe, recv, decode, sendto, until
- * something needs Python (the RD_* return value). Call again to go on. */
+/* Queue the ACK or HEARTBEAT that is due, if any (nothing is being written). */
+static void queue_control(struct rd_emit *s, int64_t now) {
+    if (s->out_len || now < s->last_out_ns + s->ack_interval_ns) return;
+    if ((int64_t)s->highest > s->acked) {
+        s->out[2] = TYPE_ACK;
+        put64(s->out + 3, s->highest);
+        s->acked = (int64_t)s->highest;
+        s->acks_sent++;
+    } else if (now >= s->last_out_ns + s->heartbeat_ns) {
+        s->out[2] = TYPE_HEARTBEAT;
+        put64(s->out + 3, (uint64_t)now_ns(CLOCK_REALTIME));
+        s->heartbeats_sent++;
+    } else {
+        return;
+    }
+    put16(s->out, 9);
+    s->out_off = 0;
+    s->out_len = 11;
+    s->blocked_since_ns = now;
+}
+
+/* Write what is left of the control frame. 0, or -1 with err set when the connection broke. */
+static int flush_control(struct rd_emit *s, int64_t now) {
+    while (s->out_off < s->out_len) {
+        ssize_t sent = send((int)s->tcp_fd, s->out + s->out_off, s->out_len - s->out_off,
+                            MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) return 0;
+            s->err = errno;
+            return -1;
+        }
+        s->out_off += (uint64_t)sent;
+    }
+    s->out_off = s->out_len = 0;
+    s->last_out_ns = now;
+    return 0;
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The emit data path: poll the TCP socket and the stop pipe, recv, decode, sendto; write the
+ * coalesced ACKs (at most one per ack_interval_ns) and the idle HEARTBEATs. Returns when
+ * something needs Python (RD_*); call again to go on. */
 int rd_emit_pump(struct rd_emit *s) {
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
     for (;;) {
         int outcome = emit_frames(s);
         if (outcome) return outcome;
-        if (s->highest > __atomic_load_n(&s->ack_above, __ATOMIC_ACQUIRE)) {
-            __atomic_store_n(&s->ack_above, UINT64_MAX, __ATOMIC_RELEASE);
-            return RD_ACK;
-        }
         if (s->start == s->end) s->start = s->end = 0;
         else if (s->cap - s->end < 65536 + 3) { /* keep room for a whole frame */
             memmove(s->buf, s->buf + s->start, s->end - s->start);
@@ -288,16 +334,30 @@ int rd_emit_pump(struct rd_emit *s) {
             s->start = 0;
         }
         for (;;) {
-            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
-            if (left <= 0) return RD_IDLE;
-            struct pollfd p[2] = {{(int)s->tcp_fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
-            int n = poll(p, 2, (int)((left + 999999) / 1000000));
+            int64_t now = now_ns(CLOCK_MONOTONIC);
+            queue_control(s, now);
+            if (s->out_len && flush_control(s, now)) return RD_RESET;
+            if (s->out_len && now - s->blocked_since_ns >= s->idle_ns) return RD_SLOW;
+            if (now >= deadline) return RD_IDLE;
+            int64_t wake = deadline;
+            if (s->out_len) wake = min64(wake, s->blocked_since_ns + s->idle_ns);
+            else {
+                int64_t next = s->last_out_ns + s->ack_interval_ns;
+                if ((int64_t)s->highest > s->acked) wake = min64(wake, next);
+                wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
+            }
+            int64_t left = wake > now ? wake - now : 0;
+            struct timespec timeout = {left / 1000000000, left % 1000000000};
+            short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
+            struct pollfd p[2] = {{(int)s->tcp_fd, events, 0}, {(int)s->stop_fd, POLLIN, 0}};
+            int n = ppoll(p, 2, &timeout, NULL);
             if (n < 0 && errno != EINTR) {
                 s->err = errno;
                 return RD_RESET;
             }
             if (n <= 0) continue;
             if (p[1].revents) return RD_STOPPED;
+            if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR))) continue; /* writable */
             ssize_t got = recv((int)s->tcp_fd, s->buf + s->end, s->cap - s->end, 0);
             if (got < 0) {
                 if (errno == EAGAIN || errno == EINTR) continue;
@@ -305,7 +365,7 @@ int rd_emit_pump(struct rd_emit *s) {
                 return RD_RESET;
             }
             if (got == 0) return RD_EOF;
-            int64_t now = now_ns(CLOCK_MONOTONIC);
+            now = now_ns(CLOCK_MONOTONIC);
             deadline = now + s->idle_ns;
             s->last_rx_ns = now;
             s->bytes_in += (uint64_t)got;

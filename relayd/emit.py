@@ -228,10 +228,12 @@ class _Connection:
         "error",
         "id",
         "peer",
+        "pump",
         "reason",
         "scope",
         "session",
         "sock",
+        "unsent",
         "wake",
     )
 
@@ -246,6 +248,14 @@ class _Connection:
         self.ack_requested = False  # the data-path thread asked Trio to set ``wake``
         self.error: tuple[int, str] | None = None  # the ERROR (code, text) to close with
         self.reason: str | None = None  # why a streaming connection ended (connections_closed)
+        self.unsent = b""  # the rest of a control frame the C data path could not finish
+        self.pump: fastpath.EmitState | None = None  # the C data path's state, while it runs
+
+    @property
+    def acked_seq(self) -> int:
+        """Highest sequence ACKed so far (0 before the welcome ACK)."""
+        pump = self.pump
+        return max(self.acked if pump is None else int(pump.acked), 0)
 
     def request_ack(self) -> None:
         """Run by Trio on behalf of the data-path thread."""
@@ -484,7 +494,7 @@ class EmitFeedRuntime:
             "peer": conn.peer,
             "session": session.session_id.hex() if session else None,
             "highest_seq": session.highest if session else 0,
-            "acked_seq": max(conn.acked, 0),
+            "acked_seq": conn.acked_seq,
         }
 
     def _last_datagram_age(self) -> float:
@@ -499,7 +509,7 @@ class EmitFeedRuntime:
         lag = 0
         for conn in self._active.values():
             if conn.session is not None:
-                lag = max(lag, conn.session.highest - max(conn.acked, 0))
+                lag = max(lag, conn.session.highest - conn.acked_seq)
         return lag
 
     def _samples(self) -> Iterator[Sample]:
@@ -692,7 +702,7 @@ class EmitFeedRuntime:
             if conn.error is not None:
                 code, message = conn.error
                 try:
-                    sock.send(encode_error(code, message))
+                    sock.send(conn.unsent + encode_error(code, message))
                     sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
@@ -831,7 +841,8 @@ class EmitFeedRuntime:
         done = session.pump_done = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, conn)
+                if self._lib is None:  # the C data path writes its own ACKs and HEARTBEATs
+                    nursery.start_soon(self._writer, conn)
                 pump = self._pump if self._lib is None else self._pump_c
                 outcome, detail = await run_stoppable(
                     functools.partial(pump, conn, proto), limiter=self._limiter
@@ -870,6 +881,8 @@ class EmitFeedRuntime:
         elif outcome == "idle":
             conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
             conn.reason = "idle_timeout"
+        elif outcome == "slow":
+            conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
         # "eof": closed by the capture side; "stopped": cancelled, the cancel scope says why
 
     async def _writer(self, conn: _Connection) -> None:
@@ -899,11 +912,6 @@ class EmitFeedRuntime:
                     conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
                     return
                 last_send = trio.current_time()
-                pump = session.pump
-                if pump is not None:  # the C data path asks for the next ACK above this one
-                    pump.ack_above = conn.acked
-                    if pump.highest > conn.acked:  # emitted meanwhile, not asked for
-                        conn.wake.set()
             with trio.move_on_at(last_send + heartbeat):
                 await conn.wake.wait()
             if conn.wake.is_set():
@@ -977,12 +985,14 @@ class EmitFeedRuntime:
         conn: _Connection,
         proto: EmitConnection,
         stop_fd: int,
-        token: trio.lowlevel.TrioToken,
+        _token: trio.lowlevel.TrioToken,
     ) -> tuple[str, Any]:
         """The data-path thread on the C data plane: ``rd_emit_pump`` runs poll, recv, decode,
-        dedup and sendto without the GIL, and returns only for what needs Python (a control
-        or malformed frame, a destination seen for the first time, a send error, an ACK due,
-        the end). Same outcomes as ``_pump``."""
+        dedup and sendto without the GIL, and writes the welcome ACK, the coalesced ACKs and
+        the idle HEARTBEATs itself (the work of ``_writer`` on the Python data path). It
+        returns only for what needs Python: a control or malformed frame, a destination seen
+        for the first time, a send error, the end. Same outcomes as ``_pump``, plus "slow"
+        (a control frame could not be written for ``idle_timeout``)."""
         lib = self._lib
         mcast = self._mcast
         assert lib is not None
@@ -990,15 +1000,18 @@ class EmitFeedRuntime:
         session = conn.session
         assert session is not None
         buffer = (ctypes.c_uint8 * RECEIVE_SIZE)()
+        cfg = self.config
         state = fastpath.EmitState(
             tcp_fd=conn.sock.fileno(),
             stop_fd=stop_fd,
             mcast_fd=mcast.fileno(),
             buf=ctypes.addressof(buffer),
             cap=RECEIVE_SIZE,
-            idle_ns=int(self.config.idle_timeout * 1e9),
+            idle_ns=int(cfg.idle_timeout * 1e9),
+            ack_interval_ns=int(ACK_INTERVAL * 1e9),
+            heartbeat_ns=int(cfg.heartbeat_interval * 1e9),
             highest=session.highest,
-            ack_above=max(conn.acked, 0),
+            acked=conn.acked,
         )
         leftover = proto.take_buffered()  # bytes after the HELLO: the start of the stream
         ctypes.memmove(buffer, leftover, len(leftover))
@@ -1006,17 +1019,13 @@ class EmitFeedRuntime:
         ref = ctypes.byref(state)
         pump = lib.rd_emit_pump
         set_dest = lib.rd_emit_set_dest
-        schedule = token.run_sync_soon
         link = _PumpLink(state)
         with self._lock:
             self._pumps.append(link)
-            session.pump = state
+            session.pump = conn.pump = state
         try:
             while True:
                 why = pump(ref)
-                if why == fastpath.RD_ACK:
-                    schedule(conn.request_ack)
-                    continue
                 with self._lock:
                     self._sync(link)
                     if why == fastpath.RD_NEED_DEST:
@@ -1045,14 +1054,19 @@ class EmitFeedRuntime:
                 if why == fastpath.RD_RESET:
                     return "reset", os.strerror(state.err)
                 if why == fastpath.RD_IDLE:
-                    return "idle", self.config.idle_timeout
+                    return "idle", cfg.idle_timeout
+                if why == fastpath.RD_SLOW:
+                    return "slow", None
                 raise RuntimeError(f"rd_emit_pump returned {why}")
         finally:
             with self._lock:
                 self._sync(link)
                 self._pumps.remove(link)
                 session.highest = int(state.highest)
-                session.pump = None
+                session.pump = conn.pump = None
+                conn.acked = state.acked
+                # a control frame cut short: finished before the closing ERROR
+                conn.unsent = bytes(state.out[state.out_off : state.out_len])
 
     @staticmethod
     def _control(proto: EmitConnection, frames: bytes) -> tuple[str, Any]:

@@ -17,7 +17,6 @@ from typing import Final
 
 __all__ = [
     "LIBRARY",
-    "RD_ACK",
     "RD_CONTROL",
     "RD_EMPTY",
     "RD_EOF",
@@ -27,6 +26,7 @@ __all__ = [
     "RD_NEED_DEST",
     "RD_RESET",
     "RD_SEND_ERROR",
+    "RD_SLOW",
     "RD_STOPPED",
     "CaptureState",
     "DataPathError",
@@ -35,11 +35,10 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 1
+ABI: Final = 2
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
-NO_ACK: Final = 2**64 - 1
 
 # Why a call returned (relayd/_fastpath.c).
 RD_STOPPED: Final = 1
@@ -49,7 +48,7 @@ RD_IDLE: Final = 4
 RD_CONTROL: Final = 5
 RD_NEED_DEST: Final = 6
 RD_SEND_ERROR: Final = 7
-RD_ACK: Final = 8
+RD_SLOW: Final = 8
 RD_EMPTY: Final = 9
 RD_FULL: Final = 10
 RD_ERROR: Final = 11
@@ -77,10 +76,19 @@ class EmitState(ctypes.Structure):
         ("buf", ctypes.c_void_p),
         ("cap", _u64),
         ("idle_ns", _i64),
+        ("ack_interval_ns", _i64),
+        ("heartbeat_ns", _i64),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
-        ("ack_above", _u64),
+        ("acked", _i64),
+        ("last_out_ns", _i64),
+        ("blocked_since_ns", _i64),
+        ("out_off", _u64),
+        ("out_len", _u64),
+        ("out", ctypes.c_uint8 * 16),
+        ("acks_sent", _u64),
+        ("heartbeats_sent", _u64),
         ("clear_dests", _u64),
         ("bytes_in", _u64),
         ("frames_in", _u64),
