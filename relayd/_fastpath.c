@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 2
+#define RD_ABI 3
 
 /* Why a call returned (both loops). */
 enum {
@@ -104,9 +104,21 @@ struct rd_capture {
     int64_t err;
 };
 
+/* The capture side's reader of one TCP connection: what the emit side sends back. */
+struct rd_capture_rx {
+    int64_t tcp_fd, stop_fd, idle_ns;
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t start, end; /* undecoded bytes are buf[start:end] */
+    int64_t acked;       /* highest ACK received; -1: none (read by the receive threads) */
+    uint64_t acks, heartbeats, bytes_in;
+    int64_t err;
+};
+
 int rd_abi(void) { return RD_ABI; }
 uint64_t rd_emit_size(void) { return sizeof(struct rd_emit); }
 uint64_t rd_capture_size(void) { return sizeof(struct rd_capture); }
+uint64_t rd_capture_rx_size(void) { return sizeof(struct rd_capture_rx); }
 
 static int64_t now_ns(clockid_t clock) {
     struct timespec ts;
@@ -451,4 +463,65 @@ int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
     s->offset = offset;
     s->payload_bytes = bytes;
     return outcome;
+}
+
+/* Read what the emit side sends while streaming: ACKs (the highest is kept in acked) and
+ * HEARTBEATs are handled here; anything else (an ERROR, a malformed frame) returns RD_CONTROL
+ * with buf[start] at that frame for Python's decoder. Also RD_STOPPED, RD_EOF, RD_RESET (err),
+ * RD_IDLE (nothing received for idle_ns). */
+int rd_capture_read(struct rd_capture_rx *s) {
+    int64_t deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
+    for (;;) {
+        while (s->end - s->start >= 3) {
+            const uint8_t *f = s->buf + s->start;
+            uint64_t length = get16(f), size = length + 2;
+            uint8_t type = f[2];
+            if ((type == TYPE_ACK || type == TYPE_HEARTBEAT) && length == 9) {
+                if (s->end - s->start < size) break;
+                if (type == TYPE_ACK) {
+                    int64_t seq = (int64_t)get64(f + 3);
+                    if (seq > s->acked) __atomic_store_n(&s->acked, seq, __ATOMIC_RELEASE);
+                    s->acks++;
+                } else {
+                    s->heartbeats++;
+                }
+                s->start += size;
+                continue;
+            }
+            if (type == TYPE_ERROR && length >= 3 && length <= 3 + MAX_ERROR_TEXT &&
+                s->end - s->start < size)
+                break; /* an ERROR goes to Python whole */
+            return RD_CONTROL;
+        }
+        if (s->start == s->end) s->start = s->end = 0;
+        else if (s->cap - s->end < 2048) {
+            memmove(s->buf, s->buf + s->start, s->end - s->start);
+            s->end -= s->start;
+            s->start = 0;
+        }
+        for (;;) {
+            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
+            if (left <= 0) return RD_IDLE;
+            struct timespec timeout = {left / 1000000000, left % 1000000000};
+            struct pollfd p[2] = {{(int)s->tcp_fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+            int n = ppoll(p, 2, &timeout, NULL);
+            if (n < 0 && errno != EINTR) {
+                s->err = errno;
+                return RD_RESET;
+            }
+            if (n <= 0) continue;
+            if (p[1].revents) return RD_STOPPED;
+            ssize_t got = recv((int)s->tcp_fd, s->buf + s->end, s->cap - s->end, 0);
+            if (got < 0) {
+                if (errno == EAGAIN || errno == EINTR) continue;
+                s->err = errno;
+                return RD_RESET;
+            }
+            if (got == 0) return RD_EOF;
+            deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
+            s->bytes_in += (uint64_t)got;
+            s->end += (uint64_t)got;
+            break;
+        }
+    }
 }

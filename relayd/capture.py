@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 
@@ -136,7 +136,9 @@ class CaptureFeedRuntime:
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
         self.receivers: list[GroupReceiver] = []
         self._reported_drops = 0
-        self._lib: Any = None  # the C data plane (relayd.fastpath), or None: Python
+        self._lib: fastpath.DataPlane | None = None  # None: the Python data path
+        # the C reader's state while a connection streams (it holds the latest ACK)
+        self._rx: fastpath.CaptureReaderState | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -161,6 +163,8 @@ class CaptureFeedRuntime:
         return self._replay
 
     def health(self) -> FeedHealth:
+        with self._lock:
+            self._apply_acks()
         replay = self._replay
         detail: dict[str, object] = {
             "peer": self.peer,
@@ -305,8 +309,9 @@ class CaptureFeedRuntime:
             port=receiver.port,
         )
         ref = ctypes.byref(state)
-        wait = lib.rd_capture_wait
-        batch = lib.rd_capture_batch
+        wait = lib.capture_wait
+        batch = lib.capture_batch
+        apply_acks = self._apply_acks
         monotonic = time.monotonic
         replay = self._replay
         lock = self._lock
@@ -324,6 +329,7 @@ class CaptureFeedRuntime:
                 # Sequence numbers are assigned while receiving: one lock holds the batch, so
                 # chunks of several sockets enter the replay buffer in sequence order.
                 with lock:
+                    apply_acks()
                     first = self._seq
                     why = batch(ref, first + 1)
                     count = state.count
@@ -522,11 +528,75 @@ class CaptureFeedRuntime:
                         if self._kick():
                             self._wake.set()
                     due = now + interval
+                self._apply_acks()
                 if self._replay.expire(now):
                     self._note_replay_drops()
             await trio.sleep(max(0.0, due - now))
 
     # -- receive ACKs ---------------------------------------------------------------------------
+
+    def _apply_acks(self) -> None:
+        """Trim the replay buffer to the latest ACK the C reader saw (the caller holds
+        ``_lock``): the receive threads do it once per batch, the heartbeat task when idle."""
+        rx = self._rx
+        if rx is not None:
+            acked = rx.acked
+            if acked > self._replay.acked_seq:
+                self._replay.ack(acked)
+
+    async def _reader_c(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
+        """``_reader`` on the C data plane: a thread blocked in ``rd_capture_read``, which keeps
+        the highest ACK and skips HEARTBEATs without the GIL; the receive threads apply the
+        ACK. Python decodes only what the C reader hands back (an ERROR, a bad frame)."""
+        await run_stoppable(functools.partial(self._read_c, sock, conn))
+
+    def _read_c(
+        self,
+        sock: socket.socket,
+        conn: wire.CaptureConnection,
+        stop_fd: int,
+        _token: trio.lowlevel.TrioToken,
+    ) -> None:
+        lib = self._lib
+        assert lib is not None
+        idle = self.config.idle_timeout
+        buffer = (ctypes.c_uint8 * _RECV_SIZE)()
+        rx = fastpath.CaptureReaderState(
+            tcp_fd=sock.fileno(),
+            stop_fd=stop_fd,
+            idle_ns=int(idle * 1e9),
+            buf=ctypes.addressof(buffer),
+            cap=_RECV_SIZE,
+            acked=-1,
+        )
+        leftover = conn.take_buffered()  # bytes after the welcome ACK
+        ctypes.memmove(buffer, leftover, len(leftover))
+        rx.end = len(leftover)
+        ref = ctypes.byref(rx)
+        with self._lock:
+            self._rx = rx
+        try:
+            while True:
+                why = lib.capture_read(ref)
+                if why == fastpath.RD_STOPPED:
+                    return
+                if why == fastpath.RD_CONTROL:
+                    self._handle(conn, bytes(buffer[rx.start : rx.end]))
+                    raise _ConnectionEndedError(
+                        "protocol error from the emit side: undecodable frame "
+                        + bytes(buffer[rx.start : min(rx.end, rx.start + 16)]).hex()
+                    )
+                if why == fastpath.RD_EOF:
+                    raise _ConnectionEndedError("closed by the emit side")
+                if why == fastpath.RD_RESET:
+                    raise _ConnectionEndedError(f"receive failed: {os.strerror(rx.err)}")
+                if why == fastpath.RD_IDLE:
+                    raise _ConnectionEndedError(f"nothing received for {idle:g} s")
+                raise RuntimeError(f"rd_capture_read returned {why}")
+        finally:
+            with self._lock:
+                self._apply_acks()
+                self._rx = None
 
     async def _reader(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
         idle = self.config.idle_timeout
@@ -727,7 +797,8 @@ class CaptureFeedRuntime:
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(guard, lambda: self._reader(sock, conn))
+            reader = self._reader if self._lib is None else self._reader_c
+            nursery.start_soon(guard, lambda: reader(sock, conn))
             nursery.start_soon(guard, lambda: self._sender(sock))
             nursery.start_soon(guard, self._heartbeats)
             with self._lock:

@@ -12,7 +12,7 @@ import os
 import select
 import socket
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import trio
 
@@ -24,20 +24,30 @@ async def run_stoppable(
     *,
     limiter: trio.CapacityLimiter | None = None,
 ) -> T:
-    """Run ``loop(stop_fd, trio_token)`` in a worker thread and return its result.
+    """Run ``loop(stop_fd, trio_token)`` in a worker thread and return its result (or raise
+    its exception, as it is).
 
     ``loop`` must return soon after ``stop_fd`` becomes readable; that happens when this task is
     cancelled, and the cancellation is then raised here once the thread has returned.
     """
+    def call(stop_fd: int, token: trio.lowlevel.TrioToken) -> tuple[bool, T | Exception]:
+        try:
+            return True, loop(stop_fd, token)
+        except Exception as exc:  # raised below, outside the nursery: not in an ExceptionGroup
+            return False, exc
+
     stop_r, stop_w = os.pipe()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_when_cancelled, stop_w)
-            result = await trio.to_thread.run_sync(
-                loop, stop_r, trio.lowlevel.current_trio_token(), limiter=limiter
+            ok, result = await trio.to_thread.run_sync(
+                call, stop_r, trio.lowlevel.current_trio_token(), limiter=limiter
             )
             nursery.cancel_scope.cancel()
-        return result
+        if not ok:
+            assert isinstance(result, Exception)
+            raise result
+        return cast(T, result)
     finally:
         os.close(stop_r)
         os.close(stop_w)

@@ -384,7 +384,7 @@ class EmitFeedRuntime:
         # lock, once per chunk.
         self._lock = threading.Lock()
         self._limiter: trio.CapacityLimiter | None = None
-        self._lib: Any = None  # the C data plane (relayd.fastpath), or None: Python
+        self._lib: fastpath.DataPlane | None = None  # None: the Python data path
         self._pumps: list[_PumpLink] = []  # running C data paths
 
     # -- Feed interface ---------------------------------------------------------------------
@@ -1017,8 +1017,8 @@ class EmitFeedRuntime:
         ctypes.memmove(buffer, leftover, len(leftover))
         state.end = len(leftover)
         ref = ctypes.byref(state)
-        pump = lib.rd_emit_pump
-        set_dest = lib.rd_emit_set_dest
+        pump = lib.emit_pump
+        set_dest = lib.emit_set_dest
         link = _PumpLink(state)
         with self._lock:
             self._pumps.append(link)

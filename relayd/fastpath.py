@@ -28,14 +28,16 @@ __all__ = [
     "RD_SEND_ERROR",
     "RD_SLOW",
     "RD_STOPPED",
+    "CaptureReaderState",
     "CaptureState",
     "DataPathError",
+    "DataPlane",
     "EmitState",
     "describe",
     "load",
 ]
 
-ABI: Final = 2
+ABI: Final = 3
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
@@ -134,11 +136,57 @@ class CaptureState(ctypes.Structure):
     )
 
 
+class CaptureReaderState(ctypes.Structure):
+    """``struct rd_capture_rx``: what the emit side sends back on one capture connection."""
+
+    _fields_ = (
+        ("tcp_fd", _i64),
+        ("stop_fd", _i64),
+        ("idle_ns", _i64),
+        ("buf", ctypes.c_void_p),
+        ("cap", _u64),
+        ("start", _u64),
+        ("end", _u64),
+        ("acked", _i64),
+        ("acks", _u64),
+        ("heartbeats", _u64),
+        ("bytes_in", _u64),
+        ("err", _i64),
+    )
+
+
+class DataPlane:
+    """The library's entry points. Those that block (in ``poll``) are called through
+    ``ctypes.CDLL``, which releases the GIL; the quick ones through ``ctypes.PyDLL``, which
+    keeps it, so a receive thread is not handed over to the Trio thread in the middle of a
+    batch."""
+
+    def __init__(self, blocking: ctypes.CDLL, quick: ctypes.PyDLL) -> None:
+        emit = ctypes.POINTER(EmitState)
+        capture = ctypes.POINTER(CaptureState)
+        reader = ctypes.POINTER(CaptureReaderState)
+        self.emit_pump = blocking.rd_emit_pump
+        self.emit_pump.argtypes = (emit,)
+        self.emit_pump.restype = ctypes.c_int
+        self.emit_set_dest = quick.rd_emit_set_dest
+        self.emit_set_dest.argtypes = (emit, _u64, _u64)
+        self.emit_set_dest.restype = None
+        self.capture_wait = blocking.rd_capture_wait
+        self.capture_wait.argtypes = (capture,)
+        self.capture_wait.restype = ctypes.c_int
+        self.capture_batch = quick.rd_capture_batch
+        self.capture_batch.argtypes = (capture, _u64)
+        self.capture_batch.restype = ctypes.c_int
+        self.capture_read = blocking.rd_capture_read
+        self.capture_read.argtypes = (reader,)
+        self.capture_read.restype = ctypes.c_int
+
+
 class DataPathError(RuntimeError):
     """``RELAYD_DATAPATH=c`` and the C data plane cannot be loaded."""
 
 
-_cache: dict[str, tuple[ctypes.CDLL | None, str]] = {}
+_cache: dict[str, tuple[DataPlane | None, str]] = {}
 
 
 def _choice() -> str:
@@ -148,7 +196,7 @@ def _choice() -> str:
     return choice
 
 
-def _open(choice: str) -> tuple[ctypes.CDLL | None, str]:
+def _open(choice: str) -> tuple[DataPlane | None, str]:
     if choice == "python":
         return None, "RELAYD_DATAPATH=python"
     try:
@@ -161,28 +209,19 @@ def _open(choice: str) -> tuple[ctypes.CDLL | None, str]:
     lib.rd_abi.restype = ctypes.c_int
     lib.rd_emit_size.restype = _u64
     lib.rd_capture_size.restype = _u64
-    sizes = (lib.rd_emit_size(), lib.rd_capture_size())
-    want = (ctypes.sizeof(EmitState), ctypes.sizeof(CaptureState))
+    lib.rd_capture_rx_size.restype = _u64
+    sizes = (lib.rd_emit_size(), lib.rd_capture_size(), lib.rd_capture_rx_size())
+    want = tuple(ctypes.sizeof(t) for t in (EmitState, CaptureState, CaptureReaderState))
     if lib.rd_abi() != ABI or sizes != want:
         reason = f"{LIBRARY.name} is from another version (ABI {lib.rd_abi()}, sizes {sizes})"
         if choice == "c":
             raise DataPathError(f"RELAYD_DATAPATH=c but {reason}")
         return None, reason
-    emit_p = ctypes.POINTER(EmitState)
-    capture_p = ctypes.POINTER(CaptureState)
-    lib.rd_emit_pump.argtypes = (emit_p,)
-    lib.rd_emit_pump.restype = ctypes.c_int
-    lib.rd_emit_set_dest.argtypes = (emit_p, _u64, _u64)
-    lib.rd_emit_set_dest.restype = None
-    lib.rd_capture_wait.argtypes = (capture_p,)
-    lib.rd_capture_wait.restype = ctypes.c_int
-    lib.rd_capture_batch.argtypes = (capture_p, _u64)
-    lib.rd_capture_batch.restype = ctypes.c_int
-    return lib, ""
+    return DataPlane(lib, ctypes.PyDLL(str(LIBRARY))), ""
 
 
-def load() -> ctypes.CDLL | None:
-    """The C library, or None when the Python data path is in use (``describe`` says why).
+def load() -> DataPlane | None:
+    """The C data plane, or None when the Python data path is in use (``describe`` says why).
     Read when a feed starts. Raises DataPathError when ``RELAYD_DATAPATH`` is invalid or asks
     for C and the library cannot be loaded."""
     choice = _choice()

@@ -446,6 +446,11 @@ class CaptureConnection:
                 raise ProtocolError(f"{type(event).__name__} frame before CHALLENGE")
         return events
 
+    def take_buffered(self) -> bytes:
+        """The bytes received after the last complete frame, taken out of the decoder (the
+        capture feed's C reader goes on decoding from them)."""
+        return self._decoder.take_buffered()
+
     def hello(self, challenge: Challenge) -> bytes:
         """The HELLO answering ``challenge``; call once, after receiving it."""
         mac = b""

@@ -61,6 +61,8 @@ def _check_library(path: Path) -> None:
     assert lib.rd_abi() == fastpath.ABI
     assert lib.rd_emit_size() == ctypes.sizeof(fastpath.EmitState)
     assert lib.rd_capture_size() == ctypes.sizeof(fastpath.CaptureState)
+    lib.rd_capture_rx_size.restype = ctypes.c_uint64
+    assert lib.rd_capture_rx_size() == ctypes.sizeof(fastpath.CaptureReaderState)
     for name in ("rd_emit_pump", "rd_emit_set_dest", "rd_capture_wait", "rd_capture_batch"):
         assert hasattr(lib, name), f"{path.name} does not export {name}"
 
