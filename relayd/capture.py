@@ -331,6 +331,15 @@ class CaptureFeedRuntime:
                 with lock:
                     apply_acks()
                     first = self._seq
+                    sock = self._sock
+                    direct = (
+                        sock is not None
+                        and not self._blocked
+                        and self._pending is None
+                        and not self._control
+                        and replay.caught_up
+                    )
+                    state.tcp_fd = sock.fileno() if direct and sock is not None else -1
                     why = batch(ref, first + 1)
                     count = state.count
                     if count:
@@ -339,10 +348,14 @@ class CaptureFeedRuntime:
                         self.bytes_in += state.payload_bytes
                         now = monotonic()
                         replay.append(Chunk(first + 1, seq, now, bytes(view[: state.offset])))
+                        if direct:
+                            wake = self._sent_by_c(state.sent, state.send_err, now)
+                        else:
+                            wake = self._kick()
                         replay.expire(now)
                         if replay.dropped_datagrams != self._reported_drops:
                             self._note_replay_drops()
-                        if self._kick():
+                        if wake:
                             schedule(wake_sender)
                     if state.drops_seen and state.drops != last_drops:
                         self._count_kernel_drops(int(state.drops) - last_drops)
@@ -458,6 +471,27 @@ class CaptureFeedRuntime:
             self._blocked = True
             return True
         if not done:
+            self._blocked = True
+            return True
+        return False
+
+    def _sent_by_c(self, sent: int, err: int, now: float) -> bool:
+        """Account for the batch ``rd_capture_batch`` sent itself (it was just appended to the
+        replay buffer, which was caught up). True when the sender task must be woken: the
+        socket was full, or the send failed. The caller holds ``_lock``."""
+        chunk = self._replay.next_unsent()
+        assert chunk is not None
+        self._highest_sent = chunk.last_seq
+        self.frames_sent += chunk.last_seq - chunk.first_seq + 1
+        self.bytes_sent += sent
+        if sent:
+            self._last_send = now
+        if err:
+            self._send_error = OSError(err, os.strerror(err))
+            self._blocked = True
+            return True
+        if sent < len(chunk.data):
+            self._pending = memoryview(chunk.data)[sent:]
             self._blocked = True
             return True
         return False

@@ -37,7 +37,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 3
+ABI: Final = 4
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
@@ -127,9 +127,12 @@ class CaptureState(ctypes.Structure):
         ("cap", _u64),
         ("room", _u64),
         ("port", _u64),
+        ("tcp_fd", _i64),
         ("count", _u64),
         ("offset", _u64),
         ("payload_bytes", _u64),
+        ("sent", _u64),
+        ("send_err", _i64),
         ("drops", _u64),
         ("drops_seen", _u64),
         ("err", _i64),
