@@ -253,7 +253,14 @@ def _command_module(name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``relayd run``: hand over to the supervisor."""
+    """``relayd run``: hand over to the supervisor (after checking ``RELAYD_DATAPATH``)."""
+    from relayd import fastpath  # noqa: PLC0415 - only the run command needs it
+
+    try:
+        fastpath.load()
+    except fastpath.DataPathError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     run_main = cast(Callable[[Path], int], _command_module("supervisor").run_main)
     return run_main(_config_path(args))
 

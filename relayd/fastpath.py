@@ -33,6 +33,7 @@ __all__ = [
     "DataPathError",
     "DataPlane",
     "EmitState",
+    "active",
     "describe",
     "load",
 ]
@@ -231,6 +232,14 @@ def load() -> DataPlane | None:
     if choice not in _cache:
         _cache[choice] = _open(choice)
     return _cache[choice][0]
+
+
+def active() -> str:
+    """``"c"`` or ``"python"``: the data path feeds started now would use (never raises)."""
+    try:
+        return "python" if load() is None else "c"
+    except DataPathError:
+        return "python"
 
 
 def describe() -> str:

@@ -25,7 +25,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from relayd import __version__
+from relayd import __version__, fastpath
 from relayd.metrics import CONTENT_TYPE, render
 from relayd.runtime import Sample
 
@@ -149,8 +149,12 @@ def process_samples(start_wall: float) -> Iterator[Sample]:
     yield Sample(
         "build_info",
         "gauge",
-        "relayd version and Python version; always 1.",
-        (("version", __version__), ("python", sys.version.split()[0])),
+        "relayd version, Python version and data path (c or python); always 1.",
+        (
+            ("version", __version__),
+            ("python", sys.version.split()[0]),
+            ("data_path", fastpath.active()),
+        ),
         1,
     )
     yield Sample(

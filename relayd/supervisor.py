@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from relayd import __version__
+from relayd import __version__, fastpath
 from relayd.config import (
     CaptureFeed,
     Config,
@@ -374,8 +374,9 @@ class Supervisor:
                 nursery.start_soon(self._tick_task)
                 self._update_rates()
                 log.info(
-                    "relayd %s ready: %s",
+                    "relayd %s ready (data path %s): %s",
                     __version__,
+                    fastpath.describe(),
                     self.status_line(),
                     extra={"health": _format_address(self.health_address)},
                 )

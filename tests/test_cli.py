@@ -45,6 +45,15 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"\n  {code}" in out
 
 
+def test_run_refuses_an_unknown_data_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAYD_DATAPATH", "fast")
+    assert cli.main(["run", "--config", "/nonexistent/relayd.toml"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "RELAYD_DATAPATH='fast': expected auto, c or python" in err
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "required: COMMAND" in capsys.readouterr().err

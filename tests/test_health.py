@@ -15,7 +15,7 @@ import trio
 from promtext import parse
 
 import relayd.health
-from relayd import __version__
+from relayd import __version__, fastpath
 from relayd.health import FeedReport, HealthApp, health_body, process_samples, serve_health
 from relayd.metrics import LatencyHistogram, Rate, render
 from relayd.runtime import Sample
@@ -240,7 +240,16 @@ def test_routes_methods_and_metrics() -> None:
     assert 3 <= fds < 10000
     build = families["relayd_build_info"].samples[0]
     assert build[1]["version"] == __version__
+    assert build[1]["data_path"] == fastpath.active()
     assert build[2] == 1
+
+
+def test_build_info_names_the_python_data_path_when_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RELAYD_DATAPATH", "python")
+    build = next(s for s in process_samples(time.time()) if s.name == "build_info")
+    assert ("data_path", "python") in build.labels
 
 
 # -- through hypercorn --------------------------------------------------------------------
