@@ -30,6 +30,7 @@ async def run_stoppable(
     ``loop`` must return soon after ``stop_fd`` becomes readable; that happens when this task is
     cancelled, and the cancellation is then raised here once the thread has returned.
     """
+
     def call(stop_fd: int, token: trio.lowlevel.TrioToken) -> tuple[bool, T | Exception]:
         try:
             return True, loop(stop_fd, token)
