@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, the Deribit sample captures, the namespace harness."""
+"""Shared fixtures: the repository root, the Deribit sample captures, the namespace harness,
+the data path (C or Python) a feed runs on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from netns import NetnsHarness, unavailable_reason
+
+from relayd import fastpath
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: the shared Deribit captures, relative to the repository root
@@ -43,3 +46,29 @@ def netns() -> Iterator[NetnsHarness]:
         pytest.skip(reason)
     with NetnsHarness() as harness:
         yield harness
+
+
+#: The per-datagram data paths a feed can run on (``RELAYD_DATAPATH``, relayd/fastpath.py).
+DATAPATHS = ("c", "python")
+
+
+def use_datapath(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    """Make feeds started from now on run on ``choice``; skips the test when it is "c" and
+    the C data plane cannot be loaded (not built: ``make relayd/_fastpath.so``)."""
+    monkeypatch.setenv("RELAYD_DATAPATH", choice)
+    if choice == "c":
+        try:
+            fastpath.load()
+        except fastpath.DataPathError as exc:
+            pytest.skip(f"C data path unavailable: {exc}")
+    in_use = fastpath.describe()
+    assert (in_use == "C") == (choice == "c"), in_use
+
+
+@pytest.fixture(params=DATAPATHS)
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per data path, with ``RELAYD_DATAPATH`` set (read when a feed
+    starts); the value is the data path's name."""
+    choice: str = request.param
+    use_datapath(monkeypatch, choice)
+    return choice
