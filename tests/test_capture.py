@@ -1,5 +1,7 @@
 """The capture feed on loopback: real multicast on 127.0.0.1 into a real TCP peer speaking the
-protocol (a small emit-side stand-in, so each test can make it misbehave on purpose)."""
+protocol (a small emit-side stand-in, so each test can make it misbehave on purpose). Every test
+that captures datagrams runs twice, on the C and on the Python data path (the ``datapath``
+fixture)."""
 
 from __future__ import annotations
 
@@ -192,6 +194,7 @@ def groups_for(base: int, count: int, third: int = 11) -> list[tuple[str, int]]:
     return [(f"239.255.{third}.{i + 1}", base) for i in range(count)]
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_frames_are_byte_identical_and_numbered(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -222,6 +225,7 @@ async def test_frames_are_byte_identical_and_numbered(
     assert feed.health().state == "streaming"
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_more_than_twenty_groups(nursery: trio.Nursery, sender: socket.socket) -> None:
     server = await serve(nursery, Peer())
     groups = groups_for(_base_port(), 45, third=12)
@@ -236,6 +240,7 @@ async def test_more_than_twenty_groups(nursery: trio.Nursery, sender: socket.soc
     assert sorted(d.payload for d in server.peer.datagrams) == sorted(p for _, _, p in sent)
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_resend_after_reconnect_to_a_new_host(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -262,6 +267,7 @@ async def test_resend_after_reconnect_to_a_new_host(
     await wait_for(lambda: feed.replay.acked_seq == 300)
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_reconnect_to_the_same_host_resumes_after_its_ack(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -296,6 +302,7 @@ async def test_targets_fail_over_to_the_next_address(
     assert feed.connects["ok"] == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socket.socket) -> None:
     peer = Peer(refuse=int(wire.ErrorCode.WRONG_FEED))
     server = await serve(nursery, peer)
@@ -318,6 +325,7 @@ async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socke
     assert feed.health().healthy
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_replay_bound_when_the_peer_stops_reading(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -388,6 +396,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert all(BACKOFF_CAP / 2 <= d <= BACKOFF_CAP for d in late)
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_memory_stays_bounded_while_disconnected(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -408,6 +417,7 @@ async def test_memory_stays_bounded_while_disconnected(
     assert feed.connects["failed"] >= 1
 
 
+@pytest.mark.usefixtures("datapath")
 def test_demo_relays_without_loss() -> None:
     """`relayd demo` on loopback: the relayed copies all arrive, nothing is relayed twice."""
     result = subprocess.run(
@@ -426,6 +436,7 @@ def test_demo_relays_without_loss() -> None:
     assert "duplicates 0, unknown 0" in summary
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_slow_emit_restart_is_picked_up_within_the_backoff_cap(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -451,6 +462,7 @@ async def test_slow_emit_restart_is_picked_up_within_the_backoff_cap(
     assert feed.health().state == "streaming"
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_authenticated_hello(
     nursery: trio.Nursery, sender: socket.socket, tmp_path: Path
 ) -> None:

@@ -2,7 +2,8 @@
 
 The feed sends out of 127.0.0.1 with IP_MULTICAST_LOOP on; receivers join test groups in
 239.255.0.0/16 on 127.0.0.1 (with IP_MULTICAST_ALL off, so they see only their own groups).
-The capture side is played by the test with the wire encoders.
+The capture side is played by the test with the wire encoders. Every test of the streaming
+data path runs twice, on the C and on the Python data path (the ``datapath`` fixture).
 """
 
 from __future__ import annotations
@@ -290,6 +291,7 @@ def same_per_group(
 # -- tests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_datagrams_arrive_byte_identical_in_order(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -331,6 +333,7 @@ async def test_datagrams_arrive_byte_identical_in_order(
             assert metric(feed, "connections_closed", reason="eof") == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_resent_frames_after_reconnect_are_not_emitted_twice(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -371,6 +374,7 @@ async def test_resent_frames_after_reconnect_are_not_emitted_twice(
             assert metric(feed, "sessions") == 2
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_rapid_supersedes_never_emit_a_datagram_twice(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -427,6 +431,7 @@ async def test_source_outside_allowed_cidrs_is_closed_at_once() -> None:
             assert metric(feed, "pending_connections") == 0
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_silent_garbage_and_probe_connections_do_not_disturb_a_stream(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -484,6 +489,7 @@ async def test_silent_garbage_and_probe_connections_do_not_disturb_a_stream(
             assert feed.health().healthy
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_groups_and_ports_outside_the_allowlist_are_dropped_and_counted() -> None:
     allowed, port = pick_groups(1)[0]
     outside_group = IPv4Address("239.1.2.3")  # outside 239.255.0.0/16
@@ -525,6 +531,7 @@ async def test_hello_timeout_closes_with_error() -> None:
             assert metric(feed, "connections_rejected", reason="hello_timeout") == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_max_connections_counts_only_welcomed_connections() -> None:
     with trio.fail_after(10):
         async with running(make_config(max_connections=2)) as feed:
@@ -549,6 +556,7 @@ async def test_max_connections_counts_only_welcomed_connections() -> None:
                 await stream.aclose()
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
     with trio.fail_after(10):
         async with running(make_config(hello_timeout=5.0), pending_limit=3) as feed:
@@ -566,6 +574,7 @@ async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
             assert await real.welcome() == 0
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_connection_flood_is_bounded_and_a_capture_still_streams(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -594,6 +603,7 @@ async def test_connection_flood_is_bounded_and_a_capture_still_streams(
             assert metric(feed, "active_connections") == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_heartbeats_when_idle_then_idle_timeout() -> None:
     config = make_config(heartbeat_interval=0.1, idle_timeout=0.6)
     with trio.fail_after(10):
@@ -617,6 +627,7 @@ async def test_heartbeats_when_idle_then_idle_timeout() -> None:
             assert metric(feed, "connections_closed", reason="idle_timeout") == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_peer_heartbeats_keep_the_connection_open() -> None:
     config = make_config(heartbeat_interval=0.1, idle_timeout=1.0)
     with trio.fail_after(10):
@@ -631,6 +642,7 @@ async def test_peer_heartbeats_keep_the_connection_open() -> None:
             assert metric(feed, "connections_closed", reason="idle_timeout") == 0
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_garbage_after_hello_closes_only_that_connection(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:
@@ -651,6 +663,7 @@ async def test_garbage_after_hello_closes_only_that_connection(
             assert metric(feed, "connections_closed", reason="protocol") == 1
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
     # A capture side that sends and never reads: every small ACK and heartbeat queues up until
     # the socket buffers are full, then the emit side gives up on it.
@@ -684,6 +697,7 @@ async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
                 nursery.cancel_scope.cancel()
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_stop_tells_every_connection_the_close_reason() -> None:
     feed = EmitFeedRuntime(make_config())
     as_feed: Feed = feed  # mypy checks that the runtime implements the Feed protocol
@@ -709,6 +723,7 @@ async def test_stop_tells_every_connection_the_close_reason() -> None:
     assert feed.health().state == "stopped"
 
 
+@pytest.mark.usefixtures("datapath")
 async def test_authentication(tmp_path: Any) -> None:
     key = b"k" * 32
     key_file = tmp_path / "feed.key"
