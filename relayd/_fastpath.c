@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 4
+#define RD_ABI 5
 
 /* Why a call returned (both loops). */
 enum {
@@ -48,6 +48,8 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define TYPE_HEARTBEAT 0x02
 #define TYPE_ACK 0x03
 #define TYPE_ERROR 0x04
+#define TYPE_CHALLENGE 0x10
+#define CHALLENGE_LENGTH 23 /* type magic version flags nonce */
 #define MAX_ERROR_TEXT 1024
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
 #define DEST_SLOTS 1024    /* per connection; cleared when half full */
@@ -82,6 +84,7 @@ struct rd_emit {
     uint64_t gaps, gap_sequences, send_waits, denied_group, denied_port, send_errors;
     uint64_t last_send_ok;        /* 1 when the latest send succeeded */
     int64_t last_ts_ns;           /* capture stamp of the latest datagram emitted */
+    int64_t chunk_ts_ns;          /* ... in the chunk being emitted: observed once it is done */
     int64_t last_rx_ns;           /* CLOCK_MONOTONIC of the latest chunk received */
     uint64_t latency[LATENCY_BUCKETS + 1];
     uint64_t latency_count, latency_sum_ns;
@@ -284,9 +287,10 @@ static int emit_frames(struct rd_emit *s) {
         if (outcome) break;
     }
 out:
-    if (last_ts) {
-        s->last_ts_ns = last_ts;
-        observe_latency(s, now_ns(CLOCK_REALTIME) - last_ts);
+    if (last_ts) s->last_ts_ns = s->chunk_ts_ns = last_ts;
+    if (!outcome && s->chunk_ts_ns) { /* once per chunk, from its last datagram */
+        observe_latency(s, now_ns(CLOCK_REALTIME) - s->chunk_ts_ns);
+        s->chunk_ts_ns = 0;
     }
     s->highest = highest;
     s->start = start;
@@ -503,9 +507,10 @@ int rd_capture_read(struct rd_capture_rx *s) {
                 s->start += size;
                 continue;
             }
-            if (type == TYPE_ERROR && length >= 3 && length <= 3 + MAX_ERROR_TEXT &&
+            if (((type == TYPE_ERROR && length >= 3 && length <= 3 + MAX_ERROR_TEXT) ||
+                 (type == TYPE_CHALLENGE && length == CHALLENGE_LENGTH)) &&
                 s->end - s->start < size)
-                break; /* an ERROR goes to Python whole */
+                break; /* frames the Python decoder judges whole go to it whole */
             return RD_CONTROL;
         }
         if (s->start == s->end) s->start = s->end = 0;

@@ -187,6 +187,8 @@ class CaptureFeedRuntime:
         return FeedHealth(False, "disconnected", detail)
 
     def samples(self) -> Iterable[Sample]:
+        with self._lock:
+            self._apply_acks()
         feed = (("feed", self.name),)
         replay = self._replay
 

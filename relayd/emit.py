@@ -906,8 +906,15 @@ class EmitFeedRuntime:
             else:
                 frame = b""
             if frame:
-                with trio.move_on_after(slow) as scope:
-                    await send_all(sock, frame)
+                try:
+                    with trio.move_on_after(slow) as scope:
+                        await send_all(sock, frame)
+                except OSError as exc:  # reset by the peer: no ERROR to a reset connection
+                    if conn.reason is None:
+                        conn.reason = "reset"
+                    log.info("%s: %s: %s", self.name, conn.peer, exc.strerror or exc)
+                    conn.scope.cancel()
+                    return
                 if scope.cancelled_caught:
                     conn.end(ErrorCode.SLOW_CONSUMER, "not reading", "slow_consumer")
                     return
@@ -969,6 +976,9 @@ class EmitFeedRuntime:
             except ProtocolError as exc:
                 with lock:
                     stats.bytes_in += n
+                    stats.frames_in += len(exc.events)
+                if self._emit(session, exc.events, stop_fd) == "stopped":  # before the bad frame
+                    return "stopped", None
                 return "protocol", exc
             with lock:
                 stats.bytes_in += n
@@ -1046,7 +1056,11 @@ class EmitFeedRuntime:
                         self._send_failed(OSError(state.err, os.strerror(state.err)))
                         continue
                 if why == fastpath.RD_CONTROL:
-                    return self._control(proto, bytes(buffer[state.start : state.end]))
+                    outcome, detail = self._control(proto, bytes(buffer[state.start : state.end]))
+                    if outcome == "peer_error":
+                        with self._lock:
+                            self.stats.frames_in += len(detail)
+                    return outcome, detail
                 if why == fastpath.RD_STOPPED:
                     return "stopped", None
                 if why == fastpath.RD_EOF:

@@ -38,7 +38,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 4
+ABI: Final = 5
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
@@ -107,6 +107,7 @@ class EmitState(ctypes.Structure):
         ("send_errors", _u64),
         ("last_send_ok", _u64),
         ("last_ts_ns", _i64),
+        ("chunk_ts_ns", _i64),
         ("last_rx_ns", _i64),
         ("latency", _u64 * (LATENCY_BUCKETS + 1)),
         ("latency_count", _u64),
@@ -210,14 +211,18 @@ def _open(choice: str) -> tuple[DataPlane | None, str]:
         if choice == "c":
             raise DataPathError(f"RELAYD_DATAPATH=c but {reason}") from None
         return None, reason
+    # The ABI number first: an older library may lack the symbols this version looks up.
     lib.rd_abi.restype = ctypes.c_int
-    lib.rd_emit_size.restype = _u64
-    lib.rd_capture_size.restype = _u64
-    lib.rd_capture_rx_size.restype = _u64
-    sizes = (lib.rd_emit_size(), lib.rd_capture_size(), lib.rd_capture_rx_size())
+    abi = lib.rd_abi()
+    sizes: tuple[int, ...] = ()
+    if abi == ABI:
+        lib.rd_emit_size.restype = _u64
+        lib.rd_capture_size.restype = _u64
+        lib.rd_capture_rx_size.restype = _u64
+        sizes = (lib.rd_emit_size(), lib.rd_capture_size(), lib.rd_capture_rx_size())
     want = tuple(ctypes.sizeof(t) for t in (EmitState, CaptureState, CaptureReaderState))
-    if lib.rd_abi() != ABI or sizes != want:
-        reason = f"{LIBRARY.name} is from another version (ABI {lib.rd_abi()}, sizes {sizes})"
+    if sizes != want:
+        reason = f"{LIBRARY.name} is from another version (ABI {abi}, want {ABI})"
         if choice == "c":
             raise DataPathError(f"RELAYD_DATAPATH=c but {reason}")
         return None, reason

@@ -52,9 +52,13 @@ class ErrorCode(enum.IntEnum):
 
 class ProtocolError(Exception):
     """The peer sent bytes that are not this protocol: garbage, bad magic or version, a frame
-    that is oversize, undersize, unknown, or not allowed in the connection's state."""
+    that is oversize, undersize, unknown, or not allowed in the connection's state.
+
+    ``events`` holds what the same ``feed`` call decoded before the bad frame: data accepted
+    before the peer went wrong is still the peer's data."""
 
     code: ErrorCode = ErrorCode.PROTOCOL
+    events: list[Event] = []  # noqa: RUF012 - replaced per instance by Decoder.feed
 
 
 class HandshakeError(ProtocolError):
@@ -261,6 +265,15 @@ class Decoder:
         """
         buf = self._pending + bytes(data) if self._pending else bytes(data)
         events: list[Event] = []
+        try:
+            self._decode(buf, events)
+        except ProtocolError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _decode(self, buf: bytes, events: list[Event]) -> None:
+        """Append every complete frame of ``buf`` to ``events``; keep the rest pending."""
         append = events.append
         allowed = self.allowed
         data_allowed = _DATA in allowed
@@ -288,7 +301,6 @@ class Decoder:
                 append(_decode_control(ftype, buf, off, end))
             off = end
         self._pending = buf[off:]
-        return events
 
 
 def _check_header(ftype: int, length: int, allowed: frozenset[int]) -> None:

@@ -522,22 +522,7 @@ async def test_malformed_input_after_valid_data(
     assert result.counters["decode_errors"] == 1
 
 
-@pytest.mark.parametrize(
-    "datapath",
-    [
-        "c",
-        pytest.param(
-            "python",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="emit.py _pump decodes a whole chunk with one proto.receive call: a "
-                "ProtocolError discards the DATA frames before the bad frame in that chunk, "
-                "which are neither emitted nor counted (the C data path emits them)",
-            ),
-        ),
-    ],
-    indirect=True,
-)
+@pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)
 async def test_malformed_frame_in_the_same_read_as_valid_data(datapath: str) -> None:
     """Valid DATA and an unknown frame type in one write (one read on loopback): the DATA
     before the bad frame still goes out and is counted."""
@@ -592,22 +577,7 @@ async def test_error_from_the_peer(monkeypatch: pytest.MonkeyPatch, delivery: st
     assert result.counters["decode_errors"] == 0
 
 
-@pytest.mark.parametrize(
-    "datapath",
-    [
-        pytest.param(
-            "c",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="emit.py _pump_c/_control: the frame the C data path hands back "
-                "(RD_CONTROL) is decoded in Python but not added to frames_in, so a peer's "
-                "ERROR is not counted (the Python data path and the handshake count it)",
-            ),
-        ),
-        "python",
-    ],
-    indirect=True,
-)
+@pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)
 async def test_an_error_frame_from_the_peer_counts_in_frames_in(datapath: str) -> None:
     datagrams = numbered(payloads(pick_groups(1), [10, 0, 300, 20], seed=16))
 
@@ -731,23 +701,7 @@ async def test_send_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.counters["send_errors{errno=EMSGSIZE}"] == 2
 
 
-@pytest.mark.parametrize(
-    "datapath",
-    [
-        "c",
-        pytest.param(
-            "python",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="emit.py _writer: send_all of an ACK or HEARTBEAT raising "
-                "ConnectionResetError/BrokenPipeError is not handled; it ends the connection "
-                "through _serve's catch-all (logged with a traceback as 'connection ... "
-                "failed', counted as internal_error) instead of as reset",
-            ),
-        ),
-    ],
-    indirect=True,
-)
+@pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)
 async def test_a_peer_reset_is_counted_as_reset(datapath: str) -> None:
     """Capture sides that reset their connection (close with unread HEARTBEATs, SO_LINGER 0)
     while the emit side is writing HEARTBEATs: every one ends as "reset", none as an
@@ -910,23 +864,7 @@ async def test_capture_counts_kernel_drops(monkeypatch: pytest.MonkeyPatch) -> N
     await on_both_paths(monkeypatch, scenario)
 
 
-@pytest.mark.parametrize(
-    "datapath",
-    [
-        pytest.param(
-            "c",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="capture.py on the C data path: the C reader keeps the latest ACK and "
-                "_apply_acks trims the replay buffer only at the next batch, the heartbeat "
-                "tick or health(); samples() does not call it, so /metrics shows a stale "
-                "capture_acked_seq and unacked_datagrams after the stream stops",
-            ),
-        ),
-        "python",
-    ],
-    indirect=True,
-)
+@pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)
 async def test_metrics_show_the_latest_ack_when_the_stream_stops(datapath: str) -> None:
     """The emit side acknowledged everything: ``capture_acked_seq`` says so (only the ACK
     can move it here: no heartbeat tick within the test, and health() is not called)."""
@@ -1023,13 +961,6 @@ EMIT_SIDE_TAILS = {
     "eof": (b"", "closed by the emit side"),
 }
 
-_CHALLENGE_IN_PIECES = (
-    "capture.py _read_c / _fastpath.c rd_capture_read: a frame type the capture side may "
-    "receive but C does not wait for (CHALLENGE) is handed to Python from its first 3 bytes; "
-    "_handle decodes nothing yet and _read_c ends with 'undecodable frame 001710' instead of "
-    "the decoder's 'CHALLENGE frame not allowed here' (the Python reader waits for the frame)"
-)
-
 
 @attrs.frozen
 class ReaderResult:
@@ -1043,13 +974,7 @@ class ReaderResult:
 @pytest.mark.parametrize(
     ("case", "delivery"),
     [
-        pytest.param(
-            case,
-            delivery,
-            marks=[pytest.mark.xfail(strict=True, reason=_CHALLENGE_IN_PIECES)]
-            if (case, delivery) == ("challenge_again", "byte_by_byte")
-            else [],
-        )
+        (case, delivery)
         for case in sorted(EMIT_SIDE_TAILS)
         for delivery in ("whole", "byte_by_byte")
     ],
