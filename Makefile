@@ -65,7 +65,8 @@ soak: $(STAMP) $(FASTPATH) system-deps
 	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
 
 fuzz: $(STAMP) $(FASTPATH)
-	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)
+	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py \
+	  tests/test_fastpath_fuzz.py $(PYTEST_ARGS)
 
 dist: $(STAMP)
 	rm -rf dist
