@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 5
+#define RD_ABI 6
 
 /* Why a call returned (both loops). */
 enum {
@@ -59,6 +59,7 @@ struct rd_dest {
     uint64_t state;
     uint64_t addr; /* struct sockaddr_in, IPv4 only: 16 bytes */
     uint64_t addr2;
+    int64_t fd; /* a socket connected to this destination (cached route), or -1: sendto */
 };
 
 struct rd_emit {
@@ -152,9 +153,9 @@ static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key) {
     }
 }
 
-/* Python's verdict for a destination: state DEST_ALLOWED (group and port in host byte order)
- * or one of the DEST_DENIED_* reasons. */
-void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state) {
+/* Python's verdict for a destination: state DEST_ALLOWED (group and port in host byte order),
+ * with a socket connected to it or -1, or one of the DEST_DENIED_* reasons. */
+void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state, int64_t fd) {
     if (s->dest_count >= DEST_SLOTS / 2) {
         memset(s->dests, 0, sizeof s->dests);
         s->dest_count = 0;
@@ -168,6 +169,7 @@ void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state) {
     sa.sin_port = htons((uint16_t)(key & 0xFFFF));
     sa.sin_addr.s_addr = htonl((uint32_t)(key >> 16));
     memcpy(&d->addr, &sa, sizeof sa);
+    d->fd = fd;
     d->state = state;
 }
 
@@ -251,9 +253,14 @@ static int emit_frames(struct rd_emit *s) {
         }
         if (d->state == DEST_ALLOWED) {
             uint64_t len = size - DATA_HEADER;
+            int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
             for (;;) {
-                ssize_t sent = sendto((int)s->mcast_fd, f + DATA_HEADER, len, 0,
-                                      (const struct sockaddr *)&d->addr, sizeof(struct sockaddr_in));
+                /* A connected socket skips the route lookup of every sendto (measured:
+                 * about 0.3 us of 4.3 per datagram on the benchmark's veth). */
+                ssize_t sent = d->fd >= 0 ? send(fd, f + DATA_HEADER, len, 0)
+                                          : sendto(fd, f + DATA_HEADER, len, 0,
+                                                   (const struct sockaddr *)&d->addr,
+                                                   sizeof(struct sockaddr_in));
                 if (sent >= 0) {
                     s->datagrams_out++;
                     s->bytes_out += len;
@@ -262,7 +269,7 @@ static int emit_frames(struct rd_emit *s) {
                 }
                 if (errno == EAGAIN || errno == EINTR) {
                     if (errno == EAGAIN) s->send_waits++;
-                    if (wait_writable((int)s->mcast_fd, (int)s->stop_fd)) {
+                    if (wait_writable(fd, (int)s->stop_fd)) {
                         outcome = RD_STOPPED; /* this datagram was not sent: not claimed */
                         goto out;
                     }

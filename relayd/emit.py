@@ -91,7 +91,7 @@ from relayd.config import MIN_KEY_BYTES, EmitFeed, MissingKeyFileError
 from relayd.datapath import run_stoppable, wait_writable
 from relayd.logs import RateLimitedLogger
 from relayd.metrics import LatencyHistogram, Rate
-from relayd.netif import open_multicast_sender, resolve_interface, send_all
+from relayd.netif import InterfaceError, open_multicast_sender, resolve_interface, send_all
 from relayd.runtime import FeedHealth, Sample
 from relayd.wire import (
     Datagram,
@@ -132,6 +132,9 @@ LINGER: Final = 0.2
 RECEIVE_SIZE: Final = 256 * 1024
 #: Bytes read per ``recv`` before the HELLO.
 HANDSHAKE_RECEIVE_SIZE: Final = 2048
+#: Destinations with a connected socket of their own (C data path) per feed; more use one
+#: shared socket.
+CONNECTED_DESTINATIONS: Final = 256
 #: Destinations cached at most; the cache is cleared when it grows past this.
 DESTINATION_CACHE_LIMIT: Final = 65536
 #: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
@@ -363,6 +366,8 @@ class EmitFeedRuntime:
         self._next_id = 0
         # allowed destinations only: (group << 16 | port) -> ("a.b.c.d", port)
         self._dests: dict[int, tuple[str, int]] = {}
+        # sockets connected to allowed destinations, for the C data path (_connected_fd)
+        self._connected: dict[int, socket.socket] = {}
         # refused destinations: (group << 16 | port) -> drop reason
         self._denied: dict[int, str] = {}
         self.stats = _Stats()
@@ -454,6 +459,10 @@ class EmitFeedRuntime:
             listener.close()
             if mcast is not None:
                 mcast.close()
+            with self._lock:
+                for sock in self._connected.values():
+                    sock.close()
+                self._connected.clear()
 
     def health(self) -> FeedHealth:
         self._sync_all()
@@ -1042,7 +1051,7 @@ class EmitFeedRuntime:
                         key = state.need_key
                         verdict = self._verdict(key)
                         if isinstance(verdict, tuple):
-                            set_dest(ref, key, fastpath.DEST_ALLOWED)
+                            set_dest(ref, key, fastpath.DEST_ALLOWED, self._connected_fd(key))
                         else:
                             self._log_denied(key, verdict)
                             denied = verdict == "group_not_allowed"
@@ -1050,6 +1059,7 @@ class EmitFeedRuntime:
                                 ref,
                                 key,
                                 fastpath.DEST_DENIED_GROUP if denied else fastpath.DEST_DENIED_PORT,
+                                -1,
                             )
                         continue
                     if why == fastpath.RD_SEND_ERROR:
@@ -1296,6 +1306,31 @@ class EmitFeedRuntime:
             self._denied.clear()
         self._denied[key] = reason
         return reason
+
+    def _connected_fd(self, key: int) -> int:
+        """A multicast socket connected to allowed destination ``key`` (the C data path sends
+        with ``send`` on it: the route is cached instead of looked up per datagram), or -1
+        for the shared socket. At most ``CONNECTED_DESTINATIONS`` per feed; they stay open
+        until the feed stops, as a data-path thread may be sending on one. The caller holds
+        ``_lock``."""
+        sock = self._connected.get(key)
+        if sock is None:
+            if len(self._connected) >= CONNECTED_DESTINATIONS or self.interface_address is None:
+                return -1
+            cfg = self.config
+            try:
+                sock = open_multicast_sender(
+                    self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+                )
+            except InterfaceError:
+                return -1
+            try:
+                sock.connect((str(IPv4Address(key >> 16)), key & 0xFFFF))
+            except OSError:  # no route yet: the shared socket reports it per datagram
+                sock.close()
+                return -1
+            self._connected[key] = sock
+        return sock.fileno()
 
     def _log_denied(self, key: int, reason: str) -> None:
         self._rlog.warning(

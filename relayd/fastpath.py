@@ -38,7 +38,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 5
+ABI: Final = 6
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
@@ -66,7 +66,7 @@ _i64 = ctypes.c_int64
 
 
 class _Dest(ctypes.Structure):
-    _fields_ = (("key", _u64), ("state", _u64), ("addr", _u64), ("addr2", _u64))
+    _fields_ = (("key", _u64), ("state", _u64), ("addr", _u64), ("addr2", _u64), ("fd", _i64))
 
 
 class EmitState(ctypes.Structure):
@@ -174,7 +174,7 @@ class DataPlane:
         self.emit_pump.argtypes = (emit,)
         self.emit_pump.restype = ctypes.c_int
         self.emit_set_dest = quick.rd_emit_set_dest
-        self.emit_set_dest.argtypes = (emit, _u64, _u64)
+        self.emit_set_dest.argtypes = (emit, _u64, _u64, _i64)
         self.emit_set_dest.restype = None
         self.capture_wait = blocking.rd_capture_wait
         self.capture_wait.argtypes = (capture,)
