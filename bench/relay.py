@@ -1070,7 +1070,17 @@ def perf_report(
     roles = {t.tid: t.role for t in threads.values()}
     profiles = _perf_script(perf, data, roles)
     total = sum(p.samples for p in profiles.values()) or 1.0
-    lines += ["", "point under perf record -g -F 4000:"]
+    evlist = subprocess.run(
+        [perf, "evlist", "-i", str(data)], capture_output=True, text=True, timeout=60, check=False
+    )
+    event = (evlist.stdout.split() or ["?"])[0]
+    lines += ["", f"point under perf record -g -F 4000 (event {event}):"]
+    if event.startswith("cpu-clock"):
+        lines.append(
+            "  no hardware PMU here (software cpu-clock sampling): time spent with interrupts off"
+            " is sampled where they come back on, so finish_task_switch,"
+            " _raw_spin_unlock_irqrestore and the softirq exits carry more than their own cost"
+        )
     lines += table([recorded])
     lines += [
         "",
@@ -1312,6 +1322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if args.perf and relay is not None:
                 rate = args.profile_rate or 50_000
+                print(f"machine load before the run (loadavg 1/5/15 min): {load}")
                 print("\n".join(
                     perf_report(bench, relay, rate, args.seconds or 4.0, args.profile_shape, perf)
                 ))  # fmt: skip
