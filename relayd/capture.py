@@ -606,6 +606,8 @@ class CaptureFeedRuntime:
             acked=-1,
         )
         leftover = conn.take_buffered()  # bytes after the welcome ACK
+        if len(leftover) > _RECV_SIZE // 2:  # at most one frame: never, but never overrun
+            raise _ConnectionEndedError(f"{len(leftover)} bytes pending after the welcome")
         ctypes.memmove(buffer, leftover, len(leftover))
         rx.end = len(leftover)
         ref = ctypes.byref(rx)

@@ -1033,6 +1033,8 @@ class EmitFeedRuntime:
             acked=conn.acked,
         )
         leftover = proto.take_buffered()  # bytes after the HELLO: the start of the stream
+        if len(leftover) > RECEIVE_SIZE // 2:  # at most one frame: never, but never overrun
+            return "protocol", ProtocolError(f"{len(leftover)} bytes pending after the HELLO")
         ctypes.memmove(buffer, leftover, len(leftover))
         state.end = len(leftover)
         ref = ctypes.byref(state)
