@@ -49,6 +49,7 @@ import time
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -148,13 +149,19 @@ class Loopback:
 
     receivers: dict[int, socket.socket]  # key -> socket bound to exactly that address
     denied: dict[int, int]  # key -> DEST_DENIED_GROUP / DEST_DENIED_PORT
+    #: a socket connected to each receiver, for rd_emit_set_dest's fd (else sendto)
+    connected: dict[int, socket.socket] = attrs.Factory(dict)
+    #: allowed keys whose sends fail: the limited broadcast address without SO_BROADCAST
+    failing: dict[int, int] = attrs.Factory(
+        lambda: {key_of(IPv4Address("255.255.255.255"), 30001): errno.EACCES}
+    )
 
     @property
     def allowed(self) -> list[int]:
         return sorted(self.receivers)
 
     def verdict(self, key: int) -> int:
-        if key in self.receivers:
+        if key in self.receivers or key in self.failing:
             return fastpath.DEST_ALLOWED
         if key in self.denied:
             return self.denied[key]
@@ -196,7 +203,14 @@ class Loopback:
                 key_of(IPv4Address("10.1.2.3"), 30001): fastpath.DEST_DENIED_GROUP,
                 key_of(LOOPBACK, 9): fastpath.DEST_DENIED_PORT,
             }
-            yield cls(receivers, denied)
+            connected = {}
+            for key in receivers:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.setblocking(False)
+                sock.connect((str(IPv4Address(key >> 16)), key & 0xFFFF))
+                connected[key] = sock
+            yield cls(receivers, denied, connected)
         finally:
             for sock in socks:
                 sock.close()
@@ -348,6 +362,22 @@ class EmitCase:
     ack_interval_ns: int
     heartbeat_ns: int
     clear_on_need: bool
+    connected: bool = False  # allowed destinations get a connected socket (else sendto)
+    stop_after: int | None = None  # write to the stop pipe after this many pieces
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(show_case(self))
+
+
+def show_case(case: EmitCase | ReaderCase) -> str:
+    """A failing case, short enough to read (hypothesis prints it; 64 KiB payloads would
+    make a repr of megabytes): the stream in hex up to 4 KiB, the piece sizes, the rest."""
+    fields = attrs.asdict(case, recurse=False)
+    stream = fields.pop("stream")
+    fields["pieces"] = [len(piece) for piece in fields["pieces"]]
+    shown = stream.hex() if len(stream) <= 4096 else f"{stream[:4096].hex()}..."
+    rest = ", ".join(f"{name}={value!r}" for name, value in fields.items())
+    return f"{type(case).__name__}(stream=bytes.fromhex({shown!r}) ({len(stream)} bytes), {rest})"
 
 
 def split(draw: st.DrawFn, stream: bytes) -> tuple[tuple[bytes, ...], tuple[bool, ...]]:
@@ -421,6 +451,7 @@ def emit_streams(keys: Sequence[int]) -> st.SearchStrategy[EmitCase]:
             ack_interval_ns=draw(st.sampled_from([0, 1_000_000])),
             heartbeat_ns=draw(st.sampled_from([1_000_000, 10**12])),
             clear_on_need=draw(st.integers(0, 9)) == 0,
+            connected=draw(st.booleans()),
         )
 
     return build()
@@ -466,7 +497,9 @@ class EmitModel:
             key = key_of(event.group, event.port)
             verdict = net.verdict(key)
             if verdict == fastpath.DEST_ALLOWED:
-                if len(event.payload) > MAX_PAYLOAD:
+                if key in net.failing:  # the route is refused before the size
+                    self.send_errors.append(net.failing[key])
+                elif len(event.payload) > MAX_PAYLOAD:
                     self.send_errors.append(errno.EMSGSIZE)
                 else:
                     self.sent[key].append(event.payload)
@@ -490,12 +523,23 @@ class EmitRun:
     send_errors: list[int]
 
 
-def _writer(sock: socket.socket, pieces: Sequence[bytes], pauses: Sequence[bool]) -> None:
+def _writer(
+    sock: socket.socket,
+    pieces: Sequence[bytes],
+    pauses: Sequence[bool],
+    stop: tuple[int, int] | None = None,
+) -> None:
+    """Write the pieces, then shut down; ``stop`` (after, fd): write to the stop pipe after
+    that many pieces."""
     with contextlib.suppress(OSError):  # the pump may stop reading (RD_CONTROL) and close
-        for piece, pause in zip(pieces, pauses, strict=True):
+        for index, (piece, pause) in enumerate(zip(pieces, pauses, strict=True)):
+            if stop is not None and index == stop[0]:
+                os.write(stop[1], b"x")
             sock.sendall(piece)
             if pause:
                 time.sleep(0.0002)
+        if stop is not None and stop[0] >= len(pieces):
+            os.write(stop[1], b"x")
         sock.shutdown(socket.SHUT_WR)
 
 
@@ -521,7 +565,8 @@ def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
         acked=case.acked,
     )
     ref = ctypes.byref(state)
-    writer = threading.Thread(target=_writer, args=(peer, case.pieces, case.pauses))
+    stop = None if case.stop_after is None else (case.stop_after, stop_w)
+    writer = threading.Thread(target=_writer, args=(peer, case.pieces, case.pauses, stop))
     send_errors: list[int] = []
     try:
         writer.start()
@@ -531,7 +576,10 @@ def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
             if why == fastpath.RD_NEED_DEST:
                 needs += 1
                 _check(needs < 100_000, "RD_NEED_DEST without end")
-                lib.emit_set_dest(ref, state.need_key, net.verdict(state.need_key))
+                key = state.need_key
+                connected = net.connected.get(key) if case.connected else None
+                fd = connected.fileno() if connected is not None else -1
+                lib.emit_set_dest(ref, key, net.verdict(key), fd)
                 if case.clear_on_need and needs % 7 == 0:
                     state.clear_dests = 1  # a reload: the table is rebuilt from scratch
                 continue
@@ -561,26 +609,32 @@ def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
 def check_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> None:
     net.drain(0, timeout=0)  # leftovers of a failed example
     events, stop, control = python_frames(case.stream, STREAMING, (Datagram, Heartbeat))
-    model = EmitModel(case.highest)
-    model.run(events, net)
     run = run_emit(lib, net, case)
     s = run.state
     consumed = s.bytes_in - len(run.undecoded)
     where = f"(stream {case.stream[:64].hex()}..., {len(case.stream)} bytes)"
-    if control:
+    if run.why == fastpath.RD_STOPPED and case.stop_after is not None:
+        # stopped anywhere: after a whole frame of the Python walk, no further than it goes
+        ends = list(itertools.accumulate(frame_size(e) for e in events))
+        _check(consumed in (0, *ends), f"stopped at {consumed}, inside a frame {where}")
+        events = events[: ends.index(consumed) + 1 if consumed else 0]
+    elif control:
         _check(run.why == fastpath.RD_CONTROL, f"pump returned {run.why}, want RD_CONTROL {where}")
         _check(
             refused_by_python(run.undecoded, capture_side=False),
             f"RD_CONTROL on bytes Python accepts: {run.undecoded[:32].hex()} {where}",
         )
+        _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
     else:
         _check(run.why == fastpath.RD_EOF, f"pump returned {run.why}, want RD_EOF {where}")
         _check(s.bytes_in == len(case.stream), f"bytes_in {s.bytes_in} {where}")
-    _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
+        _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
     _check(
         run.undecoded == case.stream[consumed : s.bytes_in],
         f"buf[start:end] is not the stream's undecoded bytes {where}",
     )
+    model = EmitModel(case.highest)
+    model.run(events, net)
     got = {
         "highest": s.highest,
         "frames_in": s.frames_in,
@@ -607,6 +661,10 @@ def check_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> None:
     check_replies(run, case, model)
 
 
+def frame_size(event: Event) -> int:
+    return 26 + len(event.payload) if isinstance(event, Datagram) else 11
+
+
 def check_replies(run: EmitRun, case: EmitCase, model: EmitModel) -> None:
     """What the pump wrote back: only ACKs and HEARTBEATs, each ACK a sequence it emitted
     (or the session's start), increasing, as many as it counted."""
@@ -629,12 +687,28 @@ def check_replies(run: EmitRun, case: EmitCase, model: EmitModel) -> None:
 def test_emit_pump_matches_the_python_decoder() -> None:
     lib = plane()
     with Loopback.open() as net:
-        keys = [*net.allowed, *net.denied]
+        keys = [*net.allowed, *net.denied, *net.failing]
 
         @SETTINGS
         @given(case=emit_streams(keys))
         def fuzz(case: EmitCase) -> None:
             check_emit(lib, net, case)
+
+        fuzz()
+
+
+def test_emit_pump_stopped_anywhere() -> None:
+    """The stop pipe becomes readable at any point of the stream: the pump returns
+    RD_STOPPED (or RD_CONTROL, if it reached a frame for Python first) after a whole frame,
+    having counted and sent exactly the frames before it."""
+    lib = plane()
+    with Loopback.open() as net:
+        keys = [*net.allowed, *net.denied, *net.failing]
+
+        @SETTINGS
+        @given(case=emit_streams(keys), stop_after=st.integers(0, 10))
+        def fuzz(case: EmitCase, stop_after: int) -> None:
+            check_emit(lib, net, attrs.evolve(case, stop_after=stop_after))
 
         fuzz()
 
@@ -672,6 +746,9 @@ class ReaderCase:
     pieces: tuple[bytes, ...]
     pauses: tuple[bool, ...]
     cap: int
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(show_case(self))
 
 
 def reader_streams(ack_values: st.SearchStrategy[int]) -> st.SearchStrategy[ReaderCase]:
@@ -895,6 +972,7 @@ def test_capture_batch_frames_every_datagram_size() -> None:
 #: the fuzz tests the sanitizer child runs (its own examples budget)
 SANITIZED_TESTS = (
     "test_emit_pump_matches_the_python_decoder",
+    "test_emit_pump_stopped_anywhere",
     "test_emit_pump_with_more_destinations_than_its_table_holds",
     "test_capture_reader_matches_the_python_decoder",
     "test_capture_batch_frames_every_datagram_size",
