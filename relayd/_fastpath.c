@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 6
+#define RD_ABI 7
 
 /* Why a call returned (both loops). */
 enum {
@@ -44,6 +44,7 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 
 #define DATA_HEADER 26
 #define DATA_BODY_MIN 24 /* DATA length field: everything after the length, header included */
+#define MAX_PAYLOAD 65507 /* largest UDP payload over IPv4 */
 #define TYPE_DATA 0x01
 #define TYPE_HEARTBEAT 0x02
 #define TYPE_ACK 0x03
@@ -73,7 +74,8 @@ struct rd_emit {
     /* the stream: undecoded bytes are buf[start:end] */
     uint64_t start, end;
     uint64_t highest;         /* highest sequence emitted or deliberately skipped */
-    int64_t acked;            /* highest sequence ACKed to the peer; -1: not even the welcome */
+    uint64_t acked;           /* highest sequence ACKed to the peer, */
+    uint64_t acked_any;       /* ... once this is 1 (0: not even the welcome ACK went out) */
     int64_t last_out_ns;      /* CLOCK_MONOTONIC of the latest control frame written */
     int64_t blocked_since_ns; /* when the pending control frame first found the socket full */
     uint64_t out_off, out_len; /* the control frame being written: out[out_off:out_len] */
@@ -84,8 +86,8 @@ struct rd_emit {
     uint64_t bytes_in, frames_in, datagrams_in, datagrams_out, bytes_out, duplicates;
     uint64_t gaps, gap_sequences, send_waits, denied_group, denied_port, send_errors;
     uint64_t last_send_ok;        /* 1 when the latest send succeeded */
-    int64_t last_ts_ns;           /* capture stamp of the latest datagram emitted */
-    int64_t chunk_ts_ns;          /* ... in the chunk being emitted: observed once it is done */
+    uint64_t last_ts_ns;          /* capture stamp of the latest datagram emitted */
+    uint64_t chunk_ts_ns;         /* ... in the chunk being emitted: observed once it is done */
     int64_t last_rx_ns;           /* CLOCK_MONOTONIC of the latest chunk received */
     uint64_t latency[LATENCY_BUCKETS + 1];
     uint64_t latency_count, latency_sum_ns;
@@ -117,7 +119,7 @@ struct rd_capture_rx {
     uint8_t *buf;
     uint64_t cap;
     uint64_t start, end; /* undecoded bytes are buf[start:end] */
-    int64_t acked;       /* highest ACK received; -1: none (read by the receive threads) */
+    uint64_t acked;      /* highest ACK received, 0 for none (read by the receive threads) */
     uint64_t acks, heartbeats, bytes_in;
     int64_t err;
 };
@@ -173,16 +175,17 @@ void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state, int64_t f
     d->state = state;
 }
 
-static void observe_latency(struct rd_emit *s, int64_t ns) {
+/* Capture stamp to now, from the peer's stamp (any u64: a stamp from the future counts 0). */
+static void observe_latency(struct rd_emit *s, uint64_t stamp) {
+    uint64_t now = (uint64_t)now_ns(CLOCK_REALTIME), ns = now > stamp ? now - stamp : 0;
     unsigned k = 0;
-    if (ns <= 0) ns = 0;
-    else {
-        uint64_t us = (uint64_t)(ns - 1) / 1000;
+    if (ns) {
+        uint64_t us = (ns - 1) / 1000;
         k = us ? 64 - (unsigned)__builtin_clzll(us) : 0; /* bit_length */
     }
     s->latency[k < LATENCY_BUCKETS ? k : LATENCY_BUCKETS]++;
     s->latency_count++;
-    s->latency_sum_ns += (uint64_t)ns;
+    s->latency_sum_ns += ns;
 }
 
 /* Block until the multicast socket takes more (0) or the stop pipe is readable (1). */
@@ -200,8 +203,7 @@ static int wait_writable(int fd, int stop_fd) {
  * done, else the RD_* reason to return with (start at the frame concerned). */
 static int emit_frames(struct rd_emit *s) {
     uint8_t *buf = s->buf;
-    uint64_t highest = s->highest, start = s->start;
-    int64_t last_ts = 0;
+    uint64_t highest = s->highest, start = s->start, last_ts = 0;
     int outcome = 0;
     if (s->clear_dests) {
         s->clear_dests = 0;
@@ -218,7 +220,7 @@ static int emit_frames(struct rd_emit *s) {
             start += size;
             continue;
         }
-        if (type != TYPE_DATA || length < DATA_BODY_MIN) {
+        if (type != TYPE_DATA || length < DATA_BODY_MIN || length > DATA_BODY_MIN + MAX_PAYLOAD) {
             /* A control frame, or a malformed one: Python's decoder decides. An ERROR is
              * handed over whole; anything else is refused from its first 3 bytes. */
             if (type == TYPE_ERROR && length >= 3 && length <= 3 + MAX_ERROR_TEXT &&
@@ -281,7 +283,7 @@ static int emit_frames(struct rd_emit *s) {
                 outcome = RD_SEND_ERROR;
                 break;
             }
-            last_ts = (int64_t)get64(f + 18);
+            last_ts = get64(f + 18);
         } else if (d->state == DEST_DENIED_GROUP) {
             s->denied_group++;
         } else {
@@ -296,7 +298,7 @@ static int emit_frames(struct rd_emit *s) {
 out:
     if (last_ts) s->last_ts_ns = s->chunk_ts_ns = last_ts;
     if (!outcome && s->chunk_ts_ns) { /* once per chunk, from its last datagram */
-        observe_latency(s, now_ns(CLOCK_REALTIME) - s->chunk_ts_ns);
+        observe_latency(s, s->chunk_ts_ns);
         s->chunk_ts_ns = 0;
     }
     s->highest = highest;
@@ -307,10 +309,11 @@ out:
 /* Queue the ACK or HEARTBEAT that is due, if any (nothing is being written). */
 static void queue_control(struct rd_emit *s, int64_t now) {
     if (s->out_len || now < s->last_out_ns + s->ack_interval_ns) return;
-    if ((int64_t)s->highest > s->acked) {
+    if (!s->acked_any || s->highest > s->acked) {
         s->out[2] = TYPE_ACK;
         put64(s->out + 3, s->highest);
-        s->acked = (int64_t)s->highest;
+        s->acked = s->highest;
+        s->acked_any = 1;
         s->acks_sent++;
     } else if (now >= s->last_out_ns + s->heartbeat_ns) {
         s->out[2] = TYPE_HEARTBEAT;
@@ -349,6 +352,10 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * coalesced ACKs (at most one per ack_interval_ns) and the idle HEARTBEATs. Returns when
  * something needs Python (RD_*); call again to go on. */
 int rd_emit_pump(struct rd_emit *s) {
+    if (s->cap < 2 * (DATA_HEADER + MAX_PAYLOAD) || s->end > s->cap) { /* room for 2 frames */
+        s->err = EINVAL;
+        return RD_RESET;
+    }
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
     for (;;) {
         int outcome = emit_frames(s);
@@ -369,7 +376,7 @@ int rd_emit_pump(struct rd_emit *s) {
             if (s->out_len) wake = min64(wake, s->blocked_since_ns + s->idle_ns);
             else {
                 int64_t next = s->last_out_ns + s->ack_interval_ns;
-                if ((int64_t)s->highest > s->acked) wake = min64(wake, next);
+                if (!s->acked_any || s->highest > s->acked) wake = min64(wake, next);
                 wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
             }
             int64_t left = wake > now ? wake - now : 0;
@@ -421,6 +428,11 @@ int rd_capture_wait(struct rd_capture *s) {
 /* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
  * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL). */
 int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
+    if (s->room < DATA_HEADER + MAX_PAYLOAD) { /* every datagram must fit whole */
+        s->err = EINVAL;
+        s->count = s->offset = s->payload_bytes = s->sent = 0;
+        return RD_ERROR;
+    }
     uint8_t *buf = s->buf;
     uint64_t offset = 0, count = 0, bytes = 0;
     union {
@@ -496,6 +508,10 @@ int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
  * with buf[start] at that frame for Python's decoder. Also RD_STOPPED, RD_EOF, RD_RESET (err),
  * RD_IDLE (nothing received for idle_ns). */
 int rd_capture_read(struct rd_capture_rx *s) {
+    if (s->cap < 4096 || s->end > s->cap) { /* room for a whole ERROR frame, with margin */
+        s->err = EINVAL;
+        return RD_RESET;
+    }
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
     for (;;) {
         while (s->end - s->start >= 3) {
@@ -505,7 +521,7 @@ int rd_capture_read(struct rd_capture_rx *s) {
             if ((type == TYPE_ACK || type == TYPE_HEARTBEAT) && length == 9) {
                 if (s->end - s->start < size) break;
                 if (type == TYPE_ACK) {
-                    int64_t seq = (int64_t)get64(f + 3);
+                    uint64_t seq = get64(f + 3);
                     if (seq > s->acked) __atomic_store_n(&s->acked, seq, __ATOMIC_RELEASE);
                     s->acks++;
                 } else {

@@ -603,7 +603,6 @@ class CaptureFeedRuntime:
             idle_ns=int(idle * 1e9),
             buf=ctypes.addressof(buffer),
             cap=_RECV_SIZE,
-            acked=-1,
         )
         leftover = conn.take_buffered()  # bytes after the welcome ACK
         if len(leftover) > _RECV_SIZE // 2:  # at most one frame: never, but never overrun

@@ -258,7 +258,7 @@ class _Connection:
     def acked_seq(self) -> int:
         """Highest sequence ACKed so far (0 before the welcome ACK)."""
         pump = self.pump
-        return max(self.acked if pump is None else int(pump.acked), 0)
+        return max(self.acked, 0) if pump is None else int(pump.acked)
 
     def request_ack(self) -> None:
         """Run by Trio on behalf of the data-path thread."""
@@ -1030,7 +1030,8 @@ class EmitFeedRuntime:
             ack_interval_ns=int(ACK_INTERVAL * 1e9),
             heartbeat_ns=int(cfg.heartbeat_interval * 1e9),
             highest=session.highest,
-            acked=conn.acked,
+            acked=max(conn.acked, 0),
+            acked_any=conn.acked >= 0,
         )
         leftover = proto.take_buffered()  # bytes after the HELLO: the start of the stream
         if len(leftover) > RECEIVE_SIZE // 2:  # at most one frame: never, but never overrun
@@ -1090,7 +1091,7 @@ class EmitFeedRuntime:
                 self._pumps.remove(link)
                 session.highest = int(state.highest)
                 session.pump = conn.pump = None
-                conn.acked = state.acked
+                conn.acked = state.acked if state.acked_any else -1
                 # a control frame cut short: finished before the closing ERROR
                 conn.unsent = bytes(state.out[state.out_off : state.out_len])
 

@@ -38,7 +38,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 6
+ABI: Final = 7
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 LATENCY_BUCKETS: Final = 26
 DEST_SLOTS: Final = 1024
@@ -84,7 +84,8 @@ class EmitState(ctypes.Structure):
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
-        ("acked", _i64),
+        ("acked", _u64),
+        ("acked_any", _u64),
         ("last_out_ns", _i64),
         ("blocked_since_ns", _i64),
         ("out_off", _u64),
@@ -106,8 +107,8 @@ class EmitState(ctypes.Structure):
         ("denied_port", _u64),
         ("send_errors", _u64),
         ("last_send_ok", _u64),
-        ("last_ts_ns", _i64),
-        ("chunk_ts_ns", _i64),
+        ("last_ts_ns", _u64),
+        ("chunk_ts_ns", _u64),
         ("last_rx_ns", _i64),
         ("latency", _u64 * (LATENCY_BUCKETS + 1)),
         ("latency_count", _u64),
@@ -152,7 +153,7 @@ class CaptureReaderState(ctypes.Structure):
         ("cap", _u64),
         ("start", _u64),
         ("end", _u64),
-        ("acked", _i64),
+        ("acked", _u64),
         ("acks", _u64),
         ("heartbeats", _u64),
         ("bytes_in", _u64),

@@ -115,6 +115,7 @@ _DATA: Final = int(FrameType.DATA)
 _DATA_HEADER: Final = struct.Struct("!HBBHIQQ")  # length type flags port group seq ts
 DATA_HEADER_SIZE: Final = _DATA_HEADER.size  # 26
 _DATA_BODY_MIN: Final = DATA_HEADER_SIZE - 2
+_DATA_BODY_MAX: Final = _DATA_BODY_MIN + MAX_PAYLOAD
 _U64_FRAME: Final = struct.Struct("!HBQ")
 _U64: Final = struct.Struct("!Q")
 _ERROR_HEAD: Final = struct.Struct("!HBH")
@@ -288,6 +289,10 @@ class Decoder:
             if ftype == _DATA and data_allowed:
                 if length < _DATA_BODY_MIN:
                     raise ProtocolError(f"DATA frame of {length} bytes is shorter than its header")
+                if length > _DATA_BODY_MAX:
+                    raise ProtocolError(
+                        f"DATA frame of {length} bytes is longer than the largest UDP payload"
+                    )
                 if end > size:
                     break
                 _, _, flags, port, group, seq, ts = unpack_data(buf, off)

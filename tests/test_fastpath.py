@@ -63,6 +63,7 @@ from relayd.wire import (
 
 T = TypeVar("T")
 LOOPBACK = IPv4Address("127.0.0.1")
+BROADCAST = IPv4Address("255.255.255.255")
 #: Counters that depend on the kernel (a full send buffer), not on the input.
 _UNSTABLE_COUNTERS = frozenset({"send_waits"})
 
@@ -188,7 +189,7 @@ class EmitModel:
                 self.dropped["group_not_allowed"] += 1
             elif not any(port in ports for ports in self.allowed_ports):
                 self.dropped["port_not_allowed"] += 1
-            elif len(payload) > MAX_PAYLOAD:  # sendto refuses it: EMSGSIZE
+            elif group == BROADCAST:  # sendto refuses it without SO_BROADCAST: EACCES
                 self.dropped["send_error"] += 1
             else:
                 self.out.append((group, port, payload))
@@ -657,17 +658,20 @@ def frame_of(datagram: tuple[int, IPv4Address, int, bytes]) -> bytes:
 
 
 async def test_send_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A datagram the kernel refuses (EMSGSIZE) is counted as a send error and acknowledged;
-    the datagrams around it still go out; the feed is unhealthy after a failed send until
-    the next successful one; the same on both paths."""
+    """A datagram the kernel refuses (EACCES: an allowed broadcast address, no SO_BROADCAST)
+    is counted as a send error and acknowledged; the datagrams around it still go out; the
+    feed is unhealthy after a failed send until the next successful one; the same on both
+    paths."""
     groups = pick_groups(2)
-    (group, port), _ = groups
+    (_, port), _ = groups
     stream = numbered(payloads(groups, [10, 20, 30, 40, 50, 60], seed=22))
     for seq in (3, 5):
-        stream[seq - 1] = (seq, group, port, bytes(MAX_PAYLOAD + 1))
+        stream[seq - 1] = (seq, BROADCAST, port, b"refused")
 
     async def scenario(path: str) -> EmitResult:
-        config = make_config()
+        config = make_config(
+            allowed_groups=(IPv4Network("239.255.0.0/16"), IPv4Network(f"{BROADCAST}/32"))
+        )
         model = EmitModel.of(config)
         health: list[object] = []
         rx = Receivers(groups)
@@ -692,13 +696,13 @@ async def test_send_errors(monkeypatch: pytest.MonkeyPatch) -> None:
             rx.close()
 
     result = await on_both_paths(monkeypatch, scenario)
-    error = "multicast send: EMSGSIZE (Message too long)"
+    error = "multicast send: EACCES (Permission denied)"
     assert result.heard == (
         (True, "streaming", error),
         (False, "failing", error),
         (True, "streaming", error),
     )
-    assert result.counters["send_errors{errno=EMSGSIZE}"] == 2
+    assert result.counters["send_errors{errno=EACCES}"] == 2
 
 
 @pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)

@@ -166,6 +166,7 @@ def test_corrupted_stream_only_raises_protocol_error(
     [
         (b"GET / HTTP/1.1\r\n", "unknown frame type 0x54"),
         (b"\x00\x05\x01abcd", "DATA frame of 5 bytes is shorter than its header"),
+        (b"\xff\xfc\x01", "DATA frame of 65532 bytes is longer than the largest UDP payload"),
         (b"\x00\x0a\x02", "HEARTBEAT frame of 10 bytes outside 9..9"),
         (b"\x05\x00\x04", "ERROR frame of 1280 bytes outside 3..1027"),
         (b"\x00\x00\x00", "unknown frame type 0x00"),
