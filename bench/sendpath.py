@@ -1,11 +1,14 @@
-"""CPU per datagram of a Python multicast sender: ``sendto`` against ``sendmmsg``
-(``python -m bench.sendpath [--count N]``, root).
+"""CPU per datagram of a multicast sender, several ways (``python -m bench.sendpath
+[--count N]``, root).
 
 Sends 160-byte datagrams round robin to 4 groups over the benchmark's direct veth to the C
-receiver (``bench/recv.c``), once per way and twice over, and prints the sender's CPU time per
-datagram (user and system). It answers whether batching the emit side's sends could lift its
-throughput on the benchmark's veth (it barely does: the kernel's per-packet work, which on a
-veth includes the receiving side's stack, dominates).
+receiver (``bench/recv.c``), each way twice over, alternating, and prints the sender's CPU time
+per datagram. From Python: ``sendto`` against ``sendmmsg`` (ctypes). From C
+(``bench/sendpath.c``, what the emit side's C data plane can do): ``sendto`` on one socket,
+``send`` on a socket connected to each group (the kernel keeps the route instead of looking it
+up per datagram), and ``sendmmsg`` in batches of 8. It answers which way the emit side should
+send on the benchmark's veth: the kernel's per-packet work, which on a veth includes the
+receiving side's stack, dominates; the connected sockets save a little of it.
 
 Internally the same module is run as the sender inside the generator namespace:
 ``python -m bench.sendpath --send sendto|sendmmsg --count N --iface ADDR``.
@@ -16,15 +19,17 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import os
 import resource
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, PORT, REPO, build
+from bench.relay import GROUPS, OUT, PORT, REPO, build
 
 SIZE = 160
 BATCH = 64
@@ -115,7 +120,7 @@ def send(way: str, count: int, iface: str) -> str:
     system = (after.ru_stime - before.ru_stime) / count * 1e6
     sock.close()
     return (
-        f"{way:8s} {count / elapsed / 1000:6.0f}k/s  CPU {user + system:5.2f} µs/dgram"
+        f"Python {way:9s} {count / elapsed / 1000:6.0f}k/s  CPU {user + system:5.2f} µs/dgram"
         f" (user {user:.2f}, system {system:.2f})"
     )
 
@@ -134,9 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.sendpath: skipped: {reason}")
         return 0
     _, recv = build()
+    sender_c = OUT / "sendpath"
+    source = REPO / "bench" / "sendpath.c"
+    if not sender_c.exists() or sender_c.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(
+            ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(sender_c), str(source)],
+            check=True,
+            timeout=120,
+        )
+    ways = ("sendto", "sendmmsg", "c:sendto", "c:connected", "c:sendmmsg")
     with Topology(-10) as topo:
         link = topo.links["g1"]
-        for way in ("sendto", "sendmmsg", "sendto", "sendmmsg"):
+        for way in ways * int(os.environ.get("SENDPATH_ROUNDS", "2")):
             receiver = topo.popen(
                 "recv",
                 [str(recv), "--iface", link.b_addr, "--groups", ",".join(GROUPS), "--port",
@@ -144,13 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             assert receiver.stdout is not None
             receiver.stdout.readline()  # "ready"
-            sender = topo.run(
-                "gen",
-                [sys.executable, "-m", "bench.sendpath", "--send", way, "--count",
-                 str(args.count), "--iface", link.a_addr],
-                timeout=300,
-                cwd=REPO,
-            )  # fmt: skip
+            if way.startswith("c:"):
+                argv = [str(sender_c), way[2:], str(args.count), link.a_addr, str(PORT), *GROUPS]
+            else:
+                argv = [sys.executable, "-m", "bench.sendpath", "--send", way, "--count",
+                        str(args.count), "--iface", link.a_addr]  # fmt: skip
+            sender = topo.run("gen", argv, timeout=300, cwd=REPO)
             try:
                 out, _ = receiver.communicate(timeout=60)
             except Exception:
