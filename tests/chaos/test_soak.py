@@ -26,6 +26,7 @@ def test_soak(relay: Relay) -> None:
     relay.start()
     seconds = float(os.environ.get("RELAYD_SOAK_SECONDS", "0")) or scaled(60.0, 600.0)
     stream = relay.stream(RATE, seconds)
+    relay.wait_flowing()
     sampler = Sampler({"capture": relay.pid("capture"), "emit": relay.pid("emit")})
     statuses = []
     replay_max = 0.0

@@ -37,6 +37,7 @@ def test_connection_storm_on_the_data_port(relay: Relay) -> None:
     seconds = scaled(12.0, 60.0)
     storm_rate = 400
     stream = relay.stream(RATE, seconds + 6)
+    relay.wait_flowing()
     sampler = Sampler({"emit": relay.pid("emit")})
     sampler.sample()
     storm = relay.agent(
@@ -104,6 +105,7 @@ def test_health_port_abuse(relay: Relay) -> None:
     relay.start()
     seconds = scaled(8.0, 60.0)
     stream = relay.stream(RATE, seconds + 4)
+    relay.wait_flowing()
     sampler = Sampler({"emit": relay.pid("emit")})
     sampler.sample()
     abuse = relay.agent(

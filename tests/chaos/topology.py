@@ -397,6 +397,15 @@ class Relay:
         )  # fmt: skip
         return Stream(gen, recv, count, rate)
 
+    def wait_flowing(self, timeout: float = 10.0) -> None:
+        """Until every group has had a datagram out of the emit side: the emit feed opens a
+        socket per destination on first use, so descriptor baselines are taken after this."""
+        deadline = time.monotonic() + timeout
+        while metric(self.metrics("emit"), "datagrams_out_total") < 2 * len(GROUPS):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no datagrams out of the emit side within {timeout:g} s")
+            time.sleep(0.05)
+
     def agent(self, ns: Netns, *args: str) -> subprocess.Popen[bytes]:
         """tests/chaos/agent.py inside ``ns`` (stdout: one JSON line at its end)."""
         return ns.popen(
