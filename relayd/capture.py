@@ -21,6 +21,13 @@ Two halves that never wait for each other:
   the stream is idle. Any error ends the connection; the loop reconnects with jittered
   exponential backoff capped at 2 s.
 
+On the C data plane (``relayd/_fastpath.c``, the default when it loads) the receive thread
+runs ``_drain_c``: ``rd_capture_batch`` receives, stamps, numbers and frames the batch and,
+when the TCP side is caught up, sends it before Python does the bookkeeping; and the reader is
+a thread in ``rd_capture_read``, which keeps the highest ACK for the receive thread to apply
+once per batch (``_apply_acks``) and hands anything but ACK and HEARTBEAT to the Python
+decoder.
+
 The UDP drain goes on while the TCP side is slow, stalled or reconnecting: the replay buffer
 absorbs it, bounded in bytes and age, and its drops are counted and logged.
 """

@@ -44,11 +44,18 @@ allowed destinations, so the allowlist costs one dict lookup per datagram. Count
 integer adds per chunk under one lock; the capture-to-emit latency histogram is updated once
 per chunk, from the chunk's last datagram.
 
-A second task per connection sends the ACKs (coalesced: at most one per ``ACK_INTERVAL``, and
-always soon after the stream goes quiet) and a HEARTBEAT after ``heartbeat_interval`` without
-other output. If such a send cannot complete within ``idle_timeout`` the peer has stopped
-reading: it is closed with SLOW_CONSUMER. A connection that sends nothing for ``idle_timeout``
-is closed with IDLE_TIMEOUT.
+On the C data plane (``relayd/_fastpath.c``, the default when it loads) the thread runs
+``_pump_c`` instead: ``rd_emit_pump`` does the poll, recv, decode, dedup and send without the
+GIL, on a socket connected to each destination, with its own per-connection destination table
+filled by ``_verdict``; it returns to Python only for a control or malformed frame (the Python
+decoder judges it), a new destination, a send error or the end. Its counters are added to the
+feed's by ``_sync``, when it returns and when health or metrics are read.
+
+ACKs (coalesced: at most one per ``ACK_INTERVAL``, and always soon after the stream goes quiet)
+and a HEARTBEAT after ``heartbeat_interval`` without other output are sent by a second task per
+connection (``_writer``), or by the C pump itself on the C data plane. If such a send cannot
+complete within ``idle_timeout`` the peer has stopped reading: it is closed with SLOW_CONSUMER.
+A connection that sends nothing for ``idle_timeout`` is closed with IDLE_TIMEOUT.
 
 Send errors on the multicast socket (ENOBUFS, ENETUNREACH, EPERM, ...) drop that datagram, are
 counted by errno name and logged (rate-limited). The feed is unhealthy from a failed send until
