@@ -303,8 +303,9 @@ class CaptureFeedRuntime:
         self, receiver: GroupReceiver, stop_fd: int, token: trio.lowlevel.TrioToken
     ) -> None:
         """``_drain`` on the C data plane: ``rd_capture_wait`` blocks in ``poll`` and
-        ``rd_capture_batch`` receives, stamps, numbers and frames a whole batch without the
-        GIL; the replay buffer and the send stay here, once per batch."""
+        ``rd_capture_batch`` receives, stamps, numbers and frames a whole batch and sends it
+        when the TCP side is caught up; the replay buffer and the accounting stay here, once
+        per batch (and the send, through ``_kick``, when the TCP side is behind)."""
         lib = self._lib
         assert lib is not None
         frame = (ctypes.c_uint8 * BATCH_BUFFER)()
@@ -490,7 +491,7 @@ class CaptureFeedRuntime:
         socket was full, or the send failed. The caller holds ``_lock``."""
         chunk = self._replay.next_unsent()
         assert chunk is not None
-        self._highest_sent = chunk.last_seq
+        self._highest_sent = max(self._highest_sent, chunk.last_seq)
         self.frames_sent += chunk.last_seq - chunk.first_seq + 1
         self.bytes_sent += sent
         if sent:
