@@ -28,7 +28,7 @@ import pytest
 import trio
 from conftest import DATAPATHS, use_datapath
 from test_capture import Peer as EmitStandIn
-from test_capture import feed_config, groups_for, serve, wait_for
+from test_capture import Server, feed_config, groups_for, serve, wait_for
 from test_capture import per_group as per_destination
 from test_emit import (
     FEED,
@@ -750,6 +750,19 @@ def blast(sock: socket.socket, sends: Iterable[tuple[str, int, bytes]]) -> None:
                 time.sleep(0.0005)
 
 
+async def capture_streaming(
+    nursery: trio.Nursery, groups: Sequence[tuple[str, int]], **overrides: object
+) -> tuple[Server, CaptureFeedRuntime]:
+    """A capture feed joined to ``groups``, connected to an emit stand-in and streaming."""
+    server = await serve(nursery, EmitStandIn())
+    settings: dict[str, object] = {"heartbeat_interval": 30.0, "idle_timeout": 60.0}
+    settings.update(overrides)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port], **settings))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    return server, feed
+
+
 def acked(feed: CaptureFeedRuntime) -> object:
     """The highest sequence the emit side acknowledged, as the health endpoint shows it."""
     return feed.health().detail["acked_seq"]
@@ -786,14 +799,8 @@ async def test_capture_frames_the_same_datagrams_the_same_way(
         try:
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
-                    server = await serve(nursery, EmitStandIn())
-                    config = feed_config(
-                        groups, [server.port], heartbeat_interval=30.0, idle_timeout=60.0
-                    )
-                    feed = CaptureFeedRuntime(config)
-                    await nursery.start(feed.run)
+                    server, feed = await capture_streaming(nursery, groups)
                     assert len(feed.receivers) == 3
-                    await wait_for(lambda: feed.connected)
                     before = time.time_ns()
                     for i in range(0, len(sends), 100):
                         blast(sender, sends[i : i + 100])
@@ -833,17 +840,7 @@ async def test_capture_counts_kernel_drops(monkeypatch: pytest.MonkeyPatch) -> N
         try:
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
-                    server = await serve(nursery, EmitStandIn())
-                    config = feed_config(
-                        groups,
-                        [server.port],
-                        receive_buffer=4096,
-                        heartbeat_interval=30.0,
-                        idle_timeout=60.0,
-                    )
-                    feed = CaptureFeedRuntime(config)
-                    await nursery.start(feed.run)
-                    await wait_for(lambda: feed.connected)
+                    server, feed = await capture_streaming(nursery, groups, receive_buffer=4096)
                     with feed._lock:  # the data-path thread cannot take its next batch
                         blast(sender, burst)
                     await trio.sleep(0.2)
@@ -882,13 +879,7 @@ async def test_metrics_show_the_latest_ack_when_the_stream_stops(datapath: str) 
     try:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                server = await serve(nursery, EmitStandIn())
-                config = feed_config(
-                    groups, [server.port], heartbeat_interval=30.0, idle_timeout=60.0
-                )
-                feed = CaptureFeedRuntime(config)
-                await nursery.start(feed.run)
-                await wait_for(lambda: feed.connected)
+                server, feed = await capture_streaming(nursery, groups)
                 blast(sender, [(*groups[i % 2], bytes(100)) for i in range(10)])
                 await wait_for(lambda: server.peer.emitted.get(feed.session_id) == 10)
                 await wait_for(lambda: gauge(feed, "capture_acked_seq") == 10, timeout=3)
