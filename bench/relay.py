@@ -69,20 +69,22 @@ QUICK_SWEEP = {"fixed": (10_000, 100_000), "bursty": (50_000,)}
 # Building and system set-up
 
 
+def compile_c(name: str) -> Path:
+    """bench/<name>.c compiled into bench/out/<name> (again when the source is newer)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    source, binary = REPO / "bench" / f"{name}.c", OUT / name
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(
+            ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(source)],
+            check=True,
+            timeout=120,
+        )
+    return binary
+
+
 def build() -> tuple[Path, Path]:
     """Compile the generator and the receiver into bench/out (when the source is newer)."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    binaries = []
-    for name in ("gen", "recv"):
-        source, binary = REPO / "bench" / f"{name}.c", OUT / name
-        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
-            subprocess.run(
-                ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(source)],
-                check=True,
-                timeout=120,
-            )
-        binaries.append(binary)
-    return binaries[0], binaries[1]
+    return compile_c("gen"), compile_c("recv")
 
 
 def _appliance_sysctls() -> dict[str, int]:

@@ -23,13 +23,12 @@ import os
 import resource
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, OUT, PORT, REPO, build
+from bench.relay import GROUPS, PORT, REPO, build, compile_c
 
 SIZE = 160
 BATCH = 64
@@ -139,14 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.sendpath: skipped: {reason}")
         return 0
     _, recv = build()
-    sender_c = OUT / "sendpath"
-    source = REPO / "bench" / "sendpath.c"
-    if not sender_c.exists() or sender_c.stat().st_mtime < source.stat().st_mtime:
-        subprocess.run(
-            ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(sender_c), str(source)],
-            check=True,
-            timeout=120,
-        )
+    sender_c = compile_c("sendpath")
     ways = ("sendto", "sendmmsg", "c:sendto", "c:connected", "c:sendmmsg")
     with Topology(-10) as topo:
         link = topo.links["g1"]
