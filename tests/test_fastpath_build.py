@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from appliance.machine import build_wheel
 
 from relayd import fastpath
 
@@ -137,32 +138,6 @@ def test_script_fails_on_a_compile_error(tmp_path: Path) -> None:
 # -- the wheel, as `make dist` builds it ---------------------------------------------------------
 
 
-def _pip_wheel(source: Path, dest: Path, env: dict[str, str] | None = None) -> Path:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--wheel-dir",
-            str(dest),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    wheels = list(dest.glob("relayd-*.whl"))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
-
-
 def _wheel_files(wheel: Path) -> tuple[set[str], str]:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
@@ -172,7 +147,7 @@ def _wheel_files(wheel: Path) -> tuple[set[str], str]:
 
 def test_wheel_carries_the_library_and_a_platform_tag(built: Path, tmp_path: Path) -> None:
     started = time.monotonic()
-    wheel = _pip_wheel(REPO, tmp_path / "dist", env=_without("CC"))
+    wheel = build_wheel(tmp_path / "dist", REPO, env=_without("CC"))
     print(f"pip wheel: {time.monotonic() - started:.1f} s, {wheel.name}, {wheel.stat().st_size} B")
     assert wheel.name.endswith(f"-py3-none-{PLATFORM}.whl"), wheel.name
     names, meta = _wheel_files(wheel)
@@ -207,14 +182,14 @@ def test_sdist_builds_the_same_wheel(built: Path, tmp_path: Path) -> None:
     assert {"relayd/_fastpath.c", "hatch_build.py", "pyproject.toml"} <= names
     assert "relayd/_fastpath.so" not in names
     (root,) = (tmp_path / "src").iterdir()
-    wheel = _pip_wheel(root, tmp_path / "dist", env=_without("CC"))
+    wheel = build_wheel(tmp_path / "dist", root, env=_without("CC"))
     assert wheel.name.endswith(f"-py3-none-{PLATFORM}.whl"), wheel.name
     assert "relayd/_fastpath.so" in _wheel_files(wheel)[0]
 
 
 def test_wheel_without_a_compiler_is_pure(tmp_path: Path) -> None:
     env = _without("RELAYD_REQUIRE_FASTPATH") | {"CC": str(tmp_path / "no-such-cc")}
-    wheel = _pip_wheel(REPO, tmp_path / "dist", env=env)
+    wheel = build_wheel(tmp_path / "dist", REPO, env=env)
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names, meta = _wheel_files(wheel)
     assert "relayd/_fastpath.so" not in names

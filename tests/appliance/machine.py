@@ -49,8 +49,8 @@ def host_run(
     return proc
 
 
-def build_wheel(dest: Path) -> Path:
-    """Build the relayd wheel from this checkout, as `make dist` does."""
+def build_wheel(dest: Path, source: Path = REPO, env: dict[str, str] | None = None) -> Path:
+    """Build the relayd wheel from ``source`` (this checkout), as `make dist` does."""
     host_run(
         [
             sys.executable,
@@ -62,9 +62,10 @@ def build_wheel(dest: Path) -> Path:
             "--no-deps",
             "--wheel-dir",
             str(dest),
-            str(REPO),
+            str(source),
         ],
         timeout=300,
+        env=env,
     )
     wheels = sorted(dest.glob("relayd-*.whl"))
     if len(wheels) != 1:
