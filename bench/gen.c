@@ -1,4 +1,4 @@
-/* Paced multicast generator for the relay benchmark (bench/relay.py compiles and runs it).
+/* Paced multicast generator for the relay benchmark (bench/relay/ compiles and runs it).
  *
  * Every datagram starts with a 24-byte little-endian header the receiver (bench/recv.c) reads:
  *   u64 sequence (1, 2, 3, ... across all groups), u64 send time (CLOCK_REALTIME ns, taken

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import trio
 
 from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, PORT, REPO, build
+from bench.relay.harness import GROUPS, PORT, REPO, build
 
 BUFFER = 256 * 1024
 STAMP = struct.Struct("<QQ")  # sequence, send time (ns) at the start of each datagram

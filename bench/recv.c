@@ -1,4 +1,4 @@
-/* Multicast receiver for the relay benchmark (bench/relay.py compiles and runs it).
+/* Multicast receiver for the relay benchmark (bench/relay/ compiles and runs it).
  *
  * Joins the groups on one interface with one socket, reads with recvmmsg and checks every
  * datagram written by bench/gen.c (same run id): loss (sequences never seen), duplicates,

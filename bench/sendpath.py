@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, PORT, REPO, build, compile_c
+from bench.relay.harness import GROUPS, PORT, REPO, build, compile_c
 
 SIZE = 160
 BATCH = 64
