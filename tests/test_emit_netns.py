@@ -23,10 +23,11 @@ from typing import Any
 
 import attrs
 import pytest
-from netns import Link, Netns, NetnsHarness, read_line
-from promtext import Family, parse
 
 from relayd.pcapng import CapturedDatagram, read_datagrams
+from tests.helpers.metrics import Families, parse
+from tests.helpers.metrics import value as metric_value
+from tests.helpers.netns import Link, Netns, NetnsHarness, read_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -204,19 +205,14 @@ def fetch(cloud: Netns, path: str) -> tuple[int, str]:
     return int(status), body
 
 
-def metrics(cloud: Netns) -> dict[str, Family]:
+def metrics(cloud: Netns) -> Families:
     status, body = fetch(cloud, "/metrics")
     assert status == 200
     return parse(body)
 
 
-def value(families: dict[str, Family], name: str, **labels: str) -> float:
-    full = f"relayd_{name}"
-    family = families[full.removesuffix("_count").removesuffix("_sum")]
-    want = {"feed": FEED, **labels}
-    found = [v for n, lab, v in family.samples if n == full and lab == want]
-    assert len(found) == 1, (name, labels, family.samples)
-    return found[0]
+def value(families: Families, name: str, **labels: str) -> float:
+    return metric_value(families, name, feed=FEED, **labels)
 
 
 def write_config(path: Path, interface: str, sender_net: str, extra: str = "") -> None:
