@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench import relay as package
-from bench.netns_bench import Topology, unavailable_reason
 from bench.relay.harness import (
     OUT,
     Bench,
@@ -30,6 +29,7 @@ from bench.relay.perf import find_perf, perf_report
 from bench.relay.pyspy import find_py_spy, profile
 from bench.relay.report import ratios, table, write_docs
 from bench.relay.sweep import FULL_SWEEP, QUICK_SWEEP, run_sweep
+from bench.topology import Topology, unavailable_reason
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

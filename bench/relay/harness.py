@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.netns_bench import Topology, stop
+from bench.topology import Topology, stop
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "bench" / "out"
@@ -150,16 +150,16 @@ class Relay:
         return {
             "emit": head + "[[emit]]\n"
             'name = "bench"\n'
-            f'listen = "{tcp_link.b_addr}:{TCP_PORT}"\n'
+            f'listen = "{tcp_link.b_ip}:{TCP_PORT}"\n'
             f'interface = "{out_link.a_dev}"\n'
             "ttl = 1\nloop = false\n"
-            f'allowed_sources = ["{tcp_link.a_addr.rsplit(".", 1)[0]}.0/24"]\n'
+            f'allowed_sources = ["{tcp_link.a_addr.network}"]\n'
             'allowed_groups = ["239.77.0.0/24"]\n',
             "cap": head + "[[capture]]\n"
             'name = "bench"\n'
             f'interface = "{cap_link.b_dev}"\n'
             f"groups = [{groups}]\n"
-            f'targets = ["{tcp_link.b_addr}:{TCP_PORT}"]\n',
+            f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n',
         }
 
     def start(self) -> None:
@@ -286,8 +286,8 @@ class Bench:
         """(generator egress address, receiver ingress address) of a path."""
         if path == "direct":
             link = self.topo.links["g1"]
-            return link.a_addr, link.b_addr
-        return self.topo.links["g0"].a_addr, self.topo.links["e1"].b_addr
+            return link.a_ip, link.b_ip
+        return self.topo.links["g0"].a_ip, self.topo.links["e1"].b_ip
 
     def _start_receiver(self, argv: list[str]) -> subprocess.Popen[str]:
         proc = self.topo.popen("recv", argv)

@@ -9,9 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.netns_bench import stop
 from bench.relay.harness import PORT, TCP_PORT, Bench, Relay
 from bench.relay.report import table
+from bench.topology import stop
 
 
 def _pcap_times(path: Path) -> list[float]:

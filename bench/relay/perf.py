@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.netns_bench import stop
 from bench.relay.harness import OUT, REPO, Bench, Relay
 from bench.relay.report import table
+from bench.topology import stop
 
 #: syscalls counted per thread (tracepoints ``syscalls:sys_enter_<name>``)
 PERF_SYSCALLS = (

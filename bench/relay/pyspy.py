@@ -10,9 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.netns_bench import stop
 from bench.relay.harness import OUT, Bench, Relay
 from bench.relay.report import table
+from bench.topology import stop
 
 
 def find_py_spy() -> Path | None:
