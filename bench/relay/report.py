@@ -20,6 +20,11 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or value < 0 else f"{value:.{digits}f}"
 
 
+def _pair(capture: float | None, emit: float | None) -> str:
+    """``capture/emit`` in whole units, "-" when either is unknown."""
+    return "-" if capture is None or emit is None else f"{capture:.0f}/{emit:.0f}"
+
+
 def table(points: Sequence[Point]) -> list[str]:
     header = (
         "| path | shape | rate/s | sent | received | delivered/s | loss % | dup | reorder "
@@ -36,11 +41,7 @@ def table(points: Sequence[Point]) -> list[str]:
             if p.cpu_us is None
             else f"{p.cpu_us:.1f} ({p.cpu_capture_us:.1f}+{p.cpu_emit_us:.1f})"
         )
-        rss = (
-            "-"
-            if p.rss_capture_mb is None or p.rss_emit_mb is None
-            else f"{p.rss_capture_mb:.0f}/{p.rss_emit_mb:.0f}"
-        )
+        rss = _pair(p.rss_capture_mb, p.rss_emit_mb)
         rows.append(
             f"| {p.path} | {p.shape} | {p.rate:,} | {p.sent:,} | {p.received:,} "
             f"| {p.delivered_rate / 1000:,.1f}k "
@@ -64,11 +65,7 @@ def diagnostics(points: Sequence[Point]) -> list[str]:
     for p in points:
         if p.path != "relayd" or not p.sent:
             continue
-        peak = (
-            "-"
-            if p.hwm_capture_mb is None or p.hwm_emit_mb is None
-            else f"{p.hwm_capture_mb:.0f}/{p.hwm_emit_mb:.0f}"
-        )
+        peak = _pair(p.hwm_capture_mb, p.hwm_emit_mb)
         rows.append(
             f"| {p.shape} | {p.rate:,} | {_pace(p)} "
             f"| {p.gen_cpu_us:.1f} / {p.recv_cpu_us:.1f} | {fmt(p.cpu_sys_pct, 0)} % "
