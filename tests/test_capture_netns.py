@@ -228,12 +228,9 @@ idle_timeout = "1s"
     def metrics(self, netns: Netns | None = None, port: int = HEALTH_PORT) -> str:
         """A process's /metrics (default: the capture's)."""
         netns = netns or self.dc
-        script = (
-            "import urllib.request,sys;"
-            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics',"
-            "timeout=5).read().decode())"
-        )
-        return netns.run(netns.python_argv("-c", script), timeout=20).stdout
+        status, body = netns.http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200, body
+        return body
 
     def metric(self, name: str) -> float:
         """A capture metric; counters carry Prometheus' ``_total`` suffix."""

@@ -177,16 +177,6 @@ with open(out, "w") as f:
             break
 """
 
-FETCH = r"""
-import sys, urllib.error, urllib.request
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=5) as reply:
-        status, body = reply.status, reply.read()
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, exc.read()
-sys.stdout.write(f"{status}\n{body.decode()}")
-"""
-
 # From a namespace outside allowed_sources: what does the listener say before it closes?
 PROBE = r"""
 import socket, sys
@@ -200,9 +190,7 @@ print(data.hex())
 
 
 def fetch(cloud: Netns, path: str) -> tuple[int, str]:
-    out = cloud.run(cloud.python_argv("-c", FETCH, f"http://{HEALTH}{path}")).stdout
-    status, _, body = out.partition("\n")
-    return int(status), body
+    return cloud.http_get(f"http://{HEALTH}{path}")
 
 
 def metrics(cloud: Netns) -> Families:

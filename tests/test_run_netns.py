@@ -46,10 +46,7 @@ def status(cloud: Netns, feed: str = "") -> tuple[int, dict[str, Any]]:
 
 
 def metrics(cloud: Netns) -> str:
-    script = (
-        f"import urllib.request; print(urllib.request.urlopen('{HEALTH}/metrics').read().decode())"
-    )
-    return cloud.run(cloud.python_argv("-c", script)).stdout
+    return cloud.http_get(f"{HEALTH}/metrics")[1]
 
 
 def topology(net: NetnsHarness) -> tuple[Netns, Netns, Netns, str, str, str]:

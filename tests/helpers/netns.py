@@ -140,6 +140,17 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+_HTTP_GET = r"""
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as reply:
+        status, body = reply.status, reply.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+sys.stdout.write(f"{status}\n{body.decode()}")
+"""
+
+
 @attrs.define(eq=False)
 class Link:
     """A veth pair: ``a_dev`` in namespace ``a``, ``b_dev`` in namespace ``b``."""
@@ -225,6 +236,12 @@ class Netns:
     def relayd_argv(*args: str) -> list[str]:
         """``python -m relayd args...`` with the test's Python."""
         return [sys.executable, "-m", "relayd", *args]
+
+    def http_get(self, url: str, timeout: float = 5.0) -> tuple[int, str]:
+        """(status, body) of a GET of ``url`` from inside this namespace."""
+        out = self.run(self.python_argv("-c", _HTTP_GET, url, str(timeout)), timeout=timeout + 15)
+        status, _, body = out.stdout.partition("\n")
+        return int(status), body
 
     def sysctl(self, key: str, value: str | int) -> None:
         """Set a sysctl inside this namespace (``net.*`` keys are per namespace)."""
