@@ -28,10 +28,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def compile_c(name: str) -> Path:
-    """bench/<name>.c compiled into bench/out/<name> (again when the source is newer)."""
+    """bench/<name>.c compiled into bench/out/<name> (again when it or bench/common.h is
+    newer)."""
     OUT.mkdir(parents=True, exist_ok=True)
     source, binary = REPO / "bench" / f"{name}.c", OUT / name
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+    newest = max(source.stat().st_mtime, (REPO / "bench" / "common.h").stat().st_mtime)
+    if not binary.exists() or binary.stat().st_mtime < newest:
         subprocess.run(
             ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(source)],
             check=True,
