@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import trio
 
 from bench.relay.harness import GROUPS, PORT, REPO, build
-from bench.topology import Topology, stop, unavailable_reason
+from bench.topology import Topology, cannot_run, stop
 
 BUFFER = 256 * 1024
 STAMP = struct.Struct("<QQ")  # sequence, send time (ns) at the start of each datagram
@@ -170,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         print(serve(args.serve, args.iface, args.count), flush=True)
         return 0
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.hop: skipped: {reason}")
+    if cannot_run("bench.hop"):
         return 0
     gen, _ = build()
     with Topology(-10) as topo:

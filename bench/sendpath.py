@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from bench.relay.harness import GROUPS, PORT, REPO, build, compile_c
-from bench.topology import Topology, stop, unavailable_reason
+from bench.topology import Topology, cannot_run, stop
 
 SIZE = 160
 BATCH = 64
@@ -133,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.send:
         print(send(args.send, args.count, args.iface), flush=True)
         return 0
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.sendpath: skipped: {reason}")
+    if cannot_run("bench.sendpath"):
         return 0
     _, recv = build()
     sender_c = compile_c("sendpath")

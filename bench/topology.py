@@ -24,7 +24,7 @@ from tests.helpers import netns
 from tests.helpers.netns import Link, Netns, NetnsHarness
 from tests.helpers.netns import stop_process as stop
 
-__all__ = ["Topology", "stop", "unavailable_reason"]
+__all__ = ["Topology", "cannot_run", "stop", "unavailable_reason"]
 
 ROLES = ("gen", "cap", "emit", "recv")
 # role pairs, device names and /24 subnets of the four links
@@ -44,6 +44,14 @@ def unavailable_reason() -> str | None:
     if shutil.which("gcc") is None:
         return "needs the 'gcc' command (Debian: apt-get install gcc libc6-dev)"
     return None
+
+
+def cannot_run(prog: str) -> bool:
+    """True, after printing why, when the benchmark ``prog`` cannot run here (it then exits 0)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"{prog}: skipped: {reason}")
+    return reason is not None
 
 
 class Topology:

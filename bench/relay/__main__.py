@@ -29,7 +29,7 @@ from bench.relay.perf import find_perf, perf_report
 from bench.relay.pyspy import find_py_spy, profile
 from bench.relay.report import ratios, table, write_docs
 from bench.relay.sweep import FULL_SWEEP, QUICK_SWEEP, run_sweep
-from bench.topology import Topology, unavailable_reason
+from bench.topology import Topology, cannot_run
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -87,9 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_docs([Point(**p) for p in saved["points"]], saved["meta"])
         return 0
 
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.relay: skipped: {reason}")
+    if cannot_run("bench.relay"):
         return 0
     perf = ""
     if args.perf:
