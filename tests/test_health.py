@@ -6,10 +6,8 @@ import json
 import math
 import socket
 import time
-from collections.abc import Iterable, Sequence
 from typing import Any
 
-import attrs
 import pytest
 import trio
 
@@ -18,31 +16,8 @@ from relayd import __version__, fastpath
 from relayd.health import FeedReport, HealthApp, health_body, process_samples, serve_health
 from relayd.metrics import LatencyHistogram, Rate, render
 from relayd.runtime import Sample
+from tests.helpers.health_model import StaticHealthModel as Model
 from tests.helpers.metrics import parse
-
-
-@attrs.define
-class Model:
-    reports: list[FeedReport] = attrs.field(factory=list)
-    errors: tuple[str, ...] = ()
-    is_stopping: bool = False
-    extra: list[Sample] = attrs.field(factory=list)
-
-    def feed_reports(self) -> Sequence[FeedReport]:
-        return self.reports
-
-    def config_errors(self) -> Sequence[str]:
-        return self.errors
-
-    def uptime_seconds(self) -> float:
-        return 12.3456
-
-    def stopping(self) -> bool:
-        return self.is_stopping
-
-    def samples(self) -> Iterable[Sample]:
-        yield from self.extra
-        yield from process_samples(1000.0)
 
 
 def _prod(healthy: bool = True) -> FeedReport:
