@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+BENCH_STAMP := $(VENV)/.bench-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 # The C data plane, a build product of relayd/_fastpath.c (hatch_build.py holds the command).
 FASTPATH := relayd/_fastpath.so
@@ -14,12 +15,17 @@ FASTPATH := relayd/_fastpath.so
 all: test
 
 $(STAMP): pyproject.toml
-	rm -f $(VENV)/.installed-*
+	rm -f $(VENV)/.installed-* $(VENV)/.bench-*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 venv: $(STAMP) $(FASTPATH)
+
+# The benchmarks' extra (matplotlib for the --docs plot, py-spy for --profile).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
 
 # Rebuilt when the C source changes, without a new venv. Without a C compiler: one warning,
 # and relayd runs its Python data path (RELAYD_REQUIRE_FASTPATH=1 makes that an error).
@@ -51,13 +57,13 @@ terraform-check: $(STAMP)
 demo: $(STAMP) $(FASTPATH)
 	$(BIN)/relayd demo
 
-bench: $(STAMP) $(FASTPATH) system-deps
+bench: $(BENCH_STAMP) $(FASTPATH) system-deps
 	$(BIN)/python -m bench.codec
 	$(BIN)/python -m bench.emit
 	$(BIN)/python -m bench.capture
 	$(BIN)/python -m bench.relay
 
-bench-quick: $(STAMP) $(FASTPATH) system-deps
+bench-quick: $(BENCH_STAMP) $(FASTPATH) system-deps
 	$(BIN)/python -m bench.codec --quick
 	$(BIN)/python -m bench.relay --quick
 

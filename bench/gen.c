@@ -1,4 +1,4 @@
-/* Paced multicast generator for the relay benchmark (bench/relay.py compiles and runs it).
+/* Paced multicast generator for the relay benchmark (bench/relay/ compiles and runs it).
  *
  * Every datagram starts with a 24-byte little-endian header the receiver (bench/recv.c) reads:
  *   u64 sequence (1, 2, 3, ... across all groups), u64 send time (CLOCK_REALTIME ns, taken
@@ -38,24 +38,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MAX_GROUPS 64
 #define MAX_BATCH 64
 #define MAX_SIZE 1458
 #define HEADER 24
 #define SPIN_NS 8000
-
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
-
-static int64_t now_ns(clockid_t clock) {
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 

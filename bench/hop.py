@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 import trio
 
-from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, PORT, REPO, build
+from bench.relay.harness import GROUPS, PORT, REPO, build
+from bench.topology import Topology, cannot_run, stop
 
 BUFFER = 256 * 1024
 STAMP = struct.Struct("<QQ")  # sequence, send time (ns) at the start of each datagram
@@ -170,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         print(serve(args.serve, args.iface, args.count), flush=True)
         return 0
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.hop: skipped: {reason}")
+    if cannot_run("bench.hop"):
         return 0
     gen, _ = build()
     with Topology(-10) as topo:
@@ -182,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for way in ("trio", "thread") * 3:
                 server = topo.popen(
                     "cap",
-                    [sys.executable, "-m", "bench.hop", "--serve", way, "--iface", link.b_addr,
+                    [sys.executable, "-m", "bench.hop", "--serve", way, "--iface", link.b_ip,
                      "--count", str(count)],
                     cwd=REPO,
                 )  # fmt: skip
@@ -190,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.stdout.readline()  # "ready"
                 topo.run(
                     "gen",
-                    [str(gen), "--iface", link.a_addr, "--groups", ",".join(GROUPS), "--port",
+                    [str(gen), "--iface", link.a_ip, "--groups", ",".join(GROUPS), "--port",
                      str(PORT), "--rate", str(rate), "--count", str(count), "--run-id", "9"],
                     timeout=args.seconds * 3 + 10,
                 )  # fmt: skip

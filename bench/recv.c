@@ -1,4 +1,4 @@
-/* Multicast receiver for the relay benchmark (bench/relay.py compiles and runs it).
+/* Multicast receiver for the relay benchmark (bench/relay/ compiles and runs it).
  *
  * Joins the groups on one interface with one socket, reads with recvmmsg and checks every
  * datagram written by bench/gen.c (same run id): loss (sequences never seen), duplicates,
@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MAX_GROUPS 64
 #define BATCH 64
 #define BUFSIZE 2048
@@ -37,19 +39,6 @@
 #ifndef SO_RXQ_OVFL
 #define SO_RXQ_OVFL 40
 #endif
-
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
-
-static int64_t now_ns(clockid_t clock) {
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 static uint64_t get_u64(const unsigned char *p) {
     uint64_t v = 0;

@@ -27,8 +27,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench.netns_bench import Topology, stop, unavailable_reason
-from bench.relay import GROUPS, PORT, REPO, build, compile_c
+from bench.relay.harness import GROUPS, PORT, REPO, build, compile_c
+from bench.topology import Topology, cannot_run, stop
 
 SIZE = 160
 BATCH = 64
@@ -133,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.send:
         print(send(args.send, args.count, args.iface), flush=True)
         return 0
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench.sendpath: skipped: {reason}")
+    if cannot_run("bench.sendpath"):
         return 0
     _, recv = build()
     sender_c = compile_c("sendpath")
@@ -145,16 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for way in ways * int(os.environ.get("SENDPATH_ROUNDS", "2")):
             receiver = topo.popen(
                 "recv",
-                [str(recv), "--iface", link.b_addr, "--groups", ",".join(GROUPS), "--port",
+                [str(recv), "--iface", link.b_ip, "--groups", ",".join(GROUPS), "--port",
                  str(PORT), "--count", str(args.count), "--run-id", "7", "--idle-ms", "1000"],
             )  # fmt: skip
             assert receiver.stdout is not None
             receiver.stdout.readline()  # "ready"
             if way.startswith("c:"):
-                argv = [str(sender_c), way[2:], str(args.count), link.a_addr, str(PORT), *GROUPS]
+                argv = [str(sender_c), way[2:], str(args.count), link.a_ip, str(PORT), *GROUPS]
             else:
                 argv = [sys.executable, "-m", "bench.sendpath", "--send", way, "--count",
-                        str(args.count), "--iface", link.a_addr]  # fmt: skip
+                        str(args.count), "--iface", link.a_ip]  # fmt: skip
             sender = topo.run("gen", argv, timeout=300, cwd=REPO)
             try:
                 out, _ = receiver.communicate(timeout=60)

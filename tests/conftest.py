@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root, the Deribit sample captures, the namespace harness,
-the data path (C or Python) a feed runs on."""
+the data path (C or Python) a feed runs on, a notify socket, and closing the test's client
+connections. Helpers that tests import live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import NetnsHarness, unavailable_reason
 
-from relayd import fastpath
+from tests.helpers.capture_standin import close_streams
+from tests.helpers.datapath import DATAPATHS, use_datapath
+from tests.helpers.netns import NetnsHarness, unavailable_reason
+from tests.helpers.relayd_process import NotifyListener
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: the shared Deribit captures, relative to the repository root
@@ -48,23 +51,6 @@ def netns() -> Iterator[NetnsHarness]:
         yield harness
 
 
-#: The per-datagram data paths a feed can run on (``RELAYD_DATAPATH``, relayd/fastpath.py).
-DATAPATHS = ("c", "python")
-
-
-def use_datapath(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
-    """Make feeds started from now on run on ``choice``; skips the test when it is "c" and
-    the C data plane cannot be loaded (not built: ``make relayd/_fastpath.so``)."""
-    monkeypatch.setenv("RELAYD_DATAPATH", choice)
-    if choice == "c":
-        try:
-            fastpath.load()
-        except fastpath.DataPathError as exc:
-            pytest.skip(f"C data path unavailable: {exc}")
-    in_use = fastpath.describe()
-    assert (in_use == "C") == (choice == "c"), in_use
-
-
 @pytest.fixture(params=DATAPATHS)
 def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs the test once per data path, with ``RELAYD_DATAPATH`` set (read when a feed
@@ -72,3 +58,22 @@ def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     choice: str = request.param
     use_datapath(monkeypatch, choice)
     return choice
+
+
+@pytest.fixture(autouse=True)
+def _close_streams() -> Iterator[None]:
+    """Every client connection a test opened through the capture stand-in is closed when it
+    ends."""
+    yield
+    close_streams()
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifyListener]:
+    """A systemd notify socket for a ``relayd run`` child. A path socket: unlike abstract ones,
+    it is reachable from every network namespace."""
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()

@@ -16,19 +16,18 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from relayd_process import RelaydProcess, get_json, pick_groups, process_toml
 
-from relayd.config import EmitFeed, Endpoint
+from relayd.config import EmitFeed
 from relayd.emit import EmitFeedRuntime
+from relayd.metrics import render
 from relayd.netif import GroupReceiver, drain, open_group_receivers
 from relayd.wire import (
     FROM_EMIT,
@@ -41,6 +40,16 @@ from relayd.wire import (
     encode_datagram,
     encode_hello,
     hello_mac,
+)
+from tests.helpers.capture_standin import make_config, running
+from tests.helpers.metrics import parse
+from tests.helpers.metrics import value as metric_value
+from tests.helpers.relayd_process import (
+    RelaydProcess,
+    get_json,
+    get_text,
+    pick_groups,
+    process_toml,
 )
 
 FEED = "secure"
@@ -154,39 +163,11 @@ def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterator[list[GroupRecei
 
 
 def emit_config(keys: tuple[Path, ...]) -> EmitFeed:
-    return EmitFeed(
-        name=FEED,
-        listen=Endpoint("127.0.0.1", 0),
-        interface="127.0.0.1",
-        loop=True,
-        ttl=1,
-        allowed_sources=(IPv4Network("127.0.0.0/8"),),
-        allowed_groups=(IPv4Network("239.255.0.0/16"),),
-        hello_timeout=2.0,
-        auth_key_files=keys,
-    )
-
-
-@asynccontextmanager
-async def emit_feed(config: EmitFeed) -> AsyncIterator[EmitFeedRuntime]:
-    feed = EmitFeedRuntime(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(feed.run)
-        try:
-            yield feed
-        finally:
-            nursery.cancel_scope.cancel()
+    return make_config(name=FEED, auth_key_files=keys, send_buffer=4 * 1024**2)
 
 
 def rejected(feed: EmitFeedRuntime, reason: str) -> float:
-    want = {("feed", FEED), ("reason", reason)}
-    values = [
-        s.value
-        for s in feed.samples()
-        if s.name.startswith("connections_rejected") and set(s.labels) == want
-    ]
-    assert len(values) == 1, values
-    return values[0]
+    return metric_value(render(feed.samples()), "connections_rejected", feed=FEED, reason=reason)
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:
@@ -203,7 +184,7 @@ async def test_right_key_streams_wrong_or_missing_key_is_refused_and_counted(
     key = new_key(tmp_path / "feed.key")
     groups = [(IPv4Address(g), p) for g, p in pick_groups(3)]
     with trio.fail_after(20), receivers(groups) as rx:
-        async with emit_feed(emit_config((tmp_path / "feed.key",))) as feed:
+        async with running(emit_config((tmp_path / "feed.key",))) as feed:
             assert feed.listen_port is not None
             port = feed.listen_port
 
@@ -246,7 +227,7 @@ async def test_right_key_streams_wrong_or_missing_key_is_refused_and_counted(
 async def test_recorded_hello_cannot_be_replayed(tmp_path: Path) -> None:
     key = new_key(tmp_path / "feed.key")
     with trio.fail_after(20):
-        async with emit_feed(emit_config((tmp_path / "feed.key",))) as feed:
+        async with running(emit_config((tmp_path / "feed.key",))) as feed:
             assert feed.listen_port is not None
             port = feed.listen_port
 
@@ -274,7 +255,7 @@ async def test_failed_authentication_logs_are_rate_limited(
     caplog.set_level(logging.INFO, logger="relayd.emit")
     attempts = 100
     with trio.fail_after(30):
-        async with emit_feed(emit_config((tmp_path / "feed.key",))) as feed:
+        async with running(emit_config((tmp_path / "feed.key",))) as feed:
             assert feed.listen_port is not None
             port = feed.listen_port
 
@@ -392,20 +373,14 @@ def test_key_rotation_by_reload(tmp_path: Path, relayd_runs: list[RelaydProcess]
         got = receive_all(rx, 300)
         assert sorted(got) == list(range(1, 301)), "datagrams lost or duplicated"
         assert session  # the one session streamed throughout
-    metrics = _metrics(health)
-    assert f'relayd_connections_rejected_total{{feed="{FEED}",reason="auth"}} 2' in metrics
-    assert 'relayd_feed_restarts_total{feed="secure",kind="emit"} 0' in metrics
+    families = parse(get_text(health, "/metrics"))  # a running relayd's, parsed independently
+    assert metric_value(families, "connections_rejected_total", feed=FEED, reason="auth") == 2
+    assert metric_value(families, "feed_restarts_total", feed="secure", kind="emit") == 0
 
 
 def new_key_in_place(path: Path) -> bytes:
     path.chmod(0o600)
     return new_key(path)
-
-
-def _metrics(health: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=5) as response:
-        body: bytes = response.read()
-    return body.decode()
 
 
 def test_key_provisioned_after_start(tmp_path: Path, relayd_runs: list[RelaydProcess]) -> None:

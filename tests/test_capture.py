@@ -10,140 +10,22 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
 
 from relayd import wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
-from relayd.config import CaptureFeed, Endpoint, GroupPort
 from relayd.netif import open_multicast_sender
-
-LOOPBACK = IPv4Address("127.0.0.1")
-FEED = "test"
+from tests.helpers.emit_standin import Peer, feed_config, groups_for, serve, stop
+from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
 
 
 def _base_port() -> int:
     return 20000 + (os.getpid() * 7 + random.randrange(1000)) % 20000
-
-
-@attrs.define
-class Peer:
-    """An emit-side stand-in: CHALLENGE, HELLO check, welcome ACK, DATA in, ACK out.
-
-    ``emitted`` is the highest sequence per session across connections, like a real emit host
-    (a new Peer is a new host: it knows no session). ``datagrams`` keeps every DATA in arrival
-    order, duplicates included; ``frames`` the raw bytes of each DATA frame.
-    """
-
-    refuse: int = 0  # answer HELLO with this ERROR code
-    read: bool = True  # False: stop reading after the handshake
-    ack: bool = True
-    keys: tuple[bytes, ...] = ()
-    emitted: dict[bytes, int] = attrs.field(factory=dict)
-    datagrams: list[wire.Datagram] = attrs.field(factory=list)
-    frames: list[bytes] = attrs.field(factory=list)
-    hellos: int = 0
-    connections: int = 0
-    errors: list[wire.Error] = attrs.field(factory=list)
-    streams: list[trio.SocketStream] = attrs.field(factory=list)
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
-        self.streams.append(stream)
-        conn = wire.EmitConnection(FEED, self.keys, os.urandom(16))
-        try:
-            await stream.send_all(conn.challenge())
-            raw = b""
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                if conn.state is not wire.State.STREAMING:
-                    try:
-                        events = conn.receive(data)
-                    except wire.HandshakeError as exc:
-                        await stream.send_all(wire.encode_error(exc.code, str(exc)))
-                        return
-                    if conn.hello is None:
-                        continue
-                    self.hellos += 1
-                    if self.refuse:
-                        await stream.send_all(wire.encode_error(self.refuse, "refused"))
-                        return
-                    session = conn.hello.session_id
-                    await stream.send_all(wire.encode_ack(self.emitted.get(session, 0)))
-                    if not self.read:
-                        await trio.sleep_forever()
-                    continue
-                raw += data
-                events = conn.receive(data)
-                highest = self.emitted.get(session, 0)
-                for event in events:
-                    if isinstance(event, wire.Datagram):
-                        self.datagrams.append(event)
-                        size = wire.DATA_HEADER_SIZE + len(event.payload)
-                        self.frames.append(raw[:size])
-                        raw = raw[size:]
-                        highest = max(highest, event.seq)
-                    elif isinstance(event, wire.Heartbeat):
-                        raw = raw[11:]
-                    elif isinstance(event, wire.Error):
-                        self.errors.append(event)
-                        return
-                self.emitted[session] = highest
-                if self.ack and events:
-                    await stream.send_all(wire.encode_ack(highest))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError):
-            return
-        finally:
-            await stream.aclose()
-
-
-@attrs.define
-class Server:
-    peer: Peer
-    port: int
-    scope: trio.CancelScope
-
-
-async def serve(nursery: trio.Nursery, peer: Peer, port: int = 0) -> Server:
-    async def run(task_status: trio.TaskStatus[Server]) -> None:
-        with trio.CancelScope() as scope:
-            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-            bound = listeners[0].socket.getsockname()[1]
-            async with trio.open_nursery() as handlers:
-                task_status.started(Server(peer, bound, scope))
-                await trio.serve_listeners(peer.handle, listeners, handler_nursery=handlers)
-
-    server: Server = await nursery.start(run)
-    return server
-
-
-def stop(server: Server) -> None:
-    server.scope.cancel()
-
-
-def feed_config(
-    groups: Sequence[tuple[str, int]], ports: Sequence[int], **overrides: object
-) -> CaptureFeed:
-    settings: dict[str, object] = {
-        "name": FEED,
-        "interface": "127.0.0.1",
-        "groups": tuple(GroupPort(IPv4Address(g), p) for g, p in groups),
-        "targets": tuple(Endpoint("127.0.0.1", p) for p in ports),
-        "receive_buffer": 4 * 1024 * 1024,
-        "heartbeat_interval": 0.2,
-        "idle_timeout": 1.0,
-        "connect_timeout": 1.0,
-        "reconnect_budget": 2.0,
-    }
-    settings.update(overrides)
-    return CaptureFeed(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -158,12 +40,6 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as n:
         yield n
         n.cancel_scope.cancel()
-
-
-async def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 def send_many(
@@ -181,17 +57,6 @@ def send_many(
                 pass
         sent.append((group, port, payload))
     return sent
-
-
-def per_group(items: Sequence[tuple[str, int, bytes]]) -> dict[tuple[str, int], list[bytes]]:
-    out: dict[tuple[str, int], list[bytes]] = {}
-    for group, port, payload in items:
-        out.setdefault((group, port), []).append(payload)
-    return out
-
-
-def groups_for(base: int, count: int, third: int = 11) -> list[tuple[str, int]]:
-    return [(f"239.255.{third}.{i + 1}", base) for i in range(count)]
 
 
 @pytest.mark.usefixtures("datapath")

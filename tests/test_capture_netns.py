@@ -33,11 +33,12 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from netns import Link, Netns, NetnsError, NetnsHarness, read_line
 
 from relayd.netif import drain, open_group_receivers, open_multicast_sender
 from relayd.pcapng import CapturedDatagram, iter_datagrams, read_datagrams
 from relayd.player import replay
+from tests.helpers.metrics import value as metric_value
+from tests.helpers.netns import Link, Netns, NetnsError, NetnsHarness, read_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -224,30 +225,19 @@ idle_timeout = "1s"
             stderr=subprocess.PIPE,
         )  # fmt: skip
 
-    def metrics(self, netns: Netns | None = None, port: int = HEALTH_PORT) -> dict[str, float]:
-        """A process's /metrics (default: the capture's), as {name{labels}: value}."""
+    def metrics(self, netns: Netns | None = None, port: int = HEALTH_PORT) -> str:
+        """A process's /metrics (default: the capture's)."""
         netns = netns or self.dc
-        script = (
-            "import urllib.request,sys;"
-            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics',"
-            "timeout=5).read().decode())"
-        )
-        text = netns.run(netns.python_argv("-c", script), timeout=20).stdout
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        status, body = netns.http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200, body
+        return body
 
     def metric(self, name: str) -> float:
         """A capture metric; counters carry Prometheus' ``_total`` suffix."""
-        metrics = self.metrics()
-        for full in (f"relayd_capture_{name}", f"relayd_capture_{name}_total"):
-            value = metrics.get(f'{full}{{feed="{FEED}"}}')
-            if value is not None:
-                return value
-        return -1.0
+        try:
+            return metric_value(self.metrics(), f"capture_{name}", feed=FEED)
+        except AssertionError:  # not exported yet
+            return -1.0
 
     def wait_streaming(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

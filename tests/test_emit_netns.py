@@ -23,10 +23,11 @@ from typing import Any
 
 import attrs
 import pytest
-from netns import Link, Netns, NetnsHarness, read_line
-from promtext import Family, parse
 
 from relayd.pcapng import CapturedDatagram, read_datagrams
+from tests.helpers.metrics import Families, parse
+from tests.helpers.metrics import value as metric_value
+from tests.helpers.netns import Link, Netns, NetnsHarness, read_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -176,16 +177,6 @@ with open(out, "w") as f:
             break
 """
 
-FETCH = r"""
-import sys, urllib.error, urllib.request
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=5) as reply:
-        status, body = reply.status, reply.read()
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, exc.read()
-sys.stdout.write(f"{status}\n{body.decode()}")
-"""
-
 # From a namespace outside allowed_sources: what does the listener say before it closes?
 PROBE = r"""
 import socket, sys
@@ -199,24 +190,17 @@ print(data.hex())
 
 
 def fetch(cloud: Netns, path: str) -> tuple[int, str]:
-    out = cloud.run(cloud.python_argv("-c", FETCH, f"http://{HEALTH}{path}")).stdout
-    status, _, body = out.partition("\n")
-    return int(status), body
+    return cloud.http_get(f"http://{HEALTH}{path}")
 
 
-def metrics(cloud: Netns) -> dict[str, Family]:
+def metrics(cloud: Netns) -> Families:
     status, body = fetch(cloud, "/metrics")
     assert status == 200
     return parse(body)
 
 
-def value(families: dict[str, Family], name: str, **labels: str) -> float:
-    full = f"relayd_{name}"
-    family = families[full.removesuffix("_count").removesuffix("_sum")]
-    want = {"feed": FEED, **labels}
-    found = [v for n, lab, v in family.samples if n == full and lab == want]
-    assert len(found) == 1, (name, labels, family.samples)
-    return found[0]
+def value(families: Families, name: str, **labels: str) -> float:
+    return metric_value(families, name, feed=FEED, **labels)
 
 
 def write_config(path: Path, interface: str, sender_net: str, extra: str = "") -> None:

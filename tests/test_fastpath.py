@@ -26,20 +26,6 @@ from typing import TypeVar
 import attrs
 import pytest
 import trio
-from conftest import DATAPATHS, use_datapath
-from test_capture import Peer as EmitStandIn
-from test_capture import Server, feed_config, groups_for, serve, wait_for
-from test_capture import per_group as per_destination
-from test_emit import (
-    FEED,
-    Peer,
-    Receivers,
-    _close_streams,  # noqa: F401 (autouse: closes the test's streams)
-    make_config,
-    per_group,
-    pick_groups,
-    running,
-)
 
 from relayd import wire
 from relayd.capture import CaptureFeedRuntime
@@ -60,9 +46,13 @@ from relayd.wire import (
     encode_heartbeat,
     encode_hello,
 )
+from tests.helpers.capture_standin import Peer, Receivers, make_config, pick_groups, running
+from tests.helpers.datapath import DATAPATHS, use_datapath
+from tests.helpers.emit_standin import Peer as EmitStandIn
+from tests.helpers.emit_standin import Server, feed_config, groups_for, serve
+from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
 
 T = TypeVar("T")
-LOOPBACK = IPv4Address("127.0.0.1")
 BROADCAST = IPv4Address("255.255.255.255")
 #: Counters that depend on the kernel (a full send buffer), not on the input.
 _UNSTABLE_COUNTERS = frozenset({"send_waits"})
@@ -813,7 +803,7 @@ async def test_capture_frames_the_same_datagrams_the_same_way(
                     nursery.cancel_scope.cancel()
             got = tuple((str(IPv4Address(d.group)), d.port, d.payload) for d in peer.datagrams)
             # per socket, arrival order is sending order
-            assert per_destination(got) == per_destination(sends)
+            assert per_group(got) == per_group(sends)
             assert seen["capture_datagrams_in"] == len(sends)
             assert seen["capture_bytes_in"] == total
             assert seen["capture_frames_sent"] == len(sends)

@@ -20,9 +20,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from appliance.machine import build_wheel
 
 from relayd import fastpath
+from tests.appliance.machine import build_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hatch_build.py"

@@ -6,43 +6,18 @@ import json
 import math
 import socket
 import time
-from collections.abc import Iterable, Sequence
 from typing import Any
 
-import attrs
 import pytest
 import trio
-from promtext import parse
 
 import relayd.health
 from relayd import __version__, fastpath
 from relayd.health import FeedReport, HealthApp, health_body, process_samples, serve_health
 from relayd.metrics import LatencyHistogram, Rate, render
 from relayd.runtime import Sample
-
-
-@attrs.define
-class Model:
-    reports: list[FeedReport] = attrs.field(factory=list)
-    errors: tuple[str, ...] = ()
-    is_stopping: bool = False
-    extra: list[Sample] = attrs.field(factory=list)
-
-    def feed_reports(self) -> Sequence[FeedReport]:
-        return self.reports
-
-    def config_errors(self) -> Sequence[str]:
-        return self.errors
-
-    def uptime_seconds(self) -> float:
-        return 12.3456
-
-    def stopping(self) -> bool:
-        return self.is_stopping
-
-    def samples(self) -> Iterable[Sample]:
-        yield from self.extra
-        yield from process_samples(1000.0)
+from tests.helpers.health_model import StaticHealthModel as Model
+from tests.helpers.metrics import parse
 
 
 def _prod(healthy: bool = True) -> FeedReport:
@@ -72,23 +47,23 @@ def test_render_groups_families_and_escapes() -> None:
     text = render(samples)
     families = parse(text)
     assert list(families) == [
-        "relayd_frames_in_total",
+        "relayd_frames_in",
         "relayd_active_connections",
-        "relayd_drops_total",
+        "relayd_drops",
         "relayd_big",
     ]
-    frames = families["relayd_frames_in_total"]
+    frames = families["relayd_frames_in"]
     assert frames.type == "counter"
-    assert frames.help == "Frames received."
-    assert frames.samples == [
+    assert frames.documentation == "Frames received."
+    assert [s[:3] for s in frames.samples] == [
         ("relayd_frames_in_total", {"feed": "a"}, 3.0),
         ("relayd_frames_in_total", {"feed": "b"}, 4.5),
     ]
-    assert families["relayd_active_connections"].samples == [
+    assert [s[:3] for s in families["relayd_active_connections"].samples] == [
         ("relayd_active_connections", {"feed": "a"}, 1.0)
     ]
-    drops = families["relayd_drops_total"]
-    assert drops.help == 'Drops.\nBy "reason" \\ cause.'
+    drops = families["relayd_drops"]
+    assert drops.documentation == 'Drops.\nBy "reason" \\ cause.'
     assert drops.samples[0][1] == {"feed": 'we"ird\\na\nme', "reason": "group"}
     assert 'feed="we\\"ird\\\\na\\nme"' in text
     assert 'relayd_frames_in_total{feed="a"} 3\n' in text
@@ -105,15 +80,15 @@ def test_histogram_buckets_are_exact_and_cumulative() -> None:
     families = parse(render(samples))
     fam = families["relayd_latency_seconds"]
     assert fam.type == "histogram"
-    assert fam.help == "Capture to emit."
-    buckets = [(labels["le"], value) for name, labels, value in fam.samples if "bucket" in name]
+    assert fam.documentation == "Capture to emit."
+    buckets = [(labels["le"], value) for name, labels, value, *_ in fam.samples if "bucket" in name]
     # <=1µs: 0, -5 (as 0), 1000; <=2µs: +1001, 2000; <=4µs: +2001, 4000; <=8µs: +8000
     assert buckets == [("1e-06", 3), ("2e-06", 5), ("4e-06", 7), ("8e-06", 8), ("+Inf", 10)]
-    by_name = {name: value for name, _, value in fam.samples if "bucket" not in name}
+    by_name = {name: value for name, _, value, *_ in fam.samples if "bucket" not in name}
     assert by_name["relayd_latency_seconds_count"] == 10
     total_ns = 1000 + 1001 + 2000 + 2001 + 4000 + 8000 + 8001 + 10**9
     assert by_name["relayd_latency_seconds_sum"] == pytest.approx(total_ns / 1e9)
-    assert all(labels["feed"] == "prod" for _, labels, _ in fam.samples)
+    assert all(labels["feed"] == "prod" for _, labels, _, *_ in fam.samples)
 
 
 def test_histogram_default_range_and_cost() -> None:
@@ -233,7 +208,7 @@ def test_routes_methods_and_metrics() -> None:
     assert status == 200
     assert (b"content-type", b"text/plain; version=0.0.4; charset=utf-8") in headers
     families = parse(body.decode())
-    assert families["relayd_x_total"].samples == [("relayd_x_total", {}, 1.0)]
+    assert [s[:3] for s in families["relayd_x"].samples] == [("relayd_x_total", {}, 1.0)]
     rss = families["relayd_process_resident_memory_bytes"].samples[0][2]
     assert 1e6 < rss < 1e10
     fds = families["relayd_process_open_fds"].samples[0][2]

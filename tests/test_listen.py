@@ -23,26 +23,21 @@ from typing import Any
 
 import pytest
 import trio
-from netns import read_line
 
 from relayd.config import GroupPort
 from relayd.listen import ChannelStats, ListenState, UsageError, main, parse_groups
 from relayd.netif import open_multicast_sender
 from relayd.pcapng import CapturedDatagram
 from relayd.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
+from tests.helpers.loopback import free_udp_port
+from tests.helpers.netns import read_line
 
 LOOPBACK = IPv4Address("127.0.0.1")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _random_groups(count: int) -> list[tuple[IPv4Address, int]]:
     """Groups on a free port in 239.255.0.0/16, random so parallel runs do not meet."""
-    port = _free_port()
+    port = free_udp_port()
     base = int(IPv4Address("239.255.0.0")) + random.randrange(1, 250) * 256
     return [(IPv4Address(base + i), port) for i in range(count)]
 

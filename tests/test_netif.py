@@ -11,7 +11,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from netns import NetnsHarness
 
 from relayd import netif
 from relayd.netif import (
@@ -25,14 +24,10 @@ from relayd.netif import (
     parse_ancillary,
     resolve_interface,
 )
+from tests.helpers.loopback import free_udp_port
+from tests.helpers.netns import NetnsHarness
 
 LOOPBACK = IPv4Address("127.0.0.1")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _random_groups(count: int) -> list[IPv4Address]:
@@ -111,7 +106,7 @@ def test_sender_socket_options(sender: socket.socket) -> None:
 def test_more_than_20_groups_use_more_sockets_and_each_gets_only_its_own(
     sender: socket.socket, receivers: list[GroupReceiver]
 ) -> None:
-    port_a, port_b = _free_port(), _free_port()
+    port_a, port_b = free_udp_port(), free_udp_port()
     groups_a = _random_groups(45)
     groups_b = groups_a[:3]  # the same groups on another port are other destinations
     wanted = [(g, port_a) for g in groups_a] + [(g, port_b) for g in groups_b]
@@ -144,7 +139,7 @@ def test_more_than_20_groups_use_more_sockets_and_each_gets_only_its_own(
 def test_other_groups_on_the_same_port_stay_out(
     sender: socket.socket, receivers: list[GroupReceiver]
 ) -> None:
-    port = _free_port()
+    port = free_udp_port()
     joined, other = _random_groups(2)
     receivers.extend(open_group_receivers([(joined, port)], LOOPBACK, 1 << 16))
     # a second socket of this process joins `other` on the same port
@@ -165,7 +160,7 @@ def test_receive_buffer_capped_by_rmem_max_is_reported(receivers: list[GroupRece
     asked = limit * 2
     receivers.extend(
         open_group_receivers(
-            [(_random_groups(1)[0], _free_port())], LOOPBACK, asked, force_buffer=False
+            [(_random_groups(1)[0], free_udp_port())], LOOPBACK, asked, force_buffer=False
         )
     )
     receiver = receivers[0]
@@ -178,13 +173,15 @@ def test_receive_buffer_forced_as_root(receivers: list[GroupReceiver]) -> None:
     if os.geteuid() != 0:
         pytest.skip("SO_RCVBUFFORCE needs root (CAP_NET_ADMIN)")
     asked = max(_rmem_max() * 2, 8 << 20)
-    receivers.extend(open_group_receivers([(_random_groups(1)[0], _free_port())], LOOPBACK, asked))
+    receivers.extend(
+        open_group_receivers([(_random_groups(1)[0], free_udp_port())], LOOPBACK, asked)
+    )
     assert receivers[0].receive_buffer_effective == asked
     assert not receivers[0].receive_buffer_capped
 
 
 def test_kernel_drops_are_reported(sender: socket.socket, receivers: list[GroupReceiver]) -> None:
-    group, port = _random_groups(1)[0], _free_port()
+    group, port = _random_groups(1)[0], free_udp_port()
     receivers.extend(open_group_receivers([(group, port)], LOOPBACK, 4096, force_buffer=False))
     sent = 200
     for index in range(sent):
@@ -219,7 +216,7 @@ def test_receiver_argument_errors(group: str, port: int, message: str) -> None:
 def test_join_on_an_address_that_is_not_local_fails_cleanly() -> None:
     with pytest.raises(InterfaceError, match="cannot join"):
         open_group_receivers(
-            [(_random_groups(1)[0], _free_port())], IPv4Address("192.0.2.77"), 1 << 16
+            [(_random_groups(1)[0], free_udp_port())], IPv4Address("192.0.2.77"), 1 << 16
         )
 
 

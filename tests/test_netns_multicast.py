@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import (
+
+from relayd.pcapng import CapturedDatagram, read_datagrams
+from tests.helpers.netns import (
     PREFIX,
     Link,
     Netns,
@@ -28,8 +30,6 @@ from netns import (
     read_line,
     unavailable_reason,
 )
-
-from relayd.pcapng import CapturedDatagram, read_datagrams
 
 pytestmark = pytest.mark.netns
 

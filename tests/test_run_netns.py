@@ -13,13 +13,14 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import Netns, NetnsHarness
-from relayd_process import (
+
+from relayd.wire import ErrorCode
+from tests.helpers.netns import Netns, NetnsHarness
+from tests.helpers.relayd_process import (
     NotifyListener,
     RelaydProcess,
     emit_toml,
@@ -28,21 +29,9 @@ from relayd_process import (
     process_toml,
 )
 
-from relayd.wire import ErrorCode
-
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 HEALTH = "http://127.0.0.1:8080"
-
-
-@pytest.fixture
-def notify() -> Iterator[NotifyListener]:
-    # A path socket: unlike abstract ones, it is reachable from every network namespace.
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
 
 
 def status(cloud: Netns, feed: str = "") -> tuple[int, dict[str, Any]]:
@@ -57,10 +46,7 @@ def status(cloud: Netns, feed: str = "") -> tuple[int, dict[str, Any]]:
 
 
 def metrics(cloud: Netns) -> str:
-    script = (
-        f"import urllib.request; print(urllib.request.urlopen('{HEALTH}/metrics').read().decode())"
-    )
-    return cloud.run(cloud.python_argv("-c", script)).stdout
+    return cloud.http_get(f"{HEALTH}/metrics")[1]
 
 
 def topology(net: NetnsHarness) -> tuple[Netns, Netns, Netns, str, str, str]:

@@ -6,37 +6,15 @@ import argparse
 import io
 import json
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator
 
-import attrs
 import pytest
 import trio
 
 from relayd.cli import main as cli_main
 from relayd.health import FeedReport, HealthApp, serve_health
-from relayd.runtime import Sample
 from relayd.status import format_age, format_uptime, main
-
-
-@attrs.define
-class Model:
-    reports: list[FeedReport] = attrs.field(factory=list)
-    errors: tuple[str, ...] = ()
-
-    def feed_reports(self) -> Sequence[FeedReport]:
-        return self.reports
-
-    def config_errors(self) -> Sequence[str]:
-        return self.errors
-
-    def uptime_seconds(self) -> float:
-        return 3725.0
-
-    def stopping(self) -> bool:
-        return False
-
-    def samples(self) -> Iterable[Sample]:
-        return []
+from tests.helpers.health_model import StaticHealthModel as Model
 
 
 @pytest.fixture
@@ -55,7 +33,8 @@ async def server() -> AsyncIterator[tuple[Model, str]]:
                 },
             ),
             FeedReport("dev", "emit", True, "listening", {"connections": []}),
-        ]
+        ],
+        uptime=3725.0,
     )
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Literal
@@ -573,7 +573,7 @@ async def test_status_line_counts(close_clients: None) -> None:
 
 # -- `relayd run` as a process: real config file, real signals, real emit feeds on loopback ---
 
-from relayd_process import (  # noqa: E402
+from tests.helpers.relayd_process import (  # noqa: E402
     NotifyListener,
     RelaydProcess,
     emit_toml,
@@ -585,15 +585,6 @@ from relayd_process import (  # noqa: E402
     pick_groups,
     process_toml,
 )
-
-
-@pytest.fixture
-def notify() -> Iterator[NotifyListener]:
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import machine as m
-from appliance import rootfs
+from tests.appliance import machine as m
+from tests.appliance import rootfs
 
 TOOLS = ("debootstrap", "systemd-nspawn", "nsenter", "ip", "mount", "umount")
 

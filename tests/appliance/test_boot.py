@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import machine as m
 from relayd import wire
+from tests.appliance import machine as m
 
 pytestmark = [pytest.mark.appliance, pytest.mark.slow]
 

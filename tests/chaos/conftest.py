@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import NetnsHarness
 
-from chaos.topology import Relay, build_tools, tools_missing
+from tests.chaos.topology import Relay, build_tools, tools_missing
+from tests.helpers.netns import NetnsHarness
 
 
 @pytest.fixture(scope="session")

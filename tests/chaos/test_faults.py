@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from chaos.topology import (
+from tests.chaos.topology import (
     EMIT_PORT,
     Relay,
     Sampler,
     every,
-    metric,
     report,
     scaled,
 )
+from tests.helpers.metrics import value as metric
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

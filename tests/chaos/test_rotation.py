@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from chaos.topology import EMIT_PORT, Relay, every, metric, report, scaled
+from tests.chaos.topology import EMIT_PORT, Relay, every, report, scaled
+from tests.helpers.metrics import value as metric
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from chaos.topology import Relay, Sampler, every, metric, report, scaled
+from tests.chaos.topology import Relay, Sampler, every, report, scaled
+from tests.helpers.metrics import value as metric
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

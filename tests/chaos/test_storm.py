@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from chaos.topology import (
+from tests.chaos.topology import (
     EMIT_HEALTH,
     EMIT_PORT,
     Relay,
@@ -15,10 +15,10 @@ from chaos.topology import (
     every,
     fd_count,
     http_get,
-    metric,
     report,
     scaled,
 )
+from tests.helpers.metrics import value as metric
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

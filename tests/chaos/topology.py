@@ -23,7 +23,6 @@ import concurrent.futures
 import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -35,7 +34,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-from netns import Link, Netns, NetnsHarness, read_line
+
+from tests.helpers.metrics import value as metric
+from tests.helpers.netns import Link, Netns, NetnsHarness, read_line
 
 T = TypeVar("T")
 
@@ -123,27 +124,6 @@ def http_get(
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, body, time.monotonic() - start
-
-
-_SAMPLE = re.compile(r"^relayd_(\w+?)(?:\{(.*)\})? (\S+)$", re.M)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``relayd_<name>`` (``_total`` optional for counters) whose
-    labels include ``labels``. A name that does not appear at all is an error, so that a
-    renamed metric cannot pass for a zero."""
-    total = 0.0
-    base = name.removesuffix("_total")
-    names = {base, f"{base}_total"}
-    if not any(sample in names for sample, _, _ in _SAMPLE.findall(text)):
-        raise AssertionError(f"no metric relayd_{name} in:\n{text}")
-    for sample, raw_labels, value in _SAMPLE.findall(text):
-        if sample not in names:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', raw_labels or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 # -- process figures -------------------------------------------------------------------------

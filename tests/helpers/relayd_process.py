@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.loopback import free_udp_port
+
 PEER = Path(__file__).resolve().parent / "run_peer.py"
 
 
@@ -152,9 +154,7 @@ def get_text(port: int, path: str) -> str:
 
 
 def pick_groups(count: int) -> list[tuple[str, int]]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("0.0.0.0", 0))
-        port = probe.getsockname()[1]
+    port = free_udp_port()
     base = random.randrange(1, 250)
     return [(f"239.255.{base}.{i + 1}", port) for i in range(count)]
 

@@ -12,8 +12,9 @@ gone. Every process started through a ``Netns`` is tracked; ``close()`` (the con
 the fixture teardown, and an ``atexit`` hook) kills them, kills anything else still inside the
 harness's namespaces, and deletes the namespaces, also when the test failed.
 
-Run as a script, ``python netns.py sniff --dev D --proto N --duration S`` prints the IPv4
-packets of protocol N seen on device D as JSON lines (used inside a namespace to capture IGMP).
+Run as a script, ``python tests/helpers/netns.py sniff --dev D --proto N --duration S`` prints
+the IPv4 packets of protocol N seen on device D as JSON lines (used inside a namespace to
+capture IGMP).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import attrs
 import trio
 
 PREFIX = "rlyt-"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HARNESS_FILE = Path(__file__).resolve()
 
 _unavailable: list[str | None] = []  # cached answer of unavailable_reason()
@@ -139,6 +140,17 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+_HTTP_GET = r"""
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as reply:
+        status, body = reply.status, reply.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+sys.stdout.write(f"{status}\n{body.decode()}")
+"""
+
+
 @attrs.define(eq=False)
 class Link:
     """A veth pair: ``a_dev`` in namespace ``a``, ``b_dev`` in namespace ``b``."""
@@ -149,6 +161,14 @@ class Link:
     b: Netns
     b_dev: str
     b_addr: IPv4Interface
+
+    @property
+    def a_ip(self) -> str:
+        return str(self.a_addr.ip)
+
+    @property
+    def b_ip(self) -> str:
+        return str(self.b_addr.ip)
 
     def set_up(self, up: bool = True) -> None:
         """Bring both ends up or down (cut the path without removing the link)."""
@@ -197,14 +217,14 @@ class Netns:
         """Start ``cmd`` inside (``subprocess.Popen`` keywords); killed at harness close."""
         kwargs.setdefault("env", _child_env())
         proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(cmd), **kwargs)
-        self.harness._track(proc)
+        self.harness.track(proc)
         return proc
 
     async def open_process(self, cmd: Sequence[str], **kwargs: Any) -> trio.Process:
         """Start ``cmd`` inside as a ``trio.Process``; killed at harness close."""
         kwargs.setdefault("env", _child_env())
         proc = await trio.lowlevel.open_process(self.argv(cmd), **kwargs)
-        self.harness._track(proc)
+        self.harness.track(proc)
         return proc
 
     @staticmethod
@@ -216,6 +236,12 @@ class Netns:
     def relayd_argv(*args: str) -> list[str]:
         """``python -m relayd args...`` with the test's Python."""
         return [sys.executable, "-m", "relayd", *args]
+
+    def http_get(self, url: str, timeout: float = 5.0) -> tuple[int, str]:
+        """(status, body) of a GET of ``url`` from inside this namespace."""
+        out = self.run(self.python_argv("-c", _HTTP_GET, url, str(timeout)), timeout=timeout + 15)
+        status, _, body = out.stdout.partition("\n")
+        return int(status), body
 
     def sysctl(self, key: str, value: str | int) -> None:
         """Set a sysctl inside this namespace (``net.*`` keys are per namespace)."""
@@ -319,7 +345,7 @@ class NetnsHarness:
         self.token = f"{os.getpid()}-{secrets.token_hex(3)}"
         self.namespaces: list[Netns] = []
         self.links: list[Link] = []
-        self._processes: list[subprocess.Popen[bytes] | trio.Process] = []
+        self._processes: list[subprocess.Popen[Any] | trio.Process] = []
         self._subnet = 0
         self.closed = False
         _open_harnesses.append(self)
@@ -376,7 +402,8 @@ class NetnsHarness:
         self.links.append(link)
         return link
 
-    def _track(self, proc: subprocess.Popen[bytes] | trio.Process) -> None:
+    def track(self, proc: subprocess.Popen[Any] | trio.Process) -> None:
+        """Kill ``proc`` at close (for processes started inside without ``Netns.popen``)."""
         self._processes.append(proc)
 
     def close(self) -> None:
@@ -415,6 +442,22 @@ class NetnsHarness:
 def _close_open_harnesses() -> None:
     for harness in list(_open_harnesses):
         harness.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
+    """SIGTERM a process we started (by its pid), SIGKILL it when it does not exit in time."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 @contextlib.contextmanager
