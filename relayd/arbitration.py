@@ -261,6 +261,7 @@ class _Channel:
 
 
 class _Held(NamedTuple):
+    seq: int
     span: int
     stamp: int
     source: int
@@ -493,6 +494,7 @@ class ArbiterStats:
     resets: int = 0
     overlaps: int = 0
     heartbeats: int = 0
+    skipped_heartbeats: int = 0  # heartbeats behind a hole, dropped (also in duplicates)
     unsequenced: int = 0
     malformed: int = 0
     observed: int = 0  # datagrams another relay was seen to emit
@@ -518,6 +520,7 @@ class Arbiter:
         self.hold_timeout = config.hold_timeout
         self.max_held = config.max_held
         self._channels = _Channels(config.max_channels, config.stale_horizon)
+        self._horizon = config.stale_horizon
         self._window = ContentWindow(config.content_window, config.content_window_entries)
         self._holding: dict[int, _Channel] = {}  # channels with held datagrams
         self._held_count = 0
@@ -565,9 +568,18 @@ class Arbiter:
             channel.counters.datagrams = 1
             self._add_channel(key, channel)
             return self._sent(source, Verdict.EMIT)
-        self._channels.rotate(channel, now)
+        if now - channel.rotated >= self._horizon:
+            self._channels.rotate(channel, now)
         channel.counters.datagrams += 1
-        event = _classify(channel, seq, count, stamp)
+        expected = channel.next
+        if count and seq < expected and seq + count <= expected and seq >= channel.floor_previous:
+            # the other copy's datagram, the commonest case (what _classify calls BEHIND)
+            channel.counters.duplicates += 1
+            stats.duplicates += 1
+            return Verdict.DUPLICATE
+        event = SequenceEvent.IN_ORDER if count and seq == expected else None
+        if event is None:
+            event = _classify(channel, seq, count, stamp)
         if event is SequenceEvent.IN_ORDER:
             channel.next = seq + count
             channel.stamp = max(channel.stamp, stamp)
@@ -579,7 +591,12 @@ class Arbiter:
             stats.duplicates += 1
             return Verdict.DUPLICATE
         if event is SequenceEvent.GAP:
-            held = _Held(count, stamp, source, group, port, payload)
+            if count == 0 and self.hold_timeout:
+                # A heartbeat behind a hole says nothing the held data will not: not kept.
+                stats.duplicates += 1
+                stats.skipped_heartbeats += 1
+                return Verdict.DUPLICATE
+            held = _Held(seq, count, stamp, source, group, port, payload)
             return self._after_hole(key, channel, seq, held, now)
         if event is SequenceEvent.HEARTBEAT:
             channel.stamp = stamp
@@ -726,21 +743,24 @@ class Arbiter:
         """Release held datagrams that now follow in sequence; drop those already covered."""
         held = channel.held
         assert held is not None
+        pop = held.pop
         while held:
-            seq = min(held)
-            if seq > channel.next:
-                break
-            item = held.pop(seq)
-            end = seq + item.span
-            if end <= channel.next and not (item.span == 0 and item.stamp > channel.stamp):
-                self._held_count -= 1
-                channel.counters.duplicates += 1
-                self.stats.duplicates += 1
-                continue
-            if seq < channel.next:
+            item = pop(channel.next, None)
+            if item is None:
+                # The run of consecutive ones ended: anything left at or below next overlaps
+                # or repeats what was sent (rare: SBE ranges cut differently per copy).
+                seq = min(held)
+                if seq > channel.next:
+                    break
+                item = pop(seq)
+                if seq + item.span <= channel.next:
+                    self._held_count -= 1
+                    channel.counters.duplicates += 1
+                    self.stats.duplicates += 1
+                    continue
                 channel.counters.overlaps += 1
                 self.stats.overlaps += 1
-            channel.next = max(channel.next, end)
+            channel.next = max(channel.next, item.seq + item.span)
             channel.stamp = max(channel.stamp, item.stamp)
             self._release(item, 0)
         if not held:

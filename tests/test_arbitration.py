@@ -272,6 +272,28 @@ def test_sbe_ranges_heartbeats_overlaps_and_snapshots() -> None:
     assert arbiter.offer(0, GROUP, 6100, sbe(5, 107, 1, stamp=31), 0.0) is Verdict.EMIT
 
 
+def test_sbe_heartbeat_behind_a_hole_is_not_held() -> None:
+    arbiter = deribit(SBE)
+    arbiter.offer(0, GROUP, 6100, sbe(5, 100, 2, stamp=10), 0.0)
+    assert arbiter.offer(0, GROUP, 6100, sbe(5, 103, 1, stamp=12), 0.0) is Verdict.HELD
+    assert arbiter.offer(0, GROUP, 6100, sbe(5, 104, 0, stamp=13), 0.0) is Verdict.DUPLICATE
+    assert arbiter.stats.skipped_heartbeats == 1
+    # The other copy fills the hole; the held packet follows; the next data is not lost.
+    assert arbiter.offer(1, GROUP, 6100, sbe(5, 102, 1, stamp=11), 0.0) is Verdict.EMIT
+    assert released(arbiter) == [sbe(5, 103, 1, stamp=12)]
+    assert arbiter.offer(0, GROUP, 6100, sbe(5, 104, 1, stamp=14), 0.0) is Verdict.EMIT
+
+
+def test_a_long_run_held_behind_a_hole_is_released_in_order() -> None:
+    arbiter = deribit(max_held=10_000)
+    arbiter.offer(0, GROUP, 6100, v1(1, 0), 0.0)
+    run = [v1(1, seq) for seq in range(2, 5002)]
+    assert set(offer_all(arbiter, 0, run)) == {Verdict.HELD}
+    assert arbiter.expire(1.0) == 5000
+    assert released(arbiter) == run
+    assert (arbiter.stats.gaps, arbiter.stats.missing) == (1, 1)
+
+
 def test_observe_skips_what_the_previous_emitter_sent() -> None:
     arbiter = deribit()
     for seq in range(100, 110):  # the previous active emitter's output, seen on the group
