@@ -524,6 +524,7 @@ class Arbiter:
         self._window = ContentWindow(config.content_window, config.content_window_entries)
         self._holding: dict[int, _Channel] = {}  # channels with held datagrams
         self._held_count = 0
+        self.live_sources = 2  # fewer than 2: nobody can fill a hole, so none is held
         self.released: deque[Release] = deque()
         self.gap_size = 0  # sequences lost before the datagram of the last GAP verdict
         self.stats = ArbiterStats()
@@ -591,7 +592,7 @@ class Arbiter:
             stats.duplicates += 1
             return Verdict.DUPLICATE
         if event is SequenceEvent.GAP:
-            if count == 0 and self.hold_timeout:
+            if count == 0 and self.hold_timeout and self.live_sources >= 2:
                 # A heartbeat behind a hole says nothing the held data will not: not kept.
                 stats.duplicates += 1
                 stats.skipped_heartbeats += 1
@@ -654,6 +655,12 @@ class Arbiter:
         if channel.held is not None:
             self._drain(key, channel)
 
+    def set_live_sources(self, count: int) -> None:
+        """How many copies (capture sessions) currently stream the feed. With one, a hole is
+        a gap at once (``GAP``): no other copy can fill it, so holding would only add latency.
+        Datagrams already held stay until ``expire``."""
+        self.live_sources = count
+
     def next_deadline(self) -> float | None:
         """When the oldest hole's wait ends (None: nothing held)."""
         if not self._holding:
@@ -699,7 +706,7 @@ class Arbiter:
     def _after_hole(
         self, key: int, channel: _Channel, seq: int, item: _Held, now: float
     ) -> Verdict:
-        if self.hold_timeout == 0:
+        if self.hold_timeout == 0 or self.live_sources < 2:
             missing = seq - channel.next
             self._count_gap(channel, missing)
             self.gap_size = missing

@@ -210,6 +210,16 @@ def test_no_hold_reports_the_gap_at_once() -> None:
     assert (arbiter.stats.gaps, arbiter.stats.missing) == (1, 4)
 
 
+def test_a_single_live_source_reports_gaps_without_holding() -> None:
+    arbiter = deribit()
+    arbiter.set_live_sources(1)
+    arbiter.offer(0, GROUP, 6100, v1(1, 10), 0.0)
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 13), 0.0) is Verdict.GAP
+    assert arbiter.gap_size == 2
+    arbiter.set_live_sources(2)
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 15), 0.0) is Verdict.HELD
+
+
 def test_channels_are_independent() -> None:
     arbiter = deribit()
     assert arbiter.offer(0, GROUP, 6100, v1(1, 10), 0.0) is Verdict.EMIT
