@@ -355,6 +355,39 @@ def test_evicted_channel_releases_what_it_held() -> None:
     assert arbiter.next_deadline() is None
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads=st.lists(
+        st.one_of(
+            st.binary(max_size=80),
+            st.builds(v1, st.integers(0, 3), st.integers(0, 2**32 - 1)),
+            st.builds(
+                sbe,
+                st.integers(-(2**31), 2**31 - 1),
+                st.integers(-(2**63), 2**63 - 2**16),
+                st.integers(0, 3),
+                stamp=st.integers(-(2**63), 2**63 - 1),
+                kind=st.integers(0, 2**16 - 1),
+            ),
+        ),
+        max_size=50,
+    ),
+    layout=st.sampled_from([V1, SBE]),
+    mode=st.sampled_from(list(ArbitrationMode)),
+)
+def test_any_bytes_get_a_verdict_never_an_exception(
+    payloads: list[bytes], layout: DeribitLayout, mode: ArbitrationMode
+) -> None:
+    arbiter = Arbiter(ArbitrationConfig(mode=mode, layout=layout))
+    monitor = UpstreamMonitor(layout)
+    for index, payload in enumerate(payloads):
+        assert isinstance(arbiter.offer(index % 2, GROUP, 6100, payload, index * 0.01), Verdict)
+        arbiter.observe(GROUP, 6100, payload[::-1], index * 0.01)
+        assert isinstance(monitor.see(GROUP, 6100, payload, index * 0.01), SequenceEvent)
+    arbiter.expire(math.inf)
+    assert arbiter.stats.sent + arbiter.stats.duplicates == len(payloads)
+
+
 # ---- the capture side's upstream counting --------------------------------------------------
 
 
