@@ -649,8 +649,8 @@ class Arbiter:
             if channel.held is not None:
                 self._flush(key, channel)
             _restart(channel, seq, count, now)
-        elif seq + count > channel.next:
-            channel.next = seq + count
+        elif event is not SequenceEvent.BEHIND:
+            channel.next = max(channel.next, seq + count)
         channel.stamp = max(channel.stamp, stamp)
         if channel.held is not None:
             self._drain(key, channel)

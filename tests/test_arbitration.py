@@ -327,6 +327,17 @@ def test_observe_drops_held_datagrams_the_previous_emitter_sent() -> None:
     assert arbiter.offer(0, GROUP, 6100, v1(1, 14), 0.0) is Verdict.EMIT
 
 
+def test_observe_after_a_reset_ignores_the_old_sequence() -> None:
+    arbiter = deribit(stale_horizon=10.0)
+    for second in range(30):
+        arbiter.offer(0, GROUP, 6100, v1(1, 100 + second), float(second))
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 1), 30.0) is Verdict.RESET
+    arbiter.observe(GROUP, 6100, v1(1, 125), 30.0)  # a late copy of the old sequence
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 2), 30.0) is Verdict.EMIT
+    # A lagging copy of the old sequence is stale for one horizon, not a jump forward.
+    assert arbiter.offer(1, GROUP, 6100, v1(1, 127), 30.0) is Verdict.DUPLICATE
+
+
 def test_channel_table_is_bounded_and_evictions_counted() -> None:
     arbiter = deribit(max_channels=4)
     for channel in range(10):
