@@ -7,4 +7,5 @@ from each other.
 - ``loopback``, ``datapath``, ``health_model``: shared constants, the C/Python switch, a
   fixed-answer health model
 - ``metrics``: /metrics parsed with prometheus_client and one lookup of a value
+- ``nlb``: HAProxy in a namespace standing in for the AWS Network Load Balancer
 """
