@@ -72,6 +72,16 @@ LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
 _MAX_SOCKET_BUFFER: Final = 1024**3
 # The replay buffer must hold at least two maximal frames (a 65507-byte datagram and header).
 _MIN_REPLAY_BYTES: Final = 128 * 1024
+# ... and at most what a capture host can hold in memory beside its socket buffers.
+MAX_REPLAY_BYTES: Final = 4 * 1024**3
+
+#: Every duration lies in MIN_DURATION..MAX_DURATION seconds. Both data paths honour this
+#: range: the Python one passes milliseconds to poll() as a C int (2**31-1 ms, about 596 h,
+#: so "600h" overflowed) and rounds up to whole milliseconds; the C one adds nanoseconds to
+#: CLOCK_MONOTONIC in an int64 (so "9999999999h" wrapped into the past and closed every
+#: connection at once).
+MIN_DURATION: Final = 0.001
+MAX_DURATION: Final = 24 * 3600.0
 
 _FEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -388,13 +398,26 @@ def _feed_name(value: Any) -> str:
     return name
 
 
+_NOT_HOST_ADDRESSES: Final = (
+    (IPv4Network("0.0.0.0/8"), "not a host address (0.0.0.0/8 means this network)"),
+    (IPv4Network("255.255.255.255/32"), "the limited broadcast address"),
+    (MULTICAST, "a multicast address"),
+)
+
+
 def _interface(value: Any) -> str:
     name = _str(value)
     if name and name.replace(".", "").isdigit():
         try:
-            IPv4Address(name)
+            address = IPv4Address(name)
         except ValueError:
             raise _InvalidValueError(f"invalid interface {name!r}: bad IPv4 address") from None
+        for network, what in _NOT_HOST_ADDRESSES:
+            if address in network:
+                raise _InvalidValueError(
+                    f"invalid interface {name!r}: {what}; expected an interface name or the "
+                    "unicast IPv4 address of an interface"
+                )
         return name
     bad_char = any(char == "/" or char.isspace() or not char.isprintable() for char in name)
     if not name or len(name.encode()) >= _IFNAMSIZ or bad_char:
@@ -421,6 +444,22 @@ def _endpoint(value: Any) -> Endpoint:
 
 def _listen_endpoint(value: Any) -> Endpoint:
     return Endpoint.parse(_str(value), allow_port_zero=True)
+
+
+def _ipv4_only(parse: Parser[Endpoint]) -> Parser[Endpoint]:
+    """Emit listeners and capture targets are IPv4 end to end (their sockets are AF_INET), so an
+    IPv6 address there is refused here rather than failing when the feed starts."""
+
+    def parse_ipv4(value: Any) -> Endpoint:
+        endpoint = parse(value)
+        if ":" in endpoint.host:
+            raise _InvalidValueError(
+                f"invalid address {value!r}: IPv6 is not supported here yet "
+                "(use an IPv4 address or a host name)"
+            )
+        return endpoint
+
+    return parse_ipv4
 
 
 def _group_port(value: Any) -> GroupPort:
@@ -477,6 +516,11 @@ def _duration(value: Any) -> float:
         raise _InvalidValueError(str(exc)) from None
     if seconds <= 0:
         raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
+    if not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise _InvalidValueError(
+            f"invalid duration {value!r}: must be between {format_duration(MIN_DURATION)} "
+            f"and {format_duration(MAX_DURATION)}"
+        )
     return seconds
 
 
@@ -592,7 +636,7 @@ _register(
     EmitFeed,
     {
         "name": _feed_name,
-        "listen": _listen_endpoint,
+        "listen": _ipv4_only(_listen_endpoint),
         "interface": _interface,
         "allowed_sources": _tuple_of(_cidr, non_empty=True),
         "allowed_groups": _tuple_of(_group_cidr, non_empty=True),
@@ -614,9 +658,9 @@ _register(
         "name": _feed_name,
         "interface": _interface,
         "groups": _tuple_of(_group_port, non_empty=True, unique=True),
-        "targets": _tuple_of(_endpoint, non_empty=True, unique=True),
+        "targets": _tuple_of(_ipv4_only(_endpoint), non_empty=True, unique=True),
         "receive_buffer": _size(hi=_MAX_SOCKET_BUFFER),
-        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES),
+        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES, hi=MAX_REPLAY_BYTES),
         "replay_max_age": _duration,
         "heartbeat_interval": _duration,
         "idle_timeout": _duration,

@@ -3,9 +3,13 @@ agreement with docs/CONFIG.md, and a fuzz test that only ConfigError ever escape
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import re
+import select
 import textwrap
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.config import (
+    MAX_DURATION,
     CaptureFeed,
     Config,
     ConfigError,
@@ -28,6 +33,7 @@ from relayd.config import (
     load_config,
     parse_config,
 )
+from relayd.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "etc" / "relayd"
@@ -425,6 +431,56 @@ def test_allows() -> None:
             id="int-ranges",
         ),
         pytest.param(
+            emit_with(idle_timeout='"9999999999h"', hello_timeout="1e300")
+            + capture_with(
+                heartbeat_interval='"600h"',
+                idle_timeout='"601h"',
+                connect_timeout='"500us"',
+                replay_max_age='"25h"',
+                replay_max_bytes='"1TiB"',
+            ),
+            [
+                "invalid duration 1e+300: must be between 1ms and 24h @ $.emit[0].hello_timeout",
+                "invalid duration '9999999999h': must be between 1ms and 24h"
+                " @ $.emit[0].idle_timeout",
+                "invalid size '1TiB': must be at most 4GiB @ $.capture[0].replay_max_bytes",
+                "invalid duration '25h': must be between 1ms and 24h @ $.capture[0].replay_max_age",
+                "invalid duration '600h': must be between 1ms and 24h"
+                " @ $.capture[0].heartbeat_interval",
+                "invalid duration '601h': must be between 1ms and 24h @ $.capture[0].idle_timeout",
+                "invalid duration '500us': must be between 1ms and 24h"
+                " @ $.capture[0].connect_timeout",
+            ],
+            id="durations-and-replay-bounded-to-what-the-daemon-honours",
+        ),
+        pytest.param(
+            emit_with(listen='"[::]:6667"')
+            + capture_with(targets='["relay.example.com:6666", "[2001:db8::1]:6666"]'),
+            [
+                "invalid address '[::]:6667': IPv6 is not supported here yet"
+                " (use an IPv4 address or a host name) @ $.emit[0].listen",
+                "invalid address '[2001:db8::1]:6666': IPv6 is not supported here yet"
+                " (use an IPv4 address or a host name) @ $.capture[0].targets[1]",
+            ],
+            id="ipv6-feeds-refused",
+        ),
+        pytest.param(
+            emit_with(interface='"255.255.255.255"')
+            + emit_with(name='"b"', listen='"0.0.0.0:1"', interface='"0.0.0.0"')
+            + capture_with(interface='"239.1.1.1"'),
+            [
+                "invalid interface '255.255.255.255': the limited broadcast address; expected"
+                " an interface name or the unicast IPv4 address of an interface"
+                " @ $.emit[0].interface",
+                "invalid interface '0.0.0.0': not a host address (0.0.0.0/8 means this"
+                " network); expected an interface name or the unicast IPv4 address of an"
+                " interface @ $.emit[1].interface",
+                "invalid interface '239.1.1.1': a multicast address; expected an interface"
+                " name or the unicast IPv4 address of an interface @ $.capture[0].interface",
+            ],
+            id="interface-addresses-are-unicast-hosts",
+        ),
+        pytest.param(
             emit_with(heartbeat_interval='"5s"'),
             [
                 "idle_timeout (5s) must be longer than heartbeat_interval (5s)"
@@ -539,6 +595,41 @@ def test_every_problem_is_reported_at_once() -> None:
         "duplicate feed name 'dev' (also $.emit[0].name) @ $.emit[1].name",
         "port 6666 is already used by $.health.listen @ $.emit[0].listen",
         "port 6666 is already used by $.health.listen @ $.emit[1].listen",
+    ]
+
+
+def test_duration_bounds_are_inclusive_and_health_may_use_ipv6() -> None:
+    config = parse_config(
+        emit_with(heartbeat_interval='"1ms"', idle_timeout='"24h"')
+        + capture_with(replay_max_bytes='"4GiB"', replay_max_age="86400")
+        + '[health]\nlisten = "[::1]:8080"\n'
+    )
+    assert (config.emit[0].heartbeat_interval, config.emit[0].idle_timeout) == (0.001, 86400)
+    assert (config.capture[0].replay_max_bytes, config.capture[0].replay_max_age) == (
+        4 * 1024**3,
+        86400,
+    )
+    assert config.health.listen == Endpoint("::1", 8080)
+
+
+def test_longest_duration_fits_both_data_paths() -> None:
+    """The Python data path polls with milliseconds as a C int and the C one keeps int64
+    nanosecond deadlines: the longest duration accepted must fit both, "600h" did not."""
+    reader, writer = os.pipe()
+    try:
+        os.write(writer, b"x")
+        poller = select.poll()
+        poller.register(reader, select.POLLIN)
+        assert poller.poll(math.ceil(MAX_DURATION * 1000)) == [(reader, select.POLLIN)]
+        with pytest.raises(OverflowError):
+            poller.poll(math.ceil(parse_duration("600h") * 1000))
+    finally:
+        os.close(reader)
+        os.close(writer)
+    uptime_ns = time.monotonic_ns() + 10 * 365 * 86400 * 10**9  # a box up for ten more years
+    assert ctypes.c_int64(uptime_ns + int(MAX_DURATION * 1e9)).value > uptime_ns
+    assert errors_of(capture_with(idle_timeout='"600h"')) == [
+        "invalid duration '600h': must be between 1ms and 24h @ $.capture[0].idle_timeout"
     ]
 
 
