@@ -13,8 +13,11 @@ The key reference is ``docs/CONFIG.md``; the classes below mirror it field for f
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network
@@ -41,6 +44,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_CONFIG_BYTES",
+    "MAX_DURATION",
+    "MAX_KEY_FILE_BYTES",
+    "MAX_NESTING",
+    "MAX_REPLAY_BYTES",
+    "MIN_DURATION",
     "CaptureFeed",
     "Config",
     "ConfigError",
@@ -53,14 +62,18 @@ __all__ = [
     "MissingKeyFileError",
     "PortRange",
     "ProcessConfig",
+    "UnsafeFileError",
     "key_file_warnings",
     "load_config",
     "parse_config",
+    "read_regular_file",
 ]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/relayd/relayd.toml")
 #: Shortest key accepted from a key file (bytes, surrounding whitespace removed).
 MIN_KEY_BYTES: Final = 16
+#: Largest key file read.
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -703,6 +716,39 @@ def _messages(exc: Exception, path: str) -> list[str]:
 
 _SECTIONS: Final = ("process", "health", "emit", "capture")
 
+#: Largest configuration file read; real ones are a few KiB.
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: Deepest nesting of arrays and inline tables accepted. tomllib parses nesting by recursion:
+#: 500 levels raised RecursionError, and 2,000 in a reload's worker thread killed the daemon.
+MAX_NESTING: Final = 32
+
+# What the nesting scan must step over: strings (which may hold brackets) and comments.
+_TOML_TOKEN = re.compile(
+    r'"""(?:[^\\]|\\.)*?"""'  # multi-line basic string
+    r"|'{3}.*?'{3}"  # multi-line literal string
+    r'|"(?:[^"\\\n]|\\.)*"'  # basic string
+    r"|'[^'\n]*'"  # literal string
+    r"|#[^\n]*"  # comment
+    r"|[\[\]{}]",
+    re.DOTALL,
+)
+
+
+def _nesting_error(text: str) -> str | None:
+    """A message when arrays and inline tables in ``text`` nest deeper than ``MAX_NESTING``,
+    found by a linear scan before any recursive parsing."""
+    depth = 0
+    for token in _TOML_TOKEN.finditer(text):
+        bracket = token[0]
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                line = text.count("\n", 0, token.start()) + 1
+                return f"invalid TOML: nested more than {MAX_NESTING} deep (at line {line})"
+        elif bracket in "]}":
+            depth = max(depth - 1, 0)
+    return None
+
 
 def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool = False) -> Config:
     """Parse and validate a whole configuration from TOML text.
@@ -711,10 +757,15 @@ def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool =
     ``check_files`` every key file must exist and be readable. Raises :class:`ConfigError`
     with every problem found; nothing else escapes for any input text.
     """
+    too_deep = _nesting_error(text)
+    if too_deep is not None:
+        raise ConfigError([too_deep])
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"invalid TOML: {exc}"]) from None
+    except RecursionError:  # the scan above should have caught it; never a traceback
+        raise ConfigError([f"invalid TOML: nested more than {MAX_NESTING} deep"]) from None
     errors: list[str] = []
 
     for key in sorted(set(raw) - set(_SECTIONS)):
@@ -768,14 +819,54 @@ def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool =
     )
 
 
+class UnsafeFileError(OSError):
+    """A file relayd refuses to read: not a regular file, or larger than its cap."""
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The contents of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    The open never blocks (``O_NONBLOCK``: a FIFO without a writer would otherwise hang a
+    reload, and stop behind it) and ``fstat`` on the open descriptor decides, so a FIFO, a
+    device or a directory is refused without a read. Raises ``OSError`` (``UnsafeFileError``
+    for a refused file) whose ``strerror`` says why."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise UnsafeFileError(errno.EINVAL, f"not a regular file ({what})")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(limit + 1 - size, 1 << 16) or 1):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UnsafeFileError(errno.EFBIG, f"larger than {format_size(limit)}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+_FILE_KINDS: Final = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 def load_config(path: Path | str) -> Config:
     """Read, parse and validate the file at ``path``, and check that its key files are
-    readable. Raises :class:`ConfigError` with every problem (also for an unreadable file).
+    readable. Raises :class:`ConfigError` with every problem (also for an unreadable file, a
+    FIFO or device, or one larger than ``MAX_CONFIG_BYTES``).
 
     Relative key-file paths are taken relative to the file's directory."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
     try:
@@ -849,8 +940,7 @@ def _check_key_files(raw: Mapping[str, Any], base_dir: Path) -> Iterator[str]:
             continue
         path = base_dir / relative
         try:
-            with path.open("rb") as file:
-                key = file.read(64 * 1024).strip()
+            key = read_regular_file(path, MAX_KEY_FILE_BYTES).strip()
         except FileNotFoundError:
             continue  # not provisioned yet: a warning (key_file_warnings), not an error
         except OSError as exc:

@@ -9,6 +9,7 @@ import os
 import re
 import select
 import textwrap
+import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -19,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.config import (
+    MAX_CONFIG_BYTES,
     MAX_DURATION,
+    MAX_NESTING,
     CaptureFeed,
     Config,
     ConfigError,
@@ -661,6 +664,83 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
     assert info.value.errors == (f"cannot read {path}: No such file or directory",)
 
 
+def _load_in_thread(path: Path) -> list[str]:
+    """load_config's errors, from a thread, so that a read that blocks fails the test instead
+    of hanging it (the regression this guards against)."""
+    result: list[list[str]] = []
+
+    def load() -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        result.append(list(info.value.errors))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert result, "load_config blocked"
+    return result[0]
+
+
+def test_load_config_never_blocks_on_a_fifo_or_device(tmp_path: Path) -> None:
+    fifo = tmp_path / "relayd.toml"
+    os.mkfifo(fifo)
+    assert _load_in_thread(fifo) == [f"cannot read {fifo}: not a regular file (a FIFO)"]
+    assert _load_in_thread(Path("/dev/zero")) == [
+        "cannot read /dev/zero: not a regular file (a character device)"
+    ]
+    assert _load_in_thread(tmp_path) == [
+        f"cannot read {tmp_path}: not a regular file (a directory)"
+    ]
+
+
+def test_load_config_size_cap(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.toml"
+    text = EMIT + "#" * (MAX_CONFIG_BYTES - len(EMIT) - 1) + "\n"
+    path.write_text(text)
+    assert len(load_config(path).emit) == 1  # exactly the cap is fine
+    path.write_text(text + "\n")
+    assert _load_in_thread(path) == [f"cannot read {path}: larger than 1MiB"]
+
+
+def test_key_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "a.key")
+    (tmp_path / "relayd.toml").write_text(emit_with(auth_key_files='["a.key"]'))
+    assert _load_in_thread(tmp_path / "relayd.toml") == [
+        f"cannot read key file {tmp_path / 'a.key'}: not a regular file (a FIFO)"
+        " @ $.emit[0].auth_key_files[0]"
+    ]
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 500, 2000, 100_000])
+def test_deep_nesting_is_one_error_before_parsing(depth: int) -> None:
+    arrays = "a = " + "[" * depth + "]" * depth
+    tables = "a = " + "{b = " * depth + "1" + "}" * depth
+    for text in (arrays, tables):
+        assert errors_of(EMIT + text) == [
+            f"invalid TOML: nested more than {MAX_NESTING} deep (at line 8)"
+        ]
+
+
+def test_nesting_scan_skips_strings_and_comments() -> None:
+    brackets = "[" * 100
+    quote3 = "'" * 3
+    text = (
+        f'[process]\nlog_level = "info" # {brackets}\n'
+        + emit_with(name=f"'dev' # {brackets}")
+        + f'x = "{brackets}"\ny = """\n{brackets}\\"""\n"""\n'
+        + f"z = {quote3}{brackets}{quote3}\nw = '{brackets}'\n"
+        + "v = "
+        + "[" * MAX_NESTING
+        + "]" * MAX_NESTING
+        + "\n"
+    )
+    # Only the keys are wrong: nothing in a string or comment counted as nesting.
+    assert errors_of(text) == [
+        "unknown key 'v'; unknown key 'w'; unknown key 'x'; unknown key 'y'; unknown key 'z'"
+        " @ $.emit[0]"
+    ]
+
+
 def test_load_config_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"# caf\xe9\n")
@@ -695,7 +775,8 @@ def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
     # A key file that does not exist yet is not an error (key_file_warnings names it).
     assert info.value.errors == (
         "invalid value for type, expected int @ $.emit[0].ttl",
-        f"cannot read key file {tmp_path / 'keys'}: Is a directory @ $.emit[0].auth_key_files[2]",
+        f"cannot read key file {tmp_path / 'keys'}: not a regular file (a directory)"
+        " @ $.emit[0].auth_key_files[2]",
         f"key file {tmp_path / 'keys' / 'short.key'} holds fewer than 16 bytes"
         " @ $.emit[0].auth_key_files[3]",
     )
