@@ -5,7 +5,7 @@
 in a file is collected and raised together as one :class:`ConfigError`, each message naming
 the TOML path it is about, in the form cattrs' ``transform_error`` uses::
 
-    invalid value for type, expected int @ $.emit[0].ttl
+    invalid value for type, expected int @ $.emit[0].ttl (got "abc")
 
 The key reference is ``docs/CONFIG.md``; the classes below mirror it field for field.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import errno
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -122,10 +123,34 @@ class _InvalidValueError(ValueError):
 
 
 class _WrongTypeError(TypeError):
-    """A value of the wrong TOML type."""
+    """A value of the wrong TOML type. The message keeps cattrs' wording; the value given is
+    shown after the TOML path (see ``_messages``)."""
 
-    def __init__(self, expected: str) -> None:
+    def __init__(self, expected: str, given: Any) -> None:
         super().__init__(f"invalid value for type, expected {expected}")
+        self.given = given
+
+
+# Separates a message from the "(got ...)" that _messages moves behind the TOML path. JSON
+# escapes it inside any value shown, so it can only come from here.
+_GOT: Final = "\x1f"
+_MAX_SHOWN: Final = 40
+
+
+def _shown(value: Any) -> str:
+    """A value as the TOML file wrote it, cut short: ``"abc"``, ``16``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        text = json.dumps(value[:_MAX_SHOWN], ensure_ascii=False)
+        return text[:-1] + '..."' if len(value) > _MAX_SHOWN else text
+    if isinstance(value, (int, float)):
+        return json.dumps(value)[:_MAX_SHOWN]
+    return str(value)[:_MAX_SHOWN]  # a TOML date or time, written without quotes
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,19 +387,19 @@ Parser = Callable[[Any], T]
 
 def _str(value: Any) -> str:
     if not isinstance(value, str):
-        raise _WrongTypeError("str")
+        raise _WrongTypeError("str", value)
     return value
 
 
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _WrongTypeError("int")
+        raise _WrongTypeError("int", value)
     return value
 
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _WrongTypeError("bool")
+        raise _WrongTypeError("bool", value)
     return value
 
 
@@ -481,7 +506,7 @@ def _group_port(value: Any) -> GroupPort:
 
 def _port_range(value: Any) -> PortRange:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _WrongTypeError('port or "lo-hi" range')
+        raise _WrongTypeError('port or "lo-hi" range', value)
     return PortRange.parse(value)
 
 
@@ -522,7 +547,7 @@ def _path(value: Any) -> Path:
 
 def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _WrongTypeError("duration")
+        raise _WrongTypeError("duration", value)
     try:
         seconds = parse_duration(value)
     except UnitError as exc:
@@ -540,7 +565,7 @@ def _duration(value: Any) -> float:
 def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise _WrongTypeError("size")
+            raise _WrongTypeError("size", value)
         try:
             size = parse_size(value)
         except UnitError as exc:
@@ -562,7 +587,7 @@ def _tuple_of(
 
     def parse(value: Any) -> tuple[T, ...]:
         if not isinstance(value, list):
-            raise _WrongTypeError("array")
+            raise _WrongTypeError("array", value)
         if non_empty and not value:
             raise _InvalidValueError("must not be empty")
         items: list[T] = []
@@ -616,7 +641,7 @@ def _register(
 
     def structure(value: Any, _type: Any) -> T:
         if not isinstance(value, dict):
-            raise _WrongTypeError("table")
+            raise _WrongTypeError("table", value)
         instance: T = generated(value, cls)
         if check is not None:
             errors: list[Exception] = []
@@ -691,7 +716,9 @@ _register(
 
 
 def _describe(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, (_InvalidValueError, _WrongTypeError)):
+    if isinstance(exc, _WrongTypeError):
+        return f"{exc}{_GOT}(got {_shown(exc.given)})"
+    if isinstance(exc, _InvalidValueError):
         return str(exc)
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl) if a.init]
@@ -708,7 +735,17 @@ def _unknown_key(key: str, known: Iterable[str]) -> str:
 
 
 def _messages(exc: Exception, path: str) -> list[str]:
-    return cattrs.transform_error(exc, path, _describe)
+    """``message @ path``, and ``message @ path (got value)`` for a value of the wrong type:
+    the prefix stays what cattrs' ``transform_error`` says."""
+    messages = []
+    for message in cattrs.transform_error(exc, path, _describe):
+        text, got, rest = message.partition(_GOT)
+        shown, at, where = rest.rpartition(" @ ")
+        if not got:
+            messages.append(message)
+        else:
+            messages.append(f"{text} @ {where} {shown}" if at else f"{text} {rest}")
+    return messages
 
 
 # --------------------------------------------------------------------------------------------

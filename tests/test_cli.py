@@ -111,7 +111,7 @@ def test_check_config_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err.splitlines() == [
         f"{path}: invalid CIDR '10.20.0.1/24': host bits set (did you mean 10.20.0.0/24?)"
         " @ $.emit[0].allowed_sources[0]",
-        f"{path}: invalid value for type, expected int @ $.emit[0].ttl",
+        f'{path}: invalid value for type, expected int @ $.emit[0].ttl (got "16")',
         f"{path}: port 8080 is already used by $.health.listen @ $.emit[0].listen",
     ]
 

@@ -410,18 +410,20 @@ def test_allows() -> None:
             [
                 "invalid size '2GiB': must be at most 1GiB @ $.capture[0].receive_buffer",
                 "invalid size '64KiB': must be at least 128KiB @ $.capture[0].replay_max_bytes",
-                "invalid value for type, expected duration @ $.capture[0].replay_max_age",
-                "invalid value for type, expected duration @ $.capture[0].connect_timeout",
+                "invalid value for type, expected duration @ $.capture[0].replay_max_age"
+                " (got true)",
+                "invalid value for type, expected duration @ $.capture[0].connect_timeout"
+                " (got an array)",
             ],
             id="size-bounds-and-duration-types",
         ),
         pytest.param(
             emit_with(ttl='"16"', loop="1", max_connections="true", name="6"),
             [
-                "invalid value for type, expected str @ $.emit[0].name",
-                "invalid value for type, expected int @ $.emit[0].ttl",
-                "invalid value for type, expected bool @ $.emit[0].loop",
-                "invalid value for type, expected int @ $.emit[0].max_connections",
+                "invalid value for type, expected str @ $.emit[0].name (got 6)",
+                'invalid value for type, expected int @ $.emit[0].ttl (got "16")',
+                "invalid value for type, expected bool @ $.emit[0].loop (got 1)",
+                "invalid value for type, expected int @ $.emit[0].max_connections (got true)",
             ],
             id="strict-types",
         ),
@@ -509,8 +511,8 @@ def test_allows() -> None:
         pytest.param(
             "emit = [1]\nprocess = 3\n",
             [
-                "invalid value for type, expected table @ $.process",
-                "invalid value for type, expected table @ $.emit[0]",
+                "invalid value for type, expected table @ $.process (got 3)",
+                "invalid value for type, expected table @ $.emit[0] (got 1)",
             ],
             id="not-tables",
         ),
@@ -567,7 +569,7 @@ def test_allows() -> None:
             [
                 "invalid path '' @ $.emit[0].auth_key_files[0]",
                 "invalid path 'a\\x00b' @ $.emit[0].auth_key_files[1]",
-                "invalid value for type, expected str @ $.emit[0].auth_key_files[2]",
+                "invalid value for type, expected str @ $.emit[0].auth_key_files[2] (got 5)",
             ],
             id="bad-paths",
         ),
@@ -582,6 +584,27 @@ def test_refused_with_exact_messages(text: str, expected: list[str]) -> None:
     assert errors_of(text) == expected
 
 
+def test_wrong_types_show_the_value_given() -> None:
+    """The value as the file wrote it, after the path (so the prefix stays cattrs' wording),
+    cut at 40 characters, and never confused by what it contains."""
+    text = emit_with(
+        ttl=r'"a @ b \u001f"',
+        listen="6667",
+        loop='"' + "y" * 60 + '"',
+        max_connections="1979-05-27",
+        idle_timeout="{ a = 1 }",
+        send_buffer="1.5",
+    )
+    assert errors_of(text) == [
+        "invalid value for type, expected str @ $.emit[0].listen (got 6667)",
+        r'invalid value for type, expected int @ $.emit[0].ttl (got "a @ b \u001f")',
+        'invalid value for type, expected bool @ $.emit[0].loop (got "' + "y" * 40 + '...")',
+        "invalid value for type, expected int @ $.emit[0].max_connections (got 1979-05-27)",
+        "invalid value for type, expected duration @ $.emit[0].idle_timeout (got a table)",
+        "invalid value for type, expected size @ $.emit[0].send_buffer (got 1.5)",
+    ]
+
+
 def test_every_problem_is_reported_at_once() -> None:
     """Problems in several tables, and rules across tables, all come out together, even when
     the tables they concern have other errors."""
@@ -592,7 +615,7 @@ def test_every_problem_is_reported_at_once() -> None:
         + capture_with(groups='["10.0.0.1:1"]')
     )
     assert errors_of(text) == [
-        "invalid value for type, expected int @ $.emit[0].ttl",
+        'invalid value for type, expected int @ $.emit[0].ttl (got "16")',
         "idle_timeout (1s) must be longer than heartbeat_interval (1s) @ $.emit[1].idle_timeout",
         "group 10.0.0.1 is not a multicast address (224.0.0.0/4) @ $.capture[0].groups[0]",
         "duplicate feed name 'dev' (also $.emit[0].name) @ $.emit[1].name",
@@ -774,7 +797,7 @@ def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
         load_config(bad)
     # A key file that does not exist yet is not an error (key_file_warnings names it).
     assert info.value.errors == (
-        "invalid value for type, expected int @ $.emit[0].ttl",
+        'invalid value for type, expected int @ $.emit[0].ttl (got "x")',
         f"cannot read key file {tmp_path / 'keys'}: not a regular file (a directory)"
         " @ $.emit[0].auth_key_files[2]",
         f"key file {tmp_path / 'keys' / 'short.key'} holds fewer than 16 bytes"
