@@ -5,11 +5,18 @@ import io
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from relayd_process import emit_toml, process_toml
 
 from relayd.config import ConfigError, MissingKeyFileError
 from relayd.logs import (
@@ -288,3 +295,33 @@ def test_rate_limited_logger_bounds_keys(restore_root: None) -> None:
     assert len(rl._keys) == 3
     # k0 was forgotten, so it logs again at once.
     assert rl.warning("k0", "x")
+
+
+def test_daemon_lines_carry_priorities_under_journald(tmp_path: Path) -> None:
+    """`relayd run` with stderr on a file that JOURNAL_STREAM names, as systemd sets it up: the
+    failing feed's line is an error (<3>), start-up lines are info (<6>)."""
+    config = tmp_path / "relayd.toml"
+    config.write_text(process_toml(emit_toml("alpha", interface="nosuchif0")))
+    log_path = tmp_path / "stderr"
+    with log_path.open("wb") as err:
+        st = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relayd", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while "nosuchif0" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    lines = log_path.read_text().splitlines()
+    assert lines
+    assert all(re.match(r"<[2-7]>[A-Z]+ ", line) for line in lines), lines
+    assert any(line.startswith("<3>ERROR ") and "nosuchif0" in line for line in lines), lines
+    assert any(line.startswith("<6>INFO ") for line in lines), lines
