@@ -872,7 +872,7 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            what = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            what = _FILE_KINDS.get(stat.S_IFMT(mode), "another kind of file")
             raise UnsafeFileError(errno.EINVAL, f"not a regular file ({what})")
         chunks: list[bytes] = []
         size = 0
