@@ -871,6 +871,8 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # the kernel's own words, as reading one used to say
+            raise UnsafeFileError(errno.EISDIR, os.strerror(errno.EISDIR))
         if not stat.S_ISREG(mode):
             what = _FILE_KINDS.get(stat.S_IFMT(mode), "another kind of file")
             raise UnsafeFileError(errno.EINVAL, f"not a regular file ({what})")
@@ -890,7 +892,6 @@ _FILE_KINDS: Final = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
-    stat.S_IFDIR: "a directory",
     stat.S_IFSOCK: "a socket",
 }
 

@@ -711,9 +711,7 @@ def test_load_config_never_blocks_on_a_fifo_or_device(tmp_path: Path) -> None:
     assert _load_in_thread(Path("/dev/zero")) == [
         "cannot read /dev/zero: not a regular file (a character device)"
     ]
-    assert _load_in_thread(tmp_path) == [
-        f"cannot read {tmp_path}: not a regular file (a directory)"
-    ]
+    assert _load_in_thread(tmp_path) == [f"cannot read {tmp_path}: Is a directory"]
 
 
 def test_load_config_size_cap(tmp_path: Path) -> None:
@@ -798,8 +796,7 @@ def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
     # A key file that does not exist yet is not an error (key_file_warnings names it).
     assert info.value.errors == (
         'invalid value for type, expected int @ $.emit[0].ttl (got "x")',
-        f"cannot read key file {tmp_path / 'keys'}: not a regular file (a directory)"
-        " @ $.emit[0].auth_key_files[2]",
+        f"cannot read key file {tmp_path / 'keys'}: Is a directory @ $.emit[0].auth_key_files[2]",
         f"key file {tmp_path / 'keys' / 'short.key'} holds fewer than 16 bytes"
         " @ $.emit[0].auth_key_files[3]",
     )
