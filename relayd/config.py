@@ -5,7 +5,7 @@
 in a file is collected and raised together as one :class:`ConfigError`, each message naming
 the TOML path it is about, in the form cattrs' ``transform_error`` uses::
 
-    invalid value for type, expected int @ $.emit[0].ttl
+    invalid value for type, expected int @ $.emit[0].ttl (got "abc")
 
 The key reference is ``docs/CONFIG.md``; the classes below mirror it field for field.
 """
@@ -13,8 +13,12 @@ The key reference is ``docs/CONFIG.md``; the classes below mirror it field for f
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
+import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network
@@ -41,6 +45,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_CONFIG_BYTES",
+    "MAX_DURATION",
+    "MAX_KEY_FILE_BYTES",
+    "MAX_NESTING",
+    "MAX_REPLAY_BYTES",
+    "MIN_DURATION",
     "CaptureFeed",
     "Config",
     "ConfigError",
@@ -53,14 +63,18 @@ __all__ = [
     "MissingKeyFileError",
     "PortRange",
     "ProcessConfig",
+    "UnsafeFileError",
     "key_file_warnings",
     "load_config",
     "parse_config",
+    "read_regular_file",
 ]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/relayd/relayd.toml")
 #: Shortest key accepted from a key file (bytes, surrounding whitespace removed).
 MIN_KEY_BYTES: Final = 16
+#: Largest key file read.
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -72,6 +86,16 @@ LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
 _MAX_SOCKET_BUFFER: Final = 1024**3
 # The replay buffer must hold at least two maximal frames (a 65507-byte datagram and header).
 _MIN_REPLAY_BYTES: Final = 128 * 1024
+# ... and at most what a capture host can hold in memory beside its socket buffers.
+MAX_REPLAY_BYTES: Final = 4 * 1024**3
+
+#: Every duration lies in MIN_DURATION..MAX_DURATION seconds. Both data paths honour this
+#: range: the Python one passes milliseconds to poll() as a C int (2**31-1 ms, about 596 h,
+#: so "600h" overflowed) and rounds up to whole milliseconds; the C one adds nanoseconds to
+#: CLOCK_MONOTONIC in an int64 (so "9999999999h" wrapped into the past and closed every
+#: connection at once).
+MIN_DURATION: Final = 0.001
+MAX_DURATION: Final = 24 * 3600.0
 
 _FEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -99,10 +123,34 @@ class _InvalidValueError(ValueError):
 
 
 class _WrongTypeError(TypeError):
-    """A value of the wrong TOML type."""
+    """A value of the wrong TOML type. The message keeps cattrs' wording; the value given is
+    shown after the TOML path (see ``_messages``)."""
 
-    def __init__(self, expected: str) -> None:
+    def __init__(self, expected: str, given: Any) -> None:
         super().__init__(f"invalid value for type, expected {expected}")
+        self.given = given
+
+
+# Separates a message from the "(got ...)" that _messages moves behind the TOML path. JSON
+# escapes it inside any value shown, so it can only come from here.
+_GOT: Final = "\x1f"
+_MAX_SHOWN: Final = 40
+
+
+def _shown(value: Any) -> str:
+    """A value as the TOML file wrote it, cut short: ``"abc"``, ``16``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        text = json.dumps(value[:_MAX_SHOWN], ensure_ascii=False)
+        return text[:-1] + '..."' if len(value) > _MAX_SHOWN else text
+    if isinstance(value, (int, float)):
+        return json.dumps(value)[:_MAX_SHOWN]
+    return str(value)[:_MAX_SHOWN]  # a TOML date or time, written without quotes
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,19 +387,19 @@ Parser = Callable[[Any], T]
 
 def _str(value: Any) -> str:
     if not isinstance(value, str):
-        raise _WrongTypeError("str")
+        raise _WrongTypeError("str", value)
     return value
 
 
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _WrongTypeError("int")
+        raise _WrongTypeError("int", value)
     return value
 
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _WrongTypeError("bool")
+        raise _WrongTypeError("bool", value)
     return value
 
 
@@ -388,13 +436,26 @@ def _feed_name(value: Any) -> str:
     return name
 
 
+_NOT_HOST_ADDRESSES: Final = (
+    (IPv4Network("0.0.0.0/8"), "not a host address (0.0.0.0/8 means this network)"),
+    (IPv4Network("255.255.255.255/32"), "the limited broadcast address"),
+    (MULTICAST, "a multicast address"),
+)
+
+
 def _interface(value: Any) -> str:
     name = _str(value)
     if name and name.replace(".", "").isdigit():
         try:
-            IPv4Address(name)
+            address = IPv4Address(name)
         except ValueError:
             raise _InvalidValueError(f"invalid interface {name!r}: bad IPv4 address") from None
+        for network, what in _NOT_HOST_ADDRESSES:
+            if address in network:
+                raise _InvalidValueError(
+                    f"invalid interface {name!r}: {what}; expected an interface name or the "
+                    "unicast IPv4 address of an interface"
+                )
         return name
     bad_char = any(char == "/" or char.isspace() or not char.isprintable() for char in name)
     if not name or len(name.encode()) >= _IFNAMSIZ or bad_char:
@@ -423,13 +484,29 @@ def _listen_endpoint(value: Any) -> Endpoint:
     return Endpoint.parse(_str(value), allow_port_zero=True)
 
 
+def _ipv4_only(parse: Parser[Endpoint]) -> Parser[Endpoint]:
+    """Emit listeners and capture targets are IPv4 end to end (their sockets are AF_INET), so an
+    IPv6 address there is refused here rather than failing when the feed starts."""
+
+    def parse_ipv4(value: Any) -> Endpoint:
+        endpoint = parse(value)
+        if ":" in endpoint.host:
+            raise _InvalidValueError(
+                f"invalid address {value!r}: IPv6 is not supported here yet "
+                "(use an IPv4 address or a host name)"
+            )
+        return endpoint
+
+    return parse_ipv4
+
+
 def _group_port(value: Any) -> GroupPort:
     return GroupPort.parse(_str(value))
 
 
 def _port_range(value: Any) -> PortRange:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _WrongTypeError('port or "lo-hi" range')
+        raise _WrongTypeError('port or "lo-hi" range', value)
     return PortRange.parse(value)
 
 
@@ -470,20 +547,25 @@ def _path(value: Any) -> Path:
 
 def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _WrongTypeError("duration")
+        raise _WrongTypeError("duration", value)
     try:
         seconds = parse_duration(value)
     except UnitError as exc:
         raise _InvalidValueError(str(exc)) from None
     if seconds <= 0:
         raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
+    if not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise _InvalidValueError(
+            f"invalid duration {value!r}: must be between {format_duration(MIN_DURATION)} "
+            f"and {format_duration(MAX_DURATION)}"
+        )
     return seconds
 
 
 def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise _WrongTypeError("size")
+            raise _WrongTypeError("size", value)
         try:
             size = parse_size(value)
         except UnitError as exc:
@@ -505,7 +587,7 @@ def _tuple_of(
 
     def parse(value: Any) -> tuple[T, ...]:
         if not isinstance(value, list):
-            raise _WrongTypeError("array")
+            raise _WrongTypeError("array", value)
         if non_empty and not value:
             raise _InvalidValueError("must not be empty")
         items: list[T] = []
@@ -559,7 +641,7 @@ def _register(
 
     def structure(value: Any, _type: Any) -> T:
         if not isinstance(value, dict):
-            raise _WrongTypeError("table")
+            raise _WrongTypeError("table", value)
         instance: T = generated(value, cls)
         if check is not None:
             errors: list[Exception] = []
@@ -592,7 +674,7 @@ _register(
     EmitFeed,
     {
         "name": _feed_name,
-        "listen": _listen_endpoint,
+        "listen": _ipv4_only(_listen_endpoint),
         "interface": _interface,
         "allowed_sources": _tuple_of(_cidr, non_empty=True),
         "allowed_groups": _tuple_of(_group_cidr, non_empty=True),
@@ -614,9 +696,9 @@ _register(
         "name": _feed_name,
         "interface": _interface,
         "groups": _tuple_of(_group_port, non_empty=True, unique=True),
-        "targets": _tuple_of(_endpoint, non_empty=True, unique=True),
+        "targets": _tuple_of(_ipv4_only(_endpoint), non_empty=True, unique=True),
         "receive_buffer": _size(hi=_MAX_SOCKET_BUFFER),
-        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES),
+        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES, hi=MAX_REPLAY_BYTES),
         "replay_max_age": _duration,
         "heartbeat_interval": _duration,
         "idle_timeout": _duration,
@@ -634,7 +716,9 @@ _register(
 
 
 def _describe(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, (_InvalidValueError, _WrongTypeError)):
+    if isinstance(exc, _WrongTypeError):
+        return f"{exc}{_GOT}(got {_shown(exc.given)})"
+    if isinstance(exc, _InvalidValueError):
         return str(exc)
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl) if a.init]
@@ -651,13 +735,56 @@ def _unknown_key(key: str, known: Iterable[str]) -> str:
 
 
 def _messages(exc: Exception, path: str) -> list[str]:
-    return cattrs.transform_error(exc, path, _describe)
+    """``message @ path``, and ``message @ path (got value)`` for a value of the wrong type:
+    the prefix stays what cattrs' ``transform_error`` says."""
+    messages = []
+    for message in cattrs.transform_error(exc, path, _describe):
+        text, got, rest = message.partition(_GOT)
+        shown, at, where = rest.rpartition(" @ ")
+        if not got:
+            messages.append(message)
+        else:
+            messages.append(f"{text} @ {where} {shown}" if at else f"{text} {rest}")
+    return messages
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 
 _SECTIONS: Final = ("process", "health", "emit", "capture")
+
+#: Largest configuration file read; real ones are a few KiB.
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: Deepest nesting of arrays and inline tables accepted. tomllib parses nesting by recursion:
+#: 500 levels raised RecursionError, and 2,000 in a reload's worker thread killed the daemon.
+MAX_NESTING: Final = 32
+
+# What the nesting scan must step over: strings (which may hold brackets) and comments.
+_TOML_TOKEN = re.compile(
+    r'"""(?:[^\\]|\\.)*?"""'  # multi-line basic string
+    r"|'{3}.*?'{3}"  # multi-line literal string
+    r'|"(?:[^"\\\n]|\\.)*"'  # basic string
+    r"|'[^'\n]*'"  # literal string
+    r"|#[^\n]*"  # comment
+    r"|[\[\]{}]",
+    re.DOTALL,
+)
+
+
+def _nesting_error(text: str) -> str | None:
+    """A message when arrays and inline tables in ``text`` nest deeper than ``MAX_NESTING``,
+    found by a linear scan before any recursive parsing."""
+    depth = 0
+    for token in _TOML_TOKEN.finditer(text):
+        bracket = token[0]
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                line = text.count("\n", 0, token.start()) + 1
+                return f"invalid TOML: nested more than {MAX_NESTING} deep (at line {line})"
+        elif bracket in "]}":
+            depth = max(depth - 1, 0)
+    return None
 
 
 def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool = False) -> Config:
@@ -667,10 +794,15 @@ def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool =
     ``check_files`` every key file must exist and be readable. Raises :class:`ConfigError`
     with every problem found; nothing else escapes for any input text.
     """
+    too_deep = _nesting_error(text)
+    if too_deep is not None:
+        raise ConfigError([too_deep])
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"invalid TOML: {exc}"]) from None
+    except RecursionError:  # the scan above should have caught it; never a traceback
+        raise ConfigError([f"invalid TOML: nested more than {MAX_NESTING} deep"]) from None
     errors: list[str] = []
 
     for key in sorted(set(raw) - set(_SECTIONS)):
@@ -724,14 +856,55 @@ def parse_config(text: str, *, base_dir: Path | None = None, check_files: bool =
     )
 
 
+class UnsafeFileError(OSError):
+    """A file relayd refuses to read: not a regular file, or larger than its cap."""
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The contents of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    The open never blocks (``O_NONBLOCK``: a FIFO without a writer would otherwise hang a
+    reload, and stop behind it) and ``fstat`` on the open descriptor decides, so a FIFO, a
+    device or a directory is refused without a read. Raises ``OSError`` (``UnsafeFileError``
+    for a refused file) whose ``strerror`` says why."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # the kernel's own words, as reading one used to say
+            raise UnsafeFileError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            what = _FILE_KINDS.get(stat.S_IFMT(mode), "another kind of file")
+            raise UnsafeFileError(errno.EINVAL, f"not a regular file ({what})")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(limit + 1 - size, 1 << 16) or 1):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UnsafeFileError(errno.EFBIG, f"larger than {format_size(limit)}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+_FILE_KINDS: Final = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 def load_config(path: Path | str) -> Config:
     """Read, parse and validate the file at ``path``, and check that its key files are
-    readable. Raises :class:`ConfigError` with every problem (also for an unreadable file).
+    readable. Raises :class:`ConfigError` with every problem (also for an unreadable file, a
+    FIFO or device, or one larger than ``MAX_CONFIG_BYTES``).
 
     Relative key-file paths are taken relative to the file's directory."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
     try:
@@ -805,8 +978,7 @@ def _check_key_files(raw: Mapping[str, Any], base_dir: Path) -> Iterator[str]:
             continue
         path = base_dir / relative
         try:
-            with path.open("rb") as file:
-                key = file.read(64 * 1024).strip()
+            key = read_regular_file(path, MAX_KEY_FILE_BYTES).strip()
         except FileNotFoundError:
             continue  # not provisioned yet: a warning (key_file_warnings), not an error
         except OSError as exc:

@@ -4,6 +4,13 @@ Text (the default) is ``LEVEL logger: message key=value ...``, preceded by an IS
 unless stderr is the journal (``JOURNAL_STREAM`` names it), because journald stamps each line
 itself. JSON (``log_format = "json"``) is one object per line with ``ts``, ``level``,
 ``logger``, ``msg`` and every ``extra=`` field, which CloudWatch Logs Insights indexes as is.
+When stderr is the journal, every line of either format starts with its syslog priority as
+sd-daemon(3) defines it (``<3>`` for an error); journald takes the prefix off and files the
+line under that priority, so ``journalctl -p err`` finds the errors.
+
+Expected conditions of the outside world (a port in use, a missing key file, an unknown
+interface) are logged by ``log_failure`` as one line with no traceback, also when they arrive
+wrapped in an ``ExceptionGroup``; anything else keeps its traceback.
 
 A traceback never spans lines: in text it is appended as ``exc="..."`` with the newlines
 escaped, in JSON as the ``exc`` field, so journald and log shippers keep one event whole.
@@ -19,8 +26,10 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TextIO
+
+from relayd.config import ConfigError, MissingKeyFileError
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -93,6 +102,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority (sd-daemon's ``<N>``) of a logging level: critical 2, error 3,
+    warning 4, info 6, debug 7."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Another formatter's line behind its ``<N>`` priority prefix, for stderr read by
+    journald (``SyslogLevelPrefix=`` is on by default)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{syslog_priority(record.levelno)}>{self.inner.format(record)}"
+
+
 def stderr_is_journal(environ: dict[str, str] | None = None, stream: TextIO | None = None) -> bool:
     """True when ``JOURNAL_STREAM`` (``dev:inode``) names the file stderr is connected to."""
     env = os.environ if environ is None else environ
@@ -114,11 +149,11 @@ def setup_logging(level: str = "info", fmt: str = "text", *, stream: TextIO | No
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
     out = stream if stream is not None else sys.stderr
+    journal = stderr_is_journal(stream=out)
     formatter: logging.Formatter
-    if fmt == "json":
-        formatter = JsonFormatter()
-    else:
-        formatter = TextFormatter(timestamps=not stderr_is_journal(stream=out))
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter(timestamps=not journal)
+    if journal:
+        formatter = JournalFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
@@ -186,3 +221,62 @@ class RateLimitedLogger:
 
     def error(self, key: str, msg: str, *args: Any, **kwargs: Any) -> bool:
         return self.log(logging.ERROR, key, msg, *args, **kwargs)
+
+
+#: Conditions of the outside world that an operator fixes without reading code: logged as one
+#: line, never with a traceback. Modules that import trio add their own (``InterfaceError``,
+#: ``KeyFileError``) through ``log_failure``'s ``expected``.
+EXPECTED_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    OSError,
+    ConfigError,
+    MissingKeyFileError,
+)
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` and its nested groups (``exc`` itself if not a group)."""
+    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (exceptiongroup on 3.10)
+    if isinstance(inner, tuple):
+        return [leaf for one in inner for leaf in leaf_errors(one)]
+    return [exc]
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception or a whole (nested) group: each distinct leaf as
+    ``Type: message``, joined by ``"; "``."""
+    lines: list[str] = []
+    for leaf in leaf_errors(exc):
+        text = str(leaf).replace("\n", "\\n")
+        line = f"{type(leaf).__name__}: {text}" if text else type(leaf).__name__
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def is_expected(
+    exc: BaseException, expected: tuple[type[BaseException], ...] = EXPECTED_ERRORS
+) -> bool:
+    """Whether every leaf of ``exc`` is one of the ``expected`` kinds."""
+    return all(isinstance(leaf, expected) for leaf in leaf_errors(exc))
+
+
+def log_failure(
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    *args: Any,
+    exc: BaseException,
+    expected: tuple[type[BaseException], ...] = EXPECTED_ERRORS,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Log ``msg % args`` followed by ``": "`` and ``describe_error(exc)``: one line when every
+    error in ``exc`` is ``expected``, with the traceback otherwise (a bug to report)."""
+    logger.log(
+        level,
+        f"{msg}: %s",
+        *args,
+        describe_error(exc),
+        exc_info=None if is_expected(exc, expected) else exc,
+        extra=extra,
+        stacklevel=2,
+    )

@@ -41,6 +41,8 @@ __all__ = [
     "SO_RXQ_OVFL",
     "GroupReceiver",
     "InterfaceError",
+    "address_error",
+    "bind_tcp_listener",
     "drain",
     "open_group_receivers",
     "open_multicast_sender",
@@ -75,6 +77,35 @@ _SOL_SOCKET = socket.SOL_SOCKET
 
 class InterfaceError(Exception):
     """An interface name or address that cannot be used (unknown, no IPv4 address, ...)."""
+
+
+def address_error(exc: OSError, host: str, port: int, action: str = "bind") -> OSError:
+    """``exc`` with a message that names the address it is about: ``[Errno 98] cannot bind
+    0.0.0.0:6667: Address already in use``. The errno (and so the OSError subclass) stays,
+    so that handlers that test it keep working."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = exc.strerror or str(exc)
+    return OSError(exc.errno, f"cannot {action} {address}: {reason}")
+
+
+def bind_tcp_listener(host: str, port: int, *, backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port`` (``SO_REUSEADDR``), IPv4 unless
+    ``host`` is an IPv6 address. On failure the socket is closed and the ``OSError`` names the
+    address (see ``address_error``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError as exc:
+            raise address_error(exc, host, port) from None
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def resolve_interface(name_or_addr: str) -> IPv4Address:

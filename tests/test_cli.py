@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from relayd_process import RelaydProcess, emit_toml, get_json, process_toml
 
 import relayd
 from relayd import cli
@@ -109,7 +111,7 @@ def test_check_config_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err.splitlines() == [
         f"{path}: invalid CIDR '10.20.0.1/24': host bits set (did you mean 10.20.0.0/24?)"
         " @ $.emit[0].allowed_sources[0]",
-        f"{path}: invalid value for type, expected int @ $.emit[0].ttl",
+        f'{path}: invalid value for type, expected int @ $.emit[0].ttl (got "16")',
         f"{path}: port 8080 is already used by $.health.listen @ $.emit[0].listen",
     ]
 
@@ -259,3 +261,69 @@ def test_demo_arguments() -> None:
         "demo", "--duration", "30", "--speed", "100", "--rate", "20000", "--pcap", "x.pcapng"
     )
     assert (args.duration, args.speed, args.rate, args.pcap) == (30.0, 100.0, 20000, "x.pcapng")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(
+            "a = " + "[" * 500 + "]" * 500 + "\n",
+            "invalid TOML: nested more than 32 deep (at line 1)",
+            id="arrays-500-deep",
+        ),
+        pytest.param(
+            "x = 1\na = " + "{b = " * 2000 + "1" + "}" * 2000 + "\n",
+            "invalid TOML: nested more than 32 deep (at line 2)",
+            id="inline-tables-2000-deep",
+        ),
+        pytest.param("# padding\n" * 110_000, "cannot read {path}: larger than 1MiB", id="2MiB"),
+    ],
+)
+def test_check_config_refuses_hostile_files_in_one_line(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    """A hostile file is one line and exit 2 from the real command, never a traceback."""
+    path = tmp_path / "hostile.toml"
+    path.write_text(content)
+    result = _run_process("-m", "relayd", "check-config", "--config", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"{path}: {message.format(path=path)}\n"
+
+
+def test_check_config_does_not_block_on_a_fifo(tmp_path: Path) -> None:
+    """A FIFO with no writer used to block the read (and a reload, and stop behind it)."""
+    path = tmp_path / "relayd.toml"
+    os.mkfifo(path)
+    result = _run_process("-m", "relayd", "check-config", "--config", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"{path}: cannot read {path}: not a regular file (a FIFO)\n"
+
+
+def test_run_survives_a_reload_of_hostile_files(tmp_path: Path) -> None:
+    """SIGHUP with the file replaced by a FIFO, then by TOML nested 2,000 deep: each reload
+    fails with one line, the daemon keeps serving, and stop is not held up. (The FIFO hung
+    reload and stop; the deep file killed the daemon.)"""
+    config_path = tmp_path / "relayd.toml"
+    good = process_toml(emit_toml("alpha"))
+    config_path.write_text(good)
+    daemon = RelaydProcess(config_path, {})
+    try:
+        health = daemon.health_port()
+        config_path.unlink()
+        os.mkfifo(config_path)
+        daemon.proc.send_signal(signal.SIGHUP)
+        first = daemon.wait_line(r"reload: cannot read .*: not a regular file \(a FIFO\)")
+        config_path.unlink()
+        config_path.write_text(good + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        mark = len(daemon.lines)
+        daemon.wait_line(r"reload: invalid TOML: nested more than 32 deep", start=mark)
+        daemon.wait_line(r"reload failed with 1 error", start=mark)
+        assert daemon.proc.poll() is None
+        assert get_json(health)[0] == 200
+        assert first is not None
+        assert not any("Traceback" in line or "RecursionError" in line for line in daemon.lines)
+        code, _took = daemon.stop()
+        assert code == 0
+    finally:
+        daemon.kill()

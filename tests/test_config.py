@@ -3,9 +3,14 @@ agreement with docs/CONFIG.md, and a fuzz test that only ConfigError ever escape
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import re
+import select
 import textwrap
+import threading
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -15,6 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.config import (
+    MAX_CONFIG_BYTES,
+    MAX_DURATION,
+    MAX_NESTING,
     CaptureFeed,
     Config,
     ConfigError,
@@ -28,6 +36,7 @@ from relayd.config import (
     load_config,
     parse_config,
 )
+from relayd.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "etc" / "relayd"
@@ -401,18 +410,20 @@ def test_allows() -> None:
             [
                 "invalid size '2GiB': must be at most 1GiB @ $.capture[0].receive_buffer",
                 "invalid size '64KiB': must be at least 128KiB @ $.capture[0].replay_max_bytes",
-                "invalid value for type, expected duration @ $.capture[0].replay_max_age",
-                "invalid value for type, expected duration @ $.capture[0].connect_timeout",
+                "invalid value for type, expected duration @ $.capture[0].replay_max_age"
+                " (got true)",
+                "invalid value for type, expected duration @ $.capture[0].connect_timeout"
+                " (got an array)",
             ],
             id="size-bounds-and-duration-types",
         ),
         pytest.param(
             emit_with(ttl='"16"', loop="1", max_connections="true", name="6"),
             [
-                "invalid value for type, expected str @ $.emit[0].name",
-                "invalid value for type, expected int @ $.emit[0].ttl",
-                "invalid value for type, expected bool @ $.emit[0].loop",
-                "invalid value for type, expected int @ $.emit[0].max_connections",
+                "invalid value for type, expected str @ $.emit[0].name (got 6)",
+                'invalid value for type, expected int @ $.emit[0].ttl (got "16")',
+                "invalid value for type, expected bool @ $.emit[0].loop (got 1)",
+                "invalid value for type, expected int @ $.emit[0].max_connections (got true)",
             ],
             id="strict-types",
         ),
@@ -423,6 +434,56 @@ def test_allows() -> None:
                 "0 out of range >= 1 @ $.emit[0].max_connections",
             ],
             id="int-ranges",
+        ),
+        pytest.param(
+            emit_with(idle_timeout='"9999999999h"', hello_timeout="1e300")
+            + capture_with(
+                heartbeat_interval='"600h"',
+                idle_timeout='"601h"',
+                connect_timeout='"500us"',
+                replay_max_age='"25h"',
+                replay_max_bytes='"1TiB"',
+            ),
+            [
+                "invalid duration 1e+300: must be between 1ms and 24h @ $.emit[0].hello_timeout",
+                "invalid duration '9999999999h': must be between 1ms and 24h"
+                " @ $.emit[0].idle_timeout",
+                "invalid size '1TiB': must be at most 4GiB @ $.capture[0].replay_max_bytes",
+                "invalid duration '25h': must be between 1ms and 24h @ $.capture[0].replay_max_age",
+                "invalid duration '600h': must be between 1ms and 24h"
+                " @ $.capture[0].heartbeat_interval",
+                "invalid duration '601h': must be between 1ms and 24h @ $.capture[0].idle_timeout",
+                "invalid duration '500us': must be between 1ms and 24h"
+                " @ $.capture[0].connect_timeout",
+            ],
+            id="durations-and-replay-bounded-to-what-the-daemon-honours",
+        ),
+        pytest.param(
+            emit_with(listen='"[::]:6667"')
+            + capture_with(targets='["relay.example.com:6666", "[2001:db8::1]:6666"]'),
+            [
+                "invalid address '[::]:6667': IPv6 is not supported here yet"
+                " (use an IPv4 address or a host name) @ $.emit[0].listen",
+                "invalid address '[2001:db8::1]:6666': IPv6 is not supported here yet"
+                " (use an IPv4 address or a host name) @ $.capture[0].targets[1]",
+            ],
+            id="ipv6-feeds-refused",
+        ),
+        pytest.param(
+            emit_with(interface='"255.255.255.255"')
+            + emit_with(name='"b"', listen='"0.0.0.0:1"', interface='"0.0.0.0"')
+            + capture_with(interface='"239.1.1.1"'),
+            [
+                "invalid interface '255.255.255.255': the limited broadcast address; expected"
+                " an interface name or the unicast IPv4 address of an interface"
+                " @ $.emit[0].interface",
+                "invalid interface '0.0.0.0': not a host address (0.0.0.0/8 means this"
+                " network); expected an interface name or the unicast IPv4 address of an"
+                " interface @ $.emit[1].interface",
+                "invalid interface '239.1.1.1': a multicast address; expected an interface"
+                " name or the unicast IPv4 address of an interface @ $.capture[0].interface",
+            ],
+            id="interface-addresses-are-unicast-hosts",
         ),
         pytest.param(
             emit_with(heartbeat_interval='"5s"'),
@@ -450,8 +511,8 @@ def test_allows() -> None:
         pytest.param(
             "emit = [1]\nprocess = 3\n",
             [
-                "invalid value for type, expected table @ $.process",
-                "invalid value for type, expected table @ $.emit[0]",
+                "invalid value for type, expected table @ $.process (got 3)",
+                "invalid value for type, expected table @ $.emit[0] (got 1)",
             ],
             id="not-tables",
         ),
@@ -508,7 +569,7 @@ def test_allows() -> None:
             [
                 "invalid path '' @ $.emit[0].auth_key_files[0]",
                 "invalid path 'a\\x00b' @ $.emit[0].auth_key_files[1]",
-                "invalid value for type, expected str @ $.emit[0].auth_key_files[2]",
+                "invalid value for type, expected str @ $.emit[0].auth_key_files[2] (got 5)",
             ],
             id="bad-paths",
         ),
@@ -523,6 +584,27 @@ def test_refused_with_exact_messages(text: str, expected: list[str]) -> None:
     assert errors_of(text) == expected
 
 
+def test_wrong_types_show_the_value_given() -> None:
+    """The value as the file wrote it, after the path (so the prefix stays cattrs' wording),
+    cut at 40 characters, and never confused by what it contains."""
+    text = emit_with(
+        ttl=r'"a @ b \u001f"',
+        listen="6667",
+        loop='"' + "y" * 60 + '"',
+        max_connections="1979-05-27",
+        idle_timeout="{ a = 1 }",
+        send_buffer="1.5",
+    )
+    assert errors_of(text) == [
+        "invalid value for type, expected str @ $.emit[0].listen (got 6667)",
+        r'invalid value for type, expected int @ $.emit[0].ttl (got "a @ b \u001f")',
+        'invalid value for type, expected bool @ $.emit[0].loop (got "' + "y" * 40 + '...")',
+        "invalid value for type, expected int @ $.emit[0].max_connections (got 1979-05-27)",
+        "invalid value for type, expected duration @ $.emit[0].idle_timeout (got a table)",
+        "invalid value for type, expected size @ $.emit[0].send_buffer (got 1.5)",
+    ]
+
+
 def test_every_problem_is_reported_at_once() -> None:
     """Problems in several tables, and rules across tables, all come out together, even when
     the tables they concern have other errors."""
@@ -533,12 +615,47 @@ def test_every_problem_is_reported_at_once() -> None:
         + capture_with(groups='["10.0.0.1:1"]')
     )
     assert errors_of(text) == [
-        "invalid value for type, expected int @ $.emit[0].ttl",
+        'invalid value for type, expected int @ $.emit[0].ttl (got "16")',
         "idle_timeout (1s) must be longer than heartbeat_interval (1s) @ $.emit[1].idle_timeout",
         "group 10.0.0.1 is not a multicast address (224.0.0.0/4) @ $.capture[0].groups[0]",
         "duplicate feed name 'dev' (also $.emit[0].name) @ $.emit[1].name",
         "port 6666 is already used by $.health.listen @ $.emit[0].listen",
         "port 6666 is already used by $.health.listen @ $.emit[1].listen",
+    ]
+
+
+def test_duration_bounds_are_inclusive_and_health_may_use_ipv6() -> None:
+    config = parse_config(
+        emit_with(heartbeat_interval='"1ms"', idle_timeout='"24h"')
+        + capture_with(replay_max_bytes='"4GiB"', replay_max_age="86400")
+        + '[health]\nlisten = "[::1]:8080"\n'
+    )
+    assert (config.emit[0].heartbeat_interval, config.emit[0].idle_timeout) == (0.001, 86400)
+    assert (config.capture[0].replay_max_bytes, config.capture[0].replay_max_age) == (
+        4 * 1024**3,
+        86400,
+    )
+    assert config.health.listen == Endpoint("::1", 8080)
+
+
+def test_longest_duration_fits_both_data_paths() -> None:
+    """The Python data path polls with milliseconds as a C int and the C one keeps int64
+    nanosecond deadlines: the longest duration accepted must fit both, "600h" did not."""
+    reader, writer = os.pipe()
+    try:
+        os.write(writer, b"x")
+        poller = select.poll()
+        poller.register(reader, select.POLLIN)
+        assert poller.poll(math.ceil(MAX_DURATION * 1000)) == [(reader, select.POLLIN)]
+        with pytest.raises(OverflowError):
+            poller.poll(math.ceil(parse_duration("600h") * 1000))
+    finally:
+        os.close(reader)
+        os.close(writer)
+    uptime_ns = time.monotonic_ns() + 10 * 365 * 86400 * 10**9  # a box up for ten more years
+    assert ctypes.c_int64(uptime_ns + int(MAX_DURATION * 1e9)).value > uptime_ns
+    assert errors_of(capture_with(idle_timeout='"600h"')) == [
+        "invalid duration '600h': must be between 1ms and 24h @ $.capture[0].idle_timeout"
     ]
 
 
@@ -568,6 +685,81 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.errors == (f"cannot read {path}: No such file or directory",)
+
+
+def _load_in_thread(path: Path) -> list[str]:
+    """load_config's errors, from a thread, so that a read that blocks fails the test instead
+    of hanging it (the regression this guards against)."""
+    result: list[list[str]] = []
+
+    def load() -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        result.append(list(info.value.errors))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert result, "load_config blocked"
+    return result[0]
+
+
+def test_load_config_never_blocks_on_a_fifo_or_device(tmp_path: Path) -> None:
+    fifo = tmp_path / "relayd.toml"
+    os.mkfifo(fifo)
+    assert _load_in_thread(fifo) == [f"cannot read {fifo}: not a regular file (a FIFO)"]
+    assert _load_in_thread(Path("/dev/zero")) == [
+        "cannot read /dev/zero: not a regular file (a character device)"
+    ]
+    assert _load_in_thread(tmp_path) == [f"cannot read {tmp_path}: Is a directory"]
+
+
+def test_load_config_size_cap(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.toml"
+    text = EMIT + "#" * (MAX_CONFIG_BYTES - len(EMIT) - 1) + "\n"
+    path.write_text(text)
+    assert len(load_config(path).emit) == 1  # exactly the cap is fine
+    path.write_text(text + "\n")
+    assert _load_in_thread(path) == [f"cannot read {path}: larger than 1MiB"]
+
+
+def test_key_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "a.key")
+    (tmp_path / "relayd.toml").write_text(emit_with(auth_key_files='["a.key"]'))
+    assert _load_in_thread(tmp_path / "relayd.toml") == [
+        f"cannot read key file {tmp_path / 'a.key'}: not a regular file (a FIFO)"
+        " @ $.emit[0].auth_key_files[0]"
+    ]
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 500, 2000, 100_000])
+def test_deep_nesting_is_one_error_before_parsing(depth: int) -> None:
+    arrays = "a = " + "[" * depth + "]" * depth
+    tables = "a = " + "{b = " * depth + "1" + "}" * depth
+    for text in (arrays, tables):
+        assert errors_of(EMIT + text) == [
+            f"invalid TOML: nested more than {MAX_NESTING} deep (at line 8)"
+        ]
+
+
+def test_nesting_scan_skips_strings_and_comments() -> None:
+    brackets = "[" * 100
+    quote3 = "'" * 3
+    text = (
+        f'[process]\nlog_level = "info" # {brackets}\n'
+        + emit_with(name=f"'dev' # {brackets}")
+        + f'x = "{brackets}"\ny = """\n{brackets}\\"""\n"""\n'
+        + f"z = {quote3}{brackets}{quote3}\nw = '{brackets}'\n"
+        + "v = "
+        + "[" * MAX_NESTING
+        + "]" * MAX_NESTING
+        + "\n"
+    )
+    # Only the keys are wrong: nothing in a string or comment counted as nesting.
+    assert errors_of(text) == [
+        "unknown key 'v'; unknown key 'w'; unknown key 'x'; unknown key 'y'; unknown key 'z'"
+        " @ $.emit[0]"
+    ]
 
 
 def test_load_config_not_utf8(tmp_path: Path) -> None:
@@ -603,7 +795,7 @@ def test_key_files_are_checked_and_rebased(tmp_path: Path) -> None:
         load_config(bad)
     # A key file that does not exist yet is not an error (key_file_warnings names it).
     assert info.value.errors == (
-        "invalid value for type, expected int @ $.emit[0].ttl",
+        'invalid value for type, expected int @ $.emit[0].ttl (got "x")',
         f"cannot read key file {tmp_path / 'keys'}: Is a directory @ $.emit[0].auth_key_files[2]",
         f"key file {tmp_path / 'keys' / 'short.key'} holds fewer than 16 bytes"
         " @ $.emit[0].auth_key_files[3]",

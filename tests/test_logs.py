@@ -1,15 +1,33 @@
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trio
+from relayd_process import emit_toml, process_toml
 
-from relayd.logs import RateLimitedLogger, setup_logging, stderr_is_journal
+from relayd.config import ConfigError, MissingKeyFileError
+from relayd.logs import (
+    RateLimitedLogger,
+    describe_error,
+    is_expected,
+    log_failure,
+    setup_logging,
+    stderr_is_journal,
+    syslog_priority,
+)
 
 
 @pytest.fixture
@@ -111,7 +129,128 @@ def test_journal_stream_detection_drops_timestamps(restore_root: None) -> None:
         finally:
             del os.environ["JOURNAL_STREAM"]
         f.seek(0)
-        assert f.read() == "INFO relayd.test: hello\n"
+        assert f.read() == "<6>INFO relayd.test: hello\n"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_journal_lines_carry_their_syslog_priority(
+    restore_root: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Under journald each line starts with sd-daemon's <N>, so `journalctl -p err` finds
+    errors; before, every line was filed at the unit's default priority (info)."""
+    with tempfile.TemporaryFile("w+") as f:
+        st = os.fstat(f.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        setup_logging("debug", fmt, stream=f)
+        log = logging.getLogger("relayd.test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        try:
+            raise ValueError("x\ny")
+        except ValueError:
+            log.exception("boom")
+        log.critical("c")
+        f.seek(0)
+        lines = f.read().splitlines()
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<3>", "<2>"]
+    if fmt == "json":
+        assert [json.loads(line[3:])["msg"] for line in lines] == ["d", "i", "w", "e", "boom", "c"]
+    else:
+        assert lines[0] == "<7>DEBUG relayd.test: d"  # no timestamp: journald stamps lines
+        assert lines[4].startswith("<3>ERROR relayd.test: boom exc=")
+
+
+def test_no_priority_prefix_off_the_journal(restore_root: None) -> None:
+    out = io.StringIO()
+    setup_logging("info", "json", stream=out)
+    logging.getLogger("relayd.test").error("e")
+    assert out.getvalue().startswith("{")
+
+
+def test_syslog_priorities() -> None:
+    assert [syslog_priority(level) for level in (5, 10, 20, 25, 30, 40, 50, 60)] == [
+        7,
+        7,
+        6,
+        6,
+        4,
+        3,
+        2,
+        2,
+    ]
+
+
+def _raised_by_trio(*errors: Exception | tuple[Exception, ...]) -> BaseException:
+    """What a nursery raises when its tasks fail with ``errors`` (a tuple: a nested nursery)."""
+
+    async def fail(error: Exception | tuple[Exception, ...]) -> None:
+        if isinstance(error, tuple):
+            async with trio.open_nursery() as inner:
+                for one in error:
+                    inner.start_soon(fail, one)
+        else:
+            raise error
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for error in errors:
+                nursery.start_soon(fail, error)
+
+    try:
+        trio.run(main)
+    except BaseException as exc:  # the group under test
+        return exc
+    raise AssertionError("no error raised")
+
+
+def _group_of_expected() -> BaseException:
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    missing = MissingKeyFileError("key file /etc/relayd/prod.key does not exist (yet)")
+    bad = ConfigError(["invalid TOML: nested more than 32 deep (at line 1)"])
+    again = OSError(errno.EADDRINUSE, "Address already in use")
+    return _raised_by_trio((in_use, missing), bad, again)
+
+
+def test_log_failure_expected_group_is_one_line(restore_root: None) -> None:
+    """A port in use, a missing key, a bad file, wrapped in (nested) groups as Trio raises
+    them: one line, no traceback (before: the whole ExceptionGroup traceback)."""
+    out = io.StringIO()
+    setup_logging("info", "text", stream=out)
+    log = logging.getLogger("relayd.test")
+    log_failure(log, logging.ERROR, "emit feed %s failed", "prod", exc=_group_of_expected(),
+                extra={"feed": "prod"})  # fmt: skip
+    line = out.getvalue()
+    assert line.count("\n") == 1
+    assert "exc=" not in line
+    head, sep, tail = line.split(" ", 1)[1].partition("emit feed prod failed: ")
+    assert (head, sep) == ("ERROR relayd.test: ", "emit feed prod failed: ")
+    assert tail.endswith(" feed=prod\n")
+    # Each distinct error once, in the order Trio collected them.
+    assert sorted(tail.removesuffix(" feed=prod\n").split("; ")) == [
+        "ConfigError: invalid TOML: nested more than 32 deep (at line 1)",
+        "MissingKeyFileError: key file /etc/relayd/prod.key does not exist (yet)",
+        "OSError: [Errno 98] Address already in use",
+    ]
+
+
+def test_log_failure_keeps_the_traceback_of_a_bug(restore_root: None) -> None:
+    out = io.StringIO()
+    setup_logging("info", "json", stream=out)
+    log = logging.getLogger("relayd.test")
+    bug = _raised_by_trio(OSError(errno.ENOENT, "gone"), KeyError("x"))
+    log_failure(log, logging.ERROR, "feed failed", exc=bug)
+    record = json.loads(out.getvalue())
+    assert sorted(record["msg"].removeprefix("feed failed: ").split("; ")) == [
+        "FileNotFoundError: [Errno 2] gone",
+        "KeyError: 'x'",
+    ]
+    assert "Traceback" in record["exc"]
+    # ... unless the caller names it expected (emit's KeyFileError, netif's InterfaceError).
+    assert is_expected(bug, (OSError, KeyError))
+    assert not is_expected(bug)
+    assert describe_error(OSError(errno.EADDRINUSE, "a\nb")) == "OSError: [Errno 98] a\\nb"
 
 
 class FakeClock:
@@ -156,3 +295,33 @@ def test_rate_limited_logger_bounds_keys(restore_root: None) -> None:
     assert len(rl._keys) == 3
     # k0 was forgotten, so it logs again at once.
     assert rl.warning("k0", "x")
+
+
+def test_daemon_lines_carry_priorities_under_journald(tmp_path: Path) -> None:
+    """`relayd run` with stderr on a file that JOURNAL_STREAM names, as systemd sets it up: the
+    failing feed's line is an error (<3>), start-up lines are info (<6>)."""
+    config = tmp_path / "relayd.toml"
+    config.write_text(process_toml(emit_toml("alpha", interface="nosuchif0")))
+    log_path = tmp_path / "stderr"
+    with log_path.open("wb") as err:
+        st = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relayd", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while "nosuchif0" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    lines = log_path.read_text().splitlines()
+    assert lines
+    assert all(re.match(r"<[2-7]>[A-Z]+ ", line) for line in lines), lines
+    assert any(line.startswith("<3>ERROR ") and "nosuchif0" in line for line in lines), lines
+    assert any(line.startswith("<6>INFO ") for line in lines), lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -18,6 +19,8 @@ from relayd.netif import (
     MAX_MEMBERSHIPS_PER_SOCKET,
     GroupReceiver,
     InterfaceError,
+    address_error,
+    bind_tcp_listener,
     drain,
     open_group_receivers,
     open_multicast_sender,
@@ -241,3 +244,31 @@ def test_interface_without_ipv4_is_an_error(netns: NetnsHarness) -> None:
     show = f"from relayd.netif import resolve_interface as r; print(r({link.b_dev!r}))"
     proc = other.run(other.python_argv("-c", show))
     assert proc.stdout.strip() == str(link.b_addr.ip)
+
+
+def test_a_port_in_use_names_the_address() -> None:
+    """ "Address already in use" alone did not say which of a host's listeners failed."""
+    first = bind_tcp_listener("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        assert not first.getblocking()
+        with pytest.raises(OSError, match="in use") as info:
+            bind_tcp_listener("127.0.0.1", port)
+        assert info.value.errno == errno.EADDRINUSE
+        assert str(info.value) == (
+            f"[Errno {errno.EADDRINUSE}] cannot bind 127.0.0.1:{port}: Address already in use"
+        )
+    finally:
+        first.close()
+    refused = address_error(
+        ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "::1", 7, "connect"
+    )
+    assert isinstance(refused, ConnectionRefusedError)
+    assert str(refused) == f"[Errno {errno.ECONNREFUSED}] cannot connect [::1]:7: refused"
+
+
+def test_bind_tcp_listener_closes_the_socket_on_failure() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match=r"cannot bind 192\.0\.2\.1:1: "):
+        bind_tcp_listener("192.0.2.1", 1)  # TEST-NET-1: never a local address
+    assert set(os.listdir("/proc/self/fd")) == before
