@@ -12,11 +12,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from relayd_process import RelaydProcess, emit_toml, get_json, process_toml
 
 import relayd
 from relayd import cli
 from relayd.config import DEFAULT_CONFIG_PATH, GroupPort
+from tests.helpers.relayd_process import RelaydProcess, emit_toml, get_json, process_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "etc" / "relayd"

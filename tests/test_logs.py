@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from relayd_process import emit_toml, process_toml
 
 from relayd.config import ConfigError, MissingKeyFileError
 from relayd.logs import (
@@ -28,6 +27,7 @@ from relayd.logs import (
     stderr_is_journal,
     syslog_priority,
 )
+from tests.helpers.relayd_process import emit_toml, process_toml
 
 
 @pytest.fixture
