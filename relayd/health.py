@@ -92,6 +92,7 @@ class FeedReport:
     healthy: bool
     state: str
     detail: dict[str, Any] = attrs.field(factory=dict)
+    connections: int = 0  # FeedHealth.connections, for the status line
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "healthy": self.healthy, "state": self.state}

@@ -20,12 +20,11 @@ not touched; a new health address restarts the health server; logging is set up 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import attrs
 import trio
 
 from relayd import __version__, fastpath
+from relayd.capture import CaptureFeedRuntime
 from relayd.config import (
     CaptureFeed,
     Config,
@@ -43,6 +43,7 @@ from relayd.config import (
     MissingKeyFileError,
     load_config,
 )
+from relayd.emit import EmitFeedRuntime
 from relayd.health import FeedReport, HealthApp, process_samples, serve_health
 from relayd.logs import RateLimitedLogger, setup_logging
 from relayd.metrics import Rate
@@ -56,19 +57,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# The one place that says which class runs which kind of feed: (module, class name), each
-# built as ``cls(feed_config)``. Imported on first use.
-FEED_RUNTIMES: dict[str, tuple[str, str]] = {
-    "emit": ("relayd.emit", "EmitFeedRuntime"),
-    "capture": ("relayd.capture", "CaptureFeedRuntime"),
-}
-
-# The counter (sample name, ``_total`` optional) that gives a feed's datagrams/s in STATUS and
-# /healthz when the feed does not report ``datagrams_per_second`` in its health detail itself.
-RATE_COUNTERS: dict[str, tuple[str, ...]] = {
-    "emit": ("datagrams_out",),
-    "capture": ("capture_datagrams_in", "datagrams_in"),
-}
 
 BACKOFF_INITIAL = 0.5  # first restart after a crash
 BACKOFF_MAX = 30.0  # doubling up to this
@@ -80,15 +68,19 @@ PROBE_TIMEOUT = 5.0  # the health server must answer its first request within th
 
 FeedConfig = EmitFeed | CaptureFeed
 FeedKey = tuple[str, str]  # (kind, name)
-FeedFactory = Callable[[str, Any], Feed]
+FeedFactory = Callable[[FeedConfig], Feed]
 
 
-def default_factory(kind: str, feed_config: Any) -> Feed:
-    """Build the runtime of one feed from its config (see ``FEED_RUNTIMES``)."""
-    module_name, class_name = FEED_RUNTIMES[kind]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    feed: Feed = cls(feed_config)
-    return feed
+#: The one place that says which class runs which kind of feed, by config class.
+RUNTIMES: dict[type, Callable[[Any], Feed]] = {
+    EmitFeed: EmitFeedRuntime,
+    CaptureFeed: CaptureFeedRuntime,
+}
+
+
+def default_factory(feed_config: FeedConfig) -> Feed:
+    """Build the runtime of one feed from its config (see ``RUNTIMES``)."""
+    return RUNTIMES[type(feed_config)](feed_config)
 
 
 def feeds_of(config: Config) -> dict[FeedKey, FeedConfig]:
@@ -200,16 +192,16 @@ class FeedSlot:
                 samples.append(sample._replace(labels=(("feed", self.name), *sample.labels)))
         return samples
 
-    def counter_total(self, samples: Iterable[Sample]) -> float | None:
-        by_name: dict[str, float] = {}
-        for s in samples:
-            if s.type == "counter":
-                name = s.name.removesuffix("_total")
-                by_name[name] = by_name.get(name, 0.0) + s.value
-        for name in RATE_COUNTERS.get(self.kind, ()):
-            if name in by_name:
-                return by_name[name]
-        return None
+    def update_rate(self) -> None:
+        """Feed the rate window with the feed's datagram counter (``FeedHealth.datagrams``)."""
+        if self.runtime is None or self.state != "running":
+            return
+        try:
+            total = self.runtime.health().datagrams
+        except Exception:
+            return
+        if total is not None:
+            self.rate.update(total, trio.current_time())
 
     def report(self) -> FeedReport:
         common: dict[str, Any] = {"restarts": self.restarts}
@@ -225,7 +217,7 @@ class FeedSlot:
             detail.setdefault("datagrams_per_second", round(self.rate.per_second(), 1))
             for key, value in common.items():
                 detail.setdefault(key, value)
-            return FeedReport(self.name, self.kind, h.healthy, h.state, detail)
+            return FeedReport(self.name, self.kind, h.healthy, h.state, detail, h.connections)
         if self.state == "failed" and self.retry_at is not None:
             common["retry_in_seconds"] = round(max(0.0, self.retry_at - trio.current_time()), 1)
         return FeedReport(self.name, self.kind, False, self.state, common)
@@ -256,7 +248,7 @@ class Supervisor:
         self.reload_done = trio.Event()  # set after each reload (replaced by a fresh one)
         self._config_errors: tuple[str, ...] = ()
         self._stopping = False
-        self._start_monotonic = time.monotonic()
+        self._started_at: float | None = None  # Trio clock, once run
         self._start_wall = time.time()
         self._rate = Rate(window=10.0)
         self._nursery: trio.Nursery | None = None
@@ -276,7 +268,9 @@ class Supervisor:
         return self._config_errors
 
     def uptime_seconds(self) -> float:
-        return time.monotonic() - self._start_monotonic
+        if self._started_at is None:
+            return 0.0
+        return trio.current_time() - self._started_at
 
     def stopping(self) -> bool:
         return self._stopping
@@ -339,7 +333,7 @@ class Supervisor:
     def status_line(self) -> str:
         reports = self.feed_reports()
         healthy = sum(1 for r in reports if r.healthy)
-        connections = sum(connection_count(r) for r in reports)
+        connections = sum(r.connections for r in reports)
         rate = sum(datagram_rate(r) for r in reports)
         feeds = f"{len(reports)} feed{'s' if len(reports) != 1 else ''}"
         text = f"{feeds} ({healthy} healthy), {connections} connections, {rate:.0f} datagrams/s"
@@ -355,6 +349,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         try:
+            self._started_at = trio.current_time()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._signal_task)
@@ -380,7 +375,7 @@ class Supervisor:
                     self.status_line(),
                     extra={"health": _format_address(self.health_address)},
                 )
-                self.notifier.ready(self.status_line())
+                await self.notifier.ready(self.status_line())
                 self.ready.set()
                 task_status.started()
         finally:
@@ -406,7 +401,8 @@ class Supervisor:
                     slot.state = "starting"
                     began = trio.current_time()
                     try:
-                        slot.runtime = self.factory(slot.kind, slot.config)
+                        slot.runtime = self.factory(slot.config)
+                        slot.runtime.open()
                         async with trio.open_nursery() as inner:
                             with trio.fail_after(START_TIMEOUT):
                                 await inner.start(slot.runtime.run)
@@ -588,7 +584,7 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         assert self._nursery is not None
-        self.notifier.stopping("stopping")
+        await self.notifier.stopping("stopping")
         slots = list(self.slots.values())
         for slot in slots:
             slot.stop(ErrorCode.SHUTTING_DOWN, "relayd is shutting down")
@@ -607,7 +603,7 @@ class Supervisor:
 
     async def reload(self) -> None:
         """Load the file again and apply the difference (see the module docstring)."""
-        self.notifier.reloading("reloading")
+        await self.notifier.reloading("reloading")
         try:
             new = await trio.to_thread.run_sync(self.load, self.config_path)
         except ConfigError as exc:
@@ -630,7 +626,7 @@ class Supervisor:
         self.reload_count += 1
         done, self.reload_done = self.reload_done, trio.Event()
         done.set()
-        self.notifier.ready(self.status_line())
+        await self.notifier.ready(self.status_line())
 
     async def _apply(self, new: Config) -> None:
         old = self.config
@@ -696,24 +692,9 @@ class Supervisor:
         slot = self.slots.get(key)
         if slot is None or slot.state != "running" or slot.runtime is None:
             return False
-        old = slot.config
-        if isinstance(new, EmitFeed) and isinstance(old, EmitFeed):
-            if attrs.evolve(old, auth_key_files=new.auth_key_files) != new or not (
-                old.auth_key_files or new.auth_key_files
-            ):
-                return False
-        elif isinstance(new, CaptureFeed) and isinstance(old, CaptureFeed):
-            if attrs.evolve(old, auth_key_file=new.auth_key_file) != new or not (
-                old.auth_key_file or new.auth_key_file
-            ):
-                return False
-        else:
-            return False
-        update = getattr(slot.runtime, "update_keys", None)
-        if update is None:
-            return False
         try:
-            update(new)
+            if not slot.runtime.update_keys(new):
+                return False
         except Exception as exc:
             log.error(
                 "reload: %s feed %s keeps its current keys: %s",
@@ -728,28 +709,13 @@ class Supervisor:
 
     def _update_rates(self) -> None:
         for slot in list(self.slots.values()):
-            try:
-                total = slot.counter_total(slot.feed_samples())
-            except Exception:
-                total = None
-            if total is not None:
-                slot.rate.update(total)
+            slot.update_rate()
 
     async def _tick_task(self) -> None:
         while True:
             await trio.sleep(TICK_INTERVAL)
             self._update_rates()
             self.notifier.status(self.status_line())
-
-
-def connection_count(report: FeedReport) -> int:
-    """Connections of a feed: emit feeds list theirs, a capture feed has one while streaming."""
-    value = report.detail.get("connections")
-    if isinstance(value, list | tuple | dict):
-        return len(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return 1 if report.kind == "capture" and report.state == "streaming" else 0
 
 
 def datagram_rate(report: FeedReport) -> float:

@@ -263,7 +263,7 @@ async def test_resend_after_reconnect_to_a_new_host(
     second = await serve(nursery, Peer(), port=port)
     await wait_for(lambda: len(second.peer.datagrams) >= 300)
     assert [d.seq for d in second.peer.datagrams] == list(range(1, 301))
-    assert feed.resent_datagrams == 200
+    assert feed.uplink.resent_datagrams == 200
     await wait_for(lambda: feed.replay.acked_seq == 300)
 
 

@@ -21,7 +21,8 @@ import pytest
 import trio
 
 from relayd.config import EmitFeed, Endpoint, PortRange
-from relayd.emit import EmitFeedRuntime, KeyFileError, KeyFileMissingError, load_auth_keys
+from relayd.emit import EmitFeedRuntime
+from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.netif import GroupReceiver, drain, open_group_receivers
 from relayd.runtime import Feed
 from relayd.wire import (

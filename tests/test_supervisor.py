@@ -82,7 +82,13 @@ class EchoFeed:
                 await stream.aclose()
 
     def health(self) -> FeedHealth:
-        return FeedHealth(True, "listening", {"port": self.port, "connections": self.connections})
+        return FeedHealth(
+            True,
+            "listening",
+            {"port": self.port, "connections": self.connections},
+            self.connections,
+            10 * self.instance,
+        )
 
     def samples(self) -> list[Sample]:
         return [
@@ -92,6 +98,12 @@ class EchoFeed:
 
     def set_close_reason(self, code: int, message: str) -> None:
         self.reason = (code, message)
+
+    def open(self) -> None:
+        pass  # run() binds: this stand-in needs no make-before-break
+
+    def update_keys(self, config: Any) -> bool:
+        return False
 
 
 @attrs.define
@@ -132,6 +144,12 @@ class CrashFeed:
     def set_close_reason(self, code: int, message: str) -> None:
         pass
 
+    def open(self) -> None:
+        pass
+
+    def update_keys(self, config: Any) -> bool:
+        return False
+
 
 def emit(name: str, port: int = 0, ttl: int = 16) -> EmitFeed:
     return EmitFeed(
@@ -158,8 +176,7 @@ class Harness:
     crash: dict[str, CrashPlan] = attrs.field(factory=dict)
     feeds: dict[str, list[Feed]] = attrs.field(factory=dict)
 
-    def factory(self, kind: str, cfg: Any) -> Feed:
-        assert kind == "emit"
+    def factory(self, cfg: Any) -> Feed:
         feed: Feed
         if cfg.name in self.crash:
             feed = CrashFeed(cfg, self.crash[cfg.name])
@@ -301,7 +318,7 @@ async def test_start_order_ready_after_health_answers(
             await trio.sleep(0.05)
             await super().run(task_status=task_status)
 
-    def factory(kind: str, cfg: Any) -> Feed:
+    def factory(cfg: Any) -> Feed:
         return Probe(cfg, h.journal)
 
     sup = Supervisor(
