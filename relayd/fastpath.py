@@ -261,6 +261,15 @@ def abi_mismatch(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _take_over(leftover: bytes, buffer: ctypes.Array[ctypes.c_uint8], after: str) -> int:
+    """Put what the Python decoder read past the handshake (at most the start of one frame)
+    at the start of a C loop's buffer; returns its length."""
+    if len(leftover) > len(buffer) // 2:  # never, but never overrun
+        raise ProtocolError(f"{len(leftover)} bytes pending after {after}")
+    ctypes.memmove(buffer, leftover, len(leftover))
+    return len(leftover)
+
+
 class _CEmitPump:
     """:class:`relayd.datapath.EmitPump` over ``rd_emit_pump``."""
 
@@ -282,11 +291,7 @@ class _CEmitPump:
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
         )
-        leftover = proto.take_buffered()  # bytes after the HELLO: the start of the stream
-        if len(leftover) > EMIT_RECEIVE_SIZE // 2:  # at most one frame: never, but never overrun
-            raise ProtocolError(f"{len(leftover)} bytes pending after the HELLO")
-        ctypes.memmove(buffer, leftover, len(leftover))
-        state.end = len(leftover)
+        state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
         self._ref = ctypes.byref(state)
         self._pump = plane.rd_emit_pump
         self._set_dest = plane.rd_emit_set_dest
@@ -401,11 +406,7 @@ class _CAckReader:
             buf=ctypes.addressof(buffer),
             cap=ACK_READ_SIZE,
         )
-        leftover = conn.take_buffered()  # bytes after the welcome ACK
-        if len(leftover) > ACK_READ_SIZE // 2:  # at most one frame: never, but never overrun
-            raise ProtocolError(f"{len(leftover)} bytes pending after the welcome")
-        ctypes.memmove(buffer, leftover, len(leftover))
-        state.end = len(leftover)
+        state.end = _take_over(conn.take_buffered(), buffer, "the welcome")
         self._ref = ctypes.byref(state)
         self._read = plane.rd_capture_read
         self.err = 0

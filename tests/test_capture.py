@@ -20,6 +20,7 @@ import trio
 
 from relayd import wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
+from relayd.capture.link import Connect
 from relayd.config import CaptureFeed, Endpoint, GroupPort
 from relayd.netif import open_multicast_sender
 
@@ -299,7 +300,7 @@ async def test_targets_fail_over_to_the_next_address(
     feed = CaptureFeedRuntime(feed_config(groups, [dead_port, server.port]))
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
-    assert feed.connects["ok"] == 1
+    assert feed.link.connects[Connect.OK] == 1
 
 
 @pytest.mark.usefixtures("datapath")
@@ -311,8 +312,8 @@ async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socke
     await nursery.start(feed.run)
     await wait_for(lambda: peer.hellos >= 3)
     assert not feed.connected
-    assert feed.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
-    assert feed.connects["refused"] >= 3
+    assert feed.link.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
+    assert feed.link.connects[Connect.REFUSED] >= 3
     await trio.sleep(0.3)
     health = feed.health()
     assert not health.healthy
@@ -362,7 +363,7 @@ async def test_idle_peer_is_left_and_heartbeats_flow(
         feed_config(groups, [server.port], heartbeat_interval=0.05, idle_timeout=0.4)
     )
     await nursery.start(feed.run)
-    await wait_for(lambda: feed.connects["ok"] >= 2, timeout=5)
+    await wait_for(lambda: feed.link.connects[Connect.OK] >= 2, timeout=5)
     assert peer.connections >= 2
 
 
@@ -414,7 +415,7 @@ async def test_memory_stays_bounded_while_disconnected(
     await wait_for(lambda: feed.datagrams_in + feed.kernel_drops >= 4000)
     assert feed.replay.total_bytes <= bound + 512 * 1024
     assert feed.replay.dropped_datagrams >= 4000 - (bound + 512 * 1024) // 1226
-    assert feed.connects["failed"] >= 1
+    assert feed.link.connects[Connect.FAILED] >= 1
 
 
 @pytest.mark.usefixtures("datapath")
@@ -478,7 +479,7 @@ async def test_authenticated_hello(
     server = await serve(nursery, peer)
     refused = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=bad))
     await nursery.start(refused.run)
-    await wait_for(lambda: refused.errors_from_peer[int(wire.ErrorCode.AUTH_FAILED)] >= 2)
+    await wait_for(lambda: refused.link.errors_from_peer[int(wire.ErrorCode.AUTH_FAILED)] >= 2)
     assert not refused.connected
     feed = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=good))
     await nursery.start(feed.run)

@@ -883,7 +883,7 @@ async def test_metrics_show_the_latest_ack_when_the_stream_stops(datapath: str) 
             async with trio.open_nursery() as nursery:
                 server, feed = await capture_streaming(nursery, groups)
                 blast(sender, [(*groups[i % 2], bytes(100)) for i in range(10)])
-                await wait_for(lambda: server.peer.emitted.get(feed.session_id) == 10)
+                await wait_for(lambda: server.peer.emitted.get(feed.link.session_id) == 10)
                 await wait_for(lambda: gauge(feed, "capture_acked_seq") == 10, timeout=3)
                 assert gauge(feed, "capture_unacked_datagrams") == 0
                 nursery.cancel_scope.cancel()

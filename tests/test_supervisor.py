@@ -24,11 +24,12 @@ import attrs
 import pytest
 import trio
 
-import relayd.supervisor as sv
+import relayd.feedslot as feedslot
 from relayd.config import Config, ConfigError, EmitFeed, Endpoint, HealthConfig, ProcessConfig
 from relayd.notify import Notifier
+from relayd.reload import plan_reload
 from relayd.runtime import Feed, FeedHealth, Sample
-from relayd.supervisor import Supervisor, plan_reload
+from relayd.supervisor import Supervisor
 from relayd.wire import ErrorCode
 
 # -- feeds for the tests -------------------------------------------------------------------
@@ -353,8 +354,8 @@ async def test_start_order_ready_after_health_answers(
 async def test_crash_restart_with_backoff_isolated(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, close_clients: None
 ) -> None:
-    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.05)
-    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.2)
+    monkeypatch.setattr(feedslot, "BACKOFF_INITIAL", 0.05)
+    monkeypatch.setattr(feedslot, "BACKOFF_MAX", 0.2)
     caplog.set_level(logging.INFO, logger="relayd.supervisor")
     h = Harness(crash={"bad": CrashPlan(after=0.0, times=5)})
     sup = Supervisor(
@@ -414,8 +415,8 @@ async def test_crash_restart_with_backoff_isolated(
 async def test_same_crash_logs_traceback_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.01)
-    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.02)
+    monkeypatch.setattr(feedslot, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(feedslot, "BACKOFF_MAX", 0.02)
     caplog.set_level(logging.INFO, logger="relayd.supervisor")
     h = Harness(crash={"bad": CrashPlan(before_start=True)})
     sup = Supervisor(Path("x"), config(emit("good")), factory=h.factory, notifier=quiet_notifier())

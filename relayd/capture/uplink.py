@@ -41,7 +41,7 @@ class Uplink:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._rest: memoryview | None = None  # the rest of a frame sequence partly written
-        self._control: collections.deque[bytes] = collections.deque()
+        self._queued: collections.deque[bytes] = collections.deque()  # HEARTBEATs to write
         self._blocked = False  # the socket was full; the sender task waits for writability
         self._claimed = False  # a receive thread writes a batch to the socket now
         self._close_after_claim: socket.socket | None = None
@@ -66,7 +66,7 @@ class Uplink:
         with self._lock:
             resend = self.replay.rewind(welcome)
             self._rest = None
-            self._control.clear()
+            self._queued.clear()
             self._blocked = False
             self._send_error = None
             self.last_send = time.monotonic()
@@ -112,7 +112,7 @@ class Uplink:
                 sock is None
                 or self._blocked
                 or self._rest is not None
-                or self._control
+                or self._queued
                 or not self.replay.caught_up
             ):
                 return None
@@ -190,7 +190,7 @@ class Uplink:
             if now >= due:
                 self.last_send = now
                 if not self._blocked and self._rest is None and not self._claimed:
-                    self._control.append(wire.encode_heartbeat(time.time_ns()))
+                    self._queued.append(wire.encode_heartbeat(time.time_ns()))
                     wake = self._kick()
                 due = now + interval
             self._apply_acks()
@@ -239,7 +239,7 @@ class Uplink:
         self.frames_sent += chunk.datagrams
 
     def _write(self) -> bool:
-        """Write the rest of a frame sequence, control frames, then unsent chunks; True when
+        """Write the rest of a frame sequence, queued HEARTBEATs, then unsent chunks; True when
         all is written, False when the socket is full. Raises OSError when it broke."""
         sock = self._sock
         if sock is None:
@@ -249,8 +249,8 @@ class Uplink:
         while True:
             data = self._rest
             if data is None:
-                if self._control:
-                    data = memoryview(self._control.popleft())
+                if self._queued:
+                    data = memoryview(self._queued.popleft())
                 else:
                     chunk = replay.next_unsent()
                     if chunk is None:
