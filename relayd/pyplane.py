@@ -208,6 +208,7 @@ class _EmitPump:
         frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
         denied_group = denied_port = 0
         last_ts = 0
+        last_ok: bool | None = None
         why: Why | None = None
         count = len(events)
         while index < count:
@@ -238,26 +239,20 @@ class _EmitPump:
                 gaps += 1
                 skipped_total += skipped
             verdict, address = dest
-            failed: OSError | None = None
+            failed = False
             if verdict is Destination.ALLOWED:
-                while True:
-                    try:
-                        sendto(payload, address)
-                    except BlockingIOError:
-                        counters.send_waits += 1
-                        if not wait_writable(self._mcast, self._stop_fd):
-                            why = Why.STOPPED  # this datagram was not sent: not claimed
-                            break
-                        continue
-                    except OSError as exc:
-                        failed = exc
-                    else:
-                        out += 1
-                        bytes_out += len(payload)
-                    break
-                if why is not None:
-                    break
-                counters.last_send_ok = failed is None
+                try:
+                    sendto(payload, address)
+                except OSError as exc:
+                    sent = self._send_after(exc, payload, address)
+                    if sent is None:
+                        why = Why.STOPPED  # this datagram was not sent: not claimed
+                        break
+                    failed = not sent
+                if not failed:
+                    out += 1
+                    bytes_out += len(payload)
+                last_ok = not failed
                 last_ts = ts_ns
             elif verdict is Destination.GROUP_NOT_ALLOWED:
                 denied_group += 1
@@ -267,8 +262,7 @@ class _EmitPump:
             datagrams += 1
             highest = seq
             index += 1
-            if failed is not None:
-                self.err = failed.errno or 0
+            if failed:
                 why = Why.SEND_ERROR
                 break
         if why is None and self._error is not None:
@@ -286,12 +280,30 @@ class _EmitPump:
         counters.gap_sequences += skipped_total
         counters.denied_group += denied_group
         counters.denied_port += denied_port
+        if last_ok is not None:
+            counters.last_send_ok = last_ok
         if last_ts:
             self._chunk_ts = last_ts
         if why is None and self._chunk_ts:  # once per chunk, from its last datagram
             counters.histogram.observe_ns(time.time_ns() - self._chunk_ts)
             self._chunk_ts = 0
         return why
+
+    def _send_after(self, exc: OSError, payload: bytes, address: tuple[str, int]) -> bool | None:
+        """A ``sendto`` failed with ``exc``: wait for room and retry while the socket is full.
+        True when sent, False when it failed for good (``err``), None when stopped."""
+        while isinstance(exc, BlockingIOError):
+            self.counters.send_waits += 1
+            if not wait_writable(self._mcast, self._stop_fd):
+                return None
+            try:
+                self._mcast.sendto(payload, address)
+            except OSError as again:
+                exc = again
+            else:
+                return True
+        self.err = exc.errno or 0
+        return False
 
     def _queue_control(self, now: float) -> None:
         if self._out:

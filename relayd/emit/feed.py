@@ -392,7 +392,6 @@ class EmitFeedRuntime:
                     link,
                     self._mcast,
                     self._destinations,
-                    self.stats.send_failed,
                     self.config.idle_timeout,
                     self.config.heartbeat_interval,
                 ),

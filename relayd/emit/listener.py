@@ -82,7 +82,11 @@ class Gate:
         """A connection for an accepted stream, pending its HELLO; None (closed, counted)
         when its source is not allowed. Makes room under ``pending_limit``."""
         trio_sock = stream.socket
-        host, port = trio_sock.getpeername()[:2]
+        try:
+            host, port = trio_sock.getpeername()[:2]
+        except OSError:  # gone already: the listener is fine
+            trio_sock.close()
+            return None
         peer = f"{host}:{port}"
         sock = socket.socket(fileno=trio_sock.detach())  # the data planes want a plain socket
         if not any(IPv4Address(host) in net for net in self.config.allowed_sources):

@@ -2,18 +2,16 @@
 
 It drives the data plane's pump (relayd/datapath.py ``EmitPump``: poll, recv, decode, dedup,
 multicast, the coalesced ACKs and idle HEARTBEATs) and answers what the pump returns for: a
-destination seen for the first time (``Destinations.judge``), a failed send (told to Trio), a
-frame the pump does not handle (the Python decoder's verdict). It ends with a :class:`PumpEnd`
-for the feed to act on, in Trio.
+destination seen for the first time (``Destinations.judge``), a failed send (kept in its link,
+for Trio to count), a frame the pump does not handle (the Python decoder's verdict). It ends
+with a :class:`PumpEnd` for the feed to act on, in Trio.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import socket
-from collections.abc import Callable
 from typing import Any, Final
 
 import trio
@@ -56,11 +54,10 @@ def pump_connection(
     link: PumpLink,
     mcast: socket.socket,
     destinations: Destinations,
-    send_failed: Callable[[int, str], None],
     idle: float,
     heartbeat: float,
     stop_fd: int,
-    token: trio.lowlevel.TrioToken,
+    _token: trio.lowlevel.TrioToken,
 ) -> tuple[PumpEnd, Any]:
     """Run ``conn``'s data path until it ends (in its thread); ``link.pump`` is the pump."""
     session = conn.session
@@ -88,9 +85,8 @@ def pump_connection(
             key = pump.need_key
             verdict, fd = destinations.judge(key)
             pump.set_destination(key, verdict, fd)
-        elif why == Why.SEND_ERROR:
-            with contextlib.suppress(trio.RunFinishedError):  # counted, unless Trio is gone
-                token.run_sync_soon(send_failed, pump.err, os.strerror(pump.err))
+        elif why == Why.SEND_ERROR:  # counted by Trio from the link (EmitStats.sync)
+            link.errors[pump.err] = link.errors.get(pump.err, 0) + 1
         elif why == Why.CONTROL:
             return _verdict_on(pump.control())
         elif why == Why.RESET:

@@ -1,9 +1,9 @@
 """An emit feed's accounting: counters by reason, the latency histogram, the sending state.
 
 Trio owns it: the data-path threads never write here. Their pumps count in their own fields
-(relayd/datapath.py ``EmitCounters``), and :meth:`EmitStats.sync` adds the growth of each
-running pump to the feed's totals when Trio reads them (health, metrics, the once-a-second
-tick) and when a pump ends; a thread that sees a failed send tells Trio with ``run_sync_soon``.
+(relayd/datapath.py ``EmitCounters``, and the failed sends by errno in its ``PumpLink``), and
+:meth:`EmitStats.sync` adds the growth of each running pump to the feed's totals when Trio
+reads them (health, metrics, the once-a-second tick) and when a pump ends.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 from collections.abc import Iterator
 from typing import Final
 
@@ -65,11 +66,22 @@ class PumpLink:
     """A streaming connection's pump (set by its thread once built) and what of its counters
     the feed has counted already."""
 
-    __slots__ = ("last", "latency", "latency_sum_ns", "pump", "session_hex")
+    __slots__ = (
+        "counted_errors",
+        "errors",
+        "last",
+        "latency",
+        "latency_sum_ns",
+        "pump",
+        "session_hex",
+    )
 
     def __init__(self, session_hex: str) -> None:
         self.session_hex = session_hex
         self.pump: EmitPump | None = None
+        #: failed multicast sends by errno: written by the pump's thread only
+        self.errors: dict[int, int] = {}
+        self.counted_errors: dict[int, int] = {}
         self.last = [0] * len(EMIT_COUNTERS)
         self.latency: list[int] = []
         self.latency_sum_ns = 0
@@ -128,6 +140,13 @@ class EmitStats:
         counters = pump.counters
         values = [getattr(counters, name) for name in EMIT_COUNTERS]
         growth = [now - before for now, before in zip(values, link.last, strict=True)]
+        errors = dict(link.errors)  # one C-level copy: the thread may be adding to it
+        if errors != link.counted_errors:
+            for err, count in errors.items():
+                self._send_failed(err, count - link.counted_errors.get(err, 0))
+            link.counted_errors = errors
+            if not counters.last_send_ok:
+                self._send_failed_at = trio.current_time()
         if not any(growth):
             return
         link.last = values
@@ -180,12 +199,14 @@ class EmitStats:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send_failed(self, err: int, strerror: str) -> None:
-        """A pump's multicast send failed (that datagram is dropped); run in Trio."""
+    def _send_failed(self, err: int, count: int) -> None:
+        """``count`` multicast sends failed with ``err`` (those datagrams are dropped)."""
+        if count <= 0:
+            return
         name = errno.errorcode.get(err, str(err))
-        self.send_errors[name] = self.send_errors.get(name, 0) + 1
-        self.dropped[_SEND_ERROR] += 1
-        self._send_failed_at = trio.current_time()
+        strerror = os.strerror(err)
+        self.send_errors[name] = self.send_errors.get(name, 0) + count
+        self.dropped[_SEND_ERROR] += count
         self.last_error = f"multicast send: {name} ({strerror})"
         self.rlog.warning(
             f"send:{name}", "%s: multicast send failed: %s (%s)", self.name, strerror, name
