@@ -112,7 +112,7 @@ async def bench(count: int, runs: int) -> None:
         nursery.cancel_scope.cancel()
     rates = [rate for rate, _ in results]
     cpus = [cpu for _, cpu in results]
-    errors = sum(feed.send_errors.values())
+    errors = sum(feed.stats.send_errors.values())
     print(f"emit: {count} datagrams of {PAYLOAD_SIZE} B from one TCP connection, {runs} runs")
     print("  runs (datagrams/s): " + ", ".join(f"{r:,.0f}" for r in rates))
     print(f"  median: {statistics.median(rates):,.0f} datagrams/s")
@@ -120,7 +120,7 @@ async def bench(count: int, runs: int) -> None:
         f"  CPU per datagram (emit process): {statistics.median(cpus) * 1e6:.2f} us"
         f"  -> {1 / statistics.median(cpus):,.0f} datagrams/s per core"
     )
-    print(f"  ACK samples: {feed.latency.count}, send errors: {errors}")
+    print(f"  ACK samples: {feed.stats.latency.count}, send errors: {errors}")
 
 
 def main() -> None:

@@ -1,29 +1,34 @@
 /* relayd's data plane in C: the per-datagram loops of both feeds, without the GIL.
  *
- * Loaded with ctypes by relayd/fastpath.py (so it does not depend on the Python ABI), called
- * from the data-path threads of relayd/emit.py and relayd/capture.py; ctypes releases the GIL
- * for the length of every call. The Python code keeps everything but the hot loop: handshake,
- * ACK writer, replay buffer, supervision, health, metrics, and every rare case (a control
- * frame, a malformed frame, a destination seen for the first time, an error). C handles only
- * what it can check completely; anything else goes back to Python with the stream positioned
- * at the frame in question, and the Python decoder gives the verdict and its message.
+ * The C leaf of relayd's DataPlane (relayd/datapath.py), loaded with ctypes by
+ * relayd/fastpath.py, so it does not depend on the Python ABI. Every entry point is called
+ * through ctypes.CDLL, which releases the GIL for the length of the call. The rules it applies
+ * per datagram (sequence acceptance, destination verdict, ACK coalescing) are specified once,
+ * in relayd/session.py, and the differential tests hold this file to them. Python keeps
+ * everything but the hot loop: handshake, replay buffer, supervision, health, metrics, and every
+ * rare case (a control frame, a malformed frame, a destination seen for the first time, an
+ * error). C handles only what it can check completely; anything else goes back to Python with
+ * the stream positioned at the frame in question, and the Python decoder gives the verdict.
  *
  * Wire format (docs/PROTOCOL.md): u16 length | u8 type | body, network byte order. DATA is
  * length type flags port group seq ts (26 bytes) + payload.
  *
- * The structs are shared with Python (ctypes.Structure in fastpath.py): 8-byte fields only, so
- * there is no padding to disagree on; RD_ABI and the struct sizes are checked at load time.
+ * The ABI is defined here once: each struct shared with Python is a list of fields (the
+ * RD_*_FIELDS macros) from which both the struct and the layout table rd_layout() are made,
+ * and rd_constants() exports the shared constants. relayd/fastpath.py compares its ctypes
+ * definitions with both, field by field and value by value, when it loads the library.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 7
+#define RD_ABI 8
 
 /* Why a call returned (both loops). */
 enum {
@@ -40,6 +45,7 @@ enum {
     RD_ERROR = 11,     /* capture: recvmsg or poll failed: err */
 };
 
+/* The destination table's states: session.Destination's values, and empty. */
 enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT = 3 };
 
 #define DATA_HEADER 26
@@ -55,79 +61,120 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
 #define DEST_SLOTS 1024    /* per connection; cleared when half full */
 
-struct rd_dest {
-    uint64_t key; /* group << 16 | port */
-    uint64_t state;
-    uint64_t addr; /* struct sockaddr_in, IPv4 only: 16 bytes */
-    uint64_t addr2;
-    int64_t fd; /* a socket connected to this destination (cached route), or -1: sendto */
-};
+/* F(type, name, array dimension or nothing): 8-byte fields (or arrays of them) only, so there
+ * is no padding to disagree on. */
+#define RD_DEST_FIELDS(F)                                                                     \
+    F(uint64_t, key, )   /* group << 16 | port */                                              \
+    F(uint64_t, state, )                                                                       \
+    F(uint64_t, addr, )  /* struct sockaddr_in, IPv4 only: 16 bytes */                         \
+    F(uint64_t, addr2, )                                                                       \
+    F(int64_t, fd, )     /* a socket connected to this destination (cached route), or -1 */
 
-struct rd_emit {
-    /* set by Python before the first call */
-    int64_t tcp_fd, stop_fd, mcast_fd;
-    uint8_t *buf;
-    uint64_t cap;
-    int64_t idle_ns;          /* nothing received this long: RD_IDLE; nothing written: RD_SLOW */
-    int64_t ack_interval_ns;  /* shortest time between two control frames */
-    int64_t heartbeat_ns;     /* a HEARTBEAT after this long without output */
-    /* the stream: undecoded bytes are buf[start:end] */
-    uint64_t start, end;
-    uint64_t highest;         /* highest sequence emitted or deliberately skipped */
-    uint64_t acked;           /* highest sequence ACKed to the peer, */
-    uint64_t acked_any;       /* ... once this is 1 (0: not even the welcome ACK went out) */
-    int64_t last_out_ns;      /* CLOCK_MONOTONIC of the latest control frame written */
-    int64_t blocked_since_ns; /* when the pending control frame first found the socket full */
-    uint64_t out_off, out_len; /* the control frame being written: out[out_off:out_len] */
-    uint8_t out[16];
-    uint64_t acks_sent, heartbeats_sent;
-    uint64_t clear_dests;
-    /* counters, only ever growing (Python adds their growth to the feed's) */
-    uint64_t bytes_in, frames_in, datagrams_in, datagrams_out, bytes_out, duplicates;
-    uint64_t gaps, gap_sequences, send_waits, denied_group, denied_port, send_errors;
-    uint64_t last_send_ok;        /* 1 when the latest send succeeded */
-    uint64_t last_ts_ns;          /* capture stamp of the latest datagram emitted */
-    uint64_t chunk_ts_ns;         /* ... in the chunk being emitted: observed once it is done */
-    int64_t last_rx_ns;           /* CLOCK_MONOTONIC of the latest chunk received */
-    uint64_t latency[LATENCY_BUCKETS + 1];
-    uint64_t latency_count, latency_sum_ns;
-    /* detail of the latest return */
-    int64_t err;
-    uint64_t need_key;
-    struct rd_dest dests[DEST_SLOTS];
-    uint64_t dest_count;
-};
+#define RD_EMIT_FIELDS(F)                                                                     \
+    /* set by Python before the first call */                                                  \
+    F(int64_t, tcp_fd, ) F(int64_t, stop_fd, ) F(int64_t, mcast_fd, )                          \
+    F(uint8_t *, buf, )                                                                        \
+    F(uint64_t, cap, )                                                                         \
+    F(int64_t, idle_ns, )         /* nothing received this long: RD_IDLE; written: RD_SLOW */  \
+    F(int64_t, ack_interval_ns, ) /* shortest time between two control frames */               \
+    F(int64_t, heartbeat_ns, )    /* a HEARTBEAT after this long without output */             \
+    /* the stream: undecoded bytes are buf[start:end] */                                       \
+    F(uint64_t, start, ) F(uint64_t, end, )                                                    \
+    F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
+    F(uint64_t, acked, )          /* highest sequence ACKed to the peer, */                    \
+    F(uint64_t, acked_any, )      /* ... once this is 1 (0: not even the welcome ACK) */       \
+    F(int64_t, last_out_ns, )     /* CLOCK_MONOTONIC of the latest control frame written */    \
+    F(int64_t, blocked_since_ns, ) /* when the pending control frame found the socket full */  \
+    F(uint64_t, out_off, ) F(uint64_t, out_len, ) /* the control frame being written */        \
+    F(uint8_t, out, [16])                                                                      \
+    F(uint64_t, acks_sent, ) F(uint64_t, heartbeats_sent, )                                    \
+    F(uint64_t, clear_dests, )                                                                 \
+    /* counters, only ever growing (Python adds their growth to the feed's) */                 \
+    F(uint64_t, bytes_in, ) F(uint64_t, frames_in, ) F(uint64_t, datagrams_in, )               \
+    F(uint64_t, datagrams_out, ) F(uint64_t, bytes_out, ) F(uint64_t, duplicates, )            \
+    F(uint64_t, gaps, ) F(uint64_t, gap_sequences, ) F(uint64_t, send_waits, )                 \
+    F(uint64_t, denied_group, ) F(uint64_t, denied_port, ) F(uint64_t, send_errors, )          \
+    F(uint64_t, last_send_ok, )   /* 1 when the latest send succeeded */                       \
+    F(uint64_t, last_ts_ns, )     /* capture stamp of the latest datagram emitted */           \
+    F(uint64_t, chunk_ts_ns, )    /* ... in the chunk being emitted: observed once it is done */ \
+    F(int64_t, last_rx_ns, )      /* CLOCK_MONOTONIC of the latest chunk received */           \
+    F(uint64_t, latency, [LATENCY_BUCKETS + 1])                                                \
+    F(uint64_t, latency_count, ) F(uint64_t, latency_sum_ns, )                                 \
+    /* detail of the latest return */                                                          \
+    F(int64_t, err, )                                                                          \
+    F(uint64_t, need_key, )                                                                    \
+    F(struct rd_dest, dests, [DEST_SLOTS])                                                     \
+    F(uint64_t, dest_count, )
 
-struct rd_capture {
-    int64_t fd, stop_fd;
-    uint8_t *buf;
-    uint64_t cap;
-    uint64_t room; /* a batch ends when less than this is left after the last frame */
-    uint64_t port;
-    int64_t tcp_fd; /* >= 0: the TCP side is caught up, send the batch there at once */
-    /* out, per batch */
-    uint64_t count, offset, payload_bytes;
-    uint64_t sent;    /* bytes of the batch sent to tcp_fd (fewer: the socket is full) */
-    int64_t send_err; /* errno of a failed send, else 0 */
-    uint64_t drops, drops_seen; /* SO_RXQ_OVFL: the socket's cumulative drop counter */
-    int64_t err;
-};
+#define RD_CAPTURE_FIELDS(F)                                                                  \
+    F(int64_t, fd, ) F(int64_t, stop_fd, )                                                     \
+    F(uint8_t *, buf, )                                                                        \
+    F(uint64_t, cap, )                                                                         \
+    F(uint64_t, room, ) /* a batch ends when less than this is left after the last frame */    \
+    F(uint64_t, port, )                                                                        \
+    F(int64_t, tcp_fd, ) /* >= 0: the TCP side is caught up, send the batch there at once */   \
+    /* out, per batch */                                                                       \
+    F(uint64_t, count, ) F(uint64_t, offset, ) F(uint64_t, payload_bytes, )                    \
+    F(uint64_t, sent, )    /* bytes of the batch sent to tcp_fd (fewer: the socket is full) */ \
+    F(int64_t, send_err, ) /* errno of a failed send, else 0 */                                \
+    F(uint64_t, drops, ) F(uint64_t, drops_seen, ) /* SO_RXQ_OVFL: cumulative drop counter */  \
+    F(int64_t, err, )
 
 /* The capture side's reader of one TCP connection: what the emit side sends back. */
-struct rd_capture_rx {
-    int64_t tcp_fd, stop_fd, idle_ns;
-    uint8_t *buf;
-    uint64_t cap;
-    uint64_t start, end; /* undecoded bytes are buf[start:end] */
-    uint64_t acked;      /* highest ACK received, 0 for none (read by the receive threads) */
-    uint64_t acks, heartbeats, bytes_in;
-    int64_t err;
+#define RD_CAPTURE_RX_FIELDS(F)                                                               \
+    F(int64_t, tcp_fd, ) F(int64_t, stop_fd, ) F(int64_t, idle_ns, )                           \
+    F(uint8_t *, buf, )                                                                        \
+    F(uint64_t, cap, )                                                                         \
+    F(uint64_t, start, ) F(uint64_t, end, ) /* undecoded bytes are buf[start:end] */           \
+    F(uint64_t, acked, ) /* highest ACK received, 0 for none (read by the receive threads) */  \
+    F(uint64_t, acks, ) F(uint64_t, heartbeats, ) F(uint64_t, bytes_in, )                      \
+    F(int64_t, err, )
+
+#define RD_DECLARE(type, name, dim) type name dim;
+struct rd_dest { RD_DEST_FIELDS(RD_DECLARE) };
+struct rd_emit { RD_EMIT_FIELDS(RD_DECLARE) };
+struct rd_capture { RD_CAPTURE_FIELDS(RD_DECLARE) };
+struct rd_capture_rx { RD_CAPTURE_RX_FIELDS(RD_DECLARE) };
+
+/* The layout table: one row per field of every shared struct, then one per struct (field NULL,
+ * its size), then a row of NULLs. */
+struct rd_field {
+    const char *record, *field;
+    uint64_t offset, size;
+};
+#define RD_ROW(record, type, name, dim) \
+    {#record, #name, offsetof(struct record, name), sizeof(((struct record *)0)->name)},
+#define RD_DEST_ROW(type, name, dim) RD_ROW(rd_dest, type, name, dim)
+#define RD_EMIT_ROW(type, name, dim) RD_ROW(rd_emit, type, name, dim)
+#define RD_CAPTURE_ROW(type, name, dim) RD_ROW(rd_capture, type, name, dim)
+#define RD_CAPTURE_RX_ROW(type, name, dim) RD_ROW(rd_capture_rx, type, name, dim)
+#define RD_SIZE_ROW(record) {#record, NULL, 0, sizeof(struct record)},
+static const struct rd_field layout[] = {
+    RD_DEST_FIELDS(RD_DEST_ROW) RD_EMIT_FIELDS(RD_EMIT_ROW) RD_CAPTURE_FIELDS(RD_CAPTURE_ROW)
+    RD_CAPTURE_RX_FIELDS(RD_CAPTURE_RX_ROW)
+    RD_SIZE_ROW(rd_dest) RD_SIZE_ROW(rd_emit) RD_SIZE_ROW(rd_capture) RD_SIZE_ROW(rd_capture_rx)
+    {NULL, NULL, 0, 0},
+};
+
+/* The constants Python must agree with, then a row with a NULL name. */
+struct rd_constant {
+    const char *name;
+    int64_t value;
+};
+#define RD_CONSTANT(name) {#name, name},
+static const struct rd_constant constants[] = {
+    RD_CONSTANT(RD_STOPPED) RD_CONSTANT(RD_EOF) RD_CONSTANT(RD_RESET) RD_CONSTANT(RD_IDLE)
+    RD_CONSTANT(RD_CONTROL) RD_CONSTANT(RD_NEED_DEST) RD_CONSTANT(RD_SEND_ERROR)
+    RD_CONSTANT(RD_SLOW) RD_CONSTANT(RD_EMPTY) RD_CONSTANT(RD_FULL) RD_CONSTANT(RD_ERROR)
+    RD_CONSTANT(DEST_ALLOWED) RD_CONSTANT(DEST_DENIED_GROUP) RD_CONSTANT(DEST_DENIED_PORT)
+    RD_CONSTANT(DATA_HEADER) RD_CONSTANT(MAX_PAYLOAD) RD_CONSTANT(LATENCY_BUCKETS)
+    RD_CONSTANT(DEST_SLOTS) RD_CONSTANT(MAX_ERROR_TEXT)
+    {NULL, 0},
 };
 
 int rd_abi(void) { return RD_ABI; }
-uint64_t rd_emit_size(void) { return sizeof(struct rd_emit); }
-uint64_t rd_capture_size(void) { return sizeof(struct rd_capture); }
-uint64_t rd_capture_rx_size(void) { return sizeof(struct rd_capture_rx); }
+const struct rd_field *rd_layout(void) { return layout; }
+const struct rd_constant *rd_constants(void) { return constants; }
 
 static int64_t now_ns(clockid_t clock) {
     struct timespec ts;
@@ -257,8 +304,8 @@ static int emit_frames(struct rd_emit *s) {
             uint64_t len = size - DATA_HEADER;
             int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
             for (;;) {
-                /* A connected socket skips the route lookup of every sendto (measured:
-                 * about 0.3 us of 4.3 per datagram on the benchmark's veth). */
+                /* A connected socket skips the route lookup of every sendto
+                 * (docs/PERFORMANCE.md). */
                 ssize_t sent = d->fd >= 0 ? send(fd, f + DATA_HEADER, len, 0)
                                           : sendto(fd, f + DATA_HEADER, len, 0,
                                                    (const struct sockaddr *)&d->addr,

@@ -36,6 +36,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
+from relayd.session import Allowlist, Destination
 from relayd.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
@@ -322,23 +323,11 @@ class EmitFeed:
     send_buffer: int = 4 * 1024**2
     auth_key_files: tuple[Path, ...] = ()
 
-    # (network, netmask) and (lo, hi) pairs as ints, so that allows() is cheap per datagram.
-    _group_masks: tuple[tuple[int, int], ...] = attrs.field(init=False, repr=False, eq=False)
-    _port_bounds: tuple[tuple[int, int], ...] = attrs.field(init=False, repr=False, eq=False)
-
-    def __attrs_post_init__(self) -> None:
-        masks = tuple((int(n.network_address), int(n.netmask)) for n in self.allowed_groups)
-        object.__setattr__(self, "_group_masks", masks)
-        bounds = tuple((r.lo, r.hi) for r in self.allowed_ports)
-        object.__setattr__(self, "_port_bounds", bounds)
-
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
-        host-order int of one)."""
-        address = group if isinstance(group, int) else int(group)
-        return any(address & mask == net for net, mask in self._group_masks) and any(
-            lo <= port <= hi for lo, hi in self._port_bounds
-        )
+        host-order int of one): ``relayd.session.Allowlist``, the rule the data planes use."""
+        verdict = Allowlist(self.allowed_groups, self.allowed_ports).verdict(int(group), port)
+        return verdict is Destination.ALLOWED
 
 
 @attrs.frozen(kw_only=True)

@@ -1,22 +1,228 @@
-"""Data-path threads: a blocking per-datagram loop in a worker thread, stopped from Trio.
+"""The data plane: the one interface the feeds call for their per-datagram loops.
 
-The hot loops of both feeds run in threads with blocking sockets (Trio re-arms epoll on every
-wait, which doubled the CPU per datagram at low rates; docs/PERFORMANCE.md). Supervision stays
-structured: the loop blocks only in ``poll`` on its sockets and a stop pipe, and when the Trio
-task that started it is cancelled, the pipe becomes readable and the loop returns.
+Three loops run in data-path threads, each behind an object of this interface: the emit pump
+(:class:`EmitPump`: receive a connection's stream, decode, dedup, multicast, write ACKs and
+HEARTBEATs), the capture receiver (:class:`CaptureReceiver`: receive a socket's datagrams and
+frame them, a batch at a time) and the capture ACK reader (:class:`AckReader`). Two leaves
+implement it: C (relayd/fastpath.py over relayd/_fastpath.c, production) and Python
+(relayd/pyplane.py, for machines without a compiler). Both follow the rules of
+relayd/session.py. :func:`select` picks the leaf (``RELAYD_DATAPATH``).
+
+The GIL rule, stated once: a data-path thread holds the GIL only while it runs Python; every
+call into the C leaf releases it (ctypes.CDLL), blocking calls and the batch alike, and no lock
+of a feed is held across a blocking call, so a Trio task never waits for a receive thread's
+batch.
+
+Threads rather than Trio tasks, by measurement (docs/PERFORMANCE.md). Supervision stays
+structured: a loop blocks only in ``poll`` on its sockets and a stop pipe, and when the Trio
+task that started it (:func:`run_stoppable`) is cancelled, the pipe becomes readable and the
+loop returns.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import select
 import socket
-from collections.abc import Callable
-from typing import TypeVar, cast
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
 
+from relayd.session import Destination
+from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
+
+__all__ = [
+    "AckReader",
+    "CaptureReceiver",
+    "DataPlane",
+    "EmitCounters",
+    "EmitPump",
+    "EmitStart",
+    "Why",
+    "run_stoppable",
+    "select_plane",
+    "trio_time_of",
+    "wait_writable",
+]
+
 T = TypeVar("T")
+
+#: Bytes an emit pump reads per ``recv`` (about 1400 DATA frames of 160-byte payloads).
+EMIT_RECEIVE_SIZE = 256 * 1024
+#: Frame buffer per capture socket; a batch ends when less than a maximal frame fits.
+CAPTURE_BATCH_SIZE = 512 * 1024
+#: Bytes a capture ACK reader reads per ``recv``.
+ACK_READ_SIZE = 64 * 1024
+
+
+class Why(enum.IntEnum):
+    """Why a data-plane call returned (the C leaf's RD_* codes, compared at load)."""
+
+    STOPPED = 1  # the stop pipe became readable
+    EOF = 2  # the peer closed the TCP connection
+    RESET = 3  # recv failed: err
+    IDLE = 4  # nothing received for the idle timeout
+    CONTROL = 5  # a frame the loop does not handle: ``control()`` has the decoder's verdict
+    NEED_DEST = 6  # DATA for ``need_key``, a destination not judged yet
+    SEND_ERROR = 7  # a multicast send failed (err); that datagram is consumed
+    SLOW = 8  # an ACK or HEARTBEAT could not be written for the idle timeout
+    EMPTY = 9  # capture: the socket has no more datagrams
+    FULL = 10  # capture: the frame buffer has no room for another datagram
+    ERROR = 11  # capture: recvmsg or poll failed: err
+
+
+#: The emit pump's counters, only ever growing; the feed adds their growth to its own.
+EMIT_COUNTERS = (
+    "bytes_in",
+    "frames_in",
+    "datagrams_in",
+    "datagrams_out",
+    "bytes_out",
+    "duplicates",
+    "gaps",
+    "gap_sequences",
+    "send_waits",
+    "denied_group",
+    "denied_port",
+    "latency_count",
+)
+
+
+class EmitCounters(Protocol):
+    """What an emit pump has counted (``EMIT_COUNTERS`` and these; read from any thread)."""
+
+    @property
+    def latency(self) -> Sequence[int]: ...  # metrics.LatencyHistogram's buckets
+
+    @property
+    def latency_sum_ns(self) -> int: ...
+
+    @property
+    def last_rx_ns(self) -> int: ...  # CLOCK_MONOTONIC of the latest chunk received
+
+    @property
+    def last_send_ok(self) -> int: ...  # 1 when the latest send succeeded
+
+
+class EmitPump(Protocol):
+    """One streaming emit connection's data path. ``run`` blocks in its thread; the other
+    members may be read from any thread."""
+
+    need_key: int  # after NEED_DEST: group << 16 | port
+    err: int  # after RESET or SEND_ERROR: the errno
+
+    @property
+    def counters(self) -> EmitCounters: ...
+
+    @property
+    def highest(self) -> int: ...  # highest sequence emitted or deliberately skipped
+
+    @property
+    def acked(self) -> int: ...  # highest sequence ACKed to the peer, -1 before the welcome
+
+    def run(self) -> Why: ...
+
+    def set_destination(self, key: int, verdict: Destination, fd: int) -> None:
+        """The verdict on ``need_key`` (after NEED_DEST): ``fd`` is a socket connected to the
+        allowed destination, or -1."""
+
+    def clear_destinations(self) -> None:
+        """Forget every verdict before the next chunk (the allowlist changed); any thread."""
+
+    def control(self) -> list[Event] | ProtocolError:
+        """After CONTROL: the decoder's verdict on the frames the pump handed back."""
+
+    def unsent(self) -> bytes:
+        """After the end: the rest of a control frame the pump could not finish writing."""
+
+
+class CaptureReceiver(Protocol):
+    """One capture socket's data path: ``wait`` for datagrams, then ``batch`` until EMPTY."""
+
+    count: int  # datagrams in the batch
+    payload_bytes: int
+    sent: int  # bytes of the batch written to ``tcp`` (fewer than the batch: the socket was full)
+    send_err: int  # errno of a failed write to ``tcp``, else 0
+    drops: int | None  # the socket's cumulative kernel drop counter (SO_RXQ_OVFL), if it came
+    err: int  # after ERROR: the errno
+
+    def wait(self) -> bool:
+        """Block until the socket is readable (True) or the stop pipe is (False). Raises
+        OSError when ``poll`` fails."""
+
+    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+        """Receive every waiting datagram as DATA frames numbered from ``first_seq``, until
+        the socket is EMPTY or the buffer FULL (or ERROR: ``err``); when ``tcp`` is given (the
+        TCP side is caught up) write the frames to it at once."""
+
+    def frames(self) -> bytes:
+        """The batch's frames (the one copy of the data)."""
+
+
+class AckReader(Protocol):
+    """What the emit side sends back on one capture connection: ACKs (the highest kept, for
+    the receive threads to apply) and HEARTBEATs, in a thread of its own."""
+
+    err: int
+
+    @property
+    def acked(self) -> int: ...  # the highest ACK received, 0 for none (any thread)
+
+    def run(self) -> Why:
+        """Until STOPPED, CONTROL, EOF, RESET (``err``) or IDLE."""
+
+    def control(self) -> list[Event] | ProtocolError:
+        """After CONTROL: the decoder's verdict on what the reader handed back."""
+
+
+class EmitStart(NamedTuple):
+    """What an emit pump starts from."""
+
+    tcp: socket.socket  # the capture connection, past its HELLO
+    mcast: socket.socket  # the shared multicast sender
+    stop_fd: int
+    proto: EmitConnection  # its decoder holds what the handshake read past the HELLO
+    highest: int  # the session's highest sequence emitted
+    acked: int  # highest sequence ACKed on this connection, -1: not even the welcome ACK
+    idle: float  # seconds: nothing received (IDLE) or a control frame not written (SLOW)
+    heartbeat: float  # seconds without output before a HEARTBEAT
+    ack_interval: float  # seconds between two control frames at least
+
+
+class DataPlane(Protocol):
+    """A leaf: builds the three loops of one connection or socket."""
+
+    name: str  # "C" or "Python", for the log
+    #: True when ``set_destination``'s fd is used (a socket connected per destination)
+    connects_destinations: bool
+
+    def emit_pump(self, start: EmitStart) -> EmitPump:
+        """Raises ProtocolError when what the handshake left over cannot be a frame."""
+
+    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> CaptureReceiver: ...
+
+    def ack_reader(
+        self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
+    ) -> AckReader:
+        """Raises ProtocolError when what the handshake left over cannot be a frame."""
+
+
+def select_plane() -> DataPlane:
+    """The data plane feeds started now use: C when it loads (``RELAYD_DATAPATH``:
+    ``auto``, ``c`` or ``python``). Raises fastpath.DataPathError as ``fastpath.load``."""
+    from relayd import fastpath, pyplane  # noqa: PLC0415 - the leaves import this module
+
+    plane = fastpath.load()
+    return plane if plane is not None else pyplane.PLANE
+
+
+def trio_time_of(monotonic_ns: int) -> float:
+    """A data-path thread's CLOCK_MONOTONIC stamp on Trio's clock (in Trio): the one place
+    where the threads' clock meets Trio's."""
+    return trio.current_time() - (time.monotonic_ns() - monotonic_ns) / 1e9
 
 
 async def run_stoppable(

@@ -1,65 +1,55 @@
-"""The C data plane (``relayd/_fastpath.c``), loaded with ctypes, and which data path is in use.
+"""The C leaf of the data plane (``relayd/_fastpath.c``), loaded with ctypes, and which leaf runs.
 
 The per-datagram loops of the emit and capture feeds run in C when the shared library was
-built (``make`` and the wheel build compile it) and in Python otherwise; both do the same work
-and pass the same tests. ctypes releases the GIL during every call, so a data-path thread in C
-never waits for the Trio thread and never makes it wait. ``RELAYD_DATAPATH`` chooses: ``c``
-(refuse to start without the library), ``python`` (never load it), or ``auto`` (the default:
-C when it loads).
+built (``make`` and the wheel build compile it) and in Python otherwise (relayd/pyplane.py);
+both implement relayd/datapath.py's interface and pass the same tests. Every entry point is
+bound through ``ctypes.CDLL``, which releases the GIL for the call (the GIL rule is in
+relayd/datapath.py). ``RELAYD_DATAPATH`` chooses: ``c`` (refuse to start without the library),
+``python`` (never load it), or ``auto`` (the default: C when it loads).
+
+The ABI is defined once, in the C file; at load the library's layout table (every field's
+offset and size) and its constants are compared with the ctypes structs below and with the
+Python constants they stand for (:class:`relayd.datapath.Why`,
+:class:`relayd.session.Destination`, the latency buckets, the largest payload), so a struct or
+constant changed on one side only refuses to load instead of misreporting.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from pathlib import Path
 from typing import Final
 
+from relayd import wire
+from relayd.datapath import (
+    ACK_READ_SIZE,
+    CAPTURE_BATCH_SIZE,
+    EMIT_RECEIVE_SIZE,
+    EmitStart,
+    Why,
+)
+from relayd.metrics import LATENCY_BUCKETS
+from relayd.session import Destination
+from relayd.wire import CaptureConnection, Event, ProtocolError
+
 __all__ = [
     "LIBRARY",
-    "RD_CONTROL",
-    "RD_EMPTY",
-    "RD_EOF",
-    "RD_ERROR",
-    "RD_FULL",
-    "RD_IDLE",
-    "RD_NEED_DEST",
-    "RD_RESET",
-    "RD_SEND_ERROR",
-    "RD_SLOW",
-    "RD_STOPPED",
+    "CPlane",
     "CaptureReaderState",
     "CaptureState",
     "DataPathError",
-    "DataPlane",
     "EmitState",
     "active",
     "describe",
     "load",
 ]
 
-ABI: Final = 7
+ABI: Final = 8
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
-LATENCY_BUCKETS: Final = 26
+#: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
-
-# Why a call returned (relayd/_fastpath.c).
-RD_STOPPED: Final = 1
-RD_EOF: Final = 2
-RD_RESET: Final = 3
-RD_IDLE: Final = 4
-RD_CONTROL: Final = 5
-RD_NEED_DEST: Final = 6
-RD_SEND_ERROR: Final = 7
-RD_SLOW: Final = 8
-RD_EMPTY: Final = 9
-RD_FULL: Final = 10
-RD_ERROR: Final = 11
-
-# Destination verdicts for rd_emit_set_dest.
-DEST_ALLOWED: Final = 1
-DEST_DENIED_GROUP: Final = 2
-DEST_DENIED_PORT: Final = 3
 
 _u64 = ctypes.c_uint64
 _i64 = ctypes.c_int64
@@ -161,38 +151,340 @@ class CaptureReaderState(ctypes.Structure):
     )
 
 
-class DataPlane:
-    """The library's entry points. Those that block (in ``poll``) are called through
-    ``ctypes.CDLL``, which releases the GIL; the quick ones through ``ctypes.PyDLL``, which
-    keeps it, so a receive thread is not handed over to the Trio thread in the middle of a
-    batch."""
+STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
+    "rd_dest": _Dest,
+    "rd_emit": EmitState,
+    "rd_capture": CaptureState,
+    "rd_capture_rx": CaptureReaderState,
+}
 
-    def __init__(self, blocking: ctypes.CDLL, quick: ctypes.PyDLL) -> None:
+
+class _Field(ctypes.Structure):
+    """``struct rd_field``: one row of the library's layout table."""
+
+    _fields_ = (
+        ("record", ctypes.c_char_p),
+        ("field", ctypes.c_char_p),
+        ("offset", _u64),
+        ("size", _u64),
+    )
+
+
+class _Constant(ctypes.Structure):
+    """``struct rd_constant``: one row of the library's constants."""
+
+    _fields_ = (("name", ctypes.c_char_p), ("value", _i64))
+
+
+def expected_constants() -> dict[str, int]:
+    """The values the library's constants must have: the Python definitions they stand for."""
+    constants = {f"RD_{why.name}": int(why) for why in Why}
+    constants.update(
+        DEST_ALLOWED=Destination.ALLOWED,
+        DEST_DENIED_GROUP=Destination.GROUP_NOT_ALLOWED,
+        DEST_DENIED_PORT=Destination.PORT_NOT_ALLOWED,
+        DATA_HEADER=wire.DATA_HEADER_SIZE,
+        MAX_PAYLOAD=wire.MAX_PAYLOAD,
+        LATENCY_BUCKETS=LATENCY_BUCKETS,
+        DEST_SLOTS=DEST_SLOTS,
+        MAX_ERROR_TEXT=wire.MAX_ERROR_TEXT,
+    )
+    return constants
+
+
+def python_layout() -> dict[str, list[tuple[str, int, int]]]:
+    """``(field, offset, size)`` of every ctypes struct, in order, then ``("", 0, sizeof)``."""
+    layout: dict[str, list[tuple[str, int, int]]] = {}
+    for record, struct in STRUCTS.items():
+        rows = []
+        for name, *_ in struct._fields_:
+            field = getattr(struct, name)
+            rows.append((name, field.offset, field.size))
+        rows.append(("", 0, ctypes.sizeof(struct)))
+        layout[record] = rows
+    return layout
+
+
+def library_layout(lib: ctypes.CDLL) -> dict[str, list[tuple[str, int, int]]]:
+    """The same, from the library's own table (``rd_layout``)."""
+    lib.rd_layout.restype = ctypes.POINTER(_Field)
+    table = lib.rd_layout()
+    fields: dict[str, list[tuple[str, int, int]]] = {}
+    sizes: dict[str, tuple[str, int, int]] = {}
+    i = 0
+    while table[i].record is not None:
+        row = table[i]
+        record = row.record.decode()
+        if row.field is None:
+            sizes[record] = ("", 0, row.size)
+        else:
+            fields.setdefault(record, []).append((row.field.decode(), row.offset, row.size))
+        i += 1
+    return {record: [*rows, sizes.get(record, ("", 0, -1))] for record, rows in fields.items()}
+
+
+def library_constants(lib: ctypes.CDLL) -> dict[str, int]:
+    lib.rd_constants.restype = ctypes.POINTER(_Constant)
+    table = lib.rd_constants()
+    constants = {}
+    i = 0
+    while table[i].name is not None:
+        constants[table[i].name.decode()] = table[i].value
+        i += 1
+    return constants
+
+
+def _row(row: tuple[str, int, int]) -> str:
+    name, offset, size = row
+    return f"field {name} at offset {offset} ({size} bytes)" if name else f"size {size}"
+
+
+def abi_mismatch(lib: ctypes.CDLL) -> str | None:
+    """What differs between the library's ABI and this module's, or None."""
+    lib.rd_abi.restype = ctypes.c_int
+    abi = lib.rd_abi()
+    if abi != ABI:  # first: an older library may lack the symbols looked up below
+        return f"ABI {abi}, want {ABI}"
+    theirs, ours = library_layout(lib), python_layout()
+    for record in sorted(theirs.keys() | ours.keys()):
+        rows_c, rows_py = theirs.get(record, []), ours.get(record, [])
+        for row_c, row_py in zip(rows_c, rows_py, strict=False):
+            if row_c != row_py:
+                return f"struct {record}: {_row(row_c)} in C, {_row(row_py)} in Python"
+        if len(rows_c) != len(rows_py):
+            return f"struct {record}: {len(rows_c) - 1} fields in C, {len(rows_py) - 1} in Python"
+    constants_c, constants_py = library_constants(lib), expected_constants()
+    for name in sorted(constants_c.keys() | constants_py.keys()):
+        if constants_c.get(name) != constants_py.get(name):
+            theirs_value, ours_value = constants_c.get(name), constants_py.get(name)
+            return f"constant {name}: {theirs_value} in C, {ours_value} in Python"
+    return None
+
+
+def _take_over(leftover: bytes, buffer: ctypes.Array[ctypes.c_uint8], after: str) -> int:
+    """Put what the Python decoder read past the handshake (at most the start of one frame)
+    at the start of a C loop's buffer; returns its length."""
+    if len(leftover) > len(buffer) // 2:  # never, but never overrun
+        raise ProtocolError(f"{len(leftover)} bytes pending after {after}")
+    ctypes.memmove(buffer, leftover, len(leftover))
+    return len(leftover)
+
+
+class _CEmitPump:
+    """:class:`relayd.datapath.EmitPump` over ``rd_emit_pump``."""
+
+    __slots__ = ("_buffer", "_proto", "_pump", "_ref", "_set_dest", "counters", "err", "need_key")
+
+    def __init__(self, plane: CPlane, start: EmitStart) -> None:
+        self._buffer = buffer = (ctypes.c_uint8 * EMIT_RECEIVE_SIZE)()
+        self._proto = proto = start.proto
+        state = self.counters = EmitState(
+            tcp_fd=start.tcp.fileno(),
+            stop_fd=start.stop_fd,
+            mcast_fd=start.mcast.fileno(),
+            buf=ctypes.addressof(buffer),
+            cap=EMIT_RECEIVE_SIZE,
+            idle_ns=int(start.idle * 1e9),
+            ack_interval_ns=int(start.ack_interval * 1e9),
+            heartbeat_ns=int(start.heartbeat * 1e9),
+            highest=start.highest,
+            acked=max(start.acked, 0),
+            acked_any=start.acked >= 0,
+        )
+        state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
+        self._ref = ctypes.byref(state)
+        self._pump = plane.rd_emit_pump
+        self._set_dest = plane.rd_emit_set_dest
+        self.need_key = 0
+        self.err = 0
+
+    @property
+    def highest(self) -> int:
+        return int(self.counters.highest)
+
+    @property
+    def acked(self) -> int:
+        state = self.counters
+        return int(state.acked) if state.acked_any else -1
+
+    def run(self) -> Why:
+        why = Why(self._pump(self._ref))
+        self.need_key = self.counters.need_key
+        self.err = self.counters.err
+        return why
+
+    def set_destination(self, key: int, verdict: Destination, fd: int) -> None:
+        self._set_dest(self._ref, key, verdict, fd)
+
+    def clear_destinations(self) -> None:
+        self.counters.clear_dests = 1
+
+    def control(self) -> list[Event] | ProtocolError:
+        state = self.counters
+        try:
+            return self._proto.receive(bytes(self._buffer[state.start : state.end]))
+        except ProtocolError as exc:
+            return exc
+
+    def unsent(self) -> bytes:
+        state = self.counters
+        return bytes(state.out[state.out_off : state.out_len])
+
+
+class _CReceiver:
+    """:class:`relayd.datapath.CaptureReceiver` over ``rd_capture_wait`` and
+    ``rd_capture_batch``."""
+
+    __slots__ = (
+        "_batch",
+        "_buffer",
+        "_ref",
+        "_state",
+        "_view",
+        "_wait",
+        "count",
+        "drops",
+        "err",
+        "payload_bytes",
+        "send_err",
+        "sent",
+    )
+
+    def __init__(self, plane: CPlane, sock: socket.socket, port: int, stop_fd: int) -> None:
+        self._buffer = buffer = (ctypes.c_uint8 * CAPTURE_BATCH_SIZE)()
+        self._view = memoryview(buffer).cast("B")
+        self._state = state = CaptureState(
+            fd=sock.fileno(),
+            stop_fd=stop_fd,
+            buf=ctypes.addressof(buffer),
+            cap=CAPTURE_BATCH_SIZE,
+            room=wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD,
+            port=port,
+        )
+        self._ref = ctypes.byref(state)
+        self._wait = plane.rd_capture_wait
+        self._batch = plane.rd_capture_batch
+        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.drops: int | None = None
+
+    def wait(self) -> bool:
+        why = self._wait(self._ref)
+        if why == Why.ERROR:
+            raise OSError(self._state.err, os.strerror(self._state.err))
+        return bool(why != Why.STOPPED)
+
+    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+        state = self._state
+        state.tcp_fd = -1 if tcp is None else tcp.fileno()
+        why = self._batch(self._ref, first_seq)
+        self.count = state.count
+        self.payload_bytes = state.payload_bytes
+        self.sent = state.sent
+        self.send_err = state.send_err
+        self.err = state.err
+        self.drops = state.drops if state.drops_seen else None
+        return Why(why)
+
+    def frames(self) -> bytes:
+        return bytes(self._view[: self._state.offset])
+
+
+class _CAckReader:
+    """:class:`relayd.datapath.AckReader` over ``rd_capture_read``."""
+
+    __slots__ = ("_buffer", "_conn", "_read", "_ref", "_state", "err")
+
+    def __init__(
+        self, plane: CPlane, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
+    ) -> None:
+        self._buffer = buffer = (ctypes.c_uint8 * ACK_READ_SIZE)()
+        self._conn = conn
+        self._state = state = CaptureReaderState(
+            tcp_fd=tcp.fileno(),
+            stop_fd=stop_fd,
+            idle_ns=int(idle * 1e9),
+            buf=ctypes.addressof(buffer),
+            cap=ACK_READ_SIZE,
+        )
+        state.end = _take_over(conn.take_buffered(), buffer, "the welcome")
+        self._ref = ctypes.byref(state)
+        self._read = plane.rd_capture_read
+        self.err = 0
+
+    @property
+    def acked(self) -> int:
+        return int(self._state.acked)
+
+    def run(self) -> Why:
+        why = Why(self._read(self._ref))
+        self.err = self._state.err
+        return why
+
+    def control(self) -> list[Event] | ProtocolError:
+        state = self._state
+        try:
+            return self._conn.receive(bytes(self._buffer[state.start : state.end]))
+        except ProtocolError as exc:
+            return exc
+
+
+class CPlane:
+    """The C leaf: the library's entry points, every one bound through ``ctypes.CDLL`` (the GIL
+    is released for each call), and the loops built on them."""
+
+    name = "C"
+    connects_destinations = True
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
         emit = ctypes.POINTER(EmitState)
         capture = ctypes.POINTER(CaptureState)
         reader = ctypes.POINTER(CaptureReaderState)
-        self.emit_pump = blocking.rd_emit_pump
-        self.emit_pump.argtypes = (emit,)
-        self.emit_pump.restype = ctypes.c_int
-        self.emit_set_dest = quick.rd_emit_set_dest
-        self.emit_set_dest.argtypes = (emit, _u64, _u64, _i64)
-        self.emit_set_dest.restype = None
-        self.capture_wait = blocking.rd_capture_wait
-        self.capture_wait.argtypes = (capture,)
-        self.capture_wait.restype = ctypes.c_int
-        self.capture_batch = quick.rd_capture_batch
-        self.capture_batch.argtypes = (capture, _u64)
-        self.capture_batch.restype = ctypes.c_int
-        self.capture_read = blocking.rd_capture_read
-        self.capture_read.argtypes = (reader,)
-        self.capture_read.restype = ctypes.c_int
+        self.rd_emit_pump = lib.rd_emit_pump
+        self.rd_emit_pump.argtypes = (emit,)
+        self.rd_emit_pump.restype = ctypes.c_int
+        self.rd_emit_set_dest = lib.rd_emit_set_dest
+        self.rd_emit_set_dest.argtypes = (emit, _u64, _u64, _i64)
+        self.rd_emit_set_dest.restype = None
+        self.rd_capture_wait = lib.rd_capture_wait
+        self.rd_capture_wait.argtypes = (capture,)
+        self.rd_capture_wait.restype = ctypes.c_int
+        self.rd_capture_batch = lib.rd_capture_batch
+        self.rd_capture_batch.argtypes = (capture, _u64)
+        self.rd_capture_batch.restype = ctypes.c_int
+        self.rd_capture_read = lib.rd_capture_read
+        self.rd_capture_read.argtypes = (reader,)
+        self.rd_capture_read.restype = ctypes.c_int
+
+    def emit_pump(self, start: EmitStart) -> _CEmitPump:
+        return _CEmitPump(self, start)
+
+    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _CReceiver:
+        return _CReceiver(self, sock, port, stop_fd)
+
+    def ack_reader(
+        self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
+    ) -> _CAckReader:
+        return _CAckReader(self, tcp, stop_fd, conn, idle)
+
+
+def open_library(path: Path) -> CPlane:
+    """The C leaf from the library at ``path``; DataPathError (its reason) when it cannot be
+    loaded or its ABI differs from this module's."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise DataPathError(f"{path.name} not loadable ({exc})") from None
+    mismatch = abi_mismatch(lib)
+    if mismatch is not None:
+        raise DataPathError(f"{path.name} is from another version ({mismatch})")
+    return CPlane(lib)
 
 
 class DataPathError(RuntimeError):
     """``RELAYD_DATAPATH=c`` and the C data plane cannot be loaded."""
 
 
-_cache: dict[str, tuple[DataPlane | None, str]] = {}
+_cache: dict[str, tuple[CPlane | None, str]] = {}
 
 
 def _choice() -> str:
@@ -202,35 +494,18 @@ def _choice() -> str:
     return choice
 
 
-def _open(choice: str) -> tuple[DataPlane | None, str]:
+def _open(choice: str) -> tuple[CPlane | None, str]:
     if choice == "python":
         return None, "RELAYD_DATAPATH=python"
     try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as exc:
-        reason = f"{LIBRARY.name} not loadable ({exc})"
+        return open_library(LIBRARY), ""
+    except DataPathError as exc:
         if choice == "c":
-            raise DataPathError(f"RELAYD_DATAPATH=c but {reason}") from None
-        return None, reason
-    # The ABI number first: an older library may lack the symbols this version looks up.
-    lib.rd_abi.restype = ctypes.c_int
-    abi = lib.rd_abi()
-    sizes: tuple[int, ...] = ()
-    if abi == ABI:
-        lib.rd_emit_size.restype = _u64
-        lib.rd_capture_size.restype = _u64
-        lib.rd_capture_rx_size.restype = _u64
-        sizes = (lib.rd_emit_size(), lib.rd_capture_size(), lib.rd_capture_rx_size())
-    want = tuple(ctypes.sizeof(t) for t in (EmitState, CaptureState, CaptureReaderState))
-    if sizes != want:
-        reason = f"{LIBRARY.name} is from another version (ABI {abi}, want {ABI})"
-        if choice == "c":
-            raise DataPathError(f"RELAYD_DATAPATH=c but {reason}")
-        return None, reason
-    return DataPlane(lib, ctypes.PyDLL(str(LIBRARY))), ""
+            raise DataPathError(f"RELAYD_DATAPATH=c but {exc}") from None
+        return None, str(exc)
 
 
-def load() -> DataPlane | None:
+def load() -> CPlane | None:
     """The C data plane, or None when the Python data path is in use (``describe`` says why).
     Read when a feed starts. Raises DataPathError when ``RELAYD_DATAPATH`` is invalid or asks
     for C and the library cannot be loaded."""

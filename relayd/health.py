@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from functools import partial
 from typing import Any, Protocol, cast
 
 import attrs
@@ -26,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from relayd import __version__, fastpath
+from relayd.config import Endpoint
 from relayd.metrics import CONTENT_TYPE, render
 from relayd.runtime import Sample
 
@@ -92,6 +94,7 @@ class FeedReport:
     healthy: bool
     state: str
     detail: dict[str, Any] = attrs.field(factory=dict)
+    connections: int = 0  # FeedHealth.connections, for the status line
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "healthy": self.healthy, "state": self.state}
@@ -321,3 +324,121 @@ async def serve_health(
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(run)
         task_status.started(parse_bind(binds[0]))
+
+
+# -- the server under supervision ----------------------------------------------------------
+
+#: The health server must answer its first request within this (READY=1 waits for it).
+PROBE_TIMEOUT = 5.0
+
+
+class HealthServerError(RuntimeError):
+    """The health server could not start, or does not answer."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception; a group of one is unwrapped."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def format_address(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "-"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: The server's start and failures are the supervisor's to log.
+_supervision_log = logging.getLogger("relayd.supervisor")
+
+
+class HealthServer:
+    """``serve_health`` in a task of its own: restarted after a failure once it has started,
+    stopped through its shutdown trigger, probed with one real request."""
+
+    def __init__(self, app: HealthApp) -> None:
+        self.app = app
+        self.address: tuple[str, int] | None = None
+        self._stop: trio.Event | None = None
+        self._done: trio.Event | None = None
+
+    async def start(self, nursery: trio.Nursery, endpoint: Endpoint) -> None:
+        """Serve on ``endpoint`` (raises HealthServerError when it cannot bind)."""
+        stop, done = trio.Event(), trio.Event()
+        self._stop, self._done = stop, done
+        try:
+            self.address = await nursery.start(partial(self._task, endpoint, stop, done))
+        except Exception as exc:
+            raise HealthServerError(
+                f"cannot start the health server on {endpoint}: {describe(exc)}"
+            ) from exc
+
+    async def stop(self) -> None:
+        """Stop serving, and wait until it has (the caller bounds the wait)."""
+        if self._stop is not None and self._done is not None:
+            self._stop.set()
+            await self._done.wait()
+
+    async def _task(
+        self,
+        endpoint: Endpoint,
+        stop: trio.Event,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]],
+    ) -> None:
+        reported = False
+        try:
+            while not stop.is_set():
+                try:
+                    async with trio.open_nursery() as nursery:
+                        address = await nursery.start(
+                            partial(
+                                serve_health,
+                                self.app,
+                                endpoint.host,
+                                endpoint.port,
+                                shutdown_trigger=stop.wait,
+                            )
+                        )
+                        self.address = address
+                        if not reported:
+                            reported = True
+                            task_status.started(address)
+                        _supervision_log.info(
+                            "health server listening on %s", format_address(address)
+                        )
+                except Exception as exc:
+                    if not reported:
+                        raise
+                    _supervision_log.error(
+                        "health server failed: %s; restarting in 1 s", describe(exc), exc_info=exc
+                    )
+                    await trio.sleep(1.0)
+        finally:
+            done.set()
+
+    async def probe(self) -> None:
+        """One real request to the health server: READY=1 only once it answers."""
+        assert self.address is not None
+        host, port = self.address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(request)
+                    head = b""
+                    while b"\r\n" not in head:
+                        chunk = await stream.receive_some(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise HealthServerError(f"the health server does not answer: {describe(exc)}") from exc
+        if not head.startswith(b"HTTP/1.1 "):
+            raise HealthServerError(f"the health server answered {head[:40]!r}")

@@ -20,6 +20,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
 _LABEL_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+#: Buckets of the latency histograms: log2 of 1 us .. 2**25 us (the C data plane counts in
+#: the same buckets; relayd/fastpath.py checks it at load).
+LATENCY_BUCKETS = 26
 
 
 def metric_name(name: str) -> str:
@@ -114,7 +117,7 @@ class LatencyHistogram:
 
     __slots__ = ("_counts", "_n", "count", "sum_ns")
 
-    def __init__(self, buckets: int = 26) -> None:
+    def __init__(self, buckets: int = LATENCY_BUCKETS) -> None:
         if buckets < 1:
             raise ValueError("a histogram needs at least one bucket")
         self._n = buckets
@@ -135,6 +138,11 @@ class LatencyHistogram:
         self._counts[k if k < self._n else self._n] += 1
         self.count += 1
         self.sum_ns += ns
+
+    @property
+    def counts(self) -> list[int]:
+        """Observations per bucket, +Inf last (a copy)."""
+        return list(self._counts)
 
     def add_counts(self, counts: list[int], sum_ns: int) -> None:
         """Add observations counted elsewhere in the same buckets (the C data path)."""

@@ -19,6 +19,7 @@ import trio
 log = logging.getLogger(__name__)
 
 STATE_WAIT = 1.0  # seconds a state change (READY, RELOADING, STOPPING) may wait for room
+RETRY_INTERVAL = 0.01  # between two tries of a state change while systemd's queue is full
 
 
 def monotonic_usec() -> int:
@@ -55,48 +56,57 @@ class Notifier:
             return None
         return self.watchdog_usec / 2e6
 
-    def send(self, *lines: str, wait: float = 0.0) -> bool:
-        """One datagram with the given ``KEY=value`` lines; False when not sent.
+    def send(self, *lines: str) -> bool:
+        """One datagram with the given ``KEY=value`` lines, never waiting; False when not
+        sent (systemd gone, or its queue full: periodic messages are simply dropped then)."""
+        return self._send(self._encode(lines)) is True
 
-        The send never blocks, unless the receiving queue is full and ``wait`` > 0: then it
-        waits up to ``wait`` seconds for room. Periodic messages (STATUS, WATCHDOG) are simply
-        dropped when systemd lags; state changes (READY, RELOADING, STOPPING) wait, because
-        systemd would otherwise wait for them until its timeout.
-        """
+    async def send_state(self, *lines: str, wait: float = STATE_WAIT) -> bool:
+        """Like ``send``, but when systemd's queue is full, retry for up to ``wait`` seconds:
+        state changes (READY, RELOADING, STOPPING) must not be lost, as systemd would wait for
+        them until its timeout. The event loop goes on meanwhile (``poll`` cannot say when an
+        unconnected datagram socket's peer has room, so this retries on Trio's clock)."""
+        data = self._encode(lines)
+        with trio.move_on_after(wait):
+            while True:
+                sent = self._send(data)
+                if sent is not None:
+                    return sent
+                await trio.sleep(RETRY_INTERVAL)
+        return False
+
+    @staticmethod
+    def _encode(lines: tuple[str, ...]) -> bytes:
+        return "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8", "replace")
+
+    def _send(self, data: bytes) -> bool | None:
+        """True when sent, None when the queue is full, False on any other failure."""
         if self._sock is None or self.address is None:
             return False
-        data = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8", "replace")
         try:
-            try:
-                self._sock.sendto(data, self.address)
-            except BlockingIOError:
-                if wait <= 0:
-                    raise
-                self._sock.settimeout(wait)
-                try:
-                    self._sock.sendto(data, self.address)
-                finally:
-                    self._sock.setblocking(False)
+            self._sock.sendto(data, self.address)
+        except BlockingIOError:
+            return None
         except OSError as exc:
-            # systemd gone or its queue full: nothing to do but say so at debug level.
+            # systemd gone: nothing to do but say so at debug level.
             log.debug("sd_notify failed: %s", exc)
             return False
         self.sent += 1
         return True
 
-    def ready(self, status: str | None = None) -> bool:
+    async def ready(self, status: str | None = None) -> bool:
         lines = ("READY=1", *(() if status is None else (f"STATUS={status}",)))
-        return self.send(*lines, wait=STATE_WAIT)
+        return await self.send_state(*lines)
 
-    def reloading(self, status: str | None = None) -> bool:
+    async def reloading(self, status: str | None = None) -> bool:
         lines = ["RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}"]
         if status is not None:
             lines.append(f"STATUS={status}")
-        return self.send(*lines, wait=STATE_WAIT)
+        return await self.send_state(*lines)
 
-    def stopping(self, status: str | None = None) -> bool:
+    async def stopping(self, status: str | None = None) -> bool:
         lines = ("STOPPING=1", *(() if status is None else (f"STATUS={status}",)))
-        return self.send(*lines, wait=STATE_WAIT)
+        return await self.send_state(*lines)
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")

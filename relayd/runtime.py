@@ -29,18 +29,25 @@ class FeedHealth(NamedTuple):
     healthy: bool
     state: str  # one word: "listening", "streaming", "reconnecting", "failed", ...
     detail: dict[str, Any]  # JSON-able facts for /healthz and `relayd status`
+    connections: int = 0  # peers the feed streams with now
+    datagrams: int | None = None  # the feed's datagram counter (its rate is shown); None: none
 
 
 class Feed(Protocol):
     """A feed runtime: built from its config, run inside the supervisor's nursery.
 
-    ``run`` calls ``task_status.started()`` only when the feed is really ready (listener bound,
-    groups joined) and runs until cancelled. Cancellation is the stop signal; ``close_reason``
-    set beforehand tells a feed what to say to its peers (e.g. SHUTTING_DOWN, FEED_REMOVED).
+    ``open`` acquires what the feed needs (keys, interface, bound sockets) and raises when it
+    cannot; ``run`` serves with it, calls ``task_status.started()`` when the feed is really
+    ready, runs until cancelled and releases everything on the way out (it opens first when
+    ``open`` was not called). Kept apart so that a reload can open a changed feed before it
+    stops the running one. Cancellation is the stop signal; ``set_close_reason`` beforehand
+    tells a feed what to say to its peers (e.g. SHUTTING_DOWN, FEED_REMOVED).
     """
 
     name: str
     kind: Literal["emit", "capture"]
+
+    def open(self) -> None: ...
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -51,3 +58,9 @@ class Feed(Protocol):
     def samples(self) -> Iterable[Sample]: ...
 
     def set_close_reason(self, code: int, message: str) -> None: ...
+
+    def update_keys(self, config: Any) -> bool:
+        """Take ``config`` without a restart when it differs from the running one only in
+        its key files (re-read even when unchanged: a file may have been rewritten in place);
+        False when a restart is needed. Raises KeyFileError, keeping the current keys, when
+        a key file cannot be used."""

@@ -20,34 +20,39 @@ not touched; a new health address restarts the health server; logging is set up 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
 
 from relayd import __version__, fastpath
 from relayd.config import (
-    CaptureFeed,
     Config,
     ConfigError,
-    EmitFeed,
     Endpoint,
-    MissingKeyFileError,
     load_config,
 )
-from relayd.health import FeedReport, HealthApp, process_samples, serve_health
+from relayd.feedslot import FeedFactory, FeedSlot, StartupError, default_factory
+from relayd.health import (
+    FeedReport,
+    HealthApp,
+    HealthServer,
+    HealthServerError,
+    describe,
+    format_address,
+    process_samples,
+)
 from relayd.logs import RateLimitedLogger, setup_logging
 from relayd.metrics import Rate
 from relayd.notify import Notifier
-from relayd.runtime import Feed, Sample
+from relayd.reload import FeedConfig, FeedKey, feeds_of, plan_reload
+from relayd.runtime import Sample
 from relayd.wire import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -56,179 +61,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# The one place that says which class runs which kind of feed: (module, class name), each
-# built as ``cls(feed_config)``. Imported on first use.
-FEED_RUNTIMES: dict[str, tuple[str, str]] = {
-    "emit": ("relayd.emit", "EmitFeedRuntime"),
-    "capture": ("relayd.capture", "CaptureFeedRuntime"),
-}
 
-# The counter (sample name, ``_total`` optional) that gives a feed's datagrams/s in STATUS and
-# /healthz when the feed does not report ``datagrams_per_second`` in its health detail itself.
-RATE_COUNTERS: dict[str, tuple[str, ...]] = {
-    "emit": ("datagrams_out",),
-    "capture": ("capture_datagrams_in", "datagrams_in"),
-}
-
-BACKOFF_INITIAL = 0.5  # first restart after a crash
-BACKOFF_MAX = 30.0  # doubling up to this
-STABLE_AFTER = 60.0  # a feed that ran this long without crashing starts again at the initial
-START_TIMEOUT = 30.0  # a feed's run() must call started() within this
 STOP_TIMEOUT = 5.0  # feeds get this long to say goodbye to their peers on shutdown
 TICK_INTERVAL = 2.0  # rates and STATUS refresh
-PROBE_TIMEOUT = 5.0  # the health server must answer its first request within this
-
-FeedConfig = EmitFeed | CaptureFeed
-FeedKey = tuple[str, str]  # (kind, name)
-FeedFactory = Callable[[str, Any], Feed]
-
-
-def default_factory(kind: str, feed_config: Any) -> Feed:
-    """Build the runtime of one feed from its config (see ``FEED_RUNTIMES``)."""
-    module_name, class_name = FEED_RUNTIMES[kind]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    feed: Feed = cls(feed_config)
-    return feed
-
-
-def feeds_of(config: Config) -> dict[FeedKey, FeedConfig]:
-    """Every feed of a configuration by (kind, name), in file order."""
-    out: dict[FeedKey, FeedConfig] = {("emit", f.name): f for f in config.emit}
-    out.update({("capture", f.name): f for f in config.capture})
-    return out
-
-
-@attrs.frozen
-class ReloadPlan:
-    """What a reload changes; feeds by (kind, name)."""
-
-    added: tuple[FeedKey, ...]
-    removed: tuple[FeedKey, ...]
-    changed: tuple[FeedKey, ...]
-    unchanged: tuple[FeedKey, ...]
-    health_changed: bool
-    logging_changed: bool
-
-    @property
-    def empty(self) -> bool:
-        return not (
-            self.added
-            or self.removed
-            or self.changed
-            or self.health_changed
-            or self.logging_changed
-        )
-
-
-def plan_reload(old: Config, new: Config) -> ReloadPlan:
-    """The difference between two configurations; a feed whose settings differ in any way is
-    "changed" (configs are frozen attrs classes, compared by value)."""
-    before, after = feeds_of(old), feeds_of(new)
-    return ReloadPlan(
-        added=tuple(k for k in after if k not in before),
-        removed=tuple(k for k in before if k not in after),
-        changed=tuple(k for k in after if k in before and before[k] != after[k]),
-        unchanged=tuple(k for k in after if k in before and before[k] == after[k]),
-        health_changed=old.health != new.health,
-        logging_changed=old.process != new.process,
-    )
-
-
-class StartupError(Exception):
-    """A component could not start at process start-up (exit status 1)."""
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an exception; a group of one is unwrapped."""
-    while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:  # type: ignore[attr-defined]
-        exc = exc.exceptions[0]  # type: ignore[attr-defined]
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _find(exc: BaseException, kind: type[Exception]) -> Exception | None:
-    """The first ``kind`` inside ``exc`` or its (nested) groups."""
-    if isinstance(exc, kind):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _find(inner, kind)
-        if found is not None:
-            return found
-    return None
-
-
-class FeedSlot:
-    """One configured feed and the state of its supervising task."""
-
-    def __init__(self, kind: str, name: str, config: FeedConfig) -> None:
-        self.kind = kind
-        self.name = name
-        self.config = config
-        self.runtime: Feed | None = None
-        self.state = "starting"
-        self.restarts = 0
-        self.last_error: str | None = None
-        self.last_error_time: float | None = None  # wall clock, for people
-        self.retry_at: float | None = None  # trio clock
-        self.cancel_scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.rate = Rate(window=10.0)
-        self._last_crash: tuple[type[BaseException], str] | None = None
-
-    @property
-    def key(self) -> FeedKey:
-        return (self.kind, self.name)
-
-    def stop(self, code: ErrorCode, message: str) -> None:
-        """Tell the feed why it stops, then cancel it."""
-        self.state = "stopping"
-        if self.runtime is not None:
-            try:
-                self.runtime.set_close_reason(int(code), message)
-            except Exception:
-                log.exception("set_close_reason failed", extra={"feed": self.name})
-        self.cancel_scope.cancel()
-
-    def feed_samples(self) -> list[Sample]:
-        if self.runtime is None or self.state != "running":
-            return []
-        samples = []
-        for sample in self.runtime.samples():
-            if any(k == "feed" for k, _ in sample.labels):
-                samples.append(sample)
-            else:
-                samples.append(sample._replace(labels=(("feed", self.name), *sample.labels)))
-        return samples
-
-    def counter_total(self, samples: Iterable[Sample]) -> float | None:
-        by_name: dict[str, float] = {}
-        for s in samples:
-            if s.type == "counter":
-                name = s.name.removesuffix("_total")
-                by_name[name] = by_name.get(name, 0.0) + s.value
-        for name in RATE_COUNTERS.get(self.kind, ()):
-            if name in by_name:
-                return by_name[name]
-        return None
-
-    def report(self) -> FeedReport:
-        common: dict[str, Any] = {"restarts": self.restarts}
-        if self.last_error is not None:
-            common["last_error"] = self.last_error
-            common["last_error_time"] = self.last_error_time
-        if self.state == "running" and self.runtime is not None:
-            try:
-                h = self.runtime.health()
-            except Exception as exc:
-                return FeedReport(self.name, self.kind, False, "error", {"error": describe(exc)})
-            detail = dict(h.detail)
-            detail.setdefault("datagrams_per_second", round(self.rate.per_second(), 1))
-            for key, value in common.items():
-                detail.setdefault(key, value)
-            return FeedReport(self.name, self.kind, h.healthy, h.state, detail)
-        if self.state == "failed" and self.retry_at is not None:
-            common["retry_in_seconds"] = round(max(0.0, self.retry_at - trio.current_time()), 1)
-        return FeedReport(self.name, self.kind, False, self.state, common)
 
 
 class Supervisor:
@@ -249,23 +84,21 @@ class Supervisor:
         self.notifier = notifier if notifier is not None else Notifier()
         self.load = load
         self.slots: dict[FeedKey, FeedSlot] = {}
-        self.health_address: tuple[str, int] | None = None
         self.ready = trio.Event()
         self.reloads: dict[str, int] = {"ok": 0, "invalid": 0, "failed": 0}
         self.reload_count = 0  # reloads finished, whatever their result
         self.reload_done = trio.Event()  # set after each reload (replaced by a fresh one)
         self._config_errors: tuple[str, ...] = ()
         self._stopping = False
-        self._start_monotonic = time.monotonic()
+        self._started_at: float | None = None  # Trio clock, once run
         self._start_wall = time.time()
         self._rate = Rate(window=10.0)
         self._nursery: trio.Nursery | None = None
-        self._health_stop: trio.Event | None = None
-        self._health_done: trio.Event | None = None
         self._reload_send, self._reload_receive = trio.open_memory_channel[None](1)
         self._exit_status = EXIT_OK
         self._rl = RateLimitedLogger(log)
         self.app = HealthApp(self)
+        self._health = HealthServer(self.app)
 
     # -- HealthModel ---------------------------------------------------------------------
 
@@ -276,7 +109,9 @@ class Supervisor:
         return self._config_errors
 
     def uptime_seconds(self) -> float:
-        return time.monotonic() - self._start_monotonic
+        if self._started_at is None:
+            return 0.0
+        return trio.current_time() - self._started_at
 
     def stopping(self) -> bool:
         return self._stopping
@@ -339,7 +174,7 @@ class Supervisor:
     def status_line(self) -> str:
         reports = self.feed_reports()
         healthy = sum(1 for r in reports if r.healthy)
-        connections = sum(connection_count(r) for r in reports)
+        connections = sum(r.connections for r in reports)
         rate = sum(datagram_rate(r) for r in reports)
         feeds = f"{len(reports)} feed{'s' if len(reports) != 1 else ''}"
         text = f"{feeds} ({healthy} healthy), {connections} connections, {rate:.0f} datagrams/s"
@@ -355,6 +190,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         try:
+            self._started_at = trio.current_time()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._signal_task)
@@ -378,9 +214,9 @@ class Supervisor:
                     __version__,
                     fastpath.describe(),
                     self.status_line(),
-                    extra={"health": _format_address(self.health_address)},
+                    extra={"health": format_address(self.health_address)},
                 )
-                self.notifier.ready(self.status_line())
+                await self.notifier.ready(self.status_line())
                 self.ready.set()
                 task_status.started()
         finally:
@@ -391,83 +227,7 @@ class Supervisor:
         assert self._nursery is not None
         slot = FeedSlot(key[0], key[1], feed)
         self.slots[key] = slot
-        await self._nursery.start(partial(self._supervise, slot, fail_fast=fail_fast))
-
-    async def _supervise(
-        self, slot: FeedSlot, *, fail_fast: bool, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """Run one feed until its slot is stopped; restart it with backoff when it fails."""
-        extra = {"feed": slot.name, "kind": slot.kind}
-        backoff = BACKOFF_INITIAL
-        reported = False
-        try:
-            with slot.cancel_scope:
-                while True:
-                    slot.state = "starting"
-                    began = trio.current_time()
-                    try:
-                        slot.runtime = self.factory(slot.kind, slot.config)
-                        async with trio.open_nursery() as inner:
-                            with trio.fail_after(START_TIMEOUT):
-                                await inner.start(slot.runtime.run)
-                            slot.state = "running"
-                            slot.retry_at = None
-                            log.info("%s feed %s started", slot.kind, slot.name, extra=extra)
-                            if not reported:
-                                reported = True
-                                task_status.started()
-                        raise RuntimeError("run() returned while the feed was not stopped")
-                    except Exception as exc:
-                        # A key not provisioned yet fails this feed alone, retried below.
-                        missing_key = _find(exc, MissingKeyFileError) is not None
-                        if fail_fast and not reported and not missing_key:
-                            raise StartupError(
-                                f"cannot start {slot.kind} feed {slot.name}: {describe(exc)}"
-                            ) from exc
-                        if trio.current_time() - began >= STABLE_AFTER:
-                            backoff = BACKOFF_INITIAL
-                        self._crashed(slot, exc, backoff)
-                        if not reported:
-                            reported = True
-                            task_status.started()
-                        await trio.sleep(backoff)
-                        backoff = min(backoff * 2, BACKOFF_MAX)
-                        slot.restarts += 1
-        except StartupError:
-            raise
-        except Exception as exc:  # raised by the feed while it was being stopped
-            log.error(
-                "%s feed %s failed while stopping: %s",
-                slot.kind,
-                slot.name,
-                describe(exc),
-                exc_info=exc,
-                extra=extra,
-            )
-        finally:
-            slot.state = "stopped"
-            slot.runtime = None
-            slot.done.set()
-
-    def _crashed(self, slot: FeedSlot, exc: Exception, backoff: float) -> None:
-        message = describe(exc)
-        slot.state = "failed"
-        slot.last_error = message
-        slot.last_error_time = round(time.time(), 3)
-        slot.retry_at = trio.current_time() + backoff
-        # The traceback once per distinct error; a crash loop logs one line per restart.
-        key = (type(exc), message)
-        exc_info = exc if key != slot._last_crash else None
-        slot._last_crash = key
-        log.error(
-            "%s feed %s failed: %s; restarting in %.1f s",
-            slot.kind,
-            slot.name,
-            message,
-            backoff,
-            exc_info=exc_info,
-            extra={"feed": slot.name, "kind": slot.kind, "restarts": slot.restarts},
-        )
+        await self._nursery.start(partial(slot.supervise, self.factory, fail_fast=fail_fast))
 
     async def _stop_feed(self, key: FeedKey, code: ErrorCode, message: str) -> None:
         slot = self.slots.get(key)
@@ -479,84 +239,24 @@ class Supervisor:
 
     # -- health server -------------------------------------------------------------------
 
+    @property
+    def health_address(self) -> tuple[str, int] | None:
+        return self._health.address
+
     async def _start_health(self, endpoint: Endpoint, *, fail_fast: bool) -> None:
         assert self._nursery is not None
-        stop, done = trio.Event(), trio.Event()
-        self._health_stop, self._health_done = stop, done
         try:
-            self.health_address = await self._nursery.start(
-                partial(self._health_task, endpoint, stop, done)
-            )
-        except Exception as exc:
-            message = f"cannot start the health server on {endpoint}: {describe(exc)}"
+            await self._health.start(self._nursery, endpoint)
+        except HealthServerError as exc:
             if fail_fast:
-                raise StartupError(message) from exc
-            raise RuntimeError(message) from exc
-
-    async def _stop_health(self) -> None:
-        if self._health_stop is not None and self._health_done is not None:
-            self._health_stop.set()
-            with trio.move_on_after(2 * STOP_TIMEOUT):
-                await self._health_done.wait()
-
-    async def _health_task(
-        self,
-        endpoint: Endpoint,
-        stop: trio.Event,
-        done: trio.Event,
-        *,
-        task_status: trio.TaskStatus[tuple[str, int]],
-    ) -> None:
-        reported = False
-        try:
-            while not stop.is_set():
-                try:
-                    async with trio.open_nursery() as nursery:
-                        address = await nursery.start(
-                            partial(
-                                serve_health,
-                                self.app,
-                                endpoint.host,
-                                endpoint.port,
-                                shutdown_trigger=stop.wait,
-                            )
-                        )
-                        self.health_address = address
-                        if not reported:
-                            reported = True
-                            task_status.started(address)
-                        log.info("health server listening on %s", _format_address(address))
-                except Exception as exc:
-                    if not reported:
-                        raise
-                    log.error(
-                        "health server failed: %s; restarting in 1 s", describe(exc), exc_info=exc
-                    )
-                    await trio.sleep(1.0)
-        finally:
-            done.set()
+                raise StartupError(str(exc)) from exc
+            raise
 
     async def _probe_health(self) -> None:
-        """One real request to the health server: READY=1 only once it answers."""
-        assert self.health_address is not None
-        host, port = self.health_address
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-        request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
         try:
-            with trio.fail_after(PROBE_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-                async with stream:
-                    await stream.send_all(request)
-                    head = b""
-                    while b"\r\n" not in head:
-                        chunk = await stream.receive_some(4096)
-                        if not chunk:
-                            break
-                        head += chunk
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            raise StartupError(f"the health server does not answer: {describe(exc)}") from exc
-        if not head.startswith(b"HTTP/1.1 "):
-            raise StartupError(f"the health server answered {head[:40]!r}")
+            await self._health.probe()
+        except HealthServerError as exc:
+            raise StartupError(str(exc)) from exc
 
     # -- signals, reload, shutdown -------------------------------------------------------
 
@@ -588,14 +288,15 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         assert self._nursery is not None
-        self.notifier.stopping("stopping")
+        await self.notifier.stopping("stopping")
         slots = list(self.slots.values())
         for slot in slots:
             slot.stop(ErrorCode.SHUTTING_DOWN, "relayd is shutting down")
         with trio.move_on_after(STOP_TIMEOUT):
             for slot in slots:
                 await slot.done.wait()
-        await self._stop_health()
+        with trio.move_on_after(2 * STOP_TIMEOUT):
+            await self._health.stop()
         log.info("stopped")
         self._nursery.cancel_scope.cancel()
 
@@ -607,7 +308,7 @@ class Supervisor:
 
     async def reload(self) -> None:
         """Load the file again and apply the difference (see the module docstring)."""
-        self.notifier.reloading("reloading")
+        await self.notifier.reloading("reloading")
         try:
             new = await trio.to_thread.run_sync(self.load, self.config_path)
         except ConfigError as exc:
@@ -630,7 +331,7 @@ class Supervisor:
         self.reload_count += 1
         done, self.reload_done = self.reload_done, trio.Event()
         done.set()
-        self.notifier.ready(self.status_line())
+        await self.notifier.ready(self.status_line())
 
     async def _apply(self, new: Config) -> None:
         old = self.config
@@ -675,10 +376,11 @@ class Supervisor:
                 key, ErrorCode.SHUTTING_DOWN, "feed restarting with a new configuration"
             )
         if plan.health_changed:
-            await self._stop_health()
+            with trio.move_on_after(2 * STOP_TIMEOUT):
+                await self._health.stop()
             try:
                 await self._start_health(new.health.listen, fail_fast=False)
-            except RuntimeError as exc:
+            except HealthServerError as exc:
                 log.error("%s; back to %s", exc, old.health.listen)
                 await self._start_health(old.health.listen, fail_fast=False)
                 raise
@@ -696,24 +398,9 @@ class Supervisor:
         slot = self.slots.get(key)
         if slot is None or slot.state != "running" or slot.runtime is None:
             return False
-        old = slot.config
-        if isinstance(new, EmitFeed) and isinstance(old, EmitFeed):
-            if attrs.evolve(old, auth_key_files=new.auth_key_files) != new or not (
-                old.auth_key_files or new.auth_key_files
-            ):
-                return False
-        elif isinstance(new, CaptureFeed) and isinstance(old, CaptureFeed):
-            if attrs.evolve(old, auth_key_file=new.auth_key_file) != new or not (
-                old.auth_key_file or new.auth_key_file
-            ):
-                return False
-        else:
-            return False
-        update = getattr(slot.runtime, "update_keys", None)
-        if update is None:
-            return False
         try:
-            update(new)
+            if not slot.runtime.update_keys(new):
+                return False
         except Exception as exc:
             log.error(
                 "reload: %s feed %s keeps its current keys: %s",
@@ -728,12 +415,7 @@ class Supervisor:
 
     def _update_rates(self) -> None:
         for slot in list(self.slots.values()):
-            try:
-                total = slot.counter_total(slot.feed_samples())
-            except Exception:
-                total = None
-            if total is not None:
-                slot.rate.update(total)
+            slot.update_rate()
 
     async def _tick_task(self) -> None:
         while True:
@@ -742,26 +424,9 @@ class Supervisor:
             self.notifier.status(self.status_line())
 
 
-def connection_count(report: FeedReport) -> int:
-    """Connections of a feed: emit feeds list theirs, a capture feed has one while streaming."""
-    value = report.detail.get("connections")
-    if isinstance(value, list | tuple | dict):
-        return len(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return 1 if report.kind == "capture" and report.state == "streaming" else 0
-
-
 def datagram_rate(report: FeedReport) -> float:
     value = report.detail.get("datagrams_per_second", 0.0)
     return float(value) if isinstance(value, int | float) else 0.0
-
-
-def _format_address(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return "-"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_main(config_path: Path) -> int:

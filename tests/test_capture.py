@@ -19,6 +19,7 @@ import trio
 
 from relayd import wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
+from relayd.capture.link import Connect
 from relayd.netif import open_multicast_sender
 from tests.helpers.emit_standin import Peer, feed_config, groups_for, serve, stop
 from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
@@ -128,7 +129,7 @@ async def test_resend_after_reconnect_to_a_new_host(
     second = await serve(nursery, Peer(), port=port)
     await wait_for(lambda: len(second.peer.datagrams) >= 300)
     assert [d.seq for d in second.peer.datagrams] == list(range(1, 301))
-    assert feed.resent_datagrams == 200
+    assert feed.uplink.resent_datagrams == 200
     await wait_for(lambda: feed.replay.acked_seq == 300)
 
 
@@ -164,7 +165,7 @@ async def test_targets_fail_over_to_the_next_address(
     feed = CaptureFeedRuntime(feed_config(groups, [dead_port, server.port]))
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
-    assert feed.connects["ok"] == 1
+    assert feed.link.connects[Connect.OK] == 1
 
 
 @pytest.mark.usefixtures("datapath")
@@ -176,8 +177,8 @@ async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socke
     await nursery.start(feed.run)
     await wait_for(lambda: peer.hellos >= 3)
     assert not feed.connected
-    assert feed.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
-    assert feed.connects["refused"] >= 3
+    assert feed.link.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
+    assert feed.link.connects[Connect.REFUSED] >= 3
     await trio.sleep(0.3)
     health = feed.health()
     assert not health.healthy
@@ -227,7 +228,7 @@ async def test_idle_peer_is_left_and_heartbeats_flow(
         feed_config(groups, [server.port], heartbeat_interval=0.05, idle_timeout=0.4)
     )
     await nursery.start(feed.run)
-    await wait_for(lambda: feed.connects["ok"] >= 2, timeout=5)
+    await wait_for(lambda: feed.link.connects[Connect.OK] >= 2, timeout=5)
     assert peer.connections >= 2
 
 
@@ -279,7 +280,7 @@ async def test_memory_stays_bounded_while_disconnected(
     await wait_for(lambda: feed.datagrams_in + feed.kernel_drops >= 4000)
     assert feed.replay.total_bytes <= bound + 512 * 1024
     assert feed.replay.dropped_datagrams >= 4000 - (bound + 512 * 1024) // 1226
-    assert feed.connects["failed"] >= 1
+    assert feed.link.connects[Connect.FAILED] >= 1
 
 
 @pytest.mark.usefixtures("datapath")
@@ -343,7 +344,7 @@ async def test_authenticated_hello(
     server = await serve(nursery, peer)
     refused = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=bad))
     await nursery.start(refused.run)
-    await wait_for(lambda: refused.errors_from_peer[int(wire.ErrorCode.AUTH_FAILED)] >= 2)
+    await wait_for(lambda: refused.link.errors_from_peer[int(wire.ErrorCode.AUTH_FAILED)] >= 2)
     assert not refused.connected
     feed = CaptureFeedRuntime(feed_config(groups, [server.port], auth_key_file=good))
     await nursery.start(feed.run)

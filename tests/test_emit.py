@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from relayd.config import Endpoint, PortRange
-from relayd.emit import EmitFeedRuntime, KeyFileError, KeyFileMissingError, load_auth_keys
+from relayd.emit import EmitFeedRuntime
+from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
     FROM_EMIT,

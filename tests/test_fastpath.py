@@ -33,6 +33,7 @@ from relayd.config import EmitFeed, PortRange
 from relayd.emit import ACK_INTERVAL, EmitFeedRuntime
 from relayd.netif import open_multicast_sender
 from relayd.runtime import Sample
+from relayd.session import DUPLICATE, Allowlist, Destination, accept
 from relayd.wire import (
     DATA_HEADER_SIZE,
     MAX_PAYLOAD,
@@ -167,18 +168,17 @@ class EmitModel:
     ) -> None:
         for seq, group, port, payload in datagrams:
             self.datagrams_in += 1
-            highest = self.highest.get(session, 0)
-            if seq <= highest:
+            skipped = accept(self.highest.get(session, 0), seq)
+            if skipped == DUPLICATE:
                 self.duplicates += 1
                 continue
-            if highest and seq != highest + 1:
+            if skipped:
                 self.gaps += 1
-                self.gap_sequences += seq - highest - 1
+                self.gap_sequences += skipped
             self.highest[session] = seq
-            if not any(group in net for net in self.allowed_groups):
-                self.dropped["group_not_allowed"] += 1
-            elif not any(port in ports for ports in self.allowed_ports):
-                self.dropped["port_not_allowed"] += 1
+            verdict = Allowlist(self.allowed_groups, self.allowed_ports).verdict(int(group), port)
+            if verdict is not Destination.ALLOWED:
+                self.dropped[verdict.reason] += 1
             elif group == BROADCAST:  # sendto refuses it without SO_BROADCAST: EACCES
                 self.dropped["send_error"] += 1
             else:
@@ -416,7 +416,7 @@ async def test_destinations_outside_the_allowlist_mixed_with_allowed_ones(
                     await peer.stream.send_all(b"".join(awkward_pieces(encode(part), 13)[40:]))
                     model.feed(peer.session, part)
                     await peer.wait_ack(1000)
-                    feed.update_keys(reloaded)
+                    feed.reconfigure(reloaded)
                     model.reconfigure(reloaded)
                     part = datagrams[1000:]
                     await peer.stream.send_all(b"".join(encode(part)))
@@ -831,7 +831,9 @@ async def test_capture_counts_kernel_drops(monkeypatch: pytest.MonkeyPatch) -> N
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
                     server, feed = await capture_streaming(nursery, groups, receive_buffer=4096)
-                    with feed._lock:  # the data-path thread cannot take its next batch
+                    with (
+                        feed.receive._sequencing
+                    ):  # the data-path thread cannot take its next batch
                         blast(sender, burst)
                     await trio.sleep(0.2)
                     queued = feed.datagrams_in
@@ -871,7 +873,7 @@ async def test_metrics_show_the_latest_ack_when_the_stream_stops(datapath: str) 
             async with trio.open_nursery() as nursery:
                 server, feed = await capture_streaming(nursery, groups)
                 blast(sender, [(*groups[i % 2], bytes(100)) for i in range(10)])
-                await wait_for(lambda: server.peer.emitted.get(feed.session_id) == 10)
+                await wait_for(lambda: server.peer.emitted.get(feed.link.session_id) == 10)
                 await wait_for(lambda: gauge(feed, "capture_acked_seq") == 10, timeout=3)
                 assert gauge(feed, "capture_unacked_datagrams") == 0
                 nursery.cancel_scope.cancel()

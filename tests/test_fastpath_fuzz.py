@@ -57,8 +57,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relayd import fastpath
+from relayd import fastpath, session
+from relayd.datapath import Why
 from relayd.netif import IP_PKTINFO, SO_RXQ_OVFL
+from relayd.session import Destination
 from relayd.wire import (
     FROM_EMIT,
     MAX_PAYLOAD,
@@ -113,7 +115,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @functools.cache
-def _load() -> fastpath.DataPlane | str:
+def _load() -> fastpath.CPlane | str:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RELAYD_DATAPATH", "c")
         try:
@@ -123,7 +125,7 @@ def _load() -> fastpath.DataPlane | str:
     return plane if plane is not None else "fastpath.load() returned None"
 
 
-def plane() -> fastpath.DataPlane:
+def plane() -> fastpath.CPlane:
     """The C data plane; skips the test when it cannot be loaded."""
     loaded = _load()
     if isinstance(loaded, str):
@@ -149,7 +151,7 @@ class Loopback:
     payload arriving at the receiver bound to that address proves the key was mapped right."""
 
     receivers: dict[int, socket.socket]  # key -> socket bound to exactly that address
-    denied: dict[int, int]  # key -> DEST_DENIED_GROUP / DEST_DENIED_PORT
+    denied: dict[int, Destination]  # key -> a refusal
     #: a socket connected to each receiver, for rd_emit_set_dest's fd (else sendto)
     connected: dict[int, socket.socket] = attrs.Factory(dict)
     #: allowed keys whose sends fail: the limited broadcast address without SO_BROADCAST
@@ -163,11 +165,11 @@ class Loopback:
 
     def verdict(self, key: int) -> int:
         if key in self.receivers or key in self.failing:
-            return fastpath.DEST_ALLOWED
+            return Destination.ALLOWED
         if key in self.denied:
             return self.denied[key]
         # anything else (random keys from mutated headers) is refused; never sent anywhere
-        return fastpath.DEST_DENIED_PORT if key >> 40 == 127 else fastpath.DEST_DENIED_GROUP
+        return Destination.PORT_NOT_ALLOWED if key >> 40 == 127 else Destination.GROUP_NOT_ALLOWED
 
     def drain(self, want: int, timeout: float = 2.0) -> dict[int, list[bytes]]:
         """Everything received, per key: waits until ``want`` datagrams arrived, then takes
@@ -200,9 +202,9 @@ class Loopback:
                     for port, sock in ports.get(host, []):
                         receivers[key_of(IPv4Address(host), port)] = sock
             denied = {
-                key_of(IPv4Address("239.255.77.1"), 30001): fastpath.DEST_DENIED_GROUP,
-                key_of(IPv4Address("10.1.2.3"), 30001): fastpath.DEST_DENIED_GROUP,
-                key_of(LOOPBACK, 9): fastpath.DEST_DENIED_PORT,
+                key_of(IPv4Address("239.255.77.1"), 30001): Destination.GROUP_NOT_ALLOWED,
+                key_of(IPv4Address("10.1.2.3"), 30001): Destination.GROUP_NOT_ALLOWED,
+                key_of(LOOPBACK, 9): Destination.PORT_NOT_ALLOWED,
             }
             connected = {}
             for key in receivers:
@@ -464,7 +466,7 @@ def emit_streams(keys: Sequence[int]) -> st.SearchStrategy[EmitCase]:
 
 @attrs.define
 class EmitModel:
-    """The Python emit path's rules (relayd/emit.py ``_emit``) applied to decoded events."""
+    """The rules of relayd/session.py applied to decoded events."""
 
     highest: int
     frames_in: int = 0
@@ -490,15 +492,16 @@ class EmitModel:
                 continue
             assert isinstance(event, Datagram)
             self.datagrams_in += 1
-            if event.seq <= self.highest:
+            skipped = session.accept(self.highest, event.seq)
+            if skipped == session.DUPLICATE:
                 self.duplicates += 1
                 continue
-            if self.highest and event.seq != self.highest + 1:
+            if skipped:
                 self.gaps += 1
-                self.gap_sequences += event.seq - self.highest - 1
+                self.gap_sequences += skipped
             key = key_of(event.group, event.port)
             verdict = net.verdict(key)
-            if verdict == fastpath.DEST_ALLOWED:
+            if verdict == Destination.ALLOWED:
                 if key in net.failing:  # the route is refused before the size
                     self.send_errors.append(net.failing[key])
                 elif len(event.payload) > MAX_PAYLOAD:
@@ -508,7 +511,7 @@ class EmitModel:
                     self.datagrams_out += 1
                     self.bytes_out += len(event.payload)
                 self.last_ts = event.ts_ns
-            elif verdict == fastpath.DEST_DENIED_GROUP:
+            elif verdict == Destination.GROUP_NOT_ALLOWED:
                 self.denied_group += 1
             else:
                 self.denied_port += 1
@@ -545,7 +548,7 @@ def _writer(
         sock.shutdown(socket.SHUT_WR)
 
 
-def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
+def run_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> EmitRun:
     """Write ``case``'s pieces from a thread while ``rd_emit_pump`` runs; answer RD_NEED_DEST
     with the loopback verdicts as the feed does, go on after RD_SEND_ERROR, stop at anything
     else."""
@@ -575,18 +578,18 @@ def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
         writer.start()
         needs = 0
         while True:
-            why = lib.emit_pump(ref)
-            if why == fastpath.RD_NEED_DEST:
+            why = lib.rd_emit_pump(ref)
+            if why == Why.NEED_DEST:
                 needs += 1
                 _check(needs < 100_000, "RD_NEED_DEST without end")
                 key = state.need_key
                 connected = net.connected.get(key) if case.connected else None
                 fd = connected.fileno() if connected is not None else -1
-                lib.emit_set_dest(ref, key, net.verdict(key), fd)
+                lib.rd_emit_set_dest(ref, key, net.verdict(key), fd)
                 if case.clear_on_need and needs % 7 == 0:
                     state.clear_dests = 1  # a reload: the table is rebuilt from scratch
                 continue
-            if why == fastpath.RD_SEND_ERROR:
+            if why == Why.SEND_ERROR:
                 send_errors.append(int(state.err))
                 continue
             break
@@ -609,27 +612,27 @@ def run_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> EmitRun:
     return EmitRun(why, state, undecoded, replies, send_errors)
 
 
-def check_emit(lib: fastpath.DataPlane, net: Loopback, case: EmitCase) -> None:
+def check_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> None:
     net.drain(0, timeout=0)  # leftovers of a failed example
     events, stop, control = python_frames(case.stream, STREAMING, (Datagram, Heartbeat))
     run = run_emit(lib, net, case)
     s = run.state
     consumed = s.bytes_in - len(run.undecoded)
     where = f"(stream {case.stream[:64].hex()}..., {len(case.stream)} bytes)"
-    if run.why == fastpath.RD_STOPPED and case.stop_after is not None:
+    if run.why == Why.STOPPED and case.stop_after is not None:
         # stopped anywhere: after a whole frame of the Python walk, no further than it goes
         ends = list(itertools.accumulate(frame_size(e) for e in events))
         _check(consumed in (0, *ends), f"stopped at {consumed}, inside a frame {where}")
         events = events[: ends.index(consumed) + 1 if consumed else 0]
     elif control:
-        _check(run.why == fastpath.RD_CONTROL, f"pump returned {run.why}, want RD_CONTROL {where}")
+        _check(run.why == Why.CONTROL, f"pump returned {run.why}, want RD_CONTROL {where}")
         _check(
             refused_by_python(run.undecoded, capture_side=False),
             f"RD_CONTROL on bytes Python accepts: {run.undecoded[:32].hex()} {where}",
         )
         _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
     else:
-        _check(run.why == fastpath.RD_EOF, f"pump returned {run.why}, want RD_EOF {where}")
+        _check(run.why == Why.EOF, f"pump returned {run.why}, want RD_EOF {where}")
         _check(s.bytes_in == len(case.stream), f"bytes_in {s.bytes_in} {where}")
         _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
     _check(
@@ -682,7 +685,7 @@ def check_replies(run: EmitRun, case: EmitCase, model: EmitModel) -> None:
     _check(set(acks) <= model.ack_values, f"ACK of a sequence never emitted: {acks}")
     if acks:
         _check(s.acked == acks[-1], "acked")
-    if case.ack_interval_ns == 0 and run.why == fastpath.RD_EOF:
+    if case.ack_interval_ns == 0 and run.why == Why.EOF:
         # everything received was processed before the EOF: its ACK went out first
         _check(s.acked == s.highest, f"acked {s.acked} != highest {s.highest}")
 
@@ -782,7 +785,7 @@ def reader_streams(ack_values: st.SearchStrategy[int]) -> st.SearchStrategy[Read
 
 
 def run_reader(
-    lib: fastpath.DataPlane, case: ReaderCase
+    lib: fastpath.CPlane, case: ReaderCase
 ) -> tuple[int, fastpath.CaptureReaderState, bytes]:
     reader_side, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stop_r, stop_w = os.pipe()
@@ -797,7 +800,7 @@ def run_reader(
     writer = threading.Thread(target=_writer, args=(peer, case.pieces, case.pauses))
     try:
         writer.start()
-        why = lib.capture_read(ctypes.byref(state))
+        why = lib.rd_capture_read(ctypes.byref(state))
         undecoded = at(buffer, state.start, state.end)
         reader_side.shutdown(socket.SHUT_RDWR)
         writer.join(10)
@@ -811,19 +814,19 @@ def run_reader(
     return why, state, undecoded
 
 
-def check_reader(lib: fastpath.DataPlane, case: ReaderCase) -> None:
+def check_reader(lib: fastpath.CPlane, case: ReaderCase) -> None:
     events, stop, control = python_frames(case.stream, FROM_EMIT, (Ack, Heartbeat))
     why, s, undecoded = run_reader(lib, case)
     where = f"(stream {case.stream[:64].hex()}..., {len(case.stream)} bytes, cap {case.cap})"
     consumed = s.bytes_in - len(undecoded)
     if control:
-        _check(why == fastpath.RD_CONTROL, f"reader returned {why}, want RD_CONTROL {where}")
+        _check(why == Why.CONTROL, f"reader returned {why}, want RD_CONTROL {where}")
         _check(
             refused_by_python(undecoded, capture_side=True),
             f"RD_CONTROL on bytes Python accepts: {undecoded[:32].hex()} {where}",
         )
     else:
-        _check(why == fastpath.RD_EOF, f"reader returned {why}, want RD_EOF {where}")
+        _check(why == Why.EOF, f"reader returned {why}, want RD_EOF {where}")
         _check(s.bytes_in == len(case.stream), f"bytes_in {s.bytes_in} {where}")
     _check(consumed == stop, f"C consumed {consumed} bytes, Python {stop} {where}")
     _check(undecoded == case.stream[consumed : s.bytes_in], f"undecoded bytes differ {where}")
@@ -894,7 +897,7 @@ batch_cases = st.builds(
 )
 
 
-def check_batch(lib: fastpath.DataPlane, case: BatchCase) -> None:
+def check_batch(lib: fastpath.CPlane, case: BatchCase) -> None:
     payloads = [payload_of(i, size) for i, size in enumerate(case.sizes)]
     buffer = (ctypes.c_uint8 * (case.cap + GUARD))()
     ctypes.memset(buffer, 0xA5, case.cap + GUARD)
@@ -923,8 +926,8 @@ def check_batch(lib: fastpath.DataPlane, case: BatchCase) -> None:
             frames = b""
             seq = case.first_seq
             for _ in range(len(payloads) + 2):
-                why = lib.capture_batch(ctypes.byref(state), seq)
-                _check(why in (fastpath.RD_EMPTY, fastpath.RD_FULL), f"capture_batch: {why}")
+                why = lib.rd_capture_batch(ctypes.byref(state), seq)
+                _check(why in (Why.EMPTY, Why.FULL), f"capture_batch: {why}")
                 _check(at(buffer, case.cap, case.cap + GUARD) == b"\xa5" * GUARD, "past cap")
                 _check(state.offset <= case.cap, f"offset {state.offset} > cap {case.cap}")
                 batch = at(buffer, 0, state.offset)
@@ -938,10 +941,10 @@ def check_batch(lib: fastpath.DataPlane, case: BatchCase) -> None:
                     _check(state.sent == 0, "sent without a tcp_fd")
                 frames += batch
                 seq += state.count
-                if why == fastpath.RD_EMPTY:
+                if why == Why.EMPTY:
                     break
             after = time.time_ns()
-        _check(why == fastpath.RD_EMPTY, "the socket never reported empty")
+        _check(why == Why.EMPTY, "the socket never reported empty")
         events = Decoder({FrameType.DATA}).feed(frames)
         _check(len(events) == len(payloads), f"{len(events)} frames for {len(payloads)}")
         for n, (event, payload) in enumerate(zip(events, payloads, strict=True)):
@@ -996,7 +999,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
-    from relayd import fastpath
+    from relayd import fastpath, session
     assert str(fastpath.LIBRARY).startswith(sys.argv[1]), fastpath.LIBRARY
     import test_fastpath_fuzz as tests
     for name in sys.argv[3:]:
@@ -1117,7 +1120,7 @@ def test_capture_reader_keeps_an_ack_above_2_63() -> None:
     stream = encode_ack(5) + encode_ack(2**63)
     case = ReaderCase(stream, (stream,), (False,), READER_CAP)
     why, state, _ = run_reader(lib, case)
-    _check(why == fastpath.RD_EOF, f"reader returned {why}")
+    _check(why == Why.EOF, f"reader returned {why}")
     _check(state.acks == 2, f"{state.acks} ACKs counted")
     _check(state.acked % 2**64 == 2**63, f"acked {state.acked}, the Python path has 2**63")
 
@@ -1130,7 +1133,7 @@ def test_emit_pump_acks_a_sequence_above_2_63() -> None:
         case = EmitCase(stream, (stream,), (False,), 0, 0, EMIT_CAP, 0, 10**12, False)
         run = run_emit(lib, net, case)
         net.drain(1)
-    _check(run.why == fastpath.RD_EOF, f"pump returned {run.why}")
+    _check(run.why == Why.EOF, f"pump returned {run.why}")
     _check(run.state.highest == 2**63, f"highest {run.state.highest}")
     acks = [e.seq for e in Decoder(FROM_EMIT).feed(run.replies) if isinstance(e, Ack)]
     _check(acks == [2**63], f"ACKs sent: {acks}, the Python path sends ACK 2**63")
@@ -1142,12 +1145,12 @@ def test_buffers_too_small_for_a_frame_are_refused() -> None:
     room for a maximal datagram. Anything less is EINVAL, never a misread stream."""
     lib = plane()
     emit = fastpath.EmitState(cap=2 * MAX_FRAME - 10, tcp_fd=-1, stop_fd=-1, mcast_fd=-1)
-    assert lib.emit_pump(ctypes.byref(emit)) == fastpath.RD_RESET
+    assert lib.rd_emit_pump(ctypes.byref(emit)) == Why.RESET
     assert emit.err == errno.EINVAL
     reader = fastpath.CaptureReaderState(cap=4095, tcp_fd=-1, stop_fd=-1)
-    assert lib.capture_read(ctypes.byref(reader)) == fastpath.RD_RESET
+    assert lib.rd_capture_read(ctypes.byref(reader)) == Why.RESET
     assert reader.err == errno.EINVAL
     batch = fastpath.CaptureState(cap=ROOM, room=ROOM - 1, fd=-1, stop_fd=-1, tcp_fd=-1)
-    assert lib.capture_batch(ctypes.byref(batch), 1) == fastpath.RD_ERROR
+    assert lib.rd_capture_batch(ctypes.byref(batch), 1) == Why.ERROR
     assert batch.err == errno.EINVAL
     assert batch.count == 0

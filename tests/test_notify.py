@@ -26,23 +26,23 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
             sock.close()
 
 
-def test_nothing_without_notify_socket() -> None:
+async def test_nothing_without_notify_socket() -> None:
     n = Notifier({})
     assert not n.enabled
-    assert not n.ready("x")
+    assert not await n.ready("x")
     assert not n.watchdog()
     assert n.watchdog_interval is None
     assert n.sent == 0
     assert not Notifier({"NOTIFY_SOCKET": ""}).enabled
 
 
-def test_ready_status_and_reloading(notify_socket: tuple[socket.socket, str]) -> None:
+async def test_ready_status_and_reloading(notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path})
-    assert n.ready("2 feeds\nhealthy")
+    assert await n.ready("2 feeds\nhealthy")
     assert sock.recv(4096) == b"READY=1\nSTATUS=2 feeds healthy"
     before = monotonic_usec()
-    assert n.reloading()
+    assert await n.reloading()
     lines = sock.recv(4096).decode().split("\n")
     assert lines[0] == "RELOADING=1"
     key, value = lines[1].split("=")
@@ -50,12 +50,12 @@ def test_ready_status_and_reloading(notify_socket: tuple[socket.socket, str]) ->
     assert before <= int(value) <= monotonic_usec()
     assert n.status("ok")
     assert sock.recv(4096) == b"STATUS=ok"
-    assert n.stopping()
+    assert await n.stopping()
     assert sock.recv(4096) == b"STOPPING=1"
     n.close()
 
 
-def test_abstract_namespace_address() -> None:
+async def test_abstract_namespace_address() -> None:
     assert socket_address("@relayd/notify") == "\0relayd/notify"
     assert socket_address("/run/x") == "/run/x"
     name = f"relayd-test-{os.getpid()}-{os.urandom(4).hex()}"
@@ -64,18 +64,18 @@ def test_abstract_namespace_address() -> None:
     try:
         sock.bind("\0" + name)
         n = Notifier({"NOTIFY_SOCKET": "@" + name})
-        assert n.ready()
+        assert await n.ready()
         assert sock.recv(100) == b"READY=1"
         n.close()
     finally:
         sock.close()
 
 
-def test_send_failure_is_not_fatal() -> None:
+async def test_send_failure_is_not_fatal() -> None:
     with tempfile.TemporaryDirectory() as d:
         n = Notifier({"NOTIFY_SOCKET": os.path.join(d, "nobody-listens")})
         assert n.enabled
-        assert not n.ready()
+        assert not await n.ready()
         n.close()
 
 
@@ -115,7 +115,7 @@ async def test_watchdog_task_pings_at_half_interval(
     n.close()
 
 
-def test_state_changes_wait_for_room_periodic_messages_do_not(
+async def test_state_changes_wait_for_room_periodic_messages_do_not(
     notify_socket: tuple[socket.socket, str],
 ) -> None:
     sock, path = notify_socket
@@ -130,8 +130,20 @@ def test_state_changes_wait_for_room_periodic_messages_do_not(
     reader = threading.Timer(0.2, lambda: sock.recv(100))
     reader.start()
     t0 = time.monotonic()
-    assert n.ready()
+    pings = 0
+
+    async def loop_runs() -> None:  # the event loop is not blocked while READY waits
+        nonlocal pings
+        while True:
+            await trio.sleep(0.01)
+            pings += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop_runs)
+        assert await n.ready()
+        nursery.cancel_scope.cancel()
     assert 0.1 < time.monotonic() - t0 < 1.0
+    assert pings >= 5
     reader.join()
     got = [sock.recv(100) for _ in range(filled)]
     assert got[-1] == b"READY=1"

@@ -24,11 +24,12 @@ import attrs
 import pytest
 import trio
 
-import relayd.supervisor as sv
+import relayd.feedslot as feedslot
 from relayd.config import Config, ConfigError, EmitFeed, Endpoint, HealthConfig, ProcessConfig
 from relayd.notify import Notifier
+from relayd.reload import plan_reload
 from relayd.runtime import Feed, FeedHealth, Sample
-from relayd.supervisor import Supervisor, plan_reload
+from relayd.supervisor import Supervisor
 from relayd.wire import ErrorCode
 
 # -- feeds for the tests -------------------------------------------------------------------
@@ -82,7 +83,13 @@ class EchoFeed:
                 await stream.aclose()
 
     def health(self) -> FeedHealth:
-        return FeedHealth(True, "listening", {"port": self.port, "connections": self.connections})
+        return FeedHealth(
+            True,
+            "listening",
+            {"port": self.port, "connections": self.connections},
+            self.connections,
+            10 * self.instance,
+        )
 
     def samples(self) -> list[Sample]:
         return [
@@ -92,6 +99,12 @@ class EchoFeed:
 
     def set_close_reason(self, code: int, message: str) -> None:
         self.reason = (code, message)
+
+    def open(self) -> None:
+        pass  # run() binds: this stand-in needs no make-before-break
+
+    def update_keys(self, config: Any) -> bool:
+        return False
 
 
 @attrs.define
@@ -132,6 +145,12 @@ class CrashFeed:
     def set_close_reason(self, code: int, message: str) -> None:
         pass
 
+    def open(self) -> None:
+        pass
+
+    def update_keys(self, config: Any) -> bool:
+        return False
+
 
 def emit(name: str, port: int = 0, ttl: int = 16) -> EmitFeed:
     return EmitFeed(
@@ -158,8 +177,7 @@ class Harness:
     crash: dict[str, CrashPlan] = attrs.field(factory=dict)
     feeds: dict[str, list[Feed]] = attrs.field(factory=dict)
 
-    def factory(self, kind: str, cfg: Any) -> Feed:
-        assert kind == "emit"
+    def factory(self, cfg: Any) -> Feed:
         feed: Feed
         if cfg.name in self.crash:
             feed = CrashFeed(cfg, self.crash[cfg.name])
@@ -301,7 +319,7 @@ async def test_start_order_ready_after_health_answers(
             await trio.sleep(0.05)
             await super().run(task_status=task_status)
 
-    def factory(kind: str, cfg: Any) -> Feed:
+    def factory(cfg: Any) -> Feed:
         return Probe(cfg, h.journal)
 
     sup = Supervisor(
@@ -336,8 +354,8 @@ async def test_start_order_ready_after_health_answers(
 async def test_crash_restart_with_backoff_isolated(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, close_clients: None
 ) -> None:
-    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.05)
-    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.2)
+    monkeypatch.setattr(feedslot, "BACKOFF_INITIAL", 0.05)
+    monkeypatch.setattr(feedslot, "BACKOFF_MAX", 0.2)
     caplog.set_level(logging.INFO, logger="relayd.supervisor")
     h = Harness(crash={"bad": CrashPlan(after=0.0, times=5)})
     sup = Supervisor(
@@ -397,8 +415,8 @@ async def test_crash_restart_with_backoff_isolated(
 async def test_same_crash_logs_traceback_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sv, "BACKOFF_INITIAL", 0.01)
-    monkeypatch.setattr(sv, "BACKOFF_MAX", 0.02)
+    monkeypatch.setattr(feedslot, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(feedslot, "BACKOFF_MAX", 0.02)
     caplog.set_level(logging.INFO, logger="relayd.supervisor")
     h = Harness(crash={"bad": CrashPlan(before_start=True)})
     sup = Supervisor(Path("x"), config(emit("good")), factory=h.factory, notifier=quiet_notifier())

@@ -1,0 +1,280 @@
+"""A capture feed's TCP side: the replay buffer and what goes out on the current connection.
+
+Shared by the receive threads (they append each batch and, when the connection is caught up,
+write it at once) and Trio (the sender task that takes over when the socket is full, the
+heartbeat task, the connection loop), under a lock of its own that is only ever held for
+bookkeeping: a receive thread claims the socket for a batch (:meth:`Uplink.claim`), writes it
+without the lock, then hands it back with the batch (:meth:`Uplink.append`). While a batch is
+being written nobody else writes to the socket, and a connection that ends meanwhile is closed
+by the thread when it hands the socket back.
+
+Time here is ``time.monotonic`` (the threads' clock): replay ages and the last write.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import time
+
+from relayd import wire
+from relayd.datapath import AckReader
+from relayd.logs import RateLimitedLogger
+from relayd.replay import Chunk, ReplayBuffer
+
+__all__ = ["SendFailedError", "Uplink"]
+
+
+class SendFailedError(Exception):
+    """The connection broke while writing to it."""
+
+
+class Uplink:
+    """The replay buffer, the connection's send state and the counters of what was sent."""
+
+    def __init__(self, name: str, replay: ReplayBuffer, limited: RateLimitedLogger) -> None:
+        self.name = name
+        self.replay = replay
+        self._limited = limited
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._rest: memoryview | None = None  # the rest of a frame sequence partly written
+        self._queued: collections.deque[bytes] = collections.deque()  # HEARTBEATs to write
+        self._blocked = False  # the socket was full; the sender task waits for writability
+        self._claimed = False  # a receive thread writes a batch to the socket now
+        self._close_after_claim: socket.socket | None = None
+        self._send_error: OSError | None = None
+        self._highest_sent = 0
+        self._reported_drops = 0
+        self.reader: AckReader | None = None  # the current connection's ACK reader
+        self.last_send = 0.0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.resent_datagrams = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # -- the connection --------------------------------------------------------------------
+
+    def attach(self, sock: socket.socket, welcome: int) -> int:
+        """Stream to ``sock`` from the chunk after ``welcome`` on; returns how many datagrams
+        will be resent."""
+        with self._lock:
+            resend = self.replay.rewind(welcome)
+            self._rest = None
+            self._queued.clear()
+            self._blocked = False
+            self._send_error = None
+            self.last_send = time.monotonic()
+            self._sock = sock
+        return resend
+
+    def release(self, sock: socket.socket, goodbye: bytes | None) -> bool:
+        """The connection on ``sock`` ends: say ``goodbye`` first when the stream is at a frame
+        boundary, then close it (now, or when a receive thread hands it back). True when
+        ``sock`` was the current connection."""
+        with self._lock:
+            current = self._sock is sock
+            if current:
+                if goodbye is not None and not self._claimed:
+                    self._say(sock, goodbye)
+                self._sock = None
+                self._rest = None
+            if self._claimed and current:
+                self._close_after_claim = sock
+                return current
+        sock.close()
+        return current
+
+    def _say(self, sock: socket.socket, frame: bytes) -> None:
+        try:
+            if self._rest is not None:
+                sent = sock.send(self._rest)
+                if sent < len(self._rest):
+                    return
+            sock.send(frame)
+        except OSError:
+            pass
+
+    # -- receive threads -------------------------------------------------------------------
+
+    def claim(self) -> socket.socket | None:
+        """The socket, for a receive thread to write its next batch to at once, when the
+        connection is caught up (else None: the batch goes through the replay buffer)."""
+        with self._lock:
+            self._apply_acks()
+            sock = self._sock
+            if (
+                sock is None
+                or self._blocked
+                or self._rest is not None
+                or self._queued
+                or not self.replay.caught_up
+            ):
+                return None
+            self._claimed = True
+            return sock
+
+    def append(self, chunk: Chunk | None, claimed: bool, sent: int, err: int) -> bool:
+        """A receive thread's batch (None: it got nothing), of which ``sent`` bytes were
+        written to the claimed socket (``err``: the write failed). True when the sender task
+        must be woken."""
+        with self._lock:
+            if claimed:
+                self._claimed = False
+                closing, self._close_after_claim = self._close_after_claim, None
+                if closing is not None:
+                    closing.close()
+                    claimed = False  # the connection is gone: the chunk waits in the buffer
+            if chunk is None:
+                return False
+            replay = self.replay
+            replay.append(chunk)
+            wake = self._sent_at_once(chunk, sent, err) if claimed else self._kick()
+            replay.expire(chunk.time)
+            self._note_replay_drops()
+            return wake
+
+    def _sent_at_once(self, chunk: Chunk, sent: int, err: int) -> bool:
+        """Account for a batch written by the receive thread (it was the only unsent chunk)."""
+        taken = self.replay.next_unsent()
+        assert taken is chunk
+        self._count_sent(chunk)
+        self.bytes_sent += sent
+        if sent:
+            self.last_send = time.monotonic()
+        if err:
+            self._send_error = OSError(err, os.strerror(err))
+            self._blocked = True
+            return True
+        if sent < len(chunk.data):
+            self._rest = memoryview(chunk.data)[sent:]
+            self._blocked = True
+            return True
+        return False
+
+    # -- Trio ------------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """The sender task's turn: write what is waiting; True when all is written (or a
+        receive thread is writing), False when the socket is full. Raises SendFailedError."""
+        with self._lock:
+            if self._send_error is not None:
+                raise SendFailedError(f"send failed: {self._send_error}")
+            if self._claimed:
+                return True  # the thread's hand-back goes on from there
+            try:
+                done = self._write()
+            except OSError as exc:
+                raise SendFailedError(f"send failed: {exc}") from None
+            self._blocked = not done
+            return done
+
+    def kick(self) -> bool:
+        """Write now what the socket takes; True when the sender task must be woken."""
+        with self._lock:
+            return self._kick()
+
+    def heartbeat(self, interval: float) -> tuple[bool, float]:
+        """Write a HEARTBEAT when nothing was written for ``interval``; apply ACKs and expire
+        old chunks. Returns whether the sender task must be woken and the seconds until the
+        next HEARTBEAT may be due."""
+        now = time.monotonic()
+        wake = False
+        with self._lock:
+            due = self.last_send + interval
+            if now >= due:
+                self.last_send = now
+                if not self._blocked and self._rest is None and not self._claimed:
+                    self._queued.append(wire.encode_heartbeat(time.time_ns()))
+                    wake = self._kick()
+                due = now + interval
+            self._apply_acks()
+            if self.replay.expire(now):
+                self._note_replay_drops()
+        return wake, max(0.0, due - now)
+
+    def apply_acks(self) -> None:
+        with self._lock:
+            self._apply_acks()
+
+    def ack(self, seq: int) -> None:
+        """An ACK received outside the reader (during the handshake)."""
+        with self._lock:
+            self.replay.ack(seq)
+
+    # -- under the lock ----------------------------------------------------------------------
+
+    def _apply_acks(self) -> None:
+        """Trim the replay buffer to the latest ACK the reader saw: the receive threads do it
+        once per batch, Trio when idle and before it reports."""
+        reader = self.reader
+        if reader is not None:
+            acked = reader.acked
+            if acked > self.replay.acked_seq:
+                self.replay.ack(acked)
+
+    def _kick(self) -> bool:
+        if self._sock is None or self._blocked or self._claimed:
+            return False
+        try:
+            done = self._write()
+        except OSError as exc:
+            self._send_error = exc
+            self._blocked = True
+            return True
+        if not done:
+            self._blocked = True
+            return True
+        return False
+
+    def _count_sent(self, chunk: Chunk) -> None:
+        if chunk.first_seq <= self._highest_sent:
+            self.resent_datagrams += min(chunk.last_seq, self._highest_sent) - chunk.first_seq + 1
+        self._highest_sent = max(self._highest_sent, chunk.last_seq)
+        self.frames_sent += chunk.datagrams
+
+    def _write(self) -> bool:
+        """Write the rest of a frame sequence, queued HEARTBEATs, then unsent chunks; True when
+        all is written, False when the socket is full. Raises OSError when it broke."""
+        sock = self._sock
+        if sock is None:
+            return True
+        replay = self.replay
+        send = sock.send
+        while True:
+            data = self._rest
+            if data is None:
+                if self._queued:
+                    data = memoryview(self._queued.popleft())
+                else:
+                    chunk = replay.next_unsent()
+                    if chunk is None:
+                        return True
+                    self._count_sent(chunk)
+                    data = memoryview(chunk.data)
+            try:
+                sent = send(data)
+            except BlockingIOError:
+                self._rest = data
+                return False
+            self.bytes_sent += sent
+            self.last_send = time.monotonic()
+            self._rest = data[sent:] if sent < len(data) else None
+
+    def _note_replay_drops(self) -> None:
+        dropped = self.replay.dropped_datagrams
+        if dropped != self._reported_drops:
+            self._reported_drops = dropped
+            self._limited.warning(
+                f"{self.name}:replay-drops",
+                "feed %s: replay buffer full or too old, dropped %d unacknowledged datagrams "
+                "(%d bytes) so far",
+                self.name,
+                dropped,
+                self.replay.dropped_bytes,
+            )

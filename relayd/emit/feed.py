@@ -1,0 +1,443 @@
+"""An emit feed: one TCP listener whose DATA frames go out as multicast.
+
+The cloud half of the data path. ``EmitFeedRuntime(config)`` implements
+:class:`relayd.runtime.Feed`: ``open`` reads the keys, binds the listener and opens the
+multicast sender; ``run`` serves capture connections with them until cancelled. The pieces:
+the gate (source check, pending connections, handshake: relayd/emit/listener.py), the sessions
+(relayd/emit/sessions.py), the destinations (relayd/emit/destinations.py), one data-path
+thread per streaming connection (relayd/emit/pump.py) and the accounting
+(relayd/emit/stats.py). A connection that sends nothing for ``idle_timeout`` is closed with
+IDLE_TIMEOUT; one that does not read its ACKs for as long, with SLOW_CONSUMER.
+
+Healthy means: the listener is bound and the multicast sender is not failing (from a failed
+send until the next successful one, or until ``FAILING_HOLD`` seconds pass with no send at all,
+so an idle standby does not stay unhealthy). An instance with no capture connection is healthy,
+or the load balancer would never route the feed to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from ipaddress import IPv4Address
+from typing import Any, Final, Literal
+
+import attrs
+import trio
+
+from relayd.config import EmitFeed
+from relayd.datapath import DataPlane, run_stoppable, select_plane
+from relayd.emit.destinations import Destinations
+from relayd.emit.listener import Gate, open_listener
+from relayd.emit.pump import PumpEnd, pump_connection
+from relayd.emit.sessions import Connection, Sessions
+from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
+from relayd.keys import load_auth_keys
+from relayd.netif import open_multicast_sender, resolve_interface
+from relayd.runtime import FeedHealth, Sample
+from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
+
+__all__ = ["EmitFeedRuntime"]
+
+log = logging.getLogger("relayd.emit")
+
+#: How long a deliberate close waits for the peer's FIN after ERROR and our FIN.
+LINGER: Final = 0.2
+
+
+class EmitFeedRuntime:
+    """One ``[[emit]]`` feed (the ``relayd.runtime.Feed`` protocol, kind "emit")."""
+
+    kind: Literal["emit", "capture"] = "emit"
+
+    def __init__(
+        self,
+        config: EmitFeed,
+        *,
+        keys: Sequence[bytes] | None = None,
+        pending_limit: int | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._keys = None if keys is None else tuple(keys)  # None: read the key files at open
+        self.stats = EmitStats(config.name)
+        self.sessions = Sessions()
+        self.gate = Gate(
+            config.name,
+            config,
+            self.stats,
+            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections),
+        )
+        self._destinations: Destinations | None = None
+        #: The bound TCP port, once opened (useful with port 0).
+        self.listen_port: int | None = None
+        self.interface_address: IPv4Address | None = None
+        self._close_reason: tuple[int, str] = (ErrorCode.SHUTTING_DOWN, "relay shutting down")
+        self._state = "starting"
+        self._listening = False
+        self._listener: trio.SocketListener | None = None
+        self._mcast: socket.socket | None = None
+        self._plane: DataPlane | None = None
+        self._links: list[PumpLink] = []
+        self._started_at = 0.0
+        self._limiter: trio.CapacityLimiter | None = None
+
+    # -- Feed protocol ---------------------------------------------------------------------
+
+    def set_close_reason(self, code: int, message: str) -> None:
+        """What every connection is told (ERROR code and text) when the feed is cancelled."""
+        self._close_reason = (int(code), message)
+
+    def update_keys(self, config: EmitFeed) -> bool:
+        """Take ``config`` without a restart when it differs from the running one in
+        ``auth_key_files`` only (and keys are in use): read the files again for every later
+        HELLO; streaming connections are not touched. False when a restart is needed. Raises
+        KeyFileError and keeps the current keys when a file cannot be used."""
+        old = self.config
+        if attrs.evolve(old, auth_key_files=config.auth_key_files) != config or not (
+            old.auth_key_files or config.auth_key_files
+        ):
+            return False
+        self.gate.keys = load_auth_keys(config.auth_key_files)
+        self.reconfigure(config)
+        return True
+
+    def open(self) -> None:
+        """Read the keys, bind the listener and open the multicast sender (raises when one
+        of them fails; nothing stays open then)."""
+        cfg = self.config
+        self.gate.keys = (
+            self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
+        )
+        self.interface_address = resolve_interface(cfg.interface)
+        self._plane = select_plane()
+        listener = open_listener(cfg.listen.host, cfg.listen.port)
+        try:
+            self._mcast = open_multicast_sender(
+                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+            )
+        except BaseException:
+            listener.socket.close()
+            raise
+        self._listener = listener
+        self.listen_port = listener.socket.getsockname()[1]
+        destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
+        destinations.interface = self.interface_address
+        self._destinations = destinations
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._listener is None:
+            self.open()
+        listener, mcast = self._listener, self._mcast
+        assert listener is not None
+        assert mcast is not None
+        cfg = self.config
+        try:
+            self._started_at = trio.current_time()
+            # no shared thread pool limit: connections are bounded by max_connections
+            self._limiter = trio.CapacityLimiter(math.inf)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._tick)
+                async with trio.open_nursery() as handlers:
+                    await outer.start(
+                        functools.partial(
+                            trio.serve_listeners,
+                            self._handle,
+                            [listener],
+                            handler_nursery=handlers,
+                        )
+                    )
+                    self._listening = True
+                    self._state = "listening"
+                    log.info(
+                        "emit feed %s listening on %s:%d, multicast out of %s ttl %d, data path %s",
+                        self.name,
+                        cfg.listen.host,
+                        self.listen_port,
+                        self.interface_address,
+                        cfg.ttl,
+                        self._plane.name if self._plane is not None else "?",
+                    )
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._listening = False
+            self._state = "stopped"
+            listener.socket.close()
+            mcast.close()
+            if self._destinations is not None:
+                self._destinations.close()
+
+    def health(self) -> FeedHealth:
+        stats = self.stats
+        stats.sync()
+        failing = stats.sending_failed()
+        healthy = self._listening and not failing
+        if not self._listening:
+            state = self._state
+        elif failing:
+            state = "failing"
+        elif self.sessions.active:
+            state = "streaming"
+        else:
+            state = "listening"
+        out_rate, in_rate = stats.rates()
+        detail: dict[str, Any] = {
+            "listen": f"{self.config.listen.host}:{self.listen_port or self.config.listen.port}",
+            "interface": str(self.interface_address or self.config.interface),
+            "connections": [self._describe(c) for c in self.sessions.active.values()],
+            "pending_connections": len(self.gate.pending),
+            "sessions": len(self.sessions),
+            "last_datagram_age_seconds": round(self._last_datagram_age(), 3),
+            "datagrams_per_second": round(out_rate, 1),
+            "bytes_in_per_second": round(in_rate, 1),
+            "datagrams_out": stats.datagrams_out,
+            "sending_failed": failing,
+            "last_error": stats.last_error,
+        }
+        return FeedHealth(healthy, state, detail, len(self.sessions.active), stats.datagrams_out)
+
+    def samples(self) -> Iterable[Sample]:
+        self.stats.sync()
+        return list(self._samples())
+
+    # -- accounting helpers -----------------------------------------------------------------
+
+    def reconfigure(self, config: EmitFeed) -> None:
+        """Serve by ``config`` from now on, as far as it applies in place: the allowlist (the
+        pumps forget their destination tables before their next chunk), the handshake's
+        settings for later connections. Keys and sockets are not touched."""
+        self.config = config
+        self.gate.config = config
+        if self._destinations is not None and self._destinations.reconfigure(config):
+            for link in self._links:
+                if link.pump is not None:
+                    link.pump.clear_destinations()
+
+    @staticmethod
+    def _describe(conn: Connection) -> dict[str, Any]:
+        session = conn.session
+        return {
+            "peer": conn.peer,
+            "session": session.session_id.hex() if session else None,
+            "highest_seq": session.highest if session else 0,
+            "acked_seq": conn.acked_seq,
+        }
+
+    def _last_datagram_age(self) -> float:
+        since = self.stats.last_datagram_at
+        if since is None:
+            since = self._started_at
+        return max(0.0, trio.current_time() - since)
+
+    def _samples(self) -> Iterator[Sample]:
+        feed = (("feed", self.name),)
+
+        def gauge(name: str, help_text: str, value: float) -> Sample:
+            return Sample(name, "gauge", help_text, feed, value)
+
+        yield from self.stats.samples()
+        yield gauge(
+            "active_connections", "Capture connections past HELLO.", len(self.sessions.active)
+        )
+        yield gauge(
+            "pending_connections", "Connections waiting for their HELLO.", len(self.gate.pending)
+        )
+        yield gauge(
+            "sessions", "Capture sessions remembered for deduplication.", len(self.sessions)
+        )
+        yield gauge(
+            "last_datagram_age_seconds",
+            "Seconds since the last DATA frame (since start when none yet).",
+            self._last_datagram_age(),
+        )
+        yield gauge(
+            "ack_lag",
+            "Largest difference between a session's emitted and acknowledged sequence.",
+            self.sessions.ack_lag(),
+        )
+        yield gauge(
+            "up",
+            "1 while the listener is bound and the emitter works.",
+            float(self._listening and not self.stats.sending_failed()),
+        )
+
+    async def _tick(self) -> None:
+        """Feed the rate windows once a second."""
+        while True:
+            self.stats.tick(trio.current_time())
+            await trio.sleep(1.0)
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """``serve_listeners``' handler: one accepted connection, in the handler nursery."""
+        conn = self.gate.admit(stream)
+        if conn is not None:
+            await self._serve(conn)
+
+    async def _serve(self, conn: Connection) -> None:
+        ended = False  # False at the finally: cancelled from outside, i.e. the feed stops
+        try:
+            with conn.scope:
+                accepted = await self.gate.handshake(conn)
+                if accepted is not None and self._welcome(conn, accepted[1].session_id):
+                    await self._stream(conn, accepted[0])
+            ended = True
+        except Exception:  # one connection's bug must never take the feed down
+            ended = True
+            log.exception("%s: connection from %s failed", self.name, conn.peer)
+            if conn.error is None:
+                conn.error = (ErrorCode.PROTOCOL, "internal error")
+                conn.reason = Closed.INTERNAL_ERROR
+        finally:
+            if not ended and conn.error is None:
+                conn.error = self._close_reason
+                conn.reason = Closed.STOPPED
+            await self._finish(conn)
+
+    def _welcome(self, conn: Connection, session_id: bytes) -> bool:
+        """Admit a connection past its HELLO: it supersedes its session's older connection,
+        then takes one of ``max_connections``; False when refused (``conn.error``)."""
+        cfg = self.config
+        old = self.sessions.supersede(session_id)
+        if old is not None:
+            self.stats.closed[Closed.SUPERSEDED] += 1
+            log.info("%s: %s supersedes %s for its session", self.name, conn.peer, old.peer)
+        if len(self.sessions.active) >= cfg.max_connections:
+            self.gate.reject(
+                conn,
+                Rejected.LIMIT,
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"feed {self.name!r} already has {cfg.max_connections} connections",
+            )
+            return False
+        session = self.sessions.admit(conn, session_id)
+        self.stats.connections_accepted += 1
+        log.info(
+            "%s: capture connection from %s, session %s, resuming after %d",
+            self.name,
+            conn.peer,
+            session_id.hex(),
+            session.highest,
+        )
+        return True
+
+    async def _finish(self, conn: Connection) -> None:
+        self.gate.pending.pop(conn.id, None)
+        if self.sessions.release(conn):
+            reason = conn.reason or Closed.EOF
+            self.stats.closed[reason] += 1
+            log.info("%s: connection from %s closed (%s)", self.name, conn.peer, reason.value)
+        sock = conn.sock
+        try:
+            if conn.error is not None:
+                code, message = conn.error
+                try:
+                    sock.send(conn.unsent + encode_error(code, message))
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                else:
+                    await self._linger(sock)
+        finally:
+            sock.close()
+
+    @staticmethod
+    async def _linger(sock: socket.socket) -> None:
+        """Read and discard until the peer closes, briefly, so our ERROR is not cut by a RST
+        (closing with unread input resets the connection)."""
+        with trio.CancelScope(deadline=trio.current_time() + LINGER, shield=True):
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                except OSError:
+                    return
+
+    async def _stream(self, conn: Connection, proto: EmitConnection) -> None:
+        """Stream until the peer stops: the data path runs in a thread of its own
+        (relayd/emit/pump.py); cancellation and accounting stay in Trio."""
+        session = conn.session
+        assert session is not None
+        assert self._plane is not None
+        assert self._destinations is not None
+        assert self._mcast is not None
+        # A superseded connection's thread may still be finishing its chunk: one data-path
+        # thread per session at a time, so dedup by ``session.highest`` stays exact.
+        while True:
+            if session.connection is not conn:
+                return  # superseded in turn while waiting: never start a second thread
+            previous = session.pump_done
+            if previous is None:
+                break
+            await previous.wait()
+        done = session.pump_done = trio.Event()
+        link = PumpLink(session.session_id.hex())
+        session.link = conn.link = link
+        self.stats.attach(link)
+        self._links.append(link)
+        try:
+            end, detail = await run_stoppable(
+                functools.partial(
+                    pump_connection,
+                    self._plane,
+                    conn,
+                    proto,
+                    link,
+                    self._mcast,
+                    self._destinations,
+                    self.config.idle_timeout,
+                    self.config.heartbeat_interval,
+                ),
+                limiter=self._limiter,
+            )
+            self._pumped(conn, end, detail)
+        finally:
+            self.stats.detach(link)
+            self._links.remove(link)
+            pump = link.pump
+            if pump is not None:
+                session.highest = pump.highest
+                conn.acked = pump.acked
+                conn.unsent = pump.unsent()  # a control frame cut short: before the ERROR
+            session.link = conn.link = None
+            done.set()
+            if session.pump_done is done:
+                session.pump_done = None
+
+    def _pumped(self, conn: Connection, end: PumpEnd, detail: Any) -> None:
+        """Record how the data-path thread ended."""
+        if end is PumpEnd.RESET:
+            conn.reason = Closed.RESET  # no ERROR to a reset connection
+            log.info("%s: %s: %s", self.name, conn.peer, detail)
+        elif end is PumpEnd.PROTOCOL:
+            self.stats.decode_errors += 1
+            conn.error = (ErrorCode.PROTOCOL, str(detail))
+            conn.reason = Closed.PROTOCOL
+            self.stats.rlog.warning(
+                f"decode:{conn.peer}",
+                "%s: undecodable bytes from %s: %s",
+                self.name,
+                conn.peer,
+                detail,
+            )
+        elif end is PumpEnd.PEER_ERROR:
+            self.stats.frames_in += len(detail)
+            for event in detail:
+                if isinstance(event, Error):
+                    log.info(
+                        "%s: %s sent ERROR %d: %s", self.name, conn.peer, event.code, event.message
+                    )
+            conn.reason = Closed.PEER_ERROR
+        elif end is PumpEnd.IDLE:
+            conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
+            conn.reason = Closed.IDLE_TIMEOUT
+        elif end is PumpEnd.SLOW:
+            conn.end(ErrorCode.SLOW_CONSUMER, "not reading", Closed.SLOW_CONSUMER)
+        # EOF: closed by the capture side; STOPPED: cancelled, the cancel scope says why

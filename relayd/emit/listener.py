@@ -1,0 +1,191 @@
+"""An emit feed's front door: who may connect, and the CHALLENGE / HELLO handshake.
+
+Every accepted peer outside ``allowed_sources`` is closed at once. Everyone else gets a
+CHALLENGE and must answer with a valid HELLO within ``hello_timeout``. Until then a connection
+is *pending*: it costs one file descriptor and one small task, and it does not hold one of the
+``max_connections`` slots. Pending connections have a cap of their own (``pending_limit``,
+default ``max(16, 8 * max_connections)``); when it is reached the oldest pending connection is
+closed to make room, so a flood of silent connections (load-balancer probes, scanners,
+half-open floods) can neither exhaust the slots a real capture side needs nor grow without
+bound.
+
+Accepting is ``trio.serve_listeners``'s (which also rides out EMFILE and friends); each
+connection's handler runs in the feed's handler nursery, apart from the accept loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+from typing import Final
+
+import trio
+
+from relayd.config import EmitFeed
+from relayd.emit.sessions import Connection
+from relayd.emit.stats import EmitStats, Rejected
+from relayd.wire import (
+    EmitConnection,
+    Error,
+    ErrorCode,
+    HandshakeError,
+    Hello,
+    ProtocolError,
+    State,
+)
+
+__all__ = ["Gate", "open_listener"]
+
+log = logging.getLogger("relayd.emit")
+
+#: Bytes read per ``recv`` before the HELLO.
+HANDSHAKE_RECEIVE_SIZE: Final = 2048
+#: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
+CONTROL_SEND_BUFFER: Final = 16 * 1024
+
+_HANDSHAKE_REJECT: Final = {
+    ErrorCode.WRONG_FEED: Rejected.WRONG_FEED,
+    ErrorCode.AUTH_FAILED: Rejected.AUTH,
+    ErrorCode.UNSUPPORTED_VERSION: Rejected.VERSION,
+}
+
+
+def open_listener(host: str, port: int) -> trio.SocketListener:
+    """The feed's TCP listener, bound and listening (raises OSError, e.g. address in use)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+class Gate:
+    """The source check, the pending connections and the handshake of one feed."""
+
+    def __init__(self, name: str, config: EmitFeed, stats: EmitStats, pending_limit: int) -> None:
+        self.name = name
+        self.config = config
+        self.keys: tuple[bytes, ...] = ()
+        self.pending_limit = pending_limit
+        self.pending: dict[int, Connection] = {}
+        self._stats = stats
+        self._next_id = 0
+
+    def admit(self, stream: trio.SocketStream) -> Connection | None:
+        """A connection for an accepted stream, pending its HELLO; None (closed, counted)
+        when its source is not allowed. Makes room under ``pending_limit``."""
+        trio_sock = stream.socket
+        try:
+            host, port = trio_sock.getpeername()[:2]
+        except OSError:  # gone already: the listener is fine
+            trio_sock.close()
+            return None
+        peer = f"{host}:{port}"
+        sock = socket.socket(fileno=trio_sock.detach())  # the data planes want a plain socket
+        if not any(IPv4Address(host) in net for net in self.config.allowed_sources):
+            sock.close()
+            self._stats.rejected[Rejected.SOURCE] += 1
+            self._stats.rlog.warning(
+                f"source:{host}",
+                "%s: refused connection from %s: not in allowed_sources",
+                self.name,
+                peer,
+            )
+            return None
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Only small control frames go back: a modest send buffer bounds the memory of a
+            # peer that stops reading and lets SLOW_CONSUMER notice it sooner.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONTROL_SEND_BUFFER)
+        except OSError:
+            sock.close()
+            return None
+        self._next_id += 1
+        conn = Connection(self._next_id, sock, peer)
+        if len(self.pending) >= self.pending_limit:
+            oldest = self.pending.pop(next(iter(self.pending)))
+            self._stats.rejected[Rejected.PENDING_LIMIT] += 1
+            oldest.end(
+                ErrorCode.TOO_MANY_CONNECTIONS, "too many connections waiting for HELLO", None
+            )
+            self._stats.rlog.warning(
+                "pending_limit",
+                "%s: %d connections without HELLO; closed the oldest (%s)",
+                self.name,
+                self.pending_limit,
+                oldest.peer,
+            )
+        self.pending[conn.id] = conn
+        return conn
+
+    def reject(self, conn: Connection, reason: Rejected, code: int, message: str) -> None:
+        self._stats.rejected[reason] += 1
+        conn.error = (code, message)
+        self._stats.rlog.info(
+            f"reject:{reason.value}",
+            "%s: refused %s: %s (%s)",
+            self.name,
+            conn.peer,
+            message,
+            reason.value,
+        )
+
+    async def handshake(self, conn: Connection) -> tuple[EmitConnection, Hello] | None:
+        """CHALLENGE, then a valid HELLO within hello_timeout. None when it was refused
+        (``conn.error`` says why), closed or evicted."""
+        proto = EmitConnection(self.name, self.keys, os.urandom(16))
+        sock = conn.sock
+        stats = self._stats
+        with trio.move_on_after(self.config.hello_timeout):
+            try:
+                sock.send(proto.challenge())  # 25 bytes into an empty socket buffer
+                while proto.state is not State.STREAMING:
+                    try:
+                        data = sock.recv(HANDSHAKE_RECEIVE_SIZE)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if not data:
+                        stats.rejected[Rejected.NO_HELLO] += 1
+                        return None
+                    stats.bytes_in += len(data)
+                    events = proto.receive(data)
+                    stats.frames_in += len(events)
+                    if any(isinstance(event, Error) for event in events):
+                        _log_peer_errors(self.name, conn.peer, events)
+                        stats.rejected[Rejected.PEER_ERROR] += 1
+                        return None
+            except HandshakeError as exc:
+                reason = _HANDSHAKE_REJECT.get(exc.code, Rejected.PROTOCOL)
+                self.reject(conn, reason, exc.code, str(exc))
+                return None
+            except ProtocolError as exc:
+                stats.decode_errors += 1
+                self.reject(conn, Rejected.PROTOCOL, ErrorCode.PROTOCOL, str(exc))
+                return None
+            except OSError:
+                stats.rejected[Rejected.NO_HELLO] += 1
+                return None
+        if proto.state is not State.STREAMING:
+            self.reject(conn, Rejected.HELLO_TIMEOUT, ErrorCode.HELLO_TIMEOUT, "no HELLO in time")
+            return None
+        if conn.scope.cancel_called:  # evicted while its HELLO was already on the way
+            return None
+        self.pending.pop(conn.id, None)
+        assert proto.hello is not None
+        return proto, proto.hello
+
+
+def _log_peer_errors(name: str, peer: str, events: Sequence[object]) -> None:
+    for event in events:
+        if isinstance(event, Error):
+            log.info("%s: %s sent ERROR %d: %s", name, peer, event.code, event.message)
+            return

@@ -1,0 +1,493 @@
+"""The Python leaf of the data plane: relayd/datapath.py's interface without the C library.
+
+For machines without a compiler (``RELAYD_DATAPATH=python``, or ``auto`` when the library is
+missing). It runs the loops of relayd/_fastpath.c step for step, with Python's decoder
+(relayd/wire.py) and the rules of relayd/session.py, and passes the same tests. Per datagram it
+does what the rules need and one ``sendto`` or ``recvmsg_into``; everything else happens once
+per chunk or batch.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import time
+from typing import Final
+
+from relayd import wire
+from relayd.datapath import (
+    ACK_READ_SIZE,
+    CAPTURE_BATCH_SIZE,
+    EMIT_RECEIVE_SIZE,
+    EmitStart,
+    Why,
+    wait_writable,
+)
+from relayd.metrics import LatencyHistogram
+from relayd.netif import ANCBUFSIZE, parse_ancillary
+from relayd.session import DUPLICATE, Control, Destination, accept, control_wake, next_control
+from relayd.wire import (
+    Ack,
+    CaptureConnection,
+    Datagram,
+    Event,
+    Heartbeat,
+    ProtocolError,
+    encode_ack,
+    encode_heartbeat,
+)
+
+__all__ = ["PLANE", "PythonPlane"]
+
+_ROOM: Final = wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD
+_READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class _EmitCounters:
+    """The emit pump's counters (``struct rd_emit``'s, by name)."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "datagrams_in",
+        "datagrams_out",
+        "denied_group",
+        "denied_port",
+        "duplicates",
+        "frames_in",
+        "gap_sequences",
+        "gaps",
+        "histogram",
+        "last_rx_ns",
+        "last_send_ok",
+        "send_waits",
+    )
+
+    def __init__(self) -> None:
+        self.bytes_in = self.frames_in = self.datagrams_in = self.datagrams_out = 0
+        self.bytes_out = self.duplicates = self.gaps = self.gap_sequences = self.send_waits = 0
+        self.denied_group = self.denied_port = self.last_rx_ns = self.last_send_ok = 0
+        self.histogram = LatencyHistogram()
+
+    @property
+    def latency(self) -> list[int]:
+        return self.histogram.counts
+
+    @property
+    def latency_count(self) -> int:
+        return self.histogram.count
+
+    @property
+    def latency_sum_ns(self) -> int:
+        return self.histogram.sum_ns
+
+
+class _EmitPump:
+    """``rd_emit_pump`` in Python (relayd/datapath.py ``EmitPump``)."""
+
+    def __init__(self, start: EmitStart) -> None:
+        self._tcp = tcp = start.tcp
+        self._mcast = start.mcast
+        self._stop_fd = stop_fd = start.stop_fd
+        self._proto = start.proto
+        self._idle = start.idle
+        self._heartbeat = start.heartbeat
+        self._ack_interval = start.ack_interval
+        self._highest = start.highest
+        self._acked = start.acked
+        self._buffer = bytearray(EMIT_RECEIVE_SIZE)
+        self._events: list[Event] = []  # decoded, not emitted yet: from _next on
+        self._next = 0
+        self._error: ProtocolError | None = None  # what ends the decoded events
+        self._control: list[Event] | ProtocolError = []
+        self._dests: dict[int, tuple[Destination, tuple[str, int]]] = {}
+        self._clear = False
+        self._chunk_ts = 0
+        self._out = b""  # the control frame being written
+        self._last_out = -math.inf
+        self._blocked_since = 0.0
+        self._poller = select.poll()
+        self._poller.register(tcp.fileno(), select.POLLIN)
+        self._poller.register(stop_fd, select.POLLIN)
+        self.counters = _EmitCounters()
+        self.need_key = 0
+        self.err = 0
+
+    @property
+    def highest(self) -> int:
+        return self._highest
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    def set_destination(self, key: int, verdict: Destination, fd: int) -> None:
+        self._dests[key] = (verdict, (str(wire_group(key >> 16)), key & 0xFFFF))
+
+    def clear_destinations(self) -> None:
+        self._clear = True
+
+    def control(self) -> list[Event] | ProtocolError:
+        return self._control
+
+    def unsent(self) -> bytes:
+        return self._out
+
+    def run(self) -> Why:
+        idle = self._idle
+        deadline = time.monotonic() + idle
+        while True:
+            why = self._emit()
+            if why is not None:
+                return why
+            while True:
+                now = time.monotonic()
+                self._queue_control(now)
+                if self._out and self._flush(now):
+                    return Why.RESET
+                if self._out and now - self._blocked_since >= idle:
+                    return Why.SLOW
+                if now >= deadline:
+                    return Why.IDLE
+                wake = deadline
+                if self._out:
+                    wake = min(wake, self._blocked_since + idle)
+                else:
+                    wake = min(
+                        wake,
+                        control_wake(
+                            self._last_out,
+                            self._acked,
+                            self._highest,
+                            self._ack_interval,
+                            self._heartbeat,
+                        ),
+                    )
+                tcp_fd = self._tcp.fileno()
+                self._poller.modify(tcp_fd, select.POLLIN | (select.POLLOUT if self._out else 0))
+                ready = self._poller.poll(max(0, math.ceil((wake - now) * 1000)))
+                if not ready:
+                    continue
+                if any(fd == self._stop_fd for fd, _ in ready):
+                    return Why.STOPPED
+                if not any(ev & _READABLE for _, ev in ready):
+                    continue  # writable: the control frame goes on above
+                try:
+                    n = self._tcp.recv_into(self._buffer)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self.err = exc.errno or 0
+                    return Why.RESET
+                if not n:
+                    return Why.EOF
+                self.counters.last_rx_ns = time.monotonic_ns()
+                deadline = time.monotonic() + idle
+                self.counters.bytes_in += n
+                try:
+                    self._events = self._proto.receive(memoryview(self._buffer)[:n])
+                except ProtocolError as exc:
+                    self._events = exc.events
+                    self._error = exc
+                self._next = 0
+                break
+
+    def _emit(self) -> Why | None:
+        """Emit the decoded events from ``_next`` on (``emit_frames``): None when all are done,
+        else why to return (``_next`` at the event concerned)."""
+        if self._clear:
+            self._clear = False
+            self._dests.clear()
+        events = self._events
+        counters = self.counters
+        sendto = self._mcast.sendto
+        dests = self._dests
+        highest = self._highest
+        index = self._next
+        frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
+        denied_group = denied_port = 0
+        last_ts = 0
+        last_ok: bool | None = None
+        why: Why | None = None
+        count = len(events)
+        while index < count:
+            event = events[index]
+            if event.__class__ is not Datagram:
+                if event.__class__ is Heartbeat:
+                    frames += 1
+                    index += 1
+                    continue
+                self._control = events[index:]  # an ERROR from the peer, and what follows
+                why = Why.CONTROL
+                break
+            seq, group, port, ts_ns, payload = event
+            skipped = accept(highest, seq)
+            if skipped == DUPLICATE:
+                frames += 1
+                datagrams += 1
+                dups += 1
+                index += 1
+                continue
+            key = (group << 16) | port
+            dest = dests.get(key)
+            if dest is None:
+                self.need_key = key
+                why = Why.NEED_DEST
+                break
+            if skipped:
+                gaps += 1
+                skipped_total += skipped
+            verdict, address = dest
+            failed = False
+            if verdict is Destination.ALLOWED:
+                try:
+                    sendto(payload, address)
+                except OSError as exc:
+                    sent = self._send_after(exc, payload, address)
+                    if sent is None:
+                        why = Why.STOPPED  # this datagram was not sent: not claimed
+                        break
+                    failed = not sent
+                if not failed:
+                    out += 1
+                    bytes_out += len(payload)
+                last_ok = not failed
+                last_ts = ts_ns
+            elif verdict is Destination.GROUP_NOT_ALLOWED:
+                denied_group += 1
+            else:
+                denied_port += 1
+            frames += 1
+            datagrams += 1
+            highest = seq
+            index += 1
+            if failed:
+                why = Why.SEND_ERROR
+                break
+        if why is None and self._error is not None:
+            self._control = self._error
+            self._error = None
+            why = Why.CONTROL
+        self._next = index
+        self._highest = highest
+        counters.frames_in += frames
+        counters.datagrams_in += datagrams
+        counters.datagrams_out += out
+        counters.bytes_out += bytes_out
+        counters.duplicates += dups
+        counters.gaps += gaps
+        counters.gap_sequences += skipped_total
+        counters.denied_group += denied_group
+        counters.denied_port += denied_port
+        if last_ok is not None:
+            counters.last_send_ok = last_ok
+        if last_ts:
+            self._chunk_ts = last_ts
+        if why is None and self._chunk_ts:  # once per chunk, from its last datagram
+            counters.histogram.observe_ns(time.time_ns() - self._chunk_ts)
+            self._chunk_ts = 0
+        return why
+
+    def _send_after(self, exc: OSError, payload: bytes, address: tuple[str, int]) -> bool | None:
+        """A ``sendto`` failed with ``exc``: wait for room and retry while the socket is full.
+        True when sent, False when it failed for good (``err``), None when stopped."""
+        while isinstance(exc, BlockingIOError):
+            self.counters.send_waits += 1
+            if not wait_writable(self._mcast, self._stop_fd):
+                return None
+            try:
+                self._mcast.sendto(payload, address)
+            except OSError as again:
+                exc = again
+            else:
+                return True
+        self.err = exc.errno or 0
+        return False
+
+    def _queue_control(self, now: float) -> None:
+        if self._out:
+            return
+        due = next_control(
+            now, self._last_out, self._acked, self._highest, self._ack_interval, self._heartbeat
+        )
+        if due is Control.ACK:
+            self._out = encode_ack(self._highest)
+            self._acked = self._highest
+        elif due is Control.HEARTBEAT:
+            self._out = encode_heartbeat(time.time_ns())
+        else:
+            return
+        self._blocked_since = now
+
+    def _flush(self, now: float) -> bool:
+        """Write what is left of the control frame; True when the connection broke."""
+        try:
+            sent = self._tcp.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.err = exc.errno or 0
+            return True
+        self._out = self._out[sent:]
+        if not self._out:
+            self._last_out = now
+        return False
+
+
+def wire_group(group: int) -> str:
+    """A host-order IPv4 address as text."""
+    return socket.inet_ntoa(group.to_bytes(4, "big"))
+
+
+class _Receiver:
+    """``rd_capture_wait`` and ``rd_capture_batch`` in Python (``CaptureReceiver``)."""
+
+    def __init__(self, sock: socket.socket, port: int, stop_fd: int) -> None:
+        self._sock = sock
+        self._port = port
+        self._stop_fd = stop_fd
+        self._frame = bytearray(CAPTURE_BATCH_SIZE)
+        self._view = memoryview(self._frame)
+        self._offset = 0
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+        self._poller.register(stop_fd, select.POLLIN)
+        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.drops: int | None = None
+
+    def wait(self) -> bool:
+        ready = self._poller.poll()
+        return not any(fd == self._stop_fd for fd, _ in ready)
+
+    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+        recvmsg_into = self._sock.recvmsg_into
+        frame = self._frame
+        view = self._view
+        header = wire.DATA_HEADER_SIZE
+        pack = wire.pack_datagram_header
+        time_ns = time.time_ns
+        port = self._port
+        limit = CAPTURE_BATCH_SIZE - _ROOM
+        offset = 0
+        seq = first_seq
+        drops: int | None = None
+        why = Why.FULL
+        while offset <= limit:
+            try:
+                size, ancdata, _flags, _addr = recvmsg_into([view[offset + header :]], ANCBUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                why = Why.EMPTY
+                break
+            except OSError as exc:
+                self.err = exc.errno or 0
+                why = Why.ERROR
+                break
+            ts = time_ns()
+            group, dropped = parse_ancillary(ancdata)
+            if dropped is not None:
+                drops = dropped
+            pack(frame, offset, seq, group, port, ts, size)
+            seq += 1
+            offset += header + size
+        self.count = count = seq - first_seq
+        self.payload_bytes = offset - header * count
+        self.drops = drops
+        self._offset = offset
+        self.sent = self.send_err = 0
+        while count and tcp is not None and self.sent < offset:  # latency first
+            try:
+                self.sent += tcp.send(view[self.sent : offset])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.send_err = exc.errno or 0
+                break
+        return why
+
+    def frames(self) -> bytes:
+        return bytes(self._view[: self._offset])
+
+
+class _AckReader:
+    """``rd_capture_read`` in Python (``AckReader``)."""
+
+    def __init__(
+        self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
+    ) -> None:
+        self._tcp = tcp
+        self._stop_fd = stop_fd
+        self._conn = conn
+        self._idle = idle
+        self._control: list[Event] | ProtocolError = []
+        self._poller = select.poll()
+        self._poller.register(tcp.fileno(), select.POLLIN)
+        self._poller.register(stop_fd, select.POLLIN)
+        self.acked = 0
+        self.err = 0
+
+    def control(self) -> list[Event] | ProtocolError:
+        return self._control
+
+    def run(self) -> Why:
+        idle = self._idle
+        deadline = time.monotonic() + idle
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Why.IDLE
+            ready = self._poller.poll(math.ceil(left * 1000))
+            if not ready:
+                continue
+            if any(fd == self._stop_fd for fd, _ in ready):
+                return Why.STOPPED
+            try:
+                data = self._tcp.recv(ACK_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                self.err = exc.errno or 0
+                return Why.RESET
+            if not data:
+                return Why.EOF
+            deadline = time.monotonic() + idle
+            try:
+                events = self._conn.receive(data)
+            except ProtocolError as exc:
+                self._take_acks(exc.events)
+                self._control = exc
+                return Why.CONTROL
+            rest = self._take_acks(events)
+            if rest:
+                self._control = rest
+                return Why.CONTROL
+
+    def _take_acks(self, events: list[Event]) -> list[Event]:
+        """Keep the highest ACK; the events from the first other than ACK and HEARTBEAT on."""
+        for index, event in enumerate(events):
+            if event.__class__ is Ack:
+                self.acked = max(self.acked, event.seq)
+            elif event.__class__ is not Heartbeat:
+                return events[index:]
+        return []
+
+
+class PythonPlane:
+    """The Python leaf."""
+
+    name = "Python"
+    connects_destinations = False
+
+    def emit_pump(self, start: EmitStart) -> _EmitPump:
+        return _EmitPump(start)
+
+    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Receiver:
+        return _Receiver(sock, port, stop_fd)
+
+    def ack_reader(
+        self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
+    ) -> _AckReader:
+        return _AckReader(tcp, stop_fd, conn, idle)
+
+
+PLANE: Final = PythonPlane()

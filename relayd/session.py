@@ -1,0 +1,127 @@
+"""The per-datagram rules of the data path, sans-I/O: the one specification of each decision.
+
+Both data planes follow these rules: the Python data plane (relayd/dataplane/python.py) calls
+them directly, the C data plane (relayd/_fastpath.c) implements them in its loops and is fuzzed
+against this module (tests/test_fastpath_fuzz.py, tests/test_fastpath.py). A rule changes here
+first, then in C, and the differential tests say when the two disagree.
+
+- :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n).
+- :class:`Allowlist`: the destination verdict (allowed, or which allowlist refused it).
+- :func:`next_control` and :func:`control_wake`: when an emit connection writes an ACK
+  (coalesced) or a HEARTBEAT (idle).
+
+Capture framing is :func:`relayd.wire.pack_datagram_header` (the C batch writes the same
+header) and replay trimming is :meth:`relayd.replay.ReplayBuffer.ack` (the highest ACK wins:
+the C ACK reader keeps the highest one it saw for the receive threads to apply).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from ipaddress import IPv4Network
+from typing import Final, Protocol
+
+__all__ = [
+    "DUPLICATE",
+    "Allowlist",
+    "Control",
+    "Destination",
+    "accept",
+    "control_wake",
+    "next_control",
+]
+
+#: What :func:`accept` returns for a sequence at or below the highest one emitted.
+DUPLICATE: Final = -1
+
+
+def accept(highest: int, seq: int) -> int:
+    """The verdict on DATA ``seq`` of a session whose highest emitted sequence is ``highest``.
+
+    ``DUPLICATE`` (-1) when ``seq <= highest``: already emitted (or deliberately skipped), not
+    emitted again. Otherwise the number of sequences skipped before it (0: in order), and
+    ``seq`` becomes the session's highest. A session this host has not seen (``highest`` 0)
+    never counts a gap: after a failover the capture side resends only what the previous host
+    did not acknowledge.
+    """
+    if seq <= highest:
+        return DUPLICATE
+    if not highest:
+        return 0
+    return seq - highest - 1
+
+
+class Destination(enum.IntEnum):
+    """The verdict on a datagram's ``group:port`` (the values are the C table's states)."""
+
+    ALLOWED = 1
+    GROUP_NOT_ALLOWED = 2
+    PORT_NOT_ALLOWED = 3
+
+    @property
+    def reason(self) -> str:
+        """The ``datagrams_dropped`` reason label of a refusal."""
+        return self.name.lower()
+
+
+class _Ports(Protocol):
+    @property
+    def lo(self) -> int: ...
+
+    @property
+    def hi(self) -> int: ...
+
+
+class Allowlist:
+    """``allowed_groups`` and ``allowed_ports`` of an emit feed, as integer masks and bounds."""
+
+    __slots__ = ("_bounds", "_masks")
+
+    def __init__(self, groups: Iterable[IPv4Network], ports: Iterable[_Ports]) -> None:
+        self._masks = tuple((int(n.network_address), int(n.netmask)) for n in groups)
+        self._bounds = tuple((r.lo, r.hi) for r in ports)
+
+    def verdict(self, group: int, port: int) -> Destination:
+        """Whether a datagram to ``group:port`` (group as a host-order int) may be emitted;
+        the group is judged first."""
+        if not any(group & mask == net for net, mask in self._masks):
+            return Destination.GROUP_NOT_ALLOWED
+        if not any(lo <= port <= hi for lo, hi in self._bounds):
+            return Destination.PORT_NOT_ALLOWED
+        return Destination.ALLOWED
+
+
+class Control(enum.Enum):
+    """What an emit connection writes back to the capture side now."""
+
+    NOTHING = enum.auto()
+    ACK = enum.auto()
+    HEARTBEAT = enum.auto()
+
+
+def next_control(
+    now: float, last_out: float, acked: int, highest: int, ack_interval: float, heartbeat: float
+) -> Control:
+    """The control frame due at ``now`` on a connection whose latest control frame went out at
+    ``last_out``, that ACKed ``acked`` (-1: not even the welcome ACK yet) and whose session
+    emitted up to ``highest``. At most one frame per ``ack_interval`` (ACKs are coalesced); an
+    ACK when there is anything new to acknowledge (the welcome ACK at once), else a HEARTBEAT
+    after ``heartbeat`` without output. Any unit of time, as long as it is one."""
+    if now < last_out + ack_interval:
+        return Control.NOTHING
+    if highest > acked:
+        return Control.ACK
+    if now >= last_out + heartbeat:
+        return Control.HEARTBEAT
+    return Control.NOTHING
+
+
+def control_wake(
+    last_out: float, acked: int, highest: int, ack_interval: float, heartbeat: float
+) -> float:
+    """When :func:`next_control` next returns something other than NOTHING, for the same
+    ``acked`` and ``highest`` (an ACK becomes due earlier when ``highest`` grows)."""
+    if highest > acked:
+        return last_out + ack_interval
+    return last_out + max(heartbeat, ack_interval)
