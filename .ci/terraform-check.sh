@@ -121,10 +121,18 @@ tomls+=("$work/relayd-edge-cases.toml")
 # The user data around it is a bash script: shellcheck it too where shellcheck is installed.
 render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data.sh"
 if command -v shellcheck >/dev/null; then
-  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh"
+  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh" \
+    "$tf_root/modules/relay/files/relayd-host-check.sh"
   echo "user data: shellcheck clean"
 else
   echo "WARNING: shellcheck is not installed; the rendered user data is not linted" >&2
+fi
+# The CloudWatch agent's Prometheus scrape configuration it writes, through promtool.
+render modules/relay tests/edge-cases.tfvars local.prometheus_yaml_rendered "$work/prometheus.yaml"
+if command -v promtool >/dev/null; then
+  timeout 60 promtool check config "$work/prometheus.yaml"
+else
+  echo "WARNING: promtool is not installed; the agent's scrape configuration is not checked" >&2
 fi
 # Its key-fetching block, run against a stand-in AWS CLI in a scratch directory.
 timeout 120 bash "$tf_root/tests/user-data-keys.sh" "$work/user-data.sh"
