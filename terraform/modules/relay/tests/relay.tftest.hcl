@@ -609,3 +609,32 @@ run "port_changed" {
     error_message = "The group registers with the new target group and relayd listens on the new port."
   }
 }
+
+run "egress_endpoints" {
+  command = plan
+
+  assert {
+    condition = toset([for e in aws_vpc_endpoint.interface : e.service_name]) == toset([for s in ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "kms", "sts"] : "com.amazonaws.eu-west-2.${s}"]) && alltrue([for e in aws_vpc_endpoint.interface :
+      e.private_dns_enabled && e.vpc_endpoint_type == "Interface" && toset(e.subnet_ids) == toset(["subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb"]) && e.vpc_id == "vpc-0123456789abcdef0"
+    ])
+    error_message = "By default the relay VPC gets interface endpoints with private DNS for SSM, its message channels, CloudWatch Logs and metrics, KMS and STS."
+  }
+
+  assert {
+    condition     = aws_vpc_security_group_ingress_rule.endpoints_https[0].from_port == 443 && aws_vpc_security_group_ingress_rule.endpoints_https[0].to_port == 443 && aws_vpc_security_group_ingress_rule.endpoints_https[0].ip_protocol == "tcp" && aws_vpc_security_group_egress_rule.instance_endpoints[0].from_port == 443
+    error_message = "The endpoints admit HTTPS only, from the relay instances, which may reach them."
+  }
+}
+
+run "egress_endpoints_off" {
+  command = plan
+
+  variables {
+    vpc_endpoints = { enabled = false }
+  }
+
+  assert {
+    condition     = length(aws_vpc_endpoint.interface) == 0 && length(aws_security_group.endpoints) == 0
+    error_message = "vpc_endpoints.enabled = false creates no endpoint."
+  }
+}
