@@ -35,13 +35,16 @@ module "multicast_domain" {
 }
 
 # TCP leg: the relay VPC reaches the data centre through its Transit Gateway.
+# Associated and propagated explicitly (routing.tf), never through the gateway's defaults.
 resource "aws_ec2_transit_gateway_vpc_attachment" "data_centre" {
   count = var.data_centre.attach_relay_vpc ? 1 : 0
 
-  transit_gateway_id = var.data_centre.transit_gateway_id
-  vpc_id             = var.vpc.id
-  subnet_ids         = var.vpc.subnet_ids
-  tags               = merge(local.tags, { Name = "${var.name}-data-centre" })
+  transit_gateway_id                              = var.data_centre.transit_gateway_id
+  vpc_id                                          = var.vpc.id
+  subnet_ids                                      = var.vpc.subnet_ids
+  transit_gateway_default_route_table_association = false
+  transit_gateway_default_route_table_propagation = false
+  tags                                            = merge(local.tags, { Name = "${var.name}-data-centre" })
 }
 
 resource "aws_route" "data_centre" {
