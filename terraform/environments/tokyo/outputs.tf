@@ -35,3 +35,13 @@ output "peering_attachment_id" {
   description = "The Tokyo-London Transit Gateway peering attachment (London accepts it unless accept_peering)."
   value       = aws_ec2_transit_gateway_peering_attachment.london.id
 }
+
+output "london_requirements" {
+  description = "What London's data-centre Transit Gateway needs for Tokyo (done here unless london.accept_peering is false)."
+  value = {
+    accept_peering_attachment = aws_ec2_transit_gateway_peering_attachment.london.id
+    associate_with            = var.london.route_table_id
+    static_route              = { destination = var.vpc.cidr_block, route_table_id = coalesce(var.london.return_route_table_id, var.london.route_table_id), via = "the peering attachment" }
+    dx_allowed_prefix         = var.vpc.cidr_block
+  }
+}
