@@ -12,7 +12,9 @@ tf_root=terraform
 checkov_version=3.3.30
 checkov_venv=.venv-checkov
 
-dirs=(modules/relay modules/multicast-domain environments/london environments/tokyo)
+dirs=(modules/relay modules/multicast-domain modules/consumer environments/london environments/tokyo)
+# Validated only: they have no tests of their own.
+validate_only=(modules/consumer/examples/basic)
 envs=(environments/london environments/tokyo)
 
 skip() {
@@ -68,10 +70,10 @@ step "terraform fmt -check"
 timeout 60 terraform fmt -check -recursive -diff "$tf_root"
 
 step "terraform init + validate"
-for dir in "${dirs[@]}"; do
+for dir in "${dirs[@]}" "${validate_only[@]}"; do
   tf 120 "$dir" init -backend=false -input=false -no-color >"$work/init.log" 2>&1 ||
     { cat "$work/init.log"; echo "terraform init failed in $tf_root/$dir" >&2; exit 1; }
-  printf '%-28s ' "$dir"
+  printf '%-34s ' "$dir"
   tf 120 "$dir" validate -no-color
 done
 

@@ -56,3 +56,10 @@ resource "aws_route" "data_centre" {
 
   depends_on = [aws_ec2_transit_gateway_vpc_attachment.data_centre]
 }
+
+# The relay subnets' CIDRs: the only sources of the feeds' datagrams, for customers' security groups.
+data "aws_subnet" "relay" {
+  for_each = toset(var.vpc.subnet_ids)
+
+  id = each.value
+}

@@ -74,6 +74,11 @@ run "london" {
   }
 
   assert {
+    condition     = output.customer.relay_source_cidrs == tolist(["10.60.1.0/24"]) && output.customer.multicast_domain_id == module.multicast_domain.multicast_domain_id
+    error_message = "The customer output carries the relay subnets' CIDRs, the only sources customers admit (the consumer module's relay input)."
+  }
+
+  assert {
     condition     = strcontains(output.relayd_toml, "name = \"prod\"\nlisten = \"0.0.0.0:6667\"\n") && strcontains(output.relayd_toml, "allowed_sources = [\"10.20.0.0/16\", \"172.16.40.0/24\"]\nallowed_groups = [\"239.192.20.0/24\"]\n")
     error_message = "relayd.toml comes from the same feed list and data-centre CIDRs."
   }
