@@ -136,6 +136,12 @@ variable "alarm_emails" {
   default     = []
 }
 
+variable "quiet_feeds" {
+  description = "Feeds that may legitimately carry nothing for minutes (e.g. dev): no silence alarm for them (the relay module's alarms.quiet_feeds)."
+  type        = list(string)
+  default     = []
+}
+
 variable "tags" {
   description = "Tags merged into every resource."
   type        = map(string)

@@ -377,3 +377,11 @@ output "cloudwatch_metrics" {
     metrics    = local.relayd_metrics
   }
 }
+
+output "feed_alarms" {
+  description = "Per feed, the names of its alarms."
+  value = { for name in keys(var.feeds) : name => sort(compact(concat(
+    [for a in [aws_cloudwatch_metric_alarm.relay_gaps, aws_cloudwatch_metric_alarm.ack_lag, aws_cloudwatch_metric_alarm.no_active_emitter, aws_cloudwatch_metric_alarm.lost_redundancy, aws_cloudwatch_metric_alarm.healthy_hosts] : a[name].alarm_name],
+    [for a in [aws_cloudwatch_metric_alarm.feed_silent, aws_cloudwatch_metric_alarm.upstream_gaps, aws_cloudwatch_metric_alarm.split_brain] : try(a[name].alarm_name, "")],
+  ))) }
+}

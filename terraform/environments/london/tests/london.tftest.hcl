@@ -174,6 +174,19 @@ run "nobody_owns_the_prefixes" {
   expect_failures = [var.data_centre]
 }
 
+run "quiet_feed" {
+  command = plan
+
+  variables {
+    quiet_feeds = ["dev"]
+  }
+
+  assert {
+    condition     = !contains(module.relay.feed_alarms["dev"], "relayd-ldn-relay-dev-silent") && contains(module.relay.feed_alarms["prod"], "relayd-ldn-relay-prod-silent") && contains(module.relay.feed_alarms["dev"], "relayd-ldn-relay-dev-lost-redundancy")
+    error_message = "A quiet feed keeps every alarm but the silence one."
+  }
+}
+
 run "existing_attachment" {
   command = plan
 
