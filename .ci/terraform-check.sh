@@ -12,7 +12,9 @@ tf_root=terraform
 checkov_version=3.3.30
 checkov_venv=.venv-checkov
 
-dirs=(modules/relay modules/multicast-domain environments/london environments/tokyo)
+dirs=(modules/relay modules/multicast-domain modules/consumer environments/london environments/tokyo)
+# Validated only: they have no tests of their own.
+validate_only=(modules/consumer/examples/basic)
 envs=(environments/london environments/tokyo)
 
 skip() {
@@ -68,10 +70,10 @@ step "terraform fmt -check"
 timeout 60 terraform fmt -check -recursive -diff "$tf_root"
 
 step "terraform init + validate"
-for dir in "${dirs[@]}"; do
+for dir in "${dirs[@]}" "${validate_only[@]}"; do
   tf 120 "$dir" init -backend=false -input=false -no-color >"$work/init.log" 2>&1 ||
     { cat "$work/init.log"; echo "terraform init failed in $tf_root/$dir" >&2; exit 1; }
-  printf '%-28s ' "$dir"
+  printf '%-34s ' "$dir"
   tf 120 "$dir" validate -no-color
 done
 
@@ -121,10 +123,18 @@ tomls+=("$work/relayd-edge-cases.toml")
 # The user data around it is a bash script: shellcheck it too where shellcheck is installed.
 render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data.sh"
 if command -v shellcheck >/dev/null; then
-  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh"
+  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh" \
+    "$tf_root/modules/relay/files/relayd-host-check.sh"
   echo "user data: shellcheck clean"
 else
   echo "WARNING: shellcheck is not installed; the rendered user data is not linted" >&2
+fi
+# The CloudWatch agent's Prometheus scrape configuration it writes, through promtool.
+render modules/relay tests/edge-cases.tfvars local.prometheus_yaml_rendered "$work/prometheus.yaml"
+if command -v promtool >/dev/null; then
+  timeout 60 promtool check config "$work/prometheus.yaml"
+else
+  echo "WARNING: promtool is not installed; the agent's scrape configuration is not checked" >&2
 fi
 # Its key-fetching block, run against a stand-in AWS CLI in a scratch directory.
 timeout 120 bash "$tf_root/tests/user-data-keys.sh" "$work/user-data.sh"

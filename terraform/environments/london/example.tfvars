@@ -11,7 +11,17 @@ vpc = {
 data_centre = {
   cidrs              = ["10.20.0.0/16", "172.16.40.0/24"]
   transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
+  # Holds the data-centre routes (propagated from the Direct Connect gateway attachment).
+  route_table_id = "tgw-rtb-0a1b2c3d4e5f60718"
+  # Associated with the Direct Connect gateway attachment: gets the relay VPC CIDR.
+  return_route_table_id = "tgw-rtb-0a1b2c3d4e5f60719"
+  # The network team owns the Direct Connect gateway association; these are its allowed
+  # prefixes, which must cover this VPC and Tokyo's (checked at plan).
+  allowed_prefixes = ["10.60.0.0/15", "10.70.0.0/16"]
 }
+
+# Tokyo's relay VPC, reached from the data centre through this gateway and the peering.
+remote_relay_cidrs = ["10.70.0.0/16"]
 
 feeds = {
   dev = { port = 6666, groups = ["239.192.10.0/24"] }

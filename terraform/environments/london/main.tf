@@ -19,7 +19,7 @@ module "relay" {
   data_centre_cidrs     = var.data_centre.cidrs
   instance              = var.instance
   ecs_cluster_name      = var.ecs_cluster_name
-  alarms                = { email_endpoints = var.alarm_emails }
+  alarms                = { email_endpoints = var.alarm_emails, quiet_feeds = var.quiet_feeds }
   tags                  = local.tags
 }
 
@@ -35,13 +35,16 @@ module "multicast_domain" {
 }
 
 # TCP leg: the relay VPC reaches the data centre through its Transit Gateway.
+# Associated and propagated explicitly (routing.tf), never through the gateway's defaults.
 resource "aws_ec2_transit_gateway_vpc_attachment" "data_centre" {
   count = var.data_centre.attach_relay_vpc ? 1 : 0
 
-  transit_gateway_id = var.data_centre.transit_gateway_id
-  vpc_id             = var.vpc.id
-  subnet_ids         = var.vpc.subnet_ids
-  tags               = merge(local.tags, { Name = "${var.name}-data-centre" })
+  transit_gateway_id                              = var.data_centre.transit_gateway_id
+  vpc_id                                          = var.vpc.id
+  subnet_ids                                      = var.vpc.subnet_ids
+  transit_gateway_default_route_table_association = false
+  transit_gateway_default_route_table_propagation = false
+  tags                                            = merge(local.tags, { Name = "${var.name}-data-centre" })
 }
 
 resource "aws_route" "data_centre" {
@@ -52,4 +55,11 @@ resource "aws_route" "data_centre" {
   transit_gateway_id     = var.data_centre.transit_gateway_id
 
   depends_on = [aws_ec2_transit_gateway_vpc_attachment.data_centre]
+}
+
+# The relay subnets' CIDRs: the only sources of the feeds' datagrams, for customers' security groups.
+data "aws_subnet" "relay" {
+  for_each = toset(var.vpc.subnet_ids)
+
+  id = each.value
 }

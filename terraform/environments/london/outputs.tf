@@ -24,9 +24,11 @@ output "auth_key_parameters" {
 }
 
 output "customer" {
-  description = "What a consumer account needs: the RAM share, Transit Gateway and domain, and the groups per feed."
+  description = "What a consumer account needs (the consumer module's `relay` input): the RAM share, Transit Gateway and domain, the groups and ports per feed, and the relay subnets the datagrams come from."
   value = merge(module.multicast_domain.customer, {
     region = "eu-west-2"
     feeds  = { for name, feed in var.feeds : name => { groups = feed.groups, ports = feed.ports } }
+    # Customers admit the feeds' UDP from these only (modules/consumer).
+    relay_source_cidrs = sort(distinct([for s in data.aws_subnet.relay : s.cidr_block]))
   })
 }

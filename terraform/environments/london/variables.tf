@@ -16,18 +16,60 @@ variable "vpc" {
 
 variable "data_centre" {
   description = <<-EOT
-    The data centre: the CIDRs of its capture hosts, and the Transit Gateway that carries
-    their TCP streams from Direct Connect (attach_relay_vpc: attach the relay VPC to it here).
+    The data centre: the CIDRs of its capture hosts, and the Transit Gateway that carries their
+    TCP streams from Direct Connect. route_table_id: the gateway's route table that holds the
+    routes to the data-centre CIDRs (propagated from the Direct Connect gateway attachment); the
+    relay attachment is associated with it (and so is Tokyo's peering, from the Tokyo
+    environment). return_route_table_id (default: route_table_id): the route table the Direct
+    Connect gateway attachment is associated with; the relay attachment propagates the relay
+    VPC CIDR into it. direct_connect_gateway_id: manage the Direct Connect gateway's
+    association with the Transit Gateway here, with allowed prefixes = the relay CIDRs; leave
+    it null when the network team owns that association and give its current allowed_prefixes
+    instead, which must cover every relay CIDR (checked at plan). attach_relay_vpc: attach the
+    relay VPC to the gateway here.
   EOT
   type = object({
-    cidrs              = list(string)
-    transit_gateway_id = string
-    attach_relay_vpc   = optional(bool, true)
+    cidrs                     = list(string)
+    transit_gateway_id        = string
+    route_table_id            = string
+    return_route_table_id     = optional(string)
+    direct_connect_gateway_id = optional(string)
+    allowed_prefixes          = optional(list(string))
+    attach_relay_vpc          = optional(bool, true)
   })
 
   validation {
     condition     = can(regex("^tgw-[0-9a-f]+$", var.data_centre.transit_gateway_id))
     error_message = "data_centre.transit_gateway_id must be a Transit Gateway ID (tgw-...)."
+  }
+
+  validation {
+    condition     = can(regex("^tgw-rtb-[0-9a-f]+$", var.data_centre.route_table_id)) && (var.data_centre.return_route_table_id == null || can(regex("^tgw-rtb-[0-9a-f]+$", coalesce(var.data_centre.return_route_table_id, "x"))))
+    error_message = "data_centre.route_table_id and return_route_table_id must be Transit Gateway route table IDs (tgw-rtb-...)."
+  }
+
+  validation {
+    condition     = (var.data_centre.direct_connect_gateway_id == null) != (var.data_centre.allowed_prefixes == null)
+    error_message = "Give either data_centre.direct_connect_gateway_id (this environment manages the association's allowed prefixes) or data_centre.allowed_prefixes (the prefixes the network team's association allows), not both and not neither: otherwise nobody checks that the data centre learns the relay CIDRs."
+  }
+
+  validation {
+    # Each relay CIDR must lie inside an allowed prefix, or the data centre never learns a route to it.
+    condition = var.data_centre.allowed_prefixes == null || alltrue([for c in concat([var.vpc.cidr_block], var.remote_relay_cidrs) : anytrue([for p in coalesce(var.data_centre.allowed_prefixes, []) :
+      tonumber(split("/", p)[1]) <= tonumber(split("/", c)[1]) && cidrhost(p, 0) == cidrhost("${split("/", c)[0]}/${split("/", p)[1]}", 0)
+    ])])
+    error_message = "data_centre.allowed_prefixes (the Direct Connect gateway association's) must cover the relay VPC CIDR and every remote_relay_cidrs entry: the data centre learns only these prefixes. Ask the network team to add the missing ones (terraform output data_centre_requirements)."
+  }
+}
+
+variable "remote_relay_cidrs" {
+  description = "Relay VPC CIDRs reached from the data centre through this Transit Gateway over peering (Tokyo's VPC CIDR): they must be advertised over Direct Connect too."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.remote_relay_cidrs : can(cidrhost(c, 0))])
+    error_message = "remote_relay_cidrs must be IPv4 CIDRs."
   }
 }
 
@@ -54,6 +96,7 @@ variable "instance" {
   type = object({
     ami_id           = string
     type             = optional(string, "c6in.large")
+    fallback_types   = optional(list(string), ["c6i.large", "c5n.large"])
     min_size         = optional(number, 2)
     max_size         = optional(number, 4)
     desired_capacity = optional(number, 2)
@@ -72,9 +115,9 @@ variable "consumer_account_ids" {
 }
 
 variable "allow_external_principals" {
-  description = "Whether consumers may be outside this AWS Organization."
+  description = "Whether consumers may be outside this AWS Organization (the exchange's customers usually are: on by default; each account then accepts the share's invitation)."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "consumer_attachments" {
@@ -89,6 +132,12 @@ variable "consumer_attachments" {
 
 variable "alarm_emails" {
   description = "Addresses subscribed to the relay alarms (each must confirm by mail)."
+  type        = list(string)
+  default     = []
+}
+
+variable "quiet_feeds" {
+  description = "Feeds that may legitimately carry nothing for minutes (e.g. dev): no silence alarm for them (the relay module's alarms.quiet_feeds)."
   type        = list(string)
   default     = []
 }

@@ -11,8 +11,9 @@ vpc = {
 data_centre_cidrs = ["10.20.0.0/16", "172.16.40.0/24"]
 
 london = {
-  transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
-  route_table_id     = "tgw-rtb-0a1b2c3d4e5f60718"
+  transit_gateway_id    = "tgw-0a1b2c3d4e5f60718"
+  route_table_id        = "tgw-rtb-0a1b2c3d4e5f60718" # the data-centre routes
+  return_route_table_id = "tgw-rtb-0a1b2c3d4e5f60719" # the Direct Connect attachment's
 }
 
 feeds = {

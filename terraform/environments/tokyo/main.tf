@@ -19,7 +19,7 @@ module "relay" {
   data_centre_cidrs     = var.data_centre_cidrs
   instance              = var.instance
   ecs_cluster_name      = var.ecs_cluster_name
-  alarms                = { email_endpoints = var.alarm_emails }
+  alarms                = { email_endpoints = var.alarm_emails, quiet_feeds = var.quiet_feeds }
   tags                  = local.tags
 }
 
@@ -38,20 +38,44 @@ module "multicast_domain" {
 # TCP leg: Tokyo transport Transit Gateway peered with London's
 ################################################################################
 
+# Routing is explicit: one route table, no default association or propagation.
+#
+#   Tokyo relay VPC -> VPC attachment -> [transport] -> data-centre CIDRs, static, to the peering
+#   London (peering) -> peering attachment -> [transport] -> Tokyo VPC CIDR (propagated)
+#   On London's data-centre gateway (aws.london): London's side of the peering is associated
+#   with london.route_table_id (the data-centre routes), and the Tokyo VPC CIDR routes back over
+#   the peering in london.return_route_table_id (the Direct Connect attachment's table).
 resource "aws_ec2_transit_gateway" "transport" {
   description                     = "relayd TCP from the data centre via London"
   amazon_side_asn                 = var.transport_asn
   auto_accept_shared_attachments  = "disable"
-  default_route_table_association = "enable"
-  default_route_table_propagation = "enable"
+  default_route_table_association = "disable"
+  default_route_table_propagation = "disable"
   tags                            = merge(local.tags, { Name = "${var.name}-transport" })
 }
 
-resource "aws_ec2_transit_gateway_vpc_attachment" "transport" {
+resource "aws_ec2_transit_gateway_route_table" "transport" {
   transit_gateway_id = aws_ec2_transit_gateway.transport.id
-  vpc_id             = var.vpc.id
-  subnet_ids         = var.vpc.subnet_ids
   tags               = merge(local.tags, { Name = "${var.name}-transport" })
+}
+
+resource "aws_ec2_transit_gateway_vpc_attachment" "transport" {
+  transit_gateway_id                              = aws_ec2_transit_gateway.transport.id
+  vpc_id                                          = var.vpc.id
+  subnet_ids                                      = var.vpc.subnet_ids
+  transit_gateway_default_route_table_association = false
+  transit_gateway_default_route_table_propagation = false
+  tags                                            = merge(local.tags, { Name = "${var.name}-transport" })
+}
+
+resource "aws_ec2_transit_gateway_route_table_association" "vpc" {
+  transit_gateway_attachment_id  = aws_ec2_transit_gateway_vpc_attachment.transport.id
+  transit_gateway_route_table_id = aws_ec2_transit_gateway_route_table.transport.id
+}
+
+resource "aws_ec2_transit_gateway_route_table_propagation" "vpc" {
+  transit_gateway_attachment_id  = aws_ec2_transit_gateway_vpc_attachment.transport.id
+  transit_gateway_route_table_id = aws_ec2_transit_gateway_route_table.transport.id
 }
 
 resource "aws_ec2_transit_gateway_peering_attachment" "london" {
@@ -70,23 +94,44 @@ resource "aws_ec2_transit_gateway_peering_attachment_accepter" "london" {
   tags                          = merge(local.tags, { Name = "${var.name}-from-tokyo" })
 }
 
+# Tokyo's side of the peering: traffic from London looks up the Tokyo VPC CIDR here. A peering
+# attachment can be associated only once it is accepted.
+resource "aws_ec2_transit_gateway_route_table_association" "peering" {
+  transit_gateway_attachment_id  = aws_ec2_transit_gateway_peering_attachment.london.id
+  transit_gateway_route_table_id = aws_ec2_transit_gateway_route_table.transport.id
+
+  depends_on = [aws_ec2_transit_gateway_peering_attachment_accepter.london]
+}
+
 # Peering attachments take no propagation: static routes on both sides.
 resource "aws_ec2_transit_gateway_route" "data_centre" {
   for_each = toset(var.data_centre_cidrs)
 
   destination_cidr_block         = each.value
-  transit_gateway_route_table_id = aws_ec2_transit_gateway.transport.association_default_route_table_id
+  transit_gateway_route_table_id = aws_ec2_transit_gateway_route_table.transport.id
   transit_gateway_attachment_id  = aws_ec2_transit_gateway_peering_attachment.london.id
 
   depends_on = [aws_ec2_transit_gateway_peering_attachment_accepter.london]
 }
 
+# London's side of the peering: associated with the route table that holds the data-centre
+# routes, so Tokyo's traffic finds the Direct Connect gateway.
+resource "aws_ec2_transit_gateway_route_table_association" "london_peering" {
+  count    = var.london.accept_peering ? 1 : 0
+  provider = aws.london
+
+  transit_gateway_attachment_id  = aws_ec2_transit_gateway_peering_attachment_accepter.london[0].transit_gateway_attachment_id
+  transit_gateway_route_table_id = var.london.route_table_id
+}
+
+# The return path: the data centre's traffic to Tokyo, in the table the Direct Connect
+# gateway attachment is associated with.
 resource "aws_ec2_transit_gateway_route" "london_to_tokyo" {
   count    = var.london.accept_peering ? 1 : 0
   provider = aws.london
 
   destination_cidr_block         = var.vpc.cidr_block
-  transit_gateway_route_table_id = var.london.route_table_id
+  transit_gateway_route_table_id = coalesce(var.london.return_route_table_id, var.london.route_table_id)
   transit_gateway_attachment_id  = aws_ec2_transit_gateway_peering_attachment_accepter.london[0].transit_gateway_attachment_id
 }
 
@@ -98,4 +143,11 @@ resource "aws_route" "data_centre" {
   transit_gateway_id     = aws_ec2_transit_gateway.transport.id
 
   depends_on = [aws_ec2_transit_gateway_vpc_attachment.transport]
+}
+
+# The relay subnets' CIDRs: the only sources of the feeds' datagrams, for customers' security groups.
+data "aws_subnet" "relay" {
+  for_each = toset(var.vpc.subnet_ids)
+
+  id = each.value
 }

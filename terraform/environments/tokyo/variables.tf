@@ -21,20 +21,25 @@ variable "data_centre_cidrs" {
 
 variable "london" {
   description = <<-EOT
-    The London data-centre Transit Gateway to peer with: its ID, the route table that routes
-    the data centre's traffic, and its account (default: this one). accept_peering accepts the
-    peering and adds the route back to Tokyo from here (same account, provider aws.london);
-    set it to false when London's owner does that.
+    The London data-centre Transit Gateway to peer with, and its account (default: this one).
+    route_table_id: its route table holding the data-centre routes, with which London's side
+    of the peering is associated. return_route_table_id (default: route_table_id): the table
+    the Direct Connect gateway attachment is associated with, which gets the static route to
+    the Tokyo VPC CIDR over the peering. (London's environment lists `remote_relay_cidrs =
+    [<Tokyo VPC CIDR>]` so the data centre learns it over Direct Connect.) accept_peering
+    accepts the peering and does London's side from here (same account, provider aws.london);
+    set it to false when London's owner does that (terraform output london_requirements).
   EOT
   type = object({
-    transit_gateway_id = string
-    route_table_id     = string
-    account_id         = optional(string)
-    accept_peering     = optional(bool, true)
+    transit_gateway_id    = string
+    route_table_id        = string
+    return_route_table_id = optional(string)
+    account_id            = optional(string)
+    accept_peering        = optional(bool, true)
   })
 
   validation {
-    condition     = can(regex("^tgw-[0-9a-f]+$", var.london.transit_gateway_id)) && can(regex("^tgw-rtb-[0-9a-f]+$", var.london.route_table_id))
+    condition     = can(regex("^tgw-[0-9a-f]+$", var.london.transit_gateway_id)) && can(regex("^tgw-rtb-[0-9a-f]+$", var.london.route_table_id)) && (var.london.return_route_table_id == null || can(regex("^tgw-rtb-[0-9a-f]+$", coalesce(var.london.return_route_table_id, "x"))))
     error_message = "london.transit_gateway_id must be a Transit Gateway ID (tgw-...) and route_table_id a route table ID (tgw-rtb-...)."
   }
 
@@ -73,6 +78,7 @@ variable "instance" {
   type = object({
     ami_id           = string
     type             = optional(string, "c6in.large")
+    fallback_types   = optional(list(string), ["c6i.large", "c5n.large"])
     min_size         = optional(number, 2)
     max_size         = optional(number, 4)
     desired_capacity = optional(number, 2)
@@ -91,9 +97,9 @@ variable "consumer_account_ids" {
 }
 
 variable "allow_external_principals" {
-  description = "Whether consumers may be outside this AWS Organization."
+  description = "Whether consumers may be outside this AWS Organization (the exchange's customers usually are: on by default; each account then accepts the share's invitation)."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "consumer_attachments" {
@@ -108,6 +114,12 @@ variable "consumer_attachments" {
 
 variable "alarm_emails" {
   description = "Addresses subscribed to the relay alarms (each must confirm by mail)."
+  type        = list(string)
+  default     = []
+}
+
+variable "quiet_feeds" {
+  description = "Feeds that may legitimately carry nothing for minutes (e.g. dev): no silence alarm for them (the relay module's alarms.quiet_feeds)."
   type        = list(string)
   default     = []
 }

@@ -73,9 +73,9 @@ variable "consumer_account_ids" {
 }
 
 variable "allow_external_principals" {
-  description = "Whether the RAM share may reach accounts outside this AWS Organization."
+  description = "Whether the RAM share may reach accounts outside this AWS Organization. On by default: the exchange's customers are other companies' accounts (each gets an invitation to accept). Principals stay exactly consumer_account_ids either way; turn it off when every consumer is inside the organisation."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "share_multicast_domain" {

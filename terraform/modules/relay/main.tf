@@ -9,7 +9,11 @@ locals {
 
   tags = merge(var.tags, { "relayd:relay" = var.name })
 
-  log_group_name = "/relayd/${var.name}"
+  log_group_name         = "/relayd/${var.name}"
+  metrics_log_group_name = "/relayd/${var.name}/metrics"
+
+  # The preferred type first, then the fallbacks (all Nitro: multicast on Transit Gateway).
+  instance_types = distinct(concat([var.instance.type], var.instance.fallback_types))
 
   # The single feed list, flattened for the security group rules.
   feed_sources = { for pair in setproduct(keys(var.feeds), var.data_centre_cidrs) :
@@ -56,8 +60,16 @@ locals {
   user_data = templatefile("${path.module}/templates/user-data.sh.tftpl", {
     relayd_toml      = local.relayd_toml
     ecs_cluster_name = var.ecs_cluster_name
-    log_group_name   = local.log_group_name
     auth_keys        = local.auth_keys
+    agent_config     = local.agent_config_rendered
+    prometheus_yaml  = local.prometheus_yaml_rendered
+    health_port      = var.health_port
+    # The script is a file of its own (tests run it against stand-ins); its own "$${...}"
+    # expansions must not be read as template syntax, hence file(), not templatefile().
+    host_check_script   = file("${path.module}/files/relayd-host-check.sh")
+    host_check_failures = var.host_health_check.failures
+    host_check_interval = var.host_health_check.interval_seconds
+    host_check_grace    = var.host_health_check.grace_period_seconds
   })
 
   sns_topic_arn = var.alarms.sns_topic_arn != null ? var.alarms.sns_topic_arn : aws_sns_topic.alarms[0].arn
@@ -89,7 +101,7 @@ resource "aws_kms_key" "this" {
         Resource  = "*"
         Condition = {
           ArnLike = {
-            "kms:EncryptionContext:aws:logs:arn" = "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:${local.log_group_name}"
+            "kms:EncryptionContext:aws:logs:arn" = [for g in [local.log_group_name, local.metrics_log_group_name] : "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:${g}"]
           }
         }
       },
@@ -99,6 +111,9 @@ resource "aws_kms_key" "this" {
         Principal = { Service = "cloudwatch.amazonaws.com" }
         Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
         Resource  = "*"
+        Condition = {
+          StringEquals = { "aws:SourceAccount" = local.account_id }
+        }
       },
     ]
   })
@@ -146,7 +161,9 @@ resource "aws_lb" "this" {
 resource "aws_lb_target_group" "feed" {
   for_each = var.feeds
 
-  name        = "${var.name}-${replace(each.key, "_", "-")}"
+  # A generated name: a new port (or protocol) replaces the group, and the replacement must
+  # exist before the listener lets go of the old one (create_before_destroy).
+  name_prefix = "${substr(replace(each.key, "_", "-"), 0, 5)}-"
   vpc_id      = var.vpc.id
   target_type = "instance"
   protocol    = "TCP"
@@ -176,7 +193,11 @@ resource "aws_lb_target_group" "feed" {
     unhealthy_threshold = 3
   }
 
-  tags = merge(local.tags, { "relayd:feed" = each.key })
+  tags = merge(local.tags, { "relayd:feed" = each.key, Name = "${var.name}-${each.key}" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
 }
 
 resource "aws_lb_listener" "feed" {
@@ -395,7 +416,7 @@ resource "aws_launch_template" "this" {
   name_prefix            = "${var.name}-relay-"
   description            = "relayd ${var.name}"
   image_id               = var.instance.ami_id
-  instance_type          = var.instance.type
+  instance_type          = local.instance_types[0]
   update_default_version = true
   ebs_optimized          = true
   user_data              = base64encode(local.user_data)
@@ -455,18 +476,41 @@ resource "aws_autoscaling_group" "this" {
   desired_capacity    = var.instance.desired_capacity
   target_group_arns   = [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
 
-  # Replace an instance the NLB finds unhealthy, not only one EC2 finds broken.
-  health_check_type         = "ELB"
-  health_check_grace_period = 120
+  # Instance health is the host and the relayd process, never one feed: EC2 status checks, and
+  # the instance's own host check (relayd-host-check, see host_check.tf) that reports an
+  # instance whose relayd does not answer as Unhealthy. A feed that is down on an instance
+  # only leaves that feed's target group (and shows in the feed's alarms); with "ELB" here, one
+  # feed's fault would replace instances that serve every other feed.
+  health_check_type         = "EC2"
+  health_check_grace_period = var.host_health_check.grace_period_seconds
   default_instance_warmup   = 60
 
-  launch_template {
-    id      = aws_launch_template.this.id
-    version = aws_launch_template.this.latest_version
+  # The first type that has capacity, in order: no single instance type to run out of.
+  mixed_instances_policy {
+    instances_distribution {
+      on_demand_allocation_strategy            = "prioritized"
+      on_demand_base_capacity                  = 0
+      on_demand_percentage_above_base_capacity = 100
+    }
+
+    launch_template {
+      launch_template_specification {
+        launch_template_id = aws_launch_template.this.id
+        version            = aws_launch_template.this.latest_version
+      }
+
+      dynamic "override" {
+        for_each = local.instance_types
+        content {
+          instance_type = override.value
+        }
+      }
+    }
   }
 
-  # Instances fetch their keys at boot: the role's parameter policy must be in place first.
-  depends_on = [aws_iam_role_policy.parameters]
+  # Instances fetch their keys at boot and report their own health: the role's policies must
+  # be in place first.
+  depends_on = [aws_iam_role_policy.parameters, aws_iam_role_policy.host_health]
 
   # A new launch template version (AMI, feed list, user data) rolls through the group while at
   # least half of it keeps serving.
@@ -510,31 +554,7 @@ resource "aws_sns_topic_subscription" "email" {
   endpoint  = each.value
 }
 
-# EC2 publishes the group's instances under the AutoScalingGroupName dimension; the Minimum
-# statistic is the quietest instance's minute, so one silent instance is enough to alarm.
-resource "aws_cloudwatch_metric_alarm" "traffic" {
-  for_each = {
-    in  = { metric = "NetworkIn", what = "TCP in from the data centre" }
-    out = { metric = "NetworkOut", what = "multicast out to the Transit Gateway" }
-  }
-
-  alarm_name          = "${var.name}-relay-traffic-${each.key}"
-  alarm_description   = "An instance of relay ${var.name} moved less than ${var.alarms.min_bytes_per_minute} bytes/min of ${each.value.what}; there should always be traffic."
-  namespace           = "AWS/EC2"
-  metric_name         = each.value.metric
-  dimensions          = { AutoScalingGroupName = aws_autoscaling_group.this.name }
-  statistic           = "Minimum"
-  period              = 60
-  evaluation_periods  = var.alarms.evaluation_minutes
-  comparison_operator = "LessThanThreshold"
-  threshold           = var.alarms.min_bytes_per_minute
-  treat_missing_data  = "breaching"
-  actions_enabled     = true
-  alarm_actions       = [local.sns_topic_arn]
-  ok_actions          = [local.sns_topic_arn]
-  tags                = local.tags
-}
-
+# The feed's target group has no healthy instance left: the feed is down in this region.
 resource "aws_cloudwatch_metric_alarm" "healthy_hosts" {
   for_each = var.feeds
 

@@ -69,12 +69,6 @@ variable "feeds" {
   }
 
   validation {
-    # Target group names are "<name>-<feed>" with '_' as '-', at most 32 characters, unique.
-    condition     = alltrue([for n in keys(var.feeds) : length(n) + length(var.name) < 32]) && length(distinct([for n in keys(var.feeds) : replace(n, "_", "-")])) == length(var.feeds)
-    error_message = "Each \"<name>-<feed>\" must fit the 32 characters of a target group name, and feed names must stay distinct with '_' read as '-'."
-  }
-
-  validation {
     condition     = alltrue([for f in values(var.feeds) : length(f.groups) > 0])
     error_message = "Every feed must allow at least one multicast group."
   }
@@ -212,10 +206,16 @@ variable "log_level" {
 }
 
 variable "instance" {
-  description = "The relay instances: the relayd AMI, type, root volume and the Auto Scaling group size."
+  description = <<-EOT
+    The relay instances: the relayd AMI, type, root volume and the Auto Scaling group size.
+    fallback_types are launched, in order, when `type` has no capacity (all must be Nitro types,
+    which multicast on Transit Gateway needs). ebs_kms_key_arn: a customer managed key needs a
+    key policy (or grant) for the Auto Scaling service-linked role, see the module README.
+  EOT
   type = object({
     ami_id           = string
     type             = optional(string, "c6in.large")
+    fallback_types   = optional(list(string), ["c6i.large", "c5n.large"])
     root_volume_size = optional(number, 30)
     ebs_kms_key_arn  = optional(string)
     min_size         = optional(number, 2)
@@ -231,6 +231,11 @@ variable "instance" {
   validation {
     condition     = var.instance.min_size >= 1 && var.instance.min_size <= var.instance.desired_capacity && var.instance.desired_capacity <= var.instance.max_size
     error_message = "The group size must satisfy 1 <= min_size <= desired_capacity <= max_size."
+  }
+
+  validation {
+    condition     = alltrue([for t in concat([var.instance.type], var.instance.fallback_types) : can(regex("^[a-z][a-z0-9-]*\\.[a-z0-9]+$", t))])
+    error_message = "instance.type and instance.fallback_types must be EC2 instance types (e.g. \"c6in.large\")."
   }
 }
 
@@ -290,15 +295,23 @@ variable "log_retention_days" {
 
 variable "alarms" {
   description = <<-EOT
-    CloudWatch alarms. An SNS topic is created unless sns_topic_arn names one (its key policy
-    must then let CloudWatch publish). Traffic alarms fire when the quietest instance moves
-    fewer than min_bytes_per_minute in or out for evaluation_minutes; there is always traffic.
+    CloudWatch alarms, per feed, on relayd's own metrics (see cloudwatch.tf) and the NLB. An SNS
+    topic is created unless sns_topic_arn names one (its key policy must then let CloudWatch
+    publish). silent_minutes: the feed's datagrams out, summed over every instance, at zero
+    this long (quiet_feeds get no such alarm, e.g. a dev feed that is idle at times).
+    max_ack_lag / ack_lag_minutes: datagrams emitted but not acknowledged. redundancy_minutes:
+    fewer healthy hosts than the desired capacity this long. issue_14_metrics: also alarm on
+    the metrics issue 14 adds (active emitter role, upstream gaps) once relayd exposes them.
   EOT
   type = object({
-    sns_topic_arn        = optional(string)
-    email_endpoints      = optional(list(string), [])
-    min_bytes_per_minute = optional(number, 1024)
-    evaluation_minutes   = optional(number, 5)
+    sns_topic_arn      = optional(string)
+    email_endpoints    = optional(list(string), [])
+    silent_minutes     = optional(number, 5)
+    quiet_feeds        = optional(list(string), [])
+    max_ack_lag        = optional(number, 100000)
+    ack_lag_minutes    = optional(number, 3)
+    redundancy_minutes = optional(number, 5)
+    issue_14_metrics   = optional(bool, false)
   })
   default = {}
 
@@ -308,8 +321,13 @@ variable "alarms" {
   }
 
   validation {
-    condition     = var.alarms.min_bytes_per_minute > 0 && var.alarms.evaluation_minutes >= 1
-    error_message = "alarms.min_bytes_per_minute must be positive and evaluation_minutes at least 1."
+    condition     = alltrue([for n in [var.alarms.silent_minutes, var.alarms.ack_lag_minutes, var.alarms.redundancy_minutes] : n == floor(n) && n >= 1 && n <= 60]) && var.alarms.max_ack_lag > 0
+    error_message = "alarms: silent_minutes, ack_lag_minutes and redundancy_minutes must be whole minutes in 1..60, max_ack_lag positive."
+  }
+
+  validation {
+    condition     = alltrue([for f in var.alarms.quiet_feeds : contains(keys(var.feeds), f)])
+    error_message = "alarms.quiet_feeds must name feeds of this relay."
   }
 }
 

@@ -26,6 +26,20 @@ override_resource {
 }
 
 override_resource {
+  target = aws_ec2_transit_gateway_route_table.transport
+  values = {
+    id = "tgw-rtb-0000000000000070c"
+  }
+}
+
+override_resource {
+  target = aws_ec2_transit_gateway_vpc_attachment.transport
+  values = {
+    id = "tgw-attach-0000000000000070c"
+  }
+}
+
+override_resource {
   target = aws_ec2_transit_gateway_peering_attachment.london
   values = {
     id = "tgw-attach-000000000000ee5e1"
@@ -41,8 +55,9 @@ variables {
   }
   data_centre_cidrs = ["10.20.0.0/16", "172.16.40.0/24"]
   london = {
-    transit_gateway_id = "tgw-0a1b2c3d4e5f60718"
-    route_table_id     = "tgw-rtb-0a1b2c3d4e5f60718"
+    transit_gateway_id    = "tgw-0a1b2c3d4e5f60718"
+    route_table_id        = "tgw-rtb-0a1b2c3d4e5f60718"
+    return_route_table_id = "tgw-rtb-0a1b2c3d4e5f60719"
   }
   feeds = {
     dev  = { port = 6666, groups = ["239.192.10.0/24"] }
@@ -71,8 +86,38 @@ run "peering" {
   }
 
   assert {
-    condition     = aws_ec2_transit_gateway_route.london_to_tokyo[0].destination_cidr_block == "10.70.0.0/16" && aws_ec2_transit_gateway_route.london_to_tokyo[0].transit_gateway_route_table_id == "tgw-rtb-0a1b2c3d4e5f60718" && aws_ec2_transit_gateway_route.london_to_tokyo[0].transit_gateway_attachment_id == "tgw-attach-000000000000ee5e1"
-    error_message = "In London the Tokyo VPC CIDR routes back over the peering."
+    condition     = aws_ec2_transit_gateway_route.london_to_tokyo[0].destination_cidr_block == "10.70.0.0/16" && aws_ec2_transit_gateway_route.london_to_tokyo[0].transit_gateway_route_table_id == "tgw-rtb-0a1b2c3d4e5f60719" && aws_ec2_transit_gateway_route.london_to_tokyo[0].transit_gateway_attachment_id == "tgw-attach-000000000000ee5e1"
+    error_message = "In London the Tokyo VPC CIDR routes back over the peering, in the Direct Connect attachment's route table."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway_route_table_association.london_peering[0].transit_gateway_attachment_id == "tgw-attach-000000000000ee5e1" && aws_ec2_transit_gateway_route_table_association.london_peering[0].transit_gateway_route_table_id == "tgw-rtb-0a1b2c3d4e5f60718"
+    error_message = "London's side of the peering is associated with the route table holding the data-centre routes."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway.transport.default_route_table_association == "disable" && aws_ec2_transit_gateway.transport.default_route_table_propagation == "disable"
+    error_message = "Tokyo's routing is explicit: no default route table."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway_route_table_association.vpc.transit_gateway_attachment_id == "tgw-attach-0000000000000070c" && aws_ec2_transit_gateway_route_table_association.vpc.transit_gateway_route_table_id == "tgw-rtb-0000000000000070c"
+    error_message = "Tokyo VPC -> data centre: the VPC attachment is associated with the transport route table."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway_route_table_propagation.vpc.transit_gateway_attachment_id == "tgw-attach-0000000000000070c" && aws_ec2_transit_gateway_route_table_propagation.vpc.transit_gateway_route_table_id == "tgw-rtb-0000000000000070c"
+    error_message = "London -> Tokyo VPC: the VPC CIDR is propagated into the transport route table."
+  }
+
+  assert {
+    condition     = aws_ec2_transit_gateway_route_table_association.peering.transit_gateway_attachment_id == "tgw-attach-000000000000ee5e1" && aws_ec2_transit_gateway_route_table_association.peering.transit_gateway_route_table_id == "tgw-rtb-0000000000000070c"
+    error_message = "Tokyo's side of the peering is associated with the transport route table (where the VPC CIDR is)."
+  }
+
+  assert {
+    condition     = output.london_requirements.static_route.destination == "10.70.0.0/16" && output.london_requirements.associate_with == "tgw-rtb-0a1b2c3d4e5f60718" && output.london_requirements.dx_allowed_prefix == "10.70.0.0/16"
+    error_message = "London's owner gets exactly what to do on their side."
   }
 
   assert {
@@ -114,7 +159,7 @@ run "peering_accepted_elsewhere" {
   }
 
   assert {
-    condition     = length(aws_ec2_transit_gateway_peering_attachment_accepter.london) == 0 && length(aws_ec2_transit_gateway_route.london_to_tokyo) == 0 && aws_ec2_transit_gateway_peering_attachment.london.peer_account_id == "999988887777"
+    condition     = length(aws_ec2_transit_gateway_peering_attachment_accepter.london) == 0 && length(aws_ec2_transit_gateway_route.london_to_tokyo) == 0 && length(aws_ec2_transit_gateway_route_table_association.london_peering) == 0 && aws_ec2_transit_gateway_peering_attachment.london.peer_account_id == "999988887777"
     error_message = "When London's owner accepts, nothing is created with the London provider."
   }
 }

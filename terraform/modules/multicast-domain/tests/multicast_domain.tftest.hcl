@@ -71,8 +71,8 @@ run "share" {
   }
 
   assert {
-    condition     = !aws_ram_resource_share.this.allow_external_principals
-    error_message = "Principals outside the organisation are refused unless asked for."
+    condition     = aws_ram_resource_share.this.allow_external_principals
+    error_message = "The share reaches customers' accounts outside the organisation by default."
   }
 
   assert {
@@ -103,17 +103,17 @@ run "remove_account" {
   }
 }
 
-run "external_principals_opt_in" {
+run "organisation_only" {
   command = plan
 
   variables {
-    allow_external_principals = true
+    allow_external_principals = false
     share_multicast_domain    = false
   }
 
   assert {
-    condition     = aws_ram_resource_share.this.allow_external_principals && length(aws_ram_resource_association.multicast_domain) == 0
-    error_message = "allow_external_principals and share_multicast_domain reach the share."
+    condition     = !aws_ram_resource_share.this.allow_external_principals && length(aws_ram_resource_association.multicast_domain) == 0
+    error_message = "allow_external_principals = false and share_multicast_domain reach the share."
   }
 }
 

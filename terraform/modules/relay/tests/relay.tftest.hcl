@@ -94,8 +94,13 @@ run "instances" {
   }
 
   assert {
-    condition     = aws_autoscaling_group.this.health_check_type == "ELB" && aws_autoscaling_group.this.instance_refresh[0].strategy == "Rolling"
-    error_message = "The group must use ELB health checks and rolling instance refresh."
+    condition     = aws_autoscaling_group.this.health_check_type == "EC2" && aws_autoscaling_group.this.instance_refresh[0].strategy == "Rolling"
+    error_message = "The group's health is the host's (EC2 plus the host check), never one feed's target group; rolling instance refresh."
+  }
+
+  assert {
+    condition     = [for o in aws_autoscaling_group.this.mixed_instances_policy[0].launch_template[0].override : o.instance_type] == ["c6in.large", "c6i.large", "c5n.large"] && aws_autoscaling_group.this.mixed_instances_policy[0].instances_distribution[0].on_demand_allocation_strategy == "prioritized" && aws_autoscaling_group.this.mixed_instances_policy[0].launch_template[0].launch_template_specification[0].launch_template_id == aws_launch_template.this.id
+    error_message = "The group launches the preferred type first and falls back to the others in order, all on demand."
   }
 
   assert {
@@ -178,13 +183,78 @@ run "alarms" {
   }
 
   assert {
-    condition     = toset([for a in aws_cloudwatch_metric_alarm.traffic : a.metric_name]) == toset(["NetworkIn", "NetworkOut"]) && alltrue([for a in aws_cloudwatch_metric_alarm.traffic : a.statistic == "Minimum" && a.comparison_operator == "LessThanThreshold" && a.treat_missing_data == "breaching"])
-    error_message = "Traffic in and out must alarm when the quietest instance goes below the threshold or silent."
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.feed_silent :
+      a.namespace == "relayd" && a.metric_name == "relayd_datagrams_out_total" && a.dimensions.relay == "relay" && a.dimensions.feed == name && length(a.dimensions) == 2 &&
+      a.statistic == "Sum" && a.period == 60 && a.evaluation_periods == 5 && a.datapoints_to_alarm == 5 &&
+      a.comparison_operator == "LessThanThreshold" && a.threshold == 1 && a.treat_missing_data == "breaching"
+    ]) && toset(keys(aws_cloudwatch_metric_alarm.feed_silent)) == toset(["dev", "prod"])
+    error_message = "Each feed alarms when its datagrams out, summed over every instance, stay at zero (or go missing) for 5 minutes."
   }
 
   assert {
-    condition     = alltrue([for a in concat(values(aws_cloudwatch_metric_alarm.traffic), values(aws_cloudwatch_metric_alarm.healthy_hosts)) : a.alarm_actions == toset([aws_sns_topic.alarms[0].arn])])
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.relay_gaps :
+      a.metric_name == "relayd_gaps_total" && a.dimensions.feed == name && a.statistic == "Sum" && a.comparison_operator == "GreaterThanThreshold" && a.threshold == 0
+    ]) && length(aws_cloudwatch_metric_alarm.relay_gaps) == 2
+    error_message = "Each feed alarms on any relay gap."
+  }
+
+  assert {
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.ack_lag :
+      a.metric_name == "relayd_ack_lag" && a.dimensions.feed == name && a.statistic == "Maximum" && a.threshold == 100000 && a.evaluation_periods == 3
+    ]) && length(aws_cloudwatch_metric_alarm.ack_lag) == 2
+    error_message = "Each feed alarms on ACK lag above the limit at the worst instance."
+  }
+
+  assert {
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.no_active_emitter :
+      a.metric_name == "relayd_active_connections" && a.dimensions.feed == name && a.statistic == "Maximum" && a.comparison_operator == "LessThanThreshold" && a.threshold == 1 && a.treat_missing_data == "breaching"
+    ]) && length(aws_cloudwatch_metric_alarm.no_active_emitter) == 2
+    error_message = "Without issue 14's role gauge, no active emitter means no instance holds a capture connection."
+  }
+
+  assert {
+    condition     = length(aws_cloudwatch_metric_alarm.upstream_gaps) == 0 && length(aws_cloudwatch_metric_alarm.split_brain) == 0
+    error_message = "The alarms on issue 14's metrics stay off until alarms.issue_14_metrics."
+  }
+
+  assert {
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.lost_redundancy :
+      a.comparison_operator == "GreaterThanOrEqualToThreshold" && a.threshold == 1 &&
+      one([for q in a.metric_query : q.expression if q.return_data == true]) == "desired - healthy" &&
+      one([for q in a.metric_query : q.metric[0].dimensions.TargetGroup if q.id == "healthy"]) == aws_lb_target_group.feed[name].arn_suffix &&
+      one([for q in a.metric_query : q.metric[0].metric_name if q.id == "healthy"]) == "HealthyHostCount" &&
+      one([for q in a.metric_query : q.metric[0].metric_name if q.id == "desired"]) == "GroupDesiredCapacity" &&
+      one([for q in a.metric_query : q.metric[0].dimensions.AutoScalingGroupName if q.id == "desired"]) == aws_autoscaling_group.this.name
+    ]) && length(aws_cloudwatch_metric_alarm.lost_redundancy) == 2
+    error_message = "Each feed alarms when its target group has fewer healthy hosts than the group's desired capacity."
+  }
+
+  assert {
+    # Every relayd metric an alarm reads is one relayd-metrics.json lists as existing today.
+    condition = alltrue([for a in concat(values(aws_cloudwatch_metric_alarm.feed_silent), values(aws_cloudwatch_metric_alarm.relay_gaps), values(aws_cloudwatch_metric_alarm.ack_lag), values(aws_cloudwatch_metric_alarm.no_active_emitter)) :
+      contains([for m in jsondecode(file("relayd-metrics.json")).metrics : m.name], a.metric_name)
+    ])
+    error_message = "An alarm reads a relayd metric that relayd-metrics.json does not list."
+  }
+
+  assert {
+    condition = alltrue([for a in concat(values(aws_cloudwatch_metric_alarm.feed_silent), values(aws_cloudwatch_metric_alarm.relay_gaps), values(aws_cloudwatch_metric_alarm.ack_lag), values(aws_cloudwatch_metric_alarm.no_active_emitter), values(aws_cloudwatch_metric_alarm.lost_redundancy), values(aws_cloudwatch_metric_alarm.healthy_hosts)) :
+      a.alarm_actions == toset([aws_sns_topic.alarms[0].arn]) && a.ok_actions == toset([aws_sns_topic.alarms[0].arn])
+    ])
     error_message = "Every alarm must notify the module's SNS topic."
+  }
+
+  assert {
+    # The dashboard draws only metrics relayd has (relayd-metrics.json) or AWS publishes.
+    condition = alltrue([for w in jsondecode(aws_cloudwatch_dashboard.this.dashboard_body).widgets : alltrue([for m in w.properties.metrics :
+      m[0] == "relayd" ? contains([for x in jsondecode(file("relayd-metrics.json")).metrics : x.name], m[1]) : contains(["AWS/NetworkELB/HealthyHostCount", "AWS/AutoScaling/GroupDesiredCapacity"], "${m[0]}/${m[1]}")
+    ])]) && length(jsondecode(aws_cloudwatch_dashboard.this.dashboard_body).widgets) == 8
+    error_message = "The dashboard has one row of four widgets per feed, on metrics that exist."
+  }
+
+  assert {
+    condition     = contains([for w in jsondecode(aws_cloudwatch_dashboard.this.dashboard_body).widgets : w.properties.title], "prod: datagrams per minute (all instances)") && aws_cloudwatch_dashboard.this.dashboard_name == "relay-relay"
+    error_message = "The dashboard is the relay's own and has a traffic widget per feed."
   }
 
   assert {
@@ -317,7 +387,7 @@ run "authenticated_feed" {
   }
 
   assert {
-    condition     = aws_iam_role_policy.parameters[0].role == aws_iam_role.instance.id && contains(aws_autoscaling_group.this.launch_template[*].id, aws_launch_template.this.id)
+    condition     = aws_iam_role_policy.parameters[0].role == aws_iam_role.instance.id && aws_autoscaling_group.this.mixed_instances_policy[0].launch_template[0].launch_template_specification[0].launch_template_id == aws_launch_template.this.id
     error_message = "The parameter policy belongs to the instance role."
   }
 
@@ -386,5 +456,185 @@ run "customer_managed_key_and_arns" {
   assert {
     condition     = strcontains(output.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/dev-1.key\"]\n") && strcontains(output.relayd_toml, "auth_key_files = [\"/etc/relayd/keys/prod-1.key\", \"/etc/relayd/keys/prod-2.key\"]\n")
     error_message = "Each authenticated feed lists its own key files."
+  }
+}
+
+run "metrics_reach_cloudwatch" {
+  command = plan
+
+  assert {
+    # The agent scrapes relayd's /metrics on the health port every 30 s, each sample labelled with the relay.
+    condition = yamldecode(local.prometheus_yaml_rendered).scrape_configs == [{
+      job_name       = "relayd"
+      metrics_path   = "/metrics"
+      sample_limit   = 10000
+      static_configs = [{ targets = ["127.0.0.1:8080"], labels = { relay = "relay" } }]
+    }] && yamldecode(local.prometheus_yaml_rendered).global.scrape_interval == "30s"
+    error_message = "The CloudWatch agent must scrape relayd's /metrics on the health port, labelled with the relay's name."
+  }
+
+  assert {
+    # EMF: namespace relayd, dimensions relay and feed, exactly the metrics the alarms and the dashboard read.
+    condition = jsonencode(one(jsondecode(local.agent_config_rendered).logs.metrics_collected.prometheus.emf_processor.metric_declaration)) == jsonencode({
+      dimensions       = [["relay", "feed"]]
+      label_matcher    = "^relayd$"
+      metric_selectors = sort([for m in jsondecode(file("relayd-metrics.json")).metrics : "^${m.name}$"])
+      source_labels    = ["job"]
+    }) && jsondecode(local.agent_config_rendered).logs.metrics_collected.prometheus.emf_processor.metric_namespace == "relayd"
+    error_message = "The agent must ship every listed relayd metric under namespace relayd with the relay and feed dimensions."
+  }
+
+  assert {
+    condition     = jsondecode(local.agent_config_rendered).logs.metrics_collected.prometheus.log_group_name == aws_cloudwatch_log_group.metrics.name && aws_cloudwatch_log_group.metrics.kms_key_id == aws_kms_key.this.arn && one(jsondecode(local.agent_config_rendered).logs.logs_collected.files.collect_list).log_group_name == "/relayd/relay"
+    error_message = "Metrics go to the relay's encrypted metrics log group, relayd's log to its log group."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "\n${local.agent_config_rendered}\nRELAYD_AGENT_END\n") && strcontains(output.user_data, "\n${local.prometheus_yaml_rendered}\nRELAYD_PROMETHEUS_END\n")
+    error_message = "The user data writes exactly these agent and scrape configurations."
+  }
+
+  assert {
+    condition = toset([for g in jsondecode(aws_kms_key.this.policy).Statement[1].Condition.ArnLike["kms:EncryptionContext:aws:logs:arn"] : g]) == toset([
+      "arn:aws:logs:eu-west-2:111122223333:log-group:/relayd/relay",
+      "arn:aws:logs:eu-west-2:111122223333:log-group:/relayd/relay/metrics",
+    ])
+    error_message = "CloudWatch Logs may use the key for exactly the relay's two log groups."
+  }
+
+  assert {
+    condition     = one([for st in jsondecode(aws_kms_key.this.policy).Statement : st.Condition if st.Sid == "CloudWatchAlarmsPublishToTopic"]) == { StringEquals = { "aws:SourceAccount" = "111122223333" } }
+    error_message = "CloudWatch may use the key for the alarm topic only on behalf of this account (aws:SourceAccount)."
+  }
+}
+
+run "issue_14_alarms" {
+  command = plan
+
+  variables {
+    alarms = { issue_14_metrics = true, quiet_feeds = ["dev"] }
+  }
+
+  assert {
+    condition     = toset(keys(aws_cloudwatch_metric_alarm.upstream_gaps)) == toset(["dev", "prod"]) && alltrue([for a in values(aws_cloudwatch_metric_alarm.upstream_gaps) : a.metric_name == "relayd_upstream_gaps_total"])
+    error_message = "With issue 14's metrics, each feed alarms on upstream gaps."
+  }
+
+  assert {
+    condition     = alltrue([for a in values(aws_cloudwatch_metric_alarm.no_active_emitter) : a.metric_name == "relayd_emit_active"]) && length(aws_cloudwatch_metric_alarm.split_brain) == 2
+    error_message = "With issue 14's metrics, the active-emitter alarms read the role gauge, and two emitters alarm too."
+  }
+
+  assert {
+    condition     = keys(aws_cloudwatch_metric_alarm.feed_silent) == ["prod"]
+    error_message = "A quiet feed has no silence alarm."
+  }
+
+  assert {
+    condition     = contains(one(jsondecode(local.agent_config_rendered).logs.metrics_collected.prometheus.emf_processor.metric_declaration).metric_selectors, "^relayd_emit_active$")
+    error_message = "The agent ships the issue 14 metrics once they are used."
+  }
+}
+
+# Health is the host's: the host check reports only when relayd itself stops answering.
+run "feed_isolation" {
+  command = plan
+
+  assert {
+    condition     = aws_autoscaling_group.this.health_check_type == "EC2" && aws_autoscaling_group.this.health_check_grace_period == 180
+    error_message = "No ELB health checks: a feed that is down must not replace instances that serve the others."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "ExecStart=/usr/local/sbin/relayd-host-check 8080 4\n") && strcontains(output.user_data, "OnUnitActiveSec=30\n") && strcontains(output.user_data, file("files/relayd-host-check.sh")) && strcontains(output.user_data, "systemctl enable --now relayd-host-check.timer")
+    error_message = "The user data installs the host check with the health port, the failure count and the interval."
+  }
+
+  assert {
+    condition = jsondecode(aws_iam_role_policy.host_health.policy).Statement == [{
+      Sid       = "ReportOwnHealth"
+      Effect    = "Allow"
+      Action    = ["autoscaling:SetInstanceHealth"]
+      Resource  = "arn:aws:autoscaling:eu-west-2:111122223333:autoScalingGroup:*:autoScalingGroupName/*"
+      Condition = { StringEquals = { "autoscaling:ResourceTag/relayd:relay" = "relay" } }
+    }] && aws_iam_role_policy.host_health.role == aws_iam_role.instance.id
+    error_message = "The instances may set the health of instances in their own group only."
+  }
+
+  assert {
+    condition     = contains([for t in aws_autoscaling_group.this.tag : "${t.key}=${t.value}" if t.propagate_at_launch], "relayd:relay=relay")
+    error_message = "The group carries the tag the health policy is conditioned on."
+  }
+}
+
+run "user_data_order" {
+  command = plan
+
+  assert {
+    # relayd is reloaded onto the rendered config before anything optional can fail.
+    condition     = length(split("systemctl --no-block reload-or-restart relayd.service", split("amazon-cloudwatch-agent-ctl", output.user_data)[0])) == 2 && length(split("mv -f /etc/relayd/relayd.toml.new", split("reload-or-restart relayd.service", output.user_data)[0])) == 2
+    error_message = "The user data writes relayd.toml, reloads relayd, and only then configures the CloudWatch agent."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "if ! /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl") && !strcontains(output.user_data, "install -d -m 0755 /etc/relayd")
+    error_message = "A CloudWatch agent failure does not stop the script (set -e), and /etc/relayd keeps the AMI's 0750."
+  }
+}
+
+# A feed's port changes: the target group is replaced (a generated name, so the new one can
+# exist beside the old), the listener and the group follow it.
+run "port_before" {
+  assert {
+    condition     = aws_lb_target_group.feed["prod"].name_prefix == "prod-" && aws_lb_target_group.feed["prod"].port == 6667 && aws_lb_target_group.feed["prod"].tags["Name"] == "relay-prod"
+    error_message = "Target groups have a generated name from a prefix."
+  }
+}
+
+run "port_changed" {
+  variables {
+    feeds = {
+      dev  = { port = 6666, groups = ["239.10.1.0/24"] }
+      prod = { port = 7667, groups = ["239.10.2.0/24", "239.10.3.0/24"], ports = ["5000-5099", "6000"] }
+    }
+  }
+
+  assert {
+    condition     = aws_lb_target_group.feed["prod"].port == 7667 && aws_lb_listener.feed["prod"].port == 7667 && aws_lb_listener.feed["prod"].default_action[0].target_group_arn == aws_lb_target_group.feed["prod"].arn
+    error_message = "After the port change the listener on 7667 forwards to the prod target group on 7667."
+  }
+
+  assert {
+    condition     = contains(aws_autoscaling_group.this.target_group_arns, aws_lb_target_group.feed["prod"].arn) && strcontains(output.relayd_toml, "listen = \"0.0.0.0:7667\"")
+    error_message = "The group registers with the new target group and relayd listens on the new port."
+  }
+}
+
+run "egress_endpoints" {
+  command = plan
+
+  assert {
+    condition = toset([for e in aws_vpc_endpoint.interface : e.service_name]) == toset([for s in ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "kms", "sts"] : "com.amazonaws.eu-west-2.${s}"]) && alltrue([for e in aws_vpc_endpoint.interface :
+      e.private_dns_enabled && e.vpc_endpoint_type == "Interface" && toset(e.subnet_ids) == toset(["subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb"]) && e.vpc_id == "vpc-0123456789abcdef0"
+    ])
+    error_message = "By default the relay VPC gets interface endpoints with private DNS for SSM, its message channels, CloudWatch Logs and metrics, KMS and STS."
+  }
+
+  assert {
+    condition     = aws_vpc_security_group_ingress_rule.endpoints_https[0].from_port == 443 && aws_vpc_security_group_ingress_rule.endpoints_https[0].to_port == 443 && aws_vpc_security_group_ingress_rule.endpoints_https[0].ip_protocol == "tcp" && aws_vpc_security_group_egress_rule.instance_endpoints[0].from_port == 443
+    error_message = "The endpoints admit HTTPS only, from the relay instances, which may reach them."
+  }
+}
+
+run "egress_endpoints_off" {
+  command = plan
+
+  variables {
+    vpc_endpoints = { enabled = false }
+  }
+
+  assert {
+    condition     = length(aws_vpc_endpoint.interface) == 0 && length(aws_security_group.endpoints) == 0
+    error_message = "vpc_endpoints.enabled = false creates no endpoint."
   }
 }

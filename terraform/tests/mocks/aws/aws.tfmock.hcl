@@ -124,3 +124,15 @@ mock_resource "aws_ram_resource_share" {
     id  = "arn:aws:ram:eu-west-2:111122223333:resource-share/01234567-89ab-cdef-0123-456789abcdef"
   }
 }
+
+mock_resource "aws_ram_resource_share_accepter" {
+  defaults = {
+    id = "arn:aws:ram:eu-west-2:111122223333:resource-share/01234567-89ab-cdef-0123-456789abcdef"
+  }
+}
+
+mock_data "aws_subnet" {
+  defaults = {
+    cidr_block = "10.60.1.0/24"
+  }
+}

@@ -26,3 +26,12 @@ run "example_tfvars" {
     error_message = "The example shares the domain with its consumers."
   }
 }
+
+run "example_routing" {
+  command = plan
+
+  assert {
+    condition     = length(aws_ec2_transit_gateway_route_table_association.relay) == 1 && length(aws_ec2_transit_gateway_route_table_propagation.relay) == 1 && toset(output.data_centre_requirements.dx_allowed_prefixes) == toset(concat([var.vpc.cidr_block], var.remote_relay_cidrs))
+    error_message = "The example associates and propagates the relay attachment explicitly and names the prefixes the data centre must learn."
+  }
+}

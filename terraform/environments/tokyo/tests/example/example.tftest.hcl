@@ -32,7 +32,7 @@ run "example_tfvars" {
   }
 
   assert {
-    condition     = length(aws_ec2_transit_gateway_route.data_centre) == length(var.data_centre_cidrs) && length(aws_ec2_transit_gateway_route.london_to_tokyo) == 1
+    condition     = length(aws_ec2_transit_gateway_route.data_centre) == length(var.data_centre_cidrs) && length(aws_ec2_transit_gateway_route.london_to_tokyo) == 1 && length(aws_ec2_transit_gateway_route_table_association.london_peering) == 1
     error_message = "The example routes the data centre over the peering, and Tokyo back from London."
   }
 }

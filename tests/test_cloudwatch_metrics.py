@@ -1,0 +1,87 @@
+"""Every relayd metric the Terraform alarms and dashboard read exists on a running relayd.
+
+terraform/modules/relay/relayd-metrics.json is the one list: the CloudWatch agent ships those
+metrics (namespace, dimensions relay and feed) and the alarms and dashboard use only them (the
+Terraform tests check that side). Here a real ``relayd run`` on loopback is scraped and each
+listed metric must be on ``/metrics`` with its type and a ``feed`` label for the emit feed. The
+metrics issue 14 adds are expected to be missing until it lands: strict xfail, so their
+arrival fails this test until they move into the "metrics" list (and their alarms are on).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import promtext
+import pytest
+from relayd_process import RelaydProcess, emit_toml, get_text, process_toml
+
+METRICS_FILE = (
+    Path(__file__).resolve().parent.parent / "terraform/modules/relay/relayd-metrics.json"
+)
+SPEC: dict[str, Any] = json.loads(METRICS_FILE.read_text())
+FEED = "prod"
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, promtext.Family]]:
+    config = tmp_path_factory.mktemp("cloudwatch") / "relayd.toml"
+    config.write_text(process_toml(emit_toml(FEED)))
+    relayd = RelaydProcess(config, {})
+    try:
+        health = relayd.health_port()
+        relayd.wait_line("ready")
+        yield promtext.parse(get_text(health, "/metrics"))
+    finally:
+        relayd.kill()
+
+
+def _check(families: dict[str, promtext.Family], metric: dict[str, str]) -> None:
+    name = metric["name"]
+    assert name in families, f"{name} is not on /metrics"
+    family = families[name]
+    assert family.type == metric["type"], (
+        f"{name} is a {family.type}, the list says {metric['type']}"
+    )
+    feeds = {labels.get("feed") for _, labels, _ in family.samples}
+    assert FEED in feeds, f"{name} has no sample with feed={FEED!r}: {family.samples}"
+
+
+@pytest.mark.parametrize("metric", SPEC["metrics"], ids=lambda m: m["name"])
+def test_listed_metric_exists(scraped: dict[str, promtext.Family], metric: dict[str, str]) -> None:
+    _check(scraped, metric)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        pytest.param(
+            m,
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="added by issue 14: move it to 'metrics' in relayd-metrics.json then",
+            ),
+        )
+        for m in SPEC["added_by_issue_14"]
+    ],
+    ids=lambda m: m["name"],
+)
+def test_issue_14_metric_pending(
+    scraped: dict[str, promtext.Family], metric: dict[str, str]
+) -> None:
+    _check(scraped, metric)
+
+
+def test_list_is_consistent() -> None:
+    """Unique keys and names, the agent's dimensions are labels relayd or the scrape sets."""
+    every = SPEC["metrics"] + SPEC["added_by_issue_14"]
+    assert len({m["key"] for m in every}) == len(every)
+    assert len({m["name"] for m in every}) == len(every)
+    assert all(m["name"].startswith("relayd_") for m in every)
+    assert all(m["type"] in ("counter", "gauge") for m in every)  # the agent drops histograms
+    assert all(m["name"].endswith("_total") == (m["type"] == "counter") for m in every)
+    assert SPEC["dimensions"] == ["relay", "feed"]
