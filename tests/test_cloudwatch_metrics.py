@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import promtext
 import pytest
-from relayd_process import RelaydProcess, emit_toml, get_text, process_toml
+
+from tests.helpers import metrics
+from tests.helpers.relayd_process import RelaydProcess, emit_toml, get_text, process_toml
 
 METRICS_FILE = (
     Path(__file__).resolve().parent.parent / "terraform/modules/relay/relayd-metrics.json"
@@ -27,31 +28,33 @@ FEED = "prod"
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, promtext.Family]]:
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metrics.Families]:
     config = tmp_path_factory.mktemp("cloudwatch") / "relayd.toml"
     config.write_text(process_toml(emit_toml(FEED)))
     relayd = RelaydProcess(config, {})
     try:
         health = relayd.health_port()
         relayd.wait_line("ready")
-        yield promtext.parse(get_text(health, "/metrics"))
+        yield metrics.parse(get_text(health, "/metrics"))
     finally:
         relayd.kill()
 
 
-def _check(families: dict[str, promtext.Family], metric: dict[str, str]) -> None:
+def _check(families: metrics.Families, metric: dict[str, str]) -> None:
     name = metric["name"]
-    assert name in families, f"{name} is not on /metrics"
-    family = families[name]
+    # prometheus_client names a counter's family without its _total suffix
+    family_name = name.removesuffix("_total") if metric["type"] == "counter" else name
+    assert family_name in families, f"{name} is not on /metrics"
+    family = families[family_name]
     assert family.type == metric["type"], (
         f"{name} is a {family.type}, the list says {metric['type']}"
     )
-    feeds = {labels.get("feed") for _, labels, _ in family.samples}
+    feeds = {sample.labels.get("feed") for sample in family.samples}
     assert FEED in feeds, f"{name} has no sample with feed={FEED!r}: {family.samples}"
 
 
 @pytest.mark.parametrize("metric", SPEC["metrics"], ids=lambda m: m["name"])
-def test_listed_metric_exists(scraped: dict[str, promtext.Family], metric: dict[str, str]) -> None:
+def test_listed_metric_exists(scraped: metrics.Families, metric: dict[str, str]) -> None:
     _check(scraped, metric)
 
 
@@ -70,9 +73,7 @@ def test_listed_metric_exists(scraped: dict[str, promtext.Family], metric: dict[
     ],
     ids=lambda m: m["name"],
 )
-def test_issue_14_metric_pending(
-    scraped: dict[str, promtext.Family], metric: dict[str, str]
-) -> None:
+def test_issue_14_metric_pending(scraped: metrics.Families, metric: dict[str, str]) -> None:
     _check(scraped, metric)
 
 
