@@ -1,8 +1,9 @@
 """The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``demo``.
 
-Every command but ``check-config`` lives in its own module, imported only when that command
-runs, so that ``check-config`` (what systemd runs before every start and reload) stays fast and
-never imports Trio.
+``run`` hands over to the supervisor; the tools (``status``, ``listen``, ``send``, ``demo``) live
+in :mod:`relayd.tools`, which the daemon never imports. Each command's module is imported only
+when that command runs, so that ``check-config`` (what systemd runs before every start and
+reload) stays fast and never imports Trio.
 """
 
 from __future__ import annotations
@@ -244,11 +245,13 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMAND_MODULES = frozenset({"relayd.supervisor", "relayd.status", "relayd.listen", "relayd.demo"})
+_COMMAND_MODULES = frozenset(
+    {"relayd.supervisor", "relayd.tools.status", "relayd.tools.listen", "relayd.tools.demo"}
+)
 
 
 def _command_module(name: str) -> Any:
-    """``relayd.<name>``, imported on first use."""
+    """``relayd.<name>`` (``tools.status``, ...), imported on first use."""
     return importlib.import_module(f"relayd.{name}")
 
 
@@ -276,9 +279,9 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
     "check-config": check_config,
-    "status": _delegate("status"),
-    "listen": _delegate("listen"),
-    "demo": _delegate("demo"),
+    "status": _delegate("tools.status"),
+    "listen": _delegate("tools.listen"),
+    "demo": _delegate("tools.demo"),
 }
 
 

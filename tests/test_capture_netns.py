@@ -36,8 +36,8 @@ import trio
 from netns import Link, Netns, NetnsError, NetnsHarness, read_line
 
 from relayd.netif import drain, open_group_receivers, open_multicast_sender
-from relayd.pcapng import CapturedDatagram, iter_datagrams, read_datagrams
-from relayd.player import replay
+from relayd.tools.pcapng import CapturedDatagram, iter_datagrams, read_datagrams
+from relayd.tools.player import replay
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

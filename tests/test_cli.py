@@ -259,3 +259,31 @@ def test_demo_arguments() -> None:
         "demo", "--duration", "30", "--speed", "100", "--rate", "20000", "--pcap", "x.pcapng"
     )
     assert (args.duration, args.speed, args.rate, args.pcap) == (30.0, 100.0, 20000, "x.pcapng")
+
+
+def test_the_daemon_does_not_import_the_tools(tmp_path: Path) -> None:
+    """``relayd run`` (through the supervisor, to the point of reading its config) and every
+    daemon module load without relayd.tools."""
+    daemon = sorted(
+        f"relayd.{path.stem}"
+        for path in (Path(relayd.__file__).parent).glob("*.py")
+        if path.stem not in ("__main__", "cli")
+    )
+    code = (
+        "import importlib, sys\n"
+        "from relayd.cli import main\n"
+        f"for name in {daemon!r}: importlib.import_module(name)\n"
+        f"code = main(['run', {str(tmp_path / 'missing.toml')!r}])\n"
+        "print(code, sorted(m for m in sys.modules if m.startswith('relayd.tools')))\n"
+    )
+    result = _run_process("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert "relayd.supervisor" in daemon
+    assert result.stdout.splitlines()[-1] == "2 []"
+
+
+def test_the_tools_are_one_package_of_their_own() -> None:
+    tools = {path.stem for path in (Path(relayd.__file__).parent / "tools").glob("*.py")}
+    assert {"demo", "listen", "player", "pcapng", "status"} <= tools
+    top = {path.stem for path in Path(relayd.__file__).parent.glob("*.py")}
+    assert not top & {"demo", "listen", "player", "pcapng", "status"}

@@ -26,7 +26,7 @@ import pytest
 from netns import Link, Netns, NetnsHarness, read_line
 from promtext import Family, parse
 
-from relayd.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ UNJOINED = ("239.111.112.1", 6100)  # allowed, but the customer does not join it
 SENDER = r"""
 import json, os, select, socket, sys
 from ipaddress import IPv4Address
-from relayd.pcapng import read_datagrams
+from relayd.tools.pcapng import read_datagrams
 from relayd.wire import (FROM_EMIT, Ack, Challenge, Decoder, Error, encode_datagram,
                          encode_hello)
 

@@ -26,10 +26,10 @@ import trio
 from netns import read_line
 
 from relayd.config import GroupPort
-from relayd.listen import ChannelStats, ListenState, UsageError, main, parse_groups
 from relayd.netif import open_multicast_sender
-from relayd.pcapng import CapturedDatagram
-from relayd.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
+from relayd.tools.listen import ChannelStats, ListenState, UsageError, main, parse_groups
+from relayd.tools.pcapng import CapturedDatagram
+from relayd.tools.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
 
 LOOPBACK = IPv4Address("127.0.0.1")
 

@@ -1,6 +1,6 @@
 """Real multicast between network namespaces: the harness, the player and ``relayd listen``.
 
-Namespace "dc" replays the Deribit sample with ``python -m relayd.player`` over a veth link;
+Namespace "dc" replays the Deribit sample with ``python -m relayd.tools.player`` over a veth link;
 namespace "cust" runs ``relayd listen --json --deribit`` and must see every datagram.
 """
 
@@ -29,7 +29,7 @@ from netns import (
     unavailable_reason,
 )
 
-from relayd.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
 
 pytestmark = pytest.mark.netns
 
@@ -73,7 +73,7 @@ def _stop_listener(listener: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
 
 def _replay(dc: Netns, dev: str, capture: Path, *extra: str) -> None:
     dc.run(
-        dc.python_argv("-m", "relayd.player", str(capture), "--interface", dev, *extra),
+        dc.python_argv("-m", "relayd.tools.player", str(capture), "--interface", dev, *extra),
         timeout=60,
     )
 

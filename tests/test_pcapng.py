@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.pcapng import (
+from relayd.tools.pcapng import (
     CapturedDatagram,
     PcapngError,
     PcapngStats,

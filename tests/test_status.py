@@ -15,7 +15,7 @@ import trio
 from relayd.cli import main as cli_main
 from relayd.health import FeedReport, HealthApp, serve_health
 from relayd.runtime import Sample
-from relayd.status import format_age, format_uptime, main
+from relayd.tools.status import format_age, format_uptime, main
 
 
 @attrs.define

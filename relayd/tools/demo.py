@@ -48,12 +48,12 @@ from relayd.netif import (
     open_multicast_sender,
     parse_ancillary,
 )
-from relayd.pcapng import CapturedDatagram, PcapngError, iter_datagrams
-from relayd.player import synth_deribit
+from relayd.tools.pcapng import CapturedDatagram, PcapngError, iter_datagrams
+from relayd.tools.player import synth_deribit
 
 __all__ = ["DEMO_NETWORK", "Remap", "main"]
 
-log = logging.getLogger("relayd.demo")
+log = logging.getLogger("relayd.tools.demo")
 
 LOOPBACK = IPv4Address("127.0.0.1")
 DEMO_NETWORK = IPv4Network("239.255.77.0/24")
@@ -92,7 +92,7 @@ class Remap:
 
 def find_sample() -> Path | None:
     """The Deribit sample capture next to the project, if this is a source checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     candidate = root.parent / "shared" / "testdata" / "deribit" / SAMPLE_NAME
     return candidate if candidate.is_file() else None
 

@@ -8,7 +8,7 @@ sends every datagram that is due with non-blocking ``sendto`` and no await per d
 payload length u16, channel u16, sequence u32, little-endian; mostly 153-byte datagrams with
 bursts), so the demo needs no capture file.
 
-Run as ``python -m relayd.player`` it replays a pcapng file (or synthetic traffic) from the
+Run as ``python -m relayd.tools.player`` it replays a pcapng file (or synthetic traffic) from the
 command line; the namespace tests use it as their data-centre feed.
 """
 
@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from relayd.netif import InterfaceError, open_multicast_sender, resolve_interface
-from relayd.pcapng import CapturedDatagram, PcapngError, iter_datagrams
+from relayd.tools.pcapng import CapturedDatagram, PcapngError, iter_datagrams
 
 __all__ = [
     "DERIBIT_HEADER",
@@ -189,7 +189,7 @@ def synth_deribit(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m relayd.player",
+        prog="python -m relayd.tools.player",
         description="Replay a pcapng capture (or synthetic Deribit traffic) as multicast.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
