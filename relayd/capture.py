@@ -91,6 +91,11 @@ def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
     return base * (rng or random).uniform(0.5, 1.0)
 
 
+def _age(since: float | None) -> float | None:
+    """Seconds since a ``time.monotonic`` stamp, or None when it never happened."""
+    return None if since is None else round(max(0.0, time.monotonic() - since), 3)
+
+
 class _ConnectionEndedError(Exception):
     """The current connection is over (error, timeout, peer close); reconnect."""
 
@@ -181,6 +186,7 @@ class CaptureFeedRuntime:
             "replay_bytes": replay.total_bytes,
             "replay_dropped_datagrams": replay.dropped_datagrams,
             "kernel_drops": self.kernel_drops,
+            "last_datagram_age_seconds": _age(replay.last_appended_at),
         }
         if not self._started:
             return FeedHealth(False, "starting", detail)
@@ -705,6 +711,7 @@ class CaptureFeedRuntime:
                     target.host, target.port, family=socket.AF_INET, type=socket.SOCK_STREAM
                 )
             except OSError as exc:
+                self._last_error = f"{target.host}:{target.port}: cannot resolve: {exc}"
                 self._limited.warning(
                     f"{self.name}:resolve:{target.host}",
                     "feed %s: cannot resolve %s: %s",

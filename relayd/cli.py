@@ -136,8 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "show the health of a running relayd, one row per feed")
     status.add_argument(
         "--url",
-        default="http://127.0.0.1:8080",
-        help="base URL of the health server (default: %(default)s)",
+        default=None,
+        help="health server as http://HOST:PORT, HOST:PORT or a full /healthz[/FEED] URL "
+        "(default: the [health] listen address of --config)",
+    )
+    status.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"read the health address from this configuration (default: {DEFAULT_CONFIG_PATH}"
+        " when it exists, else 127.0.0.1:8080)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
     status.add_argument(

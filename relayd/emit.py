@@ -489,7 +489,10 @@ class EmitFeedRuntime:
             "connections": [self._describe(c) for c in self._active.values()],
             "pending_connections": len(self._pending),
             "sessions": len(self._sessions),
-            "last_datagram_age_seconds": round(self._last_datagram_age(), 3),
+            # None until a datagram arrived (the metric counts from start-up instead)
+            "last_datagram_age_seconds": (
+                None if self._last_datagram_at is None else round(self._last_datagram_age(), 3)
+            ),
             "datagrams_per_second": round(self._rate_out.per_second(), 1),
             "bytes_in_per_second": round(self._rate_in_bytes.per_second(), 1),
             "datagrams_out": self.stats.datagrams_out,

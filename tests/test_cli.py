@@ -192,12 +192,14 @@ def test_run_arguments() -> None:
 
 def test_status_arguments() -> None:
     args = parse("status")
-    assert (args.command, args.url, args.json, args.timeout) == (
+    assert (args.command, args.url, args.config, args.json, args.timeout) == (
         "status",
-        "http://127.0.0.1:8080",
+        None,
+        None,
         False,
         3.0,
     )
+    assert parse("status", "-c", "/etc/x.toml").config == Path("/etc/x.toml")
     args = parse("status", "--url", "http://10.0.0.5:9090", "--json", "--timeout", "500ms")
     assert (args.url, args.json, args.timeout) == ("http://10.0.0.5:9090", True, 0.5)
 

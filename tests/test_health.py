@@ -158,6 +158,7 @@ def test_healthz_ok_unhealthy_and_config_errors() -> None:
         "status": "ok",
         "version": __version__,
         "uptime_seconds": 12.346,
+        "data_path": fastpath.active(),
         "config_errors": [],
         "feeds": {
             "prod": {"kind": "emit", "healthy": True, "state": "listening", "connections": 1},
@@ -191,6 +192,7 @@ def test_no_feeds_is_healthy_and_stopping_is_not() -> None:
             "status": "ok",
             "version": __version__,
             "uptime_seconds": 12.346,
+            "data_path": fastpath.active(),
             "config_errors": [],
             "feeds": {},
         },
