@@ -9,6 +9,7 @@ reload) stays fast and never imports Trio.
 from __future__ import annotations
 
 import argparse
+import enum
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "ListenOutcome",
     "build_parser",
     "main",
 ]
@@ -48,6 +50,42 @@ exit status:
 
 Configuration reference: docs/CONFIG.md. Default configuration file: {config}
 """
+
+
+class ListenOutcome(enum.IntEnum):
+    """Exit status of ``relayd listen`` (defined here: ``--help`` shows it without importing
+    the tool); when several checks fail, the lowest code wins."""
+
+    OK = 0
+    ERROR = 1  # a socket or file error while running
+    USAGE = 2  # bad arguments: not a multicast group, unknown interface
+    NO_DATA = 3  # nothing arrived at all
+    GROUP_SILENT = 4  # an expected group (--expect, --expect-all) got nothing
+    GAPS = 5  # --fail-on-gaps: a Deribit channel skipped sequence numbers
+    STALL = 6  # --stall: no datagram for longer than the limit after the first one
+    TOO_FEW = 7  # below --min-rate, or fewer than --count before --duration ended
+
+
+_LISTEN_EXIT = {
+    ListenOutcome.OK: "every check passed",
+    ListenOutcome.ERROR: "a socket or file error while running",
+    ListenOutcome.USAGE: "invalid command line (not a multicast group, unknown interface, ...)",
+    ListenOutcome.NO_DATA: "no datagram arrived",
+    ListenOutcome.GROUP_SILENT: "an expected group (--expect, --expect-all) got no datagram",
+    ListenOutcome.GAPS: "--fail-on-gaps: a Deribit channel skipped sequence numbers",
+    ListenOutcome.STALL: "--stall: silence longer than the limit after the first datagram",
+    ListenOutcome.TOO_FEW: "below --min-rate, or fewer than --count when --duration ended",
+}
+
+_LISTEN_EPILOG = """\
+The run ends at --duration, after --count datagrams, or on Ctrl-C or SIGTERM; each way it
+prints the summary and exits with the verdict of the checks.
+
+exit status (when several checks fail, the lowest code):
+{codes}
+
+On a terminal the per-group table is redrawn in place; --json prints one object per line.
+""".format(codes="\n".join(f"  {code.value}    {text}" for code, text in _LISTEN_EXIT.items()))
 
 
 def _duration(text: str) -> float:
@@ -158,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long (default: 3s)",
     )
 
-    listen = command("listen", "join multicast groups and show per-group rates and totals")
+    listen = commands.add_parser(
+        "listen",
+        help="join multicast groups, show what arrives, and pass or fail as a check",
+        description="Join multicast groups and show per-group rates, senders and totals; the "
+        "exit status says whether the checks passed, so a script or CI job can rely on it.",
+        epilog=_LISTEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     listen.add_argument(
         "groups",
         nargs="+",
@@ -178,7 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default=None,
         metavar="DURATION",
-        help="stop after this long, e.g. 30s (default: until Ctrl-C)",
+        help="stop after this long, e.g. 30s (default: until Ctrl-C or --count)",
+    )
+    listen.add_argument(
+        "--count",
+        "-n",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N datagrams; with --duration, fewer by then fails (exit 7)",
     )
     listen.add_argument(
         "--interval",
@@ -192,6 +245,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--deribit",
         action="store_true",
         help="decode Deribit's 8-byte frame header and report gaps and duplicates per channel",
+    )
+    checks = listen.add_argument_group("checks (each failure has its own exit status)")
+    checks.add_argument(
+        "--expect",
+        action="append",
+        type=_group_port,
+        default=[],
+        metavar="GROUP:PORT",
+        help="this group must get at least one datagram (repeatable; exit 4)",
+    )
+    checks.add_argument(
+        "--expect-all",
+        action="store_true",
+        help="every group listened to must get at least one datagram (exit 4)",
+    )
+    checks.add_argument(
+        "--min-rate",
+        type=_positive_float,
+        default=None,
+        metavar="R",
+        help="fail when the average rate over the run is below R datagrams/s (exit 7)",
+    )
+    checks.add_argument(
+        "--fail-on-gaps",
+        action="store_true",
+        help="fail when a Deribit channel skips sequence numbers (implies --deribit; exit 5)",
+    )
+    checks.add_argument(
+        "--stall",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="fail when no datagram arrives for longer than this after the first (exit 6)",
+    )
+    listen.add_argument(
+        "--write",
+        "-w",
+        default=None,
+        metavar="FILE.pcapng",
+        help="write every datagram received to this pcapng file (replays with relayd send)",
     )
 
     demo = command("demo", "relay a Deribit sample capture on loopback, no root or setup needed")

@@ -229,6 +229,26 @@ def test_listen_arguments() -> None:
         True,
         True,
     )
+    assert (args.count, args.expect, args.expect_all, args.min_rate) == (None, [], False, None)
+    assert (args.fail_on_gaps, args.stall, args.write) == (False, None, None)
+    args = parse(
+        "listen", "239.1.1.1:1", "239.1.1.2:1", "-n", "100", "--expect", "239.1.1.2:1",
+        "--expect-all", "--min-rate", "50", "--fail-on-gaps", "--stall", "5s", "-w", "x.pcapng",
+    )  # fmt: skip
+    assert (args.count, args.expect, args.expect_all, args.min_rate) == (
+        100,
+        [GroupPort(IPv4Address("239.1.1.2"), 1)],
+        True,
+        50.0,
+    )
+    assert (args.fail_on_gaps, args.stall, args.write) == (True, 5.0, "x.pcapng")
+
+
+def test_listen_help_lists_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["listen", "--help"]) == 0
+    out = capsys.readouterr().out
+    for code in cli.ListenOutcome:
+        assert f"\n  {code.value}    " in out
 
 
 @pytest.mark.parametrize(
