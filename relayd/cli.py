@@ -1,4 +1,5 @@
-"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``demo``.
+"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``send``,
+``demo``.
 
 ``run`` hands over to the supervisor; the tools (``status``, ``listen``, ``send``, ``demo``) live
 in :mod:`relayd.tools`, which the daemon never imports. Each command's module is imported only
@@ -106,6 +107,23 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be >= 0")
+    return value
+
+
+def _ttl(text: str) -> int:
+    value = _positive_int(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"invalid TTL {text!r}: must be 1-255")
     return value
 
 
@@ -287,6 +305,103 @@ def build_parser() -> argparse.ArgumentParser:
         help="write every datagram received to this pcapng file (replays with relayd send)",
     )
 
+    send = command(
+        "send",
+        "send test multicast (a pcapng capture or synthetic Deribit-shaped traffic) to the "
+        "groups of a configuration, to check an install end to end",
+    )
+    send.add_argument(
+        "capture",
+        nargs="?",
+        default=None,
+        metavar="FILE.pcapng",
+        help="replay this capture (default: synthetic Deribit-shaped traffic)",
+    )
+    send.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="send to the groups of a feed of this configuration (default for synthetic "
+        f"traffic: {DEFAULT_CONFIG_PATH}; a capture goes to its own groups)",
+    )
+    send.add_argument(
+        "--feed",
+        default=None,
+        metavar="NAME",
+        help="the feed of --config: a capture feed's groups, or groups an emit feed allows "
+        "(default: the first capture feed, else the first emit feed)",
+    )
+    send.add_argument(
+        "--group",
+        "-g",
+        action="append",
+        type=_group_port,
+        default=[],
+        metavar="GROUP:PORT",
+        help="send to this group instead of a configuration's (repeatable)",
+    )
+    send.add_argument(
+        "--interface",
+        "-i",
+        default=None,
+        metavar="IF",
+        help="egress interface name or IPv4 address (default: the feed's interface, else any)",
+    )
+    send.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=63.0,
+        metavar="N",
+        help="synthetic datagrams per second (default: %(default)s, Deribit's average)",
+    )
+    send.add_argument(
+        "--speed",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="X",
+        help="replay a capture X times faster than recorded; 0: as fast as possible "
+        "(default: %(default)s)",
+    )
+    send.add_argument(
+        "--count",
+        "-n",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N datagrams (default: the whole capture; synthetic: until stopped)",
+    )
+    send.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop after this long (default: until done or Ctrl-C)",
+    )
+    send.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=1,
+        metavar="N",
+        help="multicast TTL, 1-255 (default: %(default)s, this subnet only)",
+    )
+    send.add_argument(
+        "--no-loop",
+        action="store_true",
+        help="do not deliver to listeners on this host (default: delivered, so a capture feed "
+        "here sees the traffic)",
+    )
+    send.add_argument(
+        "--skip",
+        action="append",
+        type=int,
+        default=[],
+        metavar="INDEX",
+        help="leave out the datagram with this 0-based index, to make a gap on purpose "
+        "(repeatable)",
+    )
+
     demo = command("demo", "relay a Deribit sample capture on loopback, no root or setup needed")
     demo.add_argument(
         "--duration",
@@ -349,7 +464,13 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 _COMMAND_MODULES = frozenset(
-    {"relayd.supervisor", "relayd.tools.status", "relayd.tools.listen", "relayd.tools.demo"}
+    {
+        "relayd.supervisor",
+        "relayd.tools.status",
+        "relayd.tools.listen",
+        "relayd.tools.send",
+        "relayd.tools.demo",
+    }
 )
 
 
@@ -384,6 +505,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": check_config,
     "status": _delegate("tools.status"),
     "listen": _delegate("tools.listen"),
+    "send": _delegate("tools.send"),
     "demo": _delegate("tools.demo"),
 }
 

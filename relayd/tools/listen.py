@@ -737,17 +737,6 @@ def main(args: argparse.Namespace) -> int:
         tty=sys.stdout.isatty(),
         groups=len(keys),
     )
-    for receiver in receivers:
-        if receiver.receive_buffer_capped:
-            output.warn(
-                f"receive buffer of port {receiver.port} capped at"
-                f" {receiver.receive_buffer_effective} bytes (asked"
-                f" {receiver.receive_buffer_requested}); raise net.core.rmem_max"
-            )
-            break
-    hint = igmp_hint(interface)
-    if hint:
-        output.warn(hint)
     state = ListenState(
         groups=keys,
         deribit=bool(getattr(args, "deribit", False)) or checks.fail_on_gaps,
@@ -761,6 +750,17 @@ def main(args: argparse.Namespace) -> int:
             "receive_buffer": min(r.receive_buffer_effective for r in receivers),
         }
     )
+    for receiver in receivers:
+        if receiver.receive_buffer_capped:
+            output.warn(
+                f"receive buffer of port {receiver.port} capped at"
+                f" {receiver.receive_buffer_effective} bytes (asked"
+                f" {receiver.receive_buffer_requested}); raise net.core.rmem_max"
+            )
+            break
+    hint = igmp_hint(interface)
+    if hint:
+        output.warn(hint)
     run = _Run(
         receivers,
         state,
