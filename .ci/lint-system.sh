@@ -86,7 +86,7 @@ if have packer; then
     sed '/# modern-only: begin/,/# modern-only: end/d' "$f" >"$tree/$f"
   done
   ln -s "$repo/packer/scripts" "$tree/packer/scripts"
-  for d in relayd etc systemd; do ln -s "$repo/$d" "$tree/$d"; done
+  for d in relayd etc systemd docs README.md CHANGELOG.md; do ln -s "$repo/$d" "$tree/$d"; done
   # No AWS access: credentials and region settings from the environment stay out.
   if (cd "$tree/packer" && env -i PATH="$PATH" HOME="$scratch" packer validate .); then
     echo "lint-system: packer validate (without the modern-only parts): ok"

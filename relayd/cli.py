@@ -49,7 +49,9 @@ exit status:
   2    invalid configuration or command line
   130  interrupted by Ctrl-C (SIGINT) where the command does not treat it as a normal stop
 
-Configuration reference: docs/CONFIG.md. Default configuration file: {config}
+Default configuration file: {config}
+Configuration reference: /usr/share/doc/relayd/CONFIG.md on the appliance (docs/CONFIG.md in the
+source); man relayd and man relayd-COMMAND.
 """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -233,6 +234,22 @@ def test_without_url_or_config_the_default_file_then_the_default_port(
     monkeypatch.setattr(status, "DEFAULT_CONFIG_PATH", present)
     assert choose_url(None, None) == "http://10.1.2.3:9000/healthz"
     assert choose_url("h:1", present) == "http://h:1/healthz"
+
+
+def test_an_unreadable_default_config_falls_back_to_the_default_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/etc/relayd/relayd.toml is root:relayd 0640 on the appliance: a plain user still gets
+    an answer, and a word on why it is the default port."""
+    present = tmp_path / "relayd.toml"
+    present.write_text('[health]\nlisten = "10.1.2.3:9000"\n' + EMIT_FEED)
+    monkeypatch.setattr(status, "DEFAULT_CONFIG_PATH", present)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert choose_url(None, None) == "http://127.0.0.1:8080/healthz"
+    assert capsys.readouterr().err == (
+        f"relayd status: cannot read {present} (run as root or in group relayd, or give --url);"
+        " asking http://127.0.0.1:8080/healthz\n"
+    )
 
 
 def test_reasons_and_upstream_gaps() -> None:

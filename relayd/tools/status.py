@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -80,6 +81,14 @@ def choose_url(url: str | None, config: Path | None) -> str:
     if config is not None:
         return url_from_config(config)
     if DEFAULT_CONFIG_PATH.is_file():
+        if not os.access(DEFAULT_CONFIG_PATH, os.R_OK):
+            # root:relayd 0640 on the appliance: say what is asked instead of failing
+            print(
+                f"relayd status: cannot read {DEFAULT_CONFIG_PATH} (run as root or in group"
+                f" relayd, or give --url); asking {DEFAULT_URL}",
+                file=sys.stderr,
+            )
+            return DEFAULT_URL
         return url_from_config(DEFAULT_CONFIG_PATH)
     return DEFAULT_URL
 
