@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System lint (`make lint-system`): shell scripts, the Packer template, the systemd unit.
+# System lint (`make lint-system`): shell scripts, the C data plane, the Packer template, the
+# Prometheus alert rules, the systemd unit.
 # A missing tool is a loud SKIPPED line (system-deps.sh could not install it); any finding fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +108,17 @@ if have packer; then
   fi
 else
   skip "packer not installed"
+fi
+
+# --- Prometheus alert rules (etc/prometheus) -------------------------------------------------
+if have promtool; then
+  if promtool check rules etc/prometheus/*.yml; then
+    echo "lint-system: promtool check rules: ok"
+  else
+    fail "promtool check rules etc/prometheus"
+  fi
+else
+  skip "promtool not installed (Debian package prometheus)"
 fi
 
 # --- systemd unit -------------------------------------------------------------------------------
