@@ -14,11 +14,12 @@ not see each other's traffic. The groups are remapped into 239.255.77.0/24 (orga
 scope, ports 16100-16999), so the demo cannot collide with a real feed.
 
 Two latencies, because they measure different things. The relay's own (capture feed receive to
-emit feed send) comes from the emit feed's latency histogram, the figure relayd exports and
-docs/PERFORMANCE.md measures; it is given as the upper bound of its log2 bucket. End to end
-(player send to receiver receive) also holds this demo's own Python player and receiver, Trio
-tasks in the same process as the feeds, so it is several times larger: the player keeps each
-datagram's send time under its group, port and payload (byte-identical at the receiver).
+emit feed send) comes from the emit feed's latency histogram, the figure relayd exports as
+``relayd_capture_to_emit_latency_seconds``; it is given as the upper bound of its log2 bucket.
+End to end (player send to receiver receive) also holds this demo's own Python player and
+receiver, Trio tasks in the same process as the feeds, so it is several times larger: the
+player keeps each datagram's send time under its group, port and payload (byte-identical at the
+receiver).
 """
 
 from __future__ import annotations
@@ -473,7 +474,7 @@ class Demo:
             f"  p99.9 {_fmt_ms(percentile(values, 0.999))}"
             f"  max {_fmt_ms(stats.latency_max_ns / 1e6 if values else math.nan)}",
             "  the gap between the two is the demo's own player and receiver, not the relay;"
-            " docs/PERFORMANCE.md measures the relay between hosts",
+            " docs/PERFORMANCE.md measures the relay with a C sender and receiver",
         ]
         relay_facts = self.relay.summary()
         if relay_facts:
