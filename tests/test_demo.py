@@ -29,7 +29,7 @@ def test_bucket_quantile_reads_a_cumulative_histogram() -> None:
 
 
 def _run(capsys: pytest.CaptureFixture[str], **kwargs: object) -> str:
-    values: dict[str, object] = {"pcap": None, "speed": 1.0, "rate": 2000, "duration": 1.5}
+    values: dict[str, object] = {"pcap": None, "speed": 1.0, "rate": 2000, "duration": 2.5}
     values.update(kwargs)
     assert demo.main(argparse.Namespace(**values)) == 0
     return capsys.readouterr().out
