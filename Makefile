@@ -3,8 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-BENCH_STAMP := $(VENV)/.bench-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYPROJECT_SUM := $(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(PYPROJECT_SUM)
+# relayd and its runtime dependencies only: what `make demo` needs (the test tools are not)
+DEMO_STAMP := $(VENV)/.runtime-$(PYPROJECT_SUM)
+BENCH_STAMP := $(VENV)/.bench-$(PYPROJECT_SUM)
 PYTEST_ARGS ?=
 # The C data plane, a build product of relayd/_fastpath.c (hatch_build.py holds the command).
 FASTPATH := relayd/_fastpath.so
@@ -15,9 +18,17 @@ FASTPATH := relayd/_fastpath.so
 all: test
 
 $(STAMP): pyproject.toml
+	@echo "venv: installing relayd with the test and lint tools (pytest, mypy, ruff, hypothesis) into $(VENV)"
 	rm -f $(VENV)/.installed-* $(VENV)/.bench-*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(DEMO_STAMP): pyproject.toml
+	@echo "demo: installing relayd and its runtime dependencies (attrs, cattrs, hypercorn, trio) into $(VENV), and building its C data plane; the test tools come with make test"
+	rm -f $(VENV)/.runtime-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
 venv: $(STAMP) $(FASTPATH)
@@ -29,8 +40,11 @@ $(BENCH_STAMP): $(STAMP)
 
 # Rebuilt when the C source changes, without a new venv. Without a C compiler: one warning,
 # and relayd runs its Python data path (RELAYD_REQUIRE_FASTPATH=1 makes that an error).
-$(FASTPATH): relayd/_fastpath.c hatch_build.py | $(STAMP)
+$(FASTPATH): relayd/_fastpath.c hatch_build.py | $(BIN)/python
 	$(BIN)/python hatch_build.py
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
 # Debian packages for the real-system tests (namespaces, nspawn boots, unit checks).
 system-deps:
@@ -54,7 +68,9 @@ lint-system: system-deps
 terraform-check: $(STAMP)
 	bash .ci/terraform-check.sh
 
-demo: $(STAMP) $(FASTPATH)
+# A venv made by `make venv` has everything the demo needs; otherwise the runtime part only.
+demo: $(if $(wildcard $(STAMP)),$(STAMP),$(DEMO_STAMP)) $(FASTPATH)
+	@echo "demo: starting relayd demo (Ctrl-C stops it)"
 	$(BIN)/relayd demo
 
 bench: $(BENCH_STAMP) $(FASTPATH) system-deps

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System lint (`make lint-system`): shell scripts, the Packer template, the systemd unit.
+# System lint (`make lint-system`): shell scripts, the C data plane, the Packer template, the
+# Prometheus alert rules, the systemd unit.
 # A missing tool is a loud SKIPPED line (system-deps.sh could not install it); any finding fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,7 +87,7 @@ if have packer; then
     sed '/# modern-only: begin/,/# modern-only: end/d' "$f" >"$tree/$f"
   done
   ln -s "$repo/packer/scripts" "$tree/packer/scripts"
-  for d in relayd etc systemd; do ln -s "$repo/$d" "$tree/$d"; done
+  for d in relayd etc systemd docs README.md CHANGELOG.md; do ln -s "$repo/$d" "$tree/$d"; done
   # No AWS access: credentials and region settings from the environment stay out.
   if (cd "$tree/packer" && env -i PATH="$PATH" HOME="$scratch" packer validate .); then
     echo "lint-system: packer validate (without the modern-only parts): ok"
@@ -107,6 +108,17 @@ if have packer; then
   fi
 else
   skip "packer not installed"
+fi
+
+# --- Prometheus alert rules (etc/prometheus) -------------------------------------------------
+if have promtool; then
+  if promtool check rules etc/prometheus/*.yml; then
+    echo "lint-system: promtool check rules: ok"
+  else
+    fail "promtool check rules etc/prometheus"
+  fi
+else
+  skip "promtool not installed (Debian package prometheus)"
 fi
 
 # --- systemd unit -------------------------------------------------------------------------------

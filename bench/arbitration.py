@@ -26,7 +26,7 @@ from relayd.arbitration import (
     DeribitLayout,
     UpstreamMonitor,
 )
-from relayd.pcapng import read_datagrams
+from relayd.tools.pcapng import read_datagrams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = REPO_ROOT.parent / "shared" / "testdata" / "deribit" / "sample_capture_v1_6.pcapng"

@@ -75,9 +75,12 @@ build {
     destination = "${local.staging}/dist"
   }
 
-  # The rootfs tree, as it is in the repository.
+  # The rootfs tree, as it is in the repository, and the docs for /usr/share/doc/relayd.
   provisioner "file" {
-    sources     = ["${path.root}/../etc", "${path.root}/../systemd"]
+    sources = [
+      "${path.root}/../etc", "${path.root}/../systemd", "${path.root}/../docs",
+      "${path.root}/../README.md", "${path.root}/../CHANGELOG.md",
+    ]
     destination = "${local.staging}/tree/"
   }
 

@@ -1,13 +1,16 @@
-"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``demo``.
+"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``send``,
+``demo``.
 
-Every command but ``check-config`` lives in its own module, imported only when that command
-runs, so that ``check-config`` (what systemd runs before every start and reload) stays fast and
-never imports Trio.
+``run`` hands over to the supervisor; the tools (``status``, ``listen``, ``send``, ``demo``) live
+in :mod:`relayd.tools`, which the daemon never imports. Each command's module is imported only
+when that command runs, so that ``check-config`` (what systemd runs before every start and
+reload) stays fast and never imports Trio.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +32,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "ListenOutcome",
     "build_parser",
     "main",
 ]
@@ -45,8 +49,46 @@ exit status:
   2    invalid configuration or command line
   130  interrupted by Ctrl-C (SIGINT) where the command does not treat it as a normal stop
 
-Configuration reference: docs/CONFIG.md. Default configuration file: {config}
+Default configuration file: {config}
+Configuration reference: /usr/share/doc/relayd/CONFIG.md on the appliance (docs/CONFIG.md in the
+source); man relayd and man relayd-COMMAND.
 """
+
+
+class ListenOutcome(enum.IntEnum):
+    """Exit status of ``relayd listen`` (defined here: ``--help`` shows it without importing
+    the tool); when several checks fail, the lowest code wins."""
+
+    OK = 0
+    ERROR = 1  # a socket or file error while running
+    USAGE = 2  # bad arguments: not a multicast group, unknown interface
+    NO_DATA = 3  # nothing arrived at all
+    GROUP_SILENT = 4  # an expected group (--expect, --expect-all) got nothing
+    GAPS = 5  # --fail-on-gaps: a Deribit channel skipped sequence numbers
+    STALL = 6  # --stall: no datagram for longer than the limit after the first one
+    TOO_FEW = 7  # below --min-rate, or fewer than --count before --duration ended
+
+
+_LISTEN_EXIT = {
+    ListenOutcome.OK: "every check passed",
+    ListenOutcome.ERROR: "a socket or file error while running",
+    ListenOutcome.USAGE: "invalid command line (not a multicast group, unknown interface, ...)",
+    ListenOutcome.NO_DATA: "no datagram arrived",
+    ListenOutcome.GROUP_SILENT: "an expected group (--expect, --expect-all) got no datagram",
+    ListenOutcome.GAPS: "--fail-on-gaps: a Deribit channel skipped sequence numbers",
+    ListenOutcome.STALL: "--stall: silence longer than the limit after the first datagram",
+    ListenOutcome.TOO_FEW: "below --min-rate, or fewer than --count when --duration ended",
+}
+
+_LISTEN_EPILOG = """\
+The run ends at --duration, after --count datagrams, or on Ctrl-C or SIGTERM; each way it
+prints the summary and exits with the verdict of the checks.
+
+exit status (when several checks fail, the lowest code):
+{codes}
+
+On a terminal the per-group table is redrawn in place; --json prints one object per line.
+""".format(codes="\n".join(f"  {code.value}    {text}" for code, text in _LISTEN_EXIT.items()))
 
 
 def _duration(text: str) -> float:
@@ -67,6 +109,23 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be >= 0")
+    return value
+
+
+def _ttl(text: str) -> int:
+    value = _positive_int(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"invalid TTL {text!r}: must be 1-255")
     return value
 
 
@@ -135,8 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "show the health of a running relayd, one row per feed")
     status.add_argument(
         "--url",
-        default="http://127.0.0.1:8080",
-        help="base URL of the health server (default: %(default)s)",
+        default=None,
+        help="health server as http://HOST:PORT, HOST:PORT or a full /healthz[/FEED] URL "
+        "(default: the [health] listen address of --config)",
+    )
+    status.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"read the health address from this configuration (default: {DEFAULT_CONFIG_PATH}"
+        " when it exists, else 127.0.0.1:8080)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
     status.add_argument(
@@ -147,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long (default: 3s)",
     )
 
-    listen = command("listen", "join multicast groups and show per-group rates and totals")
+    listen = commands.add_parser(
+        "listen",
+        help="join multicast groups, show what arrives, and pass or fail as a check",
+        description="Join multicast groups and show per-group rates, senders and totals; the "
+        "exit status says whether the checks passed, so a script or CI job can rely on it.",
+        epilog=_LISTEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     listen.add_argument(
         "groups",
         nargs="+",
@@ -167,7 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default=None,
         metavar="DURATION",
-        help="stop after this long, e.g. 30s (default: until Ctrl-C)",
+        help="stop after this long, e.g. 30s (default: until Ctrl-C or --count)",
+    )
+    listen.add_argument(
+        "--count",
+        "-n",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N datagrams; with --duration, fewer by then fails (exit 7)",
     )
     listen.add_argument(
         "--interval",
@@ -181,6 +265,143 @@ def build_parser() -> argparse.ArgumentParser:
         "--deribit",
         action="store_true",
         help="decode Deribit's 8-byte frame header and report gaps and duplicates per channel",
+    )
+    checks = listen.add_argument_group("checks (each failure has its own exit status)")
+    checks.add_argument(
+        "--expect",
+        action="append",
+        type=_group_port,
+        default=[],
+        metavar="GROUP:PORT",
+        help="this group must get at least one datagram (repeatable; exit 4)",
+    )
+    checks.add_argument(
+        "--expect-all",
+        action="store_true",
+        help="every group listened to must get at least one datagram (exit 4)",
+    )
+    checks.add_argument(
+        "--min-rate",
+        type=_positive_float,
+        default=None,
+        metavar="R",
+        help="fail when the average rate over the run is below R datagrams/s (exit 7)",
+    )
+    checks.add_argument(
+        "--fail-on-gaps",
+        action="store_true",
+        help="fail when a Deribit channel skips sequence numbers (implies --deribit; exit 5)",
+    )
+    checks.add_argument(
+        "--stall",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="fail when no datagram arrives for longer than this after the first (exit 6)",
+    )
+    listen.add_argument(
+        "--write",
+        "-w",
+        default=None,
+        metavar="FILE.pcapng",
+        help="write every datagram received to this pcapng file (replays with relayd send)",
+    )
+
+    send = command(
+        "send",
+        "send test multicast (a pcapng capture or synthetic Deribit-shaped traffic) to the "
+        "groups of a configuration, to check an install end to end",
+    )
+    send.add_argument(
+        "capture",
+        nargs="?",
+        default=None,
+        metavar="FILE.pcapng",
+        help="replay this capture (default: synthetic Deribit-shaped traffic)",
+    )
+    send.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="send to the groups of a feed of this configuration (default for synthetic "
+        f"traffic: {DEFAULT_CONFIG_PATH}; a capture goes to its own groups)",
+    )
+    send.add_argument(
+        "--feed",
+        default=None,
+        metavar="NAME",
+        help="the feed of --config: a capture feed's groups, or groups an emit feed allows "
+        "(default: the first capture feed, else the first emit feed)",
+    )
+    send.add_argument(
+        "--group",
+        "-g",
+        action="append",
+        type=_group_port,
+        default=[],
+        metavar="GROUP:PORT",
+        help="send to this group instead of a configuration's (repeatable)",
+    )
+    send.add_argument(
+        "--interface",
+        "-i",
+        default=None,
+        metavar="IF",
+        help="egress interface name or IPv4 address (default: the feed's interface, else any)",
+    )
+    send.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=63.0,
+        metavar="N",
+        help="synthetic datagrams per second (default: %(default)s, Deribit's average)",
+    )
+    send.add_argument(
+        "--speed",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="X",
+        help="replay a capture X times faster than recorded; 0: as fast as possible "
+        "(default: %(default)s)",
+    )
+    send.add_argument(
+        "--count",
+        "-n",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N datagrams (default: the whole capture; synthetic: until stopped)",
+    )
+    send.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop after this long (default: until done or Ctrl-C)",
+    )
+    send.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=1,
+        metavar="N",
+        help="multicast TTL, 1-255 (default: %(default)s, this subnet only)",
+    )
+    send.add_argument(
+        "--no-loop",
+        action="store_true",
+        help="do not deliver to listeners on this host (default: delivered, so a capture feed "
+        "here sees the traffic)",
+    )
+    send.add_argument(
+        "--skip",
+        action="append",
+        type=int,
+        default=[],
+        metavar="INDEX",
+        help="leave out the datagram with this 0-based index, to make a gap on purpose "
+        "(repeatable)",
     )
 
     demo = command("demo", "relay a Deribit sample capture on loopback, no root or setup needed")
@@ -244,11 +465,19 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMAND_MODULES = frozenset({"relayd.supervisor", "relayd.status", "relayd.listen", "relayd.demo"})
+_COMMAND_MODULES = frozenset(
+    {
+        "relayd.supervisor",
+        "relayd.tools.status",
+        "relayd.tools.listen",
+        "relayd.tools.send",
+        "relayd.tools.demo",
+    }
+)
 
 
 def _command_module(name: str) -> Any:
-    """``relayd.<name>``, imported on first use."""
+    """``relayd.<name>`` (``tools.status``, ...), imported on first use."""
     return importlib.import_module(f"relayd.{name}")
 
 
@@ -276,9 +505,10 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
     "check-config": check_config,
-    "status": _delegate("status"),
-    "listen": _delegate("listen"),
-    "demo": _delegate("demo"),
+    "status": _delegate("tools.status"),
+    "listen": _delegate("tools.listen"),
+    "send": _delegate("tools.send"),
+    "demo": _delegate("tools.demo"),
 }
 
 

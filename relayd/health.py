@@ -141,6 +141,7 @@ def health_body(model: HealthModel, only: str | None = None) -> tuple[int, dict[
         "status": status,
         "version": __version__,
         "uptime_seconds": round(model.uptime_seconds(), 3),
+        "data_path": fastpath.active(),
         "config_errors": list(model.config_errors()),
         "feeds": {feed_key(r, reports): r.as_json() for r in chosen},
     }

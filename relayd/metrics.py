@@ -15,6 +15,17 @@ from collections.abc import Callable, Iterable, Iterator
 from relayd.runtime import MetricType, Sample
 
 PREFIX = "relayd_"
+#: Process metrics under the names every Prometheus client library exports (and stock
+#: dashboards query), without the ``relayd_`` prefix.
+STANDARD_NAMES = frozenset(
+    {
+        "process_cpu_seconds_total",
+        "process_max_fds",
+        "process_open_fds",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+    }
+)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
@@ -26,7 +37,10 @@ LATENCY_BUCKETS = 26
 
 
 def metric_name(name: str) -> str:
-    """``relayd_`` + name, with characters Prometheus does not allow replaced by ``_``."""
+    """``relayd_`` + name, with characters Prometheus does not allow replaced by ``_``; the
+    standard process metrics keep their own names."""
+    if name in STANDARD_NAMES:
+        return name
     full = name if name.startswith(PREFIX) else PREFIX + name
     return _NAME_BAD.sub("_", full)
 

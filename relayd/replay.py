@@ -47,6 +47,7 @@ class ReplayBuffer:
         "dropped_chunks",
         "dropped_datagrams",
         "dropped_unsent_datagrams",
+        "last_appended_at",
         "last_seq",
         "max_age",
         "max_bytes",
@@ -66,6 +67,7 @@ class ReplayBuffer:
         self.total_bytes = 0
         self.acked_seq = 0
         self.last_seq = 0  # highest sequence ever appended
+        self.last_appended_at: float | None = None  # the newest chunk's time; None: never
         self.dropped_chunks = 0
         self.dropped_datagrams = 0
         self.dropped_bytes = 0
@@ -98,6 +100,7 @@ class ReplayBuffer:
         self._chunks.append(chunk)
         self.total_bytes += len(chunk.data)
         self.last_seq = chunk.last_seq
+        self.last_appended_at = chunk.time
         while self.total_bytes > self.max_bytes and len(self._chunks) > 1:
             self._drop_oldest(lost=True)
 

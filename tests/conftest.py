@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from relayd.tools import samples
 from tests.helpers.capture_standin import close_streams
 from tests.helpers.datapath import DATAPATHS, use_datapath
 from tests.helpers.netns import NetnsHarness, unavailable_reason
 from tests.helpers.relayd_process import NotifyListener
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: the shared Deribit captures, relative to the repository root
-DERIBIT_DIR = REPO_ROOT.parent / "shared" / "testdata" / "deribit"
-DERIBIT_SAMPLE = "sample_capture_v1_6.pcapng"
+DERIBIT_SAMPLE = samples.DERIBIT_SAMPLE
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +26,12 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def deribit_dir() -> Path:
-    """The folder of Deribit sample captures; skips the test when it is missing."""
-    if not (DERIBIT_DIR / DERIBIT_SAMPLE).is_file():
+    """The folder of Deribit sample captures (../shared/testdata/deribit/ next to the checkout,
+    or next to the main checkout of a worktree); skips the test when it is missing."""
+    found = samples.deribit_dir(REPO_ROOT)
+    if found is None:
         pytest.skip("Deribit sample captures not found at ../shared/testdata/deribit/")
-    return DERIBIT_DIR
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from relayd.arbitration import (
     Verdict,
     parse_deribit,
 )
-from relayd.pcapng import read_datagrams
+from relayd.tools.pcapng import read_datagrams
 
 GROUP = int(IPv4Address("239.111.111.1"))
 V1 = DeribitLayout.FRAME_V1

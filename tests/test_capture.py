@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from relayd import wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
 from relayd.capture.link import Connect
+from relayd.config import Endpoint
 from relayd.netif import open_multicast_sender
 from tests.helpers.emit_standin import Peer, feed_config, groups_for, serve, stop
 from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
@@ -70,6 +72,7 @@ async def test_frames_are_byte_identical_and_numbered(
     feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
+    assert feed.health().detail["last_datagram_age_seconds"] is None  # none arrived yet
     sent = send_many(sender, groups, 500, size=300)
     await wait_for(lambda: len(server.peer.datagrams) >= 500)
     got = server.peer.datagrams
@@ -89,6 +92,27 @@ async def test_frames_are_byte_identical_and_numbered(
     assert samples["capture_connects", (("feed", FEED), ("result", "ok"))] == 1
     assert feed.health().healthy
     assert feed.health().state == "streaming"
+    assert 0 <= feed.health().detail["last_datagram_age_seconds"] < 5
+
+
+async def test_a_target_that_does_not_resolve_is_the_reason_shown(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_such_name(host: str, *args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", no_such_name)
+    groups = groups_for(_base_port(), 1, third=17)
+    config = feed_config(groups, [1], reconnect_budget=0.2)
+    config = attrs.evolve(config, targets=(Endpoint("emit.example.invalid", 6000),))
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    await wait_for(lambda: not feed.health().healthy)
+    health = feed.health()
+    assert health.state == "disconnected"
+    assert health.detail["last_error"] == (
+        "emit.example.invalid:6000: cannot resolve: [Errno -2] Name or service not known"
+    )
 
 
 @pytest.mark.usefixtures("datapath")

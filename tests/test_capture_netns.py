@@ -35,8 +35,8 @@ import pytest
 import trio
 
 from relayd.netif import drain, open_group_receivers, open_multicast_sender
-from relayd.pcapng import CapturedDatagram, iter_datagrams, read_datagrams
-from relayd.player import replay
+from relayd.tools.pcapng import CapturedDatagram, iter_datagrams, read_datagrams
+from relayd.tools.player import replay
 from tests.helpers.metrics import value as metric_value
 from tests.helpers.netns import Link, Netns, NetnsError, NetnsHarness, read_line
 

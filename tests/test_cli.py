@@ -194,12 +194,14 @@ def test_run_arguments() -> None:
 
 def test_status_arguments() -> None:
     args = parse("status")
-    assert (args.command, args.url, args.json, args.timeout) == (
+    assert (args.command, args.url, args.config, args.json, args.timeout) == (
         "status",
-        "http://127.0.0.1:8080",
+        None,
+        None,
         False,
         3.0,
     )
+    assert parse("status", "-c", "/etc/x.toml").config == Path("/etc/x.toml")
     args = parse("status", "--url", "http://10.0.0.5:9090", "--json", "--timeout", "500ms")
     assert (args.url, args.json, args.timeout) == ("http://10.0.0.5:9090", True, 0.5)
 
@@ -229,6 +231,26 @@ def test_listen_arguments() -> None:
         True,
         True,
     )
+    assert (args.count, args.expect, args.expect_all, args.min_rate) == (None, [], False, None)
+    assert (args.fail_on_gaps, args.stall, args.write) == (False, None, None)
+    args = parse(
+        "listen", "239.1.1.1:1", "239.1.1.2:1", "-n", "100", "--expect", "239.1.1.2:1",
+        "--expect-all", "--min-rate", "50", "--fail-on-gaps", "--stall", "5s", "-w", "x.pcapng",
+    )  # fmt: skip
+    assert (args.count, args.expect, args.expect_all, args.min_rate) == (
+        100,
+        [GroupPort(IPv4Address("239.1.1.2"), 1)],
+        True,
+        50.0,
+    )
+    assert (args.fail_on_gaps, args.stall, args.write) == (True, 5.0, "x.pcapng")
+
+
+def test_listen_help_lists_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["listen", "--help"]) == 0
+    out = capsys.readouterr().out
+    for code in cli.ListenOutcome:
+        assert f"\n  {code.value}    " in out
 
 
 @pytest.mark.parametrize(
@@ -327,3 +349,31 @@ def test_run_survives_a_reload_of_hostile_files(tmp_path: Path) -> None:
         assert code == 0
     finally:
         daemon.kill()
+
+
+def test_the_daemon_does_not_import_the_tools(tmp_path: Path) -> None:
+    """``relayd run`` (through the supervisor, to the point of reading its config) and every
+    daemon module load without relayd.tools."""
+    daemon = sorted(
+        f"relayd.{path.stem}"
+        for path in (Path(relayd.__file__).parent).glob("*.py")
+        if path.stem not in ("__main__", "cli")
+    )
+    code = (
+        "import importlib, sys\n"
+        "from relayd.cli import main\n"
+        f"for name in {daemon!r}: importlib.import_module(name)\n"
+        f"code = main(['run', {str(tmp_path / 'missing.toml')!r}])\n"
+        "print(code, sorted(m for m in sys.modules if m.startswith('relayd.tools')))\n"
+    )
+    result = _run_process("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert "relayd.supervisor" in daemon
+    assert result.stdout.splitlines()[-1] == "2 []"
+
+
+def test_the_tools_are_one_package_of_their_own() -> None:
+    tools = {path.stem for path in (Path(relayd.__file__).parent / "tools").glob("*.py")}
+    assert {"demo", "listen", "player", "pcapng", "status"} <= tools
+    top = {path.stem for path in Path(relayd.__file__).parent.glob("*.py")}
+    assert not top & {"demo", "listen", "player", "pcapng", "status"}

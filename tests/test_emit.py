@@ -114,6 +114,7 @@ async def test_datagrams_arrive_byte_identical_in_order(
         async with running(make_config()) as feed:
             assert feed.health().healthy
             assert feed.health().state == "listening"
+            assert feed.health().detail["last_datagram_age_seconds"] is None  # none arrived
             assert feed.listen_port
             peer = await Peer.start(feed.listen_port)
             assert await peer.welcome() == 0
@@ -139,6 +140,7 @@ async def test_datagrams_arrive_byte_identical_in_order(
             assert 1 <= count <= 400  # once per chunk, not per datagram
             health = feed.health()
             assert health.healthy
+            assert 0 <= health.detail["last_datagram_age_seconds"] < 5
             assert health.detail["connections"][0]["highest_seq"] == 400
             await peer.aclose()
             with trio.fail_after(2):

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 
-from relayd.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
 from tests.helpers.metrics import Families, parse
 from tests.helpers.metrics import value as metric_value
 from tests.helpers.netns import Link, Netns, NetnsHarness, read_line
@@ -45,7 +45,7 @@ UNJOINED = ("239.111.112.1", 6100)  # allowed, but the customer does not join it
 SENDER = r"""
 import json, os, select, socket, sys
 from ipaddress import IPv4Address
-from relayd.pcapng import read_datagrams
+from relayd.tools.pcapng import read_datagrams
 from relayd.wire import (FROM_EMIT, Ack, Challenge, Decoder, Error, encode_datagram,
                          encode_hello)
 

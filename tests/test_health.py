@@ -133,6 +133,7 @@ def test_healthz_ok_unhealthy_and_config_errors() -> None:
         "status": "ok",
         "version": __version__,
         "uptime_seconds": 12.346,
+        "data_path": fastpath.active(),
         "config_errors": [],
         "feeds": {
             "prod": {"kind": "emit", "healthy": True, "state": "listening", "connections": 1},
@@ -166,6 +167,7 @@ def test_no_feeds_is_healthy_and_stopping_is_not() -> None:
             "status": "ok",
             "version": __version__,
             "uptime_seconds": 12.346,
+            "data_path": fastpath.active(),
             "config_errors": [],
             "feeds": {},
         },
@@ -209,9 +211,9 @@ def test_routes_methods_and_metrics() -> None:
     assert (b"content-type", b"text/plain; version=0.0.4; charset=utf-8") in headers
     families = parse(body.decode())
     assert [s[:3] for s in families["relayd_x"].samples] == [("relayd_x_total", {}, 1.0)]
-    rss = families["relayd_process_resident_memory_bytes"].samples[0][2]
+    rss = families["process_resident_memory_bytes"].samples[0][2]
     assert 1e6 < rss < 1e10
-    fds = families["relayd_process_open_fds"].samples[0][2]
+    fds = families["process_open_fds"].samples[0][2]
     assert 3 <= fds < 10000
     build = families["relayd_build_info"].samples[0]
     assert build[1]["version"] == __version__
@@ -279,7 +281,7 @@ async def test_served_by_hypercorn_on_port_zero() -> None:
         assert int(headers["content-length"]) > 0
         status, _, body = await _request(port, _get("/metrics"))
         assert status == 200
-        assert "relayd_process_open_fds" in parse(body.decode())
+        assert "process_open_fds" in parse(body.decode())
         assert (await _request(port, _get("/other")))[0] == 404
         status, headers, _ = await _request(port, _get("/healthz", "PUT"))
         assert status == 405
@@ -355,3 +357,14 @@ def test_feed_report_detail_never_overrides_core_fields() -> None:
     report = FeedReport("a", "emit", False, "failed", {"healthy": True, "state": "x", "n": 1})
     doc: dict[str, Any] = report.as_json()
     assert doc == {"kind": "emit", "healthy": False, "state": "failed", "n": 1}
+
+
+def test_process_metrics_have_the_standard_names() -> None:
+    families = parse(HealthApp(Model([_prod()])).respond("GET", "/metrics")[2].decode())
+    for name in ("process_cpu_seconds_total", "process_start_time_seconds", "process_max_fds"):
+        assert name in families
+    assert not [
+        name
+        for name in families
+        if name.startswith("relayd_process_") and name != "relayd_process_uptime_seconds"
+    ]

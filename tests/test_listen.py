@@ -19,16 +19,27 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from relayd.config import GroupPort
-from relayd.listen import ChannelStats, ListenState, UsageError, main, parse_groups
 from relayd.netif import open_multicast_sender
-from relayd.pcapng import CapturedDatagram
-from relayd.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
+from relayd.tools.listen import (
+    ChannelStats,
+    Checks,
+    ListenState,
+    Outcome,
+    UsageError,
+    igmp_hint,
+    main,
+    parse_groups,
+    verdict,
+)
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.player import DERIBIT_HEADER, SYNTH_GROUPS, replay, synth_deribit
 from tests.helpers.loopback import free_udp_port
 from tests.helpers.netns import read_line
 
@@ -86,6 +97,8 @@ def test_listen_state_counts_groups_sizes_and_channels() -> None:
         "max_size": 108,
         "rate": 0,
         "malformed": 0,
+        "source": "-",
+        "sources": [],
     }
     assert groups["239.1.1.2:6100"]["malformed"] == 2
     assert summary["unexpected"] == 1
@@ -169,10 +182,16 @@ def _start(argv: list[str]) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> list[dict[str, Any]]:
+def _stop(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, code: int = 0
+) -> list[dict[str, Any]]:
     proc.send_signal(sig)
+    return _finish(proc, code)
+
+
+def _finish(proc: subprocess.Popen[bytes], code: int = 0) -> list[dict[str, Any]]:
     out, err = proc.communicate(timeout=20)
-    assert proc.returncode == (130 if sig == signal.SIGINT else 0), err.decode()
+    assert proc.returncode == code, (out.decode(), err.decode())
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
@@ -278,20 +297,169 @@ def test_listen_live_line_on_a_terminal(sender: socket.socket) -> None:
     finally:
         os.close(controller)
         proc.wait(timeout=10)
-    assert proc.returncode == 0
+    assert proc.returncode == Outcome.NO_DATA
     text = output.decode()
-    assert text.count("\r\x1b[K[") >= 3  # the live line, rewritten in place
+    assert text.count("\x1b[J[") >= 3  # the live table, redrawn in place
+    assert text.count("\x1b[3F\x1b[J") >= 2  # up to its first line: totals, header, 1 group
+    assert "GROUP:PORT" in text
+    assert "SOURCE" in text
     assert "summary: 0 datagrams" in text
+    assert "FAIL: no datagram arrived" in text
 
 
-def test_ctrl_c_exits_130_with_a_summary(sender: socket.socket) -> None:
+def test_ctrl_c_prints_the_summary_and_exits_0(sender: socket.socket) -> None:
     groups = _random_groups(1)
     proc = _start(_listen_argv(groups, "--json"))
     _send(sender, list(synth_deribit(5, groups=groups)))
     time.sleep(0.2)
-    summary = _stop(proc, signal.SIGINT)[-1]
+    summary = _stop(proc, signal.SIGINT, code=0)[-1]
     assert summary["event"] == "summary"
     assert summary["datagrams"] == 5
+    assert (summary["exit_code"], summary["failures"], summary["interrupted"]) == (0, [], True)
+
+
+def _summary(**overrides: Any) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "datagrams": 100,
+        "rate": 10.0,
+        "gaps": 0,
+        "missing": 0,
+        "longest_silence": 0.5,
+        "groups": [
+            {"group": "239.1.1.1:6100", "datagrams": 100},
+            {"group": "239.1.1.2:6100", "datagrams": 0},
+        ],
+    }
+    summary.update(overrides)
+    return summary
+
+
+A = (IPv4Address("239.1.1.1"), 6100)
+B = (IPv4Address("239.1.1.2"), 6100)
+
+
+@pytest.mark.parametrize(
+    ("summary", "checks", "code", "failures"),
+    [
+        (_summary(), Checks(), Outcome.OK, []),
+        (_summary(datagrams=0, groups=[]), Checks(), Outcome.NO_DATA, ["no datagram arrived"]),
+        (_summary(), Checks(expect=frozenset({B})), Outcome.GROUP_SILENT,
+         ["no datagram on 239.1.1.2:6100"]),
+        (_summary(), Checks(expect=frozenset({A})), Outcome.OK, []),
+        (_summary(gaps=2, missing=5), Checks(fail_on_gaps=True), Outcome.GAPS,
+         ["2 sequence gaps (5 datagrams missing)"]),
+        (_summary(gaps=2, missing=5), Checks(), Outcome.OK, []),
+        (_summary(longest_silence=7.0), Checks(stall=5.0), Outcome.STALL,
+         ["silent for 7.0 s (limit 5 s)"]),
+        (_summary(), Checks(min_rate=20), Outcome.TOO_FEW,
+         ["10.0 datagrams/s, below --min-rate 20"]),
+        (_summary(), Checks(count=150), Outcome.TOO_FEW, ["100 of --count 150 datagrams"]),
+        # several: the lowest code, every reason
+        (_summary(longest_silence=9.0, rate=1.0), Checks(stall=5, min_rate=5,
+         expect=frozenset({B})), Outcome.GROUP_SILENT,
+         ["no datagram on 239.1.1.2:6100", "silent for 9.0 s (limit 5 s)",
+          "1.0 datagrams/s, below --min-rate 5"]),
+    ],
+)  # fmt: skip
+def test_verdict(
+    summary: dict[str, Any], checks: Checks, code: Outcome, failures: list[str]
+) -> None:
+    assert verdict(summary, checks) == (code, failures)
+
+
+def test_silence_is_counted_between_datagrams_and_at_the_end() -> None:
+    state = ListenState(groups=(A,), started=100.0)
+    assert state.silence(150.0) == 0.0  # before the first datagram: no data, not a stall
+    state.arrived(101.0)
+    state.arrived(103.5)
+    state.arrived(104.0)
+    assert state.longest_silence == 2.5
+    assert state.silence(110.0) == 6.0
+    state.record(*A, b"x", (IPv4Address("10.1.2.3"), 5000), 104.0)
+    summary = state.summary(110.0)
+    assert summary["longest_silence"] == 6.0  # the silence at the end counts too
+    assert summary["groups"][0]["source"] == "10.1.2.3:5000"
+
+
+def test_igmp_hint_names_the_fix() -> None:
+    values = {"net/ipv4/conf/all/force_igmp_version": "0\n"}
+    hint = igmp_hint(IPv4Address("0.0.0.0"), values.get)
+    assert "net.ipv4.conf.all.force_igmp_version=0" in hint
+    assert hint.endswith("Fix: sudo sysctl -w net.ipv4.conf.all.force_igmp_version=2")
+    values["net/ipv4/conf/all/force_igmp_version"] = "2\n"
+    assert igmp_hint(IPv4Address("0.0.0.0"), values.get) == ""
+    nothing: dict[str, str] = {}
+    assert igmp_hint(IPv4Address("127.0.0.1"), nothing.get) == ""  # loopback: no IGMP at all
+    assert igmp_hint(IPv4Address("0.0.0.0"), nothing.get) == ""  # no /proc: nothing to say
+
+
+def test_no_data_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    groups = _random_groups(1)
+    assert main(_args([f"{g}:{p}" for g, p in groups], duration=0.3)) == Outcome.NO_DATA
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (summary["exit_code"], summary["failures"]) == (3, ["no datagram arrived"])
+
+
+def test_count_stops_after_n_and_says_who_sent(sender: socket.socket) -> None:
+    groups = _random_groups(2)
+    proc = _start(_listen_argv(groups, "--json", "--count", "20", "--expect-all"))
+    _send(sender, list(synth_deribit(60, groups=groups, seed=2)))
+    summary = _finish(proc, code=0)[-1]
+    assert summary["datagrams"] == 20
+    port = sender.getsockname()[1]
+    assert {g["source"] for g in summary["groups"]} == {f"127.0.0.1:{port}"}
+
+
+def test_checks_fail_with_their_own_exit_status(sender: socket.socket) -> None:
+    groups = _random_groups(2)
+    only_first = [d for d in synth_deribit(200, groups=groups, seed=5) if d.group == groups[0][0]]
+    sent = only_first[:50] + only_first[52:]  # a gap of 2 on the first group's channel
+    proc = _start(_listen_argv(groups, "--json", "--expect-all", "--fail-on-gaps"))
+    _send(sender, sent)
+    time.sleep(0.3)
+    summary = _stop(proc, code=Outcome.GROUP_SILENT)[-1]
+    assert summary["failures"] == [
+        f"no datagram on {groups[1][0]}:{groups[1][1]}",
+        "1 sequence gaps (2 datagrams missing)",
+    ]
+    proc = _start(_listen_argv(groups[:1], "--json", "--fail-on-gaps"))
+    _send(sender, sent)
+    time.sleep(0.3)
+    assert _stop(proc, code=Outcome.GAPS)[-1]["gaps"] == 1
+    proc = _start(_listen_argv(groups[:1], "--json", "--min-rate", "1000000"))
+    _send(sender, sent[:10])
+    time.sleep(0.3)
+    assert _stop(proc, code=Outcome.TOO_FEW)[-1]["failures"][0].endswith("--min-rate 1e+06")
+
+
+def test_a_stall_is_flagged_and_fails(sender: socket.socket) -> None:
+    groups = _random_groups(1)
+    datagrams = list(synth_deribit(10, groups=groups))
+    proc = _start(_listen_argv(groups, "--json", "--stall", "300ms", "--interval", "100ms"))
+    _send(sender, datagrams[:5])
+    time.sleep(1.0)
+    _send(sender, datagrams[5:])
+    time.sleep(0.2)
+    events = _stop(proc, code=Outcome.STALL)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any(w.startswith("stalled: no datagram for ") for w in warnings), warnings
+    assert events[-1]["longest_silence"] > 0.3
+
+
+def test_write_keeps_every_datagram_as_pcapng(sender: socket.socket, tmp_path: Path) -> None:
+    groups = _random_groups(3)
+    datagrams = list(synth_deribit(100, groups=groups, seed=9))
+    path = tmp_path / "got.pcapng"
+    proc = _start(_listen_argv(groups, "--json", "--write", str(path)))
+    _send(sender, datagrams)
+    time.sleep(0.3)
+    summary = _stop(proc)[-1]
+    assert summary["written"] == {"path": str(path), "datagrams": 100}
+    got = read_datagrams(path)
+    key = lambda d: (d.group, d.port, d.payload)  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, datagrams))
+    per_group = {g: [d.payload for d in got if d.group == g] for g, _ in groups}
+    assert per_group == {g: [d.payload for d in datagrams if d.group == g] for g, _ in groups}
 
 
 # ---- the player ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Real multicast between network namespaces: the harness, the player and ``relayd listen``.
 
-Namespace "dc" replays the Deribit sample with ``python -m relayd.player`` over a veth link;
+Namespace "dc" replays the Deribit sample with ``relayd send`` over a veth link;
 namespace "cust" runs ``relayd listen --json --deribit`` and must see every datagram.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from relayd.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
 from tests.helpers.netns import (
     PREFIX,
     Link,
@@ -64,16 +64,16 @@ def _start_listener(
     return listener
 
 
-def _stop_listener(listener: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+def _stop_listener(listener: subprocess.Popen[bytes], code: int = 0) -> list[dict[str, Any]]:
     listener.send_signal(signal.SIGTERM)
     out, err = listener.communicate(timeout=20)
-    assert listener.returncode == 0, err.decode()
+    assert listener.returncode == code, err.decode()
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
 def _replay(dc: Netns, dev: str, capture: Path, *extra: str) -> None:
     dc.run(
-        dc.python_argv("-m", "relayd.player", str(capture), "--interface", dev, *extra),
+        dc.relayd_argv("send", str(capture), "--interface", dev, *extra),
         timeout=60,
     )
 
@@ -128,10 +128,11 @@ def test_listen_reports_a_datagram_dropped_on_purpose(
     # the 100th datagram of the busiest group: inside its channel's run, not the first
     indexes = [i for i, d in enumerate(datagrams) if f"{d.group}:{d.port}" == busiest]
     dropped = indexes[99]
-    listener = _start_listener(cust, link.b_dev, _group_list(datagrams), "--deribit")
+    listener = _start_listener(cust, link.b_dev, _group_list(datagrams), "--fail-on-gaps")
     _replay(dc, link.a_dev, deribit_sample, "--speed", "100", "--skip", str(dropped))
     time.sleep(0.3)
-    summary = _stop_listener(listener)[-1]
+    summary = _stop_listener(listener, code=5)[-1]
+    assert summary["failures"] == ["1 sequence gaps (1 datagrams missing)"]
 
     assert summary["datagrams"] == len(datagrams) - 1
     assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (1, 1, 0)
@@ -152,7 +153,17 @@ def test_join_sends_igmp_reports_of_the_forced_version(
     sniffer = dc.sniffer(link.a_dev, IGMP, duration=5.0, count=2)
     listener = _start_listener(cust, link.b_dev, groups)
     packets = sniffer.packets(timeout=15)
-    _stop_listener(listener)
+    events = _stop_listener(listener, code=3)  # nothing sent: no data
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    hint = [w for w in warnings if w.startswith("IGMP version is not forced to 2")]
+    # the check names the fix exactly when the host would answer with IGMPv3
+    assert bool(hint) == (force_version != 2), warnings
+    if hint:
+        assert hint[0].endswith(
+            f"sudo sysctl -w net.ipv4.conf.all.force_igmp_version=2"
+            f" net.ipv4.conf.{link.b_dev}.force_igmp_version=2"
+        )
+    assert events[-1]["failures"][0] == "no datagram arrived"
 
     cust_addr = str(link.b_addr.ip)
     assert packets, "no IGMP packet seen on the link"

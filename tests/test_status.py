@@ -5,16 +5,37 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 
+from relayd import fastpath
 from relayd.cli import main as cli_main
 from relayd.health import FeedReport, HealthApp, serve_health
-from relayd.status import format_age, format_uptime, main
+from relayd.tools import status
+from relayd.tools.status import (
+    choose_url,
+    format_age,
+    format_uptime,
+    health_url,
+    main,
+    render_table,
+    url_from_config,
+)
 from tests.helpers.health_model import StaticHealthModel as Model
+
+EMIT_FEED = """
+[[emit]]
+name = "prod"
+listen = "0.0.0.0:6000"
+interface = "127.0.0.1"
+allowed_sources = ["10.0.0.0/8"]
+allowed_groups = ["239.0.0.0/8"]
+"""
 
 
 @pytest.fixture
@@ -32,7 +53,13 @@ async def server() -> AsyncIterator[tuple[Model, str]]:
                     "last_datagram_age_seconds": 0.012,
                 },
             ),
-            FeedReport("dev", "emit", True, "listening", {"connections": []}),
+            FeedReport(
+                "dev",
+                "emit",
+                True,
+                "listening",
+                {"connections": [], "last_datagram_age_seconds": None},
+            ),
         ],
         uptime=3725.0,
     )
@@ -51,9 +78,11 @@ async def server() -> AsyncIterator[tuple[Model, str]]:
         stop.set()
 
 
-async def run_status(url: str, *, as_json: bool = False) -> tuple[int, str, str]:
+async def run_status(
+    url: str | None, *, as_json: bool = False, config: Path | None = None
+) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    args = argparse.Namespace(url=url, json=as_json, timeout=3.0)
+    args = argparse.Namespace(url=url, config=config, json=as_json, timeout=3.0)
     code = await trio.to_thread.run_sync(lambda: main(args, out, err))
     return code, out.getvalue(), err.getvalue()
 
@@ -65,7 +94,7 @@ async def test_healthy_table(server: tuple[Model, str]) -> None:
     assert err == ""
     lines = out.splitlines()
     assert lines[0].startswith("relayd ")
-    assert lines[0].endswith(": ok, up 1h02m")
+    assert lines[0].endswith(f" at {url}: ok, up 1h02m, data path {fastpath.active()}")
     assert lines[1].split() == [
         "FEED",
         "KIND",
@@ -77,7 +106,7 @@ async def test_healthy_table(server: tuple[Model, str]) -> None:
         "DATAGRAM",
     ]
     assert lines[2].split() == ["prod", "emit", "streaming", "yes", "1", "1234.6", "12ms", "ago"]
-    assert lines[3].split() == ["dev", "emit", "listening", "yes", "0", "-", "-"]
+    assert lines[3].split() == ["dev", "emit", "listening", "yes", "0", "-", "none"]
     # Columns line up.
     assert lines[1].index("STATE") == lines[2].index("streaming") == lines[3].index("listening")
 
@@ -92,7 +121,7 @@ async def test_unhealthy_and_config_errors(server: tuple[Model, str]) -> None:
     assert code == 1
     assert ": unhealthy, up " in out
     assert "dc    capture  failed     NO       0" in out
-    assert "dc: last error: OSError: no such device" in out
+    assert "dc: not healthy: failed; last error: OSError: no such device" in out
     assert "the last reload failed (1 problems); the old config serves:" in out
     assert "  invalid value @ $.emit[0].ttl" in out
     code, out, _ = await run_status(url, as_json=True)
@@ -111,10 +140,10 @@ async def test_unreachable_and_not_relayd(server: tuple[Model, str]) -> None:
     assert code == 3
     assert out == ""
     assert err.startswith(f"relayd status: cannot reach http://127.0.0.1:{free}/healthz: ")
-    # A server that answers something else (here: relayd's 404 for an unknown path).
+    # A server that answers something else (here: relayd's 404 for an unknown feed).
     code, _, err = await run_status(url + "/healthz/nothing")
     assert code == 3
-    assert "answered HTTP 404" in err
+    assert "/healthz/nothing answered HTTP 404" in err
     code, _, err = await run_status("ftp://example.invalid")
     assert code == 3
     assert "not an http:// URL" in err
@@ -130,10 +159,110 @@ async def test_through_the_cli(
 
 
 def test_formatting() -> None:
-    assert format_age(None) == "-"
+    assert format_age(None) == "none"
+    assert format_age("soon") == "-"
     assert format_age(0.5) == "500ms ago"
     assert format_age(61) == "61.0s ago"
     assert format_age(600) == "10m ago"
     assert format_age(36000) == "10.0h ago"
     assert format_uptime(59) == "0m59s"
     assert format_uptime(90061) == "1d01h01m"
+
+
+async def test_url_forms(server: tuple[Model, str]) -> None:
+    _, url = server
+    hostport = url.removeprefix("http://")
+    code, out, _ = await run_status(hostport)
+    assert code == 0
+    assert f" at {url}: ok" in out
+    code, out, _ = await run_status(url + "/healthz/prod")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["prod"]
+    assert health_url("10.0.0.5:8080") == "http://10.0.0.5:8080/healthz"
+    assert health_url("http://h:1/healthz/") == "http://h:1/healthz"
+    assert health_url("http://h:1/proxy/") == "http://h:1/proxy/healthz"
+    assert health_url("https://h/healthz/prod") == "https://h/healthz/prod"
+
+
+async def test_the_health_port_comes_from_the_config(
+    server: tuple[Model, str], tmp_path: Path
+) -> None:
+    _, url = server
+    port = url.rsplit(":", 1)[1]
+    config = tmp_path / "relayd.toml"
+    config.write_text(f'[health]\nlisten = "0.0.0.0:{port}"\n' + EMIT_FEED)
+    code, out, err = await run_status(None, config=config)
+    assert (code, err) == (0, "")
+    assert f"at http://127.0.0.1:{port}: ok" in out
+    config.write_text(f'[health]\nlisten = "[::]:{port}"\n' + EMIT_FEED)
+    assert url_from_config(config) == f"http://[::1]:{port}/healthz"
+    config.write_text("[health]\nlisten = 8080\n")
+    code, out, err = await run_status(None, config=config)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"relayd status: {config}: ")
+    assert err.endswith("(or give --url)\n")
+
+
+def test_without_url_or_config_the_default_file_then_the_default_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(status, "DEFAULT_CONFIG_PATH", tmp_path / "missing.toml")
+    assert choose_url(None, None) == "http://127.0.0.1:8080/healthz"
+    present = tmp_path / "relayd.toml"
+    present.write_text('[health]\nlisten = "10.1.2.3:9000"\n' + EMIT_FEED)
+    monkeypatch.setattr(status, "DEFAULT_CONFIG_PATH", present)
+    assert choose_url(None, None) == "http://10.1.2.3:9000/healthz"
+    assert choose_url("h:1", present) == "http://h:1/healthz"
+
+
+def test_an_unreadable_default_config_falls_back_to_the_default_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/etc/relayd/relayd.toml is root:relayd 0640 on the appliance: a plain user still gets
+    an answer, and a word on why it is the default port."""
+    present = tmp_path / "relayd.toml"
+    present.write_text('[health]\nlisten = "10.1.2.3:9000"\n' + EMIT_FEED)
+    monkeypatch.setattr(status, "DEFAULT_CONFIG_PATH", present)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert choose_url(None, None) == "http://127.0.0.1:8080/healthz"
+    assert capsys.readouterr().err == (
+        f"relayd status: cannot read {present} (run as root or in group relayd, or give --url);"
+        " asking http://127.0.0.1:8080/healthz\n"
+    )
+
+
+def test_reasons_and_upstream_gaps() -> None:
+    doc = {
+        "status": "unhealthy",
+        "feeds": {
+            "dc": {
+                "kind": "capture",
+                "state": "disconnected",
+                "healthy": False,
+                "disconnected_for": 12.4,
+                "last_error": "emit.example:6000: cannot resolve: [Errno -2] Name or service"
+                " not known",
+            },
+            "cloud": {
+                "kind": "emit",
+                "state": "failing",
+                "healthy": False,
+                "sending_failed": True,
+                "upstream_gaps": 3,
+                "last_error": "multicast send: ENETUNREACH",
+            },
+            "new": {"kind": "emit", "state": "starting", "healthy": False},
+        },
+    }
+    text = render_table(doc)
+    assert (
+        "dc: not healthy: disconnected for 12s; last error: emit.example:6000: cannot resolve"
+        in text
+    )
+    assert "cloud: not healthy: failing; multicast sends fail; last error: multicast send" in text
+    assert "new: not healthy: starting; not ready yet" in text
+    header = text.splitlines()[1]
+    assert header.endswith("UPSTREAM GAPS")
+    assert text.splitlines()[3].split()[-1] == "3"
+    assert text.splitlines()[2].split()[-1] == "-"
+    assert "UPSTREAM GAPS" not in render_table({"feeds": {"x": {"healthy": True}}})

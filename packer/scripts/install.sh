@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install relayd onto the image: a Python venv in /opt/relayd from the wheel, the system user,
-# the rootfs tree (etc/, systemd/) copied as it is, the unit enabled.
+# the rootfs tree (etc/, systemd/) copied as it is, the unit enabled; relayd on PATH with its
+# man pages, bash completion and docs.
 # Runs on Amazon Linux 2023 (dnf; the Packer build) and Debian 12 (apt; the boot test).
 #
 # Environment:
 #   RELAYD_WHEEL_DIR   directory holding the relayd wheel (required)
-#   RELAYD_TREE        checkout holding etc/ and systemd/ (required)
+#   RELAYD_TREE        checkout holding etc/, systemd/, docs/, README.md (required)
 #   RELAYD_WHEELHOUSE  directory of dependency wheels; when set, pip installs offline from it
 #   RELAYD_PREFIX      venv location (default /opt/relayd)
 set -euo pipefail
@@ -25,7 +26,8 @@ case "${ID:-}" in
     log "Amazon Linux ${VERSION_ID:-}: dnf"
     # awscli-2: the user data fetches the feeds' HELLO keys from SSM (the ECS-optimized AMI is
     # built from the minimal one, which has no AWS CLI).
-    dnf install -y -q "$python" "$python-pip" rsyslog logrotate amazon-cloudwatch-agent awscli-2
+    dnf install -y -q "$python" "$python-pip" rsyslog logrotate amazon-cloudwatch-agent awscli-2 \
+      man-db
     ;;
   debian)
     python=python3
@@ -34,6 +36,7 @@ case "${ID:-}" in
     command -v "$python" >/dev/null || want+=(python3)
     "$python" -c 'import ensurepip' 2>/dev/null || want+=(python3-venv)
     command -v useradd >/dev/null || want+=(passwd)
+    command -v man >/dev/null || want+=(man-db)
     if [ ${#want[@]} -gt 0 ]; then
       export DEBIAN_FRONTEND=noninteractive
       apt-get update -qq
@@ -80,6 +83,18 @@ log "data path: $datapath"
 if [ "$shipped" = 1 ] && [ "$datapath" != C ]; then
   echo "install.sh: the wheel's C data plane does not load on this system: $datapath" >&2
   exit 1
+fi
+
+log "relayd on PATH, man pages, bash completion, docs"
+ln -sfn "$prefix/bin/relayd" /usr/local/bin/relayd
+install -d -m 0755 /usr/share/man/man1 /usr/share/bash-completion/completions /usr/share/doc/relayd
+# Generated from the installed command line, so they say what --help says.
+"$prefix/bin/python" -m relayd.tools.manpage /usr/share/man/man1 >/dev/null
+"$prefix/bin/python" -m relayd.tools.completion >/usr/share/bash-completion/completions/relayd
+install -m 0644 "$RELAYD_TREE/README.md" "$RELAYD_TREE/CHANGELOG.md" "$RELAYD_TREE"/docs/*.md \
+  /usr/share/doc/relayd/
+if command -v mandb >/dev/null; then
+  mandb --quiet || true
 fi
 
 log "rootfs tree"

@@ -20,6 +20,12 @@ else
   fail "relayd --version: $version"
 fi
 
+# On PATH (a symlink to the venv's entry point), with its man page and docs.
+check "relayd on PATH is $prefix/bin/relayd" [ "$(readlink -f "$(command -v relayd)")" = "$(readlink -f "$prefix/bin/relayd")" ]
+check "man relayd" man -w relayd
+check "docs in /usr/share/doc/relayd" test -f /usr/share/doc/relayd/CONFIG.md
+check "bash completion" test -s /usr/share/bash-completion/completions/relayd
+
 if out=$("$prefix/bin/relayd" check-config --config /etc/relayd/relayd.toml 2>&1); then
   ok "check-config /etc/relayd/relayd.toml"
 else

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import Literal
 
@@ -38,6 +39,12 @@ from relayd.runtime import FeedHealth, MetricType, Sample
 __all__ = ["CaptureFeedRuntime"]
 
 log = logging.getLogger("relayd.capture")
+
+
+def _age(since: float | None) -> float | None:
+    """Seconds since a ``time.monotonic`` stamp (the replay buffer's clock), or None when it
+    never happened."""
+    return None if since is None else round(max(0.0, time.monotonic() - since), 3)
 
 
 class CaptureFeedRuntime:
@@ -106,6 +113,7 @@ class CaptureFeedRuntime:
             "replay_bytes": replay.total_bytes,
             "replay_dropped_datagrams": replay.dropped_datagrams,
             "kernel_drops": self.receive.kernel_drops,
+            "last_datagram_age_seconds": _age(replay.last_appended_at),
         }
         datagrams = self.receive.datagrams_in
         if not self._started:

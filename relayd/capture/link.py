@@ -197,6 +197,7 @@ class Link:
                     target.host, target.port, family=socket.AF_INET, type=socket.SOCK_STREAM
                 )
             except OSError as exc:
+                self.last_error = f"{target.host}:{target.port}: cannot resolve: {exc}"
                 self._limited.warning(
                     f"{self.name}:resolve:{target.host}",
                     "feed %s: cannot resolve %s: %s",

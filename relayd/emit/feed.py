@@ -191,7 +191,10 @@ class EmitFeedRuntime:
             "connections": [self._describe(c) for c in self.sessions.active.values()],
             "pending_connections": len(self.gate.pending),
             "sessions": len(self.sessions),
-            "last_datagram_age_seconds": round(self._last_datagram_age(), 3),
+            # None until a datagram arrived (the metric counts from start-up instead)
+            "last_datagram_age_seconds": (
+                None if stats.last_datagram_at is None else round(self._last_datagram_age(), 3)
+            ),
             "datagrams_per_second": round(out_rate, 1),
             "bytes_in_per_second": round(in_rate, 1),
             "datagrams_out": stats.datagrams_out,

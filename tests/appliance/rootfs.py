@@ -26,6 +26,7 @@ PACKAGES = (
     "python3-venv",
     "iproute2",
     "procps",
+    "man-db",  # `man relayd` (the AMI gets it from install.sh)
 )
 CACHE_ENV = "RELAYD_TEST_CACHE"
 DEFAULT_CACHE = Path("/var/cache/relayd-tests")

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -327,6 +328,38 @@ def test_healthz_answers_from_the_host_side_of_the_veth(app: Appliance) -> None:
     assert status == 200, body
     status, body = http_get(f"http://{app.vm.guest_addr}:8080/metrics")
     assert status == 200, body
+
+
+def login_shell(vm: m.Machine, command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` in a root login shell of the guest: its own PATH, no host environment."""
+    return vm.run("env", "-i", "HOME=/root", "TERM=dumb", "bash", "-lc", command, check=False)
+
+
+def test_relayd_status_and_its_man_page_on_the_path(app: Appliance) -> None:
+    vm = app.vm
+    assert login_shell(vm, "command -v relayd").stdout.strip() == "/usr/local/bin/relayd"
+    # the health port comes from /etc/relayd/relayd.toml ([health] listen = "0.0.0.0:8080")
+    status = login_shell(vm, "relayd status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("relayd "), lines
+    assert " at http://127.0.0.1:8080: ok, up " in lines[0]
+    assert lines[0].endswith((", data path c", ", data path python"))
+    assert lines[1].split()[:4] == ["FEED", "KIND", "STATE", "HEALTHY"]
+    assert lines[2].split()[:4] == ["dev", "emit", lines[2].split()[2], "yes"]
+    page = login_shell(vm, "MANWIDTH=100 man -P cat relayd")
+    assert page.returncode == 0, page.stderr
+    assert "relayd - Carry UDP multicast market data over TCP" in page.stdout
+    assert "relayd status" in page.stdout
+    listen = login_shell(vm, "MANWIDTH=100 man -P cat relayd-listen")
+    assert "--fail-on-gaps" in listen.stdout
+    assert login_shell(vm, "test -s /usr/share/doc/relayd/CONFIG.md").returncode == 0
+    completed = login_shell(
+        vm,
+        "source /usr/share/bash-completion/completions/relayd; COMP_WORDS=(relayd st);"
+        " COMP_CWORD=1; _relayd; echo ${COMPREPLY[*]}",
+    )
+    assert completed.stdout.split() == ["status"]
 
 
 def test_a_stream_to_the_feed_port_comes_out_as_multicast(app: Appliance) -> None:

@@ -7,6 +7,10 @@ Simple packet blocks (no timestamp, no interface) and every other block are skip
 Link types: Ethernet (1, with 802.1Q/802.1ad tags), raw IPv4 (101 and 228), Linux cooked
 capture SLL (113) and SLL2 (276). IPv4 fragments, truncated packets, non-UDP and unicast
 destinations are skipped and counted in ``PcapngStats``.
+
+``PcapngWriter`` writes what ``relayd listen --write`` receives: one section, one raw-IPv4
+interface with nanosecond timestamps, an IPv4 + UDP header rebuilt around each payload, so the
+file replays with ``relayd send`` and opens in Wireshark.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "CapturedDatagram",
     "PcapngError",
     "PcapngStats",
+    "PcapngWriter",
     "iter_datagrams",
     "read_datagrams",
 ]
@@ -289,3 +294,50 @@ def read_datagrams(
 ) -> list[CapturedDatagram]:
     """All multicast UDP datagrams of a pcapng file, in capture order."""
     return list(iter_datagrams(source, stats))
+
+
+def _ipv4_checksum(header: bytes) -> int:
+    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _block(kind: int, body: bytes) -> bytes:
+    pad = b"\0" * (-len(body) % 4)
+    length = 12 + len(body) + len(pad)
+    return struct.pack("<II", kind, length) + body + pad + struct.pack("<I", length)
+
+
+class PcapngWriter:
+    """Append UDP datagrams to a pcapng file (little-endian, link type raw IPv4, ns stamps)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.datagrams = 0
+        section = struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1)
+        tsresol = struct.pack("<HHB3x", OPT_IF_TSRESOL, 1, 9) + struct.pack("<HH", OPT_END, 0)
+        interface = struct.pack("<HHI", LINKTYPE_IPV4, 0, 0) + tsresol
+        stream.write(_block(BLOCK_SECTION_HEADER, section))
+        stream.write(_block(BLOCK_INTERFACE, interface))
+
+    def write(
+        self,
+        ts_ns: int,
+        source: tuple[IPv4Address, int],
+        group: IPv4Address,
+        port: int,
+        payload: bytes,
+    ) -> None:
+        """One datagram from ``source`` (address, port) to ``group:port``, seen at ``ts_ns``."""
+        total = 28 + len(payload)
+        head = _IPV4_HEAD.pack(0x45, 0, total, 0, 0x4000, 1, 17, 0, source[0].packed, group.packed)
+        head = head[:10] + struct.pack("!H", _ipv4_checksum(head)) + head[12:]
+        udp = _UDP_HEAD.pack(source[1], port, 8 + len(payload), 0)
+        frame = head + udp + payload
+        packet = struct.pack("<IIIII", 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, total, total) + frame
+        self._stream.write(_block(BLOCK_ENHANCED_PACKET, packet))
+        self.datagrams += 1
+
+    def flush(self) -> None:
+        self._stream.flush()

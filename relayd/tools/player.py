@@ -8,18 +8,16 @@ sends every datagram that is due with non-blocking ``sendto`` and no await per d
 payload length u16, channel u16, sequence u32, little-endian; mostly 153-byte datagrams with
 bursts), so the demo needs no capture file.
 
-Run as ``python -m relayd.player`` it replays a pcapng file (or synthetic traffic) from the
+Run as ``python -m relayd.tools.player`` it replays a pcapng file (or synthetic traffic) from the
 command line; the namespace tests use it as their data-centre feed.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
@@ -27,14 +25,12 @@ from ipaddress import IPv4Address
 import attrs
 import trio
 
-from relayd.netif import InterfaceError, open_multicast_sender, resolve_interface
-from relayd.pcapng import CapturedDatagram, PcapngError, iter_datagrams
+from relayd.tools.pcapng import CapturedDatagram
 
 __all__ = [
     "DERIBIT_HEADER",
     "SYNTH_GROUPS",
     "ReplayStats",
-    "main",
     "replay",
     "synth_deribit",
 ]
@@ -87,6 +83,7 @@ async def replay(
     *,
     speed: float = 1.0,
     skip: frozenset[int] = frozenset(),
+    stats: ReplayStats | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> ReplayStats:
     """Send ``datagrams`` to their group:port through ``sock`` at their capture pacing.
@@ -94,45 +91,49 @@ async def replay(
     ``speed`` multiplies the pace (100 = a hundred times faster); 0 or ``math.inf`` sends as
     fast as the socket takes them. ``skip`` holds indexes (0-based, in input order) that are
     not sent, to make a gap on purpose. The input may be a lazy (even endless) iterator.
+    ``stats`` (a fresh one by default) is kept current, so a caller that cancels the replay
+    still knows what went out.
     """
     if speed < 0 or math.isnan(speed):
         raise ValueError(f"speed must be positive, 0 or inf, not {speed}")
     flat_out = speed == 0 or math.isinf(speed)
     scale = 0.0 if flat_out else 1e-9 / speed
     addresses: dict[tuple[IPv4Address, int], tuple[str, int]] = {}
-    stats = ReplayStats()
+    stats = ReplayStats() if stats is None else stats
     task_status.started()
     start = trio.current_time()
     now = start
     first_ts: int | None = None
     since_checkpoint = 0
-    for index, datagram in enumerate(datagrams):
-        if first_ts is None:
-            first_ts = datagram.ts_ns
-        if flat_out:
-            since_checkpoint += 1
-            if since_checkpoint >= _CHECKPOINT_EVERY:
-                since_checkpoint = 0
-                await trio.lowlevel.checkpoint()
-        else:
-            due = start + (datagram.ts_ns - first_ts) * scale
-            if due > now:
-                await trio.sleep_until(due)
-                now = trio.current_time()
-                stats.max_late = max(stats.max_late, now - due)
-        if index in skip:
-            continue
-        key = (datagram.group, datagram.port)
-        address = addresses.get(key)
-        if address is None:
-            address = addresses[key] = (str(datagram.group), datagram.port)
-        try:
-            sock.sendto(datagram.payload, address)
-        except BlockingIOError:
-            stats.waits += await _send(sock, datagram.payload, address)
-        stats.datagrams += 1
-        stats.bytes += len(datagram.payload)
-    stats.elapsed = trio.current_time() - start
+    try:
+        for index, datagram in enumerate(datagrams):
+            if first_ts is None:
+                first_ts = datagram.ts_ns
+            if flat_out:
+                since_checkpoint += 1
+                if since_checkpoint >= _CHECKPOINT_EVERY:
+                    since_checkpoint = 0
+                    await trio.lowlevel.checkpoint()
+            else:
+                due = start + (datagram.ts_ns - first_ts) * scale
+                if due > now:
+                    await trio.sleep_until(due)
+                    now = trio.current_time()
+                    stats.max_late = max(stats.max_late, now - due)
+            if index in skip:
+                continue
+            key = (datagram.group, datagram.port)
+            address = addresses.get(key)
+            if address is None:
+                address = addresses[key] = (str(datagram.group), datagram.port)
+            try:
+                sock.sendto(datagram.payload, address)
+            except BlockingIOError:
+                stats.waits += await _send(sock, datagram.payload, address)
+            stats.datagrams += 1
+            stats.bytes += len(datagram.payload)
+    finally:
+        stats.elapsed = trio.current_time() - start
     return stats
 
 
@@ -185,53 +186,3 @@ def synth_deribit(
             produced += 1
             yield CapturedDatagram(ts + position * 20_000, group, port, head + body)
         ts += size_of_burst * 20_000
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m relayd.player",
-        description="Replay a pcapng capture (or synthetic Deribit traffic) as multicast.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("capture", nargs="?", help="pcapng file to replay")
-    source.add_argument("--synth", type=int, metavar="N", help="send N synthetic datagrams")
-    parser.add_argument("--interface", default="0.0.0.0", help="egress interface or address")
-    parser.add_argument("--speed", type=float, default=1.0, help="pace factor (0: flat out)")
-    parser.add_argument("--ttl", type=int, default=1)
-    parser.add_argument("--loop", action="store_true", help="deliver to local listeners too")
-    parser.add_argument(
-        "--skip", type=int, action="append", default=[], metavar="INDEX",
-        help="do not send the datagram with this 0-based index (repeatable)",
-    )  # fmt: skip
-    parser.add_argument("--rate", type=float, default=63.0, help="synthetic datagrams/s")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Replay from the command line; prints one summary line to stdout."""
-    args = _parse_args(argv)
-    try:
-        interface = resolve_interface(args.interface)
-        datagrams: Iterable[CapturedDatagram]
-        if args.capture is not None:
-            datagrams = list(iter_datagrams(args.capture))
-        else:
-            datagrams = synth_deribit(args.synth, rate=args.rate)
-        sock = open_multicast_sender(interface, args.ttl, args.loop, 4 * 1024 * 1024)
-    except (InterfaceError, PcapngError, OSError) as exc:
-        print(f"player: {exc}", file=sys.stderr)
-        return 2
-    with sock:
-        stats = trio.run(
-            lambda: replay(sock, datagrams, speed=args.speed, skip=frozenset(args.skip))
-        )
-    print(
-        f"sent {stats.datagrams} datagrams, {stats.bytes} bytes in {stats.elapsed:.3f} s"
-        f" (max late {stats.max_late * 1e3:.2f} ms, {stats.waits} waits)",
-        flush=True,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,13 @@ and nothing is relayed twice. Both addresses are picked at random in 127.0.0.0/8
 not see each other's traffic. The groups are remapped into 239.255.77.0/24 (organisation-local
 scope, ports 16100-16999), so the demo cannot collide with a real feed.
 
-Latency is measured from the player's send to the receiver's receive: the player keeps each
-datagram's send time under its group, port and payload (byte-identical at the receiver).
+Two latencies, because they measure different things. The relay's own (capture feed receive to
+emit feed send) comes from the emit feed's latency histogram, the figure relayd exports as
+``relayd_capture_to_emit_latency_seconds``; it is given as the upper bound of its log2 bucket.
+End to end (player send to receiver receive) also holds this demo's own Python player and
+receiver, Trio tasks in the same process as the feeds, so it is several times larger: the
+player keeps each datagram's send time under its group, port and payload (byte-identical at the
+receiver).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import trio
 from relayd.capture import CaptureFeedRuntime
 from relayd.config import CaptureFeed, EmitFeed, Endpoint, GroupPort
 from relayd.emit import EmitFeedRuntime
+from relayd.metrics import sample_name
 from relayd.netif import (
     ANCBUFSIZE,
     MAX_DATAGRAM,
@@ -48,18 +54,32 @@ from relayd.netif import (
     open_multicast_sender,
     parse_ancillary,
 )
-from relayd.pcapng import CapturedDatagram, PcapngError, iter_datagrams
-from relayd.player import synth_deribit
+from relayd.tools import samples
+from relayd.tools.pcapng import CapturedDatagram, PcapngError, iter_datagrams
+from relayd.tools.player import synth_deribit
 
 __all__ = ["DEMO_NETWORK", "Remap", "main"]
 
-log = logging.getLogger("relayd.demo")
+log = logging.getLogger("relayd.tools.demo")
 
 LOOPBACK = IPv4Address("127.0.0.1")
 DEMO_NETWORK = IPv4Network("239.255.77.0/24")
 DEMO_PORTS = range(16100, 17000, 8)  # first port of a run; a capture rarely has 8 ports
 FEED = "demo"
-SAMPLE_NAME = "sample_capture_v1_6.pcapng"
+LEGEND = """\
+columns: sent/s, relayed/s  datagrams per second in the last second (relayed: seen by the receiver)
+         relayed/sent      totals since the start
+         pending           sent, not seen by the receiver yet: in flight now, lost only if still
+                           missing at the end (the summary counts those)
+         relay p50/p99     capture feed receive -> emit feed send, in µs: relayd's own latency,
+                           from the emit feed's histogram (log2 buckets, so "<=" a bound)
+         e2e p50/p99       player send -> receiver, in ms: adds this demo's Python player and
+                           receiver, scheduled with the feeds in one process"""
+HEADER = (
+    f"{'time':>6}  {'sent/s':>7}  {'relayed/s':>9}  {'relayed/sent':>17}  {'pending':>7}"
+    f"  {'relay p50/p99 µs':>16}  {'e2e p50/p99 ms':>15}"
+)
+LATENCY_FAMILY = "relayd_capture_to_emit_latency_seconds"
 _REPORT_EVERY = 1.0
 _RESERVOIR = 100_000
 _DRAIN_GRACE = 1.0  # after the last send, wait this long for stragglers
@@ -92,9 +112,8 @@ class Remap:
 
 def find_sample() -> Path | None:
     """The Deribit sample capture next to the project, if this is a source checkout."""
-    root = Path(__file__).resolve().parent.parent
-    candidate = root.parent / "shared" / "testdata" / "deribit" / SAMPLE_NAME
-    return candidate if candidate.is_file() else None
+    folder = samples.deribit_dir()
+    return None if folder is None else folder / samples.DERIBIT_SAMPLE
 
 
 def load_traffic(
@@ -106,10 +125,13 @@ def load_traffic(
         source = list(iter_datagrams(pcap))
         if not source:
             raise PcapngError(f"{pcap} holds no multicast UDP datagrams")
-        what = f"{pcap.name} ({len(source)} datagrams)"
+        what = f"{pcap} ({len(source)} datagrams)"
     else:
         source = list(synth_deribit(4000, rate=float(rate or 63), start_ns=0))
-        what = "synthetic Deribit-like traffic"
+        what = (
+            "synthetic Deribit-shaped traffic (the Deribit sample was not found at"
+            " ../shared/testdata/deribit/ next to this checkout; --pcap replays a capture)"
+        )
     out = []
     for index, datagram in enumerate(source):
         group, port = remap(datagram.group, datagram.port)
@@ -179,6 +201,89 @@ async def _until(predicate: Callable[[], bool], interval: float = 0.005) -> None
         await trio.sleep(interval)
 
 
+class Relay:
+    """The two feeds of the demo: every use of the feed classes is here."""
+
+    def __init__(self, emit_source: IPv4Address, player_source: IPv4Address) -> None:
+        self.player_source = player_source
+        self.emit = EmitFeedRuntime(
+            EmitFeed(
+                name=FEED,
+                listen=Endpoint(str(LOOPBACK), 0),
+                interface=str(emit_source),
+                ttl=1,
+                loop=True,
+                allowed_sources=(IPv4Network("127.0.0.0/8"),),
+                allowed_groups=(DEMO_NETWORK,),
+            )
+        )
+        self.capture: CaptureFeedRuntime | None = None
+
+    async def start(self, nursery: trio.Nursery, pairs: Sequence[tuple[IPv4Address, int]]) -> int:
+        """Start both feeds and wait until the capture feed streams; the emit feed's port."""
+        emit = self.emit
+        await nursery.start(emit.run)
+        assert emit.listen_port is not None
+        capture = self.capture = CaptureFeedRuntime(
+            CaptureFeed(
+                name=FEED,
+                interface=str(LOOPBACK),
+                groups=tuple(GroupPort(g, p) for g, p in pairs),
+                targets=(Endpoint(str(LOOPBACK), emit.listen_port),),
+                receive_buffer=8 * 1024 * 1024,
+                replay_max_bytes=32 * 1024 * 1024,
+                sources=(self.player_source,),
+            )
+        )
+        await nursery.start(capture.run)
+        with trio.fail_after(5):
+            await _until(lambda: capture.connected)
+        return emit.listen_port
+
+    def latency_buckets(self) -> list[tuple[float, int]]:
+        """The emit feed's capture-to-emit histogram: (upper bound s, cumulative count)."""
+        out = []
+        for sample in self.emit.samples():
+            if sample_name(sample) != LATENCY_FAMILY + "_bucket":
+                continue
+            bound = dict(sample.labels)["le"]
+            out.append((math.inf if bound == "+Inf" else float(bound), int(sample.value)))
+        return sorted(out)
+
+    def summary(self) -> str:
+        capture = self.capture
+        if capture is None:
+            return ""
+        health = capture.health().detail
+        return (
+            f"  capture feed: {capture.datagrams_in} datagrams in, kernel drops "
+            f"{health.get('kernel_drops')}, replay drops {health.get('replay_dropped_datagrams')},"
+            f" acked {health.get('acked_seq')}"
+        )
+
+
+def bucket_quantile(
+    buckets: Sequence[tuple[float, int]], fraction: float, base: Sequence[tuple[float, int]] = ()
+) -> float:
+    """The upper bound (s) of the bucket holding the ``fraction`` quantile of cumulative
+    ``buckets`` minus an earlier reading ``base``; NaN when empty."""
+    before = dict(base)
+    counts = [(bound, count - before.get(bound, 0)) for bound, count in buckets]
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return math.nan
+    for bound, cumulative in counts:
+        if cumulative >= fraction * total:
+            return bound
+    return math.inf
+
+
+def _fmt_us(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    return ">33s" if math.isinf(seconds) else f"<={seconds * 1e6:.0f}"
+
+
 class Demo:
     def __init__(
         self,
@@ -199,25 +304,14 @@ class Demo:
         self.pending: dict[tuple[int, int, bytes], collections.deque[int]] = {}
         self.keys = [(int(d.group), d.port, d.payload) for d in traffic]
         self.pairs = sorted({(d.group, d.port) for d in traffic})
-        self.emit: EmitFeedRuntime | None = None
-        self.capture: CaptureFeedRuntime | None = None
+        self.relay = Relay(self.emit_source, self.player_source)
+        self.first_relayed_at: float | None = None  # seconds after the player started
+        self.started_ns = time.time_ns()
         self.sending_done = False
         self._stop_sending = trio.CancelScope()
 
     async def run(self) -> int:
         pairs = self.pairs
-        emit = EmitFeedRuntime(
-            EmitFeed(
-                name=FEED,
-                listen=Endpoint(str(LOOPBACK), 0),
-                interface=str(self.emit_source),
-                ttl=1,
-                loop=True,
-                allowed_sources=(IPv4Network("127.0.0.0/8"),),
-                allowed_groups=(DEMO_NETWORK,),
-            )
-        )
-        self.emit = emit
         receivers = open_group_receivers(
             pairs, LOOPBACK, 8 * 1024 * 1024, sources=(self.emit_source,)
         )
@@ -225,30 +319,14 @@ class Demo:
         try:
             player.bind((str(self.player_source), 0))
             async with trio.open_nursery() as nursery:
-                await nursery.start(emit.run)
-                assert emit.listen_port is not None
-                capture = CaptureFeedRuntime(
-                    CaptureFeed(
-                        name=FEED,
-                        interface=str(LOOPBACK),
-                        groups=tuple(GroupPort(g, p) for g, p in pairs),
-                        targets=(Endpoint(str(LOOPBACK), emit.listen_port),),
-                        receive_buffer=8 * 1024 * 1024,
-                        replay_max_bytes=32 * 1024 * 1024,
-                        sources=(self.player_source,),
-                    )
-                )
-                self.capture = capture
-                await nursery.start(capture.run)
-                with trio.fail_after(5):
-                    await _until(lambda: capture.connected)
+                port = await self.relay.start(nursery, pairs)
                 for receiver in receivers:
                     nursery.start_soon(self._receive, receiver)
                 print(
                     f"relayd demo: player {self.player_source} -> capture feed (joins on "
-                    f"127.0.0.1 for that source) -> TCP 127.0.0.1:{emit.listen_port} -> emit "
+                    f"127.0.0.1 for that source) -> TCP 127.0.0.1:{port} -> emit "
                     f"feed -> multicast from {self.emit_source} to {len(pairs)} groups in "
-                    f"{DEMO_NETWORK} -> receiver. Ctrl-C stops.",
+                    f"{DEMO_NETWORK} -> receiver. Ctrl-C stops.\n{LEGEND}\n{HEADER}",
                     file=self.out,
                     flush=True,
                 )
@@ -285,6 +363,7 @@ class Demo:
             if self.duration is not None:
                 self._stop_sending.deadline = trio.current_time() + self.duration
             start = trio.current_time()
+            self.started_ns = time_ns()
             sent_since_checkpoint = 0
             for due, index in endless(traffic, self.speed):
                 when = start + due
@@ -328,6 +407,8 @@ class Demo:
                 group, _drops = parse_ancillary(ancdata)
                 queue = pending.get((group, port, payload))
                 if queue:
+                    if not stats.received:
+                        self.first_relayed_at = (now - self.started_ns) / 1e9
                     stats.received += 1
                     stats.observe(now - queue.popleft())
                 elif queue is None:
@@ -345,26 +426,30 @@ class Demo:
     async def _report_loop(self) -> None:
         started = trio.current_time()
         last = (started, 0, 0)
+        relay_before = self.relay.latency_buckets()
         while True:
             await trio.sleep(_REPORT_EVERY)
             now = trio.current_time()
             stats = self.stats
             window = sorted(stats.window)
             stats.window.clear()
+            relay_now = self.relay.latency_buckets()
             then, sent_before, received_before = last
             elapsed = max(now - then, 1e-9)
-            in_flight = stats.sent - stats.received
+            relay = "/".join(
+                _fmt_us(bucket_quantile(relay_now, q, relay_before)) for q in (0.5, 0.99)
+            )
+            e2e = "/".join(_fmt_ms(percentile(window, q)) for q in (0.5, 0.99))
             print(
-                f"{now - started:6.1f}s  sent {(stats.sent - sent_before) / elapsed:7.0f}/s  "
-                f"relayed {(stats.received - received_before) / elapsed:7.0f}/s  "
-                f"total {stats.received}/{stats.sent}  in flight/lost {in_flight}  "
-                f"latency ms p50 {_fmt_ms(percentile(window, 0.5))} "
-                f"p99 {_fmt_ms(percentile(window, 0.99))} "
-                f"max {_fmt_ms(window[-1] / 1e6 if window else math.nan)}",
+                f"{now - started:5.1f}s  {(stats.sent - sent_before) / elapsed:7.0f}"
+                f"  {(stats.received - received_before) / elapsed:9.0f}"
+                f"  {f'{stats.received}/{stats.sent}':>17}  {stats.sent - stats.received:7d}"
+                f"  {relay:>16}  {e2e:>15}",
                 file=self.out,
                 flush=True,
             )
             last = (now, stats.sent, stats.received)
+            relay_before = relay_now
             self._expire()
 
     def _summary(self) -> None:
@@ -372,22 +457,28 @@ class Demo:
         values = sorted(stats.reservoir)
         lost = stats.sent - stats.received
         share = lost / stats.sent * 100 if stats.sent else 0.0
+        relay = self.relay.latency_buckets()
+        first = "-" if self.first_relayed_at is None else f"{self.first_relayed_at * 1e3:.1f} ms"
         lines = [
             "summary:",
             f"  sent {stats.sent} datagrams, relayed {stats.received}, lost {lost} ({share:.3f} %),"
             f" duplicates {stats.duplicates}, unknown {stats.unknown}",
-            f"  end-to-end latency ms: p50 {_fmt_ms(percentile(values, 0.5))}"
+            f"  first datagram relayed {first} after the player started",
+            f"  relay latency µs (capture feed receive -> emit feed send, relayd's histogram):"
+            f" p50 {_fmt_us(bucket_quantile(relay, 0.5))}"
+            f"  p99 {_fmt_us(bucket_quantile(relay, 0.99))}"
+            f"  p99.9 {_fmt_us(bucket_quantile(relay, 0.999))}",
+            f"  end-to-end latency ms (Python player -> Python receiver, both in this process):"
+            f" p50 {_fmt_ms(percentile(values, 0.5))}"
             f"  p99 {_fmt_ms(percentile(values, 0.99))}"
             f"  p99.9 {_fmt_ms(percentile(values, 0.999))}"
             f"  max {_fmt_ms(stats.latency_max_ns / 1e6 if values else math.nan)}",
+            "  the gap between the two is the demo's own player and receiver, not the relay;"
+            " docs/PERFORMANCE.md measures the relay with a C sender and receiver",
         ]
-        capture = self.capture
-        if capture is not None:
-            lines.append(
-                f"  capture feed: {capture.datagrams_in} datagrams in, kernel drops "
-                f"{capture.kernel_drops}, replay drops {capture.replay.dropped_datagrams}, "
-                f"acked {capture.replay.acked_seq}"
-            )
+        relay_facts = self.relay.summary()
+        if relay_facts:
+            lines.append(relay_facts)
         print("\n".join(lines), file=self.out, flush=True)
 
 
@@ -412,7 +503,8 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, PcapngError) as exc:
         print(f"relayd demo: {exc}", file=sys.stderr)
         return 2
-    print(f"relayd demo: replaying {what} at {speed:g}x; {_describe_groups(remap)}", flush=True)
+    print(f"relayd demo: replaying {what} at {speed:g}x", flush=True)
+    print(f"relayd demo: mapped into the demo range: {_describe_groups(remap)}", flush=True)
     demo = Demo(traffic, speed, duration, sys.stdout, rng)
     try:
         return trio.run(demo.run)
