@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages the real-system checks use, when they are missing.
 set -euo pipefail
-want=(iproute2 tcpdump shellcheck packer systemd-container debootstrap gcc libc6-dev cppcheck)
+# podman builds and runs the container image (runc: crun refuses hosts with hybrid cgroups;
+# catatonit: podman --init).
+want=(iproute2 tcpdump shellcheck packer systemd-container debootstrap gcc libc6-dev cppcheck
+  podman runc catatonit)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
