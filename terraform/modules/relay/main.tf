@@ -57,7 +57,8 @@ locals {
     relayd_toml      = local.relayd_toml
     ecs_cluster_name = var.ecs_cluster_name
     log_group_name   = local.log_group_name
-    auth_keys        = local.auth_keys
+    auth_keys        = local.instance_auth_keys
+    ecs_mode         = local.ecs
   })
 
   sns_topic_arn = var.alarms.sns_topic_arn != null ? var.alarms.sns_topic_arn : aws_sns_topic.alarms[0].arn
@@ -148,7 +149,7 @@ resource "aws_lb_target_group" "feed" {
 
   name        = "${var.name}-${replace(each.key, "_", "-")}"
   vpc_id      = var.vpc.id
-  target_type = "instance"
+  target_type = local.ecs ? "ip" : "instance" # ECS mode: the tasks' awsvpc ENIs (ecs.tf)
   protocol    = "TCP"
   port        = each.value.port
 
@@ -331,7 +332,7 @@ resource "aws_iam_role" "instance" {
 resource "aws_iam_role_policy_attachment" "instance" {
   for_each = toset(concat(
     ["CloudWatchAgentServerPolicy", "AmazonSSMManagedInstanceCore"],
-    var.attach_ecs_instance_policy ? ["service-role/AmazonEC2ContainerServiceforEC2Role"] : [],
+    var.attach_ecs_instance_policy || local.ecs ? ["service-role/AmazonEC2ContainerServiceforEC2Role"] : [],
   ))
 
   role       = aws_iam_role.instance.name
@@ -342,22 +343,22 @@ resource "aws_iam_role_policy_attachment" "instance" {
 # ssm:GetParameter(s) on every parameter of the account, so unless restrict_parameter_reads is
 # off, a Deny takes back all parameter reads but these and the CloudWatch agent's own.
 resource "aws_iam_role_policy" "parameters" {
-  count = length(local.auth_key_parameter_arns) > 0 || var.restrict_parameter_reads ? 1 : 0
+  count = length(local.instance_key_parameter_arns) > 0 || var.restrict_parameter_reads ? 1 : 0
 
   name_prefix = "relayd-parameters-"
   role        = aws_iam_role.instance.id
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = concat(
-      length(local.auth_key_parameter_arns) == 0 ? [] : [{
+      length(local.instance_key_parameter_arns) == 0 ? [] : [{
         Sid      = "ReadFeedAuthKeys"
         Effect   = "Allow"
         Action   = ["ssm:GetParameter"]
-        Resource = local.auth_key_parameter_arns
+        Resource = local.instance_key_parameter_arns
       }],
       # With the AWS managed key aws/ssm there is nothing to add: its key policy already lets
       # every principal of the account decrypt through SSM (and only through SSM).
-      length(local.auth_key_parameter_arns) == 0 || length(var.auth_key_kms_key_arns) == 0 ? [] : [{
+      length(local.instance_key_parameter_arns) == 0 || length(var.auth_key_kms_key_arns) == 0 ? [] : [{
         Sid      = "DecryptFeedAuthKeysThroughSsm"
         Effect   = "Allow"
         Action   = ["kms:Decrypt"]
@@ -365,7 +366,7 @@ resource "aws_iam_role_policy" "parameters" {
         Condition = {
           StringEquals = {
             "kms:ViaService"                      = [for r in local.auth_key_regions : "ssm.${r}.${data.aws_partition.current.dns_suffix}"]
-            "kms:EncryptionContext:PARAMETER_ARN" = local.auth_key_parameter_arns
+            "kms:EncryptionContext:PARAMETER_ARN" = local.instance_key_parameter_arns
           }
         }
       }],
@@ -373,7 +374,7 @@ resource "aws_iam_role_policy" "parameters" {
         Sid    = "NoOtherParameters"
         Effect = "Deny"
         Action = ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath", "ssm:GetParameterHistory"]
-        NotResource = concat(local.auth_key_parameter_arns, [
+        NotResource = concat(local.instance_key_parameter_arns, [
           "arn:${local.partition}:ssm:*:${local.account_id}:parameter/AmazonCloudWatch-*",
         ])
       }] : [],
@@ -453,7 +454,9 @@ resource "aws_autoscaling_group" "this" {
   min_size            = var.instance.min_size
   max_size            = var.instance.max_size
   desired_capacity    = var.instance.desired_capacity
-  target_group_arns   = [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
+  target_group_arns   = local.ecs ? [] : [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
+  # ECS mode: the capacity provider's managed termination protection needs it.
+  protect_from_scale_in = local.ecs
 
   # Replace an instance the NLB finds unhealthy, not only one EC2 finds broken.
   health_check_type         = "ELB"
@@ -475,13 +478,16 @@ resource "aws_autoscaling_group" "this" {
     preferences {
       min_healthy_percentage = 50
       instance_warmup        = 60
+      # ECS mode: instances running a task are protected from scale-in; replace them too
+      # (managed draining moves the task first).
+      scale_in_protected_instances = local.ecs ? "Refresh" : "Ignore"
     }
   }
 
   enabled_metrics = ["GroupInServiceInstances", "GroupDesiredCapacity", "GroupTotalInstances"]
 
   dynamic "tag" {
-    for_each = merge(local.tags, { Name = "${var.name}-relay" })
+    for_each = merge(local.tags, { Name = "${var.name}-relay" }, local.ecs ? { AmazonECSManaged = "true" } : {})
     content {
       key                 = tag.key
       value               = tag.value
