@@ -15,6 +15,9 @@ marker=/etc/relayd/ecs-mode
 dropin_dir=/etc/systemd/system/ecs.service.d
 
 log() { printf 'ecs-agent.sh: %s\n' "$*"; }
+# has_unit UNIT: the unit file exists (captured, not piped into grep -q: with pipefail, grep's
+# early exit can fail the pipeline with SIGPIPE).
+has_unit() { [ -n "$(systemctl list-unit-files --no-legend "$1" 2>/dev/null)" ]; }
 
 install -d -m 0755 "$dropin_dir"
 cat >"$dropin_dir/50-relayd-mode.conf" <<CONF
@@ -28,7 +31,7 @@ rm -f "$marker"
 
 # The ECS-optimized base enables the agent (and Docker, which only the agent needs).
 for unit in ecs.service docker.service docker.socket; do
-  if systemctl list-unit-files "$unit" 2>/dev/null | grep -q "^$unit"; then
+  if has_unit "$unit"; then
     systemctl disable "$unit"
     log "$unit disabled (ECS mode starts it from user data)"
   fi
@@ -41,7 +44,7 @@ fi
 
 # The result, checked where it is made.
 [ -f "$dropin_dir/50-relayd-mode.conf" ] || { echo "ecs-agent.sh: no drop-in" >&2; exit 1; }
-if systemctl list-unit-files ecs.service 2>/dev/null | grep -q '^ecs.service'; then
+if has_unit ecs.service; then
   state=$(systemctl is-enabled ecs.service 2>/dev/null || true)
   [ "$state" = disabled ] || { echo "ecs-agent.sh: ecs.service is $state" >&2; exit 1; }
 fi

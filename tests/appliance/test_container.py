@@ -51,6 +51,8 @@ def _missing() -> str | None:
         return "needs root (podman with network namespaces, debootstrap)"
     if shutil.which("podman") is None:
         return "podman is not installed (Debian: podman; .ci/system-deps.sh installs it)"
+    if shutil.which("debootstrap") is None:
+        return "debootstrap is not installed: no Debian 12 base image (rootfs.py)"
     info = subprocess.run(
         ["podman", "info", "--format", "{{.Store.GraphDriverName}}"],
         capture_output=True,
