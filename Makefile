@@ -81,7 +81,7 @@ ami: dist
 # The container image (podman, as root), on the Debian 12 rootfs the boot test debootstraps
 # (no registry needed); container/build-image.sh --base IMAGE builds on another base.
 image: $(STAMP) system-deps
-	bash container/build-image.sh --rootfs "$$($(BIN)/python tests/appliance/rootfs.py)"
+	PYTHON=$(BIN)/python bash container/build-image.sh --rootfs "$$($(BIN)/python tests/appliance/rootfs.py)"
 
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,7 +9,7 @@
 #                  no container registry is needed
 #   --base IMAGE   base image (default localhost/relayd-base:bookworm)
 #   --tag TAG      image name (default localhost/relayd:<version>)
-# Environment: PYTHON (default python3) runs pip; RELAYD_BUILD_NETWORK is podman build's
+# Environment: PYTHON (default python3; 3.11 or later, with pip) runs pip; RELAYD_BUILD_NETWORK is podman build's
 # --network for the build stage's apt-get (default: podman's own default).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,7 @@ import resource
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ def image() -> Iterator[Image]:
         text=True,
         timeout=900,
         check=False,
+        # This interpreter's pip fills the wheelhouse (Debian's python3 may have no pip).
+        env={**os.environ, "PYTHON": sys.executable},
     )
     took = time.monotonic() - t0
     try:
