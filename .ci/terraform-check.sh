@@ -107,7 +107,8 @@ step "relayd check-config on the rendered relayd.toml"
 # from each environment's example tfvars and from the relay module's edge-case inputs.
 render() {
   local dir=$1 var_file=$2 expr=$3 out=$4
-  echo "base64encode($expr)" | tf 120 "$dir" console -var-file="$var_file" -no-color >"$out.b64"
+  shift 4
+  echo "base64encode($expr)" | tf 120 "$dir" console -var-file="$var_file" "$@" -no-color >"$out.b64"
   tr -d '"\n' <"$out.b64" | base64 -d >"$out"
   [ -s "$out" ] || { echo "empty relayd.toml rendered from $tf_root/$dir" >&2; exit 1; }
 }
@@ -119,11 +120,16 @@ for dir in "${envs[@]}"; do
 done
 render modules/relay tests/edge-cases.tfvars local.relayd_toml "$work/relayd-edge-cases.toml"
 tomls+=("$work/relayd-edge-cases.toml")
+# ECS mode (the same inputs): the task's relayd.toml (RELAYD_CONFIG_TOML) and the user data.
+ecs_vars=(-var mode=ecs -var 'ecs={image_tag="check"}')
+render modules/relay tests/edge-cases.tfvars local.relayd_toml_ecs "$work/relayd-edge-cases-ecs.toml" "${ecs_vars[@]}"
+tomls+=("$work/relayd-edge-cases-ecs.toml")
 
 # The user data around it is a bash script: shellcheck it too where shellcheck is installed.
 render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data.sh"
+render modules/relay tests/edge-cases.tfvars local.user_data "$work/user-data-ecs.sh" "${ecs_vars[@]}"
 if command -v shellcheck >/dev/null; then
-  timeout 60 shellcheck -s bash "$work/user-data.sh" "$tf_root/tests/user-data-keys.sh" \
+  timeout 60 shellcheck -s bash "$work/user-data.sh" "$work/user-data-ecs.sh" "$tf_root/tests/user-data-keys.sh" \
     "$tf_root/modules/relay/files/relayd-host-check.sh"
   echo "user data: shellcheck clean"
 else

@@ -92,6 +92,7 @@ build {
     execute_command = "sudo env {{ .Vars }} bash '{{ .Path }}'"
     scripts = [
       "${path.root}/scripts/install.sh",
+      "${path.root}/scripts/ecs-agent.sh",
       "${path.root}/scripts/validate.sh",
       "${path.root}/scripts/cleanup.sh",
     ]

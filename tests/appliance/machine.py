@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # The Packer build's provisioning scripts (packer/scripts/), in its order.
-PROVISION = ("install", "validate", "cleanup")
+PROVISION = ("install", "ecs-agent", "validate", "cleanup")
 # Mount points inside the install container (its /run is a fresh tmpfs, so nothing is left).
 IN_DIST = "/run/relayd-install/dist"
 IN_WHEELHOUSE = "/run/relayd-install/wheelhouse"

@@ -60,7 +60,7 @@ locals {
   user_data = templatefile("${path.module}/templates/user-data.sh.tftpl", {
     relayd_toml      = local.relayd_toml
     ecs_cluster_name = var.ecs_cluster_name
-    auth_keys        = local.auth_keys
+    auth_keys        = local.instance_auth_keys
     agent_config     = local.agent_config_rendered
     prometheus_yaml  = local.prometheus_yaml_rendered
     health_port      = var.health_port
@@ -70,6 +70,7 @@ locals {
     host_check_failures = var.host_health_check.failures
     host_check_interval = var.host_health_check.interval_seconds
     host_check_grace    = var.host_health_check.grace_period_seconds
+    ecs_mode            = local.ecs
   })
 
   sns_topic_arn = var.alarms.sns_topic_arn != null ? var.alarms.sns_topic_arn : aws_sns_topic.alarms[0].arn
@@ -165,7 +166,7 @@ resource "aws_lb_target_group" "feed" {
   # exist before the listener lets go of the old one (create_before_destroy).
   name_prefix = "${substr(replace(each.key, "_", "-"), 0, 5)}-"
   vpc_id      = var.vpc.id
-  target_type = "instance"
+  target_type = local.ecs ? "ip" : "instance" # ECS mode: the tasks' awsvpc ENIs (ecs.tf)
   protocol    = "TCP"
   port        = each.value.port
 
@@ -352,7 +353,7 @@ resource "aws_iam_role" "instance" {
 resource "aws_iam_role_policy_attachment" "instance" {
   for_each = toset(concat(
     ["CloudWatchAgentServerPolicy", "AmazonSSMManagedInstanceCore"],
-    var.attach_ecs_instance_policy ? ["service-role/AmazonEC2ContainerServiceforEC2Role"] : [],
+    var.attach_ecs_instance_policy || local.ecs ? ["service-role/AmazonEC2ContainerServiceforEC2Role"] : [],
   ))
 
   role       = aws_iam_role.instance.name
@@ -363,22 +364,22 @@ resource "aws_iam_role_policy_attachment" "instance" {
 # ssm:GetParameter(s) on every parameter of the account, so unless restrict_parameter_reads is
 # off, a Deny takes back all parameter reads but these and the CloudWatch agent's own.
 resource "aws_iam_role_policy" "parameters" {
-  count = length(local.auth_key_parameter_arns) > 0 || var.restrict_parameter_reads ? 1 : 0
+  count = length(local.instance_key_parameter_arns) > 0 || var.restrict_parameter_reads ? 1 : 0
 
   name_prefix = "relayd-parameters-"
   role        = aws_iam_role.instance.id
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = concat(
-      length(local.auth_key_parameter_arns) == 0 ? [] : [{
+      length(local.instance_key_parameter_arns) == 0 ? [] : [{
         Sid      = "ReadFeedAuthKeys"
         Effect   = "Allow"
         Action   = ["ssm:GetParameter"]
-        Resource = local.auth_key_parameter_arns
+        Resource = local.instance_key_parameter_arns
       }],
       # With the AWS managed key aws/ssm there is nothing to add: its key policy already lets
       # every principal of the account decrypt through SSM (and only through SSM).
-      length(local.auth_key_parameter_arns) == 0 || length(var.auth_key_kms_key_arns) == 0 ? [] : [{
+      length(local.instance_key_parameter_arns) == 0 || length(var.auth_key_kms_key_arns) == 0 ? [] : [{
         Sid      = "DecryptFeedAuthKeysThroughSsm"
         Effect   = "Allow"
         Action   = ["kms:Decrypt"]
@@ -386,7 +387,7 @@ resource "aws_iam_role_policy" "parameters" {
         Condition = {
           StringEquals = {
             "kms:ViaService"                      = [for r in local.auth_key_regions : "ssm.${r}.${data.aws_partition.current.dns_suffix}"]
-            "kms:EncryptionContext:PARAMETER_ARN" = local.auth_key_parameter_arns
+            "kms:EncryptionContext:PARAMETER_ARN" = local.instance_key_parameter_arns
           }
         }
       }],
@@ -394,7 +395,7 @@ resource "aws_iam_role_policy" "parameters" {
         Sid    = "NoOtherParameters"
         Effect = "Deny"
         Action = ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath", "ssm:GetParameterHistory"]
-        NotResource = concat(local.auth_key_parameter_arns, [
+        NotResource = concat(local.instance_key_parameter_arns, [
           "arn:${local.partition}:ssm:*:${local.account_id}:parameter/AmazonCloudWatch-*",
         ])
       }] : [],
@@ -474,7 +475,9 @@ resource "aws_autoscaling_group" "this" {
   min_size            = var.instance.min_size
   max_size            = var.instance.max_size
   desired_capacity    = var.instance.desired_capacity
-  target_group_arns   = [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
+  target_group_arns   = local.ecs ? [] : [for name in sort(keys(var.feeds)) : aws_lb_target_group.feed[name].arn]
+  # ECS mode: the capacity provider's managed termination protection needs it.
+  protect_from_scale_in = local.ecs
 
   # Instance health is the host and the relayd process, never one feed: EC2 status checks, and
   # the instance's own host check (relayd-host-check, see host_check.tf) that reports an
@@ -519,13 +522,16 @@ resource "aws_autoscaling_group" "this" {
     preferences {
       min_healthy_percentage = 50
       instance_warmup        = 60
+      # ECS mode: instances running a task are protected from scale-in; replace them too
+      # (managed draining moves the task first).
+      scale_in_protected_instances = local.ecs ? "Refresh" : "Ignore"
     }
   }
 
   enabled_metrics = ["GroupInServiceInstances", "GroupDesiredCapacity", "GroupTotalInstances"]
 
   dynamic "tag" {
-    for_each = merge(local.tags, { Name = "${var.name}-relay" })
+    for_each = merge(local.tags, { Name = "${var.name}-relay" }, local.ecs ? { AmazonECSManaged = "true" } : {})
     content {
       key                 = tag.key
       value               = tag.value

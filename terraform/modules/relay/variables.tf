@@ -336,3 +336,63 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "mode" {
+  description = <<-EOT
+    How the relay instances run relayd. "host" (the default): relayd.service on each instance,
+    instance targets, the ECS agent off. "ecs": an ECS service on this Auto Scaling group
+    (capacity provider), one awsvpc task per instance from the ECR image, ip targets with the
+    client address preserved; the instances' ECS agent joins the cluster. See ecs.tf.
+  EOT
+  type        = string
+  default     = "host"
+
+  validation {
+    condition     = contains(["host", "ecs"], var.mode)
+    error_message = "mode must be \"host\" (relayd.service on the instances) or \"ecs\" (an ECS service on them)."
+  }
+}
+
+variable "ecs" {
+  description = <<-EOT
+    ECS mode settings (used when mode = "ecs"). image_tag: the tag of the relayd image in the
+    module's ECR repository (required in ECS mode; tags are immutable). desired_count: tasks,
+    one per instance (default instance.desired_capacity). cpu (units) and memory (MiB): the
+    container's share of the instance. stop_timeout: seconds between SIGTERM and SIGKILL.
+    multicast_interface: the task ENI's name inside the task (awsvpc: eth0). keep_images and
+    untagged_image_days: the ECR lifecycle policy. alarm_utilization_percent: CPU and memory
+    alarm threshold.
+  EOT
+  type = object({
+    image_tag                 = optional(string, "")
+    desired_count             = optional(number)
+    cpu                       = optional(number, 1024)
+    memory                    = optional(number, 2048)
+    stop_timeout              = optional(number, 30)
+    multicast_interface       = optional(string, "eth0")
+    keep_images               = optional(number, 30)
+    untagged_image_days       = optional(number, 7)
+    alarm_utilization_percent = optional(number, 80)
+  })
+  default = {}
+
+  validation {
+    condition     = var.mode != "ecs" || can(regex("^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", var.ecs.image_tag))
+    error_message = "mode = \"ecs\" needs ecs.image_tag: the tag of the relayd image pushed to the module's ECR repository."
+  }
+
+  validation {
+    condition     = var.ecs.stop_timeout >= 10 && var.ecs.stop_timeout <= 120 && var.ecs.cpu >= 128 && var.ecs.memory >= 256
+    error_message = "ecs.stop_timeout must be 10..120 s (relayd needs up to 5 s to stop), cpu at least 128 units and memory at least 256 MiB."
+  }
+
+  validation {
+    condition     = var.ecs.desired_count == null || try(var.ecs.desired_count >= 1, false)
+    error_message = "ecs.desired_count must be at least 1."
+  }
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.:-]{1,15}$", var.ecs.multicast_interface)) && var.ecs.keep_images >= 1 && var.ecs.untagged_image_days >= 1 && var.ecs.alarm_utilization_percent > 0 && var.ecs.alarm_utilization_percent <= 100
+    error_message = "ecs.multicast_interface must be an interface name; keep_images and untagged_image_days at least 1; alarm_utilization_percent in 1..100."
+  }
+}

@@ -129,8 +129,8 @@ run "instances" {
   }
 
   assert {
-    condition     = strcontains(base64decode(aws_launch_template.this.user_data), "ECS_CLUSTER=multicast") && strcontains(base64decode(aws_launch_template.this.user_data), "/etc/relayd/relayd.toml")
-    error_message = "The user data must set the ECS cluster and write /etc/relayd/relayd.toml."
+    condition     = !strcontains(base64decode(aws_launch_template.this.user_data), "ECS_CLUSTER=") && strcontains(base64decode(aws_launch_template.this.user_data), "/etc/relayd/relayd.toml")
+    error_message = "The user data must write /etc/relayd/relayd.toml and, in host mode, name no ECS cluster."
   }
 
   assert {
@@ -301,8 +301,8 @@ run "ecs_policy_opt_in" {
   }
 
   assert {
-    condition     = strcontains(output.user_data, "ECS_CLUSTER=relay-tokyo")
-    error_message = "The ECS cluster name reaches the user data."
+    condition     = !strcontains(output.user_data, "ECS_CLUSTER=") && !strcontains(output.user_data, "ecs.service")
+    error_message = "Host mode: the user data names no cluster and leaves the ECS agent off (tests/ecs.tftest.hcl has ECS mode)."
   }
 }
 
