@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import Netns, NetnsHarness
-from relayd_process import groups_arg, peer_argv
-from run_peer import payload
 
-from appliance import rootfs
 from relayd.wire import ErrorCode
+from tests.appliance import rootfs
+from tests.helpers.netns import Netns, NetnsHarness
+from tests.helpers.relayd_process import groups_arg, peer_argv
+from tests.helpers.run_peer import payload
 
 pytestmark = [pytest.mark.appliance, pytest.mark.netns, pytest.mark.slow]
 

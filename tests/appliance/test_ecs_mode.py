@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import machine as m
+from tests.appliance import machine as m
 
 pytestmark = [pytest.mark.appliance, pytest.mark.slow]
 
