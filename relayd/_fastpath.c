@@ -393,6 +393,31 @@ static int flush_control(struct rd_emit *s, int64_t now) {
     return 0;
 }
 
+/* Wait up to left_ns for the TCP socket (events) or the stop pipe, then receive into buf (room
+ * bytes): how many bytes came (> 0); 0 when there is nothing to receive yet (timeout, EINTR,
+ * EAGAIN, or the socket is only writable): call again; or -RD_STOPPED, -RD_EOF, -RD_RESET
+ * (*err set). Both TCP loops wait this way. */
+static int64_t wait_and_recv(int tcp_fd, int stop_fd, short events, int64_t left_ns, uint8_t *buf,
+                             uint64_t room, int64_t *err) {
+    struct timespec timeout = {left_ns / 1000000000, left_ns % 1000000000};
+    struct pollfd p[2] = {{tcp_fd, events, 0}, {stop_fd, POLLIN, 0}};
+    int n = ppoll(p, 2, &timeout, NULL);
+    if (n < 0 && errno != EINTR) {
+        *err = errno;
+        return -RD_RESET;
+    }
+    if (n <= 0) return 0;
+    if (p[1].revents) return -RD_STOPPED;
+    if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) return 0; /* writable */
+    ssize_t got = recv(tcp_fd, buf, room, 0);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        *err = errno;
+        return -RD_RESET;
+    }
+    return got ? got : -RD_EOF;
+}
+
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* The emit data path: poll the TCP socket and the stop pipe, recv, decode, sendto; write the
@@ -426,25 +451,12 @@ int rd_emit_pump(struct rd_emit *s) {
                 if (!s->acked_any || s->highest > s->acked) wake = min64(wake, next);
                 wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
             }
-            int64_t left = wake > now ? wake - now : 0;
-            struct timespec timeout = {left / 1000000000, left % 1000000000};
             short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
-            struct pollfd p[2] = {{(int)s->tcp_fd, events, 0}, {(int)s->stop_fd, POLLIN, 0}};
-            int n = ppoll(p, 2, &timeout, NULL);
-            if (n < 0 && errno != EINTR) {
-                s->err = errno;
-                return RD_RESET;
-            }
-            if (n <= 0) continue;
-            if (p[1].revents) return RD_STOPPED;
-            if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR))) continue; /* writable */
-            ssize_t got = recv((int)s->tcp_fd, s->buf + s->end, s->cap - s->end, 0);
-            if (got < 0) {
-                if (errno == EAGAIN || errno == EINTR) continue;
-                s->err = errno;
-                return RD_RESET;
-            }
-            if (got == 0) return RD_EOF;
+            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, events,
+                                        wake > now ? wake - now : 0, s->buf + s->end,
+                                        s->cap - s->end, &s->err);
+            if (got < 0) return (int)-got;
+            if (got == 0) continue; /* nothing yet, or only writable */
             now = now_ns(CLOCK_MONOTONIC);
             deadline = now + s->idle_ns;
             s->last_rx_ns = now;
@@ -592,22 +604,10 @@ int rd_capture_read(struct rd_capture_rx *s) {
         for (;;) {
             int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
             if (left <= 0) return RD_IDLE;
-            struct timespec timeout = {left / 1000000000, left % 1000000000};
-            struct pollfd p[2] = {{(int)s->tcp_fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
-            int n = ppoll(p, 2, &timeout, NULL);
-            if (n < 0 && errno != EINTR) {
-                s->err = errno;
-                return RD_RESET;
-            }
-            if (n <= 0) continue;
-            if (p[1].revents) return RD_STOPPED;
-            ssize_t got = recv((int)s->tcp_fd, s->buf + s->end, s->cap - s->end, 0);
-            if (got < 0) {
-                if (errno == EAGAIN || errno == EINTR) continue;
-                s->err = errno;
-                return RD_RESET;
-            }
-            if (got == 0) return RD_EOF;
+            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, POLLIN, left,
+                                        s->buf + s->end, s->cap - s->end, &s->err);
+            if (got < 0) return (int)-got;
+            if (got == 0) continue;
             deadline = now_ns(CLOCK_MONOTONIC) + s->idle_ns;
             s->bytes_in += (uint64_t)got;
             s->end += (uint64_t)got;

@@ -41,7 +41,7 @@ from relayd.wire import (
 __all__ = ["PLANE", "PythonPlane"]
 
 _ROOM: Final = wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD
-_READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR
+_READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class _EmitCounters:
@@ -83,6 +83,45 @@ class _EmitCounters:
         return self.histogram.sum_ns
 
 
+class _TcpReceiver:
+    """``wait_and_recv`` of relayd/_fastpath.c: both TCP loops wait and receive this way."""
+
+    def __init__(self, tcp: socket.socket, stop_fd: int, size: int) -> None:
+        self._tcp = tcp
+        self._stop_fd = stop_fd
+        self._buffer = bytearray(size)
+        self.view = memoryview(self._buffer)
+        self._poller = select.poll()
+        self._poller.register(tcp.fileno(), select.POLLIN)
+        self._poller.register(stop_fd, select.POLLIN)
+        self._writable = False
+        self.err = 0
+
+    def wait_and_recv(self, timeout: float, *, writable: bool) -> int | Why:
+        """Wait up to ``timeout`` seconds for the socket (readable, or writable too) or the
+        stop pipe, then receive into ``view``: how many bytes came; 0 when there is nothing
+        to receive yet (call again); or STOPPED, EOF, RESET (``err``)."""
+        if writable != self._writable:
+            self._writable = writable
+            events = select.POLLIN | (select.POLLOUT if writable else 0)
+            self._poller.modify(self._tcp.fileno(), events)
+        ready = self._poller.poll(max(0, math.ceil(timeout * 1000)))
+        if not ready:
+            return 0
+        if any(fd == self._stop_fd for fd, _ in ready):
+            return Why.STOPPED
+        if not any(ev & _READABLE for _, ev in ready):
+            return 0  # only writable
+        try:
+            n = self._tcp.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self.err = exc.errno or 0
+            return Why.RESET
+        return n if n else Why.EOF
+
+
 class _EmitPump:
     """``rd_emit_pump`` in Python (relayd/datapath.py ``EmitPump``)."""
 
@@ -96,7 +135,7 @@ class _EmitPump:
         self._ack_interval = start.ack_interval
         self._highest = start.highest
         self._acked = start.acked
-        self._buffer = bytearray(EMIT_RECEIVE_SIZE)
+        self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
         self._events: list[Event] = []  # decoded, not emitted yet: from _next on
         self._next = 0
         self._error: ProtocolError | None = None  # what ends the decoded events
@@ -107,9 +146,6 @@ class _EmitPump:
         self._out = b""  # the control frame being written
         self._last_out = -math.inf
         self._blocked_since = 0.0
-        self._poller = select.poll()
-        self._poller.register(tcp.fileno(), select.POLLIN)
-        self._poller.register(stop_fd, select.POLLIN)
         self.counters = _EmitCounters()
         self.need_key = 0
         self.err = 0
@@ -164,29 +200,18 @@ class _EmitPump:
                             self._heartbeat,
                         ),
                     )
-                tcp_fd = self._tcp.fileno()
-                self._poller.modify(tcp_fd, select.POLLIN | (select.POLLOUT if self._out else 0))
-                ready = self._poller.poll(max(0, math.ceil((wake - now) * 1000)))
-                if not ready:
-                    continue
-                if any(fd == self._stop_fd for fd, _ in ready):
-                    return Why.STOPPED
-                if not any(ev & _READABLE for _, ev in ready):
-                    continue  # writable: the control frame goes on above
-                try:
-                    n = self._tcp.recv_into(self._buffer)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    self.err = exc.errno or 0
-                    return Why.RESET
-                if not n:
-                    return Why.EOF
+                got = self._sock.wait_and_recv(wake - now, writable=bool(self._out))
+                if got.__class__ is Why:
+                    self.err = self._sock.err
+                    return got
+                if not got:
+                    continue  # nothing yet, or only writable: the control frame goes on above
+                n = int(got)
                 self.counters.last_rx_ns = time.monotonic_ns()
                 deadline = time.monotonic() + idle
                 self.counters.bytes_in += n
                 try:
-                    self._events = self._proto.receive(memoryview(self._buffer)[:n])
+                    self._events = self._proto.receive(self._sock.view[:n])
                 except ProtocolError as exc:
                     self._events = exc.events
                     self._error = exc
@@ -415,14 +440,10 @@ class _AckReader:
     def __init__(
         self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float
     ) -> None:
-        self._tcp = tcp
-        self._stop_fd = stop_fd
         self._conn = conn
         self._idle = idle
         self._control: list[Event] | ProtocolError = []
-        self._poller = select.poll()
-        self._poller.register(tcp.fileno(), select.POLLIN)
-        self._poller.register(stop_fd, select.POLLIN)
+        self._sock = _TcpReceiver(tcp, stop_fd, ACK_READ_SIZE)
         self.acked = 0
         self.err = 0
 
@@ -436,23 +457,15 @@ class _AckReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 return Why.IDLE
-            ready = self._poller.poll(math.ceil(left * 1000))
-            if not ready:
+            got = self._sock.wait_and_recv(left, writable=False)
+            if got.__class__ is Why:
+                self.err = self._sock.err
+                return got
+            if not got:
                 continue
-            if any(fd == self._stop_fd for fd, _ in ready):
-                return Why.STOPPED
-            try:
-                data = self._tcp.recv(ACK_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                self.err = exc.errno or 0
-                return Why.RESET
-            if not data:
-                return Why.EOF
             deadline = time.monotonic() + idle
             try:
-                events = self._conn.receive(data)
+                events = self._conn.receive(self._sock.view[: int(got)])
             except ProtocolError as exc:
                 self._take_acks(exc.events)
                 self._control = exc

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from relayd.notify import Notifier, monotonic_usec, socket_address
+from relayd.notify import STATE_WAIT, Notifier, monotonic_usec, socket_address
 
 
 @pytest.fixture
@@ -185,3 +185,18 @@ async def test_a_blocked_event_loop_stops_the_pings(
     assert during == []
     assert len([t for t in arrivals if t < stuck_from]) >= 5
     assert len([t for t in arrivals if t > stuck_until]) >= 5
+
+
+async def test_a_state_change_gives_up_after_its_wait_on_trios_clock(
+    notify_socket: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nobody makes room: READY is given up after STATE_WAIT seconds of Trio's clock (here a
+    virtual one that jumps while the retries sleep, so no real second passes)."""
+    _sock, path = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    while n.watchdog():  # fill the receiver's queue
+        pass
+    started = trio.current_time()
+    assert not await n.ready()
+    assert trio.current_time() - started >= STATE_WAIT
+    n.close()
