@@ -19,6 +19,8 @@ module "relay" {
   data_centre_cidrs     = var.data_centre.cidrs
   instance              = var.instance
   ecs_cluster_name      = var.ecs_cluster_name
+  mode                  = var.mode
+  ecs                   = var.ecs
   alarms                = { email_endpoints = var.alarm_emails, quiet_feeds = var.quiet_feeds }
   tags                  = local.tags
 }

@@ -103,8 +103,20 @@ variable "instance" {
   })
 }
 
+variable "mode" {
+  description = "How the relay instances run relayd: \"host\" (relayd.service, the default) or \"ecs\" (an ECS service from the module's ECR repository); see the relay module."
+  type        = string
+  default     = "host"
+}
+
+variable "ecs" {
+  description = "ECS mode settings passed to the relay module (image_tag is required when mode = \"ecs\")."
+  type        = any
+  default     = {}
+}
+
 variable "ecs_cluster_name" {
-  description = "ECS cluster the relay instances join."
+  description = "ECS cluster the relay instances join (ECS mode only; host mode creates none)."
   type        = string
   default     = "multicast"
 }

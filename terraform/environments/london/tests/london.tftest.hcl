@@ -232,3 +232,26 @@ run "authenticated_feeds" {
     error_message = "Only prod lists key files in relayd.toml, both during the rotation."
   }
 }
+
+run "london_passes_ecs_mode_to_the_relay_module" {
+  command = plan
+
+  variables {
+    mode = "ecs"
+    ecs  = { image_tag = "1.0.0" }
+  }
+
+  assert {
+    condition     = module.relay.mode == "ecs" && strcontains(module.relay.user_data, "ecs-mode: begin")
+    error_message = "mode = \"ecs\" in the environment must reach the relay module (and its user data)"
+  }
+}
+
+run "london_host_mode_by_default_creates_no_cluster" {
+  command = plan
+
+  assert {
+    condition     = module.relay.mode == "host" && !strcontains(module.relay.user_data, "ecs-mode: begin")
+    error_message = "the London environment must default to host mode (no ECS block in the user data)"
+  }
+}
