@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import trio
 
-from relayd.datapath import DataPlane, EmitStart, Why
+from relayd.datapath import DataPlane, EmitStart, Why, current_beat
 from relayd.emit.destinations import Destinations
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import PumpLink
@@ -81,8 +81,10 @@ def pump_connection(
     except ProtocolError as exc:
         return PumpEnd.PROTOCOL, exc
     link.pump = pump
+    beat = current_beat()
     while True:
-        why = pump.run()
+        with beat.wait():  # the pump's own loop: poll with a bounded timeout, then a chunk
+            why = pump.run()
         if why == Why.NEED_DEST:
             key = pump.need_key
             verdict, fd = destinations.judge(key)
