@@ -176,6 +176,7 @@ def open_multicast_sender(
     send_buffer: int,
     *,
     force_buffer: bool | None = None,
+    report_drops: bool = False,
 ) -> socket.socket:
     """A non-blocking UDP socket that sends multicast out of ``interface``.
 
@@ -183,11 +184,11 @@ def open_multicast_sender(
     ``IP_MULTICAST_LOOP`` are set as given, ``SO_SNDBUF`` (``SO_SNDBUFFORCE`` as root) to
     ``send_buffer`` bytes.
 
-    ``IP_RECVERR`` is on: without it ``udp_sendmsg`` reports success for a datagram the
-    egress queue discipline dropped (``ENOBUFS`` is turned into 0), so a shaped or congested
-    interface would lose datagrams without a trace. With it every such drop fails its
-    ``send``, and asynchronous errors queue on the socket's error queue, which its owner
-    empties with :func:`drain_error_queue`.
+    ``report_drops`` sets ``IP_RECVERR`` (the emit feeds do): without it ``udp_sendmsg``
+    reports success for a datagram the egress queue discipline dropped (``ENOBUFS`` is turned
+    into 0), so a shaped or congested interface loses datagrams without a trace. With it every
+    such drop fails its ``send``, and asynchronous errors queue on the socket's error queue,
+    which its owner must empty with :func:`drain_error_queue`.
     """
     if not 0 <= ttl <= 255:
         raise ValueError(f"multicast TTL {ttl} is outside 0..255")
@@ -196,7 +197,8 @@ def open_multicast_sender(
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_LOOP, 1 if loop else 0)
-        sock.setsockopt(_SOL_IP, IP_RECVERR, 1)
+        if report_drops:
+            sock.setsockopt(_SOL_IP, IP_RECVERR, 1)
         _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, send_buffer, force_buffer)
         sock.setblocking(False)
     except OSError as exc:

@@ -277,11 +277,14 @@ def test_bind_tcp_listener_closes_the_socket_on_failure() -> None:
 
 
 def test_sender_reports_late_errors_and_drain_clears_them() -> None:
-    """IP_RECVERR is on: an error that comes after ``send`` returned (here a port unreachable
-    for a datagram to a closed loopback port) is queued; without draining it fails the next,
-    unrelated send; ``drain_error_queue`` returns it and clears the pending error."""
+    """With ``report_drops`` (the emit feeds') IP_RECVERR is on: an error that comes after
+    ``send`` returned (here a port unreachable for a datagram to a closed loopback port) is
+    queued; without draining it fails the next, unrelated send; ``drain_error_queue``
+    returns it and clears the pending error."""
     port = free_udp_port()
-    with open_multicast_sender(LOOPBACK, 1, True, 65536) as sock:
+    with open_multicast_sender(LOOPBACK, 1, True, 65536) as plain:  # tools: as before
+        assert plain.getsockopt(socket.IPPROTO_IP, netif.IP_RECVERR) == 0
+    with open_multicast_sender(LOOPBACK, 1, True, 65536, report_drops=True) as sock:
         assert sock.getsockopt(socket.IPPROTO_IP, netif.IP_RECVERR) == 1
         sock.connect(("127.0.0.1", port))
         sock.send(b"first")

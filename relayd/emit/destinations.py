@@ -98,7 +98,9 @@ class Destinations:
                 return -1
             cfg = self._config
             try:
-                sock = open_multicast_sender(self.interface, cfg.ttl, cfg.loop, cfg.send_buffer)
+                sock = open_multicast_sender(
+                    self.interface, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
+                )
             except InterfaceError:
                 return -1
             try:

@@ -118,7 +118,7 @@ class EmitFeedRuntime:
         listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
             self._mcast = open_multicast_sender(
-                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
             )
         except BaseException:
             listener.socket.close()
