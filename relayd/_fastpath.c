@@ -38,7 +38,7 @@ enum {
     RD_IDLE = 4,       /* nothing received for idle_ns */
     RD_CONTROL = 5,    /* buf[start] is a frame C does not handle: Python decodes it */
     RD_NEED_DEST = 6,  /* buf[start] is DATA for need_key, not in the table yet */
-    RD_SEND_ERROR = 7, /* a multicast send failed (err); that datagram is consumed */
+    RD_SEND_ERROR = 7, /* a multicast send failed (err, to need_key); that datagram is consumed */
     RD_SLOW = 8,       /* an ACK or HEARTBEAT could not be written for idle_ns: slow consumer */
     RD_EMPTY = 9,      /* capture: the socket has no more datagrams */
     RD_FULL = 10,      /* capture: the frame buffer has no room for another datagram */
@@ -325,6 +325,7 @@ static int emit_frames(struct rd_emit *s) {
                     continue;
                 }
                 s->err = errno;
+                s->need_key = key; /* which socket failed: Python drains its error queue */
                 s->send_errors++;
                 s->last_send_ok = 0;
                 outcome = RD_SEND_ERROR;

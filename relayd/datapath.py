@@ -21,12 +21,14 @@ loop returns.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import select
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
@@ -36,12 +38,15 @@ from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
 
 __all__ = [
     "AckReader",
+    "Beat",
     "CaptureReceiver",
     "DataPlane",
     "EmitCounters",
     "EmitPump",
     "EmitStart",
     "Why",
+    "current_beat",
+    "data_threads_alive",
     "run_stoppable",
     "select_plane",
     "trio_time_of",
@@ -67,7 +72,7 @@ class Why(enum.IntEnum):
     IDLE = 4  # nothing received for the idle timeout
     CONTROL = 5  # a frame the loop does not handle: ``control()`` has the decoder's verdict
     NEED_DEST = 6  # DATA for ``need_key``, a destination not judged yet
-    SEND_ERROR = 7  # a multicast send failed (err); that datagram is consumed
+    SEND_ERROR = 7  # a multicast send to need_key failed (err); that datagram is consumed
     SLOW = 8  # an ACK or HEARTBEAT could not be written for the idle timeout
     EMPTY = 9  # capture: the socket has no more datagrams
     FULL = 10  # capture: the frame buffer has no room for another datagram
@@ -111,7 +116,7 @@ class EmitPump(Protocol):
     """One streaming emit connection's data path. ``run`` blocks in its thread; the other
     members may be read from any thread."""
 
-    need_key: int  # after NEED_DEST: group << 16 | port
+    need_key: int  # after NEED_DEST or SEND_ERROR: group << 16 | port
     err: int  # after RESET or SEND_ERROR: the errno
 
     @property
@@ -225,6 +230,63 @@ def trio_time_of(monotonic_ns: int) -> float:
     return trio.current_time() - (time.monotonic_ns() - monotonic_ns) / 1e9
 
 
+class Beat:
+    """A data-path thread's sign of life, for the systemd watchdog (:func:`data_threads_alive`).
+
+    The thread bumps ``count`` once per turn of its loop and says when it blocks by design
+    (``waiting``: in ``poll`` on its sockets and stop pipe, where it may stay as long as
+    nothing arrives). A thread that neither moves nor waits is wedged. Only the loops that
+    asked for their beat (``current_beat``) are judged."""
+
+    __slots__ = ("count", "seen", "waiting", "watched")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seen = -1  # ``count`` at the previous check (the watchdog task's)
+        self.waiting = False
+        self.watched = False
+
+    @contextlib.contextmanager
+    def wait(self) -> Iterator[None]:
+        """Around a blocking call that waits by design."""
+        self.waiting = True
+        try:
+            yield
+        finally:
+            self.waiting = False
+            self.count += 1
+
+
+_beats: set[Beat] = set()
+_beats_lock = threading.Lock()
+_local = threading.local()
+
+
+def current_beat() -> Beat:
+    """The calling data-path thread's beat (a detached one outside :func:`run_stoppable`)."""
+    beat = getattr(_local, "beat", None)
+    if not isinstance(beat, Beat):
+        return Beat()
+    beat.watched = True
+    return beat
+
+
+def data_threads_alive() -> bool:
+    """True when every data-path thread moved since the previous call or waits by design
+    (the watchdog task asks before each ping, so a wedged thread stops the pings)."""
+    with _beats_lock:
+        beats = list(_beats)
+    alive = True
+    for beat in beats:
+        if not beat.watched:
+            continue
+        count = beat.count
+        if count == beat.seen and not beat.waiting:
+            alive = False
+        beat.seen = count
+    return alive
+
+
 async def run_stoppable(
     loop: Callable[[int, trio.lowlevel.TrioToken], T],
     *,
@@ -235,13 +297,27 @@ async def run_stoppable(
 
     ``loop`` must return soon after ``stop_fd`` becomes readable; that happens when this task is
     cancelled, and the cancellation is then raised here once the thread has returned.
+
+    Without ``limiter`` the thread has a limiter of its own: data-path threads never take a
+    token of Trio's default limiter (40 threads), so no number of sockets can keep a loop from
+    starting or starve what else runs in threads (reading the configuration on reload). The
+    thread's :class:`Beat` is ``current_beat()`` inside ``loop``.
     """
+    if limiter is None:
+        limiter = trio.CapacityLimiter(1)
 
     def call(stop_fd: int, token: trio.lowlevel.TrioToken) -> tuple[bool, T | Exception]:
+        beat = _local.beat = Beat()
+        with _beats_lock:
+            _beats.add(beat)
         try:
             return True, loop(stop_fd, token)
         except Exception as exc:  # raised below, outside the nursery: not in an ExceptionGroup
             return False, exc
+        finally:
+            with _beats_lock:
+                _beats.discard(beat)
+            _local.beat = None
 
     stop_r, stop_w = os.pipe()
     try:

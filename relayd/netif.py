@@ -44,6 +44,7 @@ __all__ = [
     "address_error",
     "bind_tcp_listener",
     "drain",
+    "drain_error_queue",
     "open_group_receivers",
     "open_multicast_sender",
     "parse_ancillary",
@@ -54,6 +55,7 @@ __all__ = [
 IP_PKTINFO = 8
 IP_MULTICAST_ALL = 49
 SO_RXQ_OVFL = 40
+IP_RECVERR = 11
 IP_ADD_SOURCE_MEMBERSHIP = 39
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -174,12 +176,19 @@ def open_multicast_sender(
     send_buffer: int,
     *,
     force_buffer: bool | None = None,
+    report_drops: bool = False,
 ) -> socket.socket:
     """A non-blocking UDP socket that sends multicast out of ``interface``.
 
     ``IP_MULTICAST_IF`` selects the egress interface by its address, ``IP_MULTICAST_TTL`` and
     ``IP_MULTICAST_LOOP`` are set as given, ``SO_SNDBUF`` (``SO_SNDBUFFORCE`` as root) to
     ``send_buffer`` bytes.
+
+    ``report_drops`` sets ``IP_RECVERR`` (the emit feeds do): without it ``udp_sendmsg``
+    reports success for a datagram the egress queue discipline dropped (``ENOBUFS`` is turned
+    into 0), so a shaped or congested interface loses datagrams without a trace. With it every
+    such drop fails its ``send``, and asynchronous errors queue on the socket's error queue,
+    which its owner must empty with :func:`drain_error_queue`.
     """
     if not 0 <= ttl <= 255:
         raise ValueError(f"multicast TTL {ttl} is outside 0..255")
@@ -188,6 +197,8 @@ def open_multicast_sender(
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_LOOP, 1 if loop else 0)
+        if report_drops:
+            sock.setsockopt(_SOL_IP, IP_RECVERR, 1)
         _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, send_buffer, force_buffer)
         sock.setblocking(False)
     except OSError as exc:
@@ -346,6 +357,33 @@ def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int | N
         elif level == _SOL_SOCKET and kind == SO_RXQ_OVFL:
             drops = _DROPS.unpack_from(data)[0]
     return group, drops
+
+
+#: Error queue entries read at most per :func:`drain_error_queue` call.
+ERROR_QUEUE_BATCH = 1024
+_EE_ERRNO = struct.Struct("=I")  # struct sock_extended_err starts with u32 ee_errno
+
+
+def drain_error_queue(sock: socket.socket, limit: int = ERROR_QUEUE_BATCH) -> list[int]:
+    """Empty the error queue of an ``IP_RECVERR`` socket (``MSG_ERRQUEUE``, non-blocking): the
+    errno of each entry, oldest first. Each entry is a datagram sent earlier that failed
+    after ``send`` returned; reading the last one also clears the socket's pending error,
+    which would otherwise fail the next, unrelated ``send``."""
+    errors: list[int] = []
+    while len(errors) < limit:
+        try:
+            _data, ancdata, _flags, _addr = sock.recvmsg(
+                1, socket.CMSG_SPACE(64), socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT
+            )
+        except (BlockingIOError, InterruptedError):
+            break
+        for level, kind, data in ancdata:
+            if level == _SOL_IP and kind == IP_RECVERR and len(data) >= _EE_ERRNO.size:
+                errors.append(_EE_ERRNO.unpack_from(data)[0])
+    pending = sock.getsockopt(_SOL_SOCKET, socket.SO_ERROR)  # reading clears it
+    if pending:
+        errors.append(pending)
+    return errors
 
 
 def drain(

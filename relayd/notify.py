@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -114,17 +114,21 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
-    async def run_watchdog(self) -> None:
-        """Ping at half of WATCHDOG_USEC for as long as the event loop runs.
+    async def run_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """Ping at half of WATCHDOG_USEC for as long as the event loop runs and ``alive()``
+        says the rest of the process does (the data-path threads: ``datapath.
+        data_threads_alive``).
 
         The ping comes from a Trio task, so an event loop that is stuck (a blocking call, a
-        hot loop that never yields) stops pinging and systemd kills and restarts the process.
+        hot loop that never yields) stops pinging and systemd kills and restarts the process;
+        so does a wedged data-path thread, through ``alive``.
         """
         interval = self.watchdog_interval
         if interval is None:
             return
         while True:
-            self.watchdog()
+            if alive():
+                self.watchdog()
             await trio.sleep(interval)
 
     def close(self) -> None:

@@ -288,6 +288,7 @@ class _EmitPump:
             highest = seq
             index += 1
             if failed:
+                self.need_key = key
                 why = Why.SEND_ERROR
                 break
         if why is None and self._error is not None:

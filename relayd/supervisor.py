@@ -38,6 +38,7 @@ from relayd.config import (
     Endpoint,
     load_config,
 )
+from relayd.datapath import data_threads_alive
 from relayd.feedslot import FeedFactory, FeedSlot, StartupError, default_factory
 from relayd.health import (
     FeedReport,
@@ -194,7 +195,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._signal_task)
-                nursery.start_soon(self.notifier.run_watchdog)
+                nursery.start_soon(self.notifier.run_watchdog, data_threads_alive)
                 try:
                     await self._start_health(self.config.health.listen, fail_fast=True)
                     for key, feed in feeds_of(self.config).items():

@@ -5,14 +5,19 @@ fixture)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import attrs
 import pytest
@@ -22,7 +27,8 @@ from relayd import wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
 from relayd.capture.link import Connect
 from relayd.config import Endpoint
-from relayd.netif import open_multicast_sender
+from relayd.datapath import DataPlane, Why, run_stoppable
+from relayd.netif import GroupReceiver, open_multicast_sender
 from tests.helpers.emit_standin import Peer, feed_config, groups_for, serve, stop
 from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
 
@@ -376,3 +382,82 @@ async def test_authenticated_hello(
     send_many(sender, groups, 5)
     await wait_for(lambda: len(peer.datagrams) == 5)
     assert not refused.connected
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_more_sockets_than_trio_has_threads(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """More sockets (one port each) than Trio's default thread limiter holds (40): every
+    group's datagrams arrive, the ACK reader runs (the replay buffer is acknowledged) and a
+    thread on Trio's default limiter still runs (a reload reads the configuration there)."""
+    server = await serve(nursery, Peer())
+    base = _base_port()
+    count = int(trio.to_thread.current_default_thread_limiter().total_tokens) + 5
+    groups = [(f"239.255.14.{i + 1}", base + i) for i in range(count)]
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    await nursery.start(feed.run)
+    assert len(feed.receivers) == count
+    await wait_for(lambda: feed.connected)
+    sent = send_many(sender, groups, count * 4, size=50)
+    await wait_for(lambda: len(server.peer.datagrams) >= len(sent), timeout=30)
+    by_group = {(str(IPv4Address(d.group)), d.port) for d in server.peer.datagrams}
+    assert by_group == set(groups)
+    await wait_for(lambda: feed.replay.acked_seq == len(sent), timeout=30)
+    with trio.fail_after(30):
+        assert await trio.to_thread.run_sync(lambda: "ran") == "ran"
+
+
+class _Endless:
+    """A capture socket that never runs empty: every batch is FULL (sustained input), for
+    ``limit`` seconds at most, then it says EMPTY and waits for the stop pipe."""
+
+    def __init__(self, stop_fd: int, limit: float) -> None:
+        self._stop_fd = stop_fd
+        self._until = time.monotonic() + limit
+        self.exhausted = False
+        self.batches = 0
+        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.drops: int | None = None
+
+    def wait(self) -> bool:
+        if self.exhausted:
+            select.select([self._stop_fd], [], [])
+            return False
+        return True
+
+    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+        self.batches += 1
+        if time.monotonic() > self._until:
+            self.exhausted = True
+            return Why.EMPTY
+        return Why.FULL
+
+    def frames(self) -> bytes:
+        return b""
+
+
+async def test_sustained_input_does_not_hold_up_stop() -> None:
+    """A receive thread whose socket never runs empty still stops when asked: the stop pipe
+    is looked at before every batch, not only before the socket is drained."""
+    config = feed_config(groups_for(_base_port(), 1), [1])
+    feed = CaptureFeedRuntime(config)
+    endless: list[_Endless] = []
+
+    class Plane:
+        def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Endless:
+            endless.append(_Endless(stop_fd, limit=60.0))
+            return endless[0]
+
+    receiver = cast(GroupReceiver, SimpleNamespace(sock=None, port=1))
+    with trio.fail_after(90):  # only reached when the stop pipe is ignored for 60 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run_stoppable,
+                functools.partial(
+                    feed.receive.drain, cast(DataPlane, Plane()), receiver, lambda: None
+                ),
+            )
+            await wait_for(lambda: endless and endless[0].batches > 100, timeout=30)
+            nursery.cancel_scope.cancel()
+    assert not endless[0].exhausted  # stopped by the pipe, not by the input running out

@@ -387,12 +387,15 @@ def scenario(
     families = metrics(cloud)
     assert value(families, "send_errors_total", errno="ENETUNREACH") == 5
     assert value(families, "datagrams_dropped_total", reason="send_error") == 5
-    # ... and healthy again with the next successful send.
+    # ... and healthy again after a successful send, SEND_RECOVERY after the failures.
     cloud.run(["ip", "link", "set", downlink.a_dev, "up"])
     again = run_sender(
         sender, "send", target, str(PORT), session, str(total + 6), "3", *map(str, UNJOINED)
     )
     assert again == {"welcome": total + 5, "ack": total + 8}
+    deadline = time.monotonic() + 20  # SEND_RECOVERY after the failures, with this success
+    while (status := fetch(cloud, f"/healthz/{FEED}")[0]) != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
     status, body = fetch(cloud, f"/healthz/{FEED}")
     assert status == 200, body
     assert json.loads(body)["feeds"][FEED]["healthy"] is True

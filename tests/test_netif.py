@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from relayd.netif import (
     address_error,
     bind_tcp_listener,
     drain,
+    drain_error_queue,
     open_group_receivers,
     open_multicast_sender,
     parse_ancillary,
@@ -272,3 +274,32 @@ def test_bind_tcp_listener_closes_the_socket_on_failure() -> None:
     with pytest.raises(OSError, match=r"cannot bind 192\.0\.2\.1:1: "):
         bind_tcp_listener("192.0.2.1", 1)  # TEST-NET-1: never a local address
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_sender_reports_late_errors_and_drain_clears_them() -> None:
+    """With ``report_drops`` (the emit feeds') IP_RECVERR is on: an error that comes after
+    ``send`` returned (here a port unreachable for a datagram to a closed loopback port) is
+    queued; without draining it fails the next, unrelated send; ``drain_error_queue``
+    returns it and clears the pending error."""
+    port = free_udp_port()
+    with open_multicast_sender(LOOPBACK, 1, True, 65536) as plain:  # tools: as before
+        assert plain.getsockopt(socket.IPPROTO_IP, netif.IP_RECVERR) == 0
+    with open_multicast_sender(LOOPBACK, 1, True, 65536, report_drops=True) as sock:
+        assert sock.getsockopt(socket.IPPROTO_IP, netif.IP_RECVERR) == 1
+        sock.connect(("127.0.0.1", port))
+        sock.send(b"first")
+        _wait_for_error(sock)
+        with pytest.raises(ConnectionRefusedError):
+            sock.send(b"second")  # the pending error of the first, not this one's
+        assert drain_error_queue(sock) == [errno.ECONNREFUSED]
+        for _ in range(3):
+            sock.send(b"again")
+            _wait_for_error(sock)
+            assert drain_error_queue(sock) == [errno.ECONNREFUSED]
+
+
+def _wait_for_error(sock: socket.socket) -> None:
+    """Until the socket's error queue has an entry (POLLERR)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)
+    assert poller.poll(5000), "no error arrived"

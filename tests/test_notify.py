@@ -1,16 +1,24 @@
 from __future__ import annotations
 
+import functools
 import os
+import select
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
 
+from relayd.capture import CaptureFeedRuntime
+from relayd.datapath import DataPlane, Why, data_threads_alive, run_stoppable
+from relayd.netif import GroupReceiver
 from relayd.notify import STATE_WAIT, Notifier, monotonic_usec, socket_address
+from tests.helpers.emit_standin import feed_config, groups_for
 
 
 @pytest.fixture
@@ -200,3 +208,94 @@ async def test_a_state_change_gives_up_after_its_wait_on_trios_clock(
     assert not await n.ready()
     assert trio.current_time() - started >= STATE_WAIT
     n.close()
+
+
+class _Wedged:
+    """A capture socket whose first batch never returns until ``release`` is set (a wedged
+    data-path thread); after it, the receiver waits for the stop pipe (a wait by design)."""
+
+    def __init__(self, stop_fd: int) -> None:
+        self._stop_fd = stop_fd
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+        self._first = True
+        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.drops: int | None = None
+
+    def wait(self) -> bool:
+        if self._first:
+            self._first = False
+            return True
+        self.waiting.set()
+        select.select([self._stop_fd], [], [])
+        return False
+
+    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+        self.entered.set()
+        self.release.wait()
+        return Why.EMPTY
+
+    def frames(self) -> bytes:
+        return b""
+
+
+async def test_a_wedged_data_thread_stops_the_pings(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    """The watchdog pings only while every data-path thread moves or waits by design: a
+    receive thread stuck in a batch stops them, and they come back once it moves again."""
+    sock, path = notify_socket
+    sock.setblocking(False)
+    feed = CaptureFeedRuntime(feed_config(groups_for(20000, 1), [1]))
+    wedged: list[_Wedged] = []
+
+    class Plane:
+        def capture_receiver(self, _sock: socket.socket, _port: int, stop_fd: int) -> _Wedged:
+            wedged.append(_Wedged(stop_fd))
+            return wedged[0]
+
+    checks: list[bool] = []
+
+    def alive() -> bool:
+        checks.append(data_threads_alive())
+        return checks[-1]
+
+    def pings() -> int:
+        got = 0
+        while True:
+            try:
+                assert sock.recv(100) == b"WATCHDOG=1"
+            except BlockingIOError:
+                return got
+            got += 1
+
+    receiver = cast(GroupReceiver, SimpleNamespace(sock=None, port=1))
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"})  # a check every 20 ms
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(n.run_watchdog, alive)
+            drain = functools.partial(
+                feed.receive.drain, cast(DataPlane, Plane()), receiver, lambda: None
+            )
+            nursery.start_soon(run_stoppable, drain)
+            while not (wedged and wedged[0].entered.is_set()):
+                await trio.sleep(0.01)
+            start = len(checks)
+            while len(checks) < start + 8:
+                await trio.sleep(0.01)
+            stuck = checks[start + 1 :]  # the first may still see the turn that led here
+            pinged_so_far, checked_alive = pings(), checks.count(True)
+            wedged[0].release.set()
+            while not wedged[0].waiting.is_set():
+                await trio.sleep(0.01)
+            start = len(checks)
+            while len(checks) < start + 3:
+                await trio.sleep(0.01)
+            after = checks[start:]
+            nursery.cancel_scope.cancel()
+    n.close()
+    assert not any(stuck)
+    assert pinged_so_far == checked_alive  # a ping for each check that found all alive
+    assert all(after)
+    assert pings() >= 1

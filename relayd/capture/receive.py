@@ -16,6 +16,7 @@ chunks of several sockets enter the replay buffer in sequence order.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import trio
 
 from relayd.capture.uplink import Uplink
-from relayd.datapath import DataPlane, Why
+from relayd.datapath import DataPlane, Why, current_beat
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver
 from relayd.replay import Chunk
@@ -52,15 +53,25 @@ class Receive:
         stop_fd: int,
         token: trio.lowlevel.TrioToken,
     ) -> None:
-        """The data-path thread of one socket, until ``stop_fd`` is readable."""
+        """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
+        every batch, so a socket that never runs empty still stops)."""
         rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
         uplink = self._uplink
         schedule = token.run_sync_soon
         monotonic = time.monotonic
+        beat = current_beat()
+        stop = select.poll()
+        stop.register(stop_fd, select.POLLIN)
         last_drops = 0
-        while rx.wait():
+        while True:
+            with beat.wait():
+                if not rx.wait():
+                    return
             why = Why.FULL
             while why == Why.FULL:  # batches until the socket is empty
+                if stop.poll(0):  # sustained input must not hold up stop, reload, shutdown
+                    return
+                beat.count += 1
                 with self._sequencing:
                     tcp = uplink.claim()
                     first = self.seq + 1

@@ -75,6 +75,16 @@ class Destinations:
                 return verdict, -1
             return verdict, self._connected_fd(key) if self._connect else -1
 
+    def sender(self, key: int) -> socket.socket | None:
+        """The socket connected to ``key``, if it has one (any thread)."""
+        with self._lock:
+            return self._connected.get(key)
+
+    def senders(self) -> list[socket.socket]:
+        """Every connected socket (any thread)."""
+        with self._lock:
+            return list(self._connected.values())
+
     def close(self) -> None:
         with self._lock:
             for sock in self._connected.values():
@@ -88,7 +98,9 @@ class Destinations:
                 return -1
             cfg = self._config
             try:
-                sock = open_multicast_sender(self.interface, cfg.ttl, cfg.loop, cfg.send_buffer)
+                sock = open_multicast_sender(
+                    self.interface, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
+                )
             except InterfaceError:
                 return -1
             try:

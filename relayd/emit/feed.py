@@ -10,8 +10,9 @@ thread per streaming connection (relayd/emit/pump.py) and the accounting
 IDLE_TIMEOUT; one that does not read its ACKs for as long, with SLOW_CONSUMER.
 
 Healthy means: the listener is bound and the multicast sender is not failing (from a failed
-send until the next successful one, or until ``FAILING_HOLD`` seconds pass with no send at all,
-so an idle standby does not stay unhealthy). An instance with no capture connection is healthy,
+send, an egress queue discipline's drop included, until ``SEND_RECOVERY`` seconds without one
+and a successful send since, or until ``FAILING_HOLD`` seconds pass with no send at all, so an
+idle standby does not stay unhealthy). An instance with no capture connection is healthy,
 or the load balancer would never route the feed to it.
 """
 
@@ -36,7 +37,7 @@ from relayd.emit.pump import PumpEnd, pump_connection
 from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
 from relayd.keys import load_auth_keys
-from relayd.netif import open_multicast_sender, resolve_interface
+from relayd.netif import drain_error_queue, open_multicast_sender, resolve_interface
 from relayd.runtime import FeedHealth, Sample
 from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
 
@@ -117,7 +118,7 @@ class EmitFeedRuntime:
         listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
             self._mcast = open_multicast_sender(
-                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
             )
         except BaseException:
             listener.socket.close()
@@ -269,9 +270,17 @@ class EmitFeedRuntime:
         )
 
     async def _tick(self) -> None:
-        """Feed the rate windows once a second."""
+        """Feed the rate windows once a second, and empty the multicast sockets' error
+        queues (counted as send errors), so that none grows or holds an error that would
+        fail a later send while no pump is failing to take it."""
         while True:
             self.stats.tick(trio.current_time())
+            senders = [self._mcast] if self._mcast is not None else []
+            if self._destinations is not None:
+                senders += self._destinations.senders()
+            for sock in senders:
+                if sock.fileno() >= 0:
+                    self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
 
     # -- one connection ---------------------------------------------------------------------

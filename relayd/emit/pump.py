@@ -3,8 +3,9 @@
 It drives the data plane's pump (relayd/datapath.py ``EmitPump``: poll, recv, decode, dedup,
 multicast, the coalesced ACKs and idle HEARTBEATs) and answers what the pump returns for: a
 destination seen for the first time (``Destinations.judge``), a failed send (kept in its link,
-for Trio to count), a frame the pump does not handle (the Python decoder's verdict). It ends
-with a :class:`PumpEnd` for the feed to act on, in Trio.
+for Trio to count, with what the failing socket's error queue held), a frame the pump does not
+handle (the Python decoder's verdict). It ends with a :class:`PumpEnd` for the feed to act on,
+in Trio.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, Final
 
 import trio
 
-from relayd.datapath import DataPlane, EmitStart, Why
+from relayd.datapath import DataPlane, EmitStart, Why, current_beat
 from relayd.emit.destinations import Destinations
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import PumpLink
+from relayd.netif import drain_error_queue
 from relayd.wire import EmitConnection, Error, ProtocolError
 
 __all__ = ["ACK_INTERVAL", "PumpEnd", "pump_connection"]
@@ -79,14 +81,22 @@ def pump_connection(
     except ProtocolError as exc:
         return PumpEnd.PROTOCOL, exc
     link.pump = pump
+    beat = current_beat()
     while True:
-        why = pump.run()
+        with beat.wait():  # the pump's own loop: poll with a bounded timeout, then a chunk
+            why = pump.run()
         if why == Why.NEED_DEST:
             key = pump.need_key
             verdict, fd = destinations.judge(key)
             pump.set_destination(key, verdict, fd)
         elif why == Why.SEND_ERROR:  # counted by Trio from the link (EmitStats.sync)
-            link.errors[pump.err] = link.errors.get(pump.err, 0) + 1
+            errors = link.errors
+            errors[pump.err] = errors.get(pump.err, 0) + 1
+            # earlier datagrams that failed after their send, and the pending error that
+            # would fail the next one (IP_RECVERR: relayd/netif.py)
+            failed = destinations.sender(pump.need_key) or mcast
+            for err in drain_error_queue(failed):
+                errors[err] = errors.get(err, 0) + 1
         elif why == Why.CONTROL:
             return _verdict_on(pump.control())
         elif why == Why.RESET:

@@ -23,12 +23,16 @@ from relayd.metrics import LatencyHistogram, Rate
 from relayd.runtime import Sample
 from relayd.session import Destination
 
-__all__ = ["FAILING_HOLD", "Closed", "EmitStats", "PumpLink", "Rejected"]
+__all__ = ["FAILING_HOLD", "SEND_RECOVERY", "Closed", "EmitStats", "PumpLink", "Rejected"]
 
 log = logging.getLogger("relayd.emit")
 
 #: A failed send keeps the feed unhealthy at most this long when no send follows it.
 FAILING_HOLD: Final = 30.0
+#: Seconds without a failed send, and a successful send since, before the feed is healthy
+#: again: sends that fail now and then (a queue discipline dropping part of the traffic) keep
+#: it unhealthy instead of flapping with every successful send in between.
+SEND_RECOVERY: Final = 1.0
 
 _SEND_ERROR: Final = "send_error"
 
@@ -112,7 +116,8 @@ class EmitStats:
         self.latency = LatencyHistogram()
         self.last_error: str | None = None
         self.last_datagram_at: float | None = None  # Trio clock
-        self._send_failed_at: float | None = None  # Trio clock; None after a successful send
+        self._send_failed_at: float | None = None  # Trio clock: the latest failure seen
+        self._sent_since_failure = False
         self._rate_out = Rate(window=10.0)
         self._rate_in_bytes = Rate(window=10.0)
         self._links: list[PumpLink] = []
@@ -145,8 +150,6 @@ class EmitStats:
             for err, count in errors.items():
                 self._send_failed(err, count - link.counted_errors.get(err, 0))
             link.counted_errors = errors
-            if not counters.last_send_ok:
-                self._send_failed_at = trio.current_time()
         if not any(growth):
             return
         link.last = values
@@ -176,7 +179,7 @@ class EmitStats:
         if datagrams_in:
             self.last_datagram_at = trio_time_of(counters.last_rx_ns)
         if datagrams_out and counters.last_send_ok:
-            self._send_failed_at = None
+            self._sent_since_failure = True
         if observed:
             buckets = list(counters.latency)
             before = link.latency or [0] * len(buckets)
@@ -203,6 +206,8 @@ class EmitStats:
         """``count`` multicast sends failed with ``err`` (those datagrams are dropped)."""
         if count <= 0:
             return
+        self._send_failed_at = trio.current_time()
+        self._sent_since_failure = False
         name = errno.errorcode.get(err, str(err))
         strerror = os.strerror(err)
         self.send_errors[name] = self.send_errors.get(name, 0) + count
@@ -212,9 +217,22 @@ class EmitStats:
             f"send:{name}", "%s: multicast send failed: %s (%s)", self.name, strerror, name
         )
 
+    def queued_errors(self, errors: list[int]) -> None:
+        """Count what a multicast socket's error queue held (``netif.drain_error_queue``)."""
+        for err in set(errors):
+            self._send_failed(err, errors.count(err))
+
     def sending_failed(self) -> bool:
+        """From a failed send until ``SEND_RECOVERY`` seconds without one and a successful
+        send since, or ``FAILING_HOLD`` seconds without any send (an idle standby)."""
         failed_at = self._send_failed_at
-        return failed_at is not None and trio.current_time() - failed_at < FAILING_HOLD
+        if failed_at is None:
+            return False
+        since = trio.current_time() - failed_at
+        if since >= FAILING_HOLD or (self._sent_since_failure and since >= SEND_RECOVERY):
+            self._send_failed_at = None
+            return False
+        return True
 
     def tick(self, now: float) -> None:
         """Feed the rate windows (Trio clock)."""
