@@ -26,6 +26,7 @@ import trio
 
 import relayd.feedslot as feedslot
 from relayd.config import Config, ConfigError, EmitFeed, Endpoint, HealthConfig, ProcessConfig
+from relayd.netif import bind_tcp_listener
 from relayd.notify import Notifier
 from relayd.reload import plan_reload
 from relayd.runtime import Feed, FeedHealth, Sample
@@ -39,7 +40,9 @@ _instances = itertools.count(1)
 
 class EchoFeed:
     """A real TCP listener that echoes; on stop it writes ``BYE <code> <message>`` to every
-    connection, so a test sees what the supervisor told it."""
+    connection, so a test sees what the supervisor told it. It binds in ``open`` (taking a
+    duplicate of its ``previous``'s listener on the same fixed port, as an emit feed does) and
+    counts its connections across restarts (``served``, carried over from ``previous``)."""
 
     kind: Literal["emit", "capture"] = "emit"
 
@@ -50,23 +53,44 @@ class EchoFeed:
         self.instance = next(_instances)
         self.port = 0
         self.connections = 0
+        self.served = [0]  # shared with the feeds that replace this one
         self.reason: tuple[int, str] | None = None
+        self.sock: socket.socket | None = None
+
+    def open(self, previous: Feed | None = None) -> None:
+        listen = self.config.listen
+        if isinstance(previous, EchoFeed):
+            self.served = previous.served
+            old = previous.sock
+            same = listen.port != 0 and previous.config.listen == listen
+            if same and old is not None and old.fileno() >= 0:
+                self.sock = socket.socket(fileno=os.dup(old.fileno()))
+        if self.sock is None:
+            self.sock = bind_tcp_listener(listen.host, listen.port)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.journal.append(("closed", self.name))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(
-            self.config.listen.port, host=self.config.listen.host
-        )
-        self.port = listeners[0].socket.getsockname()[1]
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
         self.journal.append(("started", self.name))
         try:
             async with trio.open_nursery() as handlers:
                 task_status.started()
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+                await trio.serve_listeners(self._handle, [listener], handler_nursery=handlers)
         finally:
+            listener.socket.close()
             self.journal.append(("stopped", self.name))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        self.served[0] += 1
         try:
             while True:
                 data = await stream.receive_some(4096)
@@ -99,9 +123,6 @@ class EchoFeed:
 
     def set_close_reason(self, code: int, message: str) -> None:
         self.reason = (code, message)
-
-    def open(self) -> None:
-        pass  # run() binds: this stand-in needs no make-before-break
 
     def update_keys(self, config: Any) -> bool:
         return False
@@ -145,7 +166,10 @@ class CrashFeed:
     def set_close_reason(self, code: int, message: str) -> None:
         pass
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def update_keys(self, config: Any) -> bool:
@@ -406,7 +430,7 @@ async def test_crash_restart_with_backoff_isolated(
         sup.request_stop()
         assert (await read_all(client)).startswith(b"BYE 6 ")
     assert r.exit_status == 0
-    crash_logs = [rec for rec in caplog.records if "failed: RuntimeError" in rec.getMessage()]
+    crash_logs = [rec for rec in caplog.records if "): RuntimeError: boom" in rec.getMessage()]
     assert len(crash_logs) == 5
     # The traceback once per distinct error: each "boom N" differs, so each has one here...
     assert all(rec.exc_info for rec in crash_logs)
@@ -438,8 +462,9 @@ async def test_same_crash_logs_traceback_once(
     assert r.exit_status == 0
     crash_logs = [rec for rec in caplog.records if "feed bad failed" in rec.getMessage()]
     assert len(crash_logs) >= 3
-    assert crash_logs[0].exc_info
-    assert not any(rec.exc_info for rec in crash_logs[1:])
+    # A port in use is an expected condition: one line each, never a traceback.
+    assert "OSError: [Errno 98] Address already in use" in crash_logs[0].getMessage()
+    assert not any(rec.exc_info for rec in crash_logs)
 
 
 async def test_reload_applies_only_the_difference(
@@ -734,3 +759,146 @@ def test_run_sigint_exits_zero(tmp_path: Path, notify: NotifyListener) -> None:
         assert notify.wait("STOPPING=1")[-1].startswith("STOPPING=1")
     finally:
         relayd.kill()
+
+
+# -- make-before-break reloads ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_reload_that_cannot_bind_leaves_the_running_feed_alone(
+    caplog: pytest.LogCaptureFixture, close_clients: None
+) -> None:
+    """A changed feed's new port is in use: the running feed goes on (its connection too),
+    the reload counts as failed with the address in its reason (log, STATUS, /healthz), and
+    the next SIGHUP tries again rather than finding "nothing changed"."""
+    h = Harness()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        sup = Supervisor(Path("x"), config(emit("a")), factory=h.factory, notifier=quiet_notifier())
+        sup.load = lambda _path: config(emit("a", busy))
+        r = Running(sup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            running = h.echo("a")
+            client = await echo_client(running.port)
+            for attempt in (1, 2):
+                await sup.reload()
+                assert sup.reloads == {"ok": 0, "invalid": 0, "failed": attempt}
+                assert h.journal == [("started", "a")]  # the running one never stopped
+                await client.send_all(b"still\n")
+                with trio.fail_after(2):
+                    assert await client.receive_some(100) == b"still\n"
+                status, body = await http(r.port, "/healthz")
+                assert status == 200
+                assert isinstance(body, dict)
+                assert body["feeds"]["a"]["state"] == "listening"
+                reload = body["reload"]
+                assert reload["generation"] == attempt
+                assert reload["result"] == "failed"
+                assert reload["errors"] == [
+                    f"emit feed a: OSError: [Errno 98] cannot bind 127.0.0.1:{busy}: "
+                    "Address already in use"
+                ]
+                assert (
+                    "reload failed, old config kept: emit feed a: OSError: [Errno 98] "
+                    f"cannot bind 127.0.0.1:{busy}"
+                ) in sup.status_line()
+            messages = [rec.getMessage() for rec in caplog.records]
+            assert "reload: nothing changed" not in messages
+            failed = [rec for rec in caplog.records if rec.getMessage().startswith("reload")]
+            assert not any(rec.exc_info for rec in failed)
+            assert any("cannot bind 127.0.0.1" in m and "reload failed" in m for m in messages)
+            status, text = await http(r.port, "/metrics")
+            assert isinstance(text, str)
+            assert 'relayd_reloads_total{result="failed"} 2' in text
+            taken.close()
+            # The port is free now: the same file applies.
+            await sup.reload()
+            assert sup.reloads["ok"] == 1
+            assert h.echo("a") is not running
+            assert h.echo("a").port == busy
+            assert "reload failed" not in sup.status_line()
+            assert (await read_all(client)).startswith(b"BYE 6 feed restarting")
+            sup.request_stop()
+    assert r.exit_status == 0
+
+
+async def test_reload_that_cannot_move_the_health_server_keeps_every_feed(
+    close_clients: None,
+) -> None:
+    """A reload that changes a feed and moves [health] listen to a busy port: nothing stops,
+    the health server stays where it was, and the feed is still served under its name."""
+    h = Harness()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        sup = Supervisor(
+            Path("x"), config(emit("prod")), factory=h.factory, notifier=quiet_notifier()
+        )
+        sup.load = lambda _path: config(emit("prod", ttl=3), health_port=busy)
+        r = Running(sup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            old_port = r.port
+            client = await echo_client(h.echo("prod").port)
+            await sup.reload()
+            assert sup.reloads["failed"] == 1
+            assert r.port == old_port
+            status, body = await http(old_port, "/healthz/prod")
+            assert status == 200
+            assert isinstance(body, dict)
+            assert body["feeds"]["prod"]["state"] == "listening"
+            assert body["reload"]["errors"] == [
+                f"health server: OSError: [Errno 98] cannot bind 127.0.0.1:{busy}: "
+                "Address already in use"
+            ]
+            assert len(h.feeds["prod"]) == 2
+            assert h.journal[-1] == ("closed", "prod")
+            await client.send_all(b"x")
+            with trio.fail_after(2):
+                assert await client.receive_some(10) == b"x"
+            sup.request_stop()
+            assert (await read_all(client)).startswith(b"BYE 6 relayd is shutting down")
+    assert r.exit_status == 0
+
+
+async def test_changed_feed_on_the_same_port_takes_over_its_listener(close_clients: None) -> None:
+    """Make before break on one fixed port: the replacement holds a duplicate of the running
+    listener before the old feed stops, so the port is never closed, and it carries on the
+    old feed's counters."""
+    h = Harness()
+    port = free_port()
+    sup = Supervisor(
+        Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
+    )
+    sup.load = lambda _path: config(emit("a", port, ttl=3))
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        old = h.echo("a")
+        client = await echo_client(port)
+        # A connection that waits in the accept queue across the switch is served.
+        waiting = socket.create_connection(("127.0.0.1", port))
+        await sup.reload()
+        assert sup.reloads["ok"] == 1
+        new = h.echo("a")
+        assert new is not old
+        assert (await read_all(client)).startswith(b"BYE 6 feed restarting")
+        again = await echo_client(port)
+        assert new.served is old.served
+        assert new.served[0] >= 2
+        waiting.close()
+        await again.aclose()
+        sup.request_stop()
+    assert r.exit_status == 0

@@ -34,7 +34,7 @@ from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
 from relayd.replay import ReplayBuffer
-from relayd.runtime import FeedHealth, MetricType, Sample
+from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 
 __all__ = ["CaptureFeedRuntime"]
 
@@ -187,7 +187,7 @@ class CaptureFeedRuntime:
                 count,
             )
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
         fails; nothing stays open then)."""
         config = self.config
@@ -209,6 +209,12 @@ class CaptureFeedRuntime:
                 capped[0].receive_buffer_effective,
                 config.receive_buffer,
             )
+
+    def close(self) -> None:
+        """Release what ``open`` acquired, when ``run`` will not."""
+        for receiver in self.receivers:
+            receiver.close()
+        self.receivers = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.receivers:

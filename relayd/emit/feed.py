@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
@@ -37,7 +38,7 @@ from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
 from relayd.keys import load_auth_keys
 from relayd.netif import open_multicast_sender, resolve_interface
-from relayd.runtime import FeedHealth, Sample
+from relayd.runtime import Feed, FeedHealth, Sample
 from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
 
 __all__ = ["EmitFeedRuntime"]
@@ -65,12 +66,10 @@ class EmitFeedRuntime:
         self._keys = None if keys is None else tuple(keys)  # None: read the key files at open
         self.stats = EmitStats(config.name)
         self.sessions = Sessions()
-        self.gate = Gate(
-            config.name,
-            config,
-            self.stats,
-            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections),
+        self._pending_limit = (
+            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections)
         )
+        self.gate = Gate(config.name, config, self.stats, self._pending_limit)
         self._destinations: Destinations | None = None
         #: The bound TCP port, once opened (useful with port 0).
         self.listen_port: int | None = None
@@ -105,28 +104,66 @@ class EmitFeedRuntime:
         self.reconfigure(config)
         return True
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
         """Read the keys, bind the listener and open the multicast sender (raises when one
-        of them fails; nothing stays open then)."""
+        of them fails; nothing stays open then).
+
+        From ``previous`` (the emit feed this one replaces) it takes the counters, and its
+        bound listener when the address is the same: a duplicate of the descriptor, so both
+        hold the one socket until the old feed stops, and no connection waiting in the
+        accept queue is lost (binding a second socket would fail while the old one listens)."""
         cfg = self.config
-        self.gate.keys = (
-            self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
+        keys = self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
+        interface_address = resolve_interface(cfg.interface)
+        plane = select_plane()
+        inherited = previous if isinstance(previous, EmitFeedRuntime) else None
+        listener = (
+            inherited.listener_for(cfg.listen.host, cfg.listen.port)
+            if inherited is not None
+            else None
         )
-        self.interface_address = resolve_interface(cfg.interface)
-        self._plane = select_plane()
-        listener = open_listener(cfg.listen.host, cfg.listen.port)
+        if listener is None:
+            listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
             self._mcast = open_multicast_sender(
-                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+                interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
             )
         except BaseException:
             listener.socket.close()
             raise
+        if inherited is not None:
+            self.stats = inherited.stats
+            self.gate = Gate(self.name, cfg, self.stats, self._pending_limit)
+        self.gate.keys = keys
+        self.interface_address = interface_address
+        self._plane = plane
         self._listener = listener
         self.listen_port = listener.socket.getsockname()[1]
         destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
         destinations.interface = self.interface_address
         self._destinations = destinations
+
+    def listener_for(self, host: str, port: int) -> trio.SocketListener | None:
+        """A duplicate of this feed's listening socket when it is bound to ``host:port``
+        (port 0 never matches: it asks for a fresh port), else None."""
+        listener = self._listener
+        if listener is None or port == 0 or listener.socket.fileno() < 0:
+            return None
+        if (self.config.listen.host, self.config.listen.port) != (host, port):
+            return None
+        duplicate = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        return trio.SocketListener(trio.socket.from_stdlib_socket(duplicate))
+
+    def close(self) -> None:
+        """Release what ``open`` acquired, when ``run`` will not."""
+        if self._listener is not None:
+            self._listener.socket.close()
+            self._listener = None
+        if self._mcast is not None:
+            self._mcast.close()
+            self._mcast = None
+        if self._destinations is not None:
+            self._destinations.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
