@@ -902,3 +902,89 @@ async def test_changed_feed_on_the_same_port_takes_over_its_listener(close_clien
         await again.aclose()
         sup.request_stop()
     assert r.exit_status == 0
+
+
+def relayd_reload(config_path: Path, pid: int) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "relayd", "reload", "--config", str(config_path)]
+    return subprocess.run(
+        [*argv, "--pid", str(pid), "--timeout", "20s"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
+    tmp_path: Path,
+) -> None:
+    """`relayd reload` (systemd's ExecReload) exits 1 when a reload that passes check-config
+    cannot be applied (an unknown interface, a port in use), and the streaming feed is never
+    stopped by it; a changed feed on the same port takes over the listener and the counters."""
+    port, health, busy_port = free_port(), free_port(), free_port()
+    listen = f"127.0.0.1:{port}"
+    config_path = tmp_path / "relayd.toml"
+
+    def write(**changes: Any) -> None:
+        feed = emit_toml("alpha", **{"listen": listen, **changes})
+        config_path.write_text(process_toml(feed, health=f"127.0.0.1:{health}"))
+
+    write()
+    relayd = RelaydProcess(config_path, {})
+    sender = None
+    try:
+        relayd.wait_line(r"relayd \S+ ready")
+        groups = pick_groups(2)
+        sender = subprocess.Popen(
+            peer_argv("send", "--connect", listen, "--feed", "alpha",
+                      "--groups", groups_arg(groups), "--count", "200", "--rate", "2000",
+                      "--linger", "30"),
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert sender.stdout is not None
+        assert json.loads(sender.stdout.readline()) == {"streamed": 200}
+        ok = relayd_reload(config_path, relayd.proc.pid)
+        assert (ok.returncode, ok.stdout) == (0, "reload 1: ok\n"), ok.stderr
+
+        write(interface="nosuch0")
+        for generation in (2, 3):  # the same file again is tried again
+            failed = relayd_reload(config_path, relayd.proc.pid)
+            assert failed.returncode == 1, failed
+            assert f"reload {generation} failed" in failed.stderr
+            assert "emit feed alpha: InterfaceError: no interface named 'nosuch0'" in failed.stderr
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", busy_port))
+            busy.listen()
+            write(listen=f"127.0.0.1:{busy_port}")
+            failed = relayd_reload(config_path, relayd.proc.pid)
+            assert failed.returncode == 1, failed
+            assert f"cannot bind 127.0.0.1:{busy_port}: Address already in use" in failed.stderr
+        status, doc = get_json(health)
+        assert status == 200
+        alpha = doc["feeds"]["alpha"]
+        assert (alpha["state"], alpha["connections"] != []) == ("streaming", True)
+        assert doc["reload"]["result"] == "failed"
+        assert sender.poll() is None  # its connection was never closed
+        text = get_text(health, "/metrics")
+        assert 'relayd_reloads_total{result="failed"} 3' in text
+        assert 'relayd_datagrams_out_total{feed="alpha"} 200' in text
+
+        # A real change on the same port: the listener is handed over, the counters go on.
+        write(ttl=3)
+        ok = relayd_reload(config_path, relayd.proc.pid)
+        assert (ok.returncode, ok.stdout) == (0, "reload 5: ok\n"), ok.stderr
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.settimeout(5)
+            assert c.recv(3)[2:3] == b"\x10"  # CHALLENGE from the new feed
+        text = get_text(health, "/metrics")
+        assert 'relayd_datagrams_out_total{feed="alpha"} 200' in text
+        assert 'relayd_reloads_total{result="ok"} 2' in text
+        assert not [line for line in relayd.lines if "Traceback" in line or "exc=" in line]
+        code, _ = relayd.stop(signal.SIGTERM)
+        assert code == 0
+    finally:
+        if sender is not None:
+            if sender.poll() is None:
+                sender.kill()
+            sender.communicate()
+        relayd.kill()
