@@ -45,6 +45,9 @@ __all__ = ["EmitFeedRuntime"]
 
 log = logging.getLogger("relayd.emit")
 
+#: ERROR codes with which a capture side says it stops on purpose.
+_PEER_STOPS: Final = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.FEED_REMOVED})
+
 #: How long a deliberate close waits for the peer's FIN after ERROR and our FIN.
 LINGER: Final = 0.2
 
@@ -469,12 +472,15 @@ class EmitFeedRuntime:
             )
         elif end is PumpEnd.PEER_ERROR:
             self.stats.frames_in += len(detail)
+            conn.reason = Closed.PEER_ERROR
             for event in detail:
                 if isinstance(event, Error):
+                    if event.code in _PEER_STOPS:
+                        conn.reason = Closed.PEER_SHUTDOWN  # a clean stop, not a fault
                     log.info(
                         "%s: %s sent ERROR %d: %s", self.name, conn.peer, event.code, event.message
                     )
-            conn.reason = Closed.PEER_ERROR
+                    break
         elif end is PumpEnd.IDLE:
             conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
             conn.reason = Closed.IDLE_TIMEOUT
