@@ -20,7 +20,7 @@ from relayd.config import CaptureFeed, EmitFeed, MissingKeyFileError
 from relayd.emit import EmitFeedRuntime
 from relayd.health import FeedReport, describe
 from relayd.keys import KeyFileError
-from relayd.logs import EXPECTED_ERRORS, describe_error, log_failure
+from relayd.logs import EXPECTED_ERRORS, current_feed, describe_error, log_failure
 from relayd.metrics import Rate
 from relayd.netif import InterfaceError
 from relayd.reload import FeedConfig, FeedKey
@@ -171,6 +171,7 @@ class FeedSlot:
         backoff = BACKOFF_INITIAL
         reported = False
         previous: Feed | None = None
+        current_feed.set(slot.name)  # this task's own context: its tasks and threads log so
         try:
             with slot.cancel_scope:
                 while True:

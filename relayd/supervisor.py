@@ -65,7 +65,13 @@ from relayd.health import (
     format_address,
     process_samples,
 )
-from relayd.logs import RateLimitedLogger, describe_error, log_failure, setup_logging
+from relayd.logs import (
+    RateLimitedLogger,
+    describe_error,
+    feed_context,
+    log_failure,
+    setup_logging,
+)
 from relayd.metrics import Rate
 from relayd.notify import Notifier
 from relayd.reload import (
@@ -473,8 +479,9 @@ class Supervisor:
         for key in keys:
             slot = self.slots.get(key)
             try:
-                runtime = self.factory(feeds[key])
-                runtime.open(slot.runtime if slot is not None else None)
+                with feed_context(key[1]):
+                    runtime = self.factory(feeds[key])
+                    runtime.open(slot.runtime if slot is not None else None)
             except Exception as exc:
                 reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
                 log_failure(
