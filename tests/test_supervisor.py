@@ -988,3 +988,62 @@ def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
                 sender.kill()
             sender.communicate()
         relayd.kill()
+
+
+async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
+    """A capture feed replaced by a reload (one group added) starts from the old feed's
+    counters: /metrics never goes backwards."""
+    from ipaddress import IPv4Address  # noqa: PLC0415
+
+    from relayd.capture import CaptureFeedRuntime  # noqa: PLC0415
+    from relayd.netif import open_multicast_sender  # noqa: PLC0415
+    from tests.helpers.emit_standin import feed_config  # noqa: PLC0415
+    from tests.helpers.loopback import LOOPBACK  # noqa: PLC0415
+    from tests.helpers.metrics import value  # noqa: PLC0415
+
+    groups = pick_groups(2)
+    nowhere = free_port()  # the emit side is absent: the feed counts what it receives
+    first = feed_config(groups[:1], [nowhere])
+    second = feed_config(groups, [nowhere])
+    base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
+    sup = Supervisor(Path("x"), base, notifier=quiet_notifier())
+    sup.load = lambda _path: attrs.evolve(base, capture=(second,))
+    sender = open_multicast_sender(LOOPBACK, 1, True, 1 << 20)
+
+    async def send_and_count(to: list[tuple[str, int]], count: int, want: int) -> None:
+        for i in range(count):
+            sender.sendto(b"x" * 20, to[i % len(to)])
+        with trio.fail_after(10):
+            while True:
+                text = render_metrics(sup)
+                if value(text, "capture_datagrams_in", feed=first.name) >= want:
+                    return
+                await trio.sleep(0.02)
+
+    r = Running(sup)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            await send_and_count(groups[:1], 50, 50)
+            old = sup.slots["capture", first.name].runtime
+            await sup.reload()
+            assert sup.reloads["ok"] == 1
+            new = sup.slots["capture", first.name].runtime
+            assert isinstance(new, CaptureFeedRuntime)
+            assert new is not old
+            assert {str(g.group) for g in new.config.groups} == {g for g, _ in groups}
+            await send_and_count(groups, 40, 90)
+            assert value(render_metrics(sup), "capture_datagrams_in", feed=first.name) == 90
+            assert value(render_metrics(sup), "capture_bytes_in", feed=first.name) == 90 * 20
+            assert IPv4Address(groups[1][0]) in {g.group for g in new.config.groups}
+            sup.request_stop()
+    finally:
+        sender.close()
+    assert r.exit_status == 0
+
+
+def render_metrics(sup: Supervisor) -> str:
+    from relayd.metrics import render  # noqa: PLC0415
+
+    return render(sup.samples())
