@@ -37,7 +37,12 @@ from relayd.emit.pump import PumpEnd, pump_connection
 from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
 from relayd.keys import load_auth_keys
-from relayd.netif import open_multicast_sender, resolve_interface
+from relayd.netif import (
+    InterfaceError,
+    interface_index,
+    open_multicast_sender,
+    resolve_interface,
+)
 from relayd.runtime import Feed, FeedHealth, Sample
 from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
 
@@ -118,6 +123,7 @@ class EmitFeedRuntime:
         cfg = self.config
         keys = self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
         interface_address = resolve_interface(cfg.interface)
+        ifindex = interface_index(cfg.interface)
         plane = select_plane()
         inherited = previous if isinstance(previous, EmitFeedRuntime) else None
         listener = (
@@ -129,7 +135,7 @@ class EmitFeedRuntime:
             listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
             self._mcast = open_multicast_sender(
-                interface_address, cfg.ttl, cfg.loop, cfg.send_buffer
+                interface_address, cfg.ttl, cfg.loop, cfg.send_buffer, ifindex=ifindex
             )
         except BaseException:
             listener.socket.close()
@@ -144,6 +150,7 @@ class EmitFeedRuntime:
         self.listen_port = listener.socket.getsockname()[1]
         destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
         destinations.interface = self.interface_address
+        destinations.ifindex = ifindex
         self._destinations = destinations
 
     def listener_for(self, host: str, port: int) -> trio.SocketListener | None:
@@ -309,10 +316,38 @@ class EmitFeedRuntime:
         )
 
     async def _tick(self) -> None:
-        """Feed the rate windows once a second."""
+        """Once a second: feed the rate windows and follow the egress interface's address."""
         while True:
             self.stats.tick(trio.current_time())
+            self._follow_interface()
             await trio.sleep(1.0)
+
+    def _follow_interface(self) -> None:
+        """Read the egress interface's address again (one ioctl) and, when it changed,
+        connect the destination sockets again: they keep the source address they were
+        connected with, and their sends fail until then (counted). The shared socket
+        selects the interface by index and needs nothing."""
+        destinations = self._destinations
+        if destinations is None or destinations.ifindex is None:
+            return  # a literal address: nothing to follow
+        try:
+            address = resolve_interface(self.config.interface)
+        except InterfaceError:
+            return  # no address right now: sends fail and are counted until it has one
+        if address == self.interface_address:
+            return
+        old, self.interface_address = self.interface_address, address
+        destinations.interface = address
+        renewed = destinations.reconnect()
+        log.warning(
+            "emit feed %s: interface %s changed address from %s to %s; %d destination "
+            "sockets connected again",
+            self.name,
+            self.config.interface,
+            old,
+            address,
+            renewed,
+        )
 
     # -- one connection ---------------------------------------------------------------------
 
