@@ -477,11 +477,11 @@ class Supervisor:
         ``previous``); what could not be opened is added to ``reasons``."""
         opened: dict[FeedKey, Feed] = {}
         for key in keys:
-            slot = self.slots.get(key)
+            previous = self._predecessor(key, feeds)
             try:
                 with feed_context(key[1]):
                     runtime = self.factory(feeds[key])
-                    runtime.open(slot.runtime if slot is not None else None)
+                    runtime.open(previous)
             except Exception as exc:
                 reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
                 log_failure(
@@ -496,6 +496,26 @@ class Supervisor:
             else:
                 opened[key] = runtime
         return opened
+
+    def _predecessor(self, key: FeedKey, feeds: dict[FeedKey, FeedConfig]) -> Feed | None:
+        """The running feed a new one replaces: the one of the same kind and name, else one
+        of the same kind on the same ``listen`` address that is going away or moving off it
+        (a renamed feed takes over its listener)."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            return slot.runtime
+        listen = getattr(feeds[key], "listen", None)
+        if listen is None:
+            return None
+        for other_key, other in self.slots.items():
+            leaving = feeds.get(other_key)
+            if (
+                other_key[0] == key[0]
+                and getattr(other.config, "listen", None) == listen
+                and (leaving is None or getattr(leaving, "listen", None) != listen)
+            ):
+                return other.runtime
+        return None
 
     def _rekey(self, key: FeedKey, new: FeedConfig, reasons: list[str]) -> bool:
         """Give a running feed the keys of ``new`` when nothing else differs; True when done.

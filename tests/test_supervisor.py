@@ -60,7 +60,8 @@ class EchoFeed:
     def open(self, previous: Feed | None = None) -> None:
         listen = self.config.listen
         if isinstance(previous, EchoFeed):
-            self.served = previous.served
+            if previous.name == self.name:
+                self.served = previous.served
             old = previous.sock
             same = listen.port != 0 and previous.config.listen == listen
             if same and old is not None and old.fileno() >= 0:
@@ -1047,3 +1048,30 @@ def render_metrics(sup: Supervisor) -> str:
     from relayd.metrics import render  # noqa: PLC0415
 
     return render(sup.samples())
+
+
+async def test_a_renamed_feed_takes_over_the_listener_of_the_one_it_replaces(
+    close_clients: None,
+) -> None:
+    """Removing feed "a" and adding feed "b" on the same fixed port in one reload: "b" takes
+    a duplicate of "a"'s listener before "a" stops (binding anew would find the port in use),
+    and starts its own counters."""
+    h = Harness()
+    port = free_port()
+    sup = Supervisor(
+        Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
+    )
+    sup.load = lambda _path: config(emit("b", port))
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        client = await echo_client(port)
+        await sup.reload()
+        assert sup.reloads["ok"] == 1
+        assert (await read_all(client)).startswith(b"BYE 9 feed removed")
+        await (await echo_client(port)).aclose()
+        assert h.echo("b").served == [1]
+        assert list(sup.slots) == [("emit", "b")]
+        sup.request_stop()
+    assert r.exit_status == 0

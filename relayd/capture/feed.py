@@ -227,7 +227,8 @@ class CaptureFeedRuntime:
             groups, interface, config.receive_buffer, sources=config.sources
         )
         self._interface = interface
-        self._previous = previous if isinstance(previous, CaptureFeedRuntime) else None
+        if isinstance(previous, CaptureFeedRuntime) and previous.name == self.name:
+            self._previous = previous
         capped = [r for r in self.receivers if r.receive_buffer_capped]
         if capped:
             log.warning(

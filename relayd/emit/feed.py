@@ -116,10 +116,11 @@ class EmitFeedRuntime:
         """Read the keys, bind the listener and open the multicast sender (raises when one
         of them fails; nothing stays open then).
 
-        From ``previous`` (the emit feed this one replaces) it takes the counters, and its
-        bound listener when the address is the same: a duplicate of the descriptor, so both
-        hold the one socket until the old feed stops, and no connection waiting in the
-        accept queue is lost (binding a second socket would fail while the old one listens)."""
+        From ``previous`` (the emit feed this one replaces) it takes the counters when it has
+        the same name, and its bound listener when the address is the same: a duplicate of
+        the descriptor, so both hold the one socket until the old feed stops, and no
+        connection waiting in the accept queue is lost (binding a second socket would fail
+        while the old one listens)."""
         cfg = self.config
         keys = self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
         interface_address = resolve_interface(cfg.interface)
@@ -140,7 +141,7 @@ class EmitFeedRuntime:
         except BaseException:
             listener.socket.close()
             raise
-        if inherited is not None:
+        if inherited is not None and inherited.name == self.name:
             self.stats = inherited.stats
             self.gate = Gate(self.name, cfg, self.stats, self._pending_limit)
         self.gate.keys = keys
