@@ -99,8 +99,9 @@ TICK_INTERVAL = 2.0  # rates and STATUS refresh
 class ReloadFailedError(Exception):
     """Something the new configuration needs could not be acquired; nothing was changed."""
 
-    def __init__(self, reasons: Sequence[str]) -> None:
+    def __init__(self, reasons: Sequence[str], *, untouched: bool = True) -> None:
         self.reasons = tuple(reasons)
+        self.untouched = untouched  # False: the feeds were replaced, something else failed
         super().__init__("; ".join(self.reasons))
 
 
@@ -379,7 +380,8 @@ class Supervisor:
                 errors = exc.reasons
                 result = ReloadResult.FAILED
                 log.error(
-                    "reload failed, the running feeds stay as they were: %s",
+                    "reload failed, %s: %s",
+                    "the running feeds stay as they were" if exc.untouched else "feeds applied",
                     "; ".join(errors),
                     extra={"config": str(self.config_path)},
                 )
@@ -456,15 +458,24 @@ class Supervisor:
             await self._stop_feed(
                 key, ErrorCode.SHUTTING_DOWN, "feed restarting with a new configuration"
             )
+        late: list[str] = []  # what failed after the break: the feeds start all the same
         if health_sock is not None:
             with trio.move_on_after(2 * STOP_TIMEOUT):
                 await self._health.stop()
-            await self._health.start(self._nursery_or_fail(), new.health.listen, health_sock)
+            try:
+                await self._health.start(self._nursery_or_fail(), new.health.listen, health_sock)
+            except HealthServerError as exc:
+                late.append(str(exc))
+                log.error("%s; back to %s", exc, old.health.listen)
+                self.config = attrs.evolve(new, health=old.health)  # the next SIGHUP retries
+                await self._health.start(self._nursery_or_fail(), old.health.listen)
         for key in (*plan.changed, *plan.added):
             log.info("reload: starting %s feed %s", *key)
             await self._start_feed(key, feeds[key], fail_fast=False, opened=opened[key])
         # Keep the file's order for /healthz.
         self.slots = {k: self.slots[k] for k in feeds if k in self.slots}
+        if late:
+            raise ReloadFailedError(late, untouched=False)
 
     def _nursery_or_fail(self) -> trio.Nursery:
         assert self._nursery is not None
