@@ -1,7 +1,8 @@
-"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``listen``, ``send``,
-``demo``.
+"""The ``relayd`` command line: ``run``, ``check-config``, ``status``, ``reload``, ``listen``,
+``send``, ``demo``.
 
-``run`` hands over to the supervisor; the tools (``status``, ``listen``, ``send``, ``demo``) live
+``run`` hands over to the supervisor; the tools (``status``, ``reload``, ``listen``, ``send``,
+``demo``) live
 in :mod:`relayd.tools`, which the daemon never imports. Each command's module is imported only
 when that command runs, so that ``check-config`` (what systemd runs before every start and
 reload) stays fast and never imports Trio.
@@ -214,6 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         metavar="DURATION",
         help="give up after this long (default: 3s)",
+    )
+
+    reload = command(
+        "reload",
+        "send SIGHUP to a running relayd and wait for the reload's outcome (systemd's "
+        "ExecReload): exit 1 when it failed",
+    )
+    _add_config_arguments(reload)
+    reload.add_argument(
+        "--pid", type=_positive_int, required=True, help="the relayd process ($MAINPID)"
+    )
+    reload.add_argument(
+        "--url",
+        default=None,
+        help="base URL of the health server (default: from the configuration's [health] listen)",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=_duration,
+        default=25.0,
+        metavar="DURATION",
+        help="give up after this long (default: 25s, under systemd's TimeoutStartSec)",
     )
 
     listen = commands.add_parser(
@@ -469,6 +492,7 @@ _COMMAND_MODULES = frozenset(
     {
         "relayd.supervisor",
         "relayd.tools.status",
+        "relayd.tools.reload",
         "relayd.tools.listen",
         "relayd.tools.send",
         "relayd.tools.demo",
@@ -506,6 +530,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
     "check-config": check_config,
     "status": _delegate("tools.status"),
+    "reload": _delegate("tools.reload"),
     "listen": _delegate("tools.listen"),
     "send": _delegate("tools.send"),
     "demo": _delegate("tools.demo"),

@@ -19,7 +19,10 @@ from relayd.capture import CaptureFeedRuntime
 from relayd.config import CaptureFeed, EmitFeed, MissingKeyFileError
 from relayd.emit import EmitFeedRuntime
 from relayd.health import FeedReport, describe
+from relayd.keys import KeyFileError
+from relayd.logs import EXPECTED_ERRORS, current_feed, describe_error, log_failure
 from relayd.metrics import Rate
+from relayd.netif import InterfaceError
 from relayd.reload import FeedConfig, FeedKey
 from relayd.runtime import Feed, Sample
 from relayd.wire import ErrorCode
@@ -41,6 +44,14 @@ STABLE_AFTER = 60.0  # a feed that ran this long without crashing starts again a
 START_TIMEOUT = 30.0  # a feed's run() must call started() within this
 
 FeedFactory = Callable[[FeedConfig], Feed]
+
+#: What a feed meets in the outside world (a port in use, an unknown interface, a missing or
+#: unusable key file): one log line, no traceback.
+FEED_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    *EXPECTED_ERRORS,
+    InterfaceError,
+    KeyFileError,
+)
 
 #: The one place that says which class runs which kind of feed, by config class.
 RUNTIMES: dict[type, Callable[[Any], Feed]] = {
@@ -143,21 +154,36 @@ class FeedSlot:
         return FeedReport(self.name, self.kind, False, self.state, common)
 
     async def supervise(
-        self, factory: FeedFactory, *, fail_fast: bool, task_status: trio.TaskStatus[None]
+        self,
+        factory: FeedFactory,
+        *,
+        fail_fast: bool,
+        opened: Feed | None = None,
+        task_status: trio.TaskStatus[None],
     ) -> None:
-        """Run the feed until the slot is stopped; restart it with backoff when it fails."""
+        """Run the feed until the slot is stopped; restart it with backoff when it fails.
+
+        ``opened``: a runtime whose ``open`` already succeeded (a reload's make-before-break),
+        run first; every later start builds one with ``factory`` and opens it with the last
+        runtime as its ``previous`` (so a restart keeps the feed's counters)."""
         slot = self
         extra = {"feed": slot.name, "kind": slot.kind}
         backoff = BACKOFF_INITIAL
         reported = False
+        previous: Feed | None = None
+        current_feed.set(slot.name)  # this task's own context: its tasks and threads log so
         try:
             with slot.cancel_scope:
                 while True:
                     slot.state = "starting"
                     began = trio.current_time()
                     try:
-                        slot.runtime = factory(slot.config)
-                        slot.runtime.open()
+                        if opened is not None:
+                            slot.runtime, opened = opened, None
+                        else:
+                            slot.runtime = factory(slot.config)
+                            slot.runtime.open(previous)
+                        previous = slot.runtime
                         async with trio.open_nursery() as inner:
                             with trio.fail_after(START_TIMEOUT):
                                 await inner.start(slot.runtime.run)
@@ -173,7 +199,7 @@ class FeedSlot:
                         missing_key = _find(exc, MissingKeyFileError) is not None
                         if fail_fast and not reported and not missing_key:
                             raise StartupError(
-                                f"cannot start {slot.kind} feed {slot.name}: {describe(exc)}"
+                                f"cannot start {slot.kind} feed {slot.name}: {describe_error(exc)}"
                             ) from exc
                         if trio.current_time() - began >= STABLE_AFTER:
                             backoff = BACKOFF_INITIAL
@@ -187,15 +213,19 @@ class FeedSlot:
         except StartupError:
             raise
         except Exception as exc:  # raised by the feed while it was being stopped
-            log.error(
-                "%s feed %s failed while stopping: %s",
+            log_failure(
+                log,
+                logging.ERROR,
+                "%s feed %s failed while stopping",
                 slot.kind,
                 slot.name,
-                describe(exc),
-                exc_info=exc,
+                exc=exc,
+                expected=FEED_EXPECTED_ERRORS,
                 extra=extra,
             )
         finally:
+            if opened is not None:  # stopped before it ran: release what it acquired
+                opened.close()
             slot.state = "stopped"
             slot.runtime = None
             slot.done.set()
@@ -207,16 +237,19 @@ class FeedSlot:
         slot.last_error = message
         slot.last_error_time = round(time.time(), 3)
         slot.retry_at = trio.current_time() + backoff
-        # The traceback once per distinct error; a crash loop logs one line per restart.
+        # An expected condition is one line; anything else its traceback once per distinct
+        # error, so a crash loop logs one line per restart.
         key = (type(exc), message)
-        exc_info = exc if key != slot._last_crash else None
+        repeated = key == slot._last_crash
         slot._last_crash = key
-        log.error(
-            "%s feed %s failed: %s; restarting in %.1f s",
+        log_failure(
+            log,
+            logging.ERROR,
+            "%s feed %s failed (restarting in %.1f s)",
             slot.kind,
             slot.name,
-            message,
             backoff,
-            exc_info=exc_info,
+            exc=exc,
+            expected=(BaseException,) if repeated else FEED_EXPECTED_ERRORS,
             extra={"feed": slot.name, "kind": slot.kind, "restarts": slot.restarts},
         )

@@ -4,8 +4,8 @@ hypercorn serves inside the supervisor's nursery.
 What "healthy" means is the feeds' business (each feed's ``health()``, see docs/OPERATIONS.md);
 this module only shapes the answers. ``/healthz`` is 200 when every feed is healthy and 503
 otherwise; the body is JSON either way, so an operator sees why. A reload that failed validation
-shows in ``config_errors`` but does not make the instance unhealthy: the old configuration keeps
-serving.
+shows in ``config_errors``, and every reload's outcome in ``reload`` (its generation, result and
+errors), but does not make the instance unhealthy: the old configuration keeps serving.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -28,7 +36,9 @@ from hypercorn.trio import serve
 
 from relayd import __version__, fastpath
 from relayd.config import Endpoint
+from relayd.logs import log_failure
 from relayd.metrics import CONTENT_TYPE, render
+from relayd.netif import bind_tcp_listener
 from relayd.runtime import Sample
 
 log = logging.getLogger(__name__)
@@ -110,6 +120,9 @@ class HealthModel(Protocol):
 
     def config_errors(self) -> Sequence[str]: ...
 
+    def last_reload(self) -> Mapping[str, Any] | None:
+        """The last reload's outcome (``ReloadOutcome.as_json``), None before the first."""
+
     def uptime_seconds(self) -> float: ...
 
     def stopping(self) -> bool: ...
@@ -145,6 +158,9 @@ def health_body(model: HealthModel, only: str | None = None) -> tuple[int, dict[
         "config_errors": list(model.config_errors()),
         "feeds": {feed_key(r, reports): r.as_json() for r in chosen},
     }
+    reload = model.last_reload()
+    if reload is not None:  # from the first reload on
+        body["reload"] = dict(reload)
     return (200 if healthy else 503), body
 
 
@@ -279,19 +295,12 @@ def hypercorn_config(fd: int) -> HypercornConfig:
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for the health server; OSError (closed socket) when it cannot bind.
+    """A bound TCP socket for the health server; OSError naming the address (closed socket)
+    when it cannot bind.
 
     relayd binds it itself, so that a port in use is a clear error and nothing leaks, and hands
-    the descriptor to hypercorn."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    the descriptor to hypercorn; a reload binds the new address before it lets go of the old."""
+    return bind_tcp_listener(host, port, backlog=BACKLOG)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -307,11 +316,14 @@ async def serve_health(
     port: int,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until ``shutdown_trigger`` returns; started() with the bound address."""
+    """Serve ``app`` until ``shutdown_trigger`` returns; started() with the bound address.
+    ``sock``: a socket already bound to ``host:port`` (``bind_listener``), else bound here."""
 
-    sock = bind_listener(host, port)
+    if sock is None:
+        sock = bind_listener(host, port)
     config = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -366,12 +378,15 @@ class HealthServer:
         self._stop: trio.Event | None = None
         self._done: trio.Event | None = None
 
-    async def start(self, nursery: trio.Nursery, endpoint: Endpoint) -> None:
-        """Serve on ``endpoint`` (raises HealthServerError when it cannot bind)."""
+    async def start(
+        self, nursery: trio.Nursery, endpoint: Endpoint, sock: socket.socket | None = None
+    ) -> None:
+        """Serve on ``endpoint`` (raises HealthServerError when it cannot bind); ``sock``:
+        already bound to it (``bind_listener``), used for the first serve."""
         stop, done = trio.Event(), trio.Event()
         self._stop, self._done = stop, done
         try:
-            self.address = await nursery.start(partial(self._task, endpoint, stop, done))
+            self.address = await nursery.start(partial(self._task, endpoint, sock, stop, done))
         except Exception as exc:
             raise HealthServerError(
                 f"cannot start the health server on {endpoint}: {describe(exc)}"
@@ -386,6 +401,7 @@ class HealthServer:
     async def _task(
         self,
         endpoint: Endpoint,
+        sock: socket.socket | None,
         stop: trio.Event,
         done: trio.Event,
         *,
@@ -403,8 +419,10 @@ class HealthServer:
                                 endpoint.host,
                                 endpoint.port,
                                 shutdown_trigger=stop.wait,
+                                sock=sock,
                             )
                         )
+                        sock = None  # hypercorn owns it now; a restart binds again
                         self.address = address
                         if not reported:
                             reported = True
@@ -415,8 +433,11 @@ class HealthServer:
                 except Exception as exc:
                     if not reported:
                         raise
-                    _supervision_log.error(
-                        "health server failed: %s; restarting in 1 s", describe(exc), exc_info=exc
+                    log_failure(
+                        _supervision_log,
+                        logging.ERROR,
+                        "health server failed (restarting in 1 s)",
+                        exc=exc,
                     )
                     await trio.sleep(1.0)
         finally:

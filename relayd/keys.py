@@ -11,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from relayd.config import MIN_KEY_BYTES, MissingKeyFileError
+from relayd.config import (
+    MAX_KEY_FILE_BYTES,
+    MIN_KEY_BYTES,
+    MissingKeyFileError,
+    read_regular_file,
+)
 
 __all__ = ["MIN_KEY_BYTES", "KeyFileError", "KeyFileMissingError", "load_auth_keys"]
 
@@ -29,11 +34,13 @@ def load_auth_keys(paths: Iterable[Path]) -> tuple[bytes, ...]:
 
     A key must be at least ``MIN_KEY_BYTES`` bytes (e.g. 32 random bytes, or their hex or
     base64 text: the text itself is the key, as the capture side reads it the same way).
+    Only a regular file of at most ``MAX_KEY_FILE_BYTES`` is read, without ever blocking: a
+    FIFO in its place is refused at once instead of hanging a start or a reload.
     """
     keys = []
     for path in paths:
         try:
-            data = Path(path).read_bytes().strip()
+            data = read_regular_file(Path(path), MAX_KEY_FILE_BYTES).strip()
         except FileNotFoundError:
             raise KeyFileMissingError(f"key file {path} does not exist (yet)") from None
         except OSError as exc:

@@ -26,7 +26,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Final, TextIO
 
 from relayd.config import ConfigError, MissingKeyFileError
@@ -142,6 +144,33 @@ def stderr_is_journal(environ: dict[str, str] | None = None, stream: TextIO | No
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+#: The feed the running code works for: each feed's supervising task sets it, and the tasks
+#: and data-path threads it starts inherit it (Trio copies the context into both), so every
+#: line logged on a feed's behalf carries its ``feed`` field without each call naming it.
+current_feed: ContextVar[str | None] = ContextVar("relayd_feed", default=None)
+
+
+@contextmanager
+def feed_context(name: str) -> Iterator[None]:
+    """Log on behalf of feed ``name`` within the block (see ``current_feed``)."""
+    token = current_feed.set(name)
+    try:
+        yield
+    finally:
+        current_feed.reset(token)
+
+
+class FeedField(logging.Filter):
+    """Adds ``feed`` (from ``current_feed``) to a record that does not name one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "feed" not in vars(record):
+            feed = current_feed.get()
+            if feed is not None:
+                record.feed = feed
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "text", *, stream: TextIO | None = None) -> None:
     """(Re)configure the root logger: called at start-up and again after each reload."""
     if level not in LEVELS:
@@ -161,6 +190,7 @@ def setup_logging(level: str = "info", fmt: str = "text", *, stream: TextIO | No
     handler = logging.StreamHandler(out)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
+    handler.addFilter(FeedField())
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
 

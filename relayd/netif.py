@@ -74,6 +74,8 @@ ANCBUFSIZE = socket.CMSG_SPACE(_IN_PKTINFO_SIZE) + socket.CMSG_SPACE(4)
 MAX_DATAGRAM = 65507
 
 _SOL_IP = socket.IPPROTO_IP
+#: struct ip_mreqn: multicast address, local address, interface index.
+_IP_MREQN = struct.Struct("=4s4si")
 _SOL_SOCKET = socket.SOL_SOCKET
 
 
@@ -144,6 +146,22 @@ def resolve_interface(name_or_addr: str) -> IPv4Address:
     return IPv4Address(reply[IFNAMSIZ + 4 : IFNAMSIZ + 8])
 
 
+def interface_index(name_or_addr: str) -> int | None:
+    """The index of an interface given by name, None for a literal address (``0.0.0.0`` or
+    an address: nothing to follow). Raises InterfaceError for an unknown name."""
+    text = name_or_addr.strip()
+    try:
+        IPv4Address(text)
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        return socket.if_nametoindex(text)
+    except OSError:
+        raise InterfaceError(f"no interface named {text!r}") from None
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -175,14 +193,17 @@ def open_multicast_sender(
     loop: bool,
     send_buffer: int,
     *,
+    ifindex: int | None = None,
     force_buffer: bool | None = None,
     report_drops: bool = False,
 ) -> socket.socket:
     """A non-blocking UDP socket that sends multicast out of ``interface``.
 
-    ``IP_MULTICAST_IF`` selects the egress interface by its address, ``IP_MULTICAST_TTL`` and
-    ``IP_MULTICAST_LOOP`` are set as given, ``SO_SNDBUF`` (``SO_SNDBUFFORCE`` as root) to
-    ``send_buffer`` bytes.
+    ``IP_MULTICAST_IF`` selects the egress interface: by its index when ``ifindex`` is given
+    (an ``ip_mreqn`` without an address, so the kernel takes the interface's address of the
+    moment for each datagram, and an address change on it does not break the socket), else
+    by its address. ``IP_MULTICAST_TTL`` and ``IP_MULTICAST_LOOP`` are set as given,
+    ``SO_SNDBUF`` (``SO_SNDBUFFORCE`` as root) to ``send_buffer`` bytes.
 
     ``report_drops`` sets ``IP_RECVERR`` (the emit feeds do): without it ``udp_sendmsg``
     reports success for a datagram the egress queue discipline dropped (``ENOBUFS`` is turned
@@ -194,7 +215,11 @@ def open_multicast_sender(
         raise ValueError(f"multicast TTL {ttl} is outside 0..255")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
+        if ifindex is not None:
+            mreqn = _IP_MREQN.pack(b"\0" * 4, b"\0" * 4, ifindex)
+            sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, mreqn)
+        else:
+            sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_LOOP, 1 if loop else 0)
         if report_drops:

@@ -1,12 +1,24 @@
-"""What a reload changes: the difference between two configurations (a pure function)."""
+"""What a reload changes (the difference between two configurations, a pure function) and
+what became of it (``ReloadOutcome``, shown on ``/healthz`` for ``relayd reload``)."""
 
 from __future__ import annotations
+
+import enum
+from typing import Any
 
 import attrs
 
 from relayd.config import CaptureFeed, Config, EmitFeed
 
-__all__ = ["FeedConfig", "FeedKey", "ReloadPlan", "feeds_of", "plan_reload"]
+__all__ = [
+    "FeedConfig",
+    "FeedKey",
+    "ReloadOutcome",
+    "ReloadPlan",
+    "ReloadResult",
+    "feeds_of",
+    "plan_reload",
+]
 
 FeedConfig = EmitFeed | CaptureFeed
 FeedKey = tuple[str, str]  # (kind, name)
@@ -53,3 +65,34 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         health_changed=old.health != new.health,
         logging_changed=old.process != new.process,
     )
+
+
+class ReloadResult(enum.Enum):
+    """How a reload ended (``reloads_total{result}``)."""
+
+    OK = "ok"  # the new configuration runs
+    INVALID = "invalid"  # the file did not validate; nothing was touched
+    FAILED = "failed"  # something the new configuration needs could not be acquired; the
+    # running feeds were left as they were
+
+
+@attrs.frozen
+class ReloadOutcome:
+    """The last reload: its number (from 1), its result, when it began and ended (wall clock,
+    seconds since the epoch, so ``relayd reload`` can tell its own reload from an older one)
+    and why it did not apply."""
+
+    generation: int
+    result: ReloadResult
+    started_at: float
+    finished_at: float
+    errors: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "result": self.result.value,
+            "started_at": round(self.started_at, 6),
+            "finished_at": round(self.finished_at, 6),
+            "errors": list(self.errors),
+        }

@@ -37,17 +37,23 @@ class Feed(Protocol):
     """A feed runtime: built from its config, run inside the supervisor's nursery.
 
     ``open`` acquires what the feed needs (keys, interface, bound sockets) and raises when it
-    cannot; ``run`` serves with it, calls ``task_status.started()`` when the feed is really
-    ready, runs until cancelled and releases everything on the way out (it opens first when
-    ``open`` was not called). Kept apart so that a reload can open a changed feed before it
-    stops the running one. Cancellation is the stop signal; ``set_close_reason`` beforehand
+    cannot, holding nothing then; ``run`` serves with it, calls ``task_status.started()`` when
+    the feed is really ready, runs until cancelled and releases everything on the way out (it
+    opens first when ``open`` was not called); ``close`` releases what ``open`` acquired when
+    ``run`` will not be called. Kept apart so that a reload opens a changed feed before it
+    stops the running one (make-before-break). ``previous`` is the feed this one replaces (a
+    reload's running feed, or the crashed one before a restart), still running or not: the
+    new one takes over what it can share from it, such as its counters or a bound listener
+    on the same address. Cancellation is the stop signal; ``set_close_reason`` beforehand
     tells a feed what to say to its peers (e.g. SHUTTING_DOWN, FEED_REMOVED).
     """
 
     name: str
     kind: Literal["emit", "capture"]
 
-    def open(self) -> None: ...
+    def open(self, previous: Feed | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -12,9 +12,15 @@ SIGTERM/SIGINT: every feed is told SHUTTING_DOWN (so it can send its peers an ER
 cancelled, the health server stops, exit 0. A second signal stops at once.
 
 SIGHUP: the file is loaded again. Invalid: the running configuration stays and the errors show
-in STATUS, ``/healthz`` (``config_errors``) and the log. Valid: only the difference is applied:
-added feeds start, removed feeds stop (FEED_REMOVED), changed feeds restart, unchanged feeds are
-not touched; a new health address restarts the health server; logging is set up again.
+in STATUS, ``/healthz`` (``config_errors``) and the log. Valid: only the difference is applied,
+make before break: every added and changed feed is opened (keys read, interface resolved,
+listener bound: a changed emit feed on the same address takes a duplicate of the running
+listener) and a new health address bound before anything running is stopped. When any of it
+fails, what was acquired is released, the running feeds are not touched, the reload counts as
+failed and its reasons show in STATUS, ``/healthz`` (``reload``) and the log; the next SIGHUP
+tries again. Otherwise removed feeds stop (FEED_REMOVED), changed feeds are replaced by their
+opened successors (which carry on their counters), added feeds start, unchanged feeds are not
+touched, the health server moves to its new socket and logging is set up again.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -39,21 +47,43 @@ from relayd.config import (
     load_config,
 )
 from relayd.datapath import data_threads_alive
-from relayd.feedslot import FeedFactory, FeedSlot, StartupError, default_factory
+from relayd.feedslot import (
+    FEED_EXPECTED_ERRORS as EXPECTED,
+)
+from relayd.feedslot import (
+    FeedFactory,
+    FeedSlot,
+    StartupError,
+    default_factory,
+)
 from relayd.health import (
     FeedReport,
     HealthApp,
     HealthServer,
     HealthServerError,
+    bind_listener,
     describe,
     format_address,
     process_samples,
 )
-from relayd.logs import RateLimitedLogger, setup_logging
+from relayd.logs import (
+    RateLimitedLogger,
+    describe_error,
+    feed_context,
+    log_failure,
+    setup_logging,
+)
 from relayd.metrics import Rate
 from relayd.notify import Notifier
-from relayd.reload import FeedConfig, FeedKey, feeds_of, plan_reload
-from relayd.runtime import Sample
+from relayd.reload import (
+    FeedConfig,
+    FeedKey,
+    ReloadOutcome,
+    ReloadResult,
+    feeds_of,
+    plan_reload,
+)
+from relayd.runtime import Feed, Sample
 from relayd.wire import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -65,6 +95,15 @@ EXIT_CONFIG = 2
 
 STOP_TIMEOUT = 5.0  # feeds get this long to say goodbye to their peers on shutdown
 TICK_INTERVAL = 2.0  # rates and STATUS refresh
+
+
+class ReloadFailedError(Exception):
+    """Something the new configuration needs could not be acquired; nothing was changed."""
+
+    def __init__(self, reasons: Sequence[str], *, untouched: bool = True) -> None:
+        self.reasons = tuple(reasons)
+        self.untouched = untouched  # False: the feeds were replaced, something else failed
+        super().__init__("; ".join(self.reasons))
 
 
 class Supervisor:
@@ -89,6 +128,7 @@ class Supervisor:
         self.reloads: dict[str, int] = {"ok": 0, "invalid": 0, "failed": 0}
         self.reload_count = 0  # reloads finished, whatever their result
         self.reload_done = trio.Event()  # set after each reload (replaced by a fresh one)
+        self.last_reload_outcome: ReloadOutcome | None = None
         self._config_errors: tuple[str, ...] = ()
         self._stopping = False
         self._started_at: float | None = None  # Trio clock, once run
@@ -108,6 +148,10 @@ class Supervisor:
 
     def config_errors(self) -> Sequence[str]:
         return self._config_errors
+
+    def last_reload(self) -> Mapping[str, Any] | None:
+        outcome = self.last_reload_outcome
+        return None if outcome is None else outcome.as_json()
 
     def uptime_seconds(self) -> float:
         if self._started_at is None:
@@ -185,6 +229,9 @@ class Supervisor:
         if self._config_errors:
             n = len(self._config_errors)
             text += f"; reload failed with {n} config error{'s' if n != 1 else ''}, old config kept"
+        outcome = self.last_reload_outcome
+        if outcome is not None and outcome.result is ReloadResult.FAILED:
+            text += f"; reload failed, old config kept: {'; '.join(outcome.errors)}"
         return text
 
     # -- running -------------------------------------------------------------------------
@@ -224,11 +271,15 @@ class Supervisor:
             self.notifier.close()
         return self._exit_status
 
-    async def _start_feed(self, key: FeedKey, feed: FeedConfig, *, fail_fast: bool) -> None:
+    async def _start_feed(
+        self, key: FeedKey, feed: FeedConfig, *, fail_fast: bool, opened: Feed | None = None
+    ) -> None:
         assert self._nursery is not None
         slot = FeedSlot(key[0], key[1], feed)
         self.slots[key] = slot
-        await self._nursery.start(partial(slot.supervise, self.factory, fail_fast=fail_fast))
+        await self._nursery.start(
+            partial(slot.supervise, self.factory, fail_fast=fail_fast, opened=opened)
+        )
 
     async def _stop_feed(self, key: FeedKey, code: ErrorCode, message: str) -> None:
         slot = self.slots.get(key)
@@ -309,12 +360,14 @@ class Supervisor:
 
     async def reload(self) -> None:
         """Load the file again and apply the difference (see the module docstring)."""
+        started_at = time.time()
         await self.notifier.reloading("reloading")
+        errors: tuple[str, ...] = ()
         try:
             new = await trio.to_thread.run_sync(self.load, self.config_path)
         except ConfigError as exc:
-            self._config_errors = tuple(exc.errors) or ("invalid configuration",)
-            self.reloads["invalid"] += 1
+            self._config_errors = errors = tuple(exc.errors) or ("invalid configuration",)
+            result = ReloadResult.INVALID
             for error in self._config_errors:
                 log.error("reload: %s", error, extra={"config": str(self.config_path)})
             log.error(
@@ -324,25 +377,43 @@ class Supervisor:
         else:
             try:
                 await self._apply(new)
+            except ReloadFailedError as exc:
+                errors = exc.reasons
+                result = ReloadResult.FAILED
+                log.error(
+                    "reload failed, %s: %s",
+                    "the running feeds stay as they were" if exc.untouched else "feeds applied",
+                    "; ".join(errors),
+                    extra={"config": str(self.config_path)},
+                )
             except Exception as exc:
-                self.reloads["failed"] += 1
-                log.error("reload failed: %s", describe(exc), exc_info=exc)
+                errors = (describe_error(exc),)
+                result = ReloadResult.FAILED
+                log_failure(log, logging.ERROR, "reload failed", exc=exc, expected=EXPECTED)
             else:
-                self.reloads["ok"] += 1
+                result = ReloadResult.OK
+        self.reloads[result.value] += 1
         self.reload_count += 1
+        self.last_reload_outcome = ReloadOutcome(
+            self.reload_count, result, started_at, time.time(), errors
+        )
         done, self.reload_done = self.reload_done, trio.Event()
         done.set()
         await self.notifier.ready(self.status_line())
 
     async def _apply(self, new: Config) -> None:
+        """Make before break: open every added and changed feed and bind a new health address
+        first; only when all of that succeeded stop what goes and start what comes. Raises
+        ReloadFailedError (with everything acquired released, nothing running touched) otherwise."""
         old = self.config
         plan = plan_reload(old, new)
         feeds = feeds_of(new)
+        reasons: list[str] = []
         # A feed whose only change is its keys, and every feed with keys (a key file may have
         # been rewritten in place), takes them without a restart: its connections stay up.
-        rekeyed = tuple(k for k in plan.changed if self._rekey(k, feeds[k]))
+        rekeyed = tuple(k for k in plan.changed if self._rekey(k, feeds[k], reasons))
         for key in plan.unchanged:
-            self._rekey(key, feeds[key])
+            self._rekey(key, feeds[key], reasons)
         if rekeyed:
             log.info("reload: new keys for %s", ", ".join(f"{k} feed {n}" for k, n in rekeyed))
             plan = attrs.evolve(
@@ -350,6 +421,19 @@ class Supervisor:
                 changed=tuple(k for k in plan.changed if k not in rekeyed),
                 unchanged=(*plan.unchanged, *rekeyed),
             )
+        opened = self._open_feeds((*plan.changed, *plan.added), feeds, reasons)
+        health_sock: socket.socket | None = None
+        if plan.health_changed and not reasons:
+            listen = new.health.listen
+            try:
+                health_sock = bind_listener(listen.host, listen.port)
+            except OSError as exc:
+                reasons.append(f"health server: {describe_error(exc)}")
+        if reasons:
+            for runtime in opened.values():
+                runtime.close()
+            raise ReloadFailedError(reasons)
+        # Everything is acquired: from here on, the new configuration is the one that runs.
         self._config_errors = ()
         self.config = new
         if plan.logging_changed:
@@ -365,37 +449,91 @@ class Supervisor:
             len(plan.unchanged),
             ", health server moves" if plan.health_changed else "",
         )
-        # Free listeners first: a changed feed may keep its port, an added one take a freed one.
         for key in plan.removed:
             log.info("reload: stopping removed %s feed %s", *key)
             await self._stop_feed(
                 key, ErrorCode.FEED_REMOVED, "feed removed from the configuration"
             )
         for key in plan.changed:
-            log.info("reload: restarting changed %s feed %s", *key)
+            log.info("reload: replacing changed %s feed %s", *key)
             await self._stop_feed(
                 key, ErrorCode.SHUTTING_DOWN, "feed restarting with a new configuration"
             )
-        if plan.health_changed:
+        late: list[str] = []  # what failed after the break: the feeds start all the same
+        if health_sock is not None:
             with trio.move_on_after(2 * STOP_TIMEOUT):
                 await self._health.stop()
             try:
-                await self._start_health(new.health.listen, fail_fast=False)
+                await self._health.start(self._nursery_or_fail(), new.health.listen, health_sock)
             except HealthServerError as exc:
+                late.append(str(exc))
                 log.error("%s; back to %s", exc, old.health.listen)
-                await self._start_health(old.health.listen, fail_fast=False)
-                raise
+                self.config = attrs.evolve(new, health=old.health)  # the next SIGHUP retries
+                await self._health.start(self._nursery_or_fail(), old.health.listen)
         for key in (*plan.changed, *plan.added):
             log.info("reload: starting %s feed %s", *key)
-            await self._start_feed(key, feeds[key], fail_fast=False)
+            await self._start_feed(key, feeds[key], fail_fast=False, opened=opened[key])
         # Keep the file's order for /healthz.
         self.slots = {k: self.slots[k] for k in feeds if k in self.slots}
+        if late:
+            raise ReloadFailedError(late, untouched=False)
 
-    def _rekey(self, key: FeedKey, new: FeedConfig) -> bool:
+    def _nursery_or_fail(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    def _open_feeds(
+        self, keys: Sequence[FeedKey], feeds: dict[FeedKey, FeedConfig], reasons: list[str]
+    ) -> dict[FeedKey, Feed]:
+        """A new runtime for each of ``keys``, opened (with the running one, if any, as its
+        ``previous``); what could not be opened is added to ``reasons``."""
+        opened: dict[FeedKey, Feed] = {}
+        for key in keys:
+            previous = self._predecessor(key, feeds)
+            try:
+                with feed_context(key[1]):
+                    runtime = self.factory(feeds[key])
+                    runtime.open(previous)
+            except Exception as exc:
+                reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
+                log_failure(
+                    log,
+                    logging.ERROR,
+                    "reload: cannot open %s feed %s",
+                    *key,
+                    exc=exc,
+                    expected=EXPECTED,
+                    extra={"feed": key[1], "kind": key[0]},
+                )
+            else:
+                opened[key] = runtime
+        return opened
+
+    def _predecessor(self, key: FeedKey, feeds: dict[FeedKey, FeedConfig]) -> Feed | None:
+        """The running feed a new one replaces: the one of the same kind and name, else one
+        of the same kind on the same ``listen`` address that is going away or moving off it
+        (a renamed feed takes over its listener)."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            return slot.runtime
+        listen = getattr(feeds[key], "listen", None)
+        if listen is None:
+            return None
+        for other_key, other in self.slots.items():
+            leaving = feeds.get(other_key)
+            if (
+                other_key[0] == key[0]
+                and getattr(other.config, "listen", None) == listen
+                and (leaving is None or getattr(leaving, "listen", None) != listen)
+            ):
+                return other.runtime
+        return None
+
+    def _rekey(self, key: FeedKey, new: FeedConfig, reasons: list[str]) -> bool:
         """Give a running feed the keys of ``new`` when nothing else differs; True when done.
 
-        A key file that cannot be read is logged and the feed keeps its current keys (a later
-        reload tries again)."""
+        A key file that cannot be read is logged and added to ``reasons`` (the reload fails),
+        and the feed keeps its current keys (the next reload tries again)."""
         slot = self.slots.get(key)
         if slot is None or slot.state != "running" or slot.runtime is None:
             return False
@@ -403,12 +541,17 @@ class Supervisor:
             if not slot.runtime.update_keys(new):
                 return False
         except Exception as exc:
-            log.error(
-                "reload: %s feed %s keeps its current keys: %s",
+            reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
+            log_failure(
+                log,
+                logging.ERROR,
+                "reload: %s feed %s keeps its current keys",
                 *key,
-                describe(exc),
+                exc=exc,
+                expected=EXPECTED,
                 extra={"feed": slot.name, "kind": slot.kind},
             )
+            return True
         slot.config = new
         return True
 
@@ -445,8 +588,8 @@ def run_main(config_path: Path) -> int:
         return trio.run(supervisor.run)
     except KeyboardInterrupt:  # a SIGINT before the signal task took over
         return EXIT_OK
-    except Exception:
-        log.critical("relayd failed", exc_info=True)
+    except Exception as exc:
+        log_failure(log, logging.CRITICAL, "relayd failed", exc=exc, expected=EXPECTED)
         return EXIT_FAILURE
     finally:
         logging.shutdown()

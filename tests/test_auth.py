@@ -450,3 +450,27 @@ def test_unusable_key_file_is_a_config_error(
         assert result.returncode == 2, (command, result.stderr)
         assert message in result.stderr
         assert "@ $.emit[0].auth_key_files[0]" in result.stderr
+
+
+def test_a_fifo_key_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO where a key file should be (no writer): refused with a clear error instead of
+    blocking the open for ever (which hung a reload, and stop behind it). In a child process,
+    so that the old behaviour fails the test by its timeout instead of hanging the run."""
+    fifo = tmp_path / "feed.key"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from relayd.keys import KeyFileError, load_auth_keys\n"
+        "try:\n"
+        "    load_auth_keys([sys.argv[1]])\n"
+        "except KeyFileError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert result.stdout == f"cannot read key file {fifo}: not a regular file (a FIFO)\n"

@@ -30,6 +30,7 @@ from relayd.wire import (
     ErrorCode,
     Heartbeat,
     encode_datagram,
+    encode_error,
     encode_heartbeat,
     encode_hello,
 )
@@ -580,3 +581,34 @@ async def test_listener_port_in_use_fails_the_start() -> None:
         with pytest.raises(OSError, match="in use"):
             await feed.run()
         assert not feed.health().healthy
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (ErrorCode.SHUTTING_DOWN, "peer_shutdown"),
+        (ErrorCode.FEED_REMOVED, "peer_shutdown"),
+        (ErrorCode.PROTOCOL, "peer_error"),
+    ],
+)
+async def test_a_capture_side_that_stops_cleanly_is_not_a_peer_error(
+    code: ErrorCode, reason: str
+) -> None:
+    """A capture side stopping (ERROR SHUTTING_DOWN or FEED_REMOVED, then FIN) is counted as
+    ``connections_closed{reason="peer_shutdown"}``; any other ERROR stays ``peer_error``."""
+    with trio.fail_after(10):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            await peer.stream.send_all(encode_error(code, "capture side shutting down"))
+            await peer.stream.send_eof()
+            while metric(feed, "active_connections"):
+                await trio.sleep(0.01)
+            closed = {
+                r: metric(feed, "connections_closed", reason=r)
+                for r in ("peer_shutdown", "peer_error")
+            }
+            assert closed == {reason: 1, ({"peer_shutdown", "peer_error"} - {reason}).pop(): 0}
+            await peer.aclose()

@@ -325,3 +325,41 @@ def test_daemon_lines_carry_priorities_under_journald(tmp_path: Path) -> None:
     assert all(re.match(r"<[2-7]>[A-Z]+ ", line) for line in lines), lines
     assert any(line.startswith("<3>ERROR ") and "nosuchif0" in line for line in lines), lines
     assert any(line.startswith("<6>INFO ") for line in lines), lines
+
+
+async def test_every_line_about_a_feed_carries_its_feed_field(restore_root: None) -> None:
+    """Lines a real emit feed logs from its own tasks (listening, a refused source, its
+    stop), and a data-path thread's line, name the feed in JSON without each call saying so."""
+    from ipaddress import IPv4Network  # noqa: PLC0415
+
+    from relayd.feedslot import FeedSlot, default_factory  # noqa: PLC0415
+    from relayd.logs import feed_context  # noqa: PLC0415
+    from relayd.wire import ErrorCode  # noqa: PLC0415
+    from tests.helpers.capture_standin import make_config  # noqa: PLC0415
+
+    out = io.StringIO()
+    setup_logging("debug", "json", stream=out)
+    cfg = make_config(name="prod", allowed_sources=(IPv4Network("10.0.0.0/8"),))
+    slot = FeedSlot("emit", "prod", cfg)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: slot.supervise(
+                default_factory, fail_fast=True, task_status=task_status))  # fmt: skip
+            runtime = slot.runtime
+            assert runtime is not None
+            port = runtime.health().detail["listen"].rsplit(":", 1)[1]
+            stream = await trio.open_tcp_stream("127.0.0.1", int(port))
+            assert await stream.receive_some(10) == b""  # refused: not an allowed source
+            await stream.aclose()
+            with feed_context("prod"):
+                await trio.to_thread.run_sync(
+                    lambda: logging.getLogger("relayd.capture").warning("from a thread")
+                )
+            slot.stop(ErrorCode.SHUTTING_DOWN, "test over")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    about_prod = [ln for ln in lines if ln["logger"].startswith(("relayd.emit", "relayd.capture"))]
+    messages = [ln["msg"] for ln in about_prod]
+    assert any("listening on" in m for m in messages), messages
+    assert any("not in allowed_sources" in m for m in messages), messages
+    assert "from a thread" in messages
+    assert [ln for ln in about_prod if ln.get("feed") != "prod"] == []

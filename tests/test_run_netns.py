@@ -260,3 +260,58 @@ print(worst)
         print(f"worst /healthz latency under flood: {worst * 1000:.1f} ms")
     finally:
         relayd.kill()
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+def test_egress_interface_that_comes_back_with_a_new_address(
+    netns: NetnsHarness, tmp_path: Path, datapath: str
+) -> None:
+    """The cloud's egress veth gets a new address while a stream runs: sends fail (counted)
+    only while it has none; then the feed is healthy again and the datagrams after the change
+    arrive, without a restart. Before the fix every datagram after the change was lost."""
+    sender, cloud, customer, listen_ip, egress, customer_ip = topology(netns)
+    old_address = cloud.address(egress)
+    new_address = old_address + 5  # the same /24: the customer's view of the link is unchanged
+    config_path = tmp_path / "relayd.toml"
+    config_path.write_text(process_toml(
+        emit_toml("alpha", listen=f"{listen_ip}:6667", interface=egress, loop=False,
+                  sources="10.99.0.0/16", groups="239.40.0.0/16"),
+        health="0.0.0.0:8080",
+    ))  # fmt: skip
+    relayd = RelaydProcess(config_path, {"RELAYD_DATAPATH": datapath}, cloud.argv([]))
+    try:
+        relayd.wait_line(r"relayd \S+ ready", timeout=20)
+        groups = [(f"239.40.1.{i}", 31000 + i % 2) for i in range(1, 5)]
+        total = 4000
+        receiver = start_receiver(customer, customer_ip, groups, total)
+        streamer = sender.popen(
+            peer_argv("send", "--connect", f"{listen_ip}:6667", "--feed", "alpha",
+                      "--groups", groups_arg(groups), "--count", str(total),
+                      "--rate", "1000", "--linger", "30"),
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert streamer.stdout is not None
+        time.sleep(1.5)
+        cloud.run(["ip", "addr", "flush", "dev", egress])
+        time.sleep(0.2)  # no address for a moment: those sends fail
+        cloud.run(["ip", "addr", "add", f"{new_address}/24", "dev", egress])
+        assert json.loads(streamer.stdout.readline()) == {"streamed": total}
+        got = json.loads(receiver.communicate(timeout=60)[0])["got"]
+        seqs = sorted(seq for _, _, seq in got)
+        text = metrics(cloud)
+        code, alpha = status(cloud, "alpha")
+        print(f"{datapath}: received {len(seqs)} of {total}; after the change "
+              f"{sum(1 for s in seqs if s > 2000)} of {total - 2000}")  # fmt: skip
+        # Everything after the change arrived, and the feed is healthy again.
+        assert set(range(total - 1000, total + 1)) <= set(seqs)
+        assert (code, alpha["state"], alpha["interface"]) == (0, "streaming", str(new_address))
+        failed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("relayd_send_errors_total{")
+        )
+        assert len(seqs) + failed >= total  # what did not arrive was counted as a send error
+        streamer.kill()
+        streamer.communicate()
+    finally:
+        relayd.kill()

@@ -26,6 +26,7 @@ import trio
 
 import relayd.feedslot as feedslot
 from relayd.config import Config, ConfigError, EmitFeed, Endpoint, HealthConfig, ProcessConfig
+from relayd.netif import bind_tcp_listener
 from relayd.notify import Notifier
 from relayd.reload import plan_reload
 from relayd.runtime import Feed, FeedHealth, Sample
@@ -39,7 +40,9 @@ _instances = itertools.count(1)
 
 class EchoFeed:
     """A real TCP listener that echoes; on stop it writes ``BYE <code> <message>`` to every
-    connection, so a test sees what the supervisor told it."""
+    connection, so a test sees what the supervisor told it. It binds in ``open`` (taking a
+    duplicate of its ``previous``'s listener on the same fixed port, as an emit feed does) and
+    counts its connections across restarts (``served``, carried over from ``previous``)."""
 
     kind: Literal["emit", "capture"] = "emit"
 
@@ -50,23 +53,45 @@ class EchoFeed:
         self.instance = next(_instances)
         self.port = 0
         self.connections = 0
+        self.served = [0]  # shared with the feeds that replace this one
         self.reason: tuple[int, str] | None = None
+        self.sock: socket.socket | None = None
+
+    def open(self, previous: Feed | None = None) -> None:
+        listen = self.config.listen
+        if isinstance(previous, EchoFeed):
+            if previous.name == self.name:
+                self.served = previous.served
+            old = previous.sock
+            same = listen.port != 0 and previous.config.listen == listen
+            if same and old is not None and old.fileno() >= 0:
+                self.sock = socket.socket(fileno=os.dup(old.fileno()))
+        if self.sock is None:
+            self.sock = bind_tcp_listener(listen.host, listen.port)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.journal.append(("closed", self.name))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(
-            self.config.listen.port, host=self.config.listen.host
-        )
-        self.port = listeners[0].socket.getsockname()[1]
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
         self.journal.append(("started", self.name))
         try:
             async with trio.open_nursery() as handlers:
                 task_status.started()
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=handlers)
+                await trio.serve_listeners(self._handle, [listener], handler_nursery=handlers)
         finally:
+            listener.socket.close()
             self.journal.append(("stopped", self.name))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        self.served[0] += 1
         try:
             while True:
                 data = await stream.receive_some(4096)
@@ -99,9 +124,6 @@ class EchoFeed:
 
     def set_close_reason(self, code: int, message: str) -> None:
         self.reason = (code, message)
-
-    def open(self) -> None:
-        pass  # run() binds: this stand-in needs no make-before-break
 
     def update_keys(self, config: Any) -> bool:
         return False
@@ -145,7 +167,10 @@ class CrashFeed:
     def set_close_reason(self, code: int, message: str) -> None:
         pass
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def update_keys(self, config: Any) -> bool:
@@ -406,7 +431,7 @@ async def test_crash_restart_with_backoff_isolated(
         sup.request_stop()
         assert (await read_all(client)).startswith(b"BYE 6 ")
     assert r.exit_status == 0
-    crash_logs = [rec for rec in caplog.records if "failed: RuntimeError" in rec.getMessage()]
+    crash_logs = [rec for rec in caplog.records if "): RuntimeError: boom" in rec.getMessage()]
     assert len(crash_logs) == 5
     # The traceback once per distinct error: each "boom N" differs, so each has one here...
     assert all(rec.exc_info for rec in crash_logs)
@@ -438,8 +463,9 @@ async def test_same_crash_logs_traceback_once(
     assert r.exit_status == 0
     crash_logs = [rec for rec in caplog.records if "feed bad failed" in rec.getMessage()]
     assert len(crash_logs) >= 3
-    assert crash_logs[0].exc_info
-    assert not any(rec.exc_info for rec in crash_logs[1:])
+    # A port in use is an expected condition: one line each, never a traceback.
+    assert "OSError: [Errno 98] Address already in use" in crash_logs[0].getMessage()
+    assert not any(rec.exc_info for rec in crash_logs)
 
 
 async def test_reload_applies_only_the_difference(
@@ -734,3 +760,318 @@ def test_run_sigint_exits_zero(tmp_path: Path, notify: NotifyListener) -> None:
         assert notify.wait("STOPPING=1")[-1].startswith("STOPPING=1")
     finally:
         relayd.kill()
+
+
+# -- make-before-break reloads ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_reload_that_cannot_bind_leaves_the_running_feed_alone(
+    caplog: pytest.LogCaptureFixture, close_clients: None
+) -> None:
+    """A changed feed's new port is in use: the running feed goes on (its connection too),
+    the reload counts as failed with the address in its reason (log, STATUS, /healthz), and
+    the next SIGHUP tries again rather than finding "nothing changed"."""
+    h = Harness()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        sup = Supervisor(Path("x"), config(emit("a")), factory=h.factory, notifier=quiet_notifier())
+        sup.load = lambda _path: config(emit("a", busy))
+        r = Running(sup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            running = h.echo("a")
+            client = await echo_client(running.port)
+            for attempt in (1, 2):
+                await sup.reload()
+                assert sup.reloads == {"ok": 0, "invalid": 0, "failed": attempt}
+                assert h.journal == [("started", "a")]  # the running one never stopped
+                await client.send_all(b"still\n")
+                with trio.fail_after(2):
+                    assert await client.receive_some(100) == b"still\n"
+                status, body = await http(r.port, "/healthz")
+                assert status == 200
+                assert isinstance(body, dict)
+                assert body["feeds"]["a"]["state"] == "listening"
+                reload = body["reload"]
+                assert reload["generation"] == attempt
+                assert reload["result"] == "failed"
+                assert reload["errors"] == [
+                    f"emit feed a: OSError: [Errno 98] cannot bind 127.0.0.1:{busy}: "
+                    "Address already in use"
+                ]
+                assert (
+                    "reload failed, old config kept: emit feed a: OSError: [Errno 98] "
+                    f"cannot bind 127.0.0.1:{busy}"
+                ) in sup.status_line()
+            messages = [rec.getMessage() for rec in caplog.records]
+            assert "reload: nothing changed" not in messages
+            failed = [rec for rec in caplog.records if rec.getMessage().startswith("reload")]
+            assert not any(rec.exc_info for rec in failed)
+            assert any("cannot bind 127.0.0.1" in m and "reload failed" in m for m in messages)
+            status, text = await http(r.port, "/metrics")
+            assert isinstance(text, str)
+            assert 'relayd_reloads_total{result="failed"} 2' in text
+            taken.close()
+            # The port is free now: the same file applies.
+            await sup.reload()
+            assert sup.reloads["ok"] == 1
+            assert h.echo("a") is not running
+            assert h.echo("a").port == busy
+            assert "reload failed" not in sup.status_line()
+            assert (await read_all(client)).startswith(b"BYE 6 feed restarting")
+            sup.request_stop()
+    assert r.exit_status == 0
+
+
+async def test_reload_that_cannot_move_the_health_server_keeps_every_feed(
+    close_clients: None,
+) -> None:
+    """A reload that changes a feed and moves [health] listen to a busy port: nothing stops,
+    the health server stays where it was, and the feed is still served under its name."""
+    h = Harness()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        sup = Supervisor(
+            Path("x"), config(emit("prod")), factory=h.factory, notifier=quiet_notifier()
+        )
+        sup.load = lambda _path: config(emit("prod", ttl=3), health_port=busy)
+        r = Running(sup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            old_port = r.port
+            client = await echo_client(h.echo("prod").port)
+            await sup.reload()
+            assert sup.reloads["failed"] == 1
+            assert r.port == old_port
+            status, body = await http(old_port, "/healthz/prod")
+            assert status == 200
+            assert isinstance(body, dict)
+            assert body["feeds"]["prod"]["state"] == "listening"
+            assert body["reload"]["errors"] == [
+                f"health server: OSError: [Errno 98] cannot bind 127.0.0.1:{busy}: "
+                "Address already in use"
+            ]
+            assert len(h.feeds["prod"]) == 2
+            assert h.journal[-1] == ("closed", "prod")
+            await client.send_all(b"x")
+            with trio.fail_after(2):
+                assert await client.receive_some(10) == b"x"
+            sup.request_stop()
+            assert (await read_all(client)).startswith(b"BYE 6 relayd is shutting down")
+    assert r.exit_status == 0
+
+
+async def test_changed_feed_on_the_same_port_takes_over_its_listener(close_clients: None) -> None:
+    """Make before break on one fixed port: the replacement holds a duplicate of the running
+    listener before the old feed stops, so the port is never closed, and it carries on the
+    old feed's counters."""
+    h = Harness()
+    port = free_port()
+    sup = Supervisor(
+        Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
+    )
+    sup.load = lambda _path: config(emit("a", port, ttl=3))
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        old = h.echo("a")
+        client = await echo_client(port)
+        # A connection that waits in the accept queue across the switch is served.
+        waiting = socket.create_connection(("127.0.0.1", port))
+        await sup.reload()
+        assert sup.reloads["ok"] == 1
+        new = h.echo("a")
+        assert new is not old
+        assert (await read_all(client)).startswith(b"BYE 6 feed restarting")
+        again = await echo_client(port)
+        assert new.served is old.served
+        assert new.served[0] >= 2
+        waiting.close()
+        await again.aclose()
+        sup.request_stop()
+    assert r.exit_status == 0
+
+
+def relayd_reload(config_path: Path, pid: int) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "relayd", "reload", "--config", str(config_path)]
+    return subprocess.run(
+        [*argv, "--pid", str(pid), "--timeout", "20s"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
+    tmp_path: Path,
+) -> None:
+    """`relayd reload` (systemd's ExecReload) exits 1 when a reload that passes check-config
+    cannot be applied (an unknown interface, a port in use), and the streaming feed is never
+    stopped by it; a changed feed on the same port takes over the listener and the counters."""
+    port, health, busy_port = free_port(), free_port(), free_port()
+    listen = f"127.0.0.1:{port}"
+    config_path = tmp_path / "relayd.toml"
+
+    def write(**changes: Any) -> None:
+        feed = emit_toml("alpha", **{"listen": listen, **changes})
+        config_path.write_text(process_toml(feed, health=f"127.0.0.1:{health}"))
+
+    write()
+    relayd = RelaydProcess(config_path, {})
+    sender = None
+    try:
+        relayd.wait_line(r"relayd \S+ ready")
+        groups = pick_groups(2)
+        sender = subprocess.Popen(
+            peer_argv("send", "--connect", listen, "--feed", "alpha",
+                      "--groups", groups_arg(groups), "--count", "200", "--rate", "2000",
+                      "--linger", "30"),
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert sender.stdout is not None
+        assert json.loads(sender.stdout.readline()) == {"streamed": 200}
+        ok = relayd_reload(config_path, relayd.proc.pid)
+        assert (ok.returncode, ok.stdout) == (0, "reload 1: ok\n"), ok.stderr
+
+        write(interface="nosuch0")
+        for generation in (2, 3):  # the same file again is tried again
+            failed = relayd_reload(config_path, relayd.proc.pid)
+            assert failed.returncode == 1, failed
+            assert f"reload {generation} failed" in failed.stderr
+            assert "emit feed alpha: InterfaceError: no interface named 'nosuch0'" in failed.stderr
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", busy_port))
+            busy.listen()
+            write(listen=f"127.0.0.1:{busy_port}")
+            failed = relayd_reload(config_path, relayd.proc.pid)
+            assert failed.returncode == 1, failed
+            assert f"cannot bind 127.0.0.1:{busy_port}: Address already in use" in failed.stderr
+        status, doc = get_json(health)
+        assert status == 200
+        alpha = doc["feeds"]["alpha"]
+        assert (alpha["state"], alpha["connections"] != []) == ("streaming", True)
+        assert doc["reload"]["result"] == "failed"
+        assert sender.poll() is None  # its connection was never closed
+        text = get_text(health, "/metrics")
+        assert 'relayd_reloads_total{result="failed"} 3' in text
+        assert 'relayd_datagrams_out_total{feed="alpha"} 200' in text
+
+        # A real change on the same port: the listener is handed over, the counters go on.
+        write(ttl=3)
+        ok = relayd_reload(config_path, relayd.proc.pid)
+        assert (ok.returncode, ok.stdout) == (0, "reload 5: ok\n"), ok.stderr
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.settimeout(5)
+            assert c.recv(3)[2:3] == b"\x10"  # CHALLENGE from the new feed
+        text = get_text(health, "/metrics")
+        assert 'relayd_datagrams_out_total{feed="alpha"} 200' in text
+        assert 'relayd_reloads_total{result="ok"} 2' in text
+        assert not [line for line in relayd.lines if "Traceback" in line or "exc=" in line]
+        code, _ = relayd.stop(signal.SIGTERM)
+        assert code == 0
+    finally:
+        if sender is not None:
+            if sender.poll() is None:
+                sender.kill()
+            sender.communicate()
+        relayd.kill()
+
+
+async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
+    """A capture feed replaced by a reload (one group added) starts from the old feed's
+    counters: /metrics never goes backwards."""
+    from ipaddress import IPv4Address  # noqa: PLC0415
+
+    from relayd.capture import CaptureFeedRuntime  # noqa: PLC0415
+    from relayd.netif import open_multicast_sender  # noqa: PLC0415
+    from tests.helpers.emit_standin import feed_config  # noqa: PLC0415
+    from tests.helpers.loopback import LOOPBACK  # noqa: PLC0415
+    from tests.helpers.metrics import value  # noqa: PLC0415
+
+    groups = pick_groups(2)
+    nowhere = free_port()  # the emit side is absent: the feed counts what it receives
+    first = feed_config(groups[:1], [nowhere])
+    second = feed_config(groups, [nowhere])
+    base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
+    sup = Supervisor(Path("x"), base, notifier=quiet_notifier())
+    sup.load = lambda _path: attrs.evolve(base, capture=(second,))
+    sender = open_multicast_sender(LOOPBACK, 1, True, 1 << 20)
+
+    async def send_and_count(to: list[tuple[str, int]], count: int, want: int) -> None:
+        for i in range(count):
+            sender.sendto(b"x" * 20, to[i % len(to)])
+        with trio.fail_after(10):
+            while True:
+                text = render_metrics(sup)
+                if value(text, "capture_datagrams_in", feed=first.name) >= want:
+                    return
+                await trio.sleep(0.02)
+
+    r = Running(sup)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            await sup.ready.wait()
+            await send_and_count(groups[:1], 50, 50)
+            old = sup.slots["capture", first.name].runtime
+            await sup.reload()
+            assert sup.reloads["ok"] == 1
+            new = sup.slots["capture", first.name].runtime
+            assert isinstance(new, CaptureFeedRuntime)
+            assert new is not old
+            assert {str(g.group) for g in new.config.groups} == {g for g, _ in groups}
+            await send_and_count(groups, 40, 90)
+            assert value(render_metrics(sup), "capture_datagrams_in", feed=first.name) == 90
+            assert value(render_metrics(sup), "capture_bytes_in", feed=first.name) == 90 * 20
+            assert IPv4Address(groups[1][0]) in {g.group for g in new.config.groups}
+            sup.request_stop()
+    finally:
+        sender.close()
+    assert r.exit_status == 0
+
+
+def render_metrics(sup: Supervisor) -> str:
+    from relayd.metrics import render  # noqa: PLC0415
+
+    return render(sup.samples())
+
+
+async def test_a_renamed_feed_takes_over_the_listener_of_the_one_it_replaces(
+    close_clients: None,
+) -> None:
+    """Removing feed "a" and adding feed "b" on the same fixed port in one reload: "b" takes
+    a duplicate of "a"'s listener before "a" stops (binding anew would find the port in use),
+    and starts its own counters."""
+    h = Harness()
+    port = free_port()
+    sup = Supervisor(
+        Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
+    )
+    sup.load = lambda _path: config(emit("b", port))
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        client = await echo_client(port)
+        await sup.reload()
+        assert sup.reloads["ok"] == 1
+        assert (await read_all(client)).startswith(b"BYE 9 feed removed")
+        await (await echo_client(port)).aclose()
+        assert h.echo("b").served == [1]
+        assert list(sup.slots) == [("emit", "b")]
+        sup.request_stop()
+    assert r.exit_status == 0

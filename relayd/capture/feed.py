@@ -34,7 +34,7 @@ from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
 from relayd.replay import ReplayBuffer
-from relayd.runtime import FeedHealth, MetricType, Sample
+from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 
 __all__ = ["CaptureFeedRuntime"]
 
@@ -64,6 +64,10 @@ class CaptureFeedRuntime:
         self._interface: object = None
         # health (Trio clock)
         self._started = False
+        # The feed this one replaces, until run() takes its counters (it has stopped by then),
+        # and those counters: added to this feed's own, so a reload or restart resets none.
+        self._previous: CaptureFeedRuntime | None = None
+        self._carried: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -128,6 +132,28 @@ class CaptureFeedRuntime:
         return FeedHealth(healthy, state, detail, 0, datagrams)
 
     def samples(self) -> Iterable[Sample]:
+        """This feed's samples, its counters carrying on from the feed it replaced."""
+        own = list(self._own_samples())
+        if not self._carried:
+            return own
+        out = []
+        for sample in own:
+            before = self._carried.get((sample.name, sample.labels))
+            out.append(
+                sample if before is None else sample._replace(value=sample.value + before.value)
+            )
+        seen = {(sample.name, sample.labels) for sample in own}
+        out.extend(sample for key, sample in self._carried.items() if key not in seen)
+        return out
+
+    def _carry_counters(self) -> None:
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            self._carried = {
+                (s.name, s.labels): s for s in previous.samples() if s.type == "counter"
+            }
+
+    def _own_samples(self) -> Iterable[Sample]:
         self.uplink.apply_acks()
         feed = (("feed", self.name),)
         replay = self._replay
@@ -187,9 +213,10 @@ class CaptureFeedRuntime:
                 count,
             )
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
-        fails; nothing stays open then)."""
+        fails; nothing stays open then). ``previous``: the capture feed this one replaces,
+        whose counters it carries on once it runs."""
         config = self.config
         if config.auth_key_file is not None:
             self.link.key = load_auth_keys([config.auth_key_file])[0]
@@ -200,6 +227,8 @@ class CaptureFeedRuntime:
             groups, interface, config.receive_buffer, sources=config.sources
         )
         self._interface = interface
+        if isinstance(previous, CaptureFeedRuntime) and previous.name == self.name:
+            self._previous = previous
         capped = [r for r in self.receivers if r.receive_buffer_capped]
         if capped:
             log.warning(
@@ -210,11 +239,18 @@ class CaptureFeedRuntime:
                 config.receive_buffer,
             )
 
+    def close(self) -> None:
+        """Release what ``open`` acquired, when ``run`` will not."""
+        for receiver in self.receivers:
+            receiver.close()
+        self.receivers = []
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.receivers:
             self.open()
         plane = self.link.plane
         assert plane is not None
+        self._carry_counters()  # the feed replaced has stopped by now
         try:
             async with trio.open_nursery() as nursery:
                 for receiver in self.receivers:

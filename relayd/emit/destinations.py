@@ -11,6 +11,7 @@ allowlist, the feed's end) share it, for one lookup at a time.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from ipaddress import IPv4Address
@@ -44,6 +45,7 @@ class Destinations:
         # pump may be sending on one
         self._connected: dict[int, socket.socket] = {}
         self.interface: IPv4Address | None = None  # set when the feed runs
+        self.ifindex: int | None = None  # the interface's index when it was named
         self._lock = threading.Lock()
         self._rlog = RateLimitedLogger(log, interval=10.0, max_keys=256)
 
@@ -85,6 +87,37 @@ class Destinations:
         with self._lock:
             return list(self._connected.values())
 
+    def reconnect(self) -> int:
+        """Connect every destination socket again, in place (the pumps keep sending on the
+        same descriptor): a connected socket keeps the source address it was connected with,
+        so after the interface's address changed, its sends fail until then. Returns how many
+        were renewed."""
+        cfg = self._config
+        renewed = 0
+        with self._lock:
+            if self.interface is None:
+                return 0
+            for key, sock in self._connected.items():
+                try:
+                    fresh = open_multicast_sender(
+                        self.interface,
+                        cfg.ttl,
+                        cfg.loop,
+                        cfg.send_buffer,
+                        report_drops=True,
+                        ifindex=self.ifindex,
+                    )
+                except InterfaceError:
+                    continue
+                with fresh:
+                    try:
+                        fresh.connect((str(IPv4Address(key >> 16)), key & 0xFFFF))
+                    except OSError:
+                        continue
+                    os.dup2(fresh.fileno(), sock.fileno())
+                renewed += 1
+        return renewed
+
     def close(self) -> None:
         with self._lock:
             for sock in self._connected.values():
@@ -99,7 +132,12 @@ class Destinations:
             cfg = self._config
             try:
                 sock = open_multicast_sender(
-                    self.interface, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
+                    self.interface,
+                    cfg.ttl,
+                    cfg.loop,
+                    cfg.send_buffer,
+                    report_drops=True,
+                    ifindex=self.ifindex,
                 )
             except InterfaceError:
                 return -1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
@@ -37,13 +38,22 @@ from relayd.emit.pump import PumpEnd, pump_connection
 from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
 from relayd.keys import load_auth_keys
-from relayd.netif import drain_error_queue, open_multicast_sender, resolve_interface
-from relayd.runtime import FeedHealth, Sample
+from relayd.netif import (
+    InterfaceError,
+    drain_error_queue,
+    interface_index,
+    open_multicast_sender,
+    resolve_interface,
+)
+from relayd.runtime import Feed, FeedHealth, Sample
 from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
 
 __all__ = ["EmitFeedRuntime"]
 
 log = logging.getLogger("relayd.emit")
+
+#: ERROR codes with which a capture side says it stops on purpose.
+_PEER_STOPS: Final = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.FEED_REMOVED})
 
 #: How long a deliberate close waits for the peer's FIN after ERROR and our FIN.
 LINGER: Final = 0.2
@@ -66,12 +76,10 @@ class EmitFeedRuntime:
         self._keys = None if keys is None else tuple(keys)  # None: read the key files at open
         self.stats = EmitStats(config.name)
         self.sessions = Sessions()
-        self.gate = Gate(
-            config.name,
-            config,
-            self.stats,
-            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections),
+        self._pending_limit = (
+            pending_limit if pending_limit is not None else max(16, 8 * config.max_connections)
         )
+        self.gate = Gate(config.name, config, self.stats, self._pending_limit)
         self._destinations: Destinations | None = None
         #: The bound TCP port, once opened (useful with port 0).
         self.listen_port: int | None = None
@@ -106,28 +114,74 @@ class EmitFeedRuntime:
         self.reconfigure(config)
         return True
 
-    def open(self) -> None:
+    def open(self, previous: Feed | None = None) -> None:
         """Read the keys, bind the listener and open the multicast sender (raises when one
-        of them fails; nothing stays open then)."""
+        of them fails; nothing stays open then).
+
+        From ``previous`` (the emit feed this one replaces) it takes the counters when it has
+        the same name, and its bound listener when the address is the same: a duplicate of
+        the descriptor, so both hold the one socket until the old feed stops, and no
+        connection waiting in the accept queue is lost (binding a second socket would fail
+        while the old one listens)."""
         cfg = self.config
-        self.gate.keys = (
-            self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
+        keys = self._keys if self._keys is not None else load_auth_keys(cfg.auth_key_files)
+        interface_address = resolve_interface(cfg.interface)
+        ifindex = interface_index(cfg.interface)
+        plane = select_plane()
+        inherited = previous if isinstance(previous, EmitFeedRuntime) else None
+        listener = (
+            inherited.listener_for(cfg.listen.host, cfg.listen.port)
+            if inherited is not None
+            else None
         )
-        self.interface_address = resolve_interface(cfg.interface)
-        self._plane = select_plane()
-        listener = open_listener(cfg.listen.host, cfg.listen.port)
+        if listener is None:
+            listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
             self._mcast = open_multicast_sender(
-                self.interface_address, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True
+                interface_address,
+                cfg.ttl,
+                cfg.loop,
+                cfg.send_buffer,
+                report_drops=True,
+                ifindex=ifindex,
             )
         except BaseException:
             listener.socket.close()
             raise
+        if inherited is not None and inherited.name == self.name:
+            self.stats = inherited.stats
+            self.gate = Gate(self.name, cfg, self.stats, self._pending_limit)
+        self.gate.keys = keys
+        self.interface_address = interface_address
+        self._plane = plane
         self._listener = listener
         self.listen_port = listener.socket.getsockname()[1]
         destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
         destinations.interface = self.interface_address
+        destinations.ifindex = ifindex
         self._destinations = destinations
+
+    def listener_for(self, host: str, port: int) -> trio.SocketListener | None:
+        """A duplicate of this feed's listening socket when it is bound to ``host:port``
+        (port 0 never matches: it asks for a fresh port), else None."""
+        listener = self._listener
+        if listener is None or port == 0 or listener.socket.fileno() < 0:
+            return None
+        if (self.config.listen.host, self.config.listen.port) != (host, port):
+            return None
+        duplicate = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        return trio.SocketListener(trio.socket.from_stdlib_socket(duplicate))
+
+    def close(self) -> None:
+        """Release what ``open`` acquired, when ``run`` will not."""
+        if self._listener is not None:
+            self._listener.socket.close()
+            self._listener = None
+        if self._mcast is not None:
+            self._mcast.close()
+            self._mcast = None
+        if self._destinations is not None:
+            self._destinations.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
@@ -270,11 +324,12 @@ class EmitFeedRuntime:
         )
 
     async def _tick(self) -> None:
-        """Feed the rate windows once a second, and empty the multicast sockets' error
-        queues (counted as send errors), so that none grows or holds an error that would
-        fail a later send while no pump is failing to take it."""
+        """Once a second: feed the rate windows, follow the egress interface's address, and
+        empty the multicast sockets' error queues (counted as send errors), so that none grows
+        or holds an error that would fail a later send while no pump is failing to take it."""
         while True:
             self.stats.tick(trio.current_time())
+            self._follow_interface()
             senders = [self._mcast] if self._mcast is not None else []
             if self._destinations is not None:
                 senders += self._destinations.senders()
@@ -282,6 +337,33 @@ class EmitFeedRuntime:
                 if sock.fileno() >= 0:
                     self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
+
+    def _follow_interface(self) -> None:
+        """Read the egress interface's address again (one ioctl) and, when it changed,
+        connect the destination sockets again: they keep the source address they were
+        connected with, and their sends fail until then (counted). The shared socket
+        selects the interface by index and needs nothing."""
+        destinations = self._destinations
+        if destinations is None or destinations.ifindex is None:
+            return  # a literal address: nothing to follow
+        try:
+            address = resolve_interface(self.config.interface)
+        except InterfaceError:
+            return  # no address right now: sends fail and are counted until it has one
+        if address == self.interface_address:
+            return
+        old, self.interface_address = self.interface_address, address
+        destinations.interface = address
+        renewed = destinations.reconnect()
+        log.warning(
+            "emit feed %s: interface %s changed address from %s to %s; %d destination "
+            "sockets connected again",
+            self.name,
+            self.config.interface,
+            old,
+            address,
+            renewed,
+        )
 
     # -- one connection ---------------------------------------------------------------------
 
@@ -441,12 +523,15 @@ class EmitFeedRuntime:
             )
         elif end is PumpEnd.PEER_ERROR:
             self.stats.frames_in += len(detail)
+            conn.reason = Closed.PEER_ERROR
             for event in detail:
                 if isinstance(event, Error):
+                    if event.code in _PEER_STOPS:
+                        conn.reason = Closed.PEER_SHUTDOWN  # a clean stop, not a fault
                     log.info(
                         "%s: %s sent ERROR %d: %s", self.name, conn.peer, event.code, event.message
                     )
-            conn.reason = Closed.PEER_ERROR
+                    break
         elif end is PumpEnd.IDLE:
             conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
             conn.reason = Closed.IDLE_TIMEOUT

@@ -27,6 +27,7 @@ import trio
 from relayd.config import EmitFeed
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import EmitStats, Rejected
+from relayd.netif import bind_tcp_listener
 from relayd.wire import (
     EmitConnection,
     Error,
@@ -54,15 +55,9 @@ _HANDSHAKE_REJECT: Final = {
 
 
 def open_listener(host: str, port: int) -> trio.SocketListener:
-    """The feed's TCP listener, bound and listening (raises OSError, e.g. address in use)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
+    """The feed's TCP listener, bound and listening (raises OSError naming the address, e.g.
+    ``cannot bind 0.0.0.0:6667: Address already in use``)."""
+    sock = bind_tcp_listener(host, port)
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 

@@ -58,6 +58,7 @@ class Closed(enum.Enum):
     EOF = "eof"
     RESET = "reset"
     PEER_ERROR = "peer_error"
+    PEER_SHUTDOWN = "peer_shutdown"  # the capture side said it stops (SHUTTING_DOWN, FEED_REMOVED)
     IDLE_TIMEOUT = "idle_timeout"
     PROTOCOL = "protocol"
     SLOW_CONSUMER = "slow_consumer"

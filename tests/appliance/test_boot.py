@@ -452,6 +452,35 @@ def test_a_broken_edit_makes_reload_fail_and_the_old_config_stays(
     assert status == 200
 
 
+def test_a_reload_that_cannot_apply_fails_systemctl_reload_and_dev_keeps_running(
+    app: Appliance,
+) -> None:
+    """Passes check-config, cannot be applied (no such interface): `systemctl reload` exits
+    non-zero (ExecReload waits for the outcome), the running feed is never stopped."""
+    vm = app.vm
+    pid = app.main_pid()
+    sock, _ = handshake(vm.guest_addr, 6666, "dev")
+    broken = app.base_config.replace('interface = "host0"', 'interface = "nosuch0"')
+    assert broken != app.base_config
+    vm.write(CONFIG, broken, mode=0o640, group="relayd")
+    reload = vm.run("systemctl", "reload", UNIT, check=False)
+    assert reload.returncode != 0
+    props = app.show("ActiveState", "MainPID")
+    assert props == {"ActiveState": "active", "MainPID": str(pid)}
+    journal = vm.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+    assert "no interface named 'nosuch0'" in journal
+    sock.settimeout(0.5)
+    try:
+        data = sock.recv(4096)
+    except TimeoutError:
+        data = None
+    assert data != b""  # the authenticated connection was not closed (heartbeats may come)
+    sock.close()
+    status, body = http_get(f"http://{vm.guest_addr}:8080/healthz/dev")
+    assert status == 200, body
+    assert json.loads(body)["reload"]["result"] == "failed"
+
+
 def watchdog_timeouts(vm: m.Machine) -> int:
     journal = vm.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
     return journal.count(f"{UNIT}: Watchdog timeout")

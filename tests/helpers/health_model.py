@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 
@@ -20,12 +21,16 @@ class StaticHealthModel:
     is_stopping: bool = False
     extra: list[Sample] = attrs.field(factory=list)
     uptime: float = 12.3456
+    reload: dict[str, Any] | None = None
 
     def feed_reports(self) -> Sequence[FeedReport]:
         return self.reports
 
     def config_errors(self) -> Sequence[str]:
         return self.errors
+
+    def last_reload(self) -> Mapping[str, Any] | None:
+        return self.reload
 
     def uptime_seconds(self) -> float:
         return self.uptime
