@@ -20,6 +20,7 @@ import trio
 
 from relayd.config import Endpoint, PortRange
 from relayd.emit import EmitFeedRuntime
+from relayd.emit.admission import PendingTable, per_source_default
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -264,7 +265,8 @@ async def test_silent_garbage_and_probe_connections_do_not_disturb_a_stream(
         async with running(config) as feed:
             assert feed.listen_port
             port = feed.listen_port
-            silent = [await Peer.connect(port) for _ in range(8)]
+            # (from addresses of their own: one source holds at most a quarter of the pending cap)
+            silent = [await Peer.connect(port, f"127.0.0.{10 + i}") for i in range(8)]
             peer = await Peer.start(port)  # silent ones hold no max_connections slot
             assert await peer.welcome() == 0
             bad: list[trio.SocketStream] = []
@@ -376,7 +378,8 @@ async def test_max_connections_counts_only_welcomed_connections() -> None:
 @pytest.mark.usefixtures("datapath")
 async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
     with trio.fail_after(10):
-        async with running(make_config(hello_timeout=5.0), pending_limit=3) as feed:
+        config = make_config(hello_timeout=5.0)
+        async with running(config, pending_limit=3, per_source_limit=3) as feed:
             assert feed.listen_port
             port = feed.listen_port
             silent = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(3)]
@@ -389,6 +392,43 @@ async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
             assert metric(feed, "pending_connections") == 3
             real = await Peer.start(port)  # a real capture still gets in at once
             assert await real.welcome() == 0
+
+
+def test_pending_table_evicts_within_the_flooding_source() -> None:
+    table: PendingTable[str] = PendingTable(limit=6, per_source_limit=3)
+    assert table.add(1, "capture", "c1") is None
+    evicted = [table.add(key, "flood", f"f{key}") for key in range(2, 12)]
+    assert evicted == [None, None, None, "f2", "f3", "f4", "f5", "f6", "f7", "f8"]
+    assert table.held_by("flood") == 3
+    assert 1 in table
+    # at the feed's cap, the source holding the most gives up its oldest
+    assert table.add(20, "other", "o20") is None
+    assert table.add(21, "another", "a21") is None
+    assert table.add(22, "third", "t22") == "f9"
+    assert table.pop(1) == "c1"
+    assert table.pop(1) is None
+    assert len(table) == 5
+    assert per_source_default(32) == 8
+    assert per_source_default(1) == 1
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_flood_from_one_source_never_evicts_another_sources_handshake() -> None:
+    """A capture side from 127.0.0.2 between its CHALLENGE and its HELLO while 127.0.0.1 opens
+    five times the pending cap of silent connections: only the flood's own are evicted."""
+    with trio.fail_after(20):
+        async with running(make_config(hello_timeout=10.0), pending_limit=8) as feed:
+            assert feed.listen_port
+            port = feed.listen_port
+            real = Peer(await Peer.connect(port, "127.0.0.2"), os.urandom(16), FEED, None)
+            assert isinstance(await real.next_event(), Challenge)
+            flood = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(40)]
+            await flood[-1].next_event()  # the last one was admitted: all were
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 40 - 2
+            assert metric(feed, "pending_connections") == 1 + 2
+            await real.stream.send_all(encode_hello(FEED, real.session, b""))
+            assert await real.welcome() == 0
+            assert metric(feed, "active_connections") == 1
 
 
 @pytest.mark.usefixtures("datapath")

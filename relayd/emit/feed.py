@@ -70,6 +70,7 @@ class EmitFeedRuntime:
         *,
         keys: Sequence[bytes] | None = None,
         pending_limit: int | None = None,
+        per_source_limit: int | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -79,7 +80,10 @@ class EmitFeedRuntime:
         self._pending_limit = (
             pending_limit if pending_limit is not None else max(16, 8 * config.max_connections)
         )
-        self.gate = Gate(config.name, config, self.stats, self._pending_limit)
+        self._per_source_limit = per_source_limit
+        self.gate = Gate(
+            config.name, config, self.stats, self._pending_limit, self._per_source_limit
+        )
         self._destinations: Destinations | None = None
         #: The bound TCP port, once opened (useful with port 0).
         self.listen_port: int | None = None
@@ -150,7 +154,9 @@ class EmitFeedRuntime:
             raise
         if inherited is not None and inherited.name == self.name:
             self.stats = inherited.stats
-            self.gate = Gate(self.name, cfg, self.stats, self._pending_limit)
+            self.gate = Gate(
+                self.name, cfg, self.stats, self._pending_limit, self._per_source_limit
+            )
         self.gate.keys = keys
         self.interface_address = interface_address
         self._plane = plane
@@ -436,7 +442,8 @@ class EmitFeedRuntime:
                 except OSError:
                     pass
                 else:
-                    await self._linger(sock)
+                    if conn.linger:
+                        await self._linger(sock)
         finally:
             sock.close()
 

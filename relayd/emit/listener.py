@@ -3,11 +3,14 @@
 Every accepted peer outside ``allowed_sources`` is closed at once. Everyone else gets a
 CHALLENGE and must answer with a valid HELLO within ``hello_timeout``. Until then a connection
 is *pending*: it costs one file descriptor and one small task, and it does not hold one of the
-``max_connections`` slots. Pending connections have a cap of their own (``pending_limit``,
-default ``max(16, 8 * max_connections)``); when it is reached the oldest pending connection is
-closed to make room, so a flood of silent connections (load-balancer probes, scanners,
-half-open floods) can neither exhaust the slots a real capture side needs nor grow without
-bound.
+``max_connections`` slots. Pending connections have caps of their own (relayd/emit/admission.py):
+``pending_limit`` per feed (default ``max(16, 8 * max_connections)``) and a quarter of it per
+source address. A source at its cap loses its own oldest pending connection to make room, and
+at the feed's cap the source holding the most does, so a flood of silent connections
+(load-balancer probes, scanners, half-open floods) can neither exhaust the slots a real capture
+side needs, nor grow without bound, nor evict the pending connection of a capture side that
+connects from another address. An evicted connection gets its ERROR and is closed at once
+(no linger: at thousands a second the lingers would hold descriptors).
 
 Accepting is ``trio.serve_listeners``'s (which also rides out EMFILE and friends); each
 connection's handler runs in the feed's handler nursery, apart from the accept loop.
@@ -25,6 +28,7 @@ from typing import Final
 import trio
 
 from relayd.config import EmitFeed
+from relayd.emit.admission import PendingTable, per_source_default
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import EmitStats, Rejected
 from relayd.netif import bind_tcp_listener
@@ -64,18 +68,28 @@ def open_listener(host: str, port: int) -> trio.SocketListener:
 class Gate:
     """The source check, the pending connections and the handshake of one feed."""
 
-    def __init__(self, name: str, config: EmitFeed, stats: EmitStats, pending_limit: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: EmitFeed,
+        stats: EmitStats,
+        pending_limit: int,
+        per_source_limit: int | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.keys: tuple[bytes, ...] = ()
         self.pending_limit = pending_limit
-        self.pending: dict[int, Connection] = {}
+        self.pending: PendingTable[Connection] = PendingTable(
+            pending_limit,
+            per_source_limit if per_source_limit is not None else per_source_default(pending_limit),
+        )
         self._stats = stats
         self._next_id = 0
 
     def admit(self, stream: trio.SocketStream) -> Connection | None:
         """A connection for an accepted stream, pending its HELLO; None (closed, counted)
-        when its source is not allowed. Makes room under ``pending_limit``."""
+        when its source is not allowed. Makes room under the pending caps."""
         trio_sock = stream.socket
         try:
             host, port = trio_sock.getpeername()[:2]
@@ -105,20 +119,24 @@ class Gate:
             return None
         self._next_id += 1
         conn = Connection(self._next_id, sock, peer)
-        if len(self.pending) >= self.pending_limit:
-            oldest = self.pending.pop(next(iter(self.pending)))
+        evicted = self.pending.add(conn.id, host, conn)
+        if evicted is not None:
             self._stats.rejected[Rejected.PENDING_LIMIT] += 1
-            oldest.end(
+            evicted.linger = False
+            evicted.end(
                 ErrorCode.TOO_MANY_CONNECTIONS, "too many connections waiting for HELLO", None
             )
             self._stats.rlog.warning(
                 "pending_limit",
-                "%s: %d connections without HELLO; closed the oldest (%s)",
+                "%s: connections without HELLO at the cap (%d per source, %d per feed) as %s "
+                "connects; closed the oldest of %s (%s)",
                 self.name,
-                self.pending_limit,
-                oldest.peer,
+                self.pending.per_source_limit,
+                self.pending.limit,
+                host,
+                evicted.peer.rsplit(":", 1)[0],
+                evicted.peer,
             )
-        self.pending[conn.id] = conn
         return conn
 
     def reject(self, conn: Connection, reason: Rejected, code: int, message: str) -> None:
