@@ -20,7 +20,7 @@ import trio
 
 from relayd.config import Endpoint, PortRange
 from relayd.emit import EmitFeedRuntime
-from relayd.emit.admission import PendingTable, per_source_default
+from relayd.emit.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -356,7 +356,7 @@ async def test_max_connections_counts_only_welcomed_connections() -> None:
         async with running(make_config(max_connections=2)) as feed:
             assert feed.listen_port
             port = feed.listen_port
-            waiting = [await Peer.connect(port) for _ in range(5)]
+            waiting = [await Peer.connect(port, f"127.0.0.{10 + i}") for i in range(5)]
             first = await Peer.start(port)
             second = await Peer.start(port)
             assert await first.welcome() == 0
@@ -385,26 +385,51 @@ async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
             silent = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(3)]
             for peer in silent:
                 assert isinstance(await peer.next_event(), Challenge)
-            newest = Peer(await Peer.connect(port), b"", FEED, None)
+            # the cap is reached and every pending connection is younger than PROTECTED_FOR:
+            # the newcomer is refused before any handshake
+            assert await refused(port)
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 1
+            await trio.sleep(PROTECTED_FOR)
+            newest = Peer(await Peer.connect(port), b"", FEED, None)  # now the oldest goes
             await silent[0].closed_with(ErrorCode.TOO_MANY_CONNECTIONS, timeout=2)
             assert isinstance(await newest.next_event(), Challenge)
-            assert metric(feed, "connections_rejected", reason="pending_limit") == 1
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 2
             assert metric(feed, "pending_connections") == 3
-            real = await Peer.start(port)  # a real capture still gets in at once
+            real = await Peer.start(port, source="127.0.0.2")  # another source gets in at once
             assert await real.welcome() == 0
 
 
+async def refused(port: int, source: str | None = None) -> bool:
+    """Connect; True when the emit side refused the connection (reset, or closed before its
+    CHALLENGE)."""
+    try:
+        stream = await Peer.connect(port, source)
+    except OSError:
+        return True
+    with trio.move_on_after(0.5):  # a pending connection stays silent: not refused
+        return await Peer(stream, b"", FEED, None).next_event() is None
+    return False
+
+
 def test_pending_table_evicts_within_the_flooding_source() -> None:
-    table: PendingTable[str] = PendingTable(limit=6, per_source_limit=3)
-    assert table.add(1, "capture", "c1") is None
-    evicted = [table.add(key, "flood", f"f{key}") for key in range(2, 12)]
-    assert evicted == [None, None, None, "f2", "f3", "f4", "f5", "f6", "f7", "f8"]
+    table: PendingTable[str] = PendingTable(limit=6, per_source_limit=3, protected_for=0.5)
+    assert table.room_for("capture", 0.0) is Room.FREE
+    assert table.add(1, "capture", "c1", 0.0) is None
+    for key in (2, 3, 4):
+        assert table.room_for("flood", 1.0) is Room.FREE
+        assert table.add(key, "flood", f"f{key}", 1.0) is None
+    # the flood at its own cap: its newcomers are refused while its oldest is protected ...
+    assert table.room_for("flood", 1.4) is Room.REFUSED
+    # ... and then evict its own oldest, never the capture side's
+    assert table.room_for("flood", 1.5) is Room.EVICT
+    assert table.add(5, "flood", "f5", 1.5) == "f2"
     assert table.held_by("flood") == 3
     assert 1 in table
     # at the feed's cap, the source holding the most gives up its oldest
-    assert table.add(20, "other", "o20") is None
-    assert table.add(21, "another", "a21") is None
-    assert table.add(22, "third", "t22") == "f9"
+    assert table.add(20, "other", "o20", 2.0) is None
+    assert table.add(21, "another", "a21", 2.0) is None
+    assert table.room_for("third", 2.0) is Room.EVICT
+    assert table.add(22, "third", "t22", 2.0) == "f3"
     assert table.pop(1) == "c1"
     assert table.pop(1) is None
     assert len(table) == 5
@@ -422,10 +447,12 @@ async def test_a_flood_from_one_source_never_evicts_another_sources_handshake() 
             port = feed.listen_port
             real = Peer(await Peer.connect(port, "127.0.0.2"), os.urandom(16), FEED, None)
             assert isinstance(await real.next_event(), Challenge)
-            flood = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(40)]
-            await flood[-1].next_event()  # the last one was admitted: all were
-            assert metric(feed, "connections_rejected", reason="pending_limit") == 40 - 2
-            assert metric(feed, "pending_connections") == 1 + 2
+            for _ in range(40):
+                await refused(port)
+            with trio.fail_after(5):  # every one of them accepted: refused, evicted or pending
+                while metric(feed, "connections_rejected", reason="pending_limit") < 40 - 2:
+                    await trio.sleep(0.01)
+            assert metric(feed, "pending_connections") <= 1 + 2
             await real.stream.send_all(encode_hello(FEED, real.session, b""))
             assert await real.welcome() == 0
             assert metric(feed, "active_connections") == 1
@@ -444,7 +471,7 @@ async def test_connection_flood_is_bounded_and_a_capture_still_streams(
             assert await peer.welcome() == 0
             flood = []
             for i in range(150):  # connections that never speak, far beyond the pending cap
-                flood.append(await Peer.connect(feed.listen_port))
+                flood.append(await refused(feed.listen_port))
                 if i % 10 == 0:
                     await peer.stream.send_all(frames(datagrams[i : i + 10]))
                 assert metric(feed, "pending_connections") <= 16

@@ -8,34 +8,58 @@ A source flooding silent connections therefore only ever evicts its own: a captu
 connecting from another address keeps its place until its HELLO arrives, whatever the flood's
 rate times the round trip (behind a load balancer with client IP preservation, as an AWS NLB
 with instance targets does, each capture host keeps its own source address).
+
+A pending connection younger than ``protected_for`` is never evicted: while every candidate is
+that young, the new connection is refused instead, before any handshake work. So a source
+gets at most ``per_source_limit`` handshakes per ``protected_for``, a flood costs the accept
+loop one ``accept`` and one ``close`` per connection, the listen queue stays short (a capture
+side's SYN never waits behind thousands of a flood's), and a capture side sharing its address
+with a flooder still has ``protected_for`` to say HELLO.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
-__all__ = ["PendingTable", "per_source_default"]
+__all__ = ["PROTECTED_FOR", "PendingTable", "Room", "per_source_default"]
 
 T = TypeVar("T")
 
+#: A pending connection is not evicted before this age (seconds): time for its HELLO to come
+#: back over a slow path.
+PROTECTED_FOR: Final = 0.5
+
+
+class Room(enum.Enum):
+    """What admitting one more connection from a source takes."""
+
+    FREE = enum.auto()  # below both caps
+    EVICT = enum.auto()  # the oldest of the source (or of the largest source) makes room
+    REFUSED = enum.auto()  # every candidate is protected: refuse the newcomer
+
 
 def per_source_default(limit: int) -> int:
-    """A quarter of the feed's pending cap (at least 1, and below the cap when it can be):
-    every other source keeps room for three quarters of it."""
-    return max(1, min(limit - 1, limit // 4)) if limit > 1 else 1
+    """A quarter of the feed's pending cap (at least 1): every other source keeps room for
+    three quarters of it."""
+    return max(1, limit // 4)
 
 
 class PendingTable(Generic[T]):
-    """Pending items by key, grouped by source, with the two caps."""
+    """Pending items by key, grouped by source, with the two caps and the age each was added
+    at (on the caller's clock)."""
 
-    def __init__(self, limit: int, per_source_limit: int) -> None:
+    def __init__(
+        self, limit: int, per_source_limit: int, protected_for: float = PROTECTED_FOR
+    ) -> None:
         if limit < 1 or per_source_limit < 1:
             raise ValueError(f"pending caps must be positive, not {limit}, {per_source_limit}")
         self.limit = limit
         self.per_source_limit = min(per_source_limit, limit)
+        self.protected_for = protected_for
         self._items: dict[int, tuple[Hashable, T]] = {}
-        self._by_source: dict[Hashable, dict[int, T]] = {}
+        self._by_source: dict[Hashable, dict[int, float]] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -47,16 +71,23 @@ class PendingTable(Generic[T]):
         """How many pending items ``source`` holds."""
         return len(self._by_source.get(source, ()))
 
-    def add(self, key: int, source: Hashable, item: T) -> T | None:
-        """Hold ``item``; returns the item evicted to make room for it (already removed),
-        or None."""
+    def room_for(self, source: Hashable, now: float) -> Room:
+        """Whether a new item from ``source`` may be added at ``now``, and at what cost."""
+        victim = self._victim_source(source)
+        if victim is None:
+            return Room.FREE
+        oldest = next(iter(self._by_source[victim].values()))
+        return Room.EVICT if now - oldest >= self.protected_for else Room.REFUSED
+
+    def add(self, key: int, source: Hashable, item: T, now: float) -> T | None:
+        """Hold ``item`` (after ``room_for`` said FREE or EVICT); returns the item evicted to
+        make room for it (already removed), or None."""
         evicted = None
-        if self.held_by(source) >= self.per_source_limit:
-            evicted = self._pop_oldest(source)
-        elif len(self._items) >= self.limit:
-            evicted = self._pop_oldest(max(self._by_source, key=self.held_by))
+        victim = self._victim_source(source)
+        if victim is not None:
+            evicted = self.pop(next(iter(self._by_source[victim])))
         self._items[key] = (source, item)
-        self._by_source.setdefault(source, {})[key] = item
+        self._by_source.setdefault(source, {})[key] = now
         return evicted
 
     def pop(self, key: int, default: T | None = None) -> T | None:
@@ -71,8 +102,10 @@ class PendingTable(Generic[T]):
             del self._by_source[source]
         return item
 
-    def _pop_oldest(self, source: Hashable) -> T:
-        key = next(iter(self._by_source[source]))
-        item = self.pop(key)
-        assert item is not None
-        return item
+    def _victim_source(self, source: Hashable) -> Hashable | None:
+        """The source that must give up its oldest for ``source`` to add one; None: room."""
+        if self.held_by(source) >= self.per_source_limit:
+            return source
+        if len(self._items) >= self.limit:
+            return max(self._by_source, key=self.held_by)
+        return None
