@@ -8,19 +8,21 @@ data path runs twice, on the C and on the Python data path (the ``datapath`` fix
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import resource
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 import trio
 
+from relayd.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.config import Endpoint, PortRange
 from relayd.emit import EmitFeedRuntime
-from relayd.emit.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -679,3 +681,47 @@ async def test_a_capture_side_that_stops_cleanly_is_not_a_peer_error(
             }
             assert closed == {reason: 1, ({"peer_shutdown", "peer_error"} - {reason}).pop(): 0}
             await peer.aclose()
+
+
+@contextlib.contextmanager
+def descriptors_exhausted() -> Iterator[None]:
+    """This process at its descriptor limit for the block: the soft limit lowered to just
+    above the highest descriptor in use, and every free number below it taken."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 4, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError, match="Too many open files"):
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_new_destination_without_a_free_descriptor_keeps_the_stream(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """At the descriptor limit, a destination seen for the first time (the C data plane opens
+    a connected socket for each) goes out on the feed's shared socket; the stream goes on."""
+    before = make_datagrams(groups[:1], 50, seed=21)
+    after = make_datagrams(groups[1:3], 100, first_seq=51, seed=22)
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            await peer.stream.send_all(frames(before))
+            await peer.wait_ack(50)
+            with descriptors_exhausted():
+                await peer.stream.send_all(frames(after))
+                await peer.wait_ack(150)
+            assert same_per_group(await receivers.settle(), expected(before + after))
+            assert metric(feed, "active_connections") == 1
+            assert metric(feed, "connections_closed", reason="internal_error") == 0

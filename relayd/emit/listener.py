@@ -3,7 +3,7 @@
 Every accepted peer outside ``allowed_sources`` is closed at once. Everyone else gets a
 CHALLENGE and must answer with a valid HELLO within ``hello_timeout``. Until then a connection
 is *pending*: it costs one file descriptor and one small task, and it does not hold one of the
-``max_connections`` slots. Pending connections have caps of their own (relayd/emit/admission.py):
+``max_connections`` slots. Pending connections have caps of their own (relayd/admission.py):
 ``pending_limit`` per feed (default ``max(16, 8 * max_connections)``) and a quarter of it per
 source address. A source at its cap loses its own oldest pending connection to make room, and
 at the feed's cap the source holding the most does; while those are all younger than
@@ -34,8 +34,8 @@ from typing import Final
 
 import trio
 
+from relayd.admission import PendingTable, Room, per_source_default
 from relayd.config import EmitFeed
-from relayd.emit.admission import PendingTable, Room, per_source_default
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import EmitStats, Rejected
 from relayd.netif import bind_tcp_listener

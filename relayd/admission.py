@@ -1,6 +1,8 @@
-"""Which pending connection makes room for a new one (sans-I/O).
+"""Which held connection makes room for a new one (sans-I/O): connection admission by source.
 
-A connection is *pending* from its accept to its valid HELLO. An emit feed holds at most
+Used by the emit feeds' gate (connections pending their HELLO) and by the health server (its
+HTTP connections), with the same rules. For an emit feed: a connection is *pending* from its
+accept to its valid HELLO. An emit feed holds at most
 ``limit`` of them, and one source address at most ``per_source_limit`` (fewer). A new
 connection from a source at its own cap takes the place of that source's oldest; when the
 feed's cap is reached, the source holding the most pending connections gives up its oldest.
