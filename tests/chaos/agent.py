@@ -297,9 +297,14 @@ def health(args: argparse.Namespace) -> dict[str, Any]:
             idle.append(sock)
             counts["idle_opened"] += 1
         while len(slow) < args.slow and (sock := connect()):
-            sock.send(b"GET /healthz HTTP/1.1\r\n")
-            slow.append(sock)
             counts["slow_opened"] += 1
+            try:
+                sock.send(b"GET /healthz HTTP/1.1\r\n")
+            except OSError:  # shed by the server at once
+                counts["slow_closed_by_server"] += 1
+                sock.close()
+                continue
+            slow.append(sock)
         if time.monotonic() >= next_drip:
             next_drip += 1.0
             for sock in list(slow):

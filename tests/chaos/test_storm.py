@@ -90,8 +90,9 @@ def test_connection_storm_on_the_data_port(relay: Relay) -> None:
     assert result["dup"] == 0
     assert all(s == 200 for s in statuses), statuses
     assert max(latencies) < 1.0
-    connected = sum(int(v) for k, v in attack.items() if k.endswith("_connected"))  # type: ignore[call-overload]
-    assert connected > seconds * storm_rate * 0.5, attack  # the storm really happened
+    # the storm really happened: refused ones are reset at accept, the agent may count them as
+    # connect errors, so count what the relay refused
+    assert sum(rejected.values()) > seconds * storm_rate * 0.5, (attack, rejected)
     assert half_open > 0  # spoofed SYNs left half-open connections on the listener
     # Bounded: pending connections are capped (8 x max_connections = 32) and refused ones
     # linger at most 0.2 s for the peer's FIN (longer when the CPU is busy): well under one
