@@ -50,33 +50,6 @@ from relayd.runtime import Sample
 log = logging.getLogger(__name__)
 
 
-class _OncePerInterval(logging.Filter):
-    """Pass one record per ``interval`` seconds; the next one passed says how many were not.
-
-    trio's listener logs an error with a traceback on every 0.1 s retry while ``accept`` fails
-    with EMFILE (a flood of health clients): ten lines a second for as long as it lasts."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return False
-        self._last = now
-        if self._suppressed:
-            record.msg = f"{record.msg} ({self._suppressed} suppressed)"
-            self._suppressed = 0
-        return True
-
-
-logging.getLogger("trio.serve_listeners").addFilter(_OncePerInterval())
-
-
 class _QuietStartup(logging.Filter):
     """Drops hypercorn's "Running on ..." line; the supervisor logs the address itself."""
 
@@ -107,6 +80,16 @@ HEALTH_CONNECTIONS_MAX = 256
 #: Health connections accepted in a row before the accept loop lets other tasks run.
 _ACCEPT_BATCH = 64
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@attrs.define
+class _Shed:
+    """Health connections refused or closed to make room, over the process's life."""
+
+    total: int = 0
+
+
+HEALTH_SHED = _Shed()
 
 
 @attrs.frozen
@@ -222,6 +205,13 @@ def process_samples(start_wall: float) -> Iterator[Sample]:
         yield Sample("process_open_fds", "gauge", "Number of open file descriptors.", (), fds)
     except OSError:
         pass
+    yield Sample(
+        "health_connections_shed_total",
+        "counter",
+        "Health connections refused or closed to stay under the connection caps.",
+        (),
+        HEALTH_SHED.total,
+    )
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         yield Sample(
@@ -333,7 +323,6 @@ class HealthConnections:
 
     def __init__(self, limit: int) -> None:
         self.table: PendingTable[trio.CancelScope] = PendingTable(limit, per_source_default(limit))
-        self.shed = 0  # connections closed or refused to make room
         self._next_id = 0
         self._rlog_last = -float("inf")
 
@@ -370,7 +359,7 @@ class HealthConnections:
     ) -> None:
         now = trio.current_time()
         if self.table.room_for(source, now) is Room.REFUSED:
-            self.shed += 1
+            HEALTH_SHED.total += 1
             with contextlib.suppress(OSError):  # reset: no TIME_WAIT, no FIN to wait for
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
@@ -380,7 +369,7 @@ class HealthConnections:
         key, scope = self._next_id, trio.CancelScope()
         evicted = self.table.add(key, source, scope, now)
         if evicted is not None:
-            self.shed += 1
+            HEALTH_SHED.total += 1
             evicted.cancel()
         sock.setblocking(False)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))

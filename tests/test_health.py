@@ -372,3 +372,52 @@ def test_process_metrics_have_the_standard_names() -> None:
         for name in families
         if name.startswith("relayd_process_") and name != "relayd_process_uptime_seconds"
     ]
+
+
+async def test_a_flood_of_idle_clients_is_shed_by_source_and_counted() -> None:
+    """At most ``connection_limit`` health connections, a quarter per source: a flood of idle
+    clients from one address holds 2 of 8, the rest are shed (counted), and a probe from
+    another address is answered throughout."""
+    stop = trio.Event()
+    idle: list[socket.socket] = []
+    shed_before = relayd.health.HEALTH_SHED.total
+    try:
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(
+                lambda task_status: serve_health(
+                    HealthApp(Model([_prod()])),
+                    "127.0.0.1",
+                    0,
+                    shutdown_trigger=stop.wait,
+                    connection_limit=8,
+                    task_status=task_status,
+                )
+            )
+            for _ in range(50):
+                idle.append(
+                    socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+                )
+                status, _, _ = await _request(port, _get("/healthz"))
+                assert status == 200
+            with trio.fail_after(5):
+                while relayd.health.HEALTH_SHED.total - shed_before < 50 - 2:
+                    await trio.sleep(0.01)
+            held = 0
+            for s in idle:  # the ones still open have not been told anything yet
+                s.setblocking(False)
+                try:
+                    held += 1 if s.recv(1) else 0
+                except BlockingIOError:
+                    held += 1
+                except ConnectionResetError:
+                    pass
+            assert held == 2
+            samples = {s.name: s.value for s in process_samples(0.0)}
+            assert samples["health_connections_shed_total"] >= 50 - 2
+            stop.set()
+    finally:
+        for s in idle:
+            s.close()
+    assert relayd.health.health_connection_limit(256) == 32
+    assert relayd.health.health_connection_limit(16) == 8
+    assert relayd.health.health_connection_limit(1 << 20) == 256
