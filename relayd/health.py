@@ -10,11 +10,14 @@ errors), but does not make the instance unhealthy: the old configuration keeps s
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import resource
 import socket
+import struct
 import sys
 import time
 from collections.abc import (
@@ -32,9 +35,12 @@ from typing import Any, Protocol, cast
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
 
 from relayd import __version__, fastpath
+from relayd.admission import PendingTable, Room, per_source_default
 from relayd.config import Endpoint
 from relayd.logs import log_failure
 from relayd.metrics import CONTENT_TYPE, render
@@ -42,33 +48,6 @@ from relayd.netif import bind_tcp_listener
 from relayd.runtime import Sample
 
 log = logging.getLogger(__name__)
-
-
-class _OncePerInterval(logging.Filter):
-    """Pass one record per ``interval`` seconds; the next one passed says how many were not.
-
-    trio's listener logs an error with a traceback on every 0.1 s retry while ``accept`` fails
-    with EMFILE (a flood of health clients): ten lines a second for as long as it lasts."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return False
-        self._last = now
-        if self._suppressed:
-            record.msg = f"{record.msg} ({self._suppressed} suppressed)"
-            self._suppressed = 0
-        return True
-
-
-logging.getLogger("trio.serve_listeners").addFilter(_OncePerInterval())
 
 
 class _QuietStartup(logging.Filter):
@@ -88,11 +67,29 @@ Send = Callable[[Message], Awaitable[None]]
 
 # Connection limits of the health server. NLB health checks open a connection, ask once and
 # close; anything that lingers is closed quickly so idle or slow clients cannot pile up.
-KEEP_ALIVE_TIMEOUT = 5.0  # an idle connection (also one that never sends a byte) is closed
+KEEP_ALIVE_TIMEOUT = 2.0  # an idle connection (also one that never sends a byte) is closed
 READ_TIMEOUT = 10  # a connection that sends nothing for this long is closed
 MAX_HEADER_BYTES = 8192  # an incomplete request larger than this is refused
 GRACEFUL_TIMEOUT = 1.0  # on stop or listen change, open requests get this long
 BACKLOG = 1024
+#: Health connections open at once: an eighth of the descriptor limit, 8 to 256, the rest kept
+#: for the feeds. One source holds at most a quarter of them (relayd/admission.py): a flood
+#: of idle clients sheds its own oldest connections, never a load balancer's probe.
+HEALTH_CONNECTIONS_MIN = 8
+HEALTH_CONNECTIONS_MAX = 256
+#: Health connections accepted in a row before the accept loop lets other tasks run.
+_ACCEPT_BATCH = 64
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@attrs.define
+class _Shed:
+    """Health connections refused or closed to make room, over the process's life."""
+
+    total: int = 0
+
+
+HEALTH_SHED = _Shed()
 
 
 @attrs.frozen
@@ -208,6 +205,13 @@ def process_samples(start_wall: float) -> Iterator[Sample]:
         yield Sample("process_open_fds", "gauge", "Number of open file descriptors.", (), fds)
     except OSError:
         pass
+    yield Sample(
+        "health_connections_shed_total",
+        "counter",
+        "Health connections refused or closed to stay under the connection caps.",
+        (),
+        HEALTH_SHED.total,
+    )
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         yield Sample(
@@ -279,15 +283,13 @@ def _text(status: int, text: str) -> tuple[int, list[tuple[bytes, bytes]], bytes
     return status, [(b"content-type", b"text/plain; charset=utf-8")], text.encode()
 
 
-def hypercorn_config(fd: int) -> HypercornConfig:
-    """Hypercorn settings for serving on the already bound listening socket ``fd``."""
+def hypercorn_config() -> HypercornConfig:
+    """Hypercorn settings for the connections relayd accepts and hands to it."""
     config = HypercornConfig()
-    config.bind = [f"fd://{fd}"]
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.read_timeout = READ_TIMEOUT
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
     config.graceful_timeout = GRACEFUL_TIMEOUT
-    config.backlog = BACKLOG
     config.accesslog = None  # health checks every few seconds are not events
     config.errorlog = _hypercorn_log
     config.include_server_header = False
@@ -298,16 +300,100 @@ def bind_listener(host: str, port: int) -> socket.socket:
     """A bound TCP socket for the health server; OSError naming the address (closed socket)
     when it cannot bind.
 
-    relayd binds it itself, so that a port in use is a clear error and nothing leaks, and hands
-    the descriptor to hypercorn; a reload binds the new address before it lets go of the old."""
+    relayd binds it itself, so that a port in use is a clear error and nothing leaks, and
+    accepts on it itself (``HealthConnections``); a reload binds the new address before it
+    lets go of the old."""
     return bind_tcp_listener(host, port, backlog=BACKLOG)
 
 
-def parse_bind(bind: str) -> tuple[str, int]:
-    """``http://127.0.0.1:8080`` or ``http://[::1]:8080`` -> (host, port)."""
-    hostport = bind.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
+def health_connection_limit(nofile: int | None = None) -> int:
+    """How many health connections may be open at once under descriptor limit ``nofile``
+    (default: this process's soft RLIMIT_NOFILE)."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return HEALTH_CONNECTIONS_MAX
+    return max(HEALTH_CONNECTIONS_MIN, min(HEALTH_CONNECTIONS_MAX, nofile // 8))
+
+
+class HealthConnections:
+    """The health server's accept loop: hypercorn serves each connection it admits, at most
+    ``limit`` at once (relayd/admission.py by source), so idle or slow clients are shed
+    before they can take the descriptors the feeds need."""
+
+    def __init__(self, limit: int) -> None:
+        self.table: PendingTable[trio.CancelScope] = PendingTable(limit, per_source_default(limit))
+        self._next_id = 0
+        self._rlog_last = -float("inf")
+
+    async def accept(
+        self,
+        listener: socket.socket,
+        nursery: trio.Nursery,
+        serve: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
+        """Accept until cancelled, ``serve`` each admitted connection in ``nursery``."""
+        while True:
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    break
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRORS:
+                        raise
+                    self._warn("cannot accept a health connection: %s; retrying", exc.strerror)
+                    await trio.sleep(0.1)
+                    break
+                self._admit(sock, address[0], nursery, serve)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _admit(
+        self,
+        sock: socket.socket,
+        source: str,
+        nursery: trio.Nursery,
+        serve: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
+        now = trio.current_time()
+        if self.table.room_for(source, now) is Room.REFUSED:
+            HEALTH_SHED.total += 1
+            with contextlib.suppress(OSError):  # reset: no TIME_WAIT, no FIN to wait for
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            self._warn("health connections at the cap; refused one from %s", source)
+            return
+        self._next_id += 1
+        key, scope = self._next_id, trio.CancelScope()
+        evicted = self.table.add(key, source, scope, now)
+        if evicted is not None:
+            HEALTH_SHED.total += 1
+            evicted.cancel()
+        sock.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(self._serve_one, key, scope, stream, serve)
+
+    async def _serve_one(
+        self,
+        key: int,
+        scope: trio.CancelScope,
+        stream: trio.SocketStream,
+        serve: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
+        try:
+            with scope:
+                await serve(stream)
+        finally:
+            self.table.pop(key)
+            stream.socket.close()  # hypercorn's own close may have been cancelled
+
+    def _warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._rlog_last >= 10.0:
+            self._rlog_last = now
+            log.warning(message, *args)
 
 
 async def serve_health(
@@ -317,26 +403,41 @@ async def serve_health(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     sock: socket.socket | None = None,
+    connection_limit: int | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns; started() with the bound address.
-    ``sock``: a socket already bound to ``host:port`` (``bind_listener``), else bound here."""
+    ``sock``: a socket already bound to ``host:port`` (``bind_listener``), else bound here.
 
+    The accept loop is relayd's (``HealthConnections``); each connection is hypercorn's
+    (``TCPServer``: HTTP/1.1, its keep-alive and read timeouts). Open requests get
+    ``GRACEFUL_TIMEOUT`` when it stops."""
     if sock is None:
         sock = bind_listener(host, port)
-    config = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here
+    config = hypercorn_config()
+    connections = HealthConnections(
+        connection_limit if connection_limit is not None else health_connection_limit()
+    )
+    wrapped = wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    state: dict[str, Any] = {}
 
-    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(
-            cast(Any, app),  # hypercorn's TypedDict scopes vs. this app's plain mappings
-            config,
-            shutdown_trigger=shutdown_trigger,
-            task_status=task_status,
-        )
+    async def serve(stream: trio.SocketStream) -> None:
+        await TCPServer(wrapped, config, context, cast(Any, state), cast(Any, stream)).run()
 
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(run)
-        task_status.started(parse_bind(binds[0]))
+    try:
+        sock.setblocking(False)
+        address = sock.getsockname()
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(connections.accept, sock, handlers, serve)
+                task_status.started((address[0], address[1]))
+                await shutdown_trigger()
+                acceptor.cancel_scope.cancel()
+            await context.terminated.set()  # idle keep-alive connections close now
+            handlers.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
+    finally:
+        sock.close()
 
 
 # -- the server under supervision ----------------------------------------------------------

@@ -8,16 +8,19 @@ data path runs twice, on the C and on the Python data path (the ``datapath`` fix
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import resource
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 import trio
 
+from relayd.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.config import Endpoint, PortRange
 from relayd.emit import EmitFeedRuntime
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
@@ -264,7 +267,8 @@ async def test_silent_garbage_and_probe_connections_do_not_disturb_a_stream(
         async with running(config) as feed:
             assert feed.listen_port
             port = feed.listen_port
-            silent = [await Peer.connect(port) for _ in range(8)]
+            # (from addresses of their own: one source holds at most a quarter of the pending cap)
+            silent = [await Peer.connect(port, f"127.0.0.{10 + i}") for i in range(8)]
             peer = await Peer.start(port)  # silent ones hold no max_connections slot
             assert await peer.welcome() == 0
             bad: list[trio.SocketStream] = []
@@ -354,7 +358,7 @@ async def test_max_connections_counts_only_welcomed_connections() -> None:
         async with running(make_config(max_connections=2)) as feed:
             assert feed.listen_port
             port = feed.listen_port
-            waiting = [await Peer.connect(port) for _ in range(5)]
+            waiting = [await Peer.connect(port, f"127.0.0.{10 + i}") for i in range(5)]
             first = await Peer.start(port)
             second = await Peer.start(port)
             assert await first.welcome() == 0
@@ -376,19 +380,84 @@ async def test_max_connections_counts_only_welcomed_connections() -> None:
 @pytest.mark.usefixtures("datapath")
 async def test_pending_limit_closes_the_oldest_silent_connection() -> None:
     with trio.fail_after(10):
-        async with running(make_config(hello_timeout=5.0), pending_limit=3) as feed:
+        config = make_config(hello_timeout=5.0)
+        async with running(config, pending_limit=3, per_source_limit=3) as feed:
             assert feed.listen_port
             port = feed.listen_port
             silent = [Peer(await Peer.connect(port), b"", FEED, None) for _ in range(3)]
             for peer in silent:
                 assert isinstance(await peer.next_event(), Challenge)
-            newest = Peer(await Peer.connect(port), b"", FEED, None)
+            # the cap is reached and every pending connection is younger than PROTECTED_FOR:
+            # the newcomer is refused before any handshake
+            assert await refused(port)
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 1
+            await trio.sleep(PROTECTED_FOR)
+            newest = Peer(await Peer.connect(port), b"", FEED, None)  # now the oldest goes
             await silent[0].closed_with(ErrorCode.TOO_MANY_CONNECTIONS, timeout=2)
             assert isinstance(await newest.next_event(), Challenge)
-            assert metric(feed, "connections_rejected", reason="pending_limit") == 1
+            assert metric(feed, "connections_rejected", reason="pending_limit") == 2
             assert metric(feed, "pending_connections") == 3
-            real = await Peer.start(port)  # a real capture still gets in at once
+            real = await Peer.start(port, source="127.0.0.2")  # another source gets in at once
             assert await real.welcome() == 0
+
+
+async def refused(port: int, source: str | None = None) -> bool:
+    """Connect; True when the emit side refused the connection (reset, or closed before its
+    CHALLENGE)."""
+    try:
+        stream = await Peer.connect(port, source)
+    except OSError:
+        return True
+    with trio.move_on_after(0.5):  # a pending connection stays silent: not refused
+        return await Peer(stream, b"", FEED, None).next_event() is None
+    return False
+
+
+def test_pending_table_evicts_within_the_flooding_source() -> None:
+    table: PendingTable[str] = PendingTable(limit=6, per_source_limit=3, protected_for=0.5)
+    assert table.room_for("capture", 0.0) is Room.FREE
+    assert table.add(1, "capture", "c1", 0.0) is None
+    for key in (2, 3, 4):
+        assert table.room_for("flood", 1.0) is Room.FREE
+        assert table.add(key, "flood", f"f{key}", 1.0) is None
+    # the flood at its own cap: its newcomers are refused while its oldest is protected ...
+    assert table.room_for("flood", 1.4) is Room.REFUSED
+    # ... and then evict its own oldest, never the capture side's
+    assert table.room_for("flood", 1.5) is Room.EVICT
+    assert table.add(5, "flood", "f5", 1.5) == "f2"
+    assert table.held_by("flood") == 3
+    assert 1 in table
+    # at the feed's cap, the source holding the most gives up its oldest
+    assert table.add(20, "other", "o20", 2.0) is None
+    assert table.add(21, "another", "a21", 2.0) is None
+    assert table.room_for("third", 2.0) is Room.EVICT
+    assert table.add(22, "third", "t22", 2.0) == "f3"
+    assert table.pop(1) == "c1"
+    assert table.pop(1) is None
+    assert len(table) == 5
+    assert per_source_default(32) == 8
+    assert per_source_default(1) == 1
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_flood_from_one_source_never_evicts_another_sources_handshake() -> None:
+    """A capture side from 127.0.0.2 between its CHALLENGE and its HELLO while 127.0.0.1 opens
+    five times the pending cap of silent connections: only the flood's own are evicted."""
+    with trio.fail_after(20):
+        async with running(make_config(hello_timeout=10.0), pending_limit=8) as feed:
+            assert feed.listen_port
+            port = feed.listen_port
+            real = Peer(await Peer.connect(port, "127.0.0.2"), os.urandom(16), FEED, None)
+            assert isinstance(await real.next_event(), Challenge)
+            for _ in range(40):
+                await refused(port)
+            with trio.fail_after(5):  # every one of them accepted: refused, evicted or pending
+                while metric(feed, "connections_rejected", reason="pending_limit") < 40 - 2:
+                    await trio.sleep(0.01)
+            assert metric(feed, "pending_connections") <= 1 + 2
+            await real.stream.send_all(encode_hello(FEED, real.session, b""))
+            assert await real.welcome() == 0
+            assert metric(feed, "active_connections") == 1
 
 
 @pytest.mark.usefixtures("datapath")
@@ -404,15 +473,16 @@ async def test_connection_flood_is_bounded_and_a_capture_still_streams(
             assert await peer.welcome() == 0
             flood = []
             for i in range(150):  # connections that never speak, far beyond the pending cap
-                flood.append(await Peer.connect(feed.listen_port))
+                flood.append(await refused(feed.listen_port))
                 if i % 10 == 0:
                     await peer.stream.send_all(frames(datagrams[i : i + 10]))
                 assert metric(feed, "pending_connections") <= 16
             await peer.stream.send_all(frames(datagrams[150:]))
             await peer.wait_ack(200)
             assert same_per_group(await receivers.settle(), expected(datagrams))
-            # A second capture process still gets through the flood to its HELLO check.
-            late = await Peer.start(feed.listen_port)
+            # A second capture process (from an address of its own) still gets through the
+            # flood to its HELLO check.
+            late = await Peer.start(feed.listen_port, source="127.0.0.2")
             await late.closed_with(ErrorCode.TOO_MANY_CONNECTIONS)  # the limit, not the flood
             assert metric(feed, "connections_rejected", reason="limit") == 1
             assert metric(feed, "connections_rejected", reason="pending_limit") >= 150 - 16
@@ -612,3 +682,47 @@ async def test_a_capture_side_that_stops_cleanly_is_not_a_peer_error(
             }
             assert closed == {reason: 1, ({"peer_shutdown", "peer_error"} - {reason}).pop(): 0}
             await peer.aclose()
+
+
+@contextlib.contextmanager
+def descriptors_exhausted() -> Iterator[None]:
+    """This process at its descriptor limit for the block: the soft limit lowered to just
+    above the highest descriptor in use, and every free number below it taken."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 4, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError, match="Too many open files"):
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_new_destination_without_a_free_descriptor_keeps_the_stream(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """At the descriptor limit, a destination seen for the first time (the C data plane opens
+    a connected socket for each) goes out on the feed's shared socket; the stream goes on."""
+    before = make_datagrams(groups[:1], 50, seed=21)
+    after = make_datagrams(groups[1:3], 100, first_seq=51, seed=22)
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            await peer.stream.send_all(frames(before))
+            await peer.wait_ack(50)
+            with descriptors_exhausted():
+                await peer.stream.send_all(frames(after))
+                await peer.wait_ack(150)
+            assert same_per_group(await receivers.settle(), expected(before + after))
+            assert metric(feed, "active_connections") == 1
+            assert metric(feed, "connections_closed", reason="internal_error") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -303,8 +304,9 @@ async def test_bind_conflict_raises_a_plain_os_error() -> None:
 
 
 async def test_idle_and_slow_clients_do_not_block_health(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hundreds of connections that never finish a request: /healthz still answers at once,
-    and the idle ones are closed after the keep-alive timeout."""
+    """Hundreds of connections from one source that never finish a request: /healthz from
+    another source (the load balancer) still answers at once, and the idle ones are closed
+    after the keep-alive timeout, or shed before."""
     monkeypatch.setattr(relayd.health, "KEEP_ALIVE_TIMEOUT", 1.0)
     monkeypatch.setattr(relayd.health, "READ_TIMEOUT", 1)
     stop = trio.Event()
@@ -321,10 +323,11 @@ async def test_idle_and_slow_clients_do_not_block_health(monkeypatch: pytest.Mon
                 )
             )
             for i in range(300):
-                s = socket.create_connection(("127.0.0.1", port))
-                if i % 2:  # half send a partial request line and then stall
-                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
                 idle.append(s)
+                if i % 2:  # half send a partial request line and then stall
+                    with contextlib.suppress(ConnectionResetError):  # shed already
+                        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             await trio.sleep(0.1)
             worst = 0.0
             for _ in range(20):
@@ -369,3 +372,52 @@ def test_process_metrics_have_the_standard_names() -> None:
         for name in families
         if name.startswith("relayd_process_") and name != "relayd_process_uptime_seconds"
     ]
+
+
+async def test_a_flood_of_idle_clients_is_shed_by_source_and_counted() -> None:
+    """At most ``connection_limit`` health connections, a quarter per source: a flood of idle
+    clients from one address holds 2 of 8, the rest are shed (counted), and a probe from
+    another address is answered throughout."""
+    stop = trio.Event()
+    idle: list[socket.socket] = []
+    shed_before = relayd.health.HEALTH_SHED.total
+    try:
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(
+                lambda task_status: serve_health(
+                    HealthApp(Model([_prod()])),
+                    "127.0.0.1",
+                    0,
+                    shutdown_trigger=stop.wait,
+                    connection_limit=8,
+                    task_status=task_status,
+                )
+            )
+            for _ in range(50):
+                idle.append(
+                    socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+                )
+                status, _, _ = await _request(port, _get("/healthz"))
+                assert status == 200
+            with trio.fail_after(5):
+                while relayd.health.HEALTH_SHED.total - shed_before < 50 - 2:
+                    await trio.sleep(0.01)
+            held = 0
+            for s in idle:  # the ones still open have not been told anything yet
+                s.setblocking(False)
+                try:
+                    held += 1 if s.recv(1) else 0
+                except BlockingIOError:
+                    held += 1
+                except ConnectionResetError:
+                    pass
+            assert held == 2
+            samples = {s.name: s.value for s in process_samples(0.0)}
+            assert samples["health_connections_shed_total"] >= 50 - 2
+            stop.set()
+    finally:
+        for s in idle:
+            s.close()
+    assert relayd.health.health_connection_limit(256) == 32
+    assert relayd.health.health_connection_limit(16) == 8
+    assert relayd.health.health_connection_limit(1 << 20) == 256

@@ -3,9 +3,11 @@
 The pumps ask here (from their threads) the first time they see a ``group:port``; the verdict
 is ``session.Allowlist``'s, cached per feed, and an allowed destination gets a multicast
 socket connected to it when the data plane uses one (the C pump sends with ``send`` on it: the
-route is cached instead of looked up per datagram). Refusals are logged here, rate-limited;
-the pumps count them. Its own lock: pump threads and Trio (a reload that changes the
-allowlist, the feed's end) share it, for one lookup at a time.
+route is cached instead of looked up per datagram). Without a descriptor for that socket
+(EMFILE under descriptor pressure) the destination is sent to on the feed's shared socket
+(``sendto``), as on the Python data plane: a stream never ends for want of a descriptor.
+Refusals are logged here, rate-limited; the pumps count them. Its own lock: pump threads and
+Trio (a reload that changes the allowlist, the feed's end) share it, for one lookup at a time.
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ class Destinations:
                     ifindex=self.ifindex,
                 )
             except InterfaceError:
+                return -1
+            except OSError as exc:  # no descriptor: the shared socket serves it
+                self._rlog.warning(
+                    "no_descriptor",
+                    "%s: no socket of its own for %s:%d (%s); sending on the shared socket",
+                    self._name,
+                    IPv4Address(key >> 16),
+                    key & 0xFFFF,
+                    exc.strerror,
+                )
                 return -1
             try:
                 sock.connect((str(IPv4Address(key >> 16)), key & 0xFFFF))

@@ -70,6 +70,7 @@ class EmitFeedRuntime:
         *,
         keys: Sequence[bytes] | None = None,
         pending_limit: int | None = None,
+        per_source_limit: int | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -79,7 +80,10 @@ class EmitFeedRuntime:
         self._pending_limit = (
             pending_limit if pending_limit is not None else max(16, 8 * config.max_connections)
         )
-        self.gate = Gate(config.name, config, self.stats, self._pending_limit)
+        self._per_source_limit = per_source_limit
+        self.gate = Gate(
+            config.name, config, self.stats, self._pending_limit, self._per_source_limit
+        )
         self._destinations: Destinations | None = None
         #: The bound TCP port, once opened (useful with port 0).
         self.listen_port: int | None = None
@@ -87,7 +91,7 @@ class EmitFeedRuntime:
         self._close_reason: tuple[int, str] = (ErrorCode.SHUTTING_DOWN, "relay shutting down")
         self._state = "starting"
         self._listening = False
-        self._listener: trio.SocketListener | None = None
+        self._listener: socket.socket | None = None
         self._mcast: socket.socket | None = None
         self._plane: DataPlane | None = None
         self._links: list[PumpLink] = []
@@ -146,36 +150,39 @@ class EmitFeedRuntime:
                 ifindex=ifindex,
             )
         except BaseException:
-            listener.socket.close()
+            listener.close()
             raise
         if inherited is not None and inherited.name == self.name:
             self.stats = inherited.stats
-            self.gate = Gate(self.name, cfg, self.stats, self._pending_limit)
+            self.gate = Gate(
+                self.name, cfg, self.stats, self._pending_limit, self._per_source_limit
+            )
         self.gate.keys = keys
         self.interface_address = interface_address
         self._plane = plane
         self._listener = listener
-        self.listen_port = listener.socket.getsockname()[1]
+        self.listen_port = listener.getsockname()[1]
         destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
         destinations.interface = self.interface_address
         destinations.ifindex = ifindex
         self._destinations = destinations
 
-    def listener_for(self, host: str, port: int) -> trio.SocketListener | None:
+    def listener_for(self, host: str, port: int) -> socket.socket | None:
         """A duplicate of this feed's listening socket when it is bound to ``host:port``
         (port 0 never matches: it asks for a fresh port), else None."""
         listener = self._listener
-        if listener is None or port == 0 or listener.socket.fileno() < 0:
+        if listener is None or port == 0 or listener.fileno() < 0:
             return None
         if (self.config.listen.host, self.config.listen.port) != (host, port):
             return None
-        duplicate = socket.socket(fileno=os.dup(listener.socket.fileno()))
-        return trio.SocketListener(trio.socket.from_stdlib_socket(duplicate))
+        duplicate = socket.socket(fileno=os.dup(listener.fileno()))
+        duplicate.setblocking(False)
+        return duplicate
 
     def close(self) -> None:
         """Release what ``open`` acquired, when ``run`` will not."""
         if self._listener is not None:
-            self._listener.socket.close()
+            self._listener.close()
             self._listener = None
         if self._mcast is not None:
             self._mcast.close()
@@ -197,14 +204,7 @@ class EmitFeedRuntime:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
                 async with trio.open_nursery() as handlers:
-                    await outer.start(
-                        functools.partial(
-                            trio.serve_listeners,
-                            self._handle,
-                            [listener],
-                            handler_nursery=handlers,
-                        )
-                    )
+                    await outer.start(self.gate.accept, listener, handlers, self._serve)
                     self._listening = True
                     self._state = "listening"
                     log.info(
@@ -221,7 +221,7 @@ class EmitFeedRuntime:
         finally:
             self._listening = False
             self._state = "stopped"
-            listener.socket.close()
+            listener.close()
             mcast.close()
             if self._destinations is not None:
                 self._destinations.close()
@@ -367,12 +367,6 @@ class EmitFeedRuntime:
 
     # -- one connection ---------------------------------------------------------------------
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        """``serve_listeners``' handler: one accepted connection, in the handler nursery."""
-        conn = self.gate.admit(stream)
-        if conn is not None:
-            await self._serve(conn)
-
     async def _serve(self, conn: Connection) -> None:
         ended = False  # False at the finally: cancelled from outside, i.e. the feed stops
         try:
@@ -436,7 +430,8 @@ class EmitFeedRuntime:
                 except OSError:
                     pass
                 else:
-                    await self._linger(sock)
+                    if conn.linger:
+                        await self._linger(sock)
         finally:
             sock.close()
 

@@ -3,27 +3,38 @@
 Every accepted peer outside ``allowed_sources`` is closed at once. Everyone else gets a
 CHALLENGE and must answer with a valid HELLO within ``hello_timeout``. Until then a connection
 is *pending*: it costs one file descriptor and one small task, and it does not hold one of the
-``max_connections`` slots. Pending connections have a cap of their own (``pending_limit``,
-default ``max(16, 8 * max_connections)``); when it is reached the oldest pending connection is
-closed to make room, so a flood of silent connections (load-balancer probes, scanners,
-half-open floods) can neither exhaust the slots a real capture side needs nor grow without
-bound.
+``max_connections`` slots. Pending connections have caps of their own (relayd/admission.py):
+``pending_limit`` per feed (default ``max(16, 8 * max_connections)``) and a quarter of it per
+source address. A source at its cap loses its own oldest pending connection to make room, and
+at the feed's cap the source holding the most does; while those are all younger than
+``admission.PROTECTED_FOR`` the newcomer is refused instead (reset, before any handshake work).
+So a flood of silent connections (load-balancer probes, scanners, half-open floods) can neither
+exhaust the slots a real capture side needs, nor grow without bound, nor evict the pending
+connection of a capture side that connects from another address. An evicted connection gets
+its ERROR and is closed at once (no linger: at thousands a second lingers would hold
+descriptors).
 
-Accepting is ``trio.serve_listeners``'s (which also rides out EMFILE and friends); each
-connection's handler runs in the feed's handler nursery, apart from the accept loop.
+The accept loop is the gate's own: it drains the listen queue in batches and refuses at the
+cost of an ``accept`` and a ``close``, so the queue stays short whatever a flood's rate and a
+real capture side's SYN never waits behind it. Each admitted connection's handler runs in the
+feed's handler nursery.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import Awaitable, Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Final
 
 import trio
 
+from relayd.admission import PendingTable, Room, per_source_default
 from relayd.config import EmitFeed
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import EmitStats, Rejected
@@ -46,6 +57,13 @@ log = logging.getLogger("relayd.emit")
 HANDSHAKE_RECEIVE_SIZE: Final = 2048
 #: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
 CONTROL_SEND_BUFFER: Final = 16 * 1024
+#: Connections accepted in a row before the accept loop lets other tasks run.
+ACCEPT_BATCH: Final = 64
+#: accept() errors that mean "no resources right now": wait this long and try again.
+ACCEPT_RETRY: Final = 0.1
+_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: SO_LINGER on, zero seconds: close() resets the connection and leaves no TIME_WAIT.
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 
 _HANDSHAKE_REJECT: Final = {
     ErrorCode.WRONG_FEED: Rejected.WRONG_FEED,
@@ -54,36 +72,76 @@ _HANDSHAKE_REJECT: Final = {
 }
 
 
-def open_listener(host: str, port: int) -> trio.SocketListener:
-    """The feed's TCP listener, bound and listening (raises OSError naming the address, e.g.
-    ``cannot bind 0.0.0.0:6667: Address already in use``)."""
-    sock = bind_tcp_listener(host, port)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+def open_listener(host: str, port: int) -> socket.socket:
+    """The feed's TCP listener, bound, listening and non-blocking (raises OSError naming the
+    address, e.g. ``cannot bind 0.0.0.0:6667: Address already in use``)."""
+    return bind_tcp_listener(host, port)
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    sock.close()
 
 
 class Gate:
     """The source check, the pending connections and the handshake of one feed."""
 
-    def __init__(self, name: str, config: EmitFeed, stats: EmitStats, pending_limit: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: EmitFeed,
+        stats: EmitStats,
+        pending_limit: int,
+        per_source_limit: int | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.keys: tuple[bytes, ...] = ()
         self.pending_limit = pending_limit
-        self.pending: dict[int, Connection] = {}
+        self.pending: PendingTable[Connection] = PendingTable(
+            pending_limit,
+            per_source_limit if per_source_limit is not None else per_source_default(pending_limit),
+        )
         self._stats = stats
         self._next_id = 0
 
-    def admit(self, stream: trio.SocketStream) -> Connection | None:
-        """A connection for an accepted stream, pending its HELLO; None (closed, counted)
-        when its source is not allowed. Makes room under ``pending_limit``."""
-        trio_sock = stream.socket
-        try:
-            host, port = trio_sock.getpeername()[:2]
-        except OSError:  # gone already: the listener is fine
-            trio_sock.close()
-            return None
+    async def accept(
+        self,
+        listener: socket.socket,
+        handlers: trio.Nursery,
+        serve: Callable[[Connection], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``listener`` until cancelled; ``serve`` each admitted connection in
+        ``handlers``. No resources (EMFILE and friends): logged, retried after a pause."""
+        task_status.started()
+        while True:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    break
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRORS:
+                        raise
+                    self._stats.rlog.warning(
+                        "accept", "%s: cannot accept: %s; retrying", self.name, exc.strerror
+                    )
+                    await trio.sleep(ACCEPT_RETRY)
+                    break
+                conn = self.admit(sock, address[0], address[1])
+                if conn is not None:
+                    handlers.start_soon(serve, conn)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def admit(self, sock: socket.socket, host: str, port: int) -> Connection | None:
+        """A connection for an accepted socket, pending its HELLO; None (closed, counted)
+        when its source is not allowed or the pending caps leave no room for it."""
         peer = f"{host}:{port}"
-        sock = socket.socket(fileno=trio_sock.detach())  # the data planes want a plain socket
         if not any(IPv4Address(host) in net for net in self.config.allowed_sources):
             sock.close()
             self._stats.rejected[Rejected.SOURCE] += 1
@@ -93,6 +151,13 @@ class Gate:
                 self.name,
                 peer,
             )
+            return None
+        now = trio.current_time()
+        room = self.pending.room_for(host, now)
+        if room is Room.REFUSED:
+            _reset(sock)
+            self._stats.rejected[Rejected.PENDING_LIMIT] += 1
+            self._log_pending_limit(host)
             return None
         try:
             sock.setblocking(False)
@@ -105,21 +170,26 @@ class Gate:
             return None
         self._next_id += 1
         conn = Connection(self._next_id, sock, peer)
-        if len(self.pending) >= self.pending_limit:
-            oldest = self.pending.pop(next(iter(self.pending)))
+        evicted = self.pending.add(conn.id, host, conn, now)
+        if evicted is not None:
             self._stats.rejected[Rejected.PENDING_LIMIT] += 1
-            oldest.end(
+            evicted.linger = False
+            evicted.end(
                 ErrorCode.TOO_MANY_CONNECTIONS, "too many connections waiting for HELLO", None
             )
-            self._stats.rlog.warning(
-                "pending_limit",
-                "%s: %d connections without HELLO; closed the oldest (%s)",
-                self.name,
-                self.pending_limit,
-                oldest.peer,
-            )
-        self.pending[conn.id] = conn
+            self._log_pending_limit(host)
         return conn
+
+    def _log_pending_limit(self, host: str) -> None:
+        self._stats.rlog.warning(
+            "pending_limit",
+            "%s: connections without HELLO at the cap (%d per source, %d per feed) as %s "
+            "connects; refusing or closing the oldest of the source holding the most",
+            self.name,
+            self.pending.per_source_limit,
+            self.pending.limit,
+            host,
+        )
 
     def reject(self, conn: Connection, reason: Rejected, code: int, message: str) -> None:
         self._stats.rejected[reason] += 1

@@ -57,6 +57,7 @@ class Connection:
         "acked",
         "error",
         "id",
+        "linger",
         "link",
         "peer",
         "reason",
@@ -77,6 +78,7 @@ class Connection:
         self.reason: Closed | None = None  # why a streaming connection ended
         self.unsent = b""  # the rest of a control frame the pump could not finish
         self.link: PumpLink | None = None  # its pump, while it runs
+        self.linger = True  # after its ERROR, wait briefly for the peer's FIN (not when evicted)
 
     @property
     def acked_seq(self) -> int:

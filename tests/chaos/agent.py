@@ -4,6 +4,8 @@
     python agent.py stall --target HOST:PORT --feed NAME --key FILE --group G:P --rate R
     python agent.py health --target HOST:PORT --idle N --slow M --duration S
     python agent.py authflood --target HOST:PORT --feed NAME --duration S
+    python agent.py silent --target HOST:PORT --rate R --duration S
+    python agent.py delay --listen HOST:PORT --target HOST:PORT --delay SECONDS
 
 ``storm``: R new connections per second, round robin over four kinds: connect and close,
 connect and stay silent (held until the relay closes them, at most 2000 at once), connect and
@@ -17,6 +19,12 @@ own session and never reads, so the emit side's ACKs fill its window.
 
 ``authflood``: HELLOs for the right feed with a wrong key, one connection after another.
 
+``silent``: R connections a second that never say a word (a host inside ``allowed_sources``
+without the key), each held for up to a second.
+
+``delay``: a TCP proxy that holds each direction back by SECONDS (netem is not in every
+kernel); SIGUSR1 resets every connection it carries, a path failure. It prints "ready" first.
+
 Each prints one JSON line with its counts when it ends (``duration`` or SIGTERM).
 """
 
@@ -28,12 +36,15 @@ import errno
 import ipaddress
 import json
 import os
+import queue
 import random
+import resource
 import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Any
 
@@ -286,9 +297,14 @@ def health(args: argparse.Namespace) -> dict[str, Any]:
             idle.append(sock)
             counts["idle_opened"] += 1
         while len(slow) < args.slow and (sock := connect()):
-            sock.send(b"GET /healthz HTTP/1.1\r\n")
-            slow.append(sock)
             counts["slow_opened"] += 1
+            try:
+                sock.send(b"GET /healthz HTTP/1.1\r\n")
+            except OSError:  # shed by the server at once
+                counts["slow_closed_by_server"] += 1
+                sock.close()
+                continue
+            slow.append(sock)
         if time.monotonic() >= next_drip:
             next_drip += 1.0
             for sock in list(slow):
@@ -318,6 +334,127 @@ def health(args: argparse.Namespace) -> dict[str, Any]:
     return {"elapsed": round(time.monotonic() - start, 3), **counts}
 
 
+# -- silent: a host inside allowed_sources, without the key, opening silent connections ----------
+
+
+def silent(args: argparse.Namespace) -> dict[str, Any]:
+    """Open ``rate`` connections a second that never say a word, for ``duration`` seconds;
+    each is kept open (up to one second's worth), as a real flooder's would be."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    keep = max(100, min(int(args.rate), resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100))
+    target = _address(args.target)
+    counts: collections.Counter[str] = collections.Counter()
+    held: collections.deque[socket.socket] = collections.deque()
+    start = time.monotonic()
+    opened = 0
+    while not _stop and time.monotonic() - start < args.duration:
+        due = int((time.monotonic() - start) * args.rate)
+        while opened < due:
+            opened += 1
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex(target)
+            if err not in (0, errno.EINPROGRESS):
+                counts["connect_errors"] += 1
+                sock.close()
+                continue
+            counts["attempts"] += 1
+            held.append(sock)
+            while len(held) > keep:
+                held.popleft().close()
+        time.sleep(0.002)
+    for sock in held:
+        sock.close()
+    return {"elapsed": round(time.monotonic() - start, 3), "rate": args.rate, **counts}
+
+
+# -- delay: a TCP proxy that delays each direction (for kernels without netem) ---------------
+
+
+def delay(args: argparse.Namespace) -> dict[str, Any]:
+    """Forward connections from ``listen`` to ``target``, each direction ``delay`` seconds
+    late, until SIGTERM; SIGUSR1 cuts every connection open at the time (a path failure)."""
+    listen, target = _address(args.listen), _address(args.target)
+    server = socket.create_server(listen, reuse_port=False)
+    counts: collections.Counter[str] = collections.Counter()
+    live: list[tuple[socket.socket, socket.socket]] = []
+    lock = threading.Lock()
+
+    def reset(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        except OSError:
+            pass
+
+    def cut(*_: Any) -> None:
+        with lock:
+            counts["cuts"] += 1
+            counts["connections_cut"] += len(live)
+            for a, b in live:
+                reset(a)
+                reset(b)
+            live.clear()
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        late: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def write() -> None:
+            while True:
+                due, data = late.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=write, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(262144)
+            except OSError:
+                data = b""
+            late.put((time.monotonic() + args.delay, data))
+            if not data:
+                return
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(target, timeout=5)
+            except OSError:
+                counts["upstream_errors"] += 1
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with lock:
+                live.append((client, upstream))
+                counts["connections"] += 1
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, cut)
+    threading.Thread(target=serve, daemon=True).start()
+    print("ready", flush=True)
+    while not _stop:
+        time.sleep(0.05)
+    server.close()
+    return dict(counts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -343,9 +480,24 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--idle", type=int, default=200)
     h.add_argument("--slow", type=int, default=50)
     h.add_argument("--duration", type=float, default=10)
+    q = sub.add_parser("silent")
+    q.add_argument("--target", required=True)
+    q.add_argument("--rate", type=float, default=4000)
+    q.add_argument("--duration", type=float, default=10)
+    d = sub.add_parser("delay")
+    d.add_argument("--listen", required=True)
+    d.add_argument("--target", required=True)
+    d.add_argument("--delay", type=float, default=0.02)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
-    commands = {"storm": storm, "stall": stall, "health": health, "authflood": authflood}
+    commands = {
+        "storm": storm,
+        "stall": stall,
+        "health": health,
+        "authflood": authflood,
+        "silent": silent,
+        "delay": delay,
+    }
     result = commands[args.command](args)
     print(json.dumps(result), flush=True)
     return 0

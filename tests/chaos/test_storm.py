@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -89,8 +90,9 @@ def test_connection_storm_on_the_data_port(relay: Relay) -> None:
     assert result["dup"] == 0
     assert all(s == 200 for s in statuses), statuses
     assert max(latencies) < 1.0
-    connected = sum(int(v) for k, v in attack.items() if k.endswith("_connected"))  # type: ignore[call-overload]
-    assert connected > seconds * storm_rate * 0.5, attack  # the storm really happened
+    # the storm really happened: refused ones are reset at accept, the agent may count them as
+    # connect errors, so count what the relay refused
+    assert sum(rejected.values()) > seconds * storm_rate * 0.5, (attack, rejected)
     assert half_open > 0  # spoofed SYNs left half-open connections on the listener
     # Bounded: pending connections are capped (8 x max_connections = 32) and refused ones
     # linger at most 0.2 s for the peer's FIN (longer when the CPU is busy): well under one
@@ -150,20 +152,23 @@ def test_health_port_abuse(relay: Relay) -> None:
 
 
 def test_descriptor_limit_reached_through_the_health_port(relay: Relay) -> None:
-    """More idle health clients than the process may hold descriptors: the stream that is
-    already running goes on, /healthz fails while the limit is reached and comes back after."""
+    """More idle health clients than the process may hold descriptors, from before the stream
+    starts (so the emit side opens its destination sockets under the flood): health
+    connections are shed first, the stream loses nothing, /healthz answers the load balancer
+    throughout and at once after the abusers leave."""
     nofile = 256
     relay.start(emit_nofile=nofile)
     seconds = scaled(8.0, 30.0)
-    stream = relay.stream(RATE, seconds + 8)
     abuse = relay.agent(
         relay.edge, "health",
         "--target", f"{relay.attack.b_addr.ip}:{EMIT_HEALTH}",
         "--idle", str(nofile + 100), "--slow", "0", "--duration", str(seconds),
     )  # fmt: skip
+    time.sleep(2.0)  # the flood holds what it can before the first datagram
+    stream = relay.stream(RATE, seconds)
     worker = relay.worker(relay.cloud)
     failed = answered = 0
-    for _ in every(0.5, seconds):
+    for _ in every(0.5, seconds - 2.0):
         try:
             worker.call(http_get, EMIT_HEALTH, "/healthz", 1.0)
             answered += 1
@@ -171,7 +176,7 @@ def test_descriptor_limit_reached_through_the_health_port(relay: Relay) -> None:
             failed += 1
     attack = _agent_result(abuse, 30)
     recovered = None
-    for elapsed in every(0.2, 15.0):
+    for elapsed in every(0.1, 15.0):
         try:
             if worker.call(http_get, EMIT_HEALTH, "/healthz", 1.0)[0] == 200:
                 recovered = elapsed
@@ -180,6 +185,7 @@ def test_descriptor_limit_reached_through_the_health_port(relay: Relay) -> None:
             pass
     result = stream.result(timeout=60)
     log = relay.log_text("emit.log")
+    internal = metric(relay.metrics("emit"), "connections_closed_total", reason="internal_error")
     report(
         "descriptor limit via the health port",
         nofile=nofile,
@@ -188,15 +194,14 @@ def test_descriptor_limit_reached_through_the_health_port(relay: Relay) -> None:
         probes_answered=answered,
         probes_failed=failed,
         recovered_after_s=recovered,
-        emfile_logged="Too many open files" in log,
         emfile_log_lines=sum(1 for line in log.splitlines() if "Too many open files" in line),
+        closed_internal_error=internal,
         stream=result,
     )
-    # Logged, but not on every 0.1 s retry: one line per 10 s from the health listener (and
-    # one from the data port's accept loop, if it met the limit too).
-    trio_lines = [line for line in log.splitlines() if "trio.serve_listeners" in line]
-    assert 1 <= len(trio_lines) <= 1 + int(seconds // 10) + 1, trio_lines
-    assert result["lost"] == 0, result  # the established stream needs no new descriptor
+    assert int(attack.get("idle_opened", 0)) >= nofile, attack  # type: ignore[call-overload]
+    assert result["lost"] == 0, (result, log[-3000:])
+    assert internal == 0
+    assert failed == 0, (answered, failed)  # shed first: the abusers', not the probes'
     assert recovered is not None
     assert relay.emit is not None
     assert relay.emit.poll() is None

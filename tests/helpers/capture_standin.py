@@ -105,8 +105,9 @@ class Peer:
         self.eof = False
 
     @classmethod
-    async def connect(cls, port: int) -> trio.SocketStream:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(cls, port: int, source: str | None = None) -> trio.SocketStream:
+        """A connection to the loopback feed, from ``source`` (any 127/8 address) if given."""
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
         _STREAMS.append(stream)
         return stream
 
@@ -118,9 +119,10 @@ class Peer:
         session: bytes | None = None,
         feed: str = FEED,
         key: bytes | None = None,
+        source: str | None = None,
     ) -> Peer:
         """Connect and say HELLO; the welcome (or refusal) is the next event."""
-        peer = cls(await cls.connect(port), session or os.urandom(16), feed, key)
+        peer = cls(await cls.connect(port, source), session or os.urandom(16), feed, key)
         challenge = await peer.next_event()
         assert isinstance(challenge, Challenge)
         mac = hello_mac(key, challenge.nonce, feed, peer.session) if key else b""
