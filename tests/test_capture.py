@@ -230,7 +230,9 @@ async def test_replay_bound_when_the_peer_stops_reading(
     groups = groups_for(_base_port(), 4, third=17)
     bound = 1024 * 1024
     feed = CaptureFeedRuntime(
-        feed_config(groups, [server.port], replay_max_bytes=bound, idle_timeout=30.0)
+        feed_config(
+            groups, [server.port], replay_max_bytes=bound, idle_timeout=30.0, ack_timeout=60.0
+        )
     )
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
@@ -244,6 +246,36 @@ async def test_replay_bound_when_the_peer_stops_reading(
     assert feed.replay.dropped_datagrams > 0
     assert feed.replay.total_bytes <= bound + 512 * 1024
     assert feed.connected  # the heartbeat keeps being skipped, the connection stays
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_peer_that_heartbeats_but_never_reads_is_left_for_the_next_target(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """Issue 13 item 6: the first target welcomes and heartbeats but never reads. The feed
+    reports "stalled" (unhealthy), leaves it after ack_timeout, counts it, and the second
+    target gets every datagram captured, in order, with nothing lost."""
+    deaf = await serve(nursery, Peer(read=False, heartbeat=0.1))
+    good = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 2, third=16)
+    feed = CaptureFeedRuntime(feed_config(groups, [deaf.port, good.port], ack_timeout=3.0))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    assert deaf.peer.hellos == 1
+    for _ in range(20):  # ~6 MB: more than the stalled connection's socket buffers take
+        send_many(sender, groups, 300, size=1000)
+        await trio.sleep(0.01)
+    await wait_for(lambda: feed.health().state == "stalled", timeout=30)
+    assert not feed.health().healthy
+    await wait_for(lambda: good.peer.hellos == 1, timeout=30)
+    assert deaf.peer.hellos == 1
+    await wait_for(lambda: feed.replay.acked_seq == feed.receive.seq, timeout=30)
+    assert [d.seq for d in good.peer.datagrams] == list(range(1, feed.receive.seq + 1))
+    assert feed.replay.dropped_datagrams == 0
+    samples = {(s.name, s.labels): s.value for s in feed.samples()}
+    assert samples["capture_ack_stalls", (("feed", FEED),)] == 1
+    assert feed.health().state == "streaming"
+    assert "no ACK progress" in feed.link.last_error
 
 
 async def test_idle_peer_is_left_and_heartbeats_flow(

@@ -40,6 +40,9 @@ __all__ = ["CaptureFeedRuntime"]
 
 log = logging.getLogger("relayd.capture")
 
+#: Unhealthy ("stalled") once data sent has waited this share of ``ack_timeout`` for an ACK.
+STALLED_FRACTION = 0.5
+
 
 def _age(since: float | None) -> float | None:
     """Seconds since a ``time.monotonic`` stamp (the replay buffer's clock), or None when it
@@ -118,11 +121,17 @@ class CaptureFeedRuntime:
             "replay_dropped_datagrams": replay.dropped_datagrams,
             "kernel_drops": self.receive.kernel_drops,
             "last_datagram_age_seconds": _age(replay.last_appended_at),
+            "ack_stalls": self.link.ack_stalls,
         }
         datagrams = self.receive.datagrams_in
         if not self._started:
             return FeedHealth(False, "starting", detail, 0, datagrams)
         if self.uplink.connected:
+            waited, outstanding = self.uplink.ack_wait()
+            if waited >= self.config.ack_timeout * STALLED_FRACTION:
+                detail["ack_stalled_for"] = round(waited, 3)
+                detail["ack_stalled_datagrams"] = outstanding
+                return FeedHealth(False, "stalled", detail, 1, datagrams)
             return FeedHealth(True, "streaming", detail, 1, datagrams)
         down = trio.current_time() - self.link.down_since
         detail["disconnected_for"] = round(down, 3)
@@ -187,6 +196,12 @@ class CaptureFeedRuntime:
             "counter",
             "Datagrams sent again after a reconnect.",
             uplink.resent_datagrams,
+        )
+        yield one(
+            "ack_stalls",
+            "counter",
+            "Connections left because no ACK came for ack_timeout while data waited.",
+            self.link.ack_stalls,
         )
         for result in Connect:
             yield Sample(

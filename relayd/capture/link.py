@@ -5,8 +5,10 @@ welcome ACK exchange, rewinds the replay buffer to the welcome ACK and streams t
 uplink (relayd/capture/uplink.py). While streaming, a sender task takes over whenever the
 socket is full, a heartbeat task speaks when the stream is idle, and the data plane's ACK
 reader (a thread) keeps the highest ACK, which trims the replay buffer, and watches
-``idle_timeout``. Any error ends the connection; the loop reconnects with jittered
-exponential backoff capped at 2 s. Time here is Trio's.
+``idle_timeout``. An ACK watch ends a connection whose peer heartbeats but reads nothing:
+data sent that waits ``ack_timeout`` with no ACK progress. Any error ends the connection; the
+loop reconnects to the next address with jittered exponential backoff capped at 2 s. Time
+here is Trio's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 #: A connection that streamed at least this long resets the backoff.
 STABLE_AFTER = 1.0
+#: The ACK watch looks again at least this often (a fraction of ``ack_timeout``).
+ACK_WATCH_STEPS = 4
 #: Bytes read per ``recv`` during the handshake.
 _HANDSHAKE_RECEIVE_SIZE = 64 * 1024
 
@@ -93,6 +97,7 @@ class Link:
         self.last_error = ""
         self.down_since = 0.0  # Trio clock: when the last connection ended (or the start)
         self.connects: collections.Counter[Connect] = collections.Counter()
+        self.ack_stalls = 0  # connections left because ACKs stalled (``ack_timeout``)
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
 
     def wake_sender(self) -> None:
@@ -120,6 +125,21 @@ class Link:
             if wake:
                 self._wake.set()
             await trio.sleep(wait)
+
+    async def _ack_watch(self) -> None:
+        """End the connection when data sent has waited ``ack_timeout`` with no ACK progress
+        (the peer welcomes and heartbeats but reads nothing, or its pump is wedged)."""
+        timeout = self.config.ack_timeout
+        while True:
+            waited, outstanding = self.uplink.ack_wait()
+            if waited >= timeout:
+                self.ack_stalls += 1
+                raise _ConnectionEndedError(
+                    f"no ACK progress for {waited:.3g} s (ack_timeout {timeout:g} s) with "
+                    f"{outstanding} datagrams unacknowledged: the emit side reads nothing, "
+                    "moving to the next target"
+                )
+            await trio.sleep(min(timeout - waited, timeout / ACK_WATCH_STEPS))
 
     async def _reader(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
         """The data plane's ACK reader, in a thread: it keeps the highest ACK (applied by the
@@ -352,6 +372,7 @@ class Link:
             nursery.start_soon(guard, lambda: self._reader(sock, conn))
             nursery.start_soon(guard, lambda: self._sender(sock))
             nursery.start_soon(guard, self._heartbeats)
+            nursery.start_soon(guard, self._ack_watch)
             if self.uplink.kick():  # the resend starts at once
                 self._wake.set()
         return reason

@@ -47,6 +47,11 @@ class Uplink:
         self._close_after_claim: socket.socket | None = None
         self._send_error: OSError | None = None
         self._highest_sent = 0
+        # ACK progress on the current connection (monotonic): the highest sequence handed to
+        # it, and since when data sent has waited for an ACK that does not come (None: nothing
+        # is waiting, or the last ACK covered it all)
+        self._sent_seq = 0
+        self._waiting_since: float | None = None
         self._reported_drops = 0
         self.reader: AckReader | None = None  # the current connection's ACK reader
         self.last_send = 0.0
@@ -70,6 +75,8 @@ class Uplink:
             self._blocked = False
             self._send_error = None
             self.last_send = time.monotonic()
+            self._sent_seq = self.replay.acked_seq
+            self._waiting_since = None
             self._sock = sock
         return resend
 
@@ -84,6 +91,7 @@ class Uplink:
                     self._say(sock, goodbye)
                 self._sock = None
                 self._rest = None
+                self._waiting_since = None
             if self._claimed and current:
                 self._close_after_claim = sock
                 return current
@@ -202,6 +210,16 @@ class Uplink:
         with self._lock:
             self._apply_acks()
 
+    def ack_wait(self) -> tuple[float, int]:
+        """How long data sent on the current connection has waited without any ACK progress
+        (0.0: nothing waits), and how many datagrams sent are unacknowledged."""
+        with self._lock:
+            self._apply_acks()
+            since = self._waiting_since
+            if since is None or self._sock is None:
+                return 0.0, 0
+            return time.monotonic() - since, self._sent_seq - self.replay.acked_seq
+
     def ack(self, seq: int) -> None:
         """An ACK received outside the reader (during the handshake)."""
         with self._lock:
@@ -217,6 +235,7 @@ class Uplink:
             acked = reader.acked
             if acked > self.replay.acked_seq:
                 self.replay.ack(acked)
+                self._waiting_since = time.monotonic() if self._sent_seq > acked else None
 
     def _kick(self) -> bool:
         if self._sock is None or self._blocked or self._claimed:
@@ -236,6 +255,9 @@ class Uplink:
         if chunk.first_seq <= self._highest_sent:
             self.resent_datagrams += min(chunk.last_seq, self._highest_sent) - chunk.first_seq + 1
         self._highest_sent = max(self._highest_sent, chunk.last_seq)
+        if self._waiting_since is None and chunk.last_seq > self.replay.acked_seq:
+            self._waiting_since = time.monotonic()
+        self._sent_seq = max(self._sent_seq, chunk.last_seq)
         self.frames_sent += chunk.datagrams
 
     def _write(self) -> bool:
