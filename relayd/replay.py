@@ -169,6 +169,15 @@ class ReplayBuffer:
         skip = _frames_size(chunk.data, acked - chunk.first_seq + 1)
         return Chunk(acked + 1, chunk.last_seq, chunk.time, chunk.data[skip:])
 
+    def mark_sent(self, chunk: Chunk) -> None:
+        """``chunk``, the one at the cursor, was written whole by its producer (the receive
+        thread writes a batch at once when the connection is caught up): move past it. An ACK
+        of part of it may have come before it was appended; it is not cut, it went out."""
+        index = self._cursor - self._base
+        if index < 0 or index >= len(self._chunks) or self._chunks[index] is not chunk:
+            raise ValueError(f"chunk {chunk.first_seq}..{chunk.last_seq} is not at the cursor")
+        self._cursor += 1
+
     def _drop_oldest(self, evicted: Evicted | None) -> int:
         """Drop the oldest chunk: acknowledged (``evicted`` None) or evicted by a bound."""
         chunk = self._chunks.popleft()

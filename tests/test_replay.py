@@ -251,3 +251,17 @@ def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
         dropped_or_acked = seq - buffer.unacked_datagrams
         assert dropped_or_acked >= buffer.dropped_datagrams
         assert buffer.unacked_datagrams == seq - max(buffer.acked_seq, lowest_held)
+
+
+def test_a_chunk_written_at_once_is_marked_sent_even_when_an_ack_came_first() -> None:
+    """The receive thread writes a batch before it appends it; the emit side may ACK part of
+    it before that: marking it sent moves the cursor past it, and nothing is cut."""
+    buffer = ReplayBuffer(100_000, 30.0)
+    buffer.ack(3)
+    batch = framed(1, 5)
+    buffer.append(batch)
+    buffer.mark_sent(batch)
+    assert buffer.caught_up
+    assert buffer.next_unsent() is None
+    with pytest.raises(ValueError, match="not at the cursor"):
+        buffer.mark_sent(framed(6, 6))

@@ -44,6 +44,8 @@ BACKOFF_CAP = 2.0
 STABLE_AFTER = 1.0
 #: The ACK watch looks again at least this often (a fraction of ``ack_timeout``).
 ACK_WATCH_STEPS = 4
+#: After the goodbye, how long to wait for the emit side's final ACK (and its close).
+FINAL_ACK_WAIT = 0.5
 #: Bytes read per ``recv`` during the handshake.
 _HANDSHAKE_RECEIVE_SIZE = 64 * 1024
 
@@ -307,8 +309,14 @@ class Link:
                 goodbye = (
                     wire.encode_error(self.close_code, self.close_message) if stopping else None
                 )
-                if self.uplink.release(sock, goodbye):
+                current, said = self.uplink.release(sock, goodbye)
+                if current:
                     self.down_since = trio.current_time()
+                if said:
+                    try:
+                        await self._final_ack(sock, conn)
+                    finally:
+                        sock.close()
             else:
                 sock.close()
 
@@ -336,6 +344,20 @@ class Link:
                     else:
                         self.uplink.ack(event.seq)
         return welcome
+
+    async def _final_ack(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
+        """After the goodbye: take the emit side's final ACK (it trims the replay buffer, so
+        what is left is exactly what this session loses) until it closes, briefly."""
+        with trio.CancelScope(deadline=trio.current_time() + FINAL_ACK_WAIT, shield=True):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    events = self._decode(conn, self._recv(sock))
+                except _ConnectionEndedError:
+                    return  # closed (the usual end), reset, or out of frame
+                for event in events:
+                    if isinstance(event, wire.Ack):
+                        self.uplink.ack(event.seq)
 
     @staticmethod
     def _recv(sock: socket.socket) -> bytes:

@@ -80,33 +80,39 @@ class Uplink:
             self._sock = sock
         return resend
 
-    def release(self, sock: socket.socket, goodbye: bytes | None) -> bool:
+    def release(self, sock: socket.socket, goodbye: bytes | None) -> tuple[bool, bool]:
         """The connection on ``sock`` ends: say ``goodbye`` first when the stream is at a frame
-        boundary, then close it (now, or when a receive thread hands it back). True when
-        ``sock`` was the current connection."""
+        boundary, then close it (now, or when a receive thread hands it back). Returns whether
+        ``sock`` was the current connection, and whether the goodbye went out whole: then the
+        socket is left open (write side shut) for the caller to read the final ACK and close."""
+        said = False
         with self._lock:
             current = self._sock is sock
             if current:
                 if goodbye is not None and not self._claimed:
-                    self._say(sock, goodbye)
+                    said = self._say(sock, goodbye)
                 self._sock = None
                 self._rest = None
                 self._waiting_since = None
             if self._claimed and current:
                 self._close_after_claim = sock
-                return current
-        sock.close()
-        return current
+                return current, False
+        if not said:
+            sock.close()
+        return current, said
 
-    def _say(self, sock: socket.socket, frame: bytes) -> None:
+    def _say(self, sock: socket.socket, frame: bytes) -> bool:
         try:
             if self._rest is not None:
                 sent = sock.send(self._rest)
                 if sent < len(self._rest):
-                    return
-            sock.send(frame)
+                    return False
+            if sock.send(frame) < len(frame):
+                return False
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            return False
+        return True
 
     # -- receive threads -------------------------------------------------------------------
 
@@ -149,8 +155,7 @@ class Uplink:
 
     def _sent_at_once(self, chunk: Chunk, sent: int, err: int) -> bool:
         """Account for a batch written by the receive thread (it was the only unsent chunk)."""
-        taken = self.replay.next_unsent()
-        assert taken is chunk
+        self.replay.mark_sent(chunk)
         self._count_sent(chunk)
         self.bytes_sent += sent
         if sent:

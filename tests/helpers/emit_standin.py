@@ -30,6 +30,7 @@ class Peer:
     read: bool = True  # False: stop reading after the handshake
     heartbeat: float = 0.0  # with read False: still send a HEARTBEAT this often (0: never)
     ack: bool = True
+    final_ack: bool = False  # answer the capture side's goodbye (ERROR) with an ACK
     keys: tuple[bytes, ...] = ()
     emitted: dict[bytes, int] = attrs.field(factory=dict)
     datagrams: list[wire.Datagram] = attrs.field(factory=list)
@@ -81,6 +82,9 @@ class Peer:
                         raw = raw[11:]
                     elif isinstance(event, wire.Error):
                         self.errors.append(event)
+                        self.emitted[session] = highest
+                        if self.final_ack:
+                            await stream.send_all(wire.encode_ack(highest))
                         return
                 self.emitted[session] = highest
                 if self.ack and events:
