@@ -454,7 +454,7 @@ class EmitFeedRuntime:
             if conn.error is not None:
                 code, message = conn.error
                 try:
-                    sock.send(conn.unsent + encode_error(code, message))
+                    sock.send(conn.unsent + self._final_ack(conn) + encode_error(code, message))
                     sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
@@ -465,6 +465,16 @@ class EmitFeedRuntime:
                 await self._say_final_ack(conn, conn.session)
         finally:
             sock.close()
+
+    @staticmethod
+    def _final_ack(conn: Connection) -> bytes:
+        """An ACK of what was emitted of the connection's session and not ACKed on it yet,
+        sent before this side's ERROR: the capture side that fails over to another host then
+        resends nothing this one emitted."""
+        session = conn.session
+        if session is None or conn.acked < 0 or session.highest <= conn.acked_seq:
+            return b""
+        return encode_ack(session.highest)
 
     async def _say_final_ack(self, conn: Connection, session: Session) -> None:
         """The capture side said goodbye: ACK what was emitted of its session and not yet
