@@ -345,6 +345,7 @@ class CaptureFeed:
     idle_timeout: float = 5.0
     connect_timeout: float = 3.0
     reconnect_budget: float = 10.0
+    ack_timeout: float = 10.0
     auth_key_file: Path | None = None
     sources: tuple[IPv4Address, ...] = ()
 
@@ -693,6 +694,7 @@ _register(
         "idle_timeout": _duration,
         "connect_timeout": _duration,
         "reconnect_budget": _duration,
+        "ack_timeout": _duration,
         "auth_key_file": _path,
         "sources": _tuple_of(_source, unique=True),
     },

@@ -3,23 +3,42 @@
 The capture hot path frames a batch of datagrams into one ``bytes`` object and appends it here
 as one chunk; the emit side's ACKs trim whole chunks whose last sequence is acknowledged. After
 a reconnect, ``rewind(welcome_ack)`` moves the send cursor back to the first chunk that holds
-anything past the new host's welcome ACK, and ``next_unsent`` hands out the chunks from there.
-A chunk that is only partly acknowledged is sent whole: the emit side skips sequences it has
-already emitted.
+anything past the highest acknowledgement (the new host's welcome ACK or an earlier host's
+ACK, whichever is higher), and ``next_unsent`` hands out the chunks from there.
+
+Exact resume: a chunk handed out while partly acknowledged is cut at the first DATA frame past
+the acknowledgement (frames are length-prefixed, relayd/wire.py), so nothing acknowledged is
+ever sent again, whatever the new host remembers.
 
 Memory is bounded twice: by the bytes held (``max_bytes``; the oldest chunks go first, and the
 newest chunk is always kept, so the bound is ``max_bytes`` plus one batch) and by age
-(``max_age`` seconds, checked by ``expire``). Every chunk dropped unacknowledged is counted, so
-the caller can report and log the loss.
+(``max_age`` seconds, checked by ``expire``). Every chunk dropped unacknowledged is counted, by
+the bound that evicted it (:class:`Evicted`), so the caller can report and log the loss.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Iterator
 from typing import NamedTuple
 
-__all__ = ["Chunk", "ReplayBuffer"]
+__all__ = ["Chunk", "Evicted", "ReplayBuffer"]
+
+
+class Evicted(enum.Enum):
+    """Which bound dropped unacknowledged datagrams (``replay_dropped_datagrams{reason}``)."""
+
+    BYTES = "bytes"  # replay_max_bytes
+    AGE = "age"  # replay_max_age
+
+
+def _frames_size(data: bytes, count: int) -> int:
+    """Bytes taken by the first ``count`` frames of ``data`` (each ``u16 length`` + body)."""
+    offset = 0
+    for _ in range(count):
+        offset += 2 + int.from_bytes(data[offset : offset + 2], "big")
+    return offset
 
 
 class Chunk(NamedTuple):
@@ -43,6 +62,7 @@ class ReplayBuffer:
         "_chunks",
         "_cursor",
         "acked_seq",
+        "dropped_by",
         "dropped_bytes",
         "dropped_chunks",
         "dropped_datagrams",
@@ -71,6 +91,7 @@ class ReplayBuffer:
         self.dropped_chunks = 0
         self.dropped_datagrams = 0
         self.dropped_bytes = 0
+        self.dropped_by: dict[Evicted, int] = dict.fromkeys(Evicted, 0)
         #: dropped before they were ever handed out by ``next_unsent`` (lost for sure)
         self.dropped_unsent_datagrams = 0
 
@@ -102,7 +123,7 @@ class ReplayBuffer:
         self.last_seq = chunk.last_seq
         self.last_appended_at = chunk.time
         while self.total_bytes > self.max_bytes and len(self._chunks) > 1:
-            self._drop_oldest(lost=True)
+            self._drop_oldest(Evicted.BYTES)
 
     def expire(self, now: float) -> int:
         """Drop chunks captured more than ``max_age`` before ``now``; returns datagrams dropped."""
@@ -110,7 +131,7 @@ class ReplayBuffer:
         dropped = 0
         chunks = self._chunks
         while chunks and chunks[0].time < limit:
-            dropped += self._drop_oldest(lost=True)
+            dropped += self._drop_oldest(Evicted.AGE)
         return dropped
 
     def ack(self, seq: int) -> None:
@@ -118,19 +139,18 @@ class ReplayBuffer:
         self.acked_seq = max(self.acked_seq, seq)
         chunks = self._chunks
         while chunks and chunks[0].last_seq <= seq:
-            self._drop_oldest(lost=False)
+            self._drop_oldest(None)
 
     def rewind(self, after_seq: int) -> int:
-        """Point the cursor at the first chunk holding a sequence above ``after_seq``.
+        """Point the cursor at the first chunk holding a sequence above ``after_seq`` and the
+        highest ACK so far.
 
-        Called with the welcome ACK of a new connection. Returns how many datagrams past
-        ``after_seq`` the chunks from the cursor hold (what is about to be resent).
+        Called with the welcome ACK of a new connection. Returns how many datagrams the chunks
+        from the cursor hold past both (what is about to be resent).
         """
         self.ack(after_seq)
         self._cursor = self._base
-        if not self._chunks:
-            return 0
-        return self.last_seq - max(after_seq, self._chunks[0].first_seq - 1)
+        return self.unacked_datagrams
 
     def next_unsent(self) -> Chunk | None:
         """The chunk at the cursor (and move past it), or None when caught up."""
@@ -141,20 +161,37 @@ class ReplayBuffer:
         if index >= len(self._chunks):
             return None
         self._cursor += 1
-        return self._chunks[index]
+        chunk = self._chunks[index]
+        acked = self.acked_seq
+        if chunk.first_seq > acked:
+            return chunk
+        # partly acknowledged (a resend): from the first frame past the ACK
+        skip = _frames_size(chunk.data, acked - chunk.first_seq + 1)
+        return Chunk(acked + 1, chunk.last_seq, chunk.time, chunk.data[skip:])
 
-    def _drop_oldest(self, *, lost: bool) -> int:
+    def mark_sent(self, chunk: Chunk) -> None:
+        """``chunk``, the one at the cursor, was written whole by its producer (the receive
+        thread writes a batch at once when the connection is caught up): move past it. An ACK
+        of part of it may have come before it was appended; it is not cut, it went out."""
+        index = self._cursor - self._base
+        if index < 0 or index >= len(self._chunks) or self._chunks[index] is not chunk:
+            raise ValueError(f"chunk {chunk.first_seq}..{chunk.last_seq} is not at the cursor")
+        self._cursor += 1
+
+    def _drop_oldest(self, evicted: Evicted | None) -> int:
+        """Drop the oldest chunk: acknowledged (``evicted`` None) or evicted by a bound."""
         chunk = self._chunks.popleft()
         self.total_bytes -= len(chunk.data)
         unsent = self._cursor <= self._base
         self._base += 1
-        if not lost:
+        if evicted is None:
             return 0
         count = chunk.last_seq - max(chunk.first_seq - 1, self.acked_seq)
         if count <= 0:
             return 0
         self.dropped_chunks += 1
         self.dropped_datagrams += count
+        self.dropped_by[evicted] += count
         self.dropped_bytes += len(chunk.data)
         if unsent:
             self.dropped_unsent_datagrams += count

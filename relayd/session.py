@@ -13,6 +13,20 @@ first, then in C, and the differential tests say when the two disagree.
 Capture framing is :func:`relayd.wire.pack_datagram_header` (the C batch writes the same
 header) and replay trimming is :meth:`relayd.replay.ReplayBuffer.ack` (the highest ACK wins:
 the C ACK reader keeps the highest one it saw for the receive threads to apply).
+
+Resume and close, the same on both data planes because neither leaf decides them:
+
+- **Exact resume**: after any reconnect the capture side resends from the first datagram
+  past the highest ACK it holds, from any host (:meth:`relayd.replay.ReplayBuffer.rewind`,
+  and ``next_unsent`` cuts a partly acknowledged chunk at that frame). Nothing acknowledged
+  is sent again; a new host sees at most what the old one emitted and had not acknowledged.
+- **Prompt and final ACKs**: the emit side ACKs within ``ACK_INTERVAL`` (:func:`next_control`);
+  when the capture side says goodbye (an ERROR, which both leaves hand back to Trio) the
+  emit feed ACKs everything emitted of the session before it closes, and the capture side
+  reads that ACK before it closes (relayd/emit/feed.py, relayd/capture/link.py).
+- **ACK stall**: data sent that waits ``ack_timeout`` with no ACK progress ends the
+  connection on the capture side, which moves to the next target (relayd/capture/uplink.py
+  ``ack_wait``, relayd/capture/link.py). Heartbeats do not count as progress.
 """
 
 from __future__ import annotations

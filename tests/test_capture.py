@@ -164,6 +164,38 @@ async def test_resend_after_reconnect_to_a_new_host(
 
 
 @pytest.mark.usefixtures("datapath")
+async def test_exact_resume_after_half_a_chunk_was_acknowledged(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """Issue 14 item 1: the first host acknowledged part of a chunk, then died; a new host
+    (welcome ACK 0) gets exactly the datagrams after that ACK: nothing acknowledged again."""
+    first = await serve(nursery, Peer(ack=False))
+    groups = groups_for(_base_port(), 1, third=15)
+    feed = CaptureFeedRuntime(feed_config(groups, [first.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    total = 0
+    split = None
+    while split is None and total < 5000:  # until some batch held more than one datagram
+        send_many(sender, groups, 500)
+        total += 500
+        await wait_for(functools.partial(lambda n: len(first.peer.datagrams) >= n, total))
+        split = next((c for c in feed.replay if c.datagrams > 1), None)
+    assert split is not None
+    acked = split.first_seq  # the chunk's first datagram only
+    await first.peer.streams[0].send_all(wire.encode_ack(acked))
+    await wait_for(lambda: feed.health().detail["acked_seq"] == acked)  # applies the ACKs
+    port = first.port
+    stop(first)
+    await wait_for(lambda: not feed.connected)
+    second = await serve(nursery, Peer(), port=port)
+    await wait_for(lambda: len(second.peer.datagrams) >= total - acked)
+    await trio.sleep(0.2)
+    assert [d.seq for d in second.peer.datagrams] == list(range(acked + 1, total + 1))
+    assert feed.uplink.resent_datagrams == total - acked
+
+
+@pytest.mark.usefixtures("datapath")
 async def test_reconnect_to_the_same_host_resumes_after_its_ack(
     nursery: trio.Nursery, sender: socket.socket
 ) -> None:
@@ -230,7 +262,9 @@ async def test_replay_bound_when_the_peer_stops_reading(
     groups = groups_for(_base_port(), 4, third=17)
     bound = 1024 * 1024
     feed = CaptureFeedRuntime(
-        feed_config(groups, [server.port], replay_max_bytes=bound, idle_timeout=30.0)
+        feed_config(
+            groups, [server.port], replay_max_bytes=bound, idle_timeout=30.0, ack_timeout=60.0
+        )
     )
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
@@ -243,7 +277,109 @@ async def test_replay_bound_when_the_peer_stops_reading(
     await wait_for(lambda: feed.datagrams_in + feed.kernel_drops >= total)
     assert feed.replay.dropped_datagrams > 0
     assert feed.replay.total_bytes <= bound + 512 * 1024
+    by_reason = feed.health().detail["replay_dropped_by"]
+    assert by_reason == {"bytes": feed.replay.dropped_datagrams, "age": 0}
     assert feed.connected  # the heartbeat keeps being skipped, the connection stays
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_peer_that_heartbeats_but_never_reads_is_left_for_the_next_target(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """Issue 13 item 6: the first target welcomes and heartbeats but never reads. The feed
+    reports "stalled" (unhealthy), leaves it after ack_timeout, counts it, and the second
+    target gets every datagram captured, in order, with nothing lost."""
+    deaf = await serve(nursery, Peer(read=False, heartbeat=0.1))
+    good = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 2, third=16)
+    feed = CaptureFeedRuntime(feed_config(groups, [deaf.port, good.port], ack_timeout=3.0))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    assert deaf.peer.hellos == 1
+    for _ in range(20):  # ~6 MB: more than the stalled connection's socket buffers take
+        send_many(sender, groups, 300, size=1000)
+        await trio.sleep(0.01)
+    await wait_for(lambda: feed.health().state == "stalled", timeout=30)
+    assert not feed.health().healthy
+    await wait_for(lambda: good.peer.hellos == 1, timeout=30)
+    assert deaf.peer.hellos == 1
+    await wait_for(lambda: feed.replay.acked_seq == feed.receive.seq, timeout=30)
+    assert [d.seq for d in good.peer.datagrams] == list(range(1, feed.receive.seq + 1))
+    assert feed.replay.dropped_datagrams == 0
+    samples = {(s.name, s.labels): s.value for s in feed.samples()}
+    assert samples["capture_ack_stalls", (("feed", FEED),)] == 1
+    assert feed.health().state == "streaming"
+    assert "no ACK progress" in feed.link.last_error
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_new_session_counts_what_the_old_one_left_unacknowledged(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """Issue 13 item 7: a capture feed restarted (reload, crash) starts a new session; the
+    datagrams its predecessor held unacknowledged are counted lost, and the restart too."""
+    peer = Peer(ack=False)
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=19)
+    config = feed_config(groups, [server.port])
+    first = CaptureFeedRuntime(config)
+    async with trio.open_nursery() as inner:
+        await inner.start(first.run)
+        await wait_for(lambda: first.connected)
+        send_many(sender, groups, 100)
+        await wait_for(lambda: len(peer.datagrams) >= 100)
+        assert first.health().detail["session_restarts"] == 0
+        inner.cancel_scope.cancel()
+    second = CaptureFeedRuntime(config)
+    second.open(first)  # what the supervisor does on a restart or a reload
+    async with trio.open_nursery() as inner:
+        await inner.start(second.run)
+        await wait_for(lambda: peer.hellos == 2)
+        detail = second.health().detail
+        assert (detail["session_restarts"], detail["session_lost_datagrams"]) == (1, 100)
+        assert detail["session"] != first.health().detail["session"]
+        samples = {(s.name, s.labels): s.value for s in second.samples()}
+        assert samples["capture_session_restarts", (("feed", FEED),)] == 1
+        assert samples["capture_session_lost_datagrams", (("feed", FEED),)] == 100
+        evicted = samples["capture_replay_evicted_datagrams", (("feed", FEED), ("reason", "age"))]
+        assert evicted == 0
+        inner.cancel_scope.cancel()
+    third = CaptureFeedRuntime(config)  # the counts add up over the runtimes
+    third.open(second)
+    await nursery.start(third.run)
+    detail = third.health().detail
+    assert (detail["session_restarts"], detail["session_lost_datagrams"]) == (2, 100)
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_clean_stop_takes_the_final_ack_so_the_loss_counted_is_exact(
+    nursery: trio.Nursery, sender: socket.socket
+) -> None:
+    """The emit side emitted everything but had not ACKed it yet when the capture side
+    stopped: the goodbye's final ACK trims the replay buffer, so the session loses nothing."""
+    peer = Peer(ack=False, final_ack=True)
+    server = await serve(nursery, peer)
+    groups = groups_for(_base_port(), 1, third=20)
+    config = feed_config(groups, [server.port])
+    feed = CaptureFeedRuntime(config)
+    async with trio.open_nursery() as inner:
+        await inner.start(feed.run)
+        await wait_for(lambda: feed.connected)
+        send_many(sender, groups, 100)
+        await wait_for(lambda: len(peer.datagrams) >= 100)
+        assert feed.replay.unacked_datagrams == 100
+        inner.cancel_scope.cancel()
+    assert [e.code for e in peer.errors] == [wire.ErrorCode.SHUTTING_DOWN]
+    assert feed.replay.acked_seq == 100
+    assert feed.replay.unacked_datagrams == 0
+    assert feed.unacked_at_end == 0
+    successor = CaptureFeedRuntime(config)
+    successor.open(feed)
+    async with trio.open_nursery() as inner:
+        await inner.start(successor.run)
+        detail = successor.health().detail
+        assert (detail["session_restarts"], detail["session_lost_datagrams"]) == (1, 0)
+        inner.cancel_scope.cancel()
 
 
 async def test_idle_peer_is_left_and_heartbeats_flow(

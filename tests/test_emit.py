@@ -27,6 +27,7 @@ from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
     FROM_EMIT,
+    Ack,
     Challenge,
     Decoder,
     Error,
@@ -726,3 +727,40 @@ async def test_a_new_destination_without_a_free_descriptor_keeps_the_stream(
             assert same_per_group(await receivers.settle(), expected(before + after))
             assert metric(feed, "active_connections") == 1
             assert metric(feed, "connections_closed", reason="internal_error") == 0
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_goodbye_gets_a_final_ack_and_session_changes_are_counted(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """Issue 13 item 7 and issue 14 item 1: the capture side's goodbye (ERROR) is answered with
+    an ACK of everything emitted; a new session after it is a clean change, a new session after
+    one that broke off without a goodbye a possible loss (what that capture side held
+    unacknowledged is never resent)."""
+    datagrams = make_datagrams(groups, 90)
+    with trio.fail_after(15):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            first = await Peer.start(feed.listen_port)
+            assert await first.welcome() == 0
+            goodbye = encode_error(ErrorCode.SHUTTING_DOWN, "capture side shutting down")
+            await first.stream.send_all(frames(datagrams[:30]) + goodbye)
+            acks = []
+            while (event := await first.next_event()) is not None:
+                assert isinstance(event, (Ack, Heartbeat)), event
+                if isinstance(event, Ack):
+                    acks.append(event.seq)
+            assert acks[-1] == 30
+            second = await Peer.start(feed.listen_port)
+            assert await second.welcome() == 0
+            assert metric(feed, "session_changes", result="clean") == 1
+            await second.stream.send_all(frames(datagrams[30:60]))
+            await second.wait_ack(60)
+            await second.aclose()  # broke off: no goodbye
+            third = await Peer.start(feed.listen_port)
+            assert await third.welcome() == 0
+            assert metric(feed, "session_changes", result="possible_loss") == 1
+            again = await Peer.start(feed.listen_port, session=third.session)  # same session
+            assert await again.welcome() == 0
+            assert metric(feed, "session_changes", result="clean") == 1
+            assert metric(feed, "session_changes", result="possible_loss") == 1

@@ -8,11 +8,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.replay import Chunk, ReplayBuffer
+from relayd import wire
+from relayd.replay import Chunk, Evicted, ReplayBuffer
 
 
 def chunk(first: int, last: int, size: int = 100, time: float = 0.0) -> Chunk:
+    """``size`` bytes standing for the frames ``first..last`` (sizes and order only)."""
     return Chunk(first, last, time, bytes(size))
+
+
+def framed(first: int, last: int, payload: int = 10, time: float = 0.0) -> Chunk:
+    """Real DATA frames ``first..last`` with ``payload`` bytes each."""
+    data = b"".join(
+        wire.encode_datagram(seq, 0xEFFF0001, 5000, 0, bytes(payload))
+        for seq in range(first, last + 1)
+    )
+    return Chunk(first, last, time, data)
+
+
+def seqs(data: bytes) -> list[int]:
+    """The sequences of the DATA frames in ``data``, which must end at a frame boundary."""
+    decoder = wire.Decoder()
+    events = decoder.feed(data)
+    assert decoder.buffered == 0
+    return [e.seq for e in events if isinstance(e, wire.Datagram)]
 
 
 def drain(buffer: ReplayBuffer) -> list[tuple[int, int]]:
@@ -114,17 +133,53 @@ def test_partly_acked_drop_counts_only_the_unacked_part() -> None:
 def test_resend_after_reconnect() -> None:
     buffer = ReplayBuffer(100_000, 30.0)
     for first in range(1, 100, 10):
-        buffer.append(chunk(first, first + 9))
+        buffer.append(framed(first, first + 9))
     assert len(drain(buffer)) == 10
     buffer.ack(20)
     # The connection broke; the new host (failover) has emitted nothing: everything held
     # is resent, in order.
     assert buffer.rewind(0) == 80
     assert drain(buffer) == [(f, f + 9) for f in range(21, 100, 10)]
-    # A reconnect to a host that emitted up to 45: resume with the chunk holding 46.
+    # A reconnect to a host that emitted up to 45: resume with exactly 46, mid-chunk.
     assert buffer.rewind(45) == 55
-    assert drain(buffer) == [(f, f + 9) for f in range(41, 100, 10)]
+    assert drain(buffer) == [(46, 50), *((f, f + 9) for f in range(51, 100, 10))]
     assert next(iter(buffer)).first_seq == 41
+
+
+def test_exact_resume_never_resends_what_was_acknowledged() -> None:
+    """The old host acknowledged half a chunk; a new host greets with ACK 0: the resend
+    starts at the first unacknowledged frame, byte for byte the frames as captured."""
+    buffer = ReplayBuffer(100_000, 30.0)
+    whole = framed(1, 10, payload=33)
+    buffer.append(whole)
+    buffer.append(framed(11, 20))
+    drain(buffer)
+    buffer.ack(5)
+    assert buffer.rewind(0) == 15
+    first = buffer.next_unsent()
+    assert first is not None
+    assert (first.first_seq, first.last_seq) == (6, 10)
+    assert seqs(first.data) == [6, 7, 8, 9, 10]
+    assert first.data == whole.data[5 * (wire.DATA_HEADER_SIZE + 33) :]
+    rest = buffer.next_unsent()
+    assert rest is not None
+    assert seqs(rest.data) == list(range(11, 21))
+    # the ACK of the last frame of a chunk trims it whole
+    buffer.ack(10)
+    assert buffer.rewind(0) == 10
+    assert drain(buffer) == [(11, 20)]
+
+
+def test_drops_are_counted_by_the_bound_that_evicted_them() -> None:
+    buffer = ReplayBuffer(1000, 5.0)
+    for i in range(1, 11):
+        buffer.append(chunk(i, i, size=100, time=float(i)))
+    buffer.ack(2)
+    buffer.append(chunk(11, 12, size=400, time=11.0))  # 1200 bytes: evicts 3 and 4
+    assert buffer.dropped_by == {Evicted.BYTES: 2, Evicted.AGE: 0}
+    assert buffer.expire(12.5) == 3  # 5, 6, 7 captured more than 5 s before
+    assert buffer.dropped_by == {Evicted.BYTES: 2, Evicted.AGE: 3}
+    assert buffer.dropped_datagrams == 5
 
 
 def test_drops_during_the_resend_move_the_cursor() -> None:
@@ -163,9 +218,10 @@ def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
     largest = 0
     for op, a, b in ops:
         if op == "append":
-            buffer.append(Chunk(seq + 1, seq + a, now, bytes(b)))
+            added = framed(seq + 1, seq + a, b // a, now)
+            buffer.append(added)
             seq += a
-            largest = max(largest, b)
+            largest = max(largest, len(added.data))
         elif op == "ack":
             target = min(a, seq)
             buffer.ack(target)
@@ -175,9 +231,11 @@ def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
                 buffer.next_unsent()
         elif op == "rewind":
             target = min(max(a, buffer.acked_seq), seq)
-            expected = [c for c in buffer if c.last_seq > target]
+            expected = [s for c in buffer for s in seqs(c.data) if s > target]
             buffer.rewind(target)
-            assert list(iter(buffer.next_unsent, None)) == expected
+            handed = list(iter(buffer.next_unsent, None))
+            assert [s for c in handed for s in seqs(c.data)] == expected
+            assert all(seqs(c.data) == list(range(c.first_seq, c.last_seq + 1)) for c in handed)
         else:
             now += a
             buffer.expire(now)
@@ -193,3 +251,17 @@ def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
         dropped_or_acked = seq - buffer.unacked_datagrams
         assert dropped_or_acked >= buffer.dropped_datagrams
         assert buffer.unacked_datagrams == seq - max(buffer.acked_seq, lowest_held)
+
+
+def test_a_chunk_written_at_once_is_marked_sent_even_when_an_ack_came_first() -> None:
+    """The receive thread writes a batch before it appends it; the emit side may ACK part of
+    it before that: marking it sent moves the cursor past it, and nothing is cut."""
+    buffer = ReplayBuffer(100_000, 30.0)
+    buffer.ack(3)
+    batch = framed(1, 5)
+    buffer.append(batch)
+    buffer.mark_sent(batch)
+    assert buffer.caught_up
+    assert buffer.next_unsent() is None
+    with pytest.raises(ValueError, match="not at the cursor"):
+        buffer.mark_sent(framed(6, 6))

@@ -33,12 +33,15 @@ from relayd.datapath import run_stoppable, select_plane
 from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
-from relayd.replay import ReplayBuffer
+from relayd.replay import Evicted, ReplayBuffer
 from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 
 __all__ = ["CaptureFeedRuntime"]
 
 log = logging.getLogger("relayd.capture")
+
+#: Unhealthy ("stalled") once data sent has waited this share of ``ack_timeout`` for an ACK.
+STALLED_FRACTION = 0.5
 
 
 def _age(since: float | None) -> float | None:
@@ -55,6 +58,12 @@ class CaptureFeedRuntime:
     def __init__(self, config: CaptureFeed, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.name = config.name
+        # A runtime that replaces another (``open(previous)``: a reload or a restart) starts a
+        # new session, so the emit side resumes nothing: counted once here, summed over the
+        # runtimes with the other counters, with what the old session held unacknowledged.
+        self.session_restarts = 0
+        self.session_lost_datagrams = 0
+        self.unacked_at_end: int | None = None  # set when run() ends
         self._limited = RateLimitedLogger(log)
         self._replay = ReplayBuffer(config.replay_max_bytes, config.replay_max_age)
         self.uplink = Uplink(config.name, self._replay, self._limited)
@@ -116,13 +125,25 @@ class CaptureFeedRuntime:
             "unacked_datagrams": replay.unacked_datagrams,
             "replay_bytes": replay.total_bytes,
             "replay_dropped_datagrams": replay.dropped_datagrams,
+            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
+            "session": self.link.session_id.hex(),
+            "session_restarts": self._total("session_restarts", self.session_restarts),
+            "session_lost_datagrams": self._total(
+                "session_lost_datagrams", self.session_lost_datagrams
+            ),
             "kernel_drops": self.receive.kernel_drops,
             "last_datagram_age_seconds": _age(replay.last_appended_at),
+            "ack_stalls": self.link.ack_stalls,
         }
         datagrams = self.receive.datagrams_in
         if not self._started:
             return FeedHealth(False, "starting", detail, 0, datagrams)
         if self.uplink.connected:
+            waited, outstanding = self.uplink.ack_wait()
+            if waited >= self.config.ack_timeout * STALLED_FRACTION:
+                detail["ack_stalled_for"] = round(waited, 3)
+                detail["ack_stalled_datagrams"] = outstanding
+                return FeedHealth(False, "stalled", detail, 1, datagrams)
             return FeedHealth(True, "streaming", detail, 1, datagrams)
         down = trio.current_time() - self.link.down_since
         detail["disconnected_for"] = round(down, 3)
@@ -145,6 +166,11 @@ class CaptureFeedRuntime:
         seen = {(sample.name, sample.labels) for sample in own}
         out.extend(sample for key, sample in self._carried.items() if key not in seen)
         return out
+
+    def _total(self, name: str, own: int) -> int:
+        """``capture_<name>`` of this runtime plus what the feeds it replaced counted."""
+        before = self._carried.get((f"capture_{name}", (("feed", self.name),)))
+        return own + (0 if before is None else int(before.value))
 
     def _carry_counters(self) -> None:
         previous, self._previous = self._previous, None
@@ -176,6 +202,28 @@ class CaptureFeedRuntime:
             "Unacknowledged datagrams dropped from the replay buffer.",
             replay.dropped_datagrams,
         )
+        for evicted in Evicted:
+            yield Sample(
+                "capture_replay_evicted_datagrams",
+                "counter",
+                "Unacknowledged datagrams dropped from the replay buffer, by the bound "
+                "(replay_max_bytes, replay_max_age) that evicted them.",
+                (*feed, ("reason", evicted.value)),
+                replay.dropped_by[evicted],
+            )
+        yield one(
+            "session_restarts",
+            "counter",
+            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
+            "new session resumes nothing on the emit side.",
+            self.session_restarts,
+        )
+        yield one(
+            "session_lost_datagrams",
+            "counter",
+            "Datagrams a capture session held unacknowledged when it ended for good.",
+            self.session_lost_datagrams,
+        )
         yield one(
             "replay_dropped_bytes",
             "counter",
@@ -187,6 +235,12 @@ class CaptureFeedRuntime:
             "counter",
             "Datagrams sent again after a reconnect.",
             uplink.resent_datagrams,
+        )
+        yield one(
+            "ack_stalls",
+            "counter",
+            "Connections left because no ACK came for ack_timeout while data waited.",
+            self.link.ack_stalls,
         )
         for result in Connect:
             yield Sample(
@@ -250,7 +304,10 @@ class CaptureFeedRuntime:
             self.open()
         plane = self.link.plane
         assert plane is not None
+        previous = self._previous
         self._carry_counters()  # the feed replaced has stopped by now
+        if previous is not None:
+            self._new_session_after(previous)
         try:
             async with trio.open_nursery() as nursery:
                 for receiver in self.receivers:
@@ -275,3 +332,31 @@ class CaptureFeedRuntime:
         finally:
             for receiver in self.receivers:
                 receiver.close()
+            self.uplink.apply_acks()
+            self.unacked_at_end = unacked = self._replay.unacked_datagrams
+            if unacked:
+                log.warning(
+                    "feed %s: session %s ends with %d datagrams unacknowledged (lost unless "
+                    "the feed resumes this session)",
+                    self.name,
+                    self.link.session_id.hex(),
+                    unacked,
+                    extra={"feed": self.name},
+                )
+
+    def _new_session_after(self, previous: CaptureFeedRuntime) -> None:
+        """This runtime replaces ``previous`` (stopped) with a session of its own: count the
+        restart and what the old session held unacknowledged when it ended."""
+        if previous.link.session_id == self.link.session_id:
+            return
+        self.session_restarts = 1
+        self.session_lost_datagrams = previous.unacked_at_end or 0
+        log.warning(
+            "feed %s: new capture session %s replaces %s: the emit side resumes nothing of the "
+            "old one, whose %d unacknowledged datagrams are lost",
+            self.name,
+            self.link.session_id.hex(),
+            previous.link.session_id.hex(),
+            self.session_lost_datagrams,
+            extra={"feed": self.name},
+        )

@@ -5,8 +5,10 @@ welcome ACK exchange, rewinds the replay buffer to the welcome ACK and streams t
 uplink (relayd/capture/uplink.py). While streaming, a sender task takes over whenever the
 socket is full, a heartbeat task speaks when the stream is idle, and the data plane's ACK
 reader (a thread) keeps the highest ACK, which trims the replay buffer, and watches
-``idle_timeout``. Any error ends the connection; the loop reconnects with jittered
-exponential backoff capped at 2 s. Time here is Trio's.
+``idle_timeout``. An ACK watch ends a connection whose peer heartbeats but reads nothing:
+data sent that waits ``ack_timeout`` with no ACK progress. Any error ends the connection; the
+loop reconnects to the next address with jittered exponential backoff capped at 2 s. Time
+here is Trio's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 #: A connection that streamed at least this long resets the backoff.
 STABLE_AFTER = 1.0
+#: The ACK watch looks again at least this often (a fraction of ``ack_timeout``).
+ACK_WATCH_STEPS = 4
+#: After the goodbye, how long to wait for the emit side's final ACK (and its close).
+FINAL_ACK_WAIT = 0.5
 #: Bytes read per ``recv`` during the handshake.
 _HANDSHAKE_RECEIVE_SIZE = 64 * 1024
 
@@ -93,6 +99,7 @@ class Link:
         self.last_error = ""
         self.down_since = 0.0  # Trio clock: when the last connection ended (or the start)
         self.connects: collections.Counter[Connect] = collections.Counter()
+        self.ack_stalls = 0  # connections left because ACKs stalled (``ack_timeout``)
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
 
     def wake_sender(self) -> None:
@@ -120,6 +127,21 @@ class Link:
             if wake:
                 self._wake.set()
             await trio.sleep(wait)
+
+    async def _ack_watch(self) -> None:
+        """End the connection when data sent has waited ``ack_timeout`` with no ACK progress
+        (the peer welcomes and heartbeats but reads nothing, or its pump is wedged)."""
+        timeout = self.config.ack_timeout
+        while True:
+            waited, outstanding = self.uplink.ack_wait()
+            if waited >= timeout:
+                self.ack_stalls += 1
+                raise _ConnectionEndedError(
+                    f"no ACK progress for {waited:.3g} s (ack_timeout {timeout:g} s) with "
+                    f"{outstanding} datagrams unacknowledged: the emit side reads nothing, "
+                    "moving to the next target"
+                )
+            await trio.sleep(min(timeout - waited, timeout / ACK_WATCH_STEPS))
 
     async def _reader(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
         """The data plane's ACK reader, in a thread: it keeps the highest ACK (applied by the
@@ -287,8 +309,14 @@ class Link:
                 goodbye = (
                     wire.encode_error(self.close_code, self.close_message) if stopping else None
                 )
-                if self.uplink.release(sock, goodbye):
+                current, said = self.uplink.release(sock, goodbye)
+                if current:
                     self.down_since = trio.current_time()
+                if said:
+                    try:
+                        await self._final_ack(sock, conn)
+                    finally:
+                        sock.close()
             else:
                 sock.close()
 
@@ -316,6 +344,20 @@ class Link:
                     else:
                         self.uplink.ack(event.seq)
         return welcome
+
+    async def _final_ack(self, sock: socket.socket, conn: wire.CaptureConnection) -> None:
+        """After the goodbye: take the emit side's final ACK (it trims the replay buffer, so
+        what is left is exactly what this session loses) until it closes, briefly."""
+        with trio.CancelScope(deadline=trio.current_time() + FINAL_ACK_WAIT, shield=True):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    events = self._decode(conn, self._recv(sock))
+                except _ConnectionEndedError:
+                    return  # closed (the usual end), reset, or out of frame
+                for event in events:
+                    if isinstance(event, wire.Ack):
+                        self.uplink.ack(event.seq)
 
     @staticmethod
     def _recv(sock: socket.socket) -> bytes:
@@ -352,6 +394,7 @@ class Link:
             nursery.start_soon(guard, lambda: self._reader(sock, conn))
             nursery.start_soon(guard, lambda: self._sender(sock))
             nursery.start_soon(guard, self._heartbeats)
+            nursery.start_soon(guard, self._ack_watch)
             if self.uplink.kick():  # the resend starts at once
                 self._wake.set()
         return reason

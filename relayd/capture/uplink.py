@@ -47,6 +47,11 @@ class Uplink:
         self._close_after_claim: socket.socket | None = None
         self._send_error: OSError | None = None
         self._highest_sent = 0
+        # ACK progress on the current connection (monotonic): the highest sequence handed to
+        # it, and since when data sent has waited for an ACK that does not come (None: nothing
+        # is waiting, or the last ACK covered it all)
+        self._sent_seq = 0
+        self._waiting_since: float | None = None
         self._reported_drops = 0
         self.reader: AckReader | None = None  # the current connection's ACK reader
         self.last_send = 0.0
@@ -70,35 +75,44 @@ class Uplink:
             self._blocked = False
             self._send_error = None
             self.last_send = time.monotonic()
+            self._sent_seq = self.replay.acked_seq
+            self._waiting_since = None
             self._sock = sock
         return resend
 
-    def release(self, sock: socket.socket, goodbye: bytes | None) -> bool:
+    def release(self, sock: socket.socket, goodbye: bytes | None) -> tuple[bool, bool]:
         """The connection on ``sock`` ends: say ``goodbye`` first when the stream is at a frame
-        boundary, then close it (now, or when a receive thread hands it back). True when
-        ``sock`` was the current connection."""
+        boundary, then close it (now, or when a receive thread hands it back). Returns whether
+        ``sock`` was the current connection, and whether the goodbye went out whole: then the
+        socket is left open (write side shut) for the caller to read the final ACK and close."""
+        said = False
         with self._lock:
             current = self._sock is sock
             if current:
                 if goodbye is not None and not self._claimed:
-                    self._say(sock, goodbye)
+                    said = self._say(sock, goodbye)
                 self._sock = None
                 self._rest = None
+                self._waiting_since = None
             if self._claimed and current:
                 self._close_after_claim = sock
-                return current
-        sock.close()
-        return current
+                return current, False
+        if not said:
+            sock.close()
+        return current, said
 
-    def _say(self, sock: socket.socket, frame: bytes) -> None:
+    def _say(self, sock: socket.socket, frame: bytes) -> bool:
         try:
             if self._rest is not None:
                 sent = sock.send(self._rest)
                 if sent < len(self._rest):
-                    return
-            sock.send(frame)
+                    return False
+            if sock.send(frame) < len(frame):
+                return False
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            return False
+        return True
 
     # -- receive threads -------------------------------------------------------------------
 
@@ -141,8 +155,7 @@ class Uplink:
 
     def _sent_at_once(self, chunk: Chunk, sent: int, err: int) -> bool:
         """Account for a batch written by the receive thread (it was the only unsent chunk)."""
-        taken = self.replay.next_unsent()
-        assert taken is chunk
+        self.replay.mark_sent(chunk)
         self._count_sent(chunk)
         self.bytes_sent += sent
         if sent:
@@ -202,6 +215,16 @@ class Uplink:
         with self._lock:
             self._apply_acks()
 
+    def ack_wait(self) -> tuple[float, int]:
+        """How long data sent on the current connection has waited without any ACK progress
+        (0.0: nothing waits), and how many datagrams sent are unacknowledged."""
+        with self._lock:
+            self._apply_acks()
+            since = self._waiting_since
+            if since is None or self._sock is None:
+                return 0.0, 0
+            return time.monotonic() - since, self._sent_seq - self.replay.acked_seq
+
     def ack(self, seq: int) -> None:
         """An ACK received outside the reader (during the handshake)."""
         with self._lock:
@@ -217,6 +240,7 @@ class Uplink:
             acked = reader.acked
             if acked > self.replay.acked_seq:
                 self.replay.ack(acked)
+                self._waiting_since = time.monotonic() if self._sent_seq > acked else None
 
     def _kick(self) -> bool:
         if self._sock is None or self._blocked or self._claimed:
@@ -236,6 +260,9 @@ class Uplink:
         if chunk.first_seq <= self._highest_sent:
             self.resent_datagrams += min(chunk.last_seq, self._highest_sent) - chunk.first_seq + 1
         self._highest_sent = max(self._highest_sent, chunk.last_seq)
+        if self._waiting_since is None and chunk.last_seq > self.replay.acked_seq:
+            self._waiting_since = time.monotonic()
+        self._sent_seq = max(self._sent_seq, chunk.last_seq)
         self.frames_sent += chunk.datagrams
 
     def _write(self) -> bool:

@@ -35,8 +35,8 @@ from relayd.datapath import DataPlane, run_stoppable, select_plane
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
 from relayd.emit.pump import PumpEnd, pump_connection
-from relayd.emit.sessions import Connection, Sessions
-from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected
+from relayd.emit.sessions import Connection, Session, Sessions
+from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected, SessionChange
 from relayd.keys import load_auth_keys
 from relayd.netif import (
     InterfaceError,
@@ -46,7 +46,7 @@ from relayd.netif import (
     resolve_interface,
 )
 from relayd.runtime import Feed, FeedHealth, Sample
-from relayd.wire import EmitConnection, Error, ErrorCode, encode_error
+from relayd.wire import EmitConnection, Error, ErrorCode, encode_ack, encode_error
 
 __all__ = ["EmitFeedRuntime"]
 
@@ -403,6 +403,7 @@ class EmitFeedRuntime:
                 f"feed {self.name!r} already has {cfg.max_connections} connections",
             )
             return False
+        self._count_session_change(conn, session_id)
         session = self.sessions.admit(conn, session_id)
         self.stats.connections_accepted += 1
         log.info(
@@ -413,6 +414,34 @@ class EmitFeedRuntime:
             session.highest,
         )
         return True
+
+    def _count_session_change(self, conn: Connection, session_id: bytes) -> None:
+        change = self.sessions.change(session_id)
+        if change is None:
+            return
+        self.stats.session_changes[change] += 1
+        latest = self.sessions.latest
+        assert latest is not None
+        if change is SessionChange.CLEAN:
+            log.info(
+                "%s: %s starts capture session %s after %s ended cleanly",
+                self.name,
+                conn.peer,
+                session_id.hex(),
+                latest.session_id.hex(),
+                extra={"feed": self.name},
+            )
+            return
+        log.warning(
+            "%s: %s starts capture session %s while session %s (emitted up to %d) ended "
+            "without a goodbye: what its capture side held unacknowledged may be lost",
+            self.name,
+            conn.peer,
+            session_id.hex(),
+            latest.session_id.hex(),
+            latest.highest,
+            extra={"feed": self.name},
+        )
 
     async def _finish(self, conn: Connection) -> None:
         self.gate.pending.pop(conn.id, None)
@@ -425,15 +454,40 @@ class EmitFeedRuntime:
             if conn.error is not None:
                 code, message = conn.error
                 try:
-                    sock.send(conn.unsent + encode_error(code, message))
+                    sock.send(conn.unsent + self._final_ack(conn) + encode_error(code, message))
                     sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 else:
                     if conn.linger:
                         await self._linger(sock)
+            elif conn.final_ack and conn.session is not None:
+                await self._say_final_ack(conn, conn.session)
         finally:
             sock.close()
+
+    @staticmethod
+    def _final_ack(conn: Connection) -> bytes:
+        """An ACK of what was emitted of the connection's session and not ACKed on it yet,
+        sent before this side's ERROR: the capture side that fails over to another host then
+        resends nothing this one emitted."""
+        session = conn.session
+        if session is None or conn.acked < 0 or session.highest <= conn.acked_seq:
+            return b""
+        return encode_ack(session.highest)
+
+    async def _say_final_ack(self, conn: Connection, session: Session) -> None:
+        """The capture side said goodbye: ACK what was emitted of its session and not yet
+        ACKed (so it knows exactly what it still holds), then let it close first."""
+        session.goodbye = conn.reason is Closed.PEER_SHUTDOWN
+        if session.highest <= conn.acked_seq:
+            return  # everything emitted is ACKed already
+        try:
+            conn.sock.send(conn.unsent + encode_ack(session.highest))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        await self._linger(conn.sock)
 
     @staticmethod
     async def _linger(sock: socket.socket) -> None:
@@ -527,6 +581,7 @@ class EmitFeedRuntime:
                         "%s: %s sent ERROR %d: %s", self.name, conn.peer, event.code, event.message
                     )
                     break
+            conn.final_ack = True
         elif end is PumpEnd.IDLE:
             conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
             conn.reason = Closed.IDLE_TIMEOUT

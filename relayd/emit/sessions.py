@@ -6,6 +6,12 @@ and the pump starts from it (``session.accept``). A HELLO whose session already 
 connection supersedes it: that older connection (a capture process that reconnected before
 this side noticed the old TCP stream died) is closed, so it never blocks the reconnect with
 TOO_MANY_CONNECTIONS. ``max_connections`` counts only connections past a valid HELLO.
+
+A HELLO with a ``session_id`` other than the latest one's is a session change: the capture
+side restarted (or another one took over) and resumes nothing of the old session. When the
+old session did not end with the capture side's goodbye (an ERROR after which this side sent
+its final ACK), whatever that capture side still held unacknowledged is gone: the change is
+counted as a possible loss (:class:`SessionChange`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Final
 
 import trio
 
-from relayd.emit.stats import Closed, PumpLink
+from relayd.emit.stats import Closed, PumpLink, SessionChange
 from relayd.wire import ErrorCode
 
 __all__ = ["SESSION_LIMIT", "Connection", "Session", "Sessions"]
@@ -28,11 +34,13 @@ SESSION_LIMIT: Final = 1024
 class Session:
     """One capture session: what was emitted of it, and who streams it."""
 
-    __slots__ = ("_highest", "connection", "link", "pump_done", "session_id")
+    __slots__ = ("_highest", "connection", "goodbye", "link", "pump_done", "session_id")
 
     def __init__(self, session_id: bytes) -> None:
         self.session_id = session_id
         self._highest = 0
+        #: its latest connection ended with the capture side's goodbye (a clean stop)
+        self.goodbye = False
         self.connection: Connection | None = None  # the connection streaming it, if any
         # set when the pump thread of the session's latest connection has returned
         self.pump_done: trio.Event | None = None
@@ -56,6 +64,7 @@ class Connection:
     __slots__ = (
         "acked",
         "error",
+        "final_ack",
         "id",
         "linger",
         "link",
@@ -76,6 +85,7 @@ class Connection:
         self.acked = -1  # highest sequence ACKed to the peer (-1: not even the welcome)
         self.error: tuple[int, str] | None = None  # the ERROR (code, text) to close with
         self.reason: Closed | None = None  # why a streaming connection ended
+        self.final_ack = False  # the capture side said goodbye: ACK all emitted, then close
         self.unsent = b""  # the rest of a control frame the pump could not finish
         self.link: PumpLink | None = None  # its pump, while it runs
         self.linger = True  # after its ERROR, wait briefly for the peer's FIN (not when evicted)
@@ -100,6 +110,17 @@ class Sessions:
     def __init__(self) -> None:
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self.active: dict[int, Connection] = {}
+        self.latest: Session | None = None  # the session admitted last
+
+    def change(self, session_id: bytes) -> SessionChange | None:
+        """What admitting ``session_id`` now means: None when it is the latest session (or
+        the first one this host sees), else a clean change or a possible loss."""
+        latest = self.latest
+        if latest is None or latest.session_id == session_id:
+            return None
+        if latest.goodbye and latest.connection is None:
+            return SessionChange.CLEAN
+        return SessionChange.POSSIBLE_LOSS
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -127,8 +148,10 @@ class Sessions:
         else:
             self._sessions.move_to_end(session_id)
         session.connection = conn
+        session.goodbye = False
         conn.session = session
         self.active[conn.id] = conn
+        self.latest = session
         return session
 
     def release(self, conn: Connection) -> bool:

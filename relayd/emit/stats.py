@@ -23,7 +23,15 @@ from relayd.metrics import LatencyHistogram, Rate
 from relayd.runtime import Sample
 from relayd.session import Destination
 
-__all__ = ["FAILING_HOLD", "SEND_RECOVERY", "Closed", "EmitStats", "PumpLink", "Rejected"]
+__all__ = [
+    "FAILING_HOLD",
+    "SEND_RECOVERY",
+    "Closed",
+    "EmitStats",
+    "PumpLink",
+    "Rejected",
+    "SessionChange",
+]
 
 log = logging.getLogger("relayd.emit")
 
@@ -65,6 +73,14 @@ class Closed(enum.Enum):
     SUPERSEDED = "superseded"
     STOPPED = "stopped"
     INTERNAL_ERROR = "internal_error"
+
+
+class SessionChange(enum.Enum):
+    """A HELLO for a session other than the latest one (``session_changes``)."""
+
+    CLEAN = "clean"  # the old session ended with its capture side's goodbye
+    POSSIBLE_LOSS = "possible_loss"  # it broke off, or is still streaming: what its capture
+    # side held unacknowledged is not resent by the new session
 
 
 class PumpLink:
@@ -113,6 +129,7 @@ class EmitStats:
         )
         self.rejected: dict[Rejected, int] = dict.fromkeys(Rejected, 0)
         self.closed: dict[Closed, int] = dict.fromkeys(Closed, 0)
+        self.session_changes: dict[SessionChange, int] = dict.fromkeys(SessionChange, 0)
         self.send_errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         self.last_error: str | None = None
@@ -288,6 +305,14 @@ class EmitStats:
                 "Streaming connections that ended, by reason.",
                 value,
                 ("reason", closed.value),
+            )
+        for change, value in self.session_changes.items():
+            yield counter(
+                "session_changes",
+                "HELLOs for a capture session other than the latest one, by how the latest "
+                "ended (possible_loss: without the capture side's goodbye).",
+                value,
+                ("result", change.value),
             )
         yield counter(
             "send_waits",

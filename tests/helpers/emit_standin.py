@@ -5,6 +5,7 @@ misbehave on purpose, and the capture feed configuration that points at it."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
@@ -27,7 +28,9 @@ class Peer:
 
     refuse: int = 0  # answer HELLO with this ERROR code
     read: bool = True  # False: stop reading after the handshake
+    heartbeat: float = 0.0  # with read False: still send a HEARTBEAT this often (0: never)
     ack: bool = True
+    final_ack: bool = False  # answer the capture side's goodbye (ERROR) with an ACK
     keys: tuple[bytes, ...] = ()
     emitted: dict[bytes, int] = attrs.field(factory=dict)
     datagrams: list[wire.Datagram] = attrs.field(factory=list)
@@ -63,7 +66,7 @@ class Peer:
                     session = conn.hello.session_id
                     await stream.send_all(wire.encode_ack(self.emitted.get(session, 0)))
                     if not self.read:
-                        await trio.sleep_forever()
+                        await self._deaf(stream)
                     continue
                 raw += data
                 events = conn.receive(data)
@@ -79,6 +82,9 @@ class Peer:
                         raw = raw[11:]
                     elif isinstance(event, wire.Error):
                         self.errors.append(event)
+                        self.emitted[session] = highest
+                        if self.final_ack:
+                            await stream.send_all(wire.encode_ack(highest))
                         return
                 self.emitted[session] = highest
                 if self.ack and events:
@@ -87,6 +93,14 @@ class Peer:
             return
         finally:
             await stream.aclose()
+
+    async def _deaf(self, stream: trio.SocketStream) -> None:
+        """Read nothing ever again, but look alive: HEARTBEATs every ``heartbeat`` s."""
+        if not self.heartbeat:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(self.heartbeat)
+            await stream.send_all(wire.encode_heartbeat(time.time_ns()))
 
 
 @attrs.define
