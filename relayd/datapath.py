@@ -21,14 +21,13 @@ loop returns.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
@@ -246,15 +245,18 @@ class Beat:
         self.waiting = False
         self.watched = False
 
-    @contextlib.contextmanager
-    def wait(self) -> Iterator[None]:
-        """Around a blocking call that waits by design."""
+    def wait(self) -> Beat:
+        """Around a blocking call that waits by design: ``with beat.wait(): ...`` (a plain
+        context manager, not a generator one: it runs once per batch of every data thread)."""
         self.waiting = True
-        try:
-            yield
-        finally:
-            self.waiting = False
-            self.count += 1
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.waiting = False
+        self.count += 1
 
 
 _beats: set[Beat] = set()

@@ -69,8 +69,6 @@ class Receive:
                     return
             why = Why.FULL
             while why == Why.FULL:  # batches until the socket is empty
-                if stop.poll(0):  # sustained input must not hold up stop, reload, shutdown
-                    return
                 beat.count += 1
                 with self._sequencing:
                     tcp = uplink.claim()
@@ -91,6 +89,11 @@ class Receive:
                         last_drops = drops
                 if why == Why.ERROR:
                     raise OSError(rx.err, os.strerror(rx.err))
+                # Sustained input must not hold up stop, reload, shutdown: look at the stop pipe
+                # before each further batch (only then: at low rates every batch is one
+                # datagram, and rx.wait() has just looked at it).
+                if why == Why.FULL and stop.poll(0):
+                    return
 
     def _count_kernel_drops(self, growth: int) -> None:
         """The socket's drop counter (SO_RXQ_OVFL, 32 bits, wraps) grew: count and warn."""
