@@ -4,7 +4,7 @@
  * relayd/fastpath.py, so it does not depend on the Python ABI. Every entry point is called
  * through ctypes.CDLL, which releases the GIL for the length of the call. The rules it applies
  * per datagram (sequence acceptance, destination verdict, ACK coalescing) are specified once,
- * in relayd/session.py, and the differential tests hold this file to them. Python keeps
+ * in relayd/session.py (with the size rule), and the differential tests hold this file to them. Python keeps
  * everything but the hot loop: handshake, replay buffer, supervision, health, metrics, and every
  * rare case (a control frame, a malformed frame, a destination seen for the first time, an
  * error). C handles only what it can check completely; anything else goes back to Python with
@@ -28,7 +28,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 8
+#define RD_ABI 9
 
 /* Why a call returned (both loops). */
 enum {
@@ -78,6 +78,7 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
     F(int64_t, idle_ns, )         /* nothing received this long: RD_IDLE; written: RD_SLOW */  \
     F(int64_t, ack_interval_ns, ) /* shortest time between two control frames */               \
     F(int64_t, heartbeat_ns, )    /* a HEARTBEAT after this long without output */             \
+    F(uint64_t, max_payload, )    /* larger payloads are dropped (1..MAX_PAYLOAD) */           \
     /* the stream: undecoded bytes are buf[start:end] */                                       \
     F(uint64_t, start, ) F(uint64_t, end, )                                                    \
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
@@ -94,6 +95,7 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
     F(uint64_t, datagrams_out, ) F(uint64_t, bytes_out, ) F(uint64_t, duplicates, )            \
     F(uint64_t, gaps, ) F(uint64_t, gap_sequences, ) F(uint64_t, send_waits, )                 \
     F(uint64_t, denied_group, ) F(uint64_t, denied_port, ) F(uint64_t, send_errors, )          \
+    F(uint64_t, oversize, )       /* allowed, dropped for max_payload (session.oversize) */    \
     F(uint64_t, last_send_ok, )   /* 1 when the latest send succeeded */                       \
     F(uint64_t, last_ts_ns, )     /* capture stamp of the latest datagram emitted */           \
     F(uint64_t, chunk_ts_ns, )    /* ... in the chunk being emitted: observed once it is done */ \
@@ -300,8 +302,10 @@ static int emit_frames(struct rd_emit *s) {
             s->gaps++;
             s->gap_sequences += seq - highest - 1;
         }
-        if (d->state == DEST_ALLOWED) {
-            uint64_t len = size - DATA_HEADER;
+        uint64_t len = size - DATA_HEADER;
+        if (d->state == DEST_ALLOWED && len > s->max_payload) {
+            s->oversize++;
+        } else if (d->state == DEST_ALLOWED) {
             int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
             for (;;) {
                 /* A connected socket skips the route lookup of every sendto
@@ -425,7 +429,8 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * coalesced ACKs (at most one per ack_interval_ns) and the idle HEARTBEATs. Returns when
  * something needs Python (RD_*); call again to go on. */
 int rd_emit_pump(struct rd_emit *s) {
-    if (s->cap < 2 * (DATA_HEADER + MAX_PAYLOAD) || s->end > s->cap) { /* room for 2 frames */
+    if (s->cap < 2 * (DATA_HEADER + MAX_PAYLOAD) || s->end > s->cap || /* room for 2 frames */
+        s->max_payload < 1 || s->max_payload > MAX_PAYLOAD) {
         s->err = EINVAL;
         return RD_RESET;
     }

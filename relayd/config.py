@@ -36,8 +36,9 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from relayd.session import Allowlist, Destination
+from relayd.session import TGW_MULTICAST_MTU, Allowlist, Destination
 from relayd.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from relayd.wire import MAX_PAYLOAD
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -321,6 +322,7 @@ class EmitFeed:
     heartbeat_interval: float = 1.0
     idle_timeout: float = 5.0
     send_buffer: int = 4 * 1024**2
+    max_datagram_size: int = TGW_MULTICAST_MTU
     auth_key_files: tuple[Path, ...] = ()
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
@@ -676,6 +678,7 @@ _register(
         "heartbeat_interval": _duration,
         "idle_timeout": _duration,
         "send_buffer": _size(hi=_MAX_SOCKET_BUFFER),
+        "max_datagram_size": _int_in(1, MAX_PAYLOAD),
         "auth_key_files": _tuple_of(_path),
     },
     _check_timeouts,

@@ -91,6 +91,7 @@ EMIT_COUNTERS = (
     "send_waits",
     "denied_group",
     "denied_port",
+    "oversize",
     "latency_count",
 )
 
@@ -194,6 +195,7 @@ class EmitStart(NamedTuple):
     idle: float  # seconds: nothing received (IDLE) or a control frame not written (SLOW)
     heartbeat: float  # seconds without output before a HEARTBEAT
     ack_interval: float  # seconds between two control frames at least
+    max_datagram_size: int  # larger payloads are dropped (``session.oversize``)
 
 
 class DataPlane(Protocol):

@@ -46,7 +46,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 8
+ABI: Final = 9
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -71,6 +71,7 @@ class EmitState(ctypes.Structure):
         ("idle_ns", _i64),
         ("ack_interval_ns", _i64),
         ("heartbeat_ns", _i64),
+        ("max_payload", _u64),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
@@ -96,6 +97,7 @@ class EmitState(ctypes.Structure):
         ("denied_group", _u64),
         ("denied_port", _u64),
         ("send_errors", _u64),
+        ("oversize", _u64),
         ("last_send_ok", _u64),
         ("last_ts_ns", _u64),
         ("chunk_ts_ns", _u64),
@@ -287,6 +289,7 @@ class _CEmitPump:
             idle_ns=int(start.idle * 1e9),
             ack_interval_ns=int(start.ack_interval * 1e9),
             heartbeat_ns=int(start.heartbeat * 1e9),
+            max_payload=start.max_datagram_size,
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,

@@ -26,7 +26,15 @@ from relayd.datapath import (
 )
 from relayd.metrics import LatencyHistogram
 from relayd.netif import ANCBUFSIZE, parse_ancillary
-from relayd.session import DUPLICATE, Control, Destination, accept, control_wake, next_control
+from relayd.session import (
+    DUPLICATE,
+    Control,
+    Destination,
+    accept,
+    control_wake,
+    next_control,
+    oversize,
+)
 from relayd.wire import (
     Ack,
     CaptureConnection,
@@ -61,6 +69,7 @@ class _EmitCounters:
         "histogram",
         "last_rx_ns",
         "last_send_ok",
+        "oversize",
         "send_waits",
     )
 
@@ -68,6 +77,7 @@ class _EmitCounters:
         self.bytes_in = self.frames_in = self.datagrams_in = self.datagrams_out = 0
         self.bytes_out = self.duplicates = self.gaps = self.gap_sequences = self.send_waits = 0
         self.denied_group = self.denied_port = self.last_rx_ns = self.last_send_ok = 0
+        self.oversize = 0
         self.histogram = LatencyHistogram()
 
     @property
@@ -133,6 +143,7 @@ class _EmitPump:
         self._idle = start.idle
         self._heartbeat = start.heartbeat
         self._ack_interval = start.ack_interval
+        self._max_datagram_size = start.max_datagram_size
         self._highest = start.highest
         self._acked = start.acked
         self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
@@ -231,7 +242,8 @@ class _EmitPump:
         highest = self._highest
         index = self._next
         frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
-        denied_group = denied_port = 0
+        denied_group = denied_port = too_large = 0
+        limit = self._max_datagram_size
         last_ts = 0
         last_ok: bool | None = None
         why: Why | None = None
@@ -265,7 +277,9 @@ class _EmitPump:
                 skipped_total += skipped
             verdict, address = dest
             failed = False
-            if verdict is Destination.ALLOWED:
+            if verdict is Destination.ALLOWED and oversize(len(payload), limit):
+                too_large += 1
+            elif verdict is Destination.ALLOWED:
                 try:
                     sendto(payload, address)
                 except OSError as exc:
@@ -306,6 +320,7 @@ class _EmitPump:
         counters.gap_sequences += skipped_total
         counters.denied_group += denied_group
         counters.denied_port += denied_port
+        counters.oversize += too_large
         if last_ok is not None:
             counters.last_send_ok = last_ok
         if last_ts:

@@ -7,6 +7,7 @@ first, then in C, and the differential tests say when the two disagree.
 
 - :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n).
 - :class:`Allowlist`: the destination verdict (allowed, or which allowlist refused it).
+- :func:`oversize`: the size rule, applied after an allowed verdict (``max_datagram_size``).
 - :func:`next_control` and :func:`control_wake`: when an emit connection writes an ACK
   (coalesced) or a HEARTBEAT (idle).
 
@@ -38,12 +39,15 @@ from typing import Final, Protocol
 
 __all__ = [
     "DUPLICATE",
+    "OVERSIZE",
+    "TGW_MULTICAST_MTU",
     "Allowlist",
     "Control",
     "Destination",
     "accept",
     "control_wake",
     "next_control",
+    "oversize",
 ]
 
 #: What :func:`accept` returns for a sequence at or below the highest one emitted.
@@ -104,6 +108,22 @@ class Allowlist:
         if not any(lo <= port <= hi for lo, hi in self._bounds):
             return Destination.PORT_NOT_ALLOWED
         return Destination.ALLOWED
+
+
+#: The largest datagram an AWS Transit Gateway carries as multicast: it does not fragment
+#: multicast, it drops what is larger. The default ``max_datagram_size`` of an emit feed.
+TGW_MULTICAST_MTU: Final = 8500
+#: The ``datagrams_dropped`` reason label of a datagram :func:`oversize` refused.
+OVERSIZE: Final = "oversize"
+
+
+def oversize(payload_size: int, max_datagram_size: int) -> bool:
+    """Whether a datagram of ``payload_size`` bytes, to a destination the :class:`Allowlist`
+    allowed, is dropped instead of emitted (``max_datagram_size`` is the feed's limit). Judged
+    after the destination verdict: a refused destination's datagram counts as refused, whatever
+    its size. A dropped datagram's sequence counts as emitted like a refused one's (it is never
+    a gap, never resent), and it is not a send: no latency observation, no send error."""
+    return payload_size > max_datagram_size
 
 
 class Control(enum.Enum):

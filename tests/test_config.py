@@ -93,6 +93,7 @@ def test_cloud_example_loads() -> None:
     assert prod.loop is False
     assert prod.allowed_groups == (IPv4Network("239.111.111.0/27"),)
     assert prod.allowed_ports == (PortRange(6100, 6101),)
+    assert prod.max_datagram_size == 8500
     assert all(net.is_private for net in prod.allowed_sources)
     assert prod.auth_key_files == (Path("/etc/relayd/keys/prod.key"),)
     assert config.capture == ()
@@ -159,6 +160,7 @@ def test_emit_defaults() -> None:
         heartbeat_interval=1.0,
         idle_timeout=5.0,
         send_buffer=4 * 1024**2,
+        max_datagram_size=8500,
         auth_key_files=(),
     )
 
@@ -179,6 +181,12 @@ def test_capture_defaults() -> None:
         reconnect_budget=10.0,
         auth_key_file=None,
     )
+
+
+def test_max_datagram_size_bounds_are_inclusive() -> None:
+    for size in (1, 1472, 65507):
+        (feed,) = parse_config(emit_with(max_datagram_size=str(size))).emit
+        assert feed.max_datagram_size == size
 
 
 def test_values_in_units() -> None:
@@ -434,6 +442,21 @@ def test_allows() -> None:
                 "0 out of range >= 1 @ $.emit[0].max_connections",
             ],
             id="int-ranges",
+        ),
+        pytest.param(
+            emit_with(max_datagram_size="0"),
+            ["0 out of range 1..65507 @ $.emit[0].max_datagram_size"],
+            id="max-datagram-size-zero",
+        ),
+        pytest.param(
+            emit_with(max_datagram_size="65508"),
+            ["65508 out of range 1..65507 @ $.emit[0].max_datagram_size"],
+            id="max-datagram-size-over-udp",
+        ),
+        pytest.param(
+            emit_with(max_datagram_size='"8KiB"'),
+            ['invalid value for type, expected int @ $.emit[0].max_datagram_size (got "8KiB")'],
+            id="max-datagram-size-type",
         ),
         pytest.param(
             emit_with(idle_timeout='"9999999999h"', hello_timeout="1e300")

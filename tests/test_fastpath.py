@@ -34,7 +34,14 @@ from relayd.emit import ACK_INTERVAL, EmitFeedRuntime
 from relayd.emit.stats import SEND_RECOVERY
 from relayd.netif import open_multicast_sender
 from relayd.runtime import Sample
-from relayd.session import DUPLICATE, Allowlist, Destination, accept
+from relayd.session import (
+    DUPLICATE,
+    TGW_MULTICAST_MTU,
+    Allowlist,
+    Destination,
+    accept,
+    oversize,
+)
 from relayd.wire import (
     DATA_HEADER_SIZE,
     MAX_PAYLOAD,
@@ -141,11 +148,12 @@ def numbered(items: Sequence[tuple[IPv4Address, int, bytes]], first: int = 1) ->
 class EmitModel:
     """What an emit feed must do with DATA: per session, emit sequences above the highest
     one seen (in order), count the rest as duplicates, count jumps as gaps (not before the
-    first DATA of a session), drop destinations outside the allowlist by reason, and
-    payloads too large for UDP as send errors."""
+    first DATA of a session), drop destinations outside the allowlist by reason, then
+    payloads over ``max_datagram_size`` as oversize, and refused sends as send errors."""
 
     allowed_groups: tuple[IPv4Network, ...]
     allowed_ports: tuple[PortRange, ...]
+    max_datagram_size: int
     highest: dict[bytes, int] = attrs.field(factory=dict)
     out: list[tuple[IPv4Address, int, bytes]] = attrs.field(factory=list)
     datagrams_in: int = 0
@@ -153,12 +161,17 @@ class EmitModel:
     gaps: int = 0
     gap_sequences: int = 0
     dropped: dict[str, int] = attrs.field(
-        factory=lambda: {"group_not_allowed": 0, "port_not_allowed": 0, "send_error": 0}
+        factory=lambda: {
+            "group_not_allowed": 0,
+            "port_not_allowed": 0,
+            "oversize": 0,
+            "send_error": 0,
+        }
     )
 
     @classmethod
     def of(cls, config: EmitFeed) -> EmitModel:
-        return cls(config.allowed_groups, config.allowed_ports)
+        return cls(config.allowed_groups, config.allowed_ports, config.max_datagram_size)
 
     def reconfigure(self, config: EmitFeed) -> None:
         self.allowed_groups = config.allowed_groups
@@ -180,6 +193,8 @@ class EmitModel:
             verdict = Allowlist(self.allowed_groups, self.allowed_ports).verdict(int(group), port)
             if verdict is not Destination.ALLOWED:
                 self.dropped[verdict.reason] += 1
+            elif oversize(len(payload), self.max_datagram_size):
+                self.dropped["oversize"] += 1
             elif group == BROADCAST:  # sendto refuses it without SO_BROADCAST: EACCES
                 self.dropped["send_error"] += 1
             else:
@@ -279,7 +294,7 @@ async def test_a_stream_cut_at_awkward_places(monkeypatch: pytest.MonkeyPatch) -
     datagrams = numbered(payloads(groups, sizes, seed=4))
     frames = encode(datagrams)
     pieces = awkward_pieces(frames, seed=6)
-    config = make_config()
+    config = make_config(max_datagram_size=MAX_PAYLOAD)  # every size goes out
 
     async def scenario(path: str) -> EmitResult:
         model = EmitModel.of(config)
@@ -703,6 +718,57 @@ async def test_send_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         (True, "streaming", error),
     )
     assert result.counters["send_errors{errno=EACCES}"] == 2
+
+
+@pytest.mark.parametrize("limit", [TGW_MULTICAST_MTU, 200])
+async def test_oversize_datagrams_are_dropped_and_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, limit: int
+) -> None:
+    """A payload over ``max_datagram_size`` (by default the Transit Gateway's multicast MTU)
+    to an allowed destination is dropped, counted as ``oversize``, logged and acknowledged,
+    and the datagrams after it go out; one exactly at the limit goes out; an oversize datagram
+    to a refused group counts as refused (the destination is judged first); the same on both
+    paths."""
+    groups = pick_groups(2)
+    (group, port), _ = groups
+    sizes = [100, TGW_MULTICAST_MTU, TGW_MULTICAST_MTU + 1, 200, MAX_PAYLOAD, 300, 201]
+    items = payloads(groups, sizes, seed=31)
+    items.append((IPv4Address("239.1.0.1"), port, bytes(TGW_MULTICAST_MTU + 1)))  # refused
+    items.append((group, port, b"next"))
+    stream = numbered(items)
+    config = make_config(max_datagram_size=limit)
+    if limit == TGW_MULTICAST_MTU:
+        assert make_config().max_datagram_size == limit  # the default
+    dropped = sum(len(payload) > limit for _, _, payload in items[:-2])
+
+    async def scenario(path: str) -> EmitResult:
+        caplog.clear()
+        model = EmitModel.of(config)
+        rx = Receivers(groups)
+        try:
+            with trio.fail_after(15):
+                async with running(config) as feed:
+                    assert feed.listen_port
+                    peer = await Peer.start(feed.listen_port)
+                    assert await peer.welcome() == 0
+                    await send_pieces(peer, encode(stream))
+                    model.feed(peer.session, stream)
+                    await peer.wait_ack(len(stream))
+                    got = await rx.settle()
+                    model.check(feed, got)
+                    seen = counters(feed.samples())
+                    assert seen["datagrams_dropped{reason=oversize}"] == dropped
+                    assert seen["datagrams_dropped{reason=group_not_allowed}"] == 1
+                    assert seen["datagrams_out"] == len(items) - 1 - dropped
+                    assert per_group(got)[(group, port)][-1] == b"next"
+                    logged = [r.getMessage() for r in caplog.records]
+                    want = f"larger than max_datagram_size ({limit} bytes), {dropped} so far"
+                    assert any(want in line for line in logged), logged
+                    return EmitResult(per_group(got), (), seen)
+        finally:
+            rx.close()
+
+    await on_both_paths(monkeypatch, scenario)
 
 
 @pytest.mark.parametrize("datapath", ["c", "python"], indirect=True)

@@ -10,8 +10,8 @@ relayd/emit.py):
 - ``rd_emit_pump`` consumes exactly the DATA and HEARTBEAT frames the decoder (with the emit
   side's streaming set: DATA, HEARTBEAT, ERROR) accepts, stops with ``RD_CONTROL`` exactly where
   the decoder raises or yields an ERROR, counts like the model, sends byte-identical payloads
-  in order to exactly the allowed destinations, and writes only well-formed ACKs/HEARTBEATs
-  back;
+  in order to exactly the allowed destinations (payloads over the size limit dropped and
+  counted), and writes only well-formed ACKs/HEARTBEATs back;
 - ``rd_capture_read`` consumes ACKs and HEARTBEATs, keeps the highest ACK, and hands anything
   else back where the Python capture connection refuses it or sees an ERROR;
 - ``rd_capture_batch`` frames received datagrams of every size (0 to 65507) into frames that
@@ -26,7 +26,8 @@ UndefinedBehaviorSanitizer and runs the same fuzz tests against it in a child pr
 The budget is ``RELAYD_FUZZ_EXAMPLES`` examples per test (default 300; ``make fuzz`` sets more;
 the sanitizer child runs a quarter of it, the table test a twentieth).
 The tests at the end pin values at the edges of u64 (stamps, sequences and ACKs above
-2**63) and the library's refusal of buffers too small for its frames.
+2**63) and the library's refusal of buffers too small for its frames and of a size limit
+outside 1..65507.
 """
 
 from __future__ import annotations
@@ -305,6 +306,8 @@ def refused_by_python(frames: bytes, *, capture_side: bool) -> bool:
 _TYPES = [int(t) for t in FrameType] + [0, 5, 0x0F, 0x12, 0x7F, 0xFF]
 _LENGTHS = [0, 1, 2, 3, 8, 9, 10, 23, 24, 25, 1027, 1028, 65531, 65532, 65535]
 _BIG_SIZES = [512, 1472, 8972, 65507, 65508, 65511]
+#: max_datagram_size: no limit (twice as likely), the default, either side of a big size, tiny
+_LIMITS = [MAX_PAYLOAD, MAX_PAYLOAD, session.TGW_MULTICAST_MTU, 8971, 8972, 20, 1]
 u64 = st.integers(0, U64)
 
 
@@ -367,6 +370,7 @@ class EmitCase:
     heartbeat_ns: int
     clear_on_need: bool
     connected: bool = False  # allowed destinations get a connected socket (else sendto)
+    max_payload: int = MAX_PAYLOAD  # max_datagram_size: larger payloads are dropped
     stop_after: int | None = None  # write to the stop pipe after this many pieces
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -456,6 +460,7 @@ def emit_streams(keys: Sequence[int]) -> st.SearchStrategy[EmitCase]:
             heartbeat_ns=draw(st.sampled_from([1_000_000, 10**12])),
             clear_on_need=draw(st.integers(0, 9)) == 0,
             connected=draw(st.booleans()),
+            max_payload=draw(st.sampled_from(_LIMITS)),
         )
 
     return build()
@@ -469,6 +474,7 @@ class EmitModel:
     """The rules of relayd/session.py applied to decoded events."""
 
     highest: int
+    max_payload: int = MAX_PAYLOAD
     frames_in: int = 0
     datagrams_in: int = 0
     datagrams_out: int = 0
@@ -478,9 +484,10 @@ class EmitModel:
     gap_sequences: int = 0
     denied_group: int = 0
     denied_port: int = 0
+    oversize: int = 0
     send_errors: list[int] = attrs.Factory(list)
     sent: dict[int, list[bytes]] = attrs.Factory(dict)
-    last_ts: int = 0  # capture stamp of the latest datagram for an allowed destination
+    last_ts: int = 0  # capture stamp of the latest datagram sent (or refused by the kernel)
     ack_values: set[int] = attrs.Factory(set)
 
     def run(self, events: Sequence[Event], net: Loopback) -> None:
@@ -501,11 +508,13 @@ class EmitModel:
                 self.gap_sequences += skipped
             key = key_of(event.group, event.port)
             verdict = net.verdict(key)
-            if verdict == Destination.ALLOWED:
-                if key in net.failing:  # the route is refused before the size
+            if verdict == Destination.ALLOWED and session.oversize(
+                len(event.payload), self.max_payload
+            ):
+                self.oversize += 1  # never sent: neither a send error nor a stamp
+            elif verdict == Destination.ALLOWED:
+                if key in net.failing:
                     self.send_errors.append(net.failing[key])
-                elif len(event.payload) > MAX_PAYLOAD:
-                    self.send_errors.append(errno.EMSGSIZE)
                 else:
                     self.sent[key].append(event.payload)
                     self.datagrams_out += 1
@@ -566,6 +575,7 @@ def run_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> EmitRun:
         idle_ns=SAFETY_NS,
         ack_interval_ns=case.ack_interval_ns,
         heartbeat_ns=case.heartbeat_ns,
+        max_payload=case.max_payload,
         highest=case.highest,
         acked=max(case.acked, 0),
         acked_any=case.acked >= 0,
@@ -639,7 +649,7 @@ def check_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> None:
         run.undecoded == case.stream[consumed : s.bytes_in],
         f"buf[start:end] is not the stream's undecoded bytes {where}",
     )
-    model = EmitModel(case.highest)
+    model = EmitModel(case.highest, case.max_payload)
     model.run(events, net)
     got = {
         "highest": s.highest,
@@ -652,6 +662,7 @@ def check_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> None:
         "gap_sequences": s.gap_sequences,
         "denied_group": s.denied_group,
         "denied_port": s.denied_port,
+        "oversize": s.oversize,
         "send_errors": s.send_errors,
     }
     want = {name: getattr(model, name) for name in got if name != "send_errors"}
@@ -1125,6 +1136,29 @@ def test_capture_reader_keeps_an_ack_above_2_63() -> None:
     _check(state.acked % 2**64 == 2**63, f"acked {state.acked}, the Python path has 2**63")
 
 
+def test_emit_pump_drops_payloads_over_its_limit() -> None:
+    """Payloads at, under and over ``max_payload`` to allowed destinations, to one whose
+    sends fail and to a refused one: the model's counts (``session.oversize`` after the
+    destination verdict, before the send) and the payloads under the limit out, in order."""
+    lib = plane()
+    with Loopback.open() as net:
+        allowed, failing = net.allowed[0], next(iter(net.failing))
+        refused = next(iter(net.denied))
+        for limit in (1, 20, session.TGW_MULTICAST_MTU, MAX_PAYLOAD):
+            over = min(limit + 1, MAX_PAYLOAD)
+            sizes = sorted({0, 1, 2, limit - 1, limit, over, MAX_PAYLOAD})
+            frames = [
+                encode_datagram(seq, key >> 16, key & 0xFFFF, 1, payload_of(seq, size))
+                for seq, (key, size) in enumerate(
+                    [*((allowed, size) for size in sizes), (failing, over), (refused, 1)],
+                    start=1,
+                )
+            ]
+            stream = b"".join(frames)
+            case = EmitCase(stream, (stream,), (False,), 0, -1, EMIT_CAP, 0, 10**12, False)
+            check_emit(lib, net, attrs.evolve(case, max_payload=limit))
+
+
 def test_emit_pump_acks_a_sequence_above_2_63() -> None:
     lib = plane()
     with Loopback.open() as net:
@@ -1144,9 +1178,17 @@ def test_buffers_too_small_for_a_frame_are_refused() -> None:
     maximal frames, a reader buffer holding an ERROR with room to spare, a capture batch with
     room for a maximal datagram. Anything less is EINVAL, never a misread stream."""
     lib = plane()
-    emit = fastpath.EmitState(cap=2 * MAX_FRAME - 10, tcp_fd=-1, stop_fd=-1, mcast_fd=-1)
+    emit = fastpath.EmitState(
+        cap=2 * MAX_FRAME - 10, tcp_fd=-1, stop_fd=-1, mcast_fd=-1, max_payload=MAX_PAYLOAD
+    )
     assert lib.rd_emit_pump(ctypes.byref(emit)) == Why.RESET
     assert emit.err == errno.EINVAL
+    for limit in (0, MAX_PAYLOAD + 1):  # max_datagram_size outside 1..65507
+        emit = fastpath.EmitState(
+            cap=EMIT_CAP, tcp_fd=-1, stop_fd=-1, mcast_fd=-1, max_payload=limit
+        )
+        assert lib.rd_emit_pump(ctypes.byref(emit)) == Why.RESET
+        assert emit.err == errno.EINVAL
     reader = fastpath.CaptureReaderState(cap=4095, tcp_fd=-1, stop_fd=-1)
     assert lib.rd_capture_read(ctypes.byref(reader)) == Why.RESET
     assert reader.err == errno.EINVAL

@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 from relayd.config import PortRange
 from relayd.session import (
     DUPLICATE,
+    OVERSIZE,
+    TGW_MULTICAST_MTU,
     Allowlist,
     Control,
     Destination,
     accept,
     control_wake,
     next_control,
+    oversize,
 )
 
 
@@ -64,6 +67,18 @@ def test_allowlist_judges_the_group_first() -> None:
     assert verdict("239.2.0.1", 6000) is Destination.GROUP_NOT_ALLOWED
     assert verdict("239.2.0.1", 1) is Destination.GROUP_NOT_ALLOWED
     assert Destination.PORT_NOT_ALLOWED.reason == "port_not_allowed"
+
+
+def test_oversize_is_strictly_larger_than_the_limit() -> None:
+    assert TGW_MULTICAST_MTU == 8500
+    assert not oversize(0, 1)
+    assert not oversize(1, 1)
+    assert oversize(2, 1)
+    assert not oversize(TGW_MULTICAST_MTU, TGW_MULTICAST_MTU)
+    assert oversize(TGW_MULTICAST_MTU + 1, TGW_MULTICAST_MTU)
+    assert not oversize(65507, 65507)
+    assert OVERSIZE == "oversize"
+    assert OVERSIZE not in {d.reason for d in Destination}  # a reason of its own
 
 
 def test_the_welcome_ack_goes_out_at_once() -> None:

@@ -521,7 +521,7 @@ class EmitFeedRuntime:
                 break
             await previous.wait()
         done = session.pump_done = trio.Event()
-        link = PumpLink(session.session_id.hex())
+        link = PumpLink(session.session_id.hex(), self.config.max_datagram_size)
         session.link = conn.link = link
         self.stats.attach(link)
         self._links.append(link)
@@ -537,6 +537,7 @@ class EmitFeedRuntime:
                     self._destinations,
                     self.config.idle_timeout,
                     self.config.heartbeat_interval,
+                    link.max_datagram_size,
                 ),
                 limiter=self._limiter,
             )

@@ -58,6 +58,7 @@ def pump_connection(
     destinations: Destinations,
     idle: float,
     heartbeat: float,
+    max_datagram_size: int,
     stop_fd: int,
     _token: trio.lowlevel.TrioToken,
 ) -> tuple[PumpEnd, Any]:
@@ -76,6 +77,7 @@ def pump_connection(
                 idle,
                 heartbeat,
                 ACK_INTERVAL,
+                max_datagram_size,
             )
         )
     except ProtocolError as exc:

@@ -21,7 +21,7 @@ from relayd.datapath import EMIT_COUNTERS, EmitPump, trio_time_of
 from relayd.logs import RateLimitedLogger
 from relayd.metrics import LatencyHistogram, Rate
 from relayd.runtime import Sample
-from relayd.session import Destination
+from relayd.session import OVERSIZE, Destination
 
 __all__ = [
     "FAILING_HOLD",
@@ -93,12 +93,14 @@ class PumpLink:
         "last",
         "latency",
         "latency_sum_ns",
+        "max_datagram_size",
         "pump",
         "session_hex",
     )
 
-    def __init__(self, session_hex: str) -> None:
+    def __init__(self, session_hex: str, max_datagram_size: int) -> None:
         self.session_hex = session_hex
+        self.max_datagram_size = max_datagram_size  # the pump's limit (``session.oversize``)
         self.pump: EmitPump | None = None
         #: failed multicast sends by errno: written by the pump's thread only
         self.errors: dict[int, int] = {}
@@ -125,7 +127,12 @@ class EmitStats:
         self.decode_errors = 0
         self.send_waits = 0  # times the multicast socket was full (EAGAIN) and a pump waited
         self.dropped: dict[str, int] = dict.fromkeys(
-            (*(d.reason for d in Destination if d is not Destination.ALLOWED), _SEND_ERROR), 0
+            (
+                *(d.reason for d in Destination if d is not Destination.ALLOWED),
+                OVERSIZE,
+                _SEND_ERROR,
+            ),
+            0,
         )
         self.rejected: dict[Rejected, int] = dict.fromkeys(Rejected, 0)
         self.closed: dict[Closed, int] = dict.fromkeys(Closed, 0)
@@ -183,6 +190,7 @@ class EmitStats:
             send_waits,
             denied_group,
             denied_port,
+            oversize,
             observed,
         ) = growth
         self.bytes_in += bytes_in
@@ -194,6 +202,16 @@ class EmitStats:
         self.send_waits += send_waits
         self.dropped[Destination.GROUP_NOT_ALLOWED.reason] += denied_group
         self.dropped[Destination.PORT_NOT_ALLOWED.reason] += denied_port
+        if oversize:
+            self.dropped[OVERSIZE] += oversize
+            self.rlog.warning(
+                OVERSIZE,
+                "%s: dropped %d datagrams larger than max_datagram_size (%d bytes), %d so far",
+                self.name,
+                oversize,
+                link.max_datagram_size,
+                self.dropped[OVERSIZE],
+            )
         if datagrams_in:
             self.last_datagram_at = trio_time_of(counters.last_rx_ns)
         if datagrams_out and counters.last_send_ok:
