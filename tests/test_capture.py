@@ -23,7 +23,7 @@ import attrs
 import pytest
 import trio
 
-from relayd import wire
+from relayd import datapath, wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
 from relayd.capture.link import Connect
 from relayd.config import Endpoint
@@ -597,3 +597,23 @@ async def test_sustained_input_does_not_hold_up_stop() -> None:
             await wait_for(lambda: endless and endless[0].batches > 100, timeout=30)
             nursery.cancel_scope.cancel()
     assert not endless[0].exhausted  # stopped by the pipe, not by the input running out
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_the_watchdog_judges_the_ack_reader_too(nursery: trio.Nursery) -> None:
+    """Every data-path thread of a connected capture feed is judged by the watchdog: one
+    receive thread per socket and the connection's ACK reader, each waiting by design while
+    nothing arrives (the ACK reader used to be left out)."""
+    server = await serve(nursery, Peer())
+    groups = groups_for(_base_port(), 1, third=19)
+    feed = CaptureFeedRuntime(feed_config(groups, [server.port]))
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+
+    def judged() -> list[datapath.Beat]:
+        with datapath._beats_lock:
+            return [b for b in datapath._beats if b.watched]
+
+    await wait_for(lambda: len(judged()) == len(feed.receivers) + 1)
+    assert all(beat.waiting for beat in judged())
+    assert datapath.data_threads_alive()

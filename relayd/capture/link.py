@@ -29,7 +29,7 @@ import trio
 from relayd import wire
 from relayd.capture.uplink import SendFailedError, Uplink
 from relayd.config import CaptureFeed
-from relayd.datapath import DataPlane, Why, run_stoppable
+from relayd.datapath import DataPlane, Why, current_beat, run_stoppable
 from relayd.logs import RateLimitedLogger
 from relayd.netif import send_all
 
@@ -164,7 +164,11 @@ class Link:
             raise _ConnectionEndedError(f"protocol error from the emit side: {exc}") from None
         self.uplink.reader = reader
         try:
-            why = reader.run()
+            # The reader's loop blocks in poll on the socket and the stop pipe for the whole
+            # connection (it keeps the highest ACK where the receive threads read it): judged
+            # by the watchdog as waiting by design, and as moving each time it returns.
+            with current_beat().wait():
+                why = reader.run()
             if why == Why.STOPPED:
                 return
             if why == Why.CONTROL:
