@@ -21,6 +21,7 @@ failed and its reasons show in STATUS, ``/healthz`` (``reload``) and the log; th
 tries again. Otherwise removed feeds stop (FEED_REMOVED), changed feeds are replaced by their
 opened successors (which carry on their counters), added feeds start, unchanged feeds are not
 touched, the health server moves to its new socket and logging is set up again.
+The reload itself is applied by ``relayd.reloader.Reloader``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 
 from relayd import __version__, fastpath
@@ -61,28 +61,19 @@ from relayd.health import (
     HealthApp,
     HealthServer,
     HealthServerError,
-    bind_listener,
     describe,
     format_address,
     process_samples,
 )
 from relayd.logs import (
     RateLimitedLogger,
-    describe_error,
-    feed_context,
     log_failure,
     setup_logging,
 )
 from relayd.metrics import Rate
 from relayd.notify import Notifier
-from relayd.reload import (
-    FeedConfig,
-    FeedKey,
-    ReloadOutcome,
-    ReloadResult,
-    feeds_of,
-    plan_reload,
-)
+from relayd.reload import FeedConfig, FeedKey, ReloadResult, feeds_of
+from relayd.reloader import Reloader
 from relayd.runtime import Feed, Sample
 from relayd.wire import ErrorCode
 
@@ -95,15 +86,6 @@ EXIT_CONFIG = 2
 
 STOP_TIMEOUT = 5.0  # feeds get this long to say goodbye to their peers on shutdown
 TICK_INTERVAL = 2.0  # rates and STATUS refresh
-
-
-class ReloadFailedError(Exception):
-    """Something the new configuration needs could not be acquired; nothing was changed."""
-
-    def __init__(self, reasons: Sequence[str], *, untouched: bool = True) -> None:
-        self.reasons = tuple(reasons)
-        self.untouched = untouched  # False: the feeds were replaced, something else failed
-        super().__init__("; ".join(self.reasons))
 
 
 class Supervisor:
@@ -125,11 +107,6 @@ class Supervisor:
         self.load = load
         self.slots: dict[FeedKey, FeedSlot] = {}
         self.ready = trio.Event()
-        self.reloads: dict[str, int] = {"ok": 0, "invalid": 0, "failed": 0}
-        self.reload_count = 0  # reloads finished, whatever their result
-        self.reload_done = trio.Event()  # set after each reload (replaced by a fresh one)
-        self.last_reload_outcome: ReloadOutcome | None = None
-        self._config_errors: tuple[str, ...] = ()
         self._stopping = False
         self._started_at: float | None = None  # Trio clock, once run
         self._start_wall = time.time()
@@ -140,6 +117,7 @@ class Supervisor:
         self._rl = RateLimitedLogger(log)
         self.app = HealthApp(self)
         self._health = HealthServer(self.app)
+        self.reloader = Reloader(self)
 
     # -- HealthModel ---------------------------------------------------------------------
 
@@ -147,10 +125,10 @@ class Supervisor:
         return [slot.report() for slot in self.slots.values()]
 
     def config_errors(self) -> Sequence[str]:
-        return self._config_errors
+        return self.reloader.config_errors
 
     def last_reload(self) -> Mapping[str, Any] | None:
-        outcome = self.last_reload_outcome
+        outcome = self.reloader.last_outcome
         return None if outcome is None else outcome.as_json()
 
     def uptime_seconds(self) -> float:
@@ -190,7 +168,7 @@ class Supervisor:
                 labels,
                 slot.restarts,
             )
-        for result, count in self.reloads.items():
+        for result, count in self.reloader.reloads.items():
             yield Sample(
                 "reloads_total",
                 "counter",
@@ -203,7 +181,7 @@ class Supervisor:
             "gauge",
             "Problems in the configuration file at the last reload (0: it applied).",
             (),
-            len(self._config_errors),
+            len(self.reloader.config_errors),
         )
         yield Sample(
             "process_uptime_seconds",
@@ -226,10 +204,10 @@ class Supervisor:
         unhealthy = [r.name for r in reports if not r.healthy]
         if unhealthy:
             text += f"; unhealthy: {', '.join(unhealthy)}"
-        if self._config_errors:
-            n = len(self._config_errors)
+        if self.reloader.config_errors:
+            n = len(self.reloader.config_errors)
             text += f"; reload failed with {n} config error{'s' if n != 1 else ''}, old config kept"
-        outcome = self.last_reload_outcome
+        outcome = self.reloader.last_outcome
         if outcome is not None and outcome.result is ReloadResult.FAILED:
             text += f"; reload failed, old config kept: {'; '.join(outcome.errors)}"
         return text
@@ -244,9 +222,9 @@ class Supervisor:
                 await nursery.start(self._signal_task)
                 nursery.start_soon(self.notifier.run_watchdog, data_threads_alive)
                 try:
-                    await self._start_health(self.config.health.listen, fail_fast=True)
+                    await self._start_health(self.config.health.listen)
                     for key, feed in feeds_of(self.config).items():
-                        await self._start_feed(key, feed, fail_fast=True)
+                        await self.start_feed(key, feed, fail_fast=True)
                     await self._probe_health()
                 except StartupError as exc:
                     log.error("%s", exc)
@@ -271,7 +249,7 @@ class Supervisor:
             self.notifier.close()
         return self._exit_status
 
-    async def _start_feed(
+    async def start_feed(
         self, key: FeedKey, feed: FeedConfig, *, fail_fast: bool, opened: Feed | None = None
     ) -> None:
         assert self._nursery is not None
@@ -281,7 +259,7 @@ class Supervisor:
             partial(slot.supervise, self.factory, fail_fast=fail_fast, opened=opened)
         )
 
-    async def _stop_feed(self, key: FeedKey, code: ErrorCode, message: str) -> None:
+    async def stop_feed(self, key: FeedKey, code: ErrorCode, message: str) -> None:
         slot = self.slots.get(key)
         if slot is None:
             return
@@ -295,14 +273,20 @@ class Supervisor:
     def health_address(self) -> tuple[str, int] | None:
         return self._health.address
 
-    async def _start_health(self, endpoint: Endpoint, *, fail_fast: bool) -> None:
-        assert self._nursery is not None
+    async def _start_health(self, endpoint: Endpoint) -> None:
         try:
-            await self._health.start(self._nursery, endpoint)
+            await self.start_health(endpoint)
         except HealthServerError as exc:
-            if fail_fast:
-                raise StartupError(str(exc)) from exc
-            raise
+            raise StartupError(str(exc)) from exc
+
+    async def start_health(self, endpoint: Endpoint, sock: socket.socket | None = None) -> None:
+        """Serve on ``endpoint`` (on ``sock`` when already bound); raises HealthServerError."""
+        assert self._nursery is not None
+        await self._health.start(self._nursery, endpoint, sock)
+
+    async def stop_health(self) -> None:
+        with trio.move_on_after(2 * STOP_TIMEOUT):
+            await self._health.stop()
 
     async def _probe_health(self) -> None:
         try:
@@ -347,8 +331,7 @@ class Supervisor:
         with trio.move_on_after(STOP_TIMEOUT):
             for slot in slots:
                 await slot.done.wait()
-        with trio.move_on_after(2 * STOP_TIMEOUT):
-            await self._health.stop()
+        await self.stop_health()
         log.info("stopped")
         self._nursery.cancel_scope.cancel()
 
@@ -359,201 +342,8 @@ class Supervisor:
             await self.reload()
 
     async def reload(self) -> None:
-        """Load the file again and apply the difference (see the module docstring)."""
-        started_at = time.time()
-        await self.notifier.reloading("reloading")
-        errors: tuple[str, ...] = ()
-        try:
-            new = await trio.to_thread.run_sync(self.load, self.config_path)
-        except ConfigError as exc:
-            self._config_errors = errors = tuple(exc.errors) or ("invalid configuration",)
-            result = ReloadResult.INVALID
-            for error in self._config_errors:
-                log.error("reload: %s", error, extra={"config": str(self.config_path)})
-            log.error(
-                "reload failed with %d error(s); the running configuration stays",
-                len(self._config_errors),
-            )
-        else:
-            try:
-                await self._apply(new)
-            except ReloadFailedError as exc:
-                errors = exc.reasons
-                result = ReloadResult.FAILED
-                log.error(
-                    "reload failed, %s: %s",
-                    "the running feeds stay as they were" if exc.untouched else "feeds applied",
-                    "; ".join(errors),
-                    extra={"config": str(self.config_path)},
-                )
-            except Exception as exc:
-                errors = (describe_error(exc),)
-                result = ReloadResult.FAILED
-                log_failure(log, logging.ERROR, "reload failed", exc=exc, expected=EXPECTED)
-            else:
-                result = ReloadResult.OK
-        self.reloads[result.value] += 1
-        self.reload_count += 1
-        self.last_reload_outcome = ReloadOutcome(
-            self.reload_count, result, started_at, time.time(), errors
-        )
-        done, self.reload_done = self.reload_done, trio.Event()
-        done.set()
-        await self.notifier.ready(self.status_line())
-
-    async def _apply(self, new: Config) -> None:
-        """Make before break: open every added and changed feed and bind a new health address
-        first; only when all of that succeeded stop what goes and start what comes. Raises
-        ReloadFailedError (with everything acquired released, nothing running touched) otherwise."""
-        old = self.config
-        plan = plan_reload(old, new)
-        feeds = feeds_of(new)
-        reasons: list[str] = []
-        # A feed whose only change is its keys, and every feed with keys (a key file may have
-        # been rewritten in place), takes them without a restart: its connections stay up.
-        rekeyed = tuple(k for k in plan.changed if self._rekey(k, feeds[k], reasons))
-        for key in plan.unchanged:
-            self._rekey(key, feeds[key], reasons)
-        if rekeyed:
-            log.info("reload: new keys for %s", ", ".join(f"{k} feed {n}" for k, n in rekeyed))
-            plan = attrs.evolve(
-                plan,
-                changed=tuple(k for k in plan.changed if k not in rekeyed),
-                unchanged=(*plan.unchanged, *rekeyed),
-            )
-        opened = self._open_feeds((*plan.changed, *plan.added), feeds, reasons)
-        health_sock: socket.socket | None = None
-        if plan.health_changed and not reasons:
-            listen = new.health.listen
-            try:
-                health_sock = bind_listener(listen.host, listen.port)
-            except OSError as exc:
-                reasons.append(f"health server: {describe_error(exc)}")
-        if reasons:
-            for runtime in opened.values():
-                runtime.close()
-            raise ReloadFailedError(reasons)
-        # Everything is acquired: from here on, the new configuration is the one that runs.
-        self._config_errors = ()
-        self.config = new
-        if plan.logging_changed:
-            setup_logging(new.process.log_level, new.process.log_format)
-        if plan.empty:
-            log.info("reload: nothing changed")
-            return
-        log.info(
-            "reload: %d added, %d removed, %d changed, %d unchanged%s",
-            len(plan.added),
-            len(plan.removed),
-            len(plan.changed),
-            len(plan.unchanged),
-            ", health server moves" if plan.health_changed else "",
-        )
-        for key in plan.removed:
-            log.info("reload: stopping removed %s feed %s", *key)
-            await self._stop_feed(
-                key, ErrorCode.FEED_REMOVED, "feed removed from the configuration"
-            )
-        for key in plan.changed:
-            log.info("reload: replacing changed %s feed %s", *key)
-            await self._stop_feed(
-                key, ErrorCode.SHUTTING_DOWN, "feed restarting with a new configuration"
-            )
-        late: list[str] = []  # what failed after the break: the feeds start all the same
-        if health_sock is not None:
-            with trio.move_on_after(2 * STOP_TIMEOUT):
-                await self._health.stop()
-            try:
-                await self._health.start(self._nursery_or_fail(), new.health.listen, health_sock)
-            except HealthServerError as exc:
-                late.append(str(exc))
-                log.error("%s; back to %s", exc, old.health.listen)
-                self.config = attrs.evolve(new, health=old.health)  # the next SIGHUP retries
-                await self._health.start(self._nursery_or_fail(), old.health.listen)
-        for key in (*plan.changed, *plan.added):
-            log.info("reload: starting %s feed %s", *key)
-            await self._start_feed(key, feeds[key], fail_fast=False, opened=opened[key])
-        # Keep the file's order for /healthz.
-        self.slots = {k: self.slots[k] for k in feeds if k in self.slots}
-        if late:
-            raise ReloadFailedError(late, untouched=False)
-
-    def _nursery_or_fail(self) -> trio.Nursery:
-        assert self._nursery is not None
-        return self._nursery
-
-    def _open_feeds(
-        self, keys: Sequence[FeedKey], feeds: dict[FeedKey, FeedConfig], reasons: list[str]
-    ) -> dict[FeedKey, Feed]:
-        """A new runtime for each of ``keys``, opened (with the running one, if any, as its
-        ``previous``); what could not be opened is added to ``reasons``."""
-        opened: dict[FeedKey, Feed] = {}
-        for key in keys:
-            previous = self._predecessor(key, feeds)
-            try:
-                with feed_context(key[1]):
-                    runtime = self.factory(feeds[key])
-                    runtime.open(previous)
-            except Exception as exc:
-                reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
-                log_failure(
-                    log,
-                    logging.ERROR,
-                    "reload: cannot open %s feed %s",
-                    *key,
-                    exc=exc,
-                    expected=EXPECTED,
-                    extra={"feed": key[1], "kind": key[0]},
-                )
-            else:
-                opened[key] = runtime
-        return opened
-
-    def _predecessor(self, key: FeedKey, feeds: dict[FeedKey, FeedConfig]) -> Feed | None:
-        """The running feed a new one replaces: the one of the same kind and name, else one
-        of the same kind on the same ``listen`` address that is going away or moving off it
-        (a renamed feed takes over its listener)."""
-        slot = self.slots.get(key)
-        if slot is not None:
-            return slot.runtime
-        listen = getattr(feeds[key], "listen", None)
-        if listen is None:
-            return None
-        for other_key, other in self.slots.items():
-            leaving = feeds.get(other_key)
-            if (
-                other_key[0] == key[0]
-                and getattr(other.config, "listen", None) == listen
-                and (leaving is None or getattr(leaving, "listen", None) != listen)
-            ):
-                return other.runtime
-        return None
-
-    def _rekey(self, key: FeedKey, new: FeedConfig, reasons: list[str]) -> bool:
-        """Give a running feed the keys of ``new`` when nothing else differs; True when done.
-
-        A key file that cannot be read is logged and added to ``reasons`` (the reload fails),
-        and the feed keeps its current keys (the next reload tries again)."""
-        slot = self.slots.get(key)
-        if slot is None or slot.state != "running" or slot.runtime is None:
-            return False
-        try:
-            if not slot.runtime.update_keys(new):
-                return False
-        except Exception as exc:
-            reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
-            log_failure(
-                log,
-                logging.ERROR,
-                "reload: %s feed %s keeps its current keys",
-                *key,
-                exc=exc,
-                expected=EXPECTED,
-                extra={"feed": slot.name, "kind": slot.kind},
-            )
-            return True
-        slot.config = new
-        return True
+        """Load the file again and apply the difference (``relayd.reloader``)."""
+        await self.reloader.reload()
 
     # -- periodic ------------------------------------------------------------------------
 

@@ -508,7 +508,7 @@ async def test_reload_applies_only_the_difference(
         assert isinstance(body, dict)
         assert list(body["feeds"]) == ["keep", "change", "add"]
         assert logging.getLogger().level == logging.DEBUG
-        assert sup.reloads["ok"] == 1
+        assert sup.reloader.reloads["ok"] == 1
 
         # An invalid file keeps everything running and shows the errors, still healthy.
         def broken(_path: Path) -> Config:
@@ -792,7 +792,7 @@ async def test_reload_that_cannot_bind_leaves_the_running_feed_alone(
             client = await echo_client(running.port)
             for attempt in (1, 2):
                 await sup.reload()
-                assert sup.reloads == {"ok": 0, "invalid": 0, "failed": attempt}
+                assert sup.reloader.reloads == {"ok": 0, "invalid": 0, "failed": attempt}
                 assert h.journal == [("started", "a")]  # the running one never stopped
                 await client.send_all(b"still\n")
                 with trio.fail_after(2):
@@ -823,7 +823,7 @@ async def test_reload_that_cannot_bind_leaves_the_running_feed_alone(
             taken.close()
             # The port is free now: the same file applies.
             await sup.reload()
-            assert sup.reloads["ok"] == 1
+            assert sup.reloader.reloads["ok"] == 1
             assert h.echo("a") is not running
             assert h.echo("a").port == busy
             assert "reload failed" not in sup.status_line()
@@ -853,7 +853,7 @@ async def test_reload_that_cannot_move_the_health_server_keeps_every_feed(
             old_port = r.port
             client = await echo_client(h.echo("prod").port)
             await sup.reload()
-            assert sup.reloads["failed"] == 1
+            assert sup.reloader.reloads["failed"] == 1
             assert r.port == old_port
             status, body = await http(old_port, "/healthz/prod")
             assert status == 200
@@ -892,7 +892,7 @@ async def test_changed_feed_on_the_same_port_takes_over_its_listener(close_clien
         # A connection that waits in the accept queue across the switch is served.
         waiting = socket.create_connection(("127.0.0.1", port))
         await sup.reload()
-        assert sup.reloads["ok"] == 1
+        assert sup.reloader.reloads["ok"] == 1
         new = h.echo("a")
         assert new is not old
         assert (await read_all(client)).startswith(b"BYE 6 feed restarting")
@@ -1029,7 +1029,7 @@ async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
             await send_and_count(groups[:1], 50, 50)
             old = sup.slots["capture", first.name].runtime
             await sup.reload()
-            assert sup.reloads["ok"] == 1
+            assert sup.reloader.reloads["ok"] == 1
             new = sup.slots["capture", first.name].runtime
             assert isinstance(new, CaptureFeedRuntime)
             assert new is not old
@@ -1068,7 +1068,7 @@ async def test_a_renamed_feed_takes_over_the_listener_of_the_one_it_replaces(
         await sup.ready.wait()
         client = await echo_client(port)
         await sup.reload()
-        assert sup.reloads["ok"] == 1
+        assert sup.reloader.reloads["ok"] == 1
         assert (await read_all(client)).startswith(b"BYE 9 feed removed")
         await (await echo_client(port)).aclose()
         assert h.echo("b").served == [1]
