@@ -3,7 +3,8 @@
 The cloud half of the data path. ``EmitFeedRuntime(config)`` implements
 :class:`relayd.runtime.Feed`: ``open`` reads the keys, binds the listener and opens the
 multicast sender; ``run`` serves capture connections with them until cancelled. The pieces:
-the gate (source check, pending connections, handshake: relayd/emit/listener.py), the sessions
+the gate (source check, pending connections, handshake: relayd/emit/listener.py), each
+connection's life from HELLO to close (relayd/emit/streams.py), the sessions
 (relayd/emit/sessions.py), the destinations (relayd/emit/destinations.py), one data-path
 thread per streaming connection (relayd/emit/pump.py) and the accounting
 (relayd/emit/stats.py). A connection that sends nothing for ``idle_timeout`` is closed with
@@ -18,25 +19,23 @@ or the load balancer would never route the feed to it.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import attrs
 import trio
 
 from relayd.config import EmitFeed
-from relayd.datapath import DataPlane, run_stoppable, select_plane
+from relayd.datapath import DataPlane, select_plane
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
-from relayd.emit.pump import PumpEnd, pump_connection
-from relayd.emit.sessions import Connection, Session, Sessions
-from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected, SessionChange
+from relayd.emit.sessions import Connection, Sessions
+from relayd.emit.stats import EmitStats
+from relayd.emit.streams import ConnectionStreams
 from relayd.keys import load_auth_keys
 from relayd.netif import (
     InterfaceError,
@@ -46,17 +45,11 @@ from relayd.netif import (
     resolve_interface,
 )
 from relayd.runtime import Feed, FeedHealth, Sample
-from relayd.wire import EmitConnection, Error, ErrorCode, encode_ack, encode_error
+from relayd.wire import ErrorCode
 
 __all__ = ["EmitFeedRuntime"]
 
 log = logging.getLogger("relayd.emit")
-
-#: ERROR codes with which a capture side says it stops on purpose.
-_PEER_STOPS: Final = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.FEED_REMOVED})
-
-#: How long a deliberate close waits for the peer's FIN after ERROR and our FIN.
-LINGER: Final = 0.2
 
 
 class EmitFeedRuntime:
@@ -94,15 +87,16 @@ class EmitFeedRuntime:
         self._listener: socket.socket | None = None
         self._mcast: socket.socket | None = None
         self._plane: DataPlane | None = None
-        self._links: list[PumpLink] = []
+        self._streams: ConnectionStreams | None = None
         self._started_at = 0.0
-        self._limiter: trio.CapacityLimiter | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------
 
     def set_close_reason(self, code: int, message: str) -> None:
         """What every connection is told (ERROR code and text) when the feed is cancelled."""
         self._close_reason = (int(code), message)
+        if self._streams is not None:
+            self._streams.close_reason = self._close_reason
 
     def update_keys(self, config: EmitFeed) -> bool:
         """Take ``config`` without a restart when it differs from the running one in
@@ -166,6 +160,17 @@ class EmitFeedRuntime:
         destinations.interface = self.interface_address
         destinations.ifindex = ifindex
         self._destinations = destinations
+        self._streams = ConnectionStreams(
+            self.name,
+            cfg,
+            stats=self.stats,
+            gate=self.gate,
+            sessions=self.sessions,
+            plane=plane,
+            destinations=destinations,
+            mcast=self._mcast,
+        )
+        self._streams.close_reason = self._close_reason
 
     def listener_for(self, host: str, port: int) -> socket.socket | None:
         """A duplicate of this feed's listening socket when it is bound to ``host:port``
@@ -193,18 +198,17 @@ class EmitFeedRuntime:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
             self.open()
-        listener, mcast = self._listener, self._mcast
+        listener, mcast, streams = self._listener, self._mcast, self._streams
         assert listener is not None
         assert mcast is not None
+        assert streams is not None
         cfg = self.config
         try:
             self._started_at = trio.current_time()
-            # no shared thread pool limit: connections are bounded by max_connections
-            self._limiter = trio.CapacityLimiter(math.inf)
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
                 async with trio.open_nursery() as handlers:
-                    await outer.start(self.gate.accept, listener, handlers, self._serve)
+                    await outer.start(self.gate.accept, listener, handlers, streams.serve)
                     self._listening = True
                     self._state = "listening"
                     log.info(
@@ -270,10 +274,11 @@ class EmitFeedRuntime:
         settings for later connections. Keys and sockets are not touched."""
         self.config = config
         self.gate.config = config
-        if self._destinations is not None and self._destinations.reconfigure(config):
-            for link in self._links:
-                if link.pump is not None:
-                    link.pump.clear_destinations()
+        moved = self._destinations is not None and self._destinations.reconfigure(config)
+        if self._streams is not None:
+            self._streams.config = config
+            if moved:
+                self._streams.forget_destinations()
 
     @staticmethod
     def _describe(conn: Connection) -> dict[str, Any]:
@@ -364,228 +369,3 @@ class EmitFeedRuntime:
             address,
             renewed,
         )
-
-    # -- one connection ---------------------------------------------------------------------
-
-    async def _serve(self, conn: Connection) -> None:
-        ended = False  # False at the finally: cancelled from outside, i.e. the feed stops
-        try:
-            with conn.scope:
-                accepted = await self.gate.handshake(conn)
-                if accepted is not None and self._welcome(conn, accepted[1].session_id):
-                    await self._stream(conn, accepted[0])
-            ended = True
-        except Exception:  # one connection's bug must never take the feed down
-            ended = True
-            log.exception("%s: connection from %s failed", self.name, conn.peer)
-            if conn.error is None:
-                conn.error = (ErrorCode.PROTOCOL, "internal error")
-                conn.reason = Closed.INTERNAL_ERROR
-        finally:
-            if not ended and conn.error is None:
-                conn.error = self._close_reason
-                conn.reason = Closed.STOPPED
-            await self._finish(conn)
-
-    def _welcome(self, conn: Connection, session_id: bytes) -> bool:
-        """Admit a connection past its HELLO: it supersedes its session's older connection,
-        then takes one of ``max_connections``; False when refused (``conn.error``)."""
-        cfg = self.config
-        old = self.sessions.supersede(session_id)
-        if old is not None:
-            self.stats.closed[Closed.SUPERSEDED] += 1
-            log.info("%s: %s supersedes %s for its session", self.name, conn.peer, old.peer)
-        if len(self.sessions.active) >= cfg.max_connections:
-            self.gate.reject(
-                conn,
-                Rejected.LIMIT,
-                ErrorCode.TOO_MANY_CONNECTIONS,
-                f"feed {self.name!r} already has {cfg.max_connections} connections",
-            )
-            return False
-        self._count_session_change(conn, session_id)
-        session = self.sessions.admit(conn, session_id)
-        self.stats.connections_accepted += 1
-        log.info(
-            "%s: capture connection from %s, session %s, resuming after %d",
-            self.name,
-            conn.peer,
-            session_id.hex(),
-            session.highest,
-        )
-        return True
-
-    def _count_session_change(self, conn: Connection, session_id: bytes) -> None:
-        change = self.sessions.change(session_id)
-        if change is None:
-            return
-        self.stats.session_changes[change] += 1
-        latest = self.sessions.latest
-        assert latest is not None
-        if change is SessionChange.CLEAN:
-            log.info(
-                "%s: %s starts capture session %s after %s ended cleanly",
-                self.name,
-                conn.peer,
-                session_id.hex(),
-                latest.session_id.hex(),
-                extra={"feed": self.name},
-            )
-            return
-        log.warning(
-            "%s: %s starts capture session %s while session %s (emitted up to %d) ended "
-            "without a goodbye: what its capture side held unacknowledged may be lost",
-            self.name,
-            conn.peer,
-            session_id.hex(),
-            latest.session_id.hex(),
-            latest.highest,
-            extra={"feed": self.name},
-        )
-
-    async def _finish(self, conn: Connection) -> None:
-        self.gate.pending.pop(conn.id, None)
-        if self.sessions.release(conn):
-            reason = conn.reason or Closed.EOF
-            self.stats.closed[reason] += 1
-            log.info("%s: connection from %s closed (%s)", self.name, conn.peer, reason.value)
-        sock = conn.sock
-        try:
-            if conn.error is not None:
-                code, message = conn.error
-                try:
-                    sock.send(conn.unsent + self._final_ack(conn) + encode_error(code, message))
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                else:
-                    if conn.linger:
-                        await self._linger(sock)
-            elif conn.final_ack and conn.session is not None:
-                await self._say_final_ack(conn, conn.session)
-        finally:
-            sock.close()
-
-    @staticmethod
-    def _final_ack(conn: Connection) -> bytes:
-        """An ACK of what was emitted of the connection's session and not ACKed on it yet,
-        sent before this side's ERROR: the capture side that fails over to another host then
-        resends nothing this one emitted."""
-        session = conn.session
-        if session is None or conn.acked < 0 or session.highest <= conn.acked_seq:
-            return b""
-        return encode_ack(session.highest)
-
-    async def _say_final_ack(self, conn: Connection, session: Session) -> None:
-        """The capture side said goodbye: ACK what was emitted of its session and not yet
-        ACKed (so it knows exactly what it still holds), then let it close first."""
-        session.goodbye = conn.reason is Closed.PEER_SHUTDOWN
-        if session.highest <= conn.acked_seq:
-            return  # everything emitted is ACKed already
-        try:
-            conn.sock.send(conn.unsent + encode_ack(session.highest))
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        await self._linger(conn.sock)
-
-    @staticmethod
-    async def _linger(sock: socket.socket) -> None:
-        """Read and discard until the peer closes, briefly, so our ERROR is not cut by a RST
-        (closing with unread input resets the connection)."""
-        with trio.CancelScope(deadline=trio.current_time() + LINGER, shield=True):
-            while True:
-                try:
-                    if not sock.recv(65536):
-                        return
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                except OSError:
-                    return
-
-    async def _stream(self, conn: Connection, proto: EmitConnection) -> None:
-        """Stream until the peer stops: the data path runs in a thread of its own
-        (relayd/emit/pump.py); cancellation and accounting stay in Trio."""
-        session = conn.session
-        assert session is not None
-        assert self._plane is not None
-        assert self._destinations is not None
-        assert self._mcast is not None
-        # A superseded connection's thread may still be finishing its chunk: one data-path
-        # thread per session at a time, so dedup by ``session.highest`` stays exact.
-        while True:
-            if session.connection is not conn:
-                return  # superseded in turn while waiting: never start a second thread
-            previous = session.pump_done
-            if previous is None:
-                break
-            await previous.wait()
-        done = session.pump_done = trio.Event()
-        link = PumpLink(session.session_id.hex(), self.config.max_datagram_size)
-        session.link = conn.link = link
-        self.stats.attach(link)
-        self._links.append(link)
-        try:
-            end, detail = await run_stoppable(
-                functools.partial(
-                    pump_connection,
-                    self._plane,
-                    conn,
-                    proto,
-                    link,
-                    self._mcast,
-                    self._destinations,
-                    self.config.idle_timeout,
-                    self.config.heartbeat_interval,
-                    link.max_datagram_size,
-                ),
-                limiter=self._limiter,
-            )
-            self._pumped(conn, end, detail)
-        finally:
-            self.stats.detach(link)
-            self._links.remove(link)
-            pump = link.pump
-            if pump is not None:
-                session.highest = pump.highest
-                conn.acked = pump.acked
-                conn.unsent = pump.unsent()  # a control frame cut short: before the ERROR
-            session.link = conn.link = None
-            done.set()
-            if session.pump_done is done:
-                session.pump_done = None
-
-    def _pumped(self, conn: Connection, end: PumpEnd, detail: Any) -> None:
-        """Record how the data-path thread ended."""
-        if end is PumpEnd.RESET:
-            conn.reason = Closed.RESET  # no ERROR to a reset connection
-            log.info("%s: %s: %s", self.name, conn.peer, detail)
-        elif end is PumpEnd.PROTOCOL:
-            self.stats.decode_errors += 1
-            conn.error = (ErrorCode.PROTOCOL, str(detail))
-            conn.reason = Closed.PROTOCOL
-            self.stats.rlog.warning(
-                f"decode:{conn.peer}",
-                "%s: undecodable bytes from %s: %s",
-                self.name,
-                conn.peer,
-                detail,
-            )
-        elif end is PumpEnd.PEER_ERROR:
-            self.stats.frames_in += len(detail)
-            conn.reason = Closed.PEER_ERROR
-            for event in detail:
-                if isinstance(event, Error):
-                    if event.code in _PEER_STOPS:
-                        conn.reason = Closed.PEER_SHUTDOWN  # a clean stop, not a fault
-                    log.info(
-                        "%s: %s sent ERROR %d: %s", self.name, conn.peer, event.code, event.message
-                    )
-                    break
-            conn.final_ack = True
-        elif end is PumpEnd.IDLE:
-            conn.error = (ErrorCode.IDLE_TIMEOUT, f"nothing received for {detail:g}s")
-            conn.reason = Closed.IDLE_TIMEOUT
-        elif end is PumpEnd.SLOW:
-            conn.end(ErrorCode.SLOW_CONSUMER, "not reading", Closed.SLOW_CONSUMER)
-        # EOF: closed by the capture side; STOPPED: cancelled, the cancel scope says why
