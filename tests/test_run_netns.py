@@ -228,12 +228,16 @@ time.sleep(8)
         groups = [("239.40.2.1", 33000), ("239.40.2.2", 33000)]
         total = 4000
         rx = start_receiver(customer, customer_ip, groups, total)
+        assert flood.stdout.readline() == b"flooding\n"
+        # The stream comes from the flooder's own address: admission evicts that source's
+        # oldest waiting connection, but none younger than 0.5 s, so the stream connects once
+        # the flood's connections are older than that (docs/SECURITY.md, admission).
+        time.sleep(0.6)
         tx = sender.popen(
             peer_argv("send", "--connect", f"{listen_ip}:6667", "--feed", "alpha",
                       "--groups", groups_arg(groups), "--count", str(total), "--rate", "2000"),
             stdout=subprocess.PIPE,
         )  # fmt: skip
-        assert flood.stdout.readline() == b"flooding\n"
         probe = f"""
 import time, urllib.request
 worst = 0.0
