@@ -11,7 +11,6 @@ errors), but does not make the instance unhealthy: the old configuration keeps s
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from relayd.admission import PendingTable, Room, per_source_default
 from relayd.config import Endpoint
 from relayd.logs import log_failure
 from relayd.metrics import CONTENT_TYPE, render
-from relayd.netif import bind_tcp_listener
+from relayd.netif import accept_forever, bind_tcp_listener
 from relayd.runtime import Sample
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,6 @@ BACKLOG = 1024
 HEALTH_CONNECTIONS_MIN = 8
 HEALTH_CONNECTIONS_MAX = 256
 #: Health connections accepted in a row before the accept loop lets other tasks run.
-_ACCEPT_BATCH = 64
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @attrs.define
@@ -333,22 +330,14 @@ class HealthConnections:
         serve: Callable[[trio.SocketStream], Awaitable[None]],
     ) -> None:
         """Accept until cancelled, ``serve`` each admitted connection in ``nursery``."""
-        while True:
-            for _ in range(_ACCEPT_BATCH):
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(listener)
-                    break
-                except OSError as exc:
-                    if exc.errno not in _RESOURCE_ERRORS:
-                        raise
-                    self._warn("cannot accept a health connection: %s; retrying", exc.strerror)
-                    await trio.sleep(0.1)
-                    break
-                self._admit(sock, address[0], nursery, serve)
-            else:
-                await trio.lowlevel.checkpoint()
+
+        def admit(sock: socket.socket, host: str, _port: int) -> None:
+            self._admit(sock, host, nursery, serve)
+
+        def no_resources(exc: OSError) -> None:
+            self._warn("cannot accept a health connection: %s; retrying", exc.strerror)
+
+        await accept_forever(listener, admit, no_resources)
 
     def _admit(
         self,

@@ -27,7 +27,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
 import attrs
@@ -41,6 +41,7 @@ __all__ = [
     "SO_RXQ_OVFL",
     "GroupReceiver",
     "InterfaceError",
+    "accept_forever",
     "address_error",
     "bind_tcp_listener",
     "drain",
@@ -444,3 +445,39 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
             continue
         view = view[sent:]
+
+
+#: Accept errors that mean "no resources right now" (a descriptor or buffer limit): the
+#: listener stays, the accept is retried after a pause.
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Connections taken per pass before the loop yields to the other tasks.
+ACCEPT_BATCH = 64
+
+
+async def accept_forever(
+    listener: socket.socket,
+    admit: Callable[[socket.socket, str, int], None],
+    no_resources: Callable[[OSError], None],
+    *,
+    retry: float = 0.1,
+) -> None:
+    """Accept on the non-blocking ``listener`` until cancelled, handing each connection to
+    ``admit(sock, host, port)`` (which decides, at once, whether it is served or refused:
+    the emit gate and the health server both refuse before any handshake work). Out of
+    descriptors: ``no_resources(exc)``, then a pause of ``retry`` seconds."""
+    while True:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                break
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RESOURCE_ERRORS:
+                    raise
+                no_resources(exc)
+                await trio.sleep(retry)
+                break
+            admit(sock, address[0], address[1])
+        else:
+            await trio.lowlevel.checkpoint()

@@ -94,21 +94,13 @@ class Destinations:
         same descriptor): a connected socket keeps the source address it was connected with,
         so after the interface's address changed, its sends fail until then. Returns how many
         were renewed."""
-        cfg = self._config
         renewed = 0
         with self._lock:
             if self.interface is None:
                 return 0
             for key, sock in self._connected.items():
                 try:
-                    fresh = open_multicast_sender(
-                        self.interface,
-                        cfg.ttl,
-                        cfg.loop,
-                        cfg.send_buffer,
-                        report_drops=True,
-                        ifindex=self.ifindex,
-                    )
+                    fresh = self._open_sender(self.interface)
                 except InterfaceError:
                     continue
                 with fresh:
@@ -126,21 +118,20 @@ class Destinations:
                 sock.close()
             self._connected.clear()
 
+    def _open_sender(self, interface: IPv4Address) -> socket.socket:
+        """A multicast sender for one destination, as the feed's shared one is set up."""
+        cfg = self._config
+        return open_multicast_sender(
+            interface, cfg.ttl, cfg.loop, cfg.send_buffer, report_drops=True, ifindex=self.ifindex
+        )
+
     def _connected_fd(self, key: int) -> int:
         sock = self._connected.get(key)
         if sock is None:
             if len(self._connected) >= CONNECTED_DESTINATIONS or self.interface is None:
                 return -1
-            cfg = self._config
             try:
-                sock = open_multicast_sender(
-                    self.interface,
-                    cfg.ttl,
-                    cfg.loop,
-                    cfg.send_buffer,
-                    report_drops=True,
-                    ifindex=self.ifindex,
-                )
+                sock = self._open_sender(self.interface)
             except InterfaceError:
                 return -1
             except OSError as exc:  # no descriptor: the shared socket serves it

@@ -23,7 +23,6 @@ feed's handler nursery.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -38,7 +37,7 @@ from relayd.admission import PendingTable, Room, per_source_default
 from relayd.config import EmitFeed
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import EmitStats, Rejected
-from relayd.netif import bind_tcp_listener
+from relayd.netif import accept_forever, bind_tcp_listener
 from relayd.wire import (
     EmitConnection,
     Error,
@@ -57,11 +56,8 @@ log = logging.getLogger("relayd.emit")
 HANDSHAKE_RECEIVE_SIZE: Final = 2048
 #: SO_SNDBUF of capture connections (only ACK, HEARTBEAT and ERROR frames go that way).
 CONTROL_SEND_BUFFER: Final = 16 * 1024
-#: Connections accepted in a row before the accept loop lets other tasks run.
-ACCEPT_BATCH: Final = 64
 #: accept() errors that mean "no resources right now": wait this long and try again.
 ACCEPT_RETRY: Final = 0.1
-_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: SO_LINGER on, zero seconds: close() resets the connection and leaves no TIME_WAIT.
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 
@@ -117,26 +113,18 @@ class Gate:
         """Accept on ``listener`` until cancelled; ``serve`` each admitted connection in
         ``handlers``. No resources (EMFILE and friends): logged, retried after a pause."""
         task_status.started()
-        while True:
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(listener)
-                    break
-                except OSError as exc:
-                    if exc.errno not in _RESOURCE_ERRORS:
-                        raise
-                    self._stats.rlog.warning(
-                        "accept", "%s: cannot accept: %s; retrying", self.name, exc.strerror
-                    )
-                    await trio.sleep(ACCEPT_RETRY)
-                    break
-                conn = self.admit(sock, address[0], address[1])
-                if conn is not None:
-                    handlers.start_soon(serve, conn)
-            else:
-                await trio.lowlevel.checkpoint()
+
+        def admit(sock: socket.socket, host: str, port: int) -> None:
+            conn = self.admit(sock, host, port)
+            if conn is not None:
+                handlers.start_soon(serve, conn)
+
+        def no_resources(exc: OSError) -> None:
+            self._stats.rlog.warning(
+                "accept", "%s: cannot accept: %s; retrying", self.name, exc.strerror
+            )
+
+        await accept_forever(listener, admit, no_resources, retry=ACCEPT_RETRY)
 
     def admit(self, sock: socket.socket, host: str, port: int) -> Connection | None:
         """A connection for an accepted socket, pending its HELLO; None (closed, counted)
