@@ -449,10 +449,12 @@ class CArbiter:
         self._release = ArbiterRelease()
 
     def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
-        self._plane.rd_arb_observe(self.address, group, port, payload, len(payload), now)
+        if self.address:
+            self._plane.rd_arb_observe(self.address, group, port, payload, len(payload), now)
 
     def set_live_sources(self, count: int) -> None:
-        self._plane.rd_arb_set_live_sources(self.address, count)
+        if self.address:
+            self._plane.rd_arb_set_live_sources(self.address, count)
 
     def counts(self) -> dict[str, int]:
         stats = self._stats
@@ -489,8 +491,10 @@ class CArbiter:
         return int(self._stats.gap_size)
 
     def close(self) -> None:
+        """Free the C arbiter; its counters stay readable (a copy)."""
         address, self.address = self.address, None
         if address:
+            self._stats = ArbiterStatsState.from_buffer_copy(self._stats)
             self._plane.rd_arb_free(address)
 
 
