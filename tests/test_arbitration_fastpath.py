@@ -13,8 +13,12 @@ happen; and a replay of the Deribit sample through two lossy copies.
 from __future__ import annotations
 
 import math
+import os
 import random
 import struct
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -315,3 +319,57 @@ def test_c_arbiter_refuses_an_impossible_configuration(cplane: fastpath.CPlane) 
 def test_every_counter_is_in_both_planes() -> None:
     assert set(LockedArbiter(ArbitrationConfig()).counts()) == set(ARBITER_COUNTERS)
     assert Arbiter(ArbitrationConfig()).live_sources == 2
+
+
+_SANITIZED_CHILD = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from pathlib import Path
+from relayd import fastpath
+assert str(fastpath.LIBRARY).startswith(sys.argv[1]), fastpath.LIBRARY
+import tests.test_arbitration_fastpath as t
+plane = fastpath.open_library(fastpath.LIBRARY)
+t.test_c_arbiter_matches_the_specification_on_deribit_copies(cplane=plane)
+t.test_c_arbiter_matches_the_specification_by_content(cplane=plane)
+t.test_c_arbiter_counts_sources_apart_up_to_its_table(plane)
+print("sanitized arbiter session passed", flush=True)
+"""
+
+
+def test_sanitized_arbiter_session() -> None:
+    """The differential tests above against an ASan+UBSan build of the library, in a child
+    process: any sanitizer report (or failure) fails this test, with the child's output."""
+    from tests.test_fastpath_fuzz import (  # noqa: PLC0415 - its build helpers
+        SANITIZER_REPORT,
+        _sanitizer_runtime,
+        sanitized_package,
+    )
+
+    runtime = _sanitizer_runtime()
+    if isinstance(runtime, str):
+        pytest.skip(f"no sanitizer build: {runtime}")
+    compiler, libasan = runtime
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="relayd-asan-arb-") as scratch:
+        root = sanitized_package(Path(scratch), compiler)
+        env = dict(os.environ)
+        env.update(
+            LD_PRELOAD=str(libasan),
+            ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
+            UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+            RELAYD_DATAPATH="c",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", _SANITIZED_CHILD, str(root), str(repo)],
+            env=env,
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+    report = child.stdout + child.stderr
+    assert child.returncode == 0, report[-6000:]
+    assert not any(marker in report for marker in SANITIZER_REPORT), report[-6000:]
+    assert "sanitized arbiter session passed" in report
