@@ -373,3 +373,62 @@ def test_sanitized_arbiter_session() -> None:
     assert child.returncode == 0, report[-6000:]
     assert not any(marker in report for marker in SANITIZER_REPORT), report[-6000:]
     assert "sanitized arbiter session passed" in report
+
+
+@pytest.mark.parametrize("leaf", ["c", "python"])
+def test_concurrent_copies_from_threads_are_sent_exactly_once(leaf: str) -> None:
+    """Four threads offer four complete copies of one stream at once (the C calls release the
+    GIL), a fifth observes: every datagram is sent exactly once (at once or released)."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    config = ArbitrationConfig(mode=ArbitrationMode.DERIBIT, hold_timeout=5.0)
+    if leaf == "c":
+        try:
+            arbiter: Any = fastpath.open_library(fastpath.LIBRARY).arbiter(config)
+        except fastpath.DataPathError as exc:
+            pytest.skip(f"no C data plane: {exc}")
+    else:
+        arbiter = LockedArbiter(config)
+    rng = random.Random(5)
+    seqs = [rng.randrange(1 << 20) for _ in range(16)]
+    stream = []
+    for i in range(4000):
+        channel = rng.randrange(16)
+        seqs[channel] += 1
+        stream.append(v1(channel, seqs[channel], b"%d" % i))
+    firsts: dict[int, bytes] = {}
+    for payload in stream:
+        firsts.setdefault(struct.unpack_from("<H", payload, 2)[0], payload)
+    for payload in firsts.values():  # every channel's start known, as after a failover
+        arbiter.observe(GROUPS[0], 6100, payload, time.monotonic())
+    body = [p for p in stream if p not in firsts.values()]
+    sent: list[bytes] = []
+    lock = threading.Lock()
+
+    def copy(source: int) -> None:
+        mine = []
+        for payload in body:
+            if arbiter.offer(source, GROUPS[0], 6100, payload, time.monotonic()).sends:
+                mine.append(payload)
+        with lock:
+            sent.extend(mine)
+
+    def observer() -> None:  # another relay's traffic on another group, meanwhile
+        for payload in body:
+            arbiter.observe(GROUPS[1], 6100, payload, time.monotonic())
+
+    threads = [threading.Thread(target=copy, args=(s,)) for s in range(4)]
+    threads.append(threading.Thread(target=observer))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    arbiter.expire(math.inf)
+    sent += [item[3] for item in arbiter.take_released()]
+    counts = arbiter.counts()
+    arbiter.close()
+    assert sorted(sent) == sorted(body)  # each once
+    assert counts["observed"] == len(firsts) + len(body)
+    assert counts["offered"] == 4 * len(body)
+    assert counts["held_now"] == 0
