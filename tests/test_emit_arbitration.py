@@ -14,11 +14,13 @@ import random
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import pytest
 import trio
 
 from relayd.emit import EmitFeedRuntime
+from relayd.tools.pcapng import read_datagrams
 from relayd.wire import encode_datagram
 from tests.helpers.capture_standin import (
     Peer,
@@ -194,3 +196,35 @@ async def test_observed_datagrams_are_not_sent_again(
             in_order_once(got, stream[30:])
             assert metric(feed, "arbitration_observed") == 30
             assert metric(feed, "arbitration_duplicates") == 30
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_two_copies_of_the_deribit_sample_merge_exactly_once(deribit_sample: Path) -> None:
+    """The sample's 5,066 datagrams (29 group:port pairs, moved onto test groups), two
+    capture sessions each missing a different 5 %: every datagram once, in order per channel."""
+    sample = list(read_datagrams(deribit_sample))
+    pairs = sorted({(d.group, d.port) for d in sample})
+    moved = dict(zip(pairs, pick_groups(len(pairs)), strict=True))
+    stream = [(*moved[d.group, d.port], d.payload) for d in sample]
+    rng = random.Random(11)
+    lost_a = set(rng.sample(range(len(stream)), len(stream) // 20))
+    lost_b = set(rng.sample(sorted(set(range(len(stream))) - lost_a), len(stream) // 20))
+    receivers = Receivers(list(moved.values()))
+    config = make_config(
+        arbitration="deribit", deribit_layout="frame-v1", arbitration_hold_timeout=1.0
+    )
+    try:
+        with trio.fail_after(60):
+            async with running(config) as feed:
+                a, b = await two_copies(feed)
+                for start in range(0, len(stream), 200):
+                    chunk = range(start, min(start + 200, len(stream)))
+                    await a.send([stream[i] for i in chunk if i not in lost_a])
+                    await b.send([stream[i] for i in chunk if i not in lost_b])
+                got = await receivers.settle()
+                in_order_once(got, stream)
+                assert metric(feed, "arbitration_gaps") == 0
+                assert metric(feed, "arbitration_resets") == 0
+                assert metric(feed, "datagrams_out") == len(stream)
+    finally:
+        receivers.close()
