@@ -912,6 +912,34 @@ double rd_arb_next_deadline(struct rd_arb *a) {
     return deadline;
 }
 
+/* The last capture session ended: no copy can fill a hole any more. Give up every hole and send
+ * what that releases (and anything released but not sent) on the feed's shared socket, without
+ * waiting; returns how many were sent, *failed how many could not be. */
+uint64_t rd_arb_flush(struct rd_arb *a, int64_t mcast_fd, uint64_t *failed) {
+    uint64_t sent = 0, bad = 0;
+    pthread_mutex_lock(&a->lock);
+    arb_expire(a, INFINITY);
+    while (a->out_head) {
+        struct arb_item *item = a->out_head;
+        a->out_head = item->next;
+        struct sockaddr_in sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sin_family = AF_INET;
+        sa.sin_port = htons(item->port);
+        sa.sin_addr.s_addr = htonl(item->group);
+        if (sendto((int)mcast_fd, item->payload, item->len, MSG_DONTWAIT,
+                   (const struct sockaddr *)&sa, sizeof sa) >= 0)
+            sent++;
+        else
+            bad++;
+        free(item);
+    }
+    a->out_tail = NULL;
+    pthread_mutex_unlock(&a->lock);
+    *failed = bad;
+    return sent;
+}
+
 /* The oldest released datagram not taken yet: 1 (its payload copied to payload, at most cap
  * bytes), or 0 when there is none. */
 int rd_arb_take_released(struct rd_arb *a, struct rd_arb_release *out, uint8_t *payload,

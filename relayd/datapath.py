@@ -239,6 +239,10 @@ class FeedArbiter(Protocol):
         """``Arbiter.offer`` (a ``Verdict``), for tests: what it releases waits in
         ``take_released``."""
 
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        """The last session ended: give up every hole, send what that releases on ``mcast``
+        without waiting; (sent, failed)."""
+
     def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
         """Released datagrams not sent yet: (source, group, port, payload, gap), for tests."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -441,6 +442,7 @@ class CArbiter:
         for i, port in enumerate(ports):
             cfg.snapshot_ports[i] = port
         self._plane = plane
+        self._closing = threading.Lock()
         self.address: int | None = plane.rd_arb_new(ctypes.byref(cfg))
         if not self.address:
             raise MemoryError("the C arbiter could not be allocated")
@@ -449,12 +451,22 @@ class CArbiter:
         self._release = ArbiterRelease()
 
     def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
-        if self.address:
-            self._plane.rd_arb_observe(self.address, group, port, payload, len(payload), now)
+        with self._closing:  # never into a freed arbiter, from whatever thread
+            if self.address:
+                self._plane.rd_arb_observe(self.address, group, port, payload, len(payload), now)
 
     def set_live_sources(self, count: int) -> None:
-        if self.address:
-            self._plane.rd_arb_set_live_sources(self.address, count)
+        with self._closing:
+            if self.address:
+                self._plane.rd_arb_set_live_sources(self.address, count)
+
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        failed = _u64()
+        with self._closing:
+            if not self.address:
+                return 0, 0
+            sent = self._plane.rd_arb_flush(self.address, mcast.fileno(), ctypes.byref(failed))
+        return int(sent), int(failed.value)
 
     def counts(self) -> dict[str, int]:
         stats = self._stats
@@ -492,10 +504,11 @@ class CArbiter:
 
     def close(self) -> None:
         """Free the C arbiter; its counters stay readable (a copy)."""
-        address, self.address = self.address, None
-        if address:
-            self._stats = ArbiterStatsState.from_buffer_copy(self._stats)
-            self._plane.rd_arb_free(address)
+        with self._closing:
+            address, self.address = self.address, None
+            if address:
+                self._stats = ArbiterStatsState.from_buffer_copy(self._stats)
+                self._plane.rd_arb_free(address)
 
 
 class _CReceiver:
@@ -646,6 +659,9 @@ class CPlane:
         self.rd_arb_next_deadline = lib.rd_arb_next_deadline
         self.rd_arb_next_deadline.argtypes = (arb,)
         self.rd_arb_next_deadline.restype = _d
+        self.rd_arb_flush = lib.rd_arb_flush
+        self.rd_arb_flush.argtypes = (arb, _i64, ctypes.POINTER(_u64))
+        self.rd_arb_flush.restype = _u64
         self.rd_arb_take_released = lib.rd_arb_take_released
         self.rd_arb_take_released.argtypes = (
             arb,

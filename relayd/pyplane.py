@@ -132,6 +132,21 @@ class LockedArbiter:
     def gap_size(self) -> int:
         return self.arbiter.gap_size
 
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        sent = failed = 0
+        with self.lock:
+            self.arbiter.expire(math.inf)
+            released = self.arbiter.released
+            while released:
+                item = released.popleft()
+                try:
+                    mcast.sendto(item.payload, (wire_group(item.group), item.port))
+                except OSError:
+                    failed += 1
+                else:
+                    sent += 1
+        return sent, failed
+
     def close(self) -> None:
         pass
 

@@ -228,3 +228,29 @@ async def test_two_copies_of_the_deribit_sample_merge_exactly_once(deribit_sampl
                 assert metric(feed, "datagrams_out") == len(stream)
     finally:
         receivers.close()
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_held_datagrams_go_out_when_the_last_session_ends(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """Both copies end while a hole is held (no pump is left to expire it): what is held goes
+    out at once, as a gap, since no copy can fill the hole any more."""
+    stream = deribit_stream(groups[:1], 20)
+    config = make_config(arbitration="deribit", arbitration_hold_timeout=1.0)
+    with trio.fail_after(30):
+        async with running(config) as feed:
+            a, b = await two_copies(feed)
+            channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
+            hole = next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+            await a.send([d for i, d in enumerate(stream) if i != hole])
+            assert metric(feed, "arbitration_held_now") > 0
+            await a.peer.aclose()
+            await b.peer.aclose()
+            await wait_for(lambda: metric(feed, "active_connections") == 0)
+            await wait_for(lambda: metric(feed, "arbitration_held_now") == 0, timeout=10)
+            got = await receivers.settle()
+            in_order_once(got, [d for i, d in enumerate(stream) if i != hole])
+            assert metric(feed, "arbitration_flushed") > 0
+            assert metric(feed, "arbitration_gaps") == 1
+            assert metric(feed, "datagrams_out") == len(stream) - 1

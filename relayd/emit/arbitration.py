@@ -21,6 +21,7 @@ the feed's groups, so that this one does not send it again (the active emitter's
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any, Final
@@ -86,6 +87,8 @@ class FeedArbitration:
         self._sources: dict[str, int] = {}  # capture host -> source number
         self.streaming = 0  # sessions streaming now
         self.concurrent_sessions = 0  # starts while another session streamed
+        self.flushed = 0  # held datagrams sent when the last session ended
+        self.flush_failed = 0
         self._users = 0  # feeds using it (a restarted feed takes it over from the old one)
         self._rlog = RateLimitedLogger(log, interval=60.0, max_keys=4)
 
@@ -123,10 +126,20 @@ class FeedArbitration:
                 self.concurrent_sessions,
             )
 
-    def session_ended(self, remaining: int) -> None:
+    def session_ended(self, remaining: int, mcast: socket.socket) -> int:
+        """A session's pump ended, ``remaining`` others stream. When none does, no copy can
+        fill a hole any more: what is held goes out now on ``mcast`` (no pump would send it).
+        Returns how many datagrams that sent."""
         self.streaming = remaining
-        if self.arbiter is not None:
-            self.arbiter.set_live_sources(remaining)
+        if self.arbiter is None:
+            return 0
+        self.arbiter.set_live_sources(remaining)
+        if remaining:
+            return 0
+        sent, failed = self.arbiter.flush(mcast)
+        self.flushed += sent
+        self.flush_failed += failed
+        return sent
 
     def observe(self, group: int, port: int, payload: bytes) -> None:
         """Any thread: a datagram another relay emitted on this feed's groups (host-order
@@ -208,6 +221,14 @@ class FeedArbitration:
                 (*feed, ("source", host)),
                 value,
             )
+        yield Sample(
+            "arbitration_flushed",
+            "counter",
+            "Held datagrams sent when the last capture session ended (no copy left to fill "
+            "their holes).",
+            feed,
+            self.flushed,
+        )
         yield Sample(
             "arbitration_held_now",
             "gauge",

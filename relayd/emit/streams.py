@@ -261,7 +261,7 @@ class ConnectionStreams:
         finally:
             self.stats.detach(link)
             self.links.remove(link)
-            arbitration.session_ended(len(self.links))
+            self.stats.datagrams_out += arbitration.session_ended(len(self.links), self.mcast)
             pump = link.pump
             if pump is not None:
                 session.highest = pump.highest
