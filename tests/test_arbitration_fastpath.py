@@ -171,6 +171,12 @@ def _operations(
             yield "expire", None
         elif roll < garbage + 0.06:
             yield "live", rng.choice([1, 2, 3])
+        elif roll < garbage + 0.09 and len(payload) >= 24:
+            # the same messages cut into another range (as another copy's packetizer might)
+            stamp, seq, channel, kind, count = struct.unpack_from("<qqiHH", payload)
+            if kind == SBE_INCREMENTAL and seq > 0:
+                reshaped = sbe(channel, seq - 1, count + 2, stamp, kind, b"r")
+                yield "offer", (source, group, port, reshaped)
         yield "offer", (source, group, port, payload)
 
 
