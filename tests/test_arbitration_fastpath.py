@@ -333,6 +333,10 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from pathlib import Path
 from relayd import fastpath
 assert str(fastpath.LIBRARY).startswith(sys.argv[1]), fastpath.LIBRARY
+import pytest
+emit = str(Path(sys.argv[2]) / "tests" / "test_emit_arbitration.py")
+code = pytest.main([emit, "-q", "-p", "no:cacheprovider", "-k", "c]", "--rootdir", sys.argv[2]])
+assert code == 0, f"the pumps' arbitration tests failed under the sanitizers ({code})"
 import tests.test_arbitration_fastpath as t
 plane = fastpath.open_library(fastpath.LIBRARY)
 t.test_c_arbiter_matches_the_specification_on_deribit_copies(cplane=plane)
@@ -343,8 +347,9 @@ print("sanitized arbiter session passed", flush=True)
 
 
 def test_sanitized_arbiter_session() -> None:
-    """The differential tests above against an ASan+UBSan build of the library, in a child
-    process: any sanitizer report (or failure) fails this test, with the child's output."""
+    """The differential tests above, and the pumps' arbitration on real sockets
+    (tests/test_emit_arbitration.py, C), against an ASan+UBSan build of the library, in a
+    child process: any sanitizer report (or failure) fails this test, with the child's output."""
     from tests.test_fastpath_fuzz import (  # noqa: PLC0415 - its build helpers
         SANITIZER_REPORT,
         _sanitizer_runtime,
