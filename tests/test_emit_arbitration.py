@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -22,6 +24,7 @@ import trio
 from relayd.emit import EmitFeedRuntime
 from relayd.tools.pcapng import read_datagrams
 from relayd.wire import encode_datagram
+from tests.helpers import metrics
 from tests.helpers.capture_standin import (
     Peer,
     Receivers,
@@ -31,6 +34,13 @@ from tests.helpers.capture_standin import (
     running,
 )
 from tests.helpers.loopback import wait_for
+from tests.helpers.relayd_process import (
+    RelaydProcess,
+    emit_toml,
+    get_json,
+    get_text,
+    process_toml,
+)
 
 Datagram = tuple[IPv4Address, int, bytes]
 
@@ -254,3 +264,33 @@ async def test_held_datagrams_go_out_when_the_last_session_ends(
             assert metric(feed, "arbitration_flushed") > 0
             assert metric(feed, "arbitration_gaps") == 1
             assert metric(feed, "datagrams_out") == len(stream) - 1
+
+
+def test_relayd_run_reports_arbitration(tmp_path: Path) -> None:
+    """``relayd run`` with ``arbitration = "deribit"`` in its TOML: the metrics are on
+    ``/metrics`` (valid exposition), the detail on ``/healthz/<feed>``, a line in ``relayd
+    status``."""
+    config = tmp_path / "relayd.toml"
+    feed = emit_toml("ab") + 'arbitration = "deribit"\nderibit_layout = "sbe"\n'
+    config.write_text(process_toml(feed, emit_toml("plain")))
+    relayd = RelaydProcess(config, {})
+    try:
+        health = relayd.health_port()
+        relayd.wait_line("ready")
+        families = metrics.parse(get_text(health, "/metrics"))
+        assert metrics.value(families, "arbitration_duplicates", feed="ab") == 0
+        assert metrics.value(families, "concurrent_sessions", feed="plain") == 0
+        duplicates = families["relayd_arbitration_duplicates"].samples
+        assert {sample.labels["feed"] for sample in duplicates} == {"ab"}  # "plain": none
+        _, doc = get_json(health, "/healthz/ab")
+        assert doc["feeds"]["ab"]["arbitration"]["deribit_layout"] == "sbe"
+        status = subprocess.run(
+            [sys.executable, "-m", "relayd", "status", "--url", f"127.0.0.1:{health}"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert "ab: arbitration deribit (sbe): 0 duplicates suppressed" in status.stdout
+    finally:
+        relayd.kill()
