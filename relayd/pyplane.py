@@ -66,10 +66,12 @@ class LockedArbiter:
     def __init__(self, config: ArbitrationConfig) -> None:
         self.arbiter = Arbiter(config)
         self.lock = threading.Lock()
+        self._closed = False  # as the C arbiter: nothing observed once closed
 
     def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
         with self.lock:
-            self.arbiter.observe(group, port, payload, now)
+            if not self._closed:
+                self.arbiter.observe(group, port, payload, now)
 
     def set_live_sources(self, count: int) -> None:
         with self.lock:
@@ -148,7 +150,8 @@ class LockedArbiter:
         return sent, failed
 
     def close(self) -> None:
-        pass
+        with self.lock:
+            self._closed = True
 
     def wake(self) -> float:
         """When a pump must wake for the arbiter (``time.monotonic()``): now (-inf) while

@@ -294,3 +294,31 @@ def test_relayd_run_reports_arbitration(tmp_path: Path) -> None:
         assert "ab: arbitration deribit (sbe): 0 duplicates suppressed" in status.stdout
     finally:
         relayd.kill()
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_restarted_feed_keeps_its_arbiter_when_the_settings_stay() -> None:
+    """A reload restarts a changed feed make-before-break (``open(previous)``): with the same
+    arbitration settings the new runtime takes the arbiter over (what it knows of every
+    channel), and it is freed only when neither runtime uses it any more."""
+    old = EmitFeedRuntime(make_config(arbitration="deribit"), keys=())
+    old.open()
+    same = EmitFeedRuntime(make_config(arbitration="deribit", ttl=2), keys=())
+    same.open(old)
+    other = EmitFeedRuntime(make_config(arbitration="content"), keys=())
+    other.open(same)
+    try:
+        assert old.arbitration is not None
+        assert same.arbitration is old.arbitration
+        assert other.arbitration is not old.arbitration
+        arbiter = old.arbitration.arbiter
+        assert arbiter is not None
+        old.close()
+        same.observe(0xEFFF0001, 6100, struct.pack("<HHI", 0, 1, 5))  # still in use: alive
+        assert arbiter.counts()["observed"] == 1
+        same.close()
+        same.observe(0xEFFF0001, 6100, struct.pack("<HHI", 0, 1, 6))  # freed: ignored
+        assert arbiter.counts()["observed"] == 1  # the counters outlive it
+    finally:
+        for feed in (old, same, other):
+            feed.close()
