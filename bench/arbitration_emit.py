@@ -12,7 +12,9 @@ sitting so that the machine's load hits all alike:
 
 Figures: this process's CPU time (process time) from the first welcome to the last datagram
 sent, per datagram received from the capture side and per datagram sent; medians of --rounds.
-The data path is the one ``RELAYD_DATAPATH`` selects (C when built).
+The data path is the one ``RELAYD_DATAPATH`` selects (C when built). Last, the C arbiter's own
+cost per offer (bench/arbitration_offer.c: the lock, a clock read and ``arb_offer``, without
+the rest of the pump), median of --rounds runs.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -129,6 +134,28 @@ async def one_run(arbitration: str, copies: int, count: int, rate: float) -> tup
     return cpu / (count * copies), cpu / expected_out
 
 
+def offer_cost(rounds: int) -> str:
+    """The C arbiter's CPU per offer (bench/arbitration_offer.c), or why not measured."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return "no C compiler: the arbiter's own cost not measured"
+    source = Path(__file__).with_name("arbitration_offer.c")
+    with tempfile.TemporaryDirectory() as scratch:
+        binary = Path(scratch) / "offer"
+        build = [compiler, "-O2", "-std=c11", "-Wall", "-Wextra", "-pthread", "-o", str(binary)]
+        subprocess.run([*build, str(source)], check=True, timeout=120)
+        lines = [
+            subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+            for _ in range(rounds)
+        ]
+    figures = sorted(float(line.split()[0]) for line in lines)
+    runs = ", ".join(f"{f:.1f}" for f in figures)
+    return (
+        f"C arbiter alone (lock, clock read, arb_offer; two copies, half duplicates): "
+        f"{statistics.median(figures):.1f} ns per offer, median of runs {runs}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short round")
@@ -164,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "deribit with two copies per datagram sent against none with one copy: "
         f"{medians['deribit', 2][1] / medians['none', 1][1]:.3f}"
     )
+    print(offer_cost(rounds))
     return 0
 
 
