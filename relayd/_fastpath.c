@@ -20,15 +20,18 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 9
+#define RD_ABI 10
 
 /* Why a call returned (both loops). */
 enum {
@@ -61,6 +64,44 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
 #define DEST_SLOTS 1024    /* per connection; cleared when half full */
 
+/* A/B arbitration (the section "A/B arbitration" below): */
+enum { ARB_MODE_NONE = 0, ARB_MODE_CONTENT = 1, ARB_MODE_DERIBIT = 2 };
+enum { ARB_LAYOUT_FRAME_V1 = 0, ARB_LAYOUT_SBE = 1 };
+/* Verdicts: arbiter.Verdict's, in its order. */
+enum {
+    ARB_EMIT = 1, ARB_GAP = 2, ARB_RESET = 3, ARB_OVERLAP = 4, ARB_UNSEQUENCED = 5,
+    ARB_MALFORMED = 6, ARB_DUPLICATE = 7, ARB_HELD = 8,
+};
+#define ARB_SOURCES 16        /* sources counted apart (sent_by_source); higher ones share the last */
+#define ARB_SNAPSHOT_PORTS 8  /* snapshot ports of the 8-byte layout at most */
+#define ARB_SEND_WAIT_MS 1000 /* a full multicast socket gets this long under the lock */
+
+#define RD_ARB_CONFIG_FIELDS(F)                                                               \
+    F(uint64_t, mode, ) F(uint64_t, layout, )                                                  \
+    F(uint64_t, max_channels, ) F(uint64_t, max_held, ) F(uint64_t, max_held_bytes, )          \
+    F(uint64_t, content_entries, )                                                             \
+    F(double, hold_timeout, ) F(double, stale_horizon, ) F(double, content_window, )           \
+    F(uint64_t, snapshot_port_count, ) F(uint64_t, snapshot_ports, [ARB_SNAPSHOT_PORTS])
+
+/* arbiter.ArbiterStats' counters (sent_by_source as an array), and gauges; read without the
+ * lock (aligned 64-bit words). */
+#define RD_ARB_STATS_FIELDS(F)                                                                \
+    F(uint64_t, offered, ) F(uint64_t, sent, ) F(uint64_t, duplicates, )                       \
+    F(uint64_t, held, ) F(uint64_t, released, ) F(uint64_t, gaps, ) F(uint64_t, missing, )     \
+    F(uint64_t, snapshot_gaps, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )                 \
+    F(uint64_t, heartbeats, ) F(uint64_t, skipped_heartbeats, ) F(uint64_t, unsequenced, )     \
+    F(uint64_t, malformed, ) F(uint64_t, observed, ) F(uint64_t, hold_overflows, )             \
+    F(uint64_t, channel_evictions, ) F(uint64_t, content_evictions, )                          \
+    F(uint64_t, held_now, ) F(uint64_t, held_bytes, ) F(uint64_t, channels, )                  \
+    F(uint64_t, live_sources, ) F(uint64_t, gap_size, )                                        \
+    F(uint64_t, sent_by_source, [ARB_SOURCES])
+
+/* One released datagram, as the test entry point hands it out. */
+#define RD_ARB_RELEASE_FIELDS(F)                                                              \
+    F(uint64_t, source, ) F(uint64_t, group, ) F(uint64_t, port, ) F(uint64_t, gap, )          \
+    F(uint64_t, len, )
+
+
 /* F(type, name, array dimension or nothing): 8-byte fields (or arrays of them) only, so there
  * is no padding to disagree on. */
 #define RD_DEST_FIELDS(F)                                                                     \
@@ -79,6 +120,8 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
     F(int64_t, ack_interval_ns, ) /* shortest time between two control frames */               \
     F(int64_t, heartbeat_ns, )    /* a HEARTBEAT after this long without output */             \
     F(uint64_t, max_payload, )    /* larger payloads are dropped (1..MAX_PAYLOAD) */           \
+    F(struct rd_arb *, arb, )     /* the feed's arbiter, or NULL (arbitration = "none") */     \
+    F(uint64_t, arb_source, )     /* this connection's source number for the arbiter */        \
     /* the stream: undecoded bytes are buf[start:end] */                                       \
     F(uint64_t, start, ) F(uint64_t, end, )                                                    \
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
@@ -133,10 +176,14 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
     F(int64_t, err, )
 
 #define RD_DECLARE(type, name, dim) type name dim;
+struct rd_arb; /* opaque: its config and stats are the shared parts */
 struct rd_dest { RD_DEST_FIELDS(RD_DECLARE) };
 struct rd_emit { RD_EMIT_FIELDS(RD_DECLARE) };
 struct rd_capture { RD_CAPTURE_FIELDS(RD_DECLARE) };
 struct rd_capture_rx { RD_CAPTURE_RX_FIELDS(RD_DECLARE) };
+struct rd_arb_config { RD_ARB_CONFIG_FIELDS(RD_DECLARE) };
+struct rd_arb_stats { RD_ARB_STATS_FIELDS(RD_DECLARE) };
+struct rd_arb_release { RD_ARB_RELEASE_FIELDS(RD_DECLARE) };
 
 /* The layout table: one row per field of every shared struct, then one per struct (field NULL,
  * its size), then a row of NULLs. */
@@ -150,11 +197,17 @@ struct rd_field {
 #define RD_EMIT_ROW(type, name, dim) RD_ROW(rd_emit, type, name, dim)
 #define RD_CAPTURE_ROW(type, name, dim) RD_ROW(rd_capture, type, name, dim)
 #define RD_CAPTURE_RX_ROW(type, name, dim) RD_ROW(rd_capture_rx, type, name, dim)
+#define RD_ARB_CONFIG_ROW(type, name, dim) RD_ROW(rd_arb_config, type, name, dim)
+#define RD_ARB_STATS_ROW(type, name, dim) RD_ROW(rd_arb_stats, type, name, dim)
+#define RD_ARB_RELEASE_ROW(type, name, dim) RD_ROW(rd_arb_release, type, name, dim)
 #define RD_SIZE_ROW(record) {#record, NULL, 0, sizeof(struct record)},
 static const struct rd_field layout[] = {
     RD_DEST_FIELDS(RD_DEST_ROW) RD_EMIT_FIELDS(RD_EMIT_ROW) RD_CAPTURE_FIELDS(RD_CAPTURE_ROW)
     RD_CAPTURE_RX_FIELDS(RD_CAPTURE_RX_ROW)
     RD_SIZE_ROW(rd_dest) RD_SIZE_ROW(rd_emit) RD_SIZE_ROW(rd_capture) RD_SIZE_ROW(rd_capture_rx)
+    RD_ARB_CONFIG_FIELDS(RD_ARB_CONFIG_ROW) RD_ARB_STATS_FIELDS(RD_ARB_STATS_ROW)
+    RD_ARB_RELEASE_FIELDS(RD_ARB_RELEASE_ROW)
+    RD_SIZE_ROW(rd_arb_config) RD_SIZE_ROW(rd_arb_stats) RD_SIZE_ROW(rd_arb_release)
     {NULL, NULL, 0, 0},
 };
 
@@ -171,6 +224,11 @@ static const struct rd_constant constants[] = {
     RD_CONSTANT(DEST_ALLOWED) RD_CONSTANT(DEST_DENIED_GROUP) RD_CONSTANT(DEST_DENIED_PORT)
     RD_CONSTANT(DATA_HEADER) RD_CONSTANT(MAX_PAYLOAD) RD_CONSTANT(LATENCY_BUCKETS)
     RD_CONSTANT(DEST_SLOTS) RD_CONSTANT(MAX_ERROR_TEXT)
+    RD_CONSTANT(ARB_MODE_NONE) RD_CONSTANT(ARB_MODE_CONTENT) RD_CONSTANT(ARB_MODE_DERIBIT)
+    RD_CONSTANT(ARB_LAYOUT_FRAME_V1) RD_CONSTANT(ARB_LAYOUT_SBE) RD_CONSTANT(ARB_EMIT)
+    RD_CONSTANT(ARB_GAP) RD_CONSTANT(ARB_RESET) RD_CONSTANT(ARB_OVERLAP)
+    RD_CONSTANT(ARB_UNSEQUENCED) RD_CONSTANT(ARB_MALFORMED) RD_CONSTANT(ARB_DUPLICATE)
+    RD_CONSTANT(ARB_HELD) RD_CONSTANT(ARB_SOURCES) RD_CONSTANT(ARB_SNAPSHOT_PORTS)
     {NULL, 0},
 };
 
@@ -192,6 +250,809 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get3
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
 static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
+
+static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key);
+
+/* -- A/B arbitration: one arbiter per emit feed, shared by its pump threads ------------------
+ *
+ * The decisions of relayd/arbitration/arbiter.py (the specification, step for step: the
+ * differential tests in tests/test_arbitration_fastpath.py hold this code to it), with bounded
+ * memory: a channel table of max_channels (least recently used evicted), held datagrams up to
+ * max_held and max_held_bytes (more closes the oldest hole early), a content window of
+ * content_entries hashes. Per datagram O(1) on the common path (a hash lookup and a few
+ * compares); a datagram behind a hole costs a binary search among its channel's held ones.
+ * Times are seconds of CLOCK_MONOTONIC as doubles, as in Python (the same arithmetic, so the
+ * same decisions at every boundary). One mutex per arbiter: the pump that takes it decides,
+ * sends its datagram and everything released (so each channel goes out in order whichever
+ * thread sends), then lets go. */
+
+__extension__ typedef __int128 arb_seq; /* Python's ints: seqNum + messageCount past 2**63 */
+
+struct arb_item { /* a held datagram, then released */
+    struct arb_item *next; /* in the outbox */
+    arb_seq seq;
+    int64_t stamp;
+    uint64_t span, source, gap, len;
+    uint32_t group;
+    uint16_t port;
+    uint8_t payload[];
+};
+
+struct arb_channel {
+    struct arb_channel *hash_next, *lru_prev, *lru_next, *hold_prev, *hold_next;
+    uint64_t key_lo; /* port << 32 | channel id */
+    uint32_t group;
+    int snapshot, holding;
+    arb_seq next, floor_previous, floor_current, stale_below;
+    int64_t stamp;
+    double rotated, held_since;
+    struct arb_item **held; /* sorted by seq */
+    uint64_t held_n, held_cap;
+};
+
+struct arb_seen { uint64_t hash; double at; }; /* at < 0: empty */
+
+struct rd_arb {
+    struct rd_arb_stats stats; /* first: Python reads it through rd_arb_stats */
+    struct rd_arb_config cfg;
+    pthread_mutex_t lock;
+    struct arb_channel *channels, *free_channels, **buckets, *lru_head, *lru_tail;
+    struct arb_channel *hold_head, *hold_tail;
+    uint64_t bucket_mask;
+    struct arb_item *out_head, *out_tail; /* released, to send in this order */
+    struct arb_seen *seen, *order;        /* the content window: hash table, FIFO ring */
+    uint64_t seen_mask, seen_count, order_head;
+};
+
+static uint64_t arb_mix(uint64_t x) {
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    return x ^ (x >> 32);
+}
+
+static uint64_t arb_hash(uint32_t group, uint16_t port, const uint8_t *p, uint64_t len) {
+    uint64_t h = arb_mix((uint64_t)group << 16 ^ port ^ len << 48), w;
+    uint64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&w, p + i, 8);
+        h = (h ^ arb_mix(w + i)) * 0x9E3779B97F4A7C15ull;
+    }
+    w = 0;
+    if (len > i) memcpy(&w, p + i, len - i);
+    return arb_mix(h ^ w ^ (len - i) << 56);
+}
+
+/* Drop the oldest entry of the content window (its FIFO and table hold the same hashes). */
+static void arb_seen_pop(struct rd_arb *a) {
+    uint64_t mask = a->seen_mask, hash = a->order[a->order_head].hash;
+    uint64_t i = arb_mix(hash) & mask;
+    while (a->seen[i].at < 0 || a->seen[i].hash != hash) i = (i + 1) & mask;
+    /* backward-shift deletion keeps every probe sequence unbroken */
+    for (uint64_t j = (i + 1) & mask; a->seen[j].at >= 0; j = (j + 1) & mask) {
+        uint64_t home = arb_mix(a->seen[j].hash) & mask;
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            a->seen[i] = a->seen[j];
+            i = j;
+        }
+    }
+    a->seen[i].at = -1;
+    a->order_head = (a->order_head + 1) % a->cfg.content_entries;
+    a->seen_count--;
+}
+
+/* ContentWindow.seen: 1 if the datagram was recorded within the window; records it if not. */
+static int arb_seen(struct rd_arb *a, uint32_t group, uint16_t port, const uint8_t *p,
+                    uint64_t len, double now) {
+    uint64_t key = arb_hash(group, port, p, len), mask = a->seen_mask;
+    double horizon = now - a->cfg.content_window;
+    while (a->seen_count && a->order[a->order_head].at <= horizon) arb_seen_pop(a);
+    uint64_t i = arb_mix(key) & mask;
+    for (; a->seen[i].at >= 0; i = (i + 1) & mask)
+        if (a->seen[i].hash == key) return 1;
+    if (a->seen_count >= a->cfg.content_entries) {
+        arb_seen_pop(a);
+        a->stats.content_evictions++;
+        for (i = arb_mix(key) & mask; a->seen[i].at >= 0;) i = (i + 1) & mask;
+    }
+    a->seen[i].hash = key;
+    a->seen[i].at = now;
+    struct arb_seen *o = &a->order[(a->order_head + a->seen_count) % a->cfg.content_entries];
+    o->hash = key;
+    o->at = now;
+    a->seen_count++;
+    return 0;
+}
+
+/* headers.py: 0 malformed, else 1 with the fields (sequenced: 1, or 0 for SBE packets with no
+ * per-packet sequence). */
+struct arb_header {
+    uint32_t channel;
+    arb_seq seq;
+    uint64_t span;
+    int64_t stamp;
+    int sequenced, snapshot;
+};
+
+static uint64_t le(const uint8_t *p, unsigned n) {
+    uint64_t v = 0;
+    for (unsigned i = n; i-- > 0;) v = v << 8 | p[i];
+    return v;
+}
+
+static int arb_parse(const struct rd_arb *a, uint16_t port, const uint8_t *p, uint64_t len,
+                     struct arb_header *h) {
+    if (a->cfg.layout == ARB_LAYOUT_FRAME_V1) {
+        if (len < 8 || le(p, 2) != len - 8) return 0;
+        h->channel = (uint32_t)le(p + 2, 2);
+        h->seq = (arb_seq)le(p + 4, 4);
+        h->span = 1;
+        h->stamp = 0;
+        h->sequenced = 1;
+        h->snapshot = 0;
+        for (uint64_t i = 0; i < a->cfg.snapshot_port_count && i < ARB_SNAPSHOT_PORTS; i++)
+            if (a->cfg.snapshot_ports[i] == port) h->snapshot = 1;
+        return 1;
+    }
+    if (len < 24) return 0;
+    int64_t seq = (int64_t)le(p + 8, 8);
+    uint64_t type = le(p + 20, 2), count = le(p + 22, 2);
+    if (seq < 0 || (type & ~(uint64_t)7) || len < 24 + 16 * count) return 0;
+    h->stamp = (int64_t)le(p, 8);
+    h->seq = seq;
+    h->channel = (uint32_t)le(p + 16, 4);
+    h->span = count;
+    h->sequenced = type == 1;
+    h->snapshot = type != 1 && (type & 2);
+    return 1;
+}
+
+/* -- the channel table ------------------------------------------------------------------- */
+
+static uint64_t arb_bucket(const struct rd_arb *a, uint32_t group, uint64_t key_lo) {
+    return arb_mix((uint64_t)group * 0x9E3779B97F4A7C15ull ^ key_lo) & a->bucket_mask;
+}
+
+static void arb_lru_unlink(struct rd_arb *a, struct arb_channel *c) {
+    if (c->lru_prev) c->lru_prev->lru_next = c->lru_next; else a->lru_head = c->lru_next;
+    if (c->lru_next) c->lru_next->lru_prev = c->lru_prev; else a->lru_tail = c->lru_prev;
+    c->lru_prev = c->lru_next = NULL;
+}
+
+static void arb_lru_append(struct rd_arb *a, struct arb_channel *c) {
+    c->lru_prev = a->lru_tail;
+    c->lru_next = NULL;
+    if (a->lru_tail) a->lru_tail->lru_next = c; else a->lru_head = c;
+    a->lru_tail = c;
+}
+
+/* ChannelTable.get: the channel, most recently used now; or NULL. */
+static struct arb_channel *arb_get(struct rd_arb *a, uint32_t group, uint64_t key_lo) {
+    struct arb_channel *c = a->buckets[arb_bucket(a, group, key_lo)];
+    while (c && (c->group != group || c->key_lo != key_lo)) c = c->hash_next;
+    if (c && c != a->lru_tail) {
+        arb_lru_unlink(a, c);
+        arb_lru_append(a, c);
+    }
+    return c;
+}
+
+static void arb_holding_add(struct rd_arb *a, struct arb_channel *c) {
+    c->holding = 1;
+    c->hold_prev = a->hold_tail;
+    c->hold_next = NULL;
+    if (a->hold_tail) a->hold_tail->hold_next = c; else a->hold_head = c;
+    a->hold_tail = c;
+}
+
+static void arb_holding_remove(struct rd_arb *a, struct arb_channel *c) {
+    c->holding = 0;
+    if (c->hold_prev) c->hold_prev->hold_next = c->hold_next; else a->hold_head = c->hold_next;
+    if (c->hold_next) c->hold_next->hold_prev = c->hold_prev; else a->hold_tail = c->hold_prev;
+    c->hold_prev = c->hold_next = NULL;
+}
+
+static void arb_count_gap(struct rd_arb *a, const struct arb_channel *c, arb_seq missing) {
+    a->stats.gaps++;
+    a->stats.missing += (uint64_t)missing;
+    if (c->snapshot) a->stats.snapshot_gaps++;
+}
+
+static void arb_sent(struct rd_arb *a, uint64_t source) {
+    a->stats.sent++;
+    a->stats.sent_by_source[source < ARB_SOURCES ? source : ARB_SOURCES - 1]++;
+}
+
+static arb_seq arb_max(arb_seq x, arb_seq y) { return x > y ? x : y; }
+static int64_t arb_max64(int64_t x, int64_t y) { return x > y ? x : y; }
+
+/* Take held[i] out of the channel. */
+static struct arb_item *arb_take(struct arb_channel *c, uint64_t i) {
+    struct arb_item *item = c->held[i];
+    memmove(c->held + i, c->held + i + 1, (c->held_n - i - 1) * sizeof *c->held);
+    c->held_n--;
+    return item;
+}
+
+static void arb_release(struct rd_arb *a, struct arb_item *item, arb_seq gap) {
+    a->stats.held_now--;
+    a->stats.held_bytes -= item->len;
+    a->stats.released++;
+    arb_sent(a, item->source);
+    item->gap = (uint64_t)gap;
+    item->next = NULL;
+    if (a->out_tail) a->out_tail->next = item; else a->out_head = item;
+    a->out_tail = item;
+}
+
+/* Index of the held datagram with sequence seq, or held_n. */
+static uint64_t arb_find(const struct arb_channel *c, arb_seq seq) {
+    uint64_t lo = 0, hi = c->held_n;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (c->held[mid]->seq < seq) lo = mid + 1; else hi = mid;
+    }
+    return lo < c->held_n && c->held[lo]->seq == seq ? lo : c->held_n;
+}
+
+/* Arbiter._drain */
+static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
+    while (c->held_n) {
+        uint64_t i = arb_find(c, c->next);
+        struct arb_item *item;
+        if (i < c->held_n) {
+            item = arb_take(c, i);
+        } else {
+            if (c->held[0]->seq > c->next) break;
+            item = arb_take(c, 0);
+            if (item->seq + (arb_seq)item->span <= c->next) {
+                a->stats.held_now--;
+                a->stats.held_bytes -= item->len;
+                a->stats.duplicates++;
+                free(item);
+                continue;
+            }
+            a->stats.overlaps++;
+        }
+        c->next = arb_max(c->next, item->seq + (arb_seq)item->span);
+        c->stamp = arb_max64(c->stamp, item->stamp);
+        arb_release(a, item, 0);
+    }
+    if (!c->held_n && c->holding) arb_holding_remove(a, c);
+}
+
+/* Arbiter._skip_hole */
+static void arb_skip_hole(struct rd_arb *a, struct arb_channel *c, double now) {
+    struct arb_item *item = arb_take(c, 0);
+    arb_seq missing = item->seq - c->next;
+    arb_count_gap(a, c, missing);
+    c->next = item->seq + (arb_seq)item->span;
+    c->stamp = arb_max64(c->stamp, item->stamp);
+    arb_release(a, item, missing);
+    c->held_since = now;
+    if (c->held_n) arb_drain(a, c);
+    else if (c->holding) arb_holding_remove(a, c);
+}
+
+static void arb_flush(struct rd_arb *a, struct arb_channel *c) {
+    while (c->held_n) arb_skip_hole(a, c, c->held_since);
+}
+
+/* ChannelTable.add (evicting the least recently used, its held datagrams released first) and
+ * Channel(kind, seq, now). */
+static struct arb_channel *arb_add(struct rd_arb *a, uint32_t group, uint64_t key_lo,
+                                   int snapshot, arb_seq seq, int64_t stamp, double now) {
+    struct arb_channel *c = a->free_channels;
+    if (c) {
+        a->free_channels = c->hash_next;
+    } else {
+        c = a->lru_head; /* the table is full */
+        struct arb_channel **p = &a->buckets[arb_bucket(a, c->group, c->key_lo)];
+        while (*p != c) p = &(*p)->hash_next;
+        *p = c->hash_next;
+        arb_lru_unlink(a, c);
+        a->stats.channel_evictions++;
+        a->stats.channels--;
+        arb_flush(a, c);
+    }
+    struct arb_item **held = c->held;
+    uint64_t held_cap = c->held_cap;
+    memset(c, 0, sizeof *c);
+    c->held = held;
+    c->held_cap = held_cap;
+    c->group = group;
+    c->key_lo = key_lo;
+    c->snapshot = snapshot;
+    c->next = seq;
+    c->floor_previous = -1;
+    c->floor_current = seq;
+    c->rotated = now;
+    c->stamp = stamp;
+    uint64_t b = arb_bucket(a, group, key_lo);
+    c->hash_next = a->buckets[b];
+    a->buckets[b] = c;
+    arb_lru_append(a, c);
+    a->stats.channels++;
+    return c;
+}
+
+/* ChannelTable.rotate */
+static void arb_rotate(const struct rd_arb *a, struct arb_channel *c, double now) {
+    double elapsed = now - c->rotated, horizon = a->cfg.stale_horizon;
+    if (elapsed >= horizon) {
+        c->floor_previous = elapsed < 2 * horizon ? c->floor_current : c->next;
+        c->floor_current = c->next;
+        c->rotated = now;
+        c->stale_below = 0;
+    }
+}
+
+enum { EV_IN_ORDER, EV_GAP, EV_BEHIND, EV_OVERLAP, EV_RESET, EV_HEARTBEAT };
+
+/* sequence.classify */
+static int arb_classify(const struct arb_channel *c, arb_seq seq, uint64_t count, int64_t stamp) {
+    arb_seq expected = c->next;
+    if (count == 0) {
+        if (seq > expected) return seq < c->stale_below ? EV_BEHIND : EV_GAP;
+        return stamp > c->stamp ? EV_HEARTBEAT : EV_BEHIND;
+    }
+    if (seq == expected) return EV_IN_ORDER;
+    if (seq > expected) return seq < c->stale_below ? EV_BEHIND : EV_GAP;
+    if (seq + (arb_seq)count <= expected) return seq < c->floor_previous ? EV_RESET : EV_BEHIND;
+    return EV_OVERLAP;
+}
+
+static void arb_restart(struct arb_channel *c, arb_seq seq, uint64_t count, double now) {
+    c->stale_below = c->next;
+    c->next = seq + (arb_seq)count;
+    c->floor_previous = -1;
+    c->floor_current = seq;
+    c->rotated = now;
+}
+
+static int arb_by_content(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t port,
+                          const uint8_t *p, uint64_t len, double now, int verdict) {
+    if (arb_seen(a, group, port, p, len, now)) {
+        a->stats.duplicates++;
+        return ARB_DUPLICATE;
+    }
+    if (verdict == ARB_UNSEQUENCED) a->stats.unsequenced++;
+    arb_sent(a, source);
+    return verdict;
+}
+
+/* Arbiter._after_hole: seq is past next. */
+static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct arb_header *h,
+                          uint64_t source, uint32_t group, uint16_t port, const uint8_t *p,
+                          uint64_t len, double now) {
+    if (a->cfg.hold_timeout == 0 || a->stats.live_sources < 2) {
+        arb_seq missing = h->seq - c->next;
+        arb_count_gap(a, c, missing);
+        a->stats.gap_size = (uint64_t)missing;
+        c->next = h->seq + (arb_seq)h->span;
+        c->stamp = arb_max64(c->stamp, h->stamp);
+        if (c->held_n) arb_drain(a, c); /* held before the live sources dropped to one */
+        arb_sent(a, source);
+        return ARB_GAP;
+    }
+    uint64_t at = c->held_n;
+    while (at && c->held[at - 1]->seq > h->seq) at--; /* in order: no step */
+    if (at && c->held[at - 1]->seq == h->seq) {
+        a->stats.duplicates++;
+        return ARB_DUPLICATE;
+    }
+    struct arb_item *item = malloc(sizeof *item + len);
+    if (!item) { /* no memory to hold it: a hole no copy fills, as without a second copy */
+        arb_seq missing = h->seq - c->next;
+        arb_count_gap(a, c, missing);
+        a->stats.gap_size = (uint64_t)missing;
+        c->next = h->seq + (arb_seq)h->span;
+        c->stamp = arb_max64(c->stamp, h->stamp);
+        arb_sent(a, source);
+        return ARB_GAP;
+    }
+    if (c->held_n == c->held_cap) {
+        uint64_t cap = c->held_cap ? 2 * c->held_cap : 8;
+        struct arb_item **grown = realloc(c->held, cap * sizeof *grown);
+        if (!grown) {
+            free(item);
+            arb_seq missing = h->seq - c->next;
+            arb_count_gap(a, c, missing);
+            a->stats.gap_size = (uint64_t)missing;
+            c->next = h->seq + (arb_seq)h->span;
+            c->stamp = arb_max64(c->stamp, h->stamp);
+            arb_sent(a, source);
+            return ARB_GAP;
+        }
+        c->held = grown;
+        c->held_cap = cap;
+    }
+    memset(item, 0, sizeof *item);
+    item->seq = h->seq;
+    item->span = h->span;
+    item->stamp = h->stamp;
+    item->source = source;
+    item->group = group;
+    item->port = port;
+    item->len = len;
+    memcpy(item->payload, p, len);
+    if (!c->holding) {
+        c->held_since = now;
+        arb_holding_add(a, c);
+    }
+    memmove(c->held + at + 1, c->held + at, (c->held_n - at) * sizeof *c->held);
+    c->held[at] = item;
+    c->held_n++;
+    a->stats.held_now++;
+    a->stats.held_bytes += len;
+    a->stats.held++;
+    while (a->hold_head && (a->stats.held_now > a->cfg.max_held ||
+                            a->stats.held_bytes > a->cfg.max_held_bytes)) {
+        a->stats.hold_overflows++;
+        struct arb_channel *oldest = a->hold_head;
+        for (struct arb_channel *o = oldest->hold_next; o; o = o->hold_next)
+            if (o->held_since < oldest->held_since) oldest = o;
+        arb_skip_hole(a, oldest, now);
+    }
+    return ARB_HELD;
+}
+
+/* Arbiter.offer (with the lock held). */
+static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t port,
+                     const uint8_t *p, uint64_t len, double now) {
+    a->stats.offered++;
+    if (a->cfg.mode == ARB_MODE_NONE) {
+        arb_sent(a, source);
+        return ARB_EMIT;
+    }
+    if (a->cfg.mode == ARB_MODE_CONTENT)
+        return arb_by_content(a, source, group, port, p, len, now, ARB_EMIT);
+    struct arb_header h;
+    if (!arb_parse(a, port, p, len, &h)) {
+        a->stats.malformed++;
+        return arb_by_content(a, source, group, port, p, len, now, ARB_MALFORMED);
+    }
+    if (!h.sequenced) return arb_by_content(a, source, group, port, p, len, now, ARB_UNSEQUENCED);
+    uint64_t key_lo = (uint64_t)port << 32 | h.channel;
+    struct arb_channel *c = arb_get(a, group, key_lo);
+    if (!c) {
+        arb_add(a, group, key_lo, h.snapshot, h.seq + (arb_seq)h.span, h.stamp, now);
+        arb_sent(a, source);
+        return ARB_EMIT;
+    }
+    if (now - c->rotated >= a->cfg.stale_horizon) arb_rotate(a, c, now);
+    arb_seq expected = c->next, end = h.seq + (arb_seq)h.span;
+    if (h.span && h.seq < expected && end <= expected && h.seq >= c->floor_previous) {
+        a->stats.duplicates++; /* the other copy's datagram, the commonest case */
+        return ARB_DUPLICATE;
+    }
+    int event = h.span && h.seq == expected ? EV_IN_ORDER : arb_classify(c, h.seq, h.span, h.stamp);
+    switch (event) {
+    case EV_IN_ORDER:
+        c->next = end;
+        c->stamp = arb_max64(c->stamp, h.stamp);
+        if (c->held_n) arb_drain(a, c);
+        arb_sent(a, source);
+        return ARB_EMIT;
+    case EV_BEHIND:
+        a->stats.duplicates++;
+        return ARB_DUPLICATE;
+    case EV_GAP:
+        if (h.span == 0 && a->cfg.hold_timeout != 0 && a->stats.live_sources >= 2) {
+            a->stats.duplicates++;
+            a->stats.skipped_heartbeats++;
+            return ARB_DUPLICATE;
+        }
+        return arb_after_hole(a, c, &h, source, group, port, p, len, now);
+    case EV_HEARTBEAT:
+        c->stamp = h.stamp;
+        a->stats.heartbeats++;
+        arb_sent(a, source);
+        return ARB_EMIT;
+    case EV_OVERLAP:
+        a->stats.overlaps++;
+        c->next = end;
+        c->stamp = arb_max64(c->stamp, h.stamp);
+        if (c->held_n) arb_drain(a, c);
+        arb_sent(a, source);
+        return ARB_OVERLAP;
+    default: /* EV_RESET: what is held belongs to the old sequence */
+        if (c->held_n) arb_flush(a, c);
+        a->stats.resets++;
+        arb_restart(c, h.seq, h.span, now);
+        c->stamp = arb_max64(c->stamp, h.stamp);
+        arb_sent(a, source);
+        return ARB_RESET;
+    }
+}
+
+/* Arbiter.observe (with the lock held). */
+static void arb_observe(struct rd_arb *a, uint32_t group, uint16_t port, const uint8_t *p,
+                        uint64_t len, double now) {
+    a->stats.observed++;
+    if (a->cfg.mode == ARB_MODE_NONE) return;
+    struct arb_header h;
+    if (a->cfg.mode != ARB_MODE_DERIBIT || !arb_parse(a, port, p, len, &h) || !h.sequenced) {
+        arb_seen(a, group, port, p, len, now);
+        return;
+    }
+    uint64_t key_lo = (uint64_t)port << 32 | h.channel;
+    struct arb_channel *c = arb_get(a, group, key_lo);
+    if (!c) {
+        arb_add(a, group, key_lo, h.snapshot, h.seq + (arb_seq)h.span, h.stamp, now);
+        return;
+    }
+    arb_rotate(a, c, now);
+    int event = arb_classify(c, h.seq, h.span, h.stamp);
+    if (event == EV_RESET) {
+        if (c->held_n) arb_flush(a, c);
+        arb_restart(c, h.seq, h.span, now);
+    } else if (event != EV_BEHIND) {
+        c->next = arb_max(c->next, h.seq + (arb_seq)h.span);
+    }
+    c->stamp = arb_max64(c->stamp, h.stamp);
+    if (c->held_n) arb_drain(a, c);
+}
+
+/* Arbiter.next_deadline, or INFINITY when nothing is held. */
+static double arb_hold_deadline(const struct rd_arb *a) {
+    double oldest = INFINITY;
+    for (const struct arb_channel *c = a->hold_head; c; c = c->hold_next)
+        if (c->held_since < oldest) oldest = c->held_since;
+    return oldest + a->cfg.hold_timeout;
+}
+
+/* Arbiter.expire */
+static uint64_t arb_expire(struct rd_arb *a, double now) {
+    uint64_t before = a->stats.released;
+    double limit = now - a->cfg.hold_timeout;
+    struct arb_channel *c = a->hold_head;
+    while (c) {
+        struct arb_channel *after = c->hold_next;
+        while (c->held_n && c->held_since <= limit) arb_skip_hole(a, c, now);
+        c = after;
+    }
+    return a->stats.released - before;
+}
+
+struct rd_arb *rd_arb_new(const struct rd_arb_config *cfg) {
+    if (cfg->mode > ARB_MODE_DERIBIT || cfg->layout > ARB_LAYOUT_SBE || cfg->max_channels < 1 ||
+        cfg->max_channels > (1u << 24) || cfg->max_held < 1 || cfg->max_held_bytes < 1 ||
+        cfg->content_entries < 1 || cfg->content_entries > (1u << 24) ||
+        !(cfg->hold_timeout >= 0) || !(cfg->stale_horizon > 0) || !(cfg->content_window > 0))
+        return NULL;
+    struct rd_arb *a = calloc(1, sizeof *a);
+    if (!a) return NULL;
+    a->cfg = *cfg;
+    a->stats.live_sources = 2;
+    uint64_t buckets = 1, slots = 1;
+    while (buckets < 2 * cfg->max_channels) buckets <<= 1;
+    while (slots < 2 * cfg->content_entries) slots <<= 1;
+    a->bucket_mask = buckets - 1;
+    a->seen_mask = slots - 1;
+    a->channels = calloc(cfg->max_channels, sizeof *a->channels);
+    a->buckets = calloc(buckets, sizeof *a->buckets);
+    a->seen = malloc(slots * sizeof *a->seen);
+    a->order = malloc(cfg->content_entries * sizeof *a->order);
+    if (!a->channels || !a->buckets || !a->seen || !a->order ||
+        pthread_mutex_init(&a->lock, NULL)) {
+        free(a->channels);
+        free(a->buckets);
+        free(a->seen);
+        free(a->order);
+        free(a);
+        return NULL;
+    }
+    for (uint64_t i = 0; i < slots; i++) a->seen[i].at = -1;
+    for (uint64_t i = cfg->max_channels; i-- > 0;) {
+        a->channels[i].hash_next = a->free_channels;
+        a->free_channels = &a->channels[i];
+    }
+    return a;
+}
+
+void rd_arb_free(struct rd_arb *a) {
+    if (!a) return;
+    for (uint64_t i = 0; i < a->cfg.max_channels; i++) {
+        struct arb_channel *c = &a->channels[i];
+        for (uint64_t j = 0; j < c->held_n; j++) free(c->held[j]);
+        free(c->held);
+    }
+    for (struct arb_item *item = a->out_head, *next; item; item = next) {
+        next = item->next;
+        free(item);
+    }
+    pthread_mutex_destroy(&a->lock);
+    free(a->channels);
+    free(a->buckets);
+    free(a->seen);
+    free(a->order);
+    free(a);
+}
+
+const struct rd_arb_stats *rd_arb_stats(const struct rd_arb *a) { return &a->stats; }
+
+void rd_arb_set_live_sources(struct rd_arb *a, uint64_t count) {
+    pthread_mutex_lock(&a->lock);
+    a->stats.live_sources = count;
+    pthread_mutex_unlock(&a->lock);
+}
+
+/* Any thread: a datagram another relay emitted on the feed's groups (the active emitter's
+ * observer). now: CLOCK_MONOTONIC seconds. */
+void rd_arb_observe(struct rd_arb *a, uint64_t group, uint64_t port, const uint8_t *payload,
+                    uint64_t len, double now) {
+    pthread_mutex_lock(&a->lock);
+    arb_observe(a, (uint32_t)group, (uint16_t)port, payload, len, now);
+    pthread_mutex_unlock(&a->lock);
+}
+
+/* The specification's calls one by one, for the differential tests (the pumps send what
+ * these decide without handing it to Python). */
+int rd_arb_offer(struct rd_arb *a, uint64_t source, uint64_t group, uint64_t port,
+                 const uint8_t *payload, uint64_t len, double now) {
+    pthread_mutex_lock(&a->lock);
+    int verdict = arb_offer(a, source, (uint32_t)group, (uint16_t)port, payload, len, now);
+    pthread_mutex_unlock(&a->lock);
+    return verdict;
+}
+
+uint64_t rd_arb_expire(struct rd_arb *a, double now) {
+    pthread_mutex_lock(&a->lock);
+    uint64_t released = arb_expire(a, now);
+    pthread_mutex_unlock(&a->lock);
+    return released;
+}
+
+double rd_arb_next_deadline(struct rd_arb *a) {
+    pthread_mutex_lock(&a->lock);
+    double deadline = arb_hold_deadline(a);
+    pthread_mutex_unlock(&a->lock);
+    return deadline;
+}
+
+/* The last capture session ended: no copy can fill a hole any more. Give up every hole and send
+ * what that releases (and anything released but not sent) on the feed's shared socket, without
+ * waiting; returns how many were sent, *failed how many could not be. */
+uint64_t rd_arb_flush(struct rd_arb *a, int64_t mcast_fd, uint64_t *failed) {
+    uint64_t sent = 0, bad = 0;
+    pthread_mutex_lock(&a->lock);
+    arb_expire(a, INFINITY);
+    while (a->out_head) {
+        struct arb_item *item = a->out_head;
+        a->out_head = item->next;
+        struct sockaddr_in sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sin_family = AF_INET;
+        sa.sin_port = htons(item->port);
+        sa.sin_addr.s_addr = htonl(item->group);
+        if (sendto((int)mcast_fd, item->payload, item->len, MSG_DONTWAIT,
+                   (const struct sockaddr *)&sa, sizeof sa) >= 0)
+            sent++;
+        else
+            bad++;
+        free(item);
+    }
+    a->out_tail = NULL;
+    pthread_mutex_unlock(&a->lock);
+    *failed = bad;
+    return sent;
+}
+
+/* The oldest released datagram not taken yet: 1 (its payload copied to payload, at most cap
+ * bytes), or 0 when there is none. */
+int rd_arb_take_released(struct rd_arb *a, struct rd_arb_release *out, uint8_t *payload,
+                         uint64_t cap) {
+    pthread_mutex_lock(&a->lock);
+    struct arb_item *item = a->out_head;
+    if (item) {
+        a->out_head = item->next;
+        if (!a->out_head) a->out_tail = NULL;
+    }
+    pthread_mutex_unlock(&a->lock);
+    if (!item) return 0;
+    out->source = item->source;
+    out->group = item->group;
+    out->port = item->port;
+    out->gap = item->gap;
+    out->len = item->len;
+    memcpy(payload, item->payload, item->len < cap ? item->len : cap);
+    free(item);
+    return 1;
+}
+
+/* -- arbitration in the emit pump ------------------------------------------------------------ */
+
+/* Send one arbitrated datagram (the lock held): on d's connected socket when it has one, else
+ * on the shared socket. A full socket is waited for (ARB_SEND_WAIT_MS at most: the lock is
+ * held); 0, or -1 with err set (counted as a failed send). */
+static int arb_send(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
+                    uint64_t len) {
+    int connected = d && d->state == DEST_ALLOWED && d->fd >= 0;
+    int fd = connected ? (int)d->fd : (int)s->mcast_fd;
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)(key & 0xFFFF));
+    sa.sin_addr.s_addr = htonl((uint32_t)(key >> 16));
+    for (int waited = 0;;) {
+        ssize_t sent = connected ? send(fd, p, len, 0)
+                                 : sendto(fd, p, len, 0, (const struct sockaddr *)&sa, sizeof sa);
+        if (sent >= 0) {
+            s->datagrams_out++;
+            s->bytes_out += len;
+            s->last_send_ok = 1;
+            return 0;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN && !waited) {
+            s->send_waits++;
+            struct pollfd w = {fd, POLLOUT, 0};
+            waited = poll(&w, 1, ARB_SEND_WAIT_MS) <= 0;
+            continue;
+        }
+        s->err = errno;
+        s->need_key = key;
+        s->send_errors++;
+        s->last_send_ok = 0;
+        return -1;
+    }
+}
+
+/* Send what the arbiter released, in order, until one fails (the rest stays for the next
+ * pump to take the lock). 0 or RD_SEND_ERROR. */
+static int arb_send_released(struct rd_emit *s, struct rd_arb *a) {
+    while (a->out_head) {
+        struct arb_item *item = a->out_head;
+        a->out_head = item->next;
+        if (!a->out_head) a->out_tail = NULL;
+        uint64_t key = (uint64_t)item->group << 16 | item->port;
+        int failed = arb_send(s, dest_find(s, key), key, item->payload, item->len);
+        free(item);
+        if (failed) return RD_SEND_ERROR;
+    }
+    return 0;
+}
+
+/* The pump's one call per allowed datagram: what was released before goes first, then the
+ * datagram if the arbiter says so, then what it released. 0 or RD_SEND_ERROR. */
+static int arb_emit(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
+                    uint64_t len) {
+    struct rd_arb *a = (struct rd_arb *)s->arb;
+    pthread_mutex_lock(&a->lock);
+    int outcome = arb_send_released(s, a);
+    double now = (double)now_ns(CLOCK_MONOTONIC) / 1e9;
+    int verdict = arb_offer(a, s->arb_source, (uint32_t)(key >> 16), (uint16_t)key, p, len, now);
+    if (verdict < ARB_DUPLICATE && arb_send(s, d, key, p, len)) outcome = RD_SEND_ERROR;
+    if (!outcome) outcome = arb_send_released(s, a);
+    pthread_mutex_unlock(&a->lock);
+    return outcome;
+}
+
+/* When the pump must wake for the arbiter (CLOCK_MONOTONIC ns), INT64_MAX for never. */
+static int64_t arb_wake_ns(struct rd_emit *s) {
+    struct rd_arb *a = (struct rd_arb *)s->arb;
+    if (!__atomic_load_n(&a->hold_head, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&a->out_head, __ATOMIC_RELAXED))
+        return INT64_MAX; /* a racy peek: a datagram held meanwhile wakes whoever holds it */
+    pthread_mutex_lock(&a->lock);
+    double deadline = a->out_head ? -INFINITY : arb_hold_deadline(a);
+    pthread_mutex_unlock(&a->lock);
+    if (deadline == INFINITY) return INT64_MAX;
+    if (deadline == -INFINITY) return 0;
+    return (int64_t)(deadline * 1e9) + 1000; /* past the deadline, not a hair before it */
+}
+
+/* Expire the holes that are due and send what that releases. 0 or RD_SEND_ERROR. */
+static int arb_pump_expire(struct rd_emit *s, int64_t now) {
+    struct rd_arb *a = (struct rd_arb *)s->arb;
+    pthread_mutex_lock(&a->lock);
+    arb_expire(a, (double)now / 1e9);
+    int outcome = arb_send_released(s, a);
+    pthread_mutex_unlock(&a->lock);
+    return outcome;
+}
 
 /* -- emit: the destination table (open addressing, one per connection) ---------------------- */
 
@@ -305,6 +1166,9 @@ static int emit_frames(struct rd_emit *s) {
         uint64_t len = size - DATA_HEADER;
         if (d->state == DEST_ALLOWED && len > s->max_payload) {
             s->oversize++;
+        } else if (d->state == DEST_ALLOWED && s->arb) { /* A/B arbitration: its section */
+            outcome = arb_emit(s, d, key, f + DATA_HEADER, len);
+            last_ts = get64(f + 18);
         } else if (d->state == DEST_ALLOWED) {
             int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
             for (;;) {
@@ -451,6 +1315,15 @@ int rd_emit_pump(struct rd_emit *s) {
             if (s->out_len && now - s->blocked_since_ns >= s->idle_ns) return RD_SLOW;
             if (now >= deadline) return RD_IDLE;
             int64_t wake = deadline;
+            if (s->arb) { /* held datagrams expire on time without traffic */
+                int64_t due = arb_wake_ns(s);
+                if (due <= now) {
+                    int expired = arb_pump_expire(s, now);
+                    if (expired) return expired;
+                    continue;
+                }
+                wake = min64(wake, due);
+            }
             if (s->out_len) wake = min64(wake, s->blocked_since_ns + s->idle_ns);
             else {
                 int64_t next = s->last_out_ns + s->ack_interval_ns;

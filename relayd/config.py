@@ -80,6 +80,14 @@ MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+#: A/B arbitration of an emit feed's concurrent capture sessions (relayd/arbitration/).
+Arbitration = Literal["none", "deribit", "content"]
+#: The Deribit packet header the ``deribit`` arbitration reads (relayd/arbitration/headers.py).
+DeribitLayoutName = Literal["frame-v1", "sbe"]
+#: Bounds of the arbitration tunables: a hole waits at most 1 s for another copy (it delays
+#: its channel that long), the content window spans 10 ms..60 s.
+MAX_HOLD_TIMEOUT: Final = 1.0
+CONTENT_WINDOW_RANGE: Final = (0.01, 60.0)
 
 MULTICAST: Final = IPv4Network("224.0.0.0/4")
 LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
@@ -324,6 +332,10 @@ class EmitFeed:
     send_buffer: int = 4 * 1024**2
     max_datagram_size: int = TGW_MULTICAST_MTU
     auth_key_files: tuple[Path, ...] = ()
+    arbitration: Arbitration = "none"
+    deribit_layout: DeribitLayoutName = "frame-v1"
+    arbitration_hold_timeout: float = 0.05
+    arbitration_content_window: float = 2.0
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -554,6 +566,29 @@ def _duration(value: Any) -> float:
     return seconds
 
 
+def _hold_timeout(value: Any) -> float:
+    """A duration 0..``MAX_HOLD_TIMEOUT`` (0: never hold, a hole is a gap at once)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    seconds = _duration(value)
+    if seconds > MAX_HOLD_TIMEOUT:
+        raise _InvalidValueError(
+            f"invalid duration {value!r}: must be between 0 and {format_duration(MAX_HOLD_TIMEOUT)}"
+        )
+    return seconds
+
+
+def _content_window(value: Any) -> float:
+    seconds = _duration(value)
+    lo, hi = CONTENT_WINDOW_RANGE
+    if not lo <= seconds <= hi:
+        raise _InvalidValueError(
+            f"invalid duration {value!r}: must be between {format_duration(lo)} and "
+            f"{format_duration(hi)}"
+        )
+    return seconds
+
+
 def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -680,6 +715,10 @@ _register(
         "send_buffer": _size(hi=_MAX_SOCKET_BUFFER),
         "max_datagram_size": _int_in(1, MAX_PAYLOAD),
         "auth_key_files": _tuple_of(_path),
+        "arbitration": _one_of(get_args(Arbitration)),
+        "deribit_layout": _one_of(get_args(DeribitLayoutName)),
+        "arbitration_hold_timeout": _hold_timeout,
+        "arbitration_content_window": _content_window,
     },
     _check_timeouts,
 )

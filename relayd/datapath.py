@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
 
+from relayd.arbitration import ArbitrationConfig, Verdict
 from relayd.session import Destination
 from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
 
@@ -43,6 +44,7 @@ __all__ = [
     "EmitCounters",
     "EmitPump",
     "EmitStart",
+    "FeedArbiter",
     "Why",
     "current_beat",
     "data_threads_alive",
@@ -183,6 +185,78 @@ class AckReader(Protocol):
         """After CONTROL: the decoder's verdict on what the reader handed back."""
 
 
+#: What a feed arbiter counts (``FeedArbiter.counts``): relayd.arbitration.ArbiterStats'
+#: counters, then gauges (datagrams held and their bytes now, channels tracked, live sources).
+ARBITER_COUNTERS = (
+    "offered",
+    "sent",
+    "duplicates",
+    "held",
+    "released",
+    "gaps",
+    "missing",
+    "snapshot_gaps",
+    "resets",
+    "overlaps",
+    "heartbeats",
+    "skipped_heartbeats",
+    "unsequenced",
+    "malformed",
+    "observed",
+    "hold_overflows",
+    "channel_evictions",
+    "content_evictions",
+    "held_now",
+    "held_bytes",
+    "channels",
+    "live_sources",
+)
+#: Sources (capture sessions) an arbiter counts apart; higher source numbers share the last.
+ARBITER_SOURCES = 16
+
+
+class FeedArbiter(Protocol):
+    """One emit feed's A/B arbiter, shared by all its pumps: the decisions of
+    ``relayd.arbitration.Arbiter`` (the specification) behind a lock. Every method is
+    thread-safe. Times are ``time.monotonic()`` seconds (CLOCK_MONOTONIC, the pumps' clock).
+
+    The pumps call it per datagram themselves (the C leaf without leaving C); the rest is for
+    the feed, for observers and for tests."""
+
+    def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
+        """A datagram another relay emitted on the feed's groups: not to be sent again."""
+
+    def set_live_sources(self, count: int) -> None:
+        """How many capture sessions stream the feed now (below 2: holes are gaps at once)."""
+
+    def counts(self) -> dict[str, int]:
+        """``ARBITER_COUNTERS`` by name."""
+
+    def sent_by_source(self) -> list[int]:
+        """Datagrams sent per source number (``ARBITER_SOURCES`` entries)."""
+
+    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+        """``Arbiter.offer`` (a ``Verdict``), for tests: what it releases waits in
+        ``take_released``."""
+
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        """The last session ended: give up every hole, send what that releases on ``mcast``
+        without waiting; (sent, failed)."""
+
+    def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
+        """Released datagrams not sent yet: (source, group, port, payload, gap), for tests."""
+
+    def expire(self, now: float) -> int: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    @property
+    def gap_size(self) -> int: ...
+
+    def close(self) -> None:
+        """Free it (no pump may use it any more)."""
+
+
 class EmitStart(NamedTuple):
     """What an emit pump starts from."""
 
@@ -196,6 +270,8 @@ class EmitStart(NamedTuple):
     heartbeat: float  # seconds without output before a HEARTBEAT
     ack_interval: float  # seconds between two control frames at least
     max_datagram_size: int  # larger payloads are dropped (``session.oversize``)
+    arbiter: FeedArbiter | None = None  # the feed's, from this plane's ``arbiter``; None: none
+    source: int = 0  # this connection's source number for the arbiter
 
 
 class DataPlane(Protocol):
@@ -209,6 +285,9 @@ class DataPlane(Protocol):
         """Raises ProtocolError when what the handshake left over cannot be a frame."""
 
     def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> CaptureReceiver: ...
+
+    def arbiter(self, config: ArbitrationConfig) -> FeedArbiter:
+        """A feed's arbiter for this leaf's pumps. Raises MemoryError when it cannot be made."""
 
     def ack_reader(
         self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float

@@ -19,12 +19,16 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Final
 
 from relayd import wire
+from relayd.arbitration import ArbitrationConfig, ArbitrationMode, DeribitLayout, Verdict
 from relayd.datapath import (
     ACK_READ_SIZE,
+    ARBITER_COUNTERS,
+    ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
     EMIT_RECEIVE_SIZE,
     EmitStart,
@@ -36,6 +40,7 @@ from relayd.wire import CaptureConnection, Event, ProtocolError
 
 __all__ = [
     "LIBRARY",
+    "CArbiter",
     "CPlane",
     "CaptureReaderState",
     "CaptureState",
@@ -46,7 +51,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 9
+ABI: Final = 10
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -72,6 +77,8 @@ class EmitState(ctypes.Structure):
         ("ack_interval_ns", _i64),
         ("heartbeat_ns", _i64),
         ("max_payload", _u64),
+        ("arb", ctypes.c_void_p),
+        ("arb_source", _u64),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
@@ -153,12 +160,67 @@ class CaptureReaderState(ctypes.Structure):
     )
 
 
+#: Snapshot ports of the 8-byte Deribit layout an arbiter takes at most.
+ARB_SNAPSHOT_PORTS: Final = 8
+_d = ctypes.c_double
+
+
+class ArbiterConfig(ctypes.Structure):
+    """``struct rd_arb_config``: ``ArbitrationConfig`` for the C arbiter."""
+
+    _fields_ = (
+        ("mode", _u64),
+        ("layout", _u64),
+        ("max_channels", _u64),
+        ("max_held", _u64),
+        ("max_held_bytes", _u64),
+        ("content_entries", _u64),
+        ("hold_timeout", _d),
+        ("stale_horizon", _d),
+        ("content_window", _d),
+        ("snapshot_port_count", _u64),
+        ("snapshot_ports", _u64 * ARB_SNAPSHOT_PORTS),
+    )
+
+
+class ArbiterStatsState(ctypes.Structure):
+    """``struct rd_arb_stats``: the C arbiter's counters (read without its lock)."""
+
+    _fields_ = (
+        *((name, _u64) for name in ARBITER_COUNTERS),
+        ("gap_size", _u64),
+        ("sent_by_source", _u64 * ARBITER_SOURCES),
+    )
+
+
+class ArbiterRelease(ctypes.Structure):
+    """``struct rd_arb_release``: one released datagram (``rd_arb_take_released``)."""
+
+    _fields_ = (("source", _u64), ("group", _u64), ("port", _u64), ("gap", _u64), ("len", _u64))
+
+
 STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "rd_dest": _Dest,
     "rd_emit": EmitState,
     "rd_capture": CaptureState,
     "rd_capture_rx": CaptureReaderState,
+    "rd_arb_config": ArbiterConfig,
+    "rd_arb_stats": ArbiterStatsState,
+    "rd_arb_release": ArbiterRelease,
 }
+
+_MODES: Final = {ArbitrationMode.NONE: 0, ArbitrationMode.CONTENT: 1, ArbitrationMode.DERIBIT: 2}
+_LAYOUTS: Final = {DeribitLayout.FRAME_V1: 0, DeribitLayout.SBE: 1}
+_VERDICTS: Final = (
+    Verdict.EMIT,
+    Verdict.GAP,
+    Verdict.RESET,
+    Verdict.OVERLAP,
+    Verdict.UNSEQUENCED,
+    Verdict.MALFORMED,
+    Verdict.DUPLICATE,
+    Verdict.HELD,
+)
 
 
 class _Field(ctypes.Structure):
@@ -190,7 +252,12 @@ def expected_constants() -> dict[str, int]:
         LATENCY_BUCKETS=LATENCY_BUCKETS,
         DEST_SLOTS=DEST_SLOTS,
         MAX_ERROR_TEXT=wire.MAX_ERROR_TEXT,
+        ARB_SOURCES=ARBITER_SOURCES,
+        ARB_SNAPSHOT_PORTS=ARB_SNAPSHOT_PORTS,
     )
+    constants.update({f"ARB_MODE_{mode.name}": value for mode, value in _MODES.items()})
+    constants.update({f"ARB_LAYOUT_{layout.name}": value for layout, value in _LAYOUTS.items()})
+    constants.update({f"ARB_{verdict.name}": i for i, verdict in enumerate(_VERDICTS, 1)})
     return constants
 
 
@@ -275,7 +342,17 @@ def _take_over(leftover: bytes, buffer: ctypes.Array[ctypes.c_uint8], after: str
 class _CEmitPump:
     """:class:`relayd.datapath.EmitPump` over ``rd_emit_pump``."""
 
-    __slots__ = ("_buffer", "_proto", "_pump", "_ref", "_set_dest", "counters", "err", "need_key")
+    __slots__ = (
+        "_arbiter",
+        "_buffer",
+        "_proto",
+        "_pump",
+        "_ref",
+        "_set_dest",
+        "counters",
+        "err",
+        "need_key",
+    )
 
     def __init__(self, plane: CPlane, start: EmitStart) -> None:
         self._buffer = buffer = (ctypes.c_uint8 * EMIT_RECEIVE_SIZE)()
@@ -290,11 +367,14 @@ class _CEmitPump:
             ack_interval_ns=int(start.ack_interval * 1e9),
             heartbeat_ns=int(start.heartbeat * 1e9),
             max_payload=start.max_datagram_size,
+            arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
+            arb_source=start.source,
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
         )
         state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
+        self._arbiter = start.arbiter  # kept alive while the pump may use it
         self._ref = ctypes.byref(state)
         self._pump = plane.rd_emit_pump
         self._set_dest = plane.rd_emit_set_dest
@@ -332,6 +412,103 @@ class _CEmitPump:
     def unsent(self) -> bytes:
         state = self.counters
         return bytes(state.out[state.out_off : state.out_len])
+
+
+def _c_arbiter(arbiter: object) -> CArbiter:
+    if not isinstance(arbiter, CArbiter):
+        raise TypeError(f"the C pump needs the C plane's arbiter, not {arbiter!r}")
+    return arbiter
+
+
+class CArbiter:
+    """:class:`relayd.datapath.FeedArbiter` over ``struct rd_arb`` (its own mutex)."""
+
+    def __init__(self, plane: CPlane, config: ArbitrationConfig) -> None:
+        ports = sorted(config.snapshot_ports)
+        if len(ports) > ARB_SNAPSHOT_PORTS:
+            raise ValueError(f"at most {ARB_SNAPSHOT_PORTS} snapshot ports, not {len(ports)}")
+        cfg = ArbiterConfig(
+            mode=_MODES[config.mode],
+            layout=_LAYOUTS[config.layout],
+            max_channels=config.max_channels,
+            max_held=config.max_held,
+            max_held_bytes=config.max_held_bytes,
+            content_entries=config.content_window_entries,
+            hold_timeout=config.hold_timeout,
+            stale_horizon=config.stale_horizon,
+            content_window=config.content_window,
+            snapshot_port_count=len(ports),
+        )
+        for i, port in enumerate(ports):
+            cfg.snapshot_ports[i] = port
+        self._plane = plane
+        self._closing = threading.Lock()
+        self.address: int | None = plane.rd_arb_new(ctypes.byref(cfg))
+        if not self.address:
+            raise MemoryError("the C arbiter could not be allocated")
+        self._stats = ArbiterStatsState.from_address(plane.rd_arb_stats(self.address))
+        self._payload = (ctypes.c_uint8 * wire.MAX_PAYLOAD)()
+        self._release = ArbiterRelease()
+
+    def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
+        with self._closing:  # never into a freed arbiter, from whatever thread
+            if self.address:
+                self._plane.rd_arb_observe(self.address, group, port, payload, len(payload), now)
+
+    def set_live_sources(self, count: int) -> None:
+        with self._closing:
+            if self.address:
+                self._plane.rd_arb_set_live_sources(self.address, count)
+
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        failed = _u64()
+        with self._closing:
+            if not self.address:
+                return 0, 0
+            sent = self._plane.rd_arb_flush(self.address, mcast.fileno(), ctypes.byref(failed))
+        return int(sent), int(failed.value)
+
+    def counts(self) -> dict[str, int]:
+        stats = self._stats
+        return {name: int(getattr(stats, name)) for name in ARBITER_COUNTERS}
+
+    def sent_by_source(self) -> list[int]:
+        return list(self._stats.sent_by_source)
+
+    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+        code = self._plane.rd_arb_offer(
+            self.address, source, group, port, payload, len(payload), now
+        )
+        return _VERDICTS[code - 1]
+
+    def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
+        out = []
+        release = self._release
+        while self._plane.rd_arb_take_released(
+            self.address, ctypes.byref(release), self._payload, wire.MAX_PAYLOAD
+        ):
+            payload = bytes(self._payload[: release.len])
+            out.append((release.source, release.group, release.port, payload, release.gap))
+        return out
+
+    def expire(self, now: float) -> int:
+        return int(self._plane.rd_arb_expire(self.address, now))
+
+    def next_deadline(self) -> float | None:
+        deadline = float(self._plane.rd_arb_next_deadline(self.address))
+        return None if deadline == float("inf") else deadline
+
+    @property
+    def gap_size(self) -> int:
+        return int(self._stats.gap_size)
+
+    def close(self) -> None:
+        """Free the C arbiter; its counters stay readable (a copy)."""
+        with self._closing:
+            address, self.address = self.address, None
+            if address:
+                self._stats = ArbiterStatsState.from_buffer_copy(self._stats)
+                self._plane.rd_arb_free(address)
 
 
 class _CReceiver:
@@ -457,12 +634,51 @@ class CPlane:
         self.rd_capture_read = lib.rd_capture_read
         self.rd_capture_read.argtypes = (reader,)
         self.rd_capture_read.restype = ctypes.c_int
+        arb = ctypes.c_void_p
+        self.rd_arb_new = lib.rd_arb_new
+        self.rd_arb_new.argtypes = (ctypes.POINTER(ArbiterConfig),)
+        self.rd_arb_new.restype = arb
+        self.rd_arb_free = lib.rd_arb_free
+        self.rd_arb_free.argtypes = (arb,)
+        self.rd_arb_free.restype = None
+        self.rd_arb_stats = lib.rd_arb_stats
+        self.rd_arb_stats.argtypes = (arb,)
+        self.rd_arb_stats.restype = ctypes.c_void_p
+        self.rd_arb_set_live_sources = lib.rd_arb_set_live_sources
+        self.rd_arb_set_live_sources.argtypes = (arb, _u64)
+        self.rd_arb_set_live_sources.restype = None
+        self.rd_arb_observe = lib.rd_arb_observe
+        self.rd_arb_observe.argtypes = (arb, _u64, _u64, ctypes.c_char_p, _u64, _d)
+        self.rd_arb_observe.restype = None
+        self.rd_arb_offer = lib.rd_arb_offer
+        self.rd_arb_offer.argtypes = (arb, _u64, _u64, _u64, ctypes.c_char_p, _u64, _d)
+        self.rd_arb_offer.restype = ctypes.c_int
+        self.rd_arb_expire = lib.rd_arb_expire
+        self.rd_arb_expire.argtypes = (arb, _d)
+        self.rd_arb_expire.restype = _u64
+        self.rd_arb_next_deadline = lib.rd_arb_next_deadline
+        self.rd_arb_next_deadline.argtypes = (arb,)
+        self.rd_arb_next_deadline.restype = _d
+        self.rd_arb_flush = lib.rd_arb_flush
+        self.rd_arb_flush.argtypes = (arb, _i64, ctypes.POINTER(_u64))
+        self.rd_arb_flush.restype = _u64
+        self.rd_arb_take_released = lib.rd_arb_take_released
+        self.rd_arb_take_released.argtypes = (
+            arb,
+            ctypes.POINTER(ArbiterRelease),
+            ctypes.POINTER(ctypes.c_uint8),
+            _u64,
+        )
+        self.rd_arb_take_released.restype = ctypes.c_int
 
     def emit_pump(self, start: EmitStart) -> _CEmitPump:
         return _CEmitPump(self, start)
 
     def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _CReceiver:
         return _CReceiver(self, sock, port, stop_fd)
+
+    def arbiter(self, config: ArbitrationConfig) -> CArbiter:
+        return CArbiter(self, config)
 
     def ack_reader(
         self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 import select
 import socket
+import threading
 import time
 from typing import Final
 
 from relayd import wire
+from relayd.arbitration import Arbiter, ArbitrationConfig, Verdict
 from relayd.datapath import (
     ACK_READ_SIZE,
+    ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
     EMIT_RECEIVE_SIZE,
     EmitStart,
@@ -46,10 +49,118 @@ from relayd.wire import (
     encode_heartbeat,
 )
 
-__all__ = ["PLANE", "PythonPlane"]
+__all__ = ["PLANE", "LockedArbiter", "PythonPlane"]
 
 _ROOM: Final = wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD
 _READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: How long an arbitrated send waits for room in a full socket (the arbiter's lock is held).
+ARB_SEND_WAIT: Final = 1.0
+
+
+class LockedArbiter:
+    """:class:`relayd.datapath.FeedArbiter` over the specification itself: one
+    ``relayd.arbitration.Arbiter`` behind a ``threading.Lock``, which the pumps hold from the
+    verdict until the datagram and what it released are sent (so each channel goes out in
+    order whichever thread sends)."""
+
+    def __init__(self, config: ArbitrationConfig) -> None:
+        self.arbiter = Arbiter(config)
+        self.lock = threading.Lock()
+        self._closed = False  # as the C arbiter: nothing observed once closed
+
+    def observe(self, group: int, port: int, payload: bytes, now: float) -> None:
+        with self.lock:
+            if not self._closed:
+                self.arbiter.observe(group, port, payload, now)
+
+    def set_live_sources(self, count: int) -> None:
+        with self.lock:
+            self.arbiter.set_live_sources(count)
+
+    def counts(self) -> dict[str, int]:
+        arbiter = self.arbiter
+        stats = arbiter.stats
+        return {
+            "offered": stats.offered,
+            "sent": stats.sent,
+            "duplicates": stats.duplicates,
+            "held": stats.held,
+            "released": stats.released,
+            "gaps": stats.gaps,
+            "missing": stats.missing,
+            "snapshot_gaps": stats.snapshot_gaps,
+            "resets": stats.resets,
+            "overlaps": stats.overlaps,
+            "heartbeats": stats.heartbeats,
+            "skipped_heartbeats": stats.skipped_heartbeats,
+            "unsequenced": stats.unsequenced,
+            "malformed": stats.malformed,
+            "observed": stats.observed,
+            "hold_overflows": stats.hold_overflows,
+            "channel_evictions": arbiter.channel_evictions,
+            "content_evictions": arbiter.content_evictions,
+            "held_now": arbiter.held_now,
+            "held_bytes": arbiter.held_bytes,
+            "channels": arbiter.channel_count,
+            "live_sources": arbiter.live_sources,
+        }
+
+    def sent_by_source(self) -> list[int]:
+        sent = [0] * ARBITER_SOURCES
+        for source, count in list(self.arbiter.stats.sent_by_source.items()):
+            sent[min(source, ARBITER_SOURCES - 1)] += count
+        return sent
+
+    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+        with self.lock:
+            return self.arbiter.offer(source, group, port, payload, now)
+
+    def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
+        with self.lock:
+            released = self.arbiter.released
+            out = [tuple(item) for item in released]
+            released.clear()
+        return out  # type: ignore[return-value]
+
+    def expire(self, now: float) -> int:
+        with self.lock:
+            return self.arbiter.expire(now)
+
+    def next_deadline(self) -> float | None:
+        with self.lock:
+            return self.arbiter.next_deadline()
+
+    @property
+    def gap_size(self) -> int:
+        return self.arbiter.gap_size
+
+    def flush(self, mcast: socket.socket) -> tuple[int, int]:
+        sent = failed = 0
+        with self.lock:
+            self.arbiter.expire(math.inf)
+            released = self.arbiter.released
+            while released:
+                item = released.popleft()
+                try:
+                    mcast.sendto(item.payload, (wire_group(item.group), item.port))
+                except OSError:
+                    failed += 1
+                else:
+                    sent += 1
+        return sent, failed
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+
+    def wake(self) -> float:
+        """When a pump must wake for the arbiter (``time.monotonic()``): now (-inf) while
+        released datagrams wait to be sent, inf when nothing is held."""
+        with self.lock:
+            if self.arbiter.released:
+                return -math.inf
+            deadline = self.arbiter.next_deadline()
+        return math.inf if deadline is None else deadline + 1e-6
 
 
 class _EmitCounters:
@@ -144,6 +255,11 @@ class _EmitPump:
         self._heartbeat = start.heartbeat
         self._ack_interval = start.ack_interval
         self._max_datagram_size = start.max_datagram_size
+        arbiter = start.arbiter
+        if arbiter is not None and not isinstance(arbiter, LockedArbiter):
+            raise TypeError(f"the Python pump needs the Python plane's arbiter, not {arbiter!r}")
+        self._arbiter = arbiter
+        self._source = start.source
         self._highest = start.highest
         self._acked = start.acked
         self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
@@ -211,6 +327,13 @@ class _EmitPump:
                             self._heartbeat,
                         ),
                     )
+                if self._arbiter is not None:  # held datagrams expire on time without traffic
+                    due = self._arbiter.wake()
+                    if due <= now:
+                        if self._expire(self._arbiter, now):
+                            return Why.SEND_ERROR
+                        continue
+                    wake = min(wake, due)
                 got = self._sock.wait_and_recv(wake - now, writable=bool(self._out))
                 if got.__class__ is Why:
                     self.err = self._sock.err
@@ -244,6 +367,7 @@ class _EmitPump:
         frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
         denied_group = denied_port = too_large = 0
         limit = self._max_datagram_size
+        arbiter = self._arbiter
         last_ts = 0
         last_ok: bool | None = None
         why: Why | None = None
@@ -279,6 +403,9 @@ class _EmitPump:
             failed = False
             if verdict is Destination.ALLOWED and oversize(len(payload), limit):
                 too_large += 1
+            elif verdict is Destination.ALLOWED and arbiter is not None:  # A/B arbitration
+                failed = self._arbitrated(arbiter, key, payload, address)
+                last_ts = ts_ns
             elif verdict is Destination.ALLOWED:
                 try:
                     sendto(payload, address)
@@ -302,7 +429,8 @@ class _EmitPump:
             highest = seq
             index += 1
             if failed:
-                self.need_key = key
+                if arbiter is None:  # arbitrated sends name the failing key themselves
+                    self.need_key = key
                 why = Why.SEND_ERROR
                 break
         if why is None and self._error is not None:
@@ -329,6 +457,69 @@ class _EmitPump:
             counters.histogram.observe_ns(time.time_ns() - self._chunk_ts)
             self._chunk_ts = 0
         return why
+
+    # -- A/B arbitration (``arb_emit`` and friends in relayd/_fastpath.c) ---------------------
+
+    def _arbitrated(
+        self, arbiter: LockedArbiter, key: int, payload: bytes, address: tuple[str, int]
+    ) -> bool:
+        """What was released before goes first, then the datagram if the arbiter says so,
+        then what it released. True when a send failed (``err``, ``need_key``)."""
+        with arbiter.lock:
+            failed = self._send_released(arbiter)
+            verdict = arbiter.arbiter.offer(
+                self._source, key >> 16, key & 0xFFFF, payload, time.monotonic()
+            )
+            if verdict.sends and not self._send_locked(payload, address, key):
+                failed = True
+            if not failed:
+                failed = self._send_released(arbiter)
+        return failed
+
+    def _expire(self, arbiter: LockedArbiter, now: float) -> bool:
+        with arbiter.lock:
+            arbiter.arbiter.expire(now)
+            return self._send_released(arbiter)
+
+    def _send_released(self, arbiter: LockedArbiter) -> bool:
+        """Send what the arbiter released, in order, until one fails (True; the rest stays
+        for the next pump to take the lock)."""
+        released = arbiter.arbiter.released
+        while released:
+            item = released.popleft()
+            key = (item.group << 16) | item.port
+            if not self._send_locked(item.payload, (wire_group(item.group), item.port), key):
+                return True
+        return False
+
+    def _send_locked(self, payload: bytes, address: tuple[str, int], key: int) -> bool:
+        """One arbitrated send; a full socket is waited for ``ARB_SEND_WAIT`` at most."""
+        counters = self.counters
+        waited = False
+        while True:
+            try:
+                self._mcast.sendto(payload, address)
+            except BlockingIOError:
+                if not waited:
+                    counters.send_waits += 1
+                    poller = select.poll()
+                    poller.register(self._mcast.fileno(), select.POLLOUT)
+                    poller.poll(int(ARB_SEND_WAIT * 1000))
+                    waited = True
+                    continue
+                self.err = 11  # EAGAIN
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.err = exc.errno or 0
+            else:
+                counters.datagrams_out += 1
+                counters.bytes_out += len(payload)
+                counters.last_send_ok = 1
+                return True
+            self.need_key = key
+            counters.last_send_ok = 0
+            return False
 
     def _send_after(self, exc: OSError, payload: bytes, address: tuple[str, int]) -> bool | None:
         """A ``sendto`` failed with ``exc``: wait for room and retry while the socket is full.
@@ -512,6 +703,9 @@ class PythonPlane:
 
     def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Receiver:
         return _Receiver(sock, port, stop_fd)
+
+    def arbiter(self, config: ArbitrationConfig) -> LockedArbiter:
+        return LockedArbiter(config)
 
     def ack_reader(
         self, tcp: socket.socket, stop_fd: int, conn: CaptureConnection, idle: float

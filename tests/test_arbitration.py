@@ -634,3 +634,35 @@ def test_memory_stays_bounded_under_a_channel_flood(
     assert stats.offered == len(datagrams)
     # Every offered datagram was sent once (at once or released) or dropped as a duplicate.
     assert stats.sent == stats.offered - stats.duplicates
+
+
+def test_held_datagrams_follow_a_gap_when_the_live_sources_drop_to_one() -> None:
+    """Held behind a hole, then the other copy goes away: the next datagram past the hole is
+    a gap sent at once, and what was held in between goes out after it (never a negative
+    gap at expiry)."""
+    arbiter = deribit()
+    offer_all(arbiter, 0, [v1(1, 1)])
+    assert offer_all(arbiter, 0, [v1(1, 3), v1(1, 4)]) == [Verdict.HELD, Verdict.HELD]
+    arbiter.set_live_sources(1)
+    assert offer_all(arbiter, 0, [v1(1, 6)]) == [Verdict.GAP]
+    assert released(arbiter) == []  # 3 and 4 are below the new next: already covered
+    assert arbiter.held_now == 0
+    arbiter.expire(math.inf)
+    assert arbiter.stats.missing == 4  # 2..5, counted once
+    assert arbiter.stats.gaps == 1
+
+
+def test_held_bytes_are_bounded() -> None:
+    """Past max_held_bytes the oldest hole is closed early: counted, nothing lost."""
+    arbiter = deribit(max_held_bytes=100)
+    offer_all(arbiter, 0, [v1(1, 1, b"x" * 40)])
+    sent = []
+    for seq in range(3, 8):
+        payload = v1(1, seq, b"x" * 40)
+        if arbiter.offer(0, GROUP, 6100, payload, 0.0).sends:
+            sent.append(payload)
+        sent += released(arbiter)
+        assert arbiter.held_bytes <= 100
+    assert arbiter.stats.hold_overflows == 1
+    assert sent == [v1(1, seq, b"x" * 40) for seq in range(3, 8)]
+    assert (arbiter.stats.gaps, arbiter.stats.missing, arbiter.held_bytes) == (1, 1, 0)

@@ -189,6 +189,42 @@ def test_max_datagram_size_bounds_are_inclusive() -> None:
         assert feed.max_datagram_size == size
 
 
+def test_arbitration_settings_and_bounds() -> None:
+    (feed,) = parse_config(EMIT).emit
+    assert (feed.arbitration, feed.deribit_layout) == ("none", "frame-v1")
+    assert (feed.arbitration_hold_timeout, feed.arbitration_content_window) == (0.05, 2.0)
+    (feed,) = parse_config(
+        emit_with(
+            arbitration='"deribit"',
+            deribit_layout='"sbe"',
+            arbitration_hold_timeout="0",
+            arbitration_content_window='"60s"',
+        )
+    ).emit
+    assert (feed.arbitration, feed.deribit_layout) == ("deribit", "sbe")
+    assert (feed.arbitration_hold_timeout, feed.arbitration_content_window) == (0.0, 60.0)
+    (feed,) = parse_config(
+        emit_with(arbitration_hold_timeout='"1s"', arbitration_content_window='"10ms"')
+    ).emit
+    assert (feed.arbitration_hold_timeout, feed.arbitration_content_window) == (1.0, 0.01)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            emit_with(
+                arbitration='"sequence"',
+                deribit_layout='"v2"',
+                arbitration_hold_timeout='"1001ms"',
+                arbitration_content_window='"9ms"',
+            )
+        )
+    assert list(caught.value.errors) == [
+        "invalid value 'sequence', expected one of: none, deribit, content @ $.emit[0].arbitration",
+        "invalid value 'v2', expected one of: frame-v1, sbe @ $.emit[0].deribit_layout",
+        "invalid duration '1001ms': must be between 0 and 1s @ $.emit[0].arbitration_hold_timeout",
+        "invalid duration '9ms': must be between 10ms and 1m "
+        "@ $.emit[0].arbitration_content_window",
+    ]
+
+
 def test_values_in_units() -> None:
     text = emit_with(
         hello_timeout='"250ms"',

@@ -266,3 +266,42 @@ def test_reasons_and_upstream_gaps() -> None:
     assert text.splitlines()[3].split()[-1] == "3"
     assert text.splitlines()[2].split()[-1] == "-"
     assert "UPSTREAM GAPS" not in render_table({"feeds": {"x": {"healthy": True}}})
+
+
+def test_arbitration_lines() -> None:
+    deribit = {
+        "mode": "deribit",
+        "deribit_layout": "frame-v1",
+        "duplicates": 5066,
+        "gaps": 1,
+        "missing": 2,
+        "overlaps": 0,
+        "resets": 0,
+        "held_now": 0,
+        "sent_by_source": {"10.0.0.1": 3, "10.0.0.2": 1},
+    }
+    doc = {
+        "feeds": {
+            "ab": {"kind": "emit", "healthy": True, "arbitration": deribit},
+            "twice": {
+                "kind": "emit",
+                "healthy": True,
+                "arbitration": {"mode": "none", "concurrent_sessions": 2},
+            },
+            "plain": {
+                "kind": "emit",
+                "healthy": True,
+                "arbitration": {"mode": "none", "concurrent_sessions": 0},
+            },
+        }
+    }
+    lines = render_table(doc).splitlines()
+    assert (
+        "ab: arbitration deribit (frame-v1): 5066 duplicates suppressed, 1 gaps (2 missing), "
+        "0 overlaps, 0 resets, 0 held now; sent by source: 10.0.0.1 75.0%, 10.0.0.2 25.0%"
+    ) in lines
+    assert (
+        "twice: 2 capture sessions started while another streamed, without arbitration: "
+        "each sent every datagram again"
+    ) in lines
+    assert not any(line.startswith("plain:") for line in lines)

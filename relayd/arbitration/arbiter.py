@@ -89,6 +89,8 @@ class ArbitrationConfig:
     #: how long a datagram after a hole waits for another copy to fill it (0: never wait)
     hold_timeout: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
     max_held: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+    #: payload bytes held at most (more closes the oldest hole early, like ``max_held``)
+    max_held_bytes: int = attrs.field(default=16 << 20, validator=attrs.validators.ge(1))
     #: no copy lags more than this (seconds; above the capture replay_max_age): a sequence
     #: older than that is a reset by the exchange, not a stale copy
     stale_horizon: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
@@ -185,11 +187,13 @@ class Arbiter:
         self._parse = PARSERS[config.layout]
         self.hold_timeout = config.hold_timeout
         self.max_held = config.max_held
+        self.max_held_bytes = config.max_held_bytes
         self._channels = ChannelTable(config.max_channels, config.stale_horizon)
         self._horizon = config.stale_horizon
         self._window = ContentWindow(config.content_window, config.content_window_entries)
         self._holding: dict[int, Channel] = {}  # channels with held datagrams
         self._held_count = 0
+        self._held_bytes = 0
         self.live_sources = 2  # fewer than 2: nobody can fill a hole, so none is held
         self.released: deque[Release] = deque()
         self.gap_size = 0  # sequences lost before the datagram of the last GAP verdict
@@ -206,6 +210,14 @@ class Arbiter:
     @property
     def held_now(self) -> int:
         return self._held_count
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
 
     def channels(self) -> Iterator[tuple[tuple[int, int, int], ChannelKind, ChannelCounters]]:
         for key, channel in self._channels.items():
@@ -376,6 +388,8 @@ class Arbiter:
             self.gap_size = missing
             channel.next = seq + item.span
             channel.stamp = max(channel.stamp, item.stamp)
+            if channel.held is not None:  # held before the live sources dropped to one
+                self._drain(key, channel)
             return self._sent(item.source, Verdict.GAP)
         held = channel.held
         if held is None:
@@ -388,8 +402,11 @@ class Arbiter:
             return Verdict.DUPLICATE
         held[seq] = item
         self._held_count += 1
+        self._held_bytes += len(item.payload)
         self.stats.held += 1
-        if self._held_count > self.max_held:
+        while self._holding and (
+            self._held_count > self.max_held or self._held_bytes > self.max_held_bytes
+        ):
             self.stats.hold_overflows += 1
             oldest_key = min(self._holding, key=lambda k: self._holding[k].held_since)
             self._skip_hole(oldest_key, self._holding[oldest_key], now)
@@ -406,6 +423,7 @@ class Arbiter:
 
     def _release(self, item: Held, gap: int) -> None:
         self._held_count -= 1
+        self._held_bytes -= len(item.payload)
         self.stats.released += 1
         self._sent(item.source, Verdict.EMIT)
         self.released.append(Release(item.source, item.group, item.port, item.payload, gap))
@@ -426,6 +444,7 @@ class Arbiter:
                 item = pop(seq)
                 if seq + item.span <= channel.next:
                     self._held_count -= 1
+                    self._held_bytes -= len(item.payload)
                     channel.counters.duplicates += 1
                     self.stats.duplicates += 1
                     continue

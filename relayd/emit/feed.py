@@ -31,6 +31,7 @@ import trio
 
 from relayd.config import EmitFeed
 from relayd.datapath import DataPlane, select_plane
+from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
 from relayd.emit.sessions import Connection, Sessions
@@ -88,6 +89,9 @@ class EmitFeedRuntime:
         self._mcast: socket.socket | None = None
         self._plane: DataPlane | None = None
         self._streams: ConnectionStreams | None = None
+        #: A/B arbitration of its concurrent capture sessions (relayd/emit/arbitration.py)
+        self.arbitration: FeedArbitration | None = None
+        self._arbitration_released = False
         self._started_at = 0.0
 
     # -- Feed protocol ---------------------------------------------------------------------
@@ -156,6 +160,16 @@ class EmitFeedRuntime:
         self._plane = plane
         self._listener = listener
         self.listen_port = listener.getsockname()[1]
+        arbitration = inherited.arbitration if inherited is not None else None
+        if (
+            inherited is None
+            or inherited.name != self.name
+            or arbitration is None
+            or not arbitration.carries_over(cfg, plane)
+        ):
+            # a restarted feed with the same settings keeps what its arbiter knows
+            arbitration = FeedArbitration(self.name, cfg, plane)
+        self.arbitration = arbitration.acquire()
         destinations = Destinations(self.name, cfg, connect=self._plane.connects_destinations)
         destinations.interface = self.interface_address
         destinations.ifindex = ifindex
@@ -169,6 +183,7 @@ class EmitFeedRuntime:
             plane=plane,
             destinations=destinations,
             mcast=self._mcast,
+            arbitration=self.arbitration,
         )
         self._streams.close_reason = self._close_reason
 
@@ -194,6 +209,20 @@ class EmitFeedRuntime:
             self._mcast = None
         if self._destinations is not None:
             self._destinations.close()
+        self._release_arbitration()
+
+    def _release_arbitration(self) -> None:
+        arbitration = self.arbitration
+        if arbitration is not None and not self._arbitration_released:
+            self._arbitration_released = True
+            arbitration.release()
+
+    def observe(self, group: int, port: int, payload: bytes) -> None:
+        """Any thread: a datagram another relay emitted on this feed's groups (host-order
+        ``group``): with arbitration, this feed will not send it (nor anything before it on
+        its channel) again. Nothing with ``arbitration = "none"``."""
+        if self.arbitration is not None:
+            self.arbitration.observe(group, port, payload)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
@@ -229,6 +258,7 @@ class EmitFeedRuntime:
             mcast.close()
             if self._destinations is not None:
                 self._destinations.close()
+            self._release_arbitration()
 
     def health(self) -> FeedHealth:
         stats = self.stats
@@ -260,6 +290,8 @@ class EmitFeedRuntime:
             "sending_failed": failing,
             "last_error": stats.last_error,
         }
+        if self.arbitration is not None:
+            detail["arbitration"] = self.arbitration.detail()
         return FeedHealth(healthy, state, detail, len(self.sessions.active), stats.datagrams_out)
 
     def samples(self) -> Iterable[Sample]:
@@ -303,6 +335,8 @@ class EmitFeedRuntime:
             return Sample(name, "gauge", help_text, feed, value)
 
         yield from self.stats.samples()
+        if self.arbitration is not None:
+            yield from self.arbitration.samples()
         yield gauge(
             "active_connections", "Capture connections past HELLO.", len(self.sessions.active)
         )

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import trio
 
-from relayd.datapath import DataPlane, EmitStart, Why, current_beat
+from relayd.datapath import DataPlane, EmitStart, FeedArbiter, Why, current_beat
 from relayd.emit.destinations import Destinations
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import PumpLink
@@ -59,6 +59,8 @@ def pump_connection(
     idle: float,
     heartbeat: float,
     max_datagram_size: int,
+    arbiter: FeedArbiter | None,
+    source: int,
     stop_fd: int,
     _token: trio.lowlevel.TrioToken,
 ) -> tuple[PumpEnd, Any]:
@@ -78,6 +80,8 @@ def pump_connection(
                 heartbeat,
                 ACK_INTERVAL,
                 max_datagram_size,
+                arbiter,
+                source,
             )
         )
     except ProtocolError as exc:

@@ -20,6 +20,7 @@ import trio
 
 from relayd.config import EmitFeed
 from relayd.datapath import DataPlane, run_stoppable
+from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate
 from relayd.emit.pump import PumpEnd, pump_connection
@@ -52,6 +53,7 @@ class ConnectionStreams:
         plane: DataPlane,
         destinations: Destinations,
         mcast: socket.socket,
+        arbitration: FeedArbitration,
     ) -> None:
         self.name = name
         #: Read per connection: a reload that applies in place replaces it.
@@ -62,6 +64,7 @@ class ConnectionStreams:
         self.plane = plane
         self.destinations = destinations
         self.mcast = mcast
+        self.arbitration = arbitration
         #: What every connection is told (ERROR code and text) when the feed is cancelled.
         self.close_reason: tuple[int, str] = (ErrorCode.SHUTTING_DOWN, "relay shutting down")
         #: The streaming connections' links to their data-path threads.
@@ -234,6 +237,8 @@ class ConnectionStreams:
         session.link = conn.link = link
         self.stats.attach(link)
         self.links.append(link)
+        arbitration = self.arbitration
+        arbitration.session_started(conn.peer, len(self.links) - 1)
         try:
             end, detail = await run_stoppable(
                 functools.partial(
@@ -247,6 +252,8 @@ class ConnectionStreams:
                     self.config.idle_timeout,
                     self.config.heartbeat_interval,
                     link.max_datagram_size,
+                    arbitration.arbiter,
+                    arbitration.source_of(conn.peer),
                 ),
                 limiter=self.limiter,
             )
@@ -254,6 +261,7 @@ class ConnectionStreams:
         finally:
             self.stats.detach(link)
             self.links.remove(link)
+            self.stats.datagrams_out += arbitration.session_ended(len(self.links), self.mcast)
             pump = link.pump
             if pump is not None:
                 session.highest = pump.highest

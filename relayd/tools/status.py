@@ -185,6 +185,44 @@ def unhealthy_reason(feed: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def arbitration_line(arbitration: Any) -> str:
+    """What an emit feed's A/B arbitration did (its ``arbitration`` health entry), or "" when
+    there is nothing to say (no arbitration and never two sessions at once)."""
+    if not isinstance(arbitration, Mapping):
+        return ""
+    mode = arbitration.get("mode")
+    concurrent = arbitration.get("concurrent_sessions")
+    if mode == "none":
+        if not _is_number(concurrent) or not concurrent:
+            return ""
+        return (
+            f"{concurrent} capture sessions started while another streamed, without "
+            "arbitration: each sent every datagram again"
+        )
+
+    def count(key: str) -> str:
+        value = arbitration.get(key)
+        return str(value) if _is_number(value) else "?"
+
+    layout = arbitration.get("deribit_layout")
+    text = (
+        f"arbitration {mode}{f' ({layout})' if layout else ''}: "
+        f"{count('duplicates')} duplicates suppressed, {count('gaps')} gaps "
+        f"({count('missing')} missing), {count('overlaps')} overlaps, {count('resets')} "
+        f"resets, {count('held_now')} held now"
+    )
+    shares = arbitration.get("sent_by_source")
+    if isinstance(shares, Mapping) and shares:
+        total = sum(v for v in shares.values() if _is_number(v)) or 1
+        parts = [
+            f"{source} {100 * value / total:.1f}%"
+            for source, value in shares.items()
+            if _is_number(value)
+        ]
+        text += "; sent by source: " + ", ".join(parts)
+    return text
+
+
 def _feeds(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (str(name), feed) for name, feed in doc.get("feeds", {}).items() if isinstance(feed, dict)
@@ -237,6 +275,10 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
     for name, feed in _feeds(doc):
         if not feed.get("healthy"):
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
+    for name, feed in _feeds(doc):
+        line = arbitration_line(feed.get("arbitration"))
+        if line:
+            lines.append(f"{name}: {line}")
     errors = doc.get("config_errors") or []
     if errors:
         lines.append(f"the last reload failed ({len(errors)} problems); the old config serves:")
