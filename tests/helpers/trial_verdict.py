@@ -62,6 +62,7 @@ class Verdict:
     received: int  # distinct datagrams of the replay that arrived
     lost: int
     lost_span_ms: float  # from the first lost datagram's due time to the last one's
+    lost_runs: int  # stretches of consecutive datagrams (in send order) that were lost
     duplicates: int  # copies beyond the first
     reordered: int  # first copies behind a later datagram of their (group, port)
     foreign: int  # datagrams whose bytes the exchange never sent on that group and port
@@ -133,13 +134,15 @@ def judge(
         for channel, items in sorted(per_channel.items())
         if (window := _overlap(channel, items)) is not None
     )
-    lost_offsets = [d.offset_ns for i, d in enumerate(sent) if i not in seen]
+    lost = [i for i in range(len(sent)) if i not in seen]
+    lost_offsets = [sent[i].offset_ns for i in lost]
     lost_span = (max(lost_offsets) - min(lost_offsets)) / speed if lost_offsets else 0.0
     return Verdict(
         sent=len(sent),
         received=len(seen),
         lost=len(sent) - len(seen),
         lost_span_ms=lost_span / 1e6,
+        lost_runs=sum(1 for n, i in enumerate(lost) if n == 0 or lost[n - 1] != i - 1),
         duplicates=duplicates,
         reordered=reordered,
         foreign=foreign,

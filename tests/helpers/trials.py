@@ -217,6 +217,7 @@ class TrialRecord:
             "fault_at_s": round(self.fault_at_s, 3),
             "lost": verdict.lost,
             "lost_span_ms": round(verdict.lost_span_ms, 1),
+            "lost_runs": verdict.lost_runs,
             "duplicates": verdict.duplicates,
             "reordered": verdict.reordered,
             "foreign": verdict.foreign,
