@@ -83,8 +83,14 @@ bench-quick: $(BENCH_STAMP) $(FASTPATH) system-deps
 	$(BIN)/python -m bench.codec --quick
 	$(BIN)/python -m bench.relay --quick
 
+# Failure trials (tests/helpers/trials.py): TRIALS of every host and fault, then the table of
+# docs/EXACTLY_ONCE.md; TRIALS_ARGS="--capture-hosts 2 --arbitration deribit" once merged.
+TRIALS ?= 20
+TRIALS_ARGS ?=
+
 soak: $(STAMP) $(FASTPATH) system-deps
 	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
+	$(BIN)/python -m tests.helpers.trials table --trials $(TRIALS) $(TRIALS_ARGS)
 
 fuzz: $(STAMP) $(FASTPATH)
 	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)
