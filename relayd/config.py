@@ -53,6 +53,7 @@ __all__ = [
     "MAX_NESTING",
     "MAX_REPLAY_BYTES",
     "MIN_DURATION",
+    "CaptureDeribitLayout",
     "CaptureFeed",
     "Config",
     "ConfigError",
@@ -66,6 +67,7 @@ __all__ = [
     "PortRange",
     "ProcessConfig",
     "UnsafeFileError",
+    "UpstreamCheck",
     "key_file_warnings",
     "load_config",
     "parse_config",
@@ -80,6 +82,10 @@ MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+#: A capture feed's count of the exchange's own gaps (``upstream_check``), and the Deribit
+#: packet header layout it reads (relayd.arbitration.DeribitLayout's values).
+UpstreamCheck = Literal["none", "deribit"]
+CaptureDeribitLayout = Literal["frame-v1", "sbe"]
 
 MULTICAST: Final = IPv4Network("224.0.0.0/4")
 LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
@@ -350,6 +356,8 @@ class CaptureFeed:
     ack_timeout: float = 10.0
     auth_key_file: Path | None = None
     sources: tuple[IPv4Address, ...] = ()
+    upstream_check: UpstreamCheck = "none"
+    deribit_layout: CaptureDeribitLayout = "frame-v1"
 
 
 @attrs.frozen(kw_only=True)
@@ -700,6 +708,8 @@ _register(
         "ack_timeout": _duration,
         "auth_key_file": _path,
         "sources": _tuple_of(_source, unique=True),
+        "upstream_check": _one_of(get_args(UpstreamCheck)),
+        "deribit_layout": _one_of(get_args(CaptureDeribitLayout)),
     },
     _check_timeouts,
 )

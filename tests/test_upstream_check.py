@@ -1,0 +1,286 @@
+"""The capture side's upstream check (``upstream_check = "deribit"``): the data planes' upstream
+counters on both planes, the C one held to relayd.arbitration's ``UpstreamMonitor`` (the
+specification) by a differential fuzz and over the Deribit samples."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relayd import fastpath, pyplane, wire
+from relayd.arbitration import SBE_INCREMENTAL, SBE_SNAPSHOT, DeribitLayout
+from relayd.datapath import (
+    UPSTREAM_SNAPSHOT_PORTS,
+    DataPlane,
+    UpstreamCounter,
+    select_plane,
+)
+from relayd.tools.pcapng import read_datagrams
+
+GROUP = int(IPv4Address("239.111.111.1"))
+V1 = DeribitLayout.FRAME_V1
+SBE = DeribitLayout.SBE
+SECOND = 10**9
+U64 = 2**64
+
+
+def v1(channel: int, seq: int, body: bytes = b"x" * 12) -> bytes:
+    return struct.pack("<HHI", len(body), channel, seq) + body
+
+
+def sbe(
+    channel: int, seq: int, count: int = 1, *, stamp: int = 1, kind: int = SBE_INCREMENTAL
+) -> bytes:
+    return struct.pack("<qqiHH", stamp, seq, channel, kind, count) + b"\0" * 16 * count
+
+
+def frames(datagrams: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """DATA frames as a capture batch holds them."""
+    return b"".join(
+        wire.encode_datagram(seq, group, port, 0, payload)
+        for seq, (group, port, payload) in enumerate(datagrams, 1)
+    )
+
+
+def scan(counter: UpstreamCounter, datagrams: Sequence[tuple[int, int, bytes]], now: int) -> None:
+    counter.scan(frames(datagrams), len(datagrams), now)
+
+
+def c_plane() -> DataPlane:
+    try:
+        plane = fastpath.load()
+    except fastpath.DataPathError as exc:
+        pytest.skip(f"C data path unavailable: {exc}")
+    if plane is None:
+        pytest.skip(f"C data path unavailable: {fastpath.describe()}")
+    return plane
+
+
+@pytest.fixture
+def plane(datapath: str) -> DataPlane:
+    return select_plane()
+
+
+@pytest.fixture(scope="module")
+def counter_pair() -> tuple[DataPlane, DataPlane]:
+    """The C plane (skips without it) and the Python one, whose counter is the specification."""
+    return c_plane(), pyplane.PLANE
+
+
+# ---- unit, on both planes -------------------------------------------------------------------
+
+
+def test_counts_gaps_duplicates_resets_and_names_the_last_gap(plane: DataPlane) -> None:
+    counter = plane.upstream_counter(V1, stale_horizon_ns=10 * SECOND)
+    try:
+        scan(counter, [(GROUP, 6100, v1(1, seq)) for seq in (10, 11, 14, 14, 12, 15)], 0)
+        scan(counter, [(GROUP, 6100, b"xx"), (GROUP, 6100, v1(1, 1))], 20 * SECOND)
+        totals = counter.totals()
+        assert (totals.datagrams, totals.gaps, totals.missing) == (8, 1, 2)
+        assert (totals.duplicates, totals.resets, totals.malformed) == (2, 1, 1)
+        assert totals.last_gap == (GROUP, 6100, 1, 2)
+        assert totals.channels == 1
+        [channel] = counter.channels()
+        assert (channel.group, channel.port, channel.channel, channel.snapshot) == (
+            GROUP,
+            6100,
+            1,
+            False,
+        )
+        assert (channel.datagrams, channel.gaps, channel.missing, channel.resets) == (7, 1, 2, 1)
+    finally:
+        counter.close()
+
+
+def test_sbe_ranges_heartbeats_and_unsequenced_packets(plane: DataPlane) -> None:
+    counter = plane.upstream_counter(SBE)
+    try:
+        datagrams = [
+            (GROUP, 6100, sbe(3, 100, 4, stamp=1)),  # 100..103
+            (GROUP, 6100, sbe(3, 104, 2, stamp=2)),  # in order
+            (GROUP, 6100, sbe(3, 106, 0, stamp=3)),  # heartbeat
+            (GROUP, 6100, sbe(3, 106, 0, stamp=3)),  # its copy
+            (GROUP, 6100, sbe(3, 110, 1, stamp=4)),  # 106..109 missing
+            (GROUP, 6100, sbe(3, 109, 3, stamp=5)),  # overlap
+            (GROUP, 6100, sbe(3, 50, 1, kind=SBE_SNAPSHOT)),  # unsequenced
+            (GROUP, 6100, sbe(3, 112, 2)[:30]),  # shorter than its messages
+        ]
+        scan(counter, datagrams, 0)
+        totals = counter.totals()
+        assert (totals.gaps, totals.missing, totals.overlaps) == (1, 4, 1)
+        assert (totals.heartbeats, totals.duplicates) == (1, 1)
+        assert (totals.unsequenced, totals.malformed) == (1, 1)
+    finally:
+        counter.close()
+
+
+def test_snapshot_port_gaps_are_counted_apart(plane: DataPlane) -> None:
+    counter = plane.upstream_counter(V1)
+    try:
+        [snapshot_port] = UPSTREAM_SNAPSHOT_PORTS
+        scan(counter, [(GROUP, snapshot_port, v1(101, seq)) for seq in (1, 4, 7)], 0)
+        scan(counter, [(GROUP, 6100, v1(1, seq)) for seq in (1, 3)], 0)
+        totals = counter.totals()
+        assert (totals.gaps, totals.snapshot_gaps, totals.missing) == (3, 2, 5)
+        assert {(c.port, c.snapshot) for c in counter.channels()} == {
+            (snapshot_port, True),
+            (6100, False),
+        }
+    finally:
+        counter.close()
+
+
+def test_channel_table_is_bounded_least_recently_used_evicted(plane: DataPlane) -> None:
+    counter = plane.upstream_counter(V1, max_channels=3)
+    try:
+        scan(counter, [(GROUP, 6100, v1(channel, 1)) for channel in range(1, 4)], 0)
+        scan(counter, [(GROUP, 6100, v1(1, 2))], 0)  # channel 1 used: 2 is the oldest now
+        scan(counter, [(GROUP, 6100, v1(4, 1))], 0)
+        totals = counter.totals()
+        assert (totals.channels, totals.evictions) == (3, 1)
+        assert [c.channel for c in counter.channels()] == [3, 1, 4]
+        scan(counter, [(GROUP, 6100, v1(2, 9))], 0)  # starts again: no gap, no memory of it
+        assert counter.totals().gaps == 0
+    finally:
+        counter.close()
+
+
+def test_a_reset_is_what_falls_below_the_stale_floor(plane: DataPlane) -> None:
+    """The floor is what was next a horizon ago: that sequence itself is a late copy, one
+    below it a reset."""
+    counter = plane.upstream_counter(V1, stale_horizon_ns=10 * SECOND)
+    try:
+        scan(counter, [(GROUP, 6100, v1(1, 100))], 0)
+        scan(counter, [(GROUP, 6100, v1(1, 101))], 10 * SECOND)  # floor 101 from now on
+        scan(counter, [(GROUP, 6100, v1(1, 102))], 20 * SECOND)  # floor_previous 101
+        scan(counter, [(GROUP, 6100, v1(1, 101))], 20 * SECOND)
+        assert (counter.totals().duplicates, counter.totals().resets) == (1, 0)
+        scan(counter, [(GROUP, 6100, v1(1, 100))], 20 * SECOND)
+        assert (counter.totals().duplicates, counter.totals().resets) == (1, 1)
+    finally:
+        counter.close()
+
+
+def test_c_counter_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="refused"):
+        c_plane().upstream_counter(V1, max_channels=0)
+
+
+# ---- the C counter held to the specification -----------------------------------------------
+
+
+def _wrapped(values: tuple[object, ...]) -> tuple[object, ...]:
+    """Integers as C's 64-bit counters hold them."""
+    return tuple(v % U64 if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
+
+
+def _compare(c: UpstreamCounter, spec: UpstreamCounter) -> None:
+    totals_c, totals_spec = c.totals(), spec.totals()
+    last_gap = totals_spec.last_gap
+    expected = (*_wrapped(totals_spec[:-1]), None if last_gap is None else _wrapped(last_gap))
+    assert tuple(totals_c) == expected
+    assert [_wrapped(row) for row in spec.channels()] == [tuple(row) for row in c.channels()]
+
+
+def _payload(
+    layout: DeribitLayout, channel: int, seq: int, count: int, stamp: int, kind: int
+) -> bytes:
+    if layout is V1:
+        return v1(channel, seq % 2**32, b"y" * (count % 5))
+    return sbe(channel, seq, count, stamp=stamp, kind=kind)
+
+
+_step = st.tuples(
+    st.sampled_from([GROUP, GROUP + 1]),
+    st.sampled_from([6100, 6101]),
+    st.integers(0, 5),  # channel
+    st.one_of(  # sequence: mostly near where the channel is, sometimes far
+        st.integers(-3, 6), st.integers(-(2**40), 2**40), st.integers(-(2**62), 2**62)
+    ),
+    st.integers(0, 4),  # messages (SBE)
+    st.integers(-5, 5),  # stamp step (SBE)
+    st.sampled_from([SBE_INCREMENTAL] * 6 + [SBE_SNAPSHOT, 0, 8]),
+    st.integers(0, 40),  # clock step, in tenths of the horizon
+    st.integers(0, 12),  # damage: 0 cuts the payload short
+    st.integers(0, 8),  # 1..4: back to (about) where the channel was some datagrams ago
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.sampled_from([V1, SBE]),
+    max_channels=st.integers(1, 6),
+    steps=st.lists(_step, max_size=120),
+    batch=st.integers(1, 9),
+)
+def test_c_counter_matches_the_specification(
+    counter_pair: tuple[DataPlane, DataPlane],
+    layout: DeribitLayout,
+    max_channels: int,
+    steps: list[tuple[int, int, int, int, int, int, int, int, int, int]],
+    batch: int,
+) -> None:
+    c_side, py_side = counter_pair
+    horizon = 10 * SECOND
+    c = c_side.upstream_counter(layout, max_channels=max_channels, stale_horizon_ns=horizon)
+    spec = py_side.upstream_counter(layout, max_channels=max_channels, stale_horizon_ns=horizon)
+    try:
+        history: dict[tuple[int, int, int], list[int]] = {}
+        stamp = now = 0
+        pending: list[tuple[int, int, bytes]] = []
+        for group, port, channel, jump, count, stamp_step, kind, clock, damage, back in steps:
+            past = history.setdefault((group, port, channel), [0])
+            if 1 <= back <= 4 and len(past) > 2 * back:  # about a stale floor: resets, edges
+                seq = max(0, past[-2 * back] + back - 3)
+            else:
+                seq = max(0, past[-1] + jump)
+            past.append(seq + count)
+            stamp += stamp_step
+            payload = _payload(layout, channel, seq, count, stamp, kind)
+            if damage == 0:
+                payload = payload[: len(payload) // 2]
+            pending.append((group, port, payload))
+            if len(pending) >= batch:
+                scan(c, pending, now)
+                scan(spec, pending, now)
+                pending = []
+                now += clock * horizon // 10
+        scan(c, pending, now)
+        scan(spec, pending, now)
+        _compare(c, spec)
+    finally:
+        c.close()
+        spec.close()
+
+
+def test_c_counter_matches_the_specification_on_the_samples(
+    counter_pair: tuple[DataPlane, DataPlane], deribit_dir: Path
+) -> None:
+    """Every sample capture, in batches of 64, the clock at each datagram's capture time; the
+    main sample has no gap, combo_legs' snapshot channels 15."""
+    c_side, py_side = counter_pair
+    for path in sorted(deribit_dir.glob("*.pcapng")):
+        c, spec = c_side.upstream_counter(V1), py_side.upstream_counter(V1)
+        try:
+            datagrams = read_datagrams(path)
+            for start in range(0, len(datagrams), 64):
+                chunk = datagrams[start : start + 64]
+                batch = [(int(d.group), d.port, d.payload) for d in chunk]
+                scan(c, batch, chunk[0].ts_ns)
+                scan(spec, batch, chunk[0].ts_ns)
+            _compare(c, spec)
+            totals = c.totals()
+            assert totals.datagrams == len(datagrams)
+            if path.name == "sample_capture_v1_6.pcapng":
+                assert (totals.gaps, totals.duplicates, totals.channels) == (0, 0, 29)
+            if path.name == "combo_legs.pcapng":
+                assert totals.gaps == totals.snapshot_gaps == 15
+        finally:
+            c.close()
+            spec.close()
