@@ -4,17 +4,26 @@ specification) by a differential fuzz and over the Deribit samples."""
 
 from __future__ import annotations
 
+import re
+import socket
 import struct
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import attrs
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relayd import fastpath, pyplane, wire
 from relayd.arbitration import SBE_INCREMENTAL, SBE_SNAPSHOT, DeribitLayout
+from relayd.capture import CaptureFeedRuntime
+from relayd.config import ConfigError, parse_config
 from relayd.datapath import (
     UPSTREAM_SNAPSHOT_PORTS,
     DataPlane,
@@ -22,6 +31,15 @@ from relayd.datapath import (
     select_plane,
 )
 from relayd.tools.pcapng import read_datagrams
+from tests.helpers.emit_standin import Peer, feed_config, serve
+from tests.helpers.loopback import LOOPBACK, free_udp_port, wait_for
+from tests.helpers.relayd_process import (
+    RelaydProcess,
+    get_json,
+    get_text,
+    pick_groups,
+    process_toml,
+)
 
 GROUP = int(IPv4Address("239.111.111.1"))
 V1 = DeribitLayout.FRAME_V1
@@ -67,10 +85,45 @@ def plane(datapath: str) -> DataPlane:
     return select_plane()
 
 
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
 @pytest.fixture(scope="module")
 def counter_pair() -> tuple[DataPlane, DataPlane]:
     """The C plane (skips without it) and the Python one, whose counter is the specification."""
     return c_plane(), pyplane.PLANE
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+CAPTURE = """
+[[capture]]
+name = "dev"
+interface = "eth1"
+groups = ["239.111.111.1:6100"]
+targets = ["relay.example.com:6666"]
+"""
+
+
+def test_upstream_check_is_off_by_default_and_reads_frame_v1() -> None:
+    [feed] = parse_config(CAPTURE).capture
+    assert (feed.upstream_check, feed.deribit_layout) == ("none", "frame-v1")
+    [feed] = parse_config(CAPTURE + 'upstream_check = "deribit"\nderibit_layout = "sbe"\n').capture
+    assert (feed.upstream_check, feed.deribit_layout) == ("deribit", "sbe")
+    assert DeribitLayout(feed.deribit_layout) is SBE
+
+
+def test_upstream_check_values_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(CAPTURE + 'upstream_check = "cme"\nderibit_layout = "sbe2"\n')
+    assert info.value.errors == (
+        "invalid value 'cme', expected one of: none, deribit @ $.capture[0].upstream_check",
+        "invalid value 'sbe2', expected one of: frame-v1, sbe @ $.capture[0].deribit_layout",
+    )
 
 
 # ---- unit, on both planes -------------------------------------------------------------------
@@ -284,3 +337,133 @@ def test_c_counter_matches_the_specification_on_the_samples(
         finally:
             c.close()
             spec.close()
+
+
+# ---- a capture feed on loopback: injected gaps in /metrics, health and status ---------------
+
+
+def _deribit_sender(source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    return sock
+
+
+def _lossy_traffic(groups: Sequence[tuple[str, int]]) -> list[tuple[str, int, bytes]]:
+    """Channel 1 on the first group: 1..100 without 10, 20 and 21 (2 gaps, 3 missing);
+    channel 2 on the second: 1..50 with 7 sent twice (1 duplicate)."""
+    (first, port_a), (second, port_b) = groups
+    one = [(first, port_a, v1(1, seq)) for seq in range(1, 101) if seq not in (10, 20, 21)]
+    two = [(second, port_b, v1(2, seq)) for seq in range(1, 51)]
+    two.insert(7, two[6])
+    return one + two
+
+
+def _send(sock: socket.socket, traffic: Sequence[tuple[str, int, bytes]]) -> None:
+    for index, (group, port, payload) in enumerate(traffic):
+        sock.sendto(payload, (group, port))
+        if index % 20 == 19:
+            time.sleep(0.002)  # no drops in the loopback's receive buffer
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_capture_feed_counts_injected_gaps(nursery: trio.Nursery) -> None:
+    server = await serve(nursery, Peer())
+    port = free_udp_port()
+    groups = [("239.255.41.1", port), ("239.255.41.2", port)]
+    config = attrs.evolve(
+        feed_config(groups, [server.port]), upstream_check="deribit", deribit_layout="frame-v1"
+    )
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    traffic = _lossy_traffic(groups)
+    with _deribit_sender(str(LOOPBACK)) as sock:
+        _send(sock, traffic)
+    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    assert feed.upstream is not None
+    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
+    samples = {s.name: s.value for s in feed.samples() if s.labels == feed.upstream.labels}
+    assert samples["upstream_datagrams"] == 148
+    assert (samples["upstream_gaps"], samples["upstream_missing"]) == (2, 3)
+    assert (samples["upstream_duplicates"], samples["upstream_resets"]) == (1, 0)
+    assert samples["upstream_channels"] == 2
+    detail = feed.health().detail
+    assert detail["upstream_gaps"] == 2
+    upstream = detail["upstream"]
+    assert upstream["last_gap"] == {"channel": f"239.255.41.1:{port}#1", "missing": 2}
+    assert [
+        (c["channel"], c["gaps"], c["missing"], c["duplicates"]) for c in upstream["top_channels"]
+    ] == [
+        (f"239.255.41.1:{port}#1", 2, 3, 0),
+        (f"239.255.41.2:{port}#2", 0, 0, 1),
+    ]
+    # what was relayed is untouched: every datagram, in order per group
+    assert sorted(d.payload for d in server.peer.datagrams) == sorted(p for _, _, p in traffic)
+
+
+def test_relayd_shows_injected_gaps_in_metrics_status_and_log(
+    datapath: str, tmp_path: Path
+) -> None:
+    """A real ``relayd run`` (capture and emit feed, each other's peer, on loopback): the gaps
+    skipped in the Deribit packets sent are on /metrics, in ``relayd status`` and in a warning
+    that names the channel, with the exact counts."""
+    groups = pick_groups(2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        tcp_port = probe.getsockname()[1]
+    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
+    config = tmp_path / "relayd.toml"
+    config.write_text(
+        process_toml(
+            f"""
+[[emit]]
+name = "kit"
+listen = "127.0.0.1:{tcp_port}"
+interface = "127.0.0.3"
+allowed_sources = ["127.0.0.0/8"]
+allowed_groups = ["239.255.0.0/16"]
+
+[[capture]]
+name = "kit"
+interface = "127.0.0.1"
+groups = [{group_list}]
+targets = ["127.0.0.1:{tcp_port}"]
+sources = ["127.0.0.2"]
+upstream_check = "deribit"
+"""
+        )
+    )
+    relayd = RelaydProcess(config, {})
+    try:
+        health = relayd.health_port()
+        deadline = time.monotonic() + 30
+        while get_json(health)[0] != 200:
+            assert time.monotonic() < deadline, relayd.lines
+            time.sleep(0.1)
+        traffic = _lossy_traffic(groups)
+        with _deribit_sender("127.0.0.2") as sock:
+            _send(sock, traffic)
+        want = 'relayd_upstream_datagrams_total{feed="kit",side="capture"} 148\n'
+        deadline = time.monotonic() + 30
+        while want not in (text := get_text(health, "/metrics")):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        for name, value in (("gaps", 2), ("missing", 3), ("duplicates", 1), ("resets", 0)):
+            assert f'relayd_upstream_{name}_total{{feed="kit",side="capture"}} {value}\n' in text
+        status = subprocess.run(
+            [sys.executable, "-m", "relayd", "status", "--url", f"127.0.0.1:{health}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "UPSTREAM GAPS" in status.stdout
+        channel = f"{groups[0][0]}:{groups[0][1]}#1"
+        assert (
+            f"kit: upstream (frame-v1): 2 gaps, 3 missing, 1 duplicates, 0 resets; most on "
+            f"channel {channel} (2 gaps, 3 missing, 0 duplicates)"
+        ) in status.stdout
+        relayd.wait_line(f"feed kit: upstream gap on channel {re.escape(channel)}", timeout=10)
+    finally:
+        relayd.stop()
+        relayd.kill()
