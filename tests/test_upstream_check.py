@@ -467,3 +467,38 @@ upstream_check = "deribit"
     finally:
         relayd.stop()
         relayd.kill()
+
+
+async def test_upstream_counts_carry_on_across_a_reload(nursery: trio.Nursery) -> None:
+    """A runtime that replaces the feed's (a reload, a restart) adds its predecessor's counts
+    to its own, on /metrics and in the health detail."""
+    server = await serve(nursery, Peer())
+    port = free_udp_port()
+    groups = [("239.255.42.1", port), ("239.255.42.2", port)]
+    config = attrs.evolve(feed_config(groups, [server.port]), upstream_check="deribit")
+    first = CaptureFeedRuntime(config)
+    traffic = _lossy_traffic(groups)
+    async with trio.open_nursery() as inner:
+        await inner.start(first.run)
+        await wait_for(lambda: first.connected)
+        with _deribit_sender(str(LOOPBACK)) as sock:
+            _send(sock, traffic)
+        await wait_for(
+            lambda: first.upstream is not None and first.upstream.totals().datagrams == 148
+        )
+        inner.cancel_scope.cancel()
+    second = CaptureFeedRuntime(config)
+    second.open(first)
+    await nursery.start(second.run)
+    await wait_for(lambda: second.connected)
+    with _deribit_sender(str(LOOPBACK)) as sock:  # a new channel 1 from 1: no gap
+        _send(sock, [(groups[0][0], port, v1(1, seq)) for seq in range(1, 11)])
+    await wait_for(lambda: second.upstream is not None and second.upstream.totals().datagrams == 10)
+    assert second.upstream is not None
+    labels = second.upstream.labels
+    samples = {s.name: s.value for s in second.samples() if s.labels == labels}
+    assert (samples["upstream_datagrams"], samples["upstream_gaps"]) == (158, 2)
+    assert (samples["upstream_missing"], samples["upstream_duplicates"]) == (3, 1)
+    upstream = second.health().detail["upstream"]
+    assert (upstream["datagrams"], upstream["gaps"], upstream["missing"]) == (158, 2, 3)
+    assert second.health().detail["upstream_gaps"] == 2
