@@ -57,7 +57,10 @@ class Receive:
     ) -> None:
         """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
         every batch, so a socket that never runs empty still stops)."""
-        rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd, self.upstream)
+        if self.upstream is None:
+            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
+        else:
+            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd, self.upstream)
         uplink = self._uplink
         schedule = token.run_sync_soon
         monotonic = time.monotonic
