@@ -396,12 +396,18 @@ def _deribit_sender(source: str) -> socket.socket:
     return sock
 
 
-def _lossy_traffic(groups: Sequence[tuple[str, int]]) -> list[tuple[str, int, bytes]]:
+def _lossy_traffic(
+    groups: Sequence[tuple[str, int]], layout: DeribitLayout = V1
+) -> list[tuple[str, int, bytes]]:
     """Channel 1 on the first group: 1..100 without 10, 20 and 21 (2 gaps, 3 missing);
-    channel 2 on the second: 1..50 with 7 sent twice (1 duplicate)."""
+    channel 2 on the second: 1..50 with 7 sent twice (1 duplicate). SBE: one message each."""
+
+    def packet(channel: int, seq: int) -> bytes:
+        return v1(channel, seq) if layout is V1 else sbe(channel, seq, stamp=seq)
+
     (first, port_a), (second, port_b) = groups
-    one = [(first, port_a, v1(1, seq)) for seq in range(1, 101) if seq not in (10, 20, 21)]
-    two = [(second, port_b, v1(2, seq)) for seq in range(1, 51)]
+    one = [(first, port_a, packet(1, seq)) for seq in range(1, 101) if seq not in (10, 20, 21)]
+    two = [(second, port_b, packet(2, seq)) for seq in range(1, 51)]
     two.insert(7, two[6])
     return one + two
 
@@ -414,17 +420,20 @@ def _send(sock: socket.socket, traffic: Sequence[tuple[str, int, bytes]]) -> Non
 
 
 @pytest.mark.usefixtures("datapath")
-async def test_capture_feed_counts_injected_gaps(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("layout", [V1, SBE], ids=lambda layout: layout.value)
+async def test_capture_feed_counts_injected_gaps(
+    nursery: trio.Nursery, layout: DeribitLayout
+) -> None:
     server = await serve(nursery, Peer())
     port = free_udp_port()
     groups = [("239.255.41.1", port), ("239.255.41.2", port)]
     config = attrs.evolve(
-        feed_config(groups, [server.port]), upstream_check="deribit", deribit_layout="frame-v1"
+        feed_config(groups, [server.port]), upstream_check="deribit", deribit_layout=layout.value
     )
     feed = CaptureFeedRuntime(config)
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
-    traffic = _lossy_traffic(groups)
+    traffic = _lossy_traffic(groups, layout)
     with _deribit_sender(str(LOOPBACK)) as sock:
         _send(sock, traffic)
     await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
@@ -435,6 +444,7 @@ async def test_capture_feed_counts_injected_gaps(nursery: trio.Nursery) -> None:
     assert (samples["upstream_gaps"], samples["upstream_missing"]) == (2, 3)
     assert (samples["upstream_duplicates"], samples["upstream_resets"]) == (1, 0)
     assert samples["upstream_channels"] == 2
+    assert samples["upstream_malformed"] == 0
     detail = feed.health().detail
     assert detail["upstream_gaps"] == 2
     upstream = detail["upstream"]
