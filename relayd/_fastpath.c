@@ -928,17 +928,20 @@ void rd_upstream_read(struct rd_upstream *m, struct rd_upstream_stats *out) {
     pthread_mutex_unlock(&m->lock);
 }
 
-/* Up to `max` channels' counters into `out`, least recently used first; how many. */
+/* Up to `max` channels' counters into `out`, least recently used first; with lossy, only
+ * those with a gap, duplicate, reset or overlap. How many. */
 uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel *out,
-                              uint64_t max) {
+                              uint64_t max, uint64_t lossy) {
     uint64_t n = 0;
     pthread_mutex_lock(&m->lock);
-    for (uint32_t i = m->oldest; i != UP_NONE && n < max; i = m->channels[i].newer, n++) {
+    for (uint32_t i = m->oldest; i != UP_NONE && n < max; i = m->channels[i].newer) {
         const struct up_channel *c = &m->channels[i];
+        if (lossy && !(c->gaps | c->duplicates | c->resets | c->overlaps)) continue;
         out[n] = (struct rd_upstream_channel){c->group,      c->port,      c->channel,
                                               c->snapshot,   c->datagrams, c->gaps,
                                               c->missing,    c->duplicates, c->resets,
                                               c->overlaps};
+        n++;
     }
     pthread_mutex_unlock(&m->lock);
     return n;

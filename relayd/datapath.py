@@ -239,8 +239,9 @@ class UpstreamCounter(Protocol):
 
     def totals(self) -> UpstreamTotals: ...
 
-    def channels(self) -> list[UpstreamChannel]:
-        """Every tracked channel, least recently used first."""
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
+        """Every tracked channel, least recently used first; ``lossy``: only those with a
+        gap, duplicate, reset or overlap."""
 
     def close(self) -> None:
         """Release it (no receiver may use it any more)."""

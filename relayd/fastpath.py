@@ -512,9 +512,9 @@ class _CUpstreamCounter:
             last_gap,
         )
 
-    def channels(self) -> list[UpstreamChannel]:
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
         rows = (UpstreamChannelState * self._max_channels)()
-        n = self._plane.rd_upstream_channels(self._handle(), rows, self._max_channels)
+        n = self._plane.rd_upstream_channels(self._handle(), rows, self._max_channels, lossy)
         return [
             UpstreamChannel(
                 row.group,
@@ -621,6 +621,7 @@ class CPlane:
         self.rd_upstream_channels.argtypes = (
             ctypes.c_void_p,
             ctypes.POINTER(UpstreamChannelState),
+            _u64,
             _u64,
         )
         self.rd_upstream_channels.restype = _u64

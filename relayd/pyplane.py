@@ -438,7 +438,7 @@ class _UpstreamCounter:
                 monitor.last_gap,
             )
 
-    def channels(self) -> list[UpstreamChannel]:
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
         with self._lock:
             return [
                 UpstreamChannel(
@@ -454,6 +454,7 @@ class _UpstreamCounter:
                     c.overlaps,
                 )
                 for (group, port, channel), kind, c in self._monitor.channels()
+                if not lossy or c.gaps or c.duplicates or c.resets or c.overlaps
             ]
 
     def close(self) -> None:

@@ -283,6 +283,8 @@ def _compare(c: UpstreamCounter, spec: UpstreamCounter) -> None:
     expected = (*_wrapped(totals_spec[:-1]), None if last_gap is None else _wrapped(last_gap))
     assert tuple(totals_c) == expected
     assert [_wrapped(row) for row in spec.channels()] == [tuple(row) for row in c.channels()]
+    lossy = [_wrapped(row) for row in spec.channels(lossy=True)]
+    assert lossy == [tuple(row) for row in c.channels(lossy=True)]
 
 
 def _payload(

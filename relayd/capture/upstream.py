@@ -78,7 +78,7 @@ class UpstreamCheck:
 
     def top_channels(self, limit: int = TOP_CHANNELS) -> list[UpstreamChannel]:
         """The channels with the most gaps (then duplicates, resets), none without any."""
-        worst = [c for c in self.counter.channels() if c.gaps or c.duplicates or c.resets]
+        worst = [c for c in self.counter.channels(lossy=True) if c.gaps or c.duplicates or c.resets]
         worst.sort(key=lambda c: (c.gaps, c.missing, c.duplicates, c.resets), reverse=True)
         return worst[:limit]
 
