@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from relayd import fastpath, pyplane, wire
 from relayd.arbitration import SBE_INCREMENTAL, SBE_SNAPSHOT, DeribitLayout
 from relayd.capture import CaptureFeedRuntime
-from relayd.config import ConfigError, parse_config
+from relayd.config import ConfigError, load_config, parse_config
 from relayd.datapath import (
     UPSTREAM_SNAPSHOT_PORTS,
     DataPlane,
@@ -116,6 +116,14 @@ def test_upstream_check_is_off_by_default_and_reads_frame_v1() -> None:
     [feed] = parse_config(CAPTURE + 'upstream_check = "deribit"\nderibit_layout = "sbe"\n').capture
     assert (feed.upstream_check, feed.deribit_layout) == ("deribit", "sbe")
     assert DeribitLayout(feed.deribit_layout) is SBE
+
+
+def test_the_capture_example_checks_the_production_feed() -> None:
+    example = load_config(
+        Path(__file__).resolve().parent.parent / "etc/relayd/capture.example.toml"
+    )
+    checks = {feed.name: (feed.upstream_check, feed.deribit_layout) for feed in example.capture}
+    assert checks == {"prod": ("deribit", "frame-v1"), "dev": ("none", "frame-v1")}
 
 
 def test_upstream_check_values_are_checked() -> None:
