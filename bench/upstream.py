@@ -7,13 +7,17 @@ UpstreamMonitor, the specification). Traffic as in bench.arbitration: the Deribi
 times over (8-byte headers, every channel's sequence continued) and synthetic SBE traffic (64
 channels). CPU ns (process time) per datagram, median of --rounds, in one sitting. The cost in
 a running capture feed (CPU per datagram with the check on and off, alternated) is
-``python -m bench.capture --upstream-check alternate``.
+``python -m bench.capture --upstream-check alternate``; the data path alone (receive, frame,
+scan, no TCP), with the check off and on alternated, is the second table here.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import struct
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from relayd.datapath import DataPlane
 from relayd.tools import samples
 
 BATCH = 64
+SO_RCVBUFFORCE = 33  # Linux; not in Python's socket module
 
 
 def batches(traffic: Traffic) -> list[tuple[bytes, int]]:
@@ -51,6 +56,50 @@ def time_counter(plane: DataPlane, layout: DeribitLayout, work: list[tuple[bytes
     finally:
         counter.close()
     return elapsed / total
+
+
+def time_receive(plane: DataPlane, check: bool, rounds: int, count: int = 2000) -> list[float]:
+    """CPU ns per datagram of the capture data path (``CaptureReceiver.batch`` until the socket
+    is empty: recvmsg, stamp, frame, and with ``check`` the upstream scan) over ``count``
+    Deribit frame-v1 datagrams queued on a loopback socket beforehand; one figure per round."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stop_r, stop_w = os.pipe()
+    counter = plane.upstream_counter(DeribitLayout.FRAME_V1) if check else None
+    try:
+        try:
+            rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        except PermissionError:
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        address = rx.getsockname()
+        receiver = plane.capture_receiver(rx, address[1], stop_r, counter)
+        header = struct.Struct("<HHI")
+        payload = bytearray(153)
+        sent = 0
+        figures = []
+        for _ in range(rounds):
+            for _ in range(count):  # 32 channels, each numbered 1, 2, 3, ...
+                header.pack_into(payload, 0, 145, sent & 31, (sent >> 5) + 1)
+                tx.sendto(payload, address)
+                sent += 1
+            got = 0
+            start = time.process_time_ns()
+            while got < count:
+                receiver.batch(got + 1, None)
+                got += receiver.count
+            figures.append((time.process_time_ns() - start) / count)
+        if counter is not None:
+            assert counter.totals().gaps == 0, counter.totals()
+        return figures
+    finally:
+        if counter is not None:
+            counter.close()
+        rx.close()
+        tx.close()
+        os.close(stop_r)
+        os.close(stop_w)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +136,21 @@ def main(argv: list[str] | None = None) -> int:
             rounds = [time_counter(plane, layout, work) for _ in range(args.rounds)]
             figures.append(statistics.median(rounds))
         print(f"{title:<32} {len(traffic):>9} " + " ".join(f"{f:>14.0f}" for f in figures))
+    print()
+    print("capture data path (batch until empty, 2,000 datagrams queued per round), check off/on")
+    print("alternated round by round; CPU ns per datagram, median (and range) of --rounds x 4:")
+    for name, plane in planes:
+        off: list[float] = []
+        on: list[float] = []
+        for _ in range(args.rounds * 4):
+            off += time_receive(plane, False, 1)
+            on += time_receive(plane, True, 1)
+        low, high = statistics.median(off), statistics.median(on)
+        print(
+            f"  {name:<7} off {low:>6.0f} ({min(off):.0f}-{max(off):.0f})  "
+            f"on {high:>6.0f} ({min(on):.0f}-{max(on):.0f})  on-off {high - low:>+5.0f}  "
+            f"on/off {high / low:.3f}"
+        )
     return 0
 
 
