@@ -413,7 +413,9 @@ def _lossy_traffic(
     channel 2 on the second: 1..50 with 7 sent twice (1 duplicate). SBE: one message each."""
 
     def packet(channel: int, seq: int) -> bytes:
-        return v1(channel, seq) if layout is V1 else sbe(channel, seq, stamp=seq)
+        # a sendingTime like the exchange's (ns since the epoch, 1 ms apart)
+        stamp = 1_764_950_000_000_000_000 + seq * 1_000_000
+        return v1(channel, seq) if layout is V1 else sbe(channel, seq, stamp=stamp)
 
     (first, port_a), (second, port_b) = groups
     one = [(first, port_a, packet(1, seq)) for seq in range(1, 101) if seq not in (10, 20, 21)]
@@ -533,6 +535,35 @@ upstream_check = "deribit"
     finally:
         relayd.stop()
         relayd.kill()
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_wrong_layout_is_counted_and_warned_about(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SBE packets into a feed set to frame-v1: every one relayed, counted malformed, and a
+    warning that asks about deribit_layout. (An SBE packet whose sendingTime's low 16 bits
+    happen to equal its size - 8 would pass for a frame-v1 one: the layout is configured,
+    never guessed.)"""
+    server = await serve(nursery, Peer())
+    port = free_udp_port()
+    groups = [("239.255.43.1", port), ("239.255.43.2", port)]
+    config = attrs.evolve(feed_config(groups, [server.port]), upstream_check="deribit")
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    traffic = _lossy_traffic(groups, SBE)
+    with _deribit_sender(str(LOOPBACK)) as sock:
+        _send(sock, traffic)
+    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    assert feed.upstream is not None
+    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
+    totals = feed.upstream.totals()
+    assert (totals.malformed, totals.gaps, totals.channels) == (148, 0, 0)
+    await wait_for(lambda: "is deribit_layout right?" in caplog.text, timeout=10)
+    assert re.search(
+        r"feed test: \d+ of \d+ datagrams are not Deribit frame-v1 packets", caplog.text
+    )
 
 
 async def test_upstream_counts_carry_on_across_a_reload(nursery: trio.Nursery) -> None:

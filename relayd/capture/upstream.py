@@ -71,6 +71,7 @@ class UpstreamCheck:
         self.counter: UpstreamCounter = plane.upstream_counter(layout)
         self._limited = limited
         self._gaps_warned = 0
+        self._malformed_warned = 0
         self.labels: tuple[tuple[str, str], ...] = (("feed", name), ("side", "capture"))
 
     def totals(self) -> UpstreamTotals:
@@ -110,8 +111,21 @@ class UpstreamCheck:
         return out
 
     def warn_on_new_gaps(self) -> None:
-        """A rate-limited warning when gaps were counted since the previous look."""
+        """A rate-limited warning when gaps were counted since the previous look, and one when
+        datagrams did not parse (a wrong ``deribit_layout``, or not a Deribit feed)."""
         totals = self.totals()
+        if totals.malformed != self._malformed_warned:
+            self._malformed_warned = totals.malformed
+            self._limited.warning(
+                f"{self.name}:upstream-malformed",
+                "feed %s: %d of %d datagrams are not Deribit %s packets (too short, or a length "
+                "that does not match): is deribit_layout right? They are relayed, not checked",
+                self.name,
+                totals.malformed,
+                totals.datagrams,
+                self.layout.value,
+                extra={"feed": self.name},
+            )
         if totals.gaps == self._gaps_warned or totals.last_gap is None:
             return
         new, self._gaps_warned = totals.gaps - self._gaps_warned, totals.gaps
