@@ -4,11 +4,13 @@ specification) by a differential fuzz and over the Deribit samples."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +48,8 @@ GROUP = int(IPv4Address("239.111.111.1"))
 V1 = DeribitLayout.FRAME_V1
 SBE = DeribitLayout.SBE
 SECOND = 10**9
+#: hypothesis examples of the differential test (``make fuzz`` raises it)
+FUZZ_EXAMPLES = int(os.environ.get("RELAYD_FUZZ_EXAMPLES", "300"))
 U64 = 2**64
 
 
@@ -320,7 +324,7 @@ _step = st.tuples(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layout=st.sampled_from([V1, SBE]),
     max_channels=st.integers(1, 6),
@@ -328,13 +332,12 @@ _step = st.tuples(
     batch=st.integers(1, 9),
 )
 def test_c_counter_matches_the_specification(
-    counter_pair: tuple[DataPlane, DataPlane],
     layout: DeribitLayout,
     max_channels: int,
     steps: list[tuple[int, int, int, int, int, int, int, int, int, int, int]],
     batch: int,
 ) -> None:
-    c_side, py_side = counter_pair
+    c_side, py_side = c_plane(), pyplane.PLANE
     horizon = 10 * SECOND
     c = c_side.upstream_counter(layout, max_channels=max_channels, stale_horizon_ns=horizon)
     spec = py_side.upstream_counter(layout, max_channels=max_channels, stale_horizon_ns=horizon)
@@ -599,3 +602,49 @@ async def test_upstream_counts_carry_on_across_a_reload(nursery: trio.Nursery) -
     upstream = second.health().detail["upstream"]
     assert (upstream["datagrams"], upstream["gaps"], upstream["missing"]) == (158, 2, 3)
     assert second.health().detail["upstream_gaps"] == 2
+
+
+def test_c_counter_matches_the_specification_under_asan_and_ubsan() -> None:
+    """The differential test against an ASan+UBSan build of the C data plane, in a child
+    process (tests/test_fastpath_fuzz.py's harness): any sanitizer report fails it."""
+    from tests import test_fastpath_fuzz as harness  # noqa: PLC0415 - its sanitizer build
+
+    runtime = harness._sanitizer_runtime()
+    if isinstance(runtime, str):
+        pytest.skip(f"no sanitizer build: {runtime}")
+    c_plane()
+    compiler, libasan = runtime
+    examples = max(30, FUZZ_EXAMPLES // 4)
+    child_code = (
+        "import sys\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "from relayd import fastpath\n"
+        "assert str(fastpath.LIBRARY).startswith(sys.argv[1]), fastpath.LIBRARY\n"
+        "from tests import test_upstream_check as tests\n"
+        "tests.test_c_counter_matches_the_specification()\n"
+        "print('sanitized upstream session passed', flush=True)\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="relayd-asan-") as scratch:
+        root = harness.sanitized_package(Path(scratch), compiler)
+        env = {
+            **os.environ,
+            "LD_PRELOAD": str(libasan),
+            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+            "RELAYD_DATAPATH": "c",
+            "RELAYD_FUZZ_EXAMPLES": str(examples),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        child = subprocess.run(
+            [sys.executable, "-c", child_code, str(root), str(Path(__file__).parent.parent)],
+            env=env,
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=max(600, examples * 2),
+        )
+    report = child.stdout + child.stderr
+    assert child.returncode == 0, report[-6000:]
+    assert not any(marker in report for marker in harness.SANITIZER_REPORT), report[-6000:]
+    assert "sanitized upstream session passed" in child.stdout
