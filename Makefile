@@ -96,6 +96,8 @@ fuzz: $(STAMP) $(FASTPATH)
 	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)
 	# the C data plane against the Python decoder, plain and under ASan/UBSan: about 13 min
 	RELAYD_FUZZ_EXAMPLES=20000 $(BIN)/pytest tests/test_fastpath_fuzz.py $(PYTEST_ARGS)
+	# the C upstream counter against relayd.arbitration's UpstreamMonitor, plain and sanitized
+	RELAYD_FUZZ_EXAMPLES=20000 $(BIN)/pytest tests/test_upstream_check.py -k specification $(PYTEST_ARGS)
 
 dist: $(STAMP)
 	rm -rf dist

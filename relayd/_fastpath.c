@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 10
+#define RD_ABI 11
 
 /* Why a call returned (both loops). */
 enum {
@@ -63,6 +63,10 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define MAX_ERROR_TEXT 1024
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
 #define DEST_SLOTS 1024    /* per connection; cleared when half full */
+/* Upstream sequence check: the Deribit layouts (relayd.arbitration.DeribitLayout) */
+#define UP_FRAME_V1 0
+#define UP_SBE 1
+#define UP_MAX_SNAPSHOT_PORTS 8
 
 /* A/B arbitration (the section "A/B arbitration" below): */
 enum { ARB_MODE_NONE = 0, ARB_MODE_CONTENT = 1, ARB_MODE_DERIBIT = 2 };
@@ -163,7 +167,8 @@ enum {
     F(uint64_t, sent, )    /* bytes of the batch sent to tcp_fd (fewer: the socket is full) */ \
     F(int64_t, send_err, ) /* errno of a failed send, else 0 */                                \
     F(uint64_t, drops, ) F(uint64_t, drops_seen, ) /* SO_RXQ_OVFL: cumulative drop counter */  \
-    F(int64_t, err, )
+    F(int64_t, err, )                                                                          \
+    F(struct rd_upstream *, upstream, ) /* the feed's upstream sequence check, or NULL */
 
 /* The capture side's reader of one TCP connection: what the emit side sends back. */
 #define RD_CAPTURE_RX_FIELDS(F)                                                               \
@@ -175,6 +180,24 @@ enum {
     F(uint64_t, acks, ) F(uint64_t, heartbeats, ) F(uint64_t, bytes_in, )                      \
     F(int64_t, err, )
 
+/* The capture side's count of the exchange's own sequence numbers (rd_upstream_read). */
+#define RD_UPSTREAM_STATS_FIELDS(F)                                                           \
+    F(uint64_t, datagrams, ) F(uint64_t, gaps, ) F(uint64_t, missing, )                        \
+    F(uint64_t, snapshot_gaps, ) F(uint64_t, duplicates, ) F(uint64_t, resets, )               \
+    F(uint64_t, overlaps, ) F(uint64_t, heartbeats, ) F(uint64_t, unsequenced, )               \
+    F(uint64_t, malformed, ) F(uint64_t, evictions, ) F(uint64_t, channels, )                  \
+    /* the latest gap: where, and how many sequence numbers it skipped */                      \
+    F(uint64_t, last_gap_group, ) F(uint64_t, last_gap_port, )                                 \
+    F(uint64_t, last_gap_channel, ) F(uint64_t, last_gap_missing, )
+
+/* One channel's counters (rd_upstream_channels). */
+#define RD_UPSTREAM_CHANNEL_FIELDS(F)                                                         \
+    F(uint64_t, group, ) F(uint64_t, port, ) F(uint64_t, channel, )                            \
+    F(uint64_t, snapshot, ) /* 1: a snapshot channel (FRAME_V1 on a snapshot port) */          \
+    F(uint64_t, datagrams, ) F(uint64_t, gaps, ) F(uint64_t, missing, )                        \
+    F(uint64_t, duplicates, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )
+
+struct rd_upstream; /* opaque: rd_upstream_new */
 #define RD_DECLARE(type, name, dim) type name dim;
 struct rd_arb; /* opaque: its config and stats are the shared parts */
 struct rd_dest { RD_DEST_FIELDS(RD_DECLARE) };
@@ -184,6 +207,8 @@ struct rd_capture_rx { RD_CAPTURE_RX_FIELDS(RD_DECLARE) };
 struct rd_arb_config { RD_ARB_CONFIG_FIELDS(RD_DECLARE) };
 struct rd_arb_stats { RD_ARB_STATS_FIELDS(RD_DECLARE) };
 struct rd_arb_release { RD_ARB_RELEASE_FIELDS(RD_DECLARE) };
+struct rd_upstream_stats { RD_UPSTREAM_STATS_FIELDS(RD_DECLARE) };
+struct rd_upstream_channel { RD_UPSTREAM_CHANNEL_FIELDS(RD_DECLARE) };
 
 /* The layout table: one row per field of every shared struct, then one per struct (field NULL,
  * its size), then a row of NULLs. */
@@ -200,14 +225,19 @@ struct rd_field {
 #define RD_ARB_CONFIG_ROW(type, name, dim) RD_ROW(rd_arb_config, type, name, dim)
 #define RD_ARB_STATS_ROW(type, name, dim) RD_ROW(rd_arb_stats, type, name, dim)
 #define RD_ARB_RELEASE_ROW(type, name, dim) RD_ROW(rd_arb_release, type, name, dim)
+#define RD_UPSTREAM_STATS_ROW(type, name, dim) RD_ROW(rd_upstream_stats, type, name, dim)
+#define RD_UPSTREAM_CHANNEL_ROW(type, name, dim) RD_ROW(rd_upstream_channel, type, name, dim)
 #define RD_SIZE_ROW(record) {#record, NULL, 0, sizeof(struct record)},
 static const struct rd_field layout[] = {
     RD_DEST_FIELDS(RD_DEST_ROW) RD_EMIT_FIELDS(RD_EMIT_ROW) RD_CAPTURE_FIELDS(RD_CAPTURE_ROW)
     RD_CAPTURE_RX_FIELDS(RD_CAPTURE_RX_ROW)
+    RD_UPSTREAM_STATS_FIELDS(RD_UPSTREAM_STATS_ROW)
+    RD_UPSTREAM_CHANNEL_FIELDS(RD_UPSTREAM_CHANNEL_ROW)
     RD_SIZE_ROW(rd_dest) RD_SIZE_ROW(rd_emit) RD_SIZE_ROW(rd_capture) RD_SIZE_ROW(rd_capture_rx)
     RD_ARB_CONFIG_FIELDS(RD_ARB_CONFIG_ROW) RD_ARB_STATS_FIELDS(RD_ARB_STATS_ROW)
     RD_ARB_RELEASE_FIELDS(RD_ARB_RELEASE_ROW)
     RD_SIZE_ROW(rd_arb_config) RD_SIZE_ROW(rd_arb_stats) RD_SIZE_ROW(rd_arb_release)
+    RD_SIZE_ROW(rd_upstream_stats) RD_SIZE_ROW(rd_upstream_channel)
     {NULL, NULL, 0, 0},
 };
 
@@ -229,6 +259,7 @@ static const struct rd_constant constants[] = {
     RD_CONSTANT(ARB_GAP) RD_CONSTANT(ARB_RESET) RD_CONSTANT(ARB_OVERLAP)
     RD_CONSTANT(ARB_UNSEQUENCED) RD_CONSTANT(ARB_MALFORMED) RD_CONSTANT(ARB_DUPLICATE)
     RD_CONSTANT(ARB_HELD) RD_CONSTANT(ARB_SOURCES) RD_CONSTANT(ARB_SNAPSHOT_PORTS)
+    RD_CONSTANT(UP_FRAME_V1) RD_CONSTANT(UP_SBE) RD_CONSTANT(UP_MAX_SNAPSHOT_PORTS)
     {NULL, 0},
 };
 
@@ -1348,6 +1379,8 @@ int rd_emit_pump(struct rd_emit *s) {
 
 /* -- capture ---------------------------------------------------------------------------------- */
 
+void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t count, int64_t now);
+
 /* Block until the socket is readable (0) or the stop pipe is (RD_STOPPED). */
 int rd_capture_wait(struct rd_capture *s) {
     struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
@@ -1438,6 +1471,7 @@ int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
             break;
         }
     }
+    if (count && s->upstream) rd_upstream_scan(s->upstream, buf, count, now_ns(CLOCK_MONOTONIC));
     return outcome;
 }
 
@@ -1493,4 +1527,293 @@ int rd_capture_read(struct rd_capture_rx *s) {
             break;
         }
     }
+}
+
+/* -- capture: the exchange's own sequence numbers --------------------------------------------- */
+
+/* relayd/arbitration/sequence.py's UpstreamMonitor, datagram for datagram (the differential
+ * tests hold this to it): per channel (group, port, Deribit channel id) the next expected
+ * sequence, gaps, duplicates, overlaps and resets, in a table of at most `cap` channels, the
+ * least recently used evicted first. O(1) per datagram: a hash lookup and a few compares. One
+ * monitor serves every receive thread of a feed; a mutex is taken once per batch. */
+
+#define UP_NONE UINT32_MAX
+
+struct up_channel {
+    uint32_t group, channel;
+    uint16_t port;
+    uint8_t snapshot;
+    uint32_t chain;      /* next channel in the same hash bucket */
+    uint32_t older, newer; /* least-recently-used list */
+    uint64_t next;       /* the next expected sequence */
+    uint64_t floor_prev1; /* the spec's floor_previous + 1 (0: -1, no past) */
+    uint64_t floor_current, stale_below;
+    int64_t rotated, stamp;
+    uint64_t datagrams, gaps, missing, duplicates, resets, overlaps;
+};
+
+struct rd_upstream {
+    pthread_mutex_t lock;
+    uint64_t layout, horizon_ns, n_ports;
+    uint16_t snapshot_ports[UP_MAX_SNAPSHOT_PORTS];
+    uint32_t cap, used, mask;
+    uint32_t oldest, newest;
+    uint32_t *buckets;
+    struct up_channel *channels;
+    struct rd_upstream_stats stats;
+};
+
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32(const uint8_t *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
+static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
+
+/* format UP_FRAME_V1 or UP_SBE; at most max_channels channels (>= 1); a sequence older than
+ * horizon_ns is a reset (the spec's stale_horizon); FRAME_V1 channels on one of ports are
+ * snapshot channels. NULL when the arguments are out of range or memory is short. */
+struct rd_upstream *rd_upstream_new(uint64_t format, uint64_t max_channels, uint64_t horizon_ns,
+                                    const uint16_t *ports, uint64_t n_ports) {
+    if (format > UP_SBE || max_channels < 1 || max_channels > (1u << 24) ||
+        n_ports > UP_MAX_SNAPSHOT_PORTS || horizon_ns > INT64_MAX / 4)
+        return NULL;
+    struct rd_upstream *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    uint32_t buckets = 1;
+    while (buckets < 2 * max_channels) buckets <<= 1;
+    m->buckets = malloc(buckets * sizeof *m->buckets);
+    m->channels = calloc(max_channels, sizeof *m->channels);
+    if (!m->buckets || !m->channels || pthread_mutex_init(&m->lock, NULL)) {
+        free(m->buckets);
+        free(m->channels);
+        free(m);
+        return NULL;
+    }
+    memset(m->buckets, 0xFF, buckets * sizeof *m->buckets);
+    m->layout = format;
+    m->horizon_ns = horizon_ns;
+    m->n_ports = n_ports;
+    for (uint64_t i = 0; i < n_ports; i++) m->snapshot_ports[i] = ports[i];
+    m->cap = (uint32_t)max_channels;
+    m->mask = buckets - 1;
+    m->oldest = m->newest = UP_NONE;
+    return m;
+}
+
+void rd_upstream_free(struct rd_upstream *m) {
+    if (!m) return;
+    pthread_mutex_destroy(&m->lock);
+    free(m->buckets);
+    free(m->channels);
+    free(m);
+}
+
+static uint32_t up_bucket(const struct rd_upstream *m, uint32_t group, uint16_t port,
+                          uint32_t channel) {
+    uint64_t h = (uint64_t)group * 0x9E3779B97F4A7C15ull;
+    h ^= ((uint64_t)port << 32 | channel) * 0xC2B2AE3D27D4EB4Full;
+    h ^= h >> 29;
+    return (uint32_t)h & m->mask;
+}
+
+static void up_unlink_lru(struct rd_upstream *m, uint32_t i) {
+    struct up_channel *c = &m->channels[i];
+    if (c->older != UP_NONE) m->channels[c->older].newer = c->newer;
+    else m->oldest = c->newer;
+    if (c->newer != UP_NONE) m->channels[c->newer].older = c->older;
+    else m->newest = c->older;
+}
+
+static void up_push_newest(struct rd_upstream *m, uint32_t i) {
+    struct up_channel *c = &m->channels[i];
+    c->older = m->newest;
+    c->newer = UP_NONE;
+    if (m->newest != UP_NONE) m->channels[m->newest].newer = i;
+    else m->oldest = i;
+    m->newest = i;
+}
+
+/* The slot for a new channel: a free one, or the least recently used, evicted. */
+static uint32_t up_take_slot(struct rd_upstream *m) {
+    if (m->used < m->cap) return m->used++;
+    uint32_t i = m->oldest;
+    struct up_channel *c = &m->channels[i];
+    up_unlink_lru(m, i);
+    uint32_t *link = &m->buckets[up_bucket(m, c->group, c->port, c->channel)];
+    while (*link != i) link = &m->channels[*link].chain;
+    *link = c->chain;
+    m->stats.evictions++;
+    return i;
+}
+
+/* The spec's ChannelTable.rotate: move the stale floors forward once per horizon. */
+static void up_rotate(const struct rd_upstream *m, struct up_channel *c, int64_t now) {
+    int64_t elapsed = now - c->rotated, horizon = (int64_t)m->horizon_ns;
+    if (elapsed < horizon) return;
+    c->floor_prev1 = (elapsed < 2 * horizon ? c->floor_current : c->next) + 1;
+    c->floor_current = c->next;
+    c->rotated = now;
+    c->stale_below = 0;
+}
+
+enum { UP_IN_ORDER, UP_GAP, UP_BEHIND, UP_OVERLAP, UP_RESET, UP_HEARTBEAT };
+
+/* The spec's classify. */
+static int up_classify(const struct up_channel *c, uint64_t seq, uint64_t count, int64_t stamp) {
+    uint64_t expected = c->next;
+    if (count == 0) {
+        if (seq > expected) return seq < c->stale_below ? UP_BEHIND : UP_GAP;
+        return stamp > c->stamp ? UP_HEARTBEAT : UP_BEHIND;
+    }
+    if (seq == expected) return UP_IN_ORDER;
+    if (seq > expected) return seq < c->stale_below ? UP_BEHIND : UP_GAP;
+    if (seq + count <= expected) return seq + 1 < c->floor_prev1 ? UP_RESET : UP_BEHIND;
+    return UP_OVERLAP;
+}
+
+/* The spec's UpstreamMonitor.see of one payload (the lock held). */
+static void up_see(struct rd_upstream *m, uint32_t group, uint16_t port, const uint8_t *p,
+                   uint64_t size, int64_t now) {
+    struct rd_upstream_stats *st = &m->stats;
+    uint64_t seq, count;
+    uint32_t id;
+    int64_t stamp = 0;
+    uint8_t snapshot = 0;
+    st->datagrams++;
+    if (m->layout == UP_FRAME_V1) {
+        if (size < 8 || le16(p) != size - 8) {
+            st->malformed++;
+            return;
+        }
+        id = le16(p + 2);
+        seq = le32(p + 4);
+        count = 1;
+        for (uint64_t i = 0; i < m->n_ports; i++) snapshot |= m->snapshot_ports[i] == port;
+    } else {
+        if (size < 24) {
+            st->malformed++;
+            return;
+        }
+        stamp = (int64_t)le64(p);
+        int64_t first = (int64_t)le64(p + 8);
+        id = le32(p + 16);
+        uint16_t type = le16(p + 20);
+        count = le16(p + 22);
+        if (first < 0 || (type & ~7u) || size < 24 + 16 * count) {
+            st->malformed++;
+            return;
+        }
+        if (type != 1) { /* snapshot, retransmit, reject: no sequence of their own */
+            st->unsequenced++;
+            return;
+        }
+        seq = (uint64_t)first;
+    }
+    uint32_t *head = &m->buckets[up_bucket(m, group, port, id)], i = *head;
+    while (i != UP_NONE) {
+        const struct up_channel *c = &m->channels[i];
+        if (c->group == group && c->port == port && c->channel == id) break;
+        i = c->chain;
+    }
+    if (i == UP_NONE) { /* the first datagram of a channel: it starts there */
+        i = up_take_slot(m);
+        head = &m->buckets[up_bucket(m, group, port, id)]; /* an eviction may have changed it */
+        struct up_channel *c = &m->channels[i];
+        memset(c, 0, sizeof *c);
+        c->group = group;
+        c->port = port;
+        c->channel = id;
+        c->snapshot = snapshot;
+        c->next = c->floor_current = seq + count; /* as the spec's Channel(kind, next, now) */
+        c->rotated = now;
+        c->stamp = stamp;
+        c->datagrams = 1;
+        c->chain = *head;
+        *head = i;
+        up_push_newest(m, i);
+        return;
+    }
+    if (m->newest != i) {
+        up_unlink_lru(m, i);
+        up_push_newest(m, i);
+    }
+    struct up_channel *c = &m->channels[i];
+    up_rotate(m, c, now);
+    c->datagrams++;
+    uint64_t missing;
+    switch (up_classify(c, seq, count, stamp)) {
+    case UP_IN_ORDER:
+        c->next = seq + count;
+        break;
+    case UP_GAP:
+        missing = seq - c->next;
+        c->gaps++;
+        c->missing += missing;
+        st->gaps++;
+        st->missing += missing;
+        if (c->snapshot) st->snapshot_gaps++;
+        st->last_gap_group = group;
+        st->last_gap_port = port;
+        st->last_gap_channel = id;
+        st->last_gap_missing = missing;
+        c->next = seq + count;
+        break;
+    case UP_BEHIND:
+        c->duplicates++;
+        st->duplicates++;
+        break;
+    case UP_OVERLAP:
+        c->overlaps++;
+        st->overlaps++;
+        c->next = seq + count;
+        break;
+    case UP_RESET:
+        c->resets++;
+        st->resets++;
+        c->stale_below = c->next;
+        c->next = seq + count;
+        c->floor_prev1 = 0;
+        c->floor_current = seq;
+        c->rotated = now;
+        break;
+    default: /* UP_HEARTBEAT */
+        st->heartbeats++;
+    }
+    if (stamp > c->stamp) c->stamp = stamp;
+}
+
+/* See every datagram of `count` DATA frames (a capture batch) at CLOCK_MONOTONIC `now`. */
+void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t count, int64_t now) {
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t n = 0; n < count; n++) {
+        uint64_t size = (uint64_t)get16(frames) + 2;
+        up_see(m, get32(frames + 6), get16(frames + 4), frames + DATA_HEADER, size - DATA_HEADER,
+               now);
+        frames += size;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+void rd_upstream_read(struct rd_upstream *m, struct rd_upstream_stats *out) {
+    pthread_mutex_lock(&m->lock);
+    *out = m->stats;
+    out->channels = m->used;
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* Up to `max` channels' counters into `out`, least recently used first; with lossy, only
+ * those with a gap, duplicate, reset or overlap. How many. */
+uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel *out,
+                              uint64_t max, uint64_t lossy) {
+    uint64_t n = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint32_t i = m->oldest; i != UP_NONE && n < max; i = m->channels[i].newer) {
+        const struct up_channel *c = &m->channels[i];
+        if (lossy && !(c->gaps | c->duplicates | c->resets | c->overlaps)) continue;
+        out[n] = (struct rd_upstream_channel){c->group,      c->port,      c->channel,
+                                              c->snapshot,   c->datagrams, c->gaps,
+                                              c->missing,    c->duplicates, c->resets,
+                                              c->overlaps};
+        n++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return n;
 }

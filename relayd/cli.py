@@ -287,7 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--deribit",
         action="store_true",
-        help="decode Deribit's 8-byte frame header and report gaps and duplicates per channel",
+        help="decode Deribit's packet header and report gaps and duplicates per channel",
+    )
+    listen.add_argument(
+        "--deribit-layout",
+        choices=("frame-v1", "sbe"),
+        default=None,
+        help="the Deribit packet header: frame-v1 (8 bytes, the sample captures; the default) "
+        "or sbe (the 24-byte SBE market data packet header); implies --deribit",
     )
     checks = listen.add_argument_group("checks (each failure has its own exit status)")
     checks.add_argument(

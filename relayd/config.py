@@ -66,6 +66,7 @@ __all__ = [
     "PortRange",
     "ProcessConfig",
     "UnsafeFileError",
+    "UpstreamCheck",
     "key_file_warnings",
     "load_config",
     "parse_config",
@@ -88,6 +89,9 @@ DeribitLayoutName = Literal["frame-v1", "sbe"]
 #: its channel that long), the content window spans 10 ms..60 s.
 MAX_HOLD_TIMEOUT: Final = 1.0
 CONTENT_WINDOW_RANGE: Final = (0.01, 60.0)
+#: A capture feed's count of the exchange's own gaps (``upstream_check``); it reads the
+#: Deribit packet header in the feed's ``deribit_layout`` (``DeribitLayoutName``).
+UpstreamCheck = Literal["none", "deribit"]
 
 MULTICAST: Final = IPv4Network("224.0.0.0/4")
 LINK_LOCAL_MULTICAST: Final = IPv4Network("224.0.0.0/24")
@@ -362,6 +366,8 @@ class CaptureFeed:
     ack_timeout: float = 10.0
     auth_key_file: Path | None = None
     sources: tuple[IPv4Address, ...] = ()
+    upstream_check: UpstreamCheck = "none"
+    deribit_layout: DeribitLayoutName = "frame-v1"
 
 
 @attrs.frozen(kw_only=True)
@@ -739,6 +745,8 @@ _register(
         "ack_timeout": _duration,
         "auth_key_file": _path,
         "sources": _tuple_of(_source, unique=True),
+        "upstream_check": _one_of(get_args(UpstreamCheck)),
+        "deribit_layout": _one_of(get_args(DeribitLayoutName)),
     },
     _check_timeouts,
 )

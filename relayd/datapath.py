@@ -33,6 +33,7 @@ from typing import NamedTuple, Protocol, TypeVar, cast
 import trio
 
 from relayd.arbitration import ArbitrationConfig, Verdict
+from relayd.arbitration.headers import DeribitLayout
 from relayd.session import Destination
 from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
 
@@ -45,6 +46,9 @@ __all__ = [
     "EmitPump",
     "EmitStart",
     "FeedArbiter",
+    "UpstreamChannel",
+    "UpstreamCounter",
+    "UpstreamTotals",
     "Why",
     "current_beat",
     "data_threads_alive",
@@ -257,6 +261,66 @@ class FeedArbiter(Protocol):
         """Free it (no pump may use it any more)."""
 
 
+#: Ports whose Deribit FRAME_V1 channels are snapshot channels (their gaps counted apart).
+UPSTREAM_SNAPSHOT_PORTS = (6101,)
+#: Channels an upstream counter tracks at most (least recently used evicted first).
+UPSTREAM_MAX_CHANNELS = 4096
+#: A sequence below what was next this long ago is an exchange reset, not a late copy.
+UPSTREAM_STALE_HORIZON_NS = 60 * 10**9
+
+
+class UpstreamTotals(NamedTuple):
+    """What an upstream counter counted (relayd.arbitration's ``UpstreamStats``, and more)."""
+
+    datagrams: int
+    gaps: int
+    missing: int  # sequence numbers skipped by the gaps
+    snapshot_gaps: int  # gaps on snapshot channels (also in gaps)
+    duplicates: int
+    resets: int
+    overlaps: int
+    heartbeats: int
+    unsequenced: int
+    malformed: int
+    evictions: int  # channels evicted from the table (their own counters with them)
+    channels: int  # channels tracked now
+    last_gap: tuple[int, int, int, int] | None  # (group, port, channel, missing) of the latest
+
+
+class UpstreamChannel(NamedTuple):
+    """One channel's counters: (group, port, channel id) as the exchange numbers them."""
+
+    group: int
+    port: int
+    channel: int
+    snapshot: bool
+    datagrams: int
+    gaps: int
+    missing: int
+    duplicates: int
+    resets: int
+    overlaps: int
+
+
+class UpstreamCounter(Protocol):
+    """A capture feed's count of the exchange's own gaps, duplicates and resets per channel
+    (relayd.arbitration's ``UpstreamMonitor`` is the specification), before anything is
+    relayed. One per feed, shared by its receive threads (thread-safe); a receiver given one
+    scans every batch it receives, after writing it to TCP."""
+
+    def scan(self, frames: bytes | memoryview, count: int, now_ns: int) -> None:
+        """See the datagrams of ``count`` DATA frames at CLOCK_MONOTONIC ``now_ns``."""
+
+    def totals(self) -> UpstreamTotals: ...
+
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
+        """Every tracked channel, least recently used first; ``lossy``: only those with a
+        gap, duplicate, reset or overlap."""
+
+    def close(self) -> None:
+        """Release it (no receiver may use it any more)."""
+
+
 class EmitStart(NamedTuple):
     """What an emit pump starts from."""
 
@@ -284,7 +348,21 @@ class DataPlane(Protocol):
     def emit_pump(self, start: EmitStart) -> EmitPump:
         """Raises ProtocolError when what the handshake left over cannot be a frame."""
 
-    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> CaptureReceiver: ...
+    def capture_receiver(
+        self,
+        sock: socket.socket,
+        port: int,
+        stop_fd: int,
+        upstream: UpstreamCounter | None = None,
+    ) -> CaptureReceiver:
+        """``upstream`` (one of this plane's ``upstream_counter``): scan every batch."""
+
+    def upstream_counter(
+        self,
+        layout: DeribitLayout,
+        max_channels: int = UPSTREAM_MAX_CHANNELS,
+        stale_horizon_ns: int = UPSTREAM_STALE_HORIZON_NS,
+    ) -> UpstreamCounter: ...
 
     def arbiter(self, config: ArbitrationConfig) -> FeedArbiter:
         """A feed's arbiter for this leaf's pumps. Raises MemoryError when it cannot be made."""

@@ -31,7 +31,13 @@ from relayd.datapath import (
     ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
     EMIT_RECEIVE_SIZE,
+    UPSTREAM_MAX_CHANNELS,
+    UPSTREAM_SNAPSHOT_PORTS,
+    UPSTREAM_STALE_HORIZON_NS,
     EmitStart,
+    UpstreamChannel,
+    UpstreamCounter,
+    UpstreamTotals,
     Why,
 )
 from relayd.metrics import LATENCY_BUCKETS
@@ -51,7 +57,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 10
+ABI: Final = 11
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -138,6 +144,7 @@ class CaptureState(ctypes.Structure):
         ("drops", _u64),
         ("drops_seen", _u64),
         ("err", _i64),
+        ("upstream", ctypes.c_void_p),
     )
 
 
@@ -199,6 +206,42 @@ class ArbiterRelease(ctypes.Structure):
     _fields_ = (("source", _u64), ("group", _u64), ("port", _u64), ("gap", _u64), ("len", _u64))
 
 
+class UpstreamStatsState(ctypes.Structure):
+    """``struct rd_upstream_stats``: an upstream counter's totals."""
+
+    _fields_ = tuple(
+        (name, _u64)
+        for name in (
+            "datagrams",
+            "gaps",
+            "missing",
+            "snapshot_gaps",
+            "duplicates",
+            "resets",
+            "overlaps",
+            "heartbeats",
+            "unsequenced",
+            "malformed",
+            "evictions",
+            "channels",
+            "last_gap_group",
+            "last_gap_port",
+            "last_gap_channel",
+            "last_gap_missing",
+        )
+    )
+
+
+class UpstreamChannelState(ctypes.Structure):
+    """``struct rd_upstream_channel``: one channel's counters."""
+
+    _fields_ = tuple((name, _u64) for name in UpstreamChannel._fields)
+
+
+#: ``DeribitLayout`` as the library numbers it.
+UPSTREAM_LAYOUTS: Final = {DeribitLayout.FRAME_V1: 0, DeribitLayout.SBE: 1}
+UP_MAX_SNAPSHOT_PORTS: Final = 8
+
 STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "rd_dest": _Dest,
     "rd_emit": EmitState,
@@ -207,6 +250,8 @@ STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "rd_arb_config": ArbiterConfig,
     "rd_arb_stats": ArbiterStatsState,
     "rd_arb_release": ArbiterRelease,
+    "rd_upstream_stats": UpstreamStatsState,
+    "rd_upstream_channel": UpstreamChannelState,
 }
 
 _MODES: Final = {ArbitrationMode.NONE: 0, ArbitrationMode.CONTENT: 1, ArbitrationMode.DERIBIT: 2}
@@ -254,6 +299,9 @@ def expected_constants() -> dict[str, int]:
         MAX_ERROR_TEXT=wire.MAX_ERROR_TEXT,
         ARB_SOURCES=ARBITER_SOURCES,
         ARB_SNAPSHOT_PORTS=ARB_SNAPSHOT_PORTS,
+        UP_FRAME_V1=UPSTREAM_LAYOUTS[DeribitLayout.FRAME_V1],
+        UP_SBE=UPSTREAM_LAYOUTS[DeribitLayout.SBE],
+        UP_MAX_SNAPSHOT_PORTS=UP_MAX_SNAPSHOT_PORTS,
     )
     constants.update({f"ARB_MODE_{mode.name}": value for mode, value in _MODES.items()})
     constants.update({f"ARB_LAYOUT_{layout.name}": value for layout, value in _LAYOUTS.items()})
@@ -520,6 +568,7 @@ class _CReceiver:
         "_buffer",
         "_ref",
         "_state",
+        "_upstream",
         "_view",
         "_wait",
         "count",
@@ -530,7 +579,17 @@ class _CReceiver:
         "sent",
     )
 
-    def __init__(self, plane: CPlane, sock: socket.socket, port: int, stop_fd: int) -> None:
+    def __init__(
+        self,
+        plane: CPlane,
+        sock: socket.socket,
+        port: int,
+        stop_fd: int,
+        upstream: UpstreamCounter | None,
+    ) -> None:
+        if upstream is not None and not isinstance(upstream, _CUpstreamCounter):
+            raise TypeError("the C capture receiver takes the C plane's upstream counter")
+        self._upstream = upstream  # kept alive as long as the receiver
         self._buffer = buffer = (ctypes.c_uint8 * CAPTURE_BATCH_SIZE)()
         self._view = memoryview(buffer).cast("B")
         self._state = state = CaptureState(
@@ -540,6 +599,7 @@ class _CReceiver:
             cap=CAPTURE_BATCH_SIZE,
             room=wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD,
             port=port,
+            upstream=None if upstream is None else upstream.handle,
         )
         self._ref = ctypes.byref(state)
         self._wait = plane.rd_capture_wait
@@ -567,6 +627,93 @@ class _CReceiver:
 
     def frames(self) -> bytes:
         return bytes(self._view[: self._state.offset])
+
+
+class _CUpstreamCounter:
+    """:class:`relayd.datapath.UpstreamCounter` over ``rd_upstream_*``."""
+
+    def __init__(
+        self, plane: CPlane, layout: DeribitLayout, max_channels: int, stale_horizon_ns: int
+    ) -> None:
+        self.handle: int | None = None
+        ports = (ctypes.c_uint16 * UP_MAX_SNAPSHOT_PORTS)(*UPSTREAM_SNAPSHOT_PORTS)
+        handle = plane.rd_upstream_new(
+            UPSTREAM_LAYOUTS[layout],
+            max_channels,
+            stale_horizon_ns,
+            ports,
+            len(UPSTREAM_SNAPSHOT_PORTS),
+        )
+        if not handle:
+            raise ValueError(
+                f"upstream counter refused: {max_channels} channels, horizon {stale_horizon_ns} ns"
+            )
+        self.handle = handle
+        self._plane = plane
+        self._max_channels = max_channels
+
+    def _handle(self) -> int:
+        if self.handle is None:
+            raise ValueError("upstream counter closed")
+        return self.handle
+
+    def scan(self, frames: bytes | memoryview, count: int, now_ns: int) -> None:
+        data = bytes(frames)
+        self._plane.rd_upstream_scan(self._handle(), data, count, now_ns)
+
+    def totals(self) -> UpstreamTotals:
+        out = UpstreamStatsState()
+        self._plane.rd_upstream_read(self._handle(), ctypes.byref(out))
+        last_gap = None
+        if out.gaps:
+            last_gap = (
+                out.last_gap_group,
+                out.last_gap_port,
+                out.last_gap_channel,
+                out.last_gap_missing,
+            )
+        return UpstreamTotals(
+            out.datagrams,
+            out.gaps,
+            out.missing,
+            out.snapshot_gaps,
+            out.duplicates,
+            out.resets,
+            out.overlaps,
+            out.heartbeats,
+            out.unsequenced,
+            out.malformed,
+            out.evictions,
+            out.channels,
+            last_gap,
+        )
+
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
+        rows = (UpstreamChannelState * self._max_channels)()
+        n = self._plane.rd_upstream_channels(self._handle(), rows, self._max_channels, lossy)
+        return [
+            UpstreamChannel(
+                row.group,
+                row.port,
+                row.channel,
+                bool(row.snapshot),
+                row.datagrams,
+                row.gaps,
+                row.missing,
+                row.duplicates,
+                row.resets,
+                row.overlaps,
+            )
+            for row in rows[:n]
+        ]
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            self._plane.rd_upstream_free(handle)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _CAckReader:
@@ -670,12 +817,46 @@ class CPlane:
             _u64,
         )
         self.rd_arb_take_released.restype = ctypes.c_int
+        self.rd_upstream_new = lib.rd_upstream_new
+        self.rd_upstream_new.argtypes = (_u64, _u64, _u64, ctypes.c_void_p, _u64)
+        self.rd_upstream_new.restype = ctypes.c_void_p
+        self.rd_upstream_free = lib.rd_upstream_free
+        self.rd_upstream_free.argtypes = (ctypes.c_void_p,)
+        self.rd_upstream_free.restype = None
+        self.rd_upstream_scan = lib.rd_upstream_scan
+        self.rd_upstream_scan.argtypes = (ctypes.c_void_p, ctypes.c_char_p, _u64, _i64)
+        self.rd_upstream_scan.restype = None
+        self.rd_upstream_read = lib.rd_upstream_read
+        self.rd_upstream_read.argtypes = (ctypes.c_void_p, ctypes.POINTER(UpstreamStatsState))
+        self.rd_upstream_read.restype = None
+        self.rd_upstream_channels = lib.rd_upstream_channels
+        self.rd_upstream_channels.argtypes = (
+            ctypes.c_void_p,
+            ctypes.POINTER(UpstreamChannelState),
+            _u64,
+            _u64,
+        )
+        self.rd_upstream_channels.restype = _u64
 
     def emit_pump(self, start: EmitStart) -> _CEmitPump:
         return _CEmitPump(self, start)
 
-    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _CReceiver:
-        return _CReceiver(self, sock, port, stop_fd)
+    def capture_receiver(
+        self,
+        sock: socket.socket,
+        port: int,
+        stop_fd: int,
+        upstream: UpstreamCounter | None = None,
+    ) -> _CReceiver:
+        return _CReceiver(self, sock, port, stop_fd, upstream)
+
+    def upstream_counter(
+        self,
+        layout: DeribitLayout,
+        max_channels: int = UPSTREAM_MAX_CHANNELS,
+        stale_horizon_ns: int = UPSTREAM_STALE_HORIZON_NS,
+    ) -> _CUpstreamCounter:
+        return _CUpstreamCounter(self, layout, max_channels, stale_horizon_ns)
 
     def arbiter(self, config: ArbitrationConfig) -> CArbiter:
         return CArbiter(self, config)

@@ -12,18 +12,27 @@ from __future__ import annotations
 import math
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Final
 
 from relayd import wire
 from relayd.arbitration import Arbiter, ArbitrationConfig, Verdict
+from relayd.arbitration.headers import ChannelKind, DeribitLayout
+from relayd.arbitration.sequence import UpstreamMonitor
 from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
     EMIT_RECEIVE_SIZE,
+    UPSTREAM_MAX_CHANNELS,
+    UPSTREAM_SNAPSHOT_PORTS,
+    UPSTREAM_STALE_HORIZON_NS,
     EmitStart,
+    UpstreamChannel,
+    UpstreamCounter,
+    UpstreamTotals,
     Why,
     wait_writable,
 )
@@ -161,6 +170,10 @@ class LockedArbiter:
                 return -math.inf
             deadline = self.arbiter.next_deadline()
         return math.inf if deadline is None else deadline + 1e-6
+
+
+#: A DATA frame's length, type, flags, port and group (network byte order).
+_FRAME_ADDRESS: Final = struct.Struct(">HBBHI")
 
 
 class _EmitCounters:
@@ -572,10 +585,85 @@ def wire_group(group: int) -> str:
     return socket.inet_ntoa(group.to_bytes(4, "big"))
 
 
+class _UpstreamCounter:
+    """``rd_upstream_*`` in Python (``UpstreamCounter``): the specification itself, locked."""
+
+    def __init__(self, layout: DeribitLayout, max_channels: int, stale_horizon_ns: int) -> None:
+        self._monitor = UpstreamMonitor(
+            layout,
+            snapshot_ports=frozenset(UPSTREAM_SNAPSHOT_PORTS),
+            max_channels=max_channels,
+            stale_horizon=stale_horizon_ns,  # and ``now`` in ns too: integers, as in C
+        )
+        self._lock = threading.Lock()
+
+    def scan(self, frames: bytes | memoryview, count: int, now_ns: int) -> None:
+        view = memoryview(frames)
+        see = self._monitor.see
+        unpack = _FRAME_ADDRESS.unpack_from
+        header = wire.DATA_HEADER_SIZE
+        offset = 0
+        with self._lock:
+            for _ in range(count):
+                length, _type, _flags, port, group = unpack(view, offset)
+                end = offset + length + 2
+                see(group, port, view[offset + header : end], now_ns)  # type: ignore[arg-type]
+                offset = end
+
+    def totals(self) -> UpstreamTotals:
+        with self._lock:
+            monitor = self._monitor
+            stats = monitor.stats
+            return UpstreamTotals(
+                stats.datagrams,
+                stats.gaps,
+                stats.missing,
+                stats.snapshot_gaps,
+                stats.duplicates,
+                stats.resets,
+                stats.overlaps,
+                stats.heartbeats,
+                stats.unsequenced,
+                stats.malformed,
+                monitor.channel_evictions,
+                sum(1 for _ in monitor.channels()),
+                monitor.last_gap,
+            )
+
+    def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
+        with self._lock:
+            return [
+                UpstreamChannel(
+                    group,
+                    port,
+                    channel,
+                    kind is ChannelKind.SNAPSHOT,
+                    c.datagrams,
+                    c.gaps,
+                    c.missing,
+                    c.duplicates,
+                    c.resets,
+                    c.overlaps,
+                )
+                for (group, port, channel), kind, c in self._monitor.channels()
+                if not lossy or c.gaps or c.duplicates or c.resets or c.overlaps
+            ]
+
+    def close(self) -> None:
+        pass
+
+
 class _Receiver:
     """``rd_capture_wait`` and ``rd_capture_batch`` in Python (``CaptureReceiver``)."""
 
-    def __init__(self, sock: socket.socket, port: int, stop_fd: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        port: int,
+        stop_fd: int,
+        upstream: UpstreamCounter | None = None,
+    ) -> None:
+        self._upstream = upstream
         self._sock = sock
         self._port = port
         self._stop_fd = stop_fd
@@ -635,6 +723,8 @@ class _Receiver:
             except OSError as exc:
                 self.send_err = exc.errno or 0
                 break
+        if count and self._upstream is not None:
+            self._upstream.scan(view[:offset], count, time.monotonic_ns())
         return why
 
     def frames(self) -> bytes:
@@ -701,8 +791,22 @@ class PythonPlane:
     def emit_pump(self, start: EmitStart) -> _EmitPump:
         return _EmitPump(start)
 
-    def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Receiver:
-        return _Receiver(sock, port, stop_fd)
+    def capture_receiver(
+        self,
+        sock: socket.socket,
+        port: int,
+        stop_fd: int,
+        upstream: UpstreamCounter | None = None,
+    ) -> _Receiver:
+        return _Receiver(sock, port, stop_fd, upstream)
+
+    def upstream_counter(
+        self,
+        layout: DeribitLayout,
+        max_channels: int = UPSTREAM_MAX_CHANNELS,
+        stale_horizon_ns: int = UPSTREAM_STALE_HORIZON_NS,
+    ) -> _UpstreamCounter:
+        return _UpstreamCounter(layout, max_channels, stale_horizon_ns)
 
     def arbiter(self, config: ArbitrationConfig) -> LockedArbiter:
         return LockedArbiter(config)

@@ -2,8 +2,9 @@
 
 terraform/modules/relay/relayd-metrics.json is the one list: the CloudWatch agent ships those
 metrics (namespace, dimensions relay and feed) and the alarms and dashboard use only them (the
-Terraform tests check that side). Here a real ``relayd run`` on loopback is scraped and each
-listed metric must be on ``/metrics`` with its type and a ``feed`` label for the emit feed. The
+Terraform tests check that side). Here a real ``relayd run`` on loopback (an emit feed,
+and a capture feed of the same name streaming to it) is scraped and each listed metric must be
+on ``/metrics`` with its type and a ``feed`` label for the feed. The
 metrics issue 14 adds are expected to be missing until it lands: strict xfail, so their
 arrival fails this test until they move into the "metrics" list (and their alarms are on).
 """
@@ -11,6 +12,7 @@ arrival fails this test until they move into the "metrics" list (and their alarm
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import metrics
-from tests.helpers.relayd_process import RelaydProcess, emit_toml, get_text, process_toml
+from tests.helpers.relayd_process import (
+    RelaydProcess,
+    emit_toml,
+    get_text,
+    pick_groups,
+    process_toml,
+)
 
 METRICS_FILE = (
     Path(__file__).resolve().parent.parent / "terraform/modules/relay/relayd-metrics.json"
@@ -27,10 +35,29 @@ SPEC: dict[str, Any] = json.loads(METRICS_FILE.read_text())
 FEED = "prod"
 
 
+def capture_toml(name: str, target: int) -> str:
+    """A capture feed streaming to the emit feed on ``target``, counting the exchange's gaps
+    (``relayd_upstream_*`` come from a capture feed with ``upstream_check``)."""
+    group_list = ", ".join(f'"{group}:{port}"' for group, port in pick_groups(1))
+    return f"""
+[[capture]]
+name = "{name}"
+interface = "127.0.0.1"
+groups = [{group_list}]
+targets = ["127.0.0.1:{target}"]
+upstream_check = "deribit"
+"""
+
+
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metrics.Families]:
     config = tmp_path_factory.mktemp("cloudwatch") / "relayd.toml"
-    config.write_text(process_toml(emit_toml(FEED)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config.write_text(
+        process_toml(emit_toml(FEED, listen=f"127.0.0.1:{port}"), capture_toml(FEED, port))
+    )
     relayd = RelaydProcess(config, {})
     try:
         health = relayd.health_port()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import trio
 
+from relayd.arbitration import DeribitLayout
 from relayd.config import GroupPort
 from relayd.netif import open_multicast_sender
 from relayd.tools.listen import (
@@ -531,3 +532,76 @@ async def test_replay_flat_out_and_bad_speed(sender: socket.socket) -> None:
     assert stats.elapsed < 5.0  # the capture spans about 30 s
     with pytest.raises(ValueError, match="speed"):
         await replay(sender, datagrams, speed=-1)
+
+
+# ---- the SBE packet header (--deribit-layout sbe) --------------------------------------------
+
+
+def _sbe(channel: int, seq: int, count: int = 1, *, kind: int = 0x01, stamp: int = 1) -> bytes:
+    """An SBE market data packet as docs/EXACTLY_ONCE.md lays it out: sendingTime int64,
+    seqNum int64, channelId int32, type uint16, messageCount uint16 (little-endian), then a
+    16-byte mdMessageHeader and an 8-byte body per message."""
+    header = struct.pack("<qqiHH", stamp, seq, channel, kind, count)
+    return header + (struct.pack("<HHHHQ", 24, 1, 1, 1, 0) + b"m" * 8) * count
+
+
+def test_channel_stats_sbe_ranges_and_heartbeats() -> None:
+    stats = ChannelStats.start(100, 4)  # 100..103
+    stats.see(104, 2)  # in order
+    stats.see(106, 0)  # heartbeat: the next sequence, nothing new
+    stats.see(110, 1)  # 106..109 missing
+    stats.see(109, 3)  # starts below the next one: a duplicate in part
+    stats.see(100, 2)  # a repeat
+    stats.see(115, 0)  # a heartbeat past the next one: 112..114 missing
+    assert (stats.first, stats.highest, stats.datagrams) == (100, 114, 7)
+    assert (stats.gaps, stats.missing, stats.duplicates) == (2, 7, 2)
+
+
+def test_listen_state_reads_the_sbe_layout() -> None:
+    a = (IPv4Address("239.1.1.1"), 6100)
+    state = ListenState(groups=(a,), deribit=True, deribit_layout=DeribitLayout.SBE)
+    for payload in (
+        _sbe(7, 1, 3),
+        _sbe(7, 4, 1),
+        _sbe(7, 6, 2),  # 5 missing
+        _sbe(7, 1, 1, kind=0x02),  # a snapshot packet: no sequence of its own
+        _sbe(7, 8, 2)[:40],  # shorter than its two messages
+        _deribit(7, 9),  # a frame-v1 packet is malformed in this layout
+    ):
+        state.record(*a, payload)
+    summary = state.summary(time.monotonic())
+    [group] = summary["groups"]
+    assert (group["malformed"], group["unsequenced"]) == (2, 1)
+    assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (1, 1, 0)
+    assert [(c["channel"], c["first"], c["last"]) for c in summary["channels"]] == [(7, 1, 7)]
+
+
+def test_listen_reports_gaps_in_sbe_packets(sender: socket.socket) -> None:
+    """``--deribit-layout sbe`` (implies --deribit) on real sockets: packets of several
+    messages, a heartbeat, a skipped packet and a repeated one."""
+    groups = _random_groups(2)
+    (first, port), (second, _) = groups
+    packets = [
+        (first, _sbe(1, 1, 2)),
+        (first, _sbe(1, 3, 3)),
+        (first, _sbe(1, 6, 0)),  # heartbeat
+        # 6..7 never sent
+        (first, _sbe(1, 8, 1)),
+        (second, _sbe(2, 50, 4)),
+        (second, _sbe(2, 54, 1)),
+        (second, _sbe(2, 54, 1)),  # repeated
+    ]
+    proc = _start(_listen_argv(groups, "--json", "--deribit-layout", "sbe"))
+    try:
+        for group, payload in packets:
+            sender.sendto(payload, (str(group), port))
+        time.sleep(0.3)
+    finally:
+        summary = _stop(proc)[-1]
+    assert summary["datagrams"] == len(packets)
+    assert (summary["gaps"], summary["missing"], summary["duplicates"]) == (1, 2, 1)
+    assert [(c["channel"], c["first"], c["last"], c["gaps"]) for c in summary["channels"]] == [
+        (1, 1, 8, 1),
+        (2, 50, 54, 0),
+    ]
+    assert all(g["malformed"] == 0 for g in summary["groups"])

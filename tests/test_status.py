@@ -24,6 +24,7 @@ from relayd.tools.status import (
     health_url,
     main,
     render_table,
+    upstream_line,
     url_from_config,
 )
 from tests.helpers.health_model import StaticHealthModel as Model
@@ -305,3 +306,33 @@ def test_arbitration_lines() -> None:
         "each sent every datagram again"
     ) in lines
     assert not any(line.startswith("plain:") for line in lines)
+
+
+def test_upstream_line_names_the_worst_channel_and_stays_quiet_without_loss() -> None:
+    check = {
+        "layout": "sbe",
+        "gaps": 4,
+        "missing": 9,
+        "duplicates": 2,
+        "resets": 0,
+        "top_channels": [{"channel": "239.1.1.1:6100#3", "gaps": 3, "missing": 8, "duplicates": 0}],
+    }
+    doc = {
+        "status": "ok",
+        "feeds": {
+            "dc": {"kind": "capture", "state": "streaming", "healthy": True, "upstream": check},
+            "clean": {
+                "kind": "capture",
+                "state": "streaming",
+                "healthy": True,
+                "upstream": {"layout": "frame-v1", "gaps": 0, "duplicates": 0, "resets": 0},
+            },
+        },
+    }
+    text = render_table(doc)
+    assert (
+        "dc: upstream (sbe): 4 gaps, 9 missing, 2 duplicates, 0 resets; most on channel "
+        "239.1.1.1:6100#3 (3 gaps, 8 missing, 0 duplicates)"
+    ) in text
+    assert "clean: upstream" not in text
+    assert upstream_line({"upstream": "garbage"}) == ""

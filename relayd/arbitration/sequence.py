@@ -219,6 +219,8 @@ class UpstreamMonitor:
         self._parse = PARSERS[layout]
         self._channels = ChannelTable(max_channels, stale_horizon)
         self.stats = UpstreamStats()
+        #: (group, port, channel, missing) of the latest gap, for the warning that names it
+        self.last_gap: tuple[int, int, int, int] | None = None
 
     @property
     def channel_evictions(self) -> int:
@@ -263,6 +265,7 @@ class UpstreamMonitor:
             stats.missing += missing
             if channel.kind is ChannelKind.SNAPSHOT:
                 stats.snapshot_gaps += 1
+            self.last_gap = (group, port, channel_id, missing)
             channel.next = seq + count
         elif event is SequenceEvent.BEHIND:
             counters.duplicates += 1

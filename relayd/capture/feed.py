@@ -25,9 +25,11 @@ from typing import Literal
 import attrs
 import trio
 
+from relayd.arbitration.headers import DeribitLayout
 from relayd.capture.link import Connect, Link
 from relayd.capture.receive import Receive
 from relayd.capture.uplink import Uplink
+from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
 from relayd.datapath import run_stoppable, select_plane
 from relayd.keys import load_auth_keys
@@ -70,6 +72,7 @@ class CaptureFeedRuntime:
         self.receive = Receive(config.name, self.uplink, self._limited)
         self.link = Link(config, self.uplink, self._limited, rng or random.Random())
         self.receivers: list[GroupReceiver] = []
+        self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
         self._interface: object = None
         # health (Trio clock)
         self._started = False
@@ -135,6 +138,14 @@ class CaptureFeedRuntime:
             "last_datagram_age_seconds": _age(replay.last_appended_at),
             "ack_stalls": self.link.ack_stalls,
         }
+        if self.upstream is not None:
+            carried = {
+                name.removeprefix("upstream_"): int(sample.value)
+                for (name, labels), sample in self._carried.items()
+                if name.startswith("upstream_") and labels == self.upstream.labels
+            }
+            upstream = detail["upstream"] = self.upstream.detail(carried)
+            detail["upstream_gaps"] = upstream["gaps"]
         datagrams = self.receive.datagrams_in
         if not self._started:
             return FeedHealth(False, "starting", detail, 0, datagrams)
@@ -266,6 +277,8 @@ class CaptureFeedRuntime:
                 (*feed, ("code", str(code))),
                 count,
             )
+        if self.upstream is not None:
+            yield from self.upstream.samples()
 
     def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
@@ -275,7 +288,11 @@ class CaptureFeedRuntime:
         if config.auth_key_file is not None:
             self.link.key = load_auth_keys([config.auth_key_file])[0]
         interface = resolve_interface(config.interface)
-        self.link.plane = select_plane()
+        self.link.plane = plane = select_plane()
+        if config.upstream_check == "deribit" and self.upstream is None:
+            layout = DeribitLayout(config.deribit_layout)
+            self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
+            self.receive.upstream = self.upstream.counter
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers = open_group_receivers(
             groups, interface, config.receive_buffer, sources=config.sources
@@ -317,15 +334,20 @@ class CaptureFeedRuntime:
                             self.receive.drain, plane, receiver, self.link.wake_sender
                         ),
                     )
+                if self.upstream is not None:
+                    nursery.start_soon(self.upstream.watch)
                 self._started = True
                 self.link.down_since = trio.current_time()
                 log.info(
-                    "feed %s: joined %d groups on %s with %d sockets, data path %s",
+                    "feed %s: joined %d groups on %s with %d sockets, data path %s%s",
                     self.name,
                     len(self.config.groups),
                     self._interface,
                     len(self.receivers),
                     plane.name,
+                    ""
+                    if self.upstream is None
+                    else f", upstream check deribit ({self.upstream.layout.value})",
                 )
                 task_status.started()
                 await self.link.run()

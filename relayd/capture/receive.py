@@ -24,7 +24,7 @@ from collections.abc import Callable
 import trio
 
 from relayd.capture.uplink import Uplink
-from relayd.datapath import DataPlane, Why, current_beat
+from relayd.datapath import DataPlane, UpstreamCounter, Why, current_beat
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver
 from relayd.replay import Chunk
@@ -44,6 +44,8 @@ class Receive:
         self.datagrams_in = 0
         self.bytes_in = 0
         self.kernel_drops = 0
+        #: the feed's upstream check (``upstream_check``), given to every socket's receiver
+        self.upstream: UpstreamCounter | None = None
 
     def drain(
         self,
@@ -55,7 +57,10 @@ class Receive:
     ) -> None:
         """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
         every batch, so a socket that never runs empty still stops)."""
-        rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
+        if self.upstream is None:
+            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
+        else:
+            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd, self.upstream)
         uplink = self._uplink
         schedule = token.run_sync_soon
         monotonic = time.monotonic

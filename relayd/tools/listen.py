@@ -3,8 +3,11 @@
 Live reports every interval (a per-group table redrawn in place on a terminal, plain lines
 otherwise, one JSON object per line with ``--json``) and a summary at the end: per group the
 sender's address, datagrams, bytes, sizes and rates, the kernel's drop counter, and with
-``--deribit`` the gaps and duplicates of every Deribit channel (8-byte header: payload length
-u16, channel u16, sequence u32, LE). ``--write`` keeps every datagram in a pcapng file.
+``--deribit`` the gaps and duplicates of every Deribit channel, from the packet header of
+``--deribit-layout`` (``frame-v1``, the default: the 8-byte header of the sample captures,
+payload length u16, channel u16, sequence u32, LE; ``sbe``: the 24-byte SBE packet header,
+whose packets carry ``messageCount`` sequence numbers from ``seqNum``; docs/EXACTLY_ONCE.md).
+``--write`` keeps every datagram in a pcapng file.
 
 The run ends at ``--duration``, after ``--count`` datagrams, or on Ctrl-C/SIGTERM; each prints
 the summary and exits with the verdict of the checks (:class:`relayd.cli.ListenOutcome`). JSON
@@ -19,7 +22,6 @@ import json
 import math
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -31,6 +33,7 @@ from typing import Any, BinaryIO, TextIO
 import attrs
 import trio
 
+from relayd.arbitration.headers import PARSERS, DeribitLayout
 from relayd.cli import ListenOutcome
 from relayd.netif import (
     ANCBUFSIZE,
@@ -60,7 +63,6 @@ Outcome = ListenOutcome
 
 DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 _DRAIN_BATCH = 1024
-_HEADER = struct.Struct("<HHI")
 _TABLE_ROWS = 40  # the live table shows this many groups at most
 
 GroupKey = tuple[IPv4Address, int]
@@ -73,26 +75,34 @@ class UsageError(Exception):
 
 @attrs.define
 class ChannelStats:
-    """Sequence tracking of one Deribit channel on one group:port."""
+    """Sequence tracking of one Deribit channel on one group:port. A packet carries ``span``
+    sequence numbers from ``sequence`` (1 in the frame-v1 layout; SBE: messageCount, 0 for a
+    heartbeat, which carries the next sequence number)."""
 
     first: int
-    highest: int
+    highest: int  # the highest sequence number seen
     datagrams: int = 1
-    gaps: int = 0  # times the sequence jumped forward by more than one
+    gaps: int = 0  # times the sequence jumped forward past the next one
     missing: int = 0  # sequence numbers jumped over
-    duplicates: int = 0  # sequence at or below the highest seen (a repeat or a late one)
+    duplicates: int = 0  # sequences at or below the highest seen (a repeat or a late one)
 
-    def see(self, sequence: int) -> None:
+    @classmethod
+    def start(cls, sequence: int, span: int = 1) -> ChannelStats:
+        return cls(first=sequence, highest=sequence + span - 1)
+
+    def see(self, sequence: int, span: int = 1) -> None:
         self.datagrams += 1
-        highest = self.highest
-        if sequence == highest + 1:
-            self.highest = sequence
-        elif sequence > highest:
+        expected = self.highest + 1
+        if sequence > expected:
             self.gaps += 1
-            self.missing += sequence - highest - 1
-            self.highest = sequence
-        else:
+            self.missing += sequence - expected
+        elif span == 0 or sequence + span - 1 <= self.highest:
+            if span:  # a heartbeat at or below the next sequence says nothing new
+                self.duplicates += 1
+            return
+        elif sequence < expected:  # SBE ranges that start below the next one and end past it
             self.duplicates += 1
+        self.highest = max(self.highest, sequence + span - 1)
 
 
 @attrs.define
@@ -104,6 +114,7 @@ class GroupStats:
     min_size: int = 0
     max_size: int = 0
     malformed: int = 0  # with --deribit: too short or a length field that does not match
+    unsequenced: int = 0  # with --deribit-layout sbe: snapshot, retransmit or reject packets
     last_datagrams: int = 0  # totals at the previous report
     last_bytes: int = 0
     source: Source | None = None  # the sender of the latest datagram
@@ -132,6 +143,7 @@ class ListenState:
 
     groups: tuple[GroupKey, ...]
     deribit: bool = False
+    deribit_layout: DeribitLayout = DeribitLayout.FRAME_V1
     stats: dict[GroupKey, GroupStats] = attrs.field(factory=dict)
     channels: dict[tuple[IPv4Address, int, int], ChannelStats] = attrs.field(factory=dict)
     #: each socket's kernel drop counter, as last reported (cumulative)
@@ -189,19 +201,20 @@ class ListenState:
         if now is not None:
             stats.last_at = now
         if self.deribit:
-            if size < 8:
+            header = PARSERS[self.deribit_layout](payload, port, frozenset())
+            if header is None:
                 stats.malformed += 1
                 return
-            length, channel, sequence = _HEADER.unpack_from(payload)
-            if length != size - 8:
-                stats.malformed += 1
+            channel, sequence, span, _stamp, sequenced, _kind = header
+            if not sequenced:
+                stats.unsequenced += 1
                 return
             key = (group, port, channel)
             tracker = self.channels.get(key)
             if tracker is None:
-                self.channels[key] = ChannelStats(first=sequence, highest=sequence)
+                self.channels[key] = ChannelStats.start(sequence, span)
             else:
-                tracker.see(sequence)
+                tracker.see(sequence, span)
 
     @property
     def kernel_drops(self) -> int:
@@ -293,6 +306,8 @@ class ListenState:
             }
             if self.deribit:
                 entry["malformed"] = stats.malformed
+            if self.deribit and self.deribit_layout is DeribitLayout.SBE:
+                entry["unsequenced"] = stats.unsequenced
             groups.append(entry)
         tail = self.silence(now)
         out: dict[str, Any] = {
@@ -737,9 +752,11 @@ def main(args: argparse.Namespace) -> int:
         tty=sys.stdout.isatty(),
         groups=len(keys),
     )
+    layout = getattr(args, "deribit_layout", None)
     state = ListenState(
         groups=keys,
-        deribit=bool(getattr(args, "deribit", False)) or checks.fail_on_gaps,
+        deribit=bool(getattr(args, "deribit", False)) or checks.fail_on_gaps or bool(layout),
+        deribit_layout=DeribitLayout(layout or DeribitLayout.FRAME_V1.value),
     )
     output.ready(
         {

@@ -223,6 +223,28 @@ def arbitration_line(arbitration: Any) -> str:
     return text
 
 
+def upstream_line(feed: Mapping[str, Any]) -> str:
+    """What a capture feed's upstream check counted, and the channel that lost most; empty
+    without a check or when the exchange lost nothing."""
+    check = feed.get("upstream")
+    if not isinstance(check, dict):
+        return ""
+    counts = {key: check.get(key) for key in ("gaps", "missing", "duplicates", "resets")}
+    if not any(_is_number(v) and v for v in counts.values()):
+        return ""
+    text = f"upstream ({check.get('layout', '?')}): " + ", ".join(
+        f"{value} {key}" for key, value in counts.items() if _is_number(value)
+    )
+    top = check.get("top_channels")
+    if isinstance(top, list) and top and isinstance(top[0], dict):
+        worst = top[0]
+        text += (
+            f"; most on channel {worst.get('channel', '?')} ({worst.get('gaps', '?')} gaps, "
+            f"{worst.get('missing', '?')} missing, {worst.get('duplicates', '?')} duplicates)"
+        )
+    return text
+
+
 def _feeds(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (str(name), feed) for name, feed in doc.get("feeds", {}).items() if isinstance(feed, dict)
@@ -276,9 +298,9 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
         if not feed.get("healthy"):
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
     for name, feed in _feeds(doc):
-        line = arbitration_line(feed.get("arbitration"))
-        if line:
-            lines.append(f"{name}: {line}")
+        for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
+            if line:
+                lines.append(f"{name}: {line}")
     errors = doc.get("config_errors") or []
     if errors:
         lines.append(f"the last reload failed ({len(errors)} problems); the old config serves:")
