@@ -46,10 +46,12 @@ __all__ = [
     "bind_tcp_listener",
     "drain",
     "drain_error_queue",
+    "leave_groups",
     "open_group_receivers",
     "open_multicast_sender",
     "parse_ancillary",
     "resolve_interface",
+    "set_receive_buffer",
 ]
 
 # Linux constants the socket module does not export (include/uapi/linux/in.h, asm/socket.h).
@@ -58,6 +60,7 @@ IP_MULTICAST_ALL = 49
 SO_RXQ_OVFL = 40
 IP_RECVERR = 11
 IP_ADD_SOURCE_MEMBERSHIP = 39
+IP_DROP_SOURCE_MEMBERSHIP = 40
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SIOCGIFADDR = 0x8915
@@ -362,6 +365,44 @@ def open_group_receivers(
             receiver.close()
         raise
     return receivers
+
+
+def leave_groups(
+    receiver: GroupReceiver,
+    groups: Sequence[IPv4Address],
+    sources: Sequence[IPv4Address] = (),
+) -> GroupReceiver:
+    """Leave ``groups`` on ``receiver``'s socket (the memberships ``_open_receiver`` made);
+    returns the receiver with the groups it still holds (same socket). Datagrams already
+    queued for a group left are still read."""
+    sock = receiver.sock
+    interface = receiver.interface
+    for group in groups:
+        try:
+            if not sources:
+                sock.setsockopt(_SOL_IP, socket.IP_DROP_MEMBERSHIP, group.packed + interface.packed)
+            for source in sources:
+                mreq = group.packed + interface.packed + source.packed
+                sock.setsockopt(_SOL_IP, IP_DROP_SOURCE_MEMBERSHIP, mreq)
+        except OSError as exc:
+            raise InterfaceError(
+                f"cannot leave {group}:{receiver.port} on {interface}: {exc.strerror}"
+            ) from None
+    kept = tuple(g for g in receiver.groups if g not in groups)
+    return attrs.evolve(receiver, groups=kept)
+
+
+def set_receive_buffer(
+    receiver: GroupReceiver, size: int, *, force_buffer: bool | None = None
+) -> GroupReceiver:
+    """Give a running receiver's socket a new receive buffer size (``_set_buffer``)."""
+    effective = _set_buffer(receiver.sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size, force_buffer)
+    return attrs.evolve(
+        receiver,
+        receive_buffer_requested=size,
+        receive_buffer_effective=effective,
+        receive_buffer_capped=effective < size,
+    )
 
 
 _PKTINFO_ADDR = struct.Struct("!I")  # ipi_addr at offset 8: the header's destination address

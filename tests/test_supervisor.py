@@ -992,8 +992,9 @@ def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
 
 
 async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
-    """A capture feed replaced by a reload (one group added) starts from the old feed's
-    counters: /metrics never goes backwards."""
+    """A capture feed replaced by a reload (one group added and the interface named, which
+    cannot be applied to the running session) starts from the old feed's counters: /metrics
+    never goes backwards."""
     from ipaddress import IPv4Address  # noqa: PLC0415
 
     from relayd.capture import CaptureFeedRuntime  # noqa: PLC0415
@@ -1005,7 +1006,7 @@ async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
     groups = pick_groups(2)
     nowhere = free_port()  # the emit side is absent: the feed counts what it receives
     first = feed_config(groups[:1], [nowhere])
-    second = feed_config(groups, [nowhere])
+    second = feed_config(groups, [nowhere], interface="lo")
     base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
     sup = Supervisor(Path("x"), base, notifier=quiet_notifier())
     sup.load = lambda _path: attrs.evolve(base, capture=(second,))

@@ -15,30 +15,37 @@ buffer absorbs it, bounded in bytes and age, and its drops are counted and logge
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address
 from typing import Literal
 
 import attrs
 import trio
 
 from relayd.arbitration.headers import DeribitLayout
+from relayd.capture.change import CaptureChange, plan_capture_change
 from relayd.capture.link import Connect, Link
 from relayd.capture.receive import Receive
+from relayd.capture.receivers import Receivers
 from relayd.capture.uplink import Uplink
 from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
-from relayd.datapath import run_stoppable, select_plane
+from relayd.datapath import select_plane
 from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
-from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
+from relayd.netif import (
+    GroupReceiver,
+    InterfaceError,
+    open_group_receivers,
+    resolve_interface,
+)
 from relayd.replay import Evicted, ReplayBuffer
 from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 
-__all__ = ["CaptureFeedRuntime"]
+__all__ = ["CaptureFeedRuntime", "LiveUpdate"]
 
 log = logging.getLogger("relayd.capture")
 
@@ -71,9 +78,9 @@ class CaptureFeedRuntime:
         self.uplink = Uplink(config.name, self._replay, self._limited)
         self.receive = Receive(config.name, self.uplink, self._limited)
         self.link = Link(config, self.uplink, self._limited, rng or random.Random())
-        self.receivers: list[GroupReceiver] = []
+        self.receivers = Receivers(self.receive)
         self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
-        self._interface: object = None
+        self._interface: IPv4Address | None = None
         # health (Trio clock)
         self._started = False
         # The feed this one replaces, until run() takes its counters (it has stopped by then),
@@ -294,8 +301,8 @@ class CaptureFeedRuntime:
             self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
             self.receive.upstream = self.upstream.counter
         groups = [(gp.group, gp.port) for gp in config.groups]
-        self.receivers = open_group_receivers(
-            groups, interface, config.receive_buffer, sources=config.sources
+        self.receivers.adopt(
+            open_group_receivers(groups, interface, config.receive_buffer, sources=config.sources)
         )
         self._interface = interface
         if isinstance(previous, CaptureFeedRuntime) and previous.name == self.name:
@@ -310,11 +317,69 @@ class CaptureFeedRuntime:
                 config.receive_buffer,
             )
 
+    def prepare_update(self, config: CaptureFeed) -> LiveUpdate | None:
+        """Acquire what ``config`` needs to run in place of the running configuration without
+        a new session (relayd/capture/change.py): the key read, the added groups' sockets
+        opened and joined. None when it cannot be applied live (not running, or the change
+        needs a restart). Raises, holding nothing, when something cannot be acquired."""
+        interface = self._interface
+        if not self.receivers.running or interface is None:
+            return None
+        change = plan_capture_change(self.config, config)
+        if change.restart is not None:
+            log.info(
+                "feed %s: the change of %s restarts the feed (a new session)",
+                self.name,
+                change.restart.value,
+                extra={"feed": self.name},
+            )
+            return None
+        path = config.auth_key_file
+        key = None if path is None else load_auth_keys([path])[0]
+        opened = (
+            open_group_receivers(
+                change.added, interface, config.receive_buffer, sources=config.sources
+            )
+            if change.added
+            else []
+        )
+        return LiveUpdate(self, config, change, key, opened)
+
+    def _apply_live(self, update: LiveUpdate) -> None:
+        config, change = update.config, update.change
+        self.receivers.adopt(update.opened)  # the new groups are read before any is left
+        if change.removed:
+            try:
+                self.receivers.leave(change.removed, config.sources)
+            except InterfaceError as exc:
+                log.warning("feed %s: %s (still joined)", self.name, exc)
+        if change.receive_buffer_changed:
+            capped = self.receivers.set_buffer(config.receive_buffer)
+            if capped:
+                log.warning(
+                    "feed %s: receive buffer capped at %d bytes (asked %d)",
+                    self.name,
+                    capped[0].receive_buffer_effective,
+                    config.receive_buffer,
+                )
+        self.uplink.set_replay_bounds(config.replay_max_bytes, config.replay_max_age)
+        self.link.key = update.key
+        self.config = config
+        self.link.retarget(config)
+        log.info(
+            "feed %s: new configuration applied to session %s (%d groups joined, %d left, "
+            "%d sockets)",
+            self.name,
+            self.link.session_id.hex(),
+            len(change.added),
+            len(change.removed),
+            len(self.receivers),
+            extra={"feed": self.name},
+        )
+
     def close(self) -> None:
         """Release what ``open`` acquired, when ``run`` will not."""
-        for receiver in self.receivers:
-            receiver.close()
-        self.receivers = []
+        self.receivers.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.receivers:
@@ -327,13 +392,7 @@ class CaptureFeedRuntime:
             self._new_session_after(previous)
         try:
             async with trio.open_nursery() as nursery:
-                for receiver in self.receivers:
-                    nursery.start_soon(
-                        run_stoppable,
-                        functools.partial(
-                            self.receive.drain, plane, receiver, self.link.wake_sender
-                        ),
-                    )
+                self.receivers.start(nursery, plane, self.link.wake_sender)
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
                 self._started = True
@@ -352,8 +411,7 @@ class CaptureFeedRuntime:
                 task_status.started()
                 await self.link.run()
         finally:
-            for receiver in self.receivers:
-                receiver.close()
+            self.receivers.close()
             self.uplink.apply_acks()
             self.unacked_at_end = unacked = self._replay.unacked_datagrams
             if unacked:
@@ -382,3 +440,32 @@ class CaptureFeedRuntime:
             self.session_lost_datagrams,
             extra={"feed": self.name},
         )
+
+
+class LiveUpdate:
+    """A new configuration prepared for a running capture feed (``prepare_update``): ``apply``
+    puts it in place (same session, sequence and replay buffer), ``discard`` releases what
+    was acquired for it."""
+
+    def __init__(
+        self,
+        runtime: CaptureFeedRuntime,
+        config: CaptureFeed,
+        change: CaptureChange,
+        key: bytes | None,
+        opened: Sequence[GroupReceiver],
+    ) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.change = change
+        self.key = key
+        self.opened = list(opened)
+
+    def apply(self) -> None:
+        self.runtime._apply_live(self)
+        self.opened = []
+
+    def discard(self) -> None:
+        for receiver in self.opened:
+            receiver.close()
+        self.opened = []

@@ -28,7 +28,7 @@ import trio
 
 from relayd import wire
 from relayd.capture.uplink import SendFailedError, Uplink
-from relayd.config import CaptureFeed
+from relayd.config import CaptureFeed, Endpoint
 from relayd.datapath import DataPlane, Why, current_beat, run_stoppable
 from relayd.logs import RateLimitedLogger
 from relayd.netif import send_all
@@ -101,6 +101,20 @@ class Link:
         self.connects: collections.Counter[Connect] = collections.Counter()
         self.ack_stalls = 0  # connections left because ACKs stalled (``ack_timeout``)
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
+        self._target: Endpoint | None = None  # the target of the current connection
+        self._streaming: trio.CancelScope | None = None  # the current connection's tasks
+        self._leaving: str | None = None  # why the current connection is being left
+
+    def retarget(self, config: CaptureFeed) -> None:
+        """A new configuration (a reload applied live): targets and timers apply from the next
+        connection; a connection to a target no longer listed is left now, with the goodbye
+        and the final ACK, and the next one resumes exactly."""
+        self.config = config
+        scope = self._streaming
+        target = self._target
+        if scope is not None and target is not None and target not in config.targets:
+            self._leaving = f"{target.host}:{target.port} is no longer a target (reload)"
+            scope.cancel()
 
     def wake_sender(self) -> None:
         """Run by Trio on behalf of a receive thread."""
@@ -215,8 +229,8 @@ class Link:
 
     # -- connections -----------------------------------------------------------------------
 
-    async def _resolve(self) -> list[tuple[str, int]]:
-        addresses: list[tuple[str, int]] = []
+    async def _resolve(self) -> list[tuple[tuple[str, int], Endpoint]]:
+        addresses: dict[tuple[str, int], Endpoint] = {}
         for target in self.config.targets:
             try:
                 infos = await trio.socket.getaddrinfo(
@@ -233,10 +247,8 @@ class Link:
                 )
                 continue
             for info in infos:
-                address = (str(info[4][0]), int(info[4][1]))
-                if address not in addresses:
-                    addresses.append(address)
-        return addresses
+                addresses.setdefault((str(info[4][0]), int(info[4][1])), target)
+        return list(addresses.items())
 
     async def run(self) -> None:
         """Connect, stream, reconnect, until cancelled."""
@@ -246,7 +258,7 @@ class Link:
             addresses = await self._resolve()
             streamed = 0.0
             if addresses:
-                address = addresses[attempt % len(addresses)]
+                address, self._target = addresses[attempt % len(addresses)]
                 attempt += 1
                 streamed = await self._connection(address)
             if streamed >= STABLE_AFTER:
@@ -309,10 +321,11 @@ class Link:
         finally:
             self.peer = None
             if attached:
-                stopping = trio.current_effective_deadline() == -math.inf
-                goodbye = (
-                    wire.encode_error(self.close_code, self.close_message) if stopping else None
+                stopping = (
+                    trio.current_effective_deadline() == -math.inf or self._leaving is not None
                 )
+                message = self.close_message if self._leaving is None else self._leaving
+                goodbye = wire.encode_error(self.close_code, message) if stopping else None
                 current, said = self.uplink.release(sock, goodbye)
                 if current:
                     self.down_since = trio.current_time()
@@ -394,11 +407,16 @@ class Link:
                 reason = str(exc)
                 nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guard, lambda: self._reader(sock, conn))
-            nursery.start_soon(guard, lambda: self._sender(sock))
-            nursery.start_soon(guard, self._heartbeats)
-            nursery.start_soon(guard, self._ack_watch)
-            if self.uplink.kick():  # the resend starts at once
-                self._wake.set()
-        return reason
+        self._leaving = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._streaming = nursery.cancel_scope
+                nursery.start_soon(guard, lambda: self._reader(sock, conn))
+                nursery.start_soon(guard, lambda: self._sender(sock))
+                nursery.start_soon(guard, self._heartbeats)
+                nursery.start_soon(guard, self._ack_watch)
+                if self.uplink.kick():  # the resend starts at once
+                    self._wake.set()
+        finally:
+            self._streaming = None
+        return self._leaving or reason

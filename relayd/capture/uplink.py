@@ -114,6 +114,12 @@ class Uplink:
             return False
         return True
 
+    def set_replay_bounds(self, max_bytes: int, max_age: float) -> None:
+        """New replay bounds (a reload): a smaller one evicts, counted, from the next batch."""
+        with self._lock:
+            self.replay.max_bytes = max_bytes
+            self.replay.max_age = max_age
+
     # -- receive threads -------------------------------------------------------------------
 
     def claim(self) -> socket.socket | None:
