@@ -7,12 +7,7 @@ order, in one session."""
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import threading
-import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import attrs
@@ -20,101 +15,11 @@ import pytest
 import trio
 
 from relayd.config import CaptureFeed, Config, Endpoint, HealthConfig
-from relayd.netif import open_multicast_sender
 from relayd.notify import Notifier
 from relayd.supervisor import Supervisor
 from tests.helpers.emit_standin import Peer, Server, feed_config, serve
-from tests.helpers.loopback import FEED, LOOPBACK, wait_for
-
-#: datagrams per second the sender keeps up (in bursts every 2 ms)
-RATE = 4000
-
-
-def _groups(count: int) -> list[tuple[str, int]]:
-    port = 20000 + (os.getpid() * 13 + random.randrange(5000)) % 20000
-    third = random.randrange(100, 200)
-    return [(f"239.77.{third}.{i + 1}", port) for i in range(count)]
-
-
-class SteadySender:
-    """A thread sending to each of ``groups`` in turn at ``RATE``; each payload carries its
-    group's own sequence (8 bytes, from 1). ``add``/``drop`` change the groups it sends to."""
-
-    def __init__(self, groups: list[tuple[str, int]]) -> None:
-        self.groups = list(groups)
-        self.sent: dict[tuple[str, int], int] = dict.fromkeys(groups, 0)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = open_multicast_sender(LOOPBACK, 1, True, 4 * 1024 * 1024)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SteadySender:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
-
-    def add(self, group: tuple[str, int]) -> None:
-        with self._lock:
-            self.groups.append(group)
-            self.sent.setdefault(group, 0)
-
-    def drop(self, group: tuple[str, int]) -> None:
-        with self._lock:
-            self.groups.remove(group)
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.sent.values())
-
-    def _run(self) -> None:
-        burst = max(1, RATE // 500)
-        next_at = time.monotonic()
-        i = 0
-        while not self._stop.is_set():
-            with self._lock:
-                for _ in range(burst):
-                    group = self.groups[i % len(self.groups)]
-                    i += 1
-                    seq = self.sent[group] + 1
-                    payload = seq.to_bytes(8, "big") + b"m" * 92
-                    while True:
-                        try:
-                            self._sock.sendto(payload, group)
-                            break
-                        except BlockingIOError:
-                            time.sleep(0.0005)
-                    self.sent[group] = seq
-            next_at += 0.002
-            time.sleep(max(0.0, next_at - time.monotonic()))
-
-
-def received(peers: list[Peer]) -> dict[tuple[str, int], list[int]]:
-    """The payload sequences each group's datagrams carried, in arrival order, over peers."""
-    out: dict[tuple[str, int], list[int]] = {}
-    for peer in peers:
-        for d in peer.datagrams:
-            group = (str(IPv4Address(d.group)), d.port)
-            out.setdefault(group, []).append(int.from_bytes(d.payload[:8], "big"))
-    return out
-
-
-def lost_and_duplicated(
-    got: dict[tuple[str, int], list[int]], sent: dict[tuple[str, int], int]
-) -> tuple[int, int, bool]:
-    """Datagrams sent and never received, received more than once, and whether each group's
-    arrived in the order sent."""
-    lost = duplicated = 0
-    ordered = True
-    for group, count in sent.items():
-        seqs = got.get(group, [])
-        lost += len(set(range(1, count + 1)) - set(seqs))
-        duplicated += len(seqs) - len(set(seqs))
-        ordered = ordered and seqs == sorted(seqs)
-    return lost, duplicated, ordered
+from tests.helpers.loopback import FEED, wait_for
+from tests.helpers.steady import RATE, SteadySender, fresh_groups, lost_and_duplicated, received
 
 
 async def _reload_mid_stream(
@@ -157,7 +62,7 @@ async def test_a_reload_adding_a_group_loses_nothing_and_keeps_the_session() -> 
     """Issue 13 item 7: before, the feed restarted as a new session (14-90 datagrams lost, a
     session restart counted); now the new group's socket is joined before anything changes,
     the running sockets and threads go on, and nothing is lost or sent twice."""
-    groups = _groups(3)
+    groups = fresh_groups(3)
     peer = Peer()
     async with trio.open_nursery() as servers:
         server: Server = await serve(servers, peer)
@@ -179,7 +84,7 @@ async def test_a_reload_adding_a_group_loses_nothing_and_keeps_the_session() -> 
 async def test_a_reload_removing_a_group_closes_only_its_socket() -> None:
     """Two ports: removing the group alone on its port closes that socket; the others lose
     nothing and the session goes on."""
-    kept = _groups(2)
+    kept = fresh_groups(2)
     gone = (kept[0][0].rsplit(".", 1)[0] + ".9", kept[0][1] + 1)
     peer = Peer()
     async with trio.open_nursery() as servers:
@@ -202,7 +107,7 @@ async def test_a_reload_removing_a_group_closes_only_its_socket() -> None:
 async def test_a_reload_changing_the_targets_moves_with_exact_resume() -> None:
     """The running connection's target is no longer listed: the feed says goodbye, takes the
     final ACK and resumes on the new target from exactly there, in the same session."""
-    groups = _groups(2)
+    groups = fresh_groups(2)
     old_host, new_host = Peer(final_ack=True), Peer()
     async with trio.open_nursery() as servers:
         old = await serve(servers, old_host)
@@ -224,7 +129,7 @@ async def test_a_reload_changing_the_targets_moves_with_exact_resume() -> None:
 async def test_an_interface_change_still_restarts_counted() -> None:
     """What cannot be applied live (the interface) restarts the feed as a new session, and
     the restart is counted as before."""
-    groups = _groups(1)
+    groups = fresh_groups(1)
     peer = Peer()
     async with trio.open_nursery() as servers:
         server = await serve(servers, peer)

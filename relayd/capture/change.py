@@ -7,7 +7,8 @@ own (opened and joined before anything else changes), groups removed are left (a
 no group left is closed), targets and timers apply from the next connection (a connection to
 a target no longer listed is left, with exact resume), replay bounds and the receive buffer
 apply at once. What changes the capture itself (the interface, the source filter, the upstream
-check) restarts the feed as a new session, counted as before.
+check) or the set of sites restarts the feed as a new session, counted as before; a site's own
+targets, bounds and key apply live like the feed's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Restart(enum.Enum):
     INTERFACE = "interface"
     SOURCES = "sources"
     UPSTREAM_CHECK = "upstream_check"  # or its deribit_layout
+    SITES = "sites"  # a site added, removed or renamed (each site's own settings apply live)
 
 
 @attrs.frozen
@@ -59,6 +61,8 @@ def plan_capture_change(old: CaptureFeed, new: CaptureFeed) -> CaptureChange:
         return CaptureChange(Restart.SOURCES)
     if (old.upstream_check, old.deribit_layout) != (new.upstream_check, new.deribit_layout):
         return CaptureChange(Restart.UPSTREAM_CHECK)
+    if [site.name for site in old.sites] != [site.name for site in new.sites]:
+        return CaptureChange(Restart.SITES)
     before, after = _groups(old), _groups(new)
     return CaptureChange(
         None,

@@ -27,10 +27,10 @@ import trio
 
 from relayd.arbitration.headers import DeribitLayout
 from relayd.capture.change import CaptureChange, plan_capture_change
-from relayd.capture.link import Connect, Link
+from relayd.capture.link import Connect
 from relayd.capture.receive import Receive
 from relayd.capture.receivers import Receivers
-from relayd.capture.uplink import Uplink
+from relayd.capture.sites import Fanout, Site, site_config
 from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
 from relayd.datapath import select_plane
@@ -48,6 +48,9 @@ from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 __all__ = ["CaptureFeedRuntime", "LiveUpdate"]
 
 log = logging.getLogger("relayd.capture")
+
+#: A feed with several sites reports the worst of their states (the last here).
+_SITE_STATES = ("starting", "streaming", "reconnecting", "stalled", "disconnected")
 
 #: Unhealthy ("stalled") once data sent has waited this share of ``ack_timeout`` for an ACK.
 STALLED_FRACTION = 0.5
@@ -74,10 +77,18 @@ class CaptureFeedRuntime:
         self.session_lost_datagrams = 0
         self.unacked_at_end: int | None = None  # set when run() ends
         self._limited = RateLimitedLogger(log)
-        self._replay = ReplayBuffer(config.replay_max_bytes, config.replay_max_age)
-        self.uplink = Uplink(config.name, self._replay, self._limited)
-        self.receive = Receive(config.name, self.uplink, self._limited)
-        self.link = Link(config, self.uplink, self._limited, rng or random.Random())
+        rng = rng or random.Random()
+        first, *more = config.sites
+        # One session and one sequence per feed, whichever site (relayd/capture/sites.py).
+        self.sites = [Site(config, first, self._limited, rng)]
+        session = self.sites[0].link.session_id
+        self.sites += [Site(config, site, self._limited, rng, session) for site in more]
+        # The first site's parts, as with a single site (``targets``).
+        self._replay = self.sites[0].replay
+        self.uplink = self.sites[0].uplink
+        self.link = self.sites[0].link
+        sink = self.uplink if not more else Fanout([site.uplink for site in self.sites])
+        self.receive = Receive(config.name, sink, self._limited)
         self.receivers = Receivers(self.receive)
         self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
         self._interface: IPv4Address | None = None
@@ -91,27 +102,36 @@ class CaptureFeedRuntime:
     # -- Feed protocol ---------------------------------------------------------------------
 
     def set_close_reason(self, code: int, message: str) -> None:
-        self.link.close_code = code
-        self.link.close_message = message
+        for site in self.sites:
+            site.link.close_code = code
+            site.link.close_message = message
+
+    def wake_senders(self) -> None:
+        """Run by Trio on behalf of a receive thread: every site's sender looks."""
+        for site in self.sites:
+            site.link.wake_sender()
 
     def update_keys(self, config: CaptureFeed) -> bool:
-        """Take ``config`` without a restart when it differs from the running one in
-        ``auth_key_file`` only: read the file again for the next connection (the current
-        connection, session and replay buffer are kept). False when a restart is needed.
-        Raises KeyFileError and keeps the current key when the file cannot be used."""
+        """Take ``config`` without a restart when it differs from the running one in its key
+        files only: read them again for the next connection (the current connection, session
+        and replay buffer are kept). False when a restart is needed. Raises KeyFileError and
+        keeps the current keys when a file cannot be used."""
         old = self.config
-        if attrs.evolve(old, auth_key_file=config.auth_key_file) != config or not (
-            old.auth_key_file or config.auth_key_file
+        if _without_keys(old) != _without_keys(config) or not (
+            _key_files(old) or _key_files(config)
         ):
             return False
-        path = config.auth_key_file
-        self.link.key = None if path is None else load_auth_keys([path])[0]
-        self.config = self.link.config = config
+        keys = _load_keys(config)
+        for site, key, named in zip(self.sites, keys, config.sites, strict=True):
+            site.link.key = key
+            site.link.config = site_config(config, named)
+        self.config = config
         return True
 
     @property
     def connected(self) -> bool:
-        return self.uplink.connected
+        """Streaming to at least one site."""
+        return any(site.uplink.connected for site in self.sites)
 
     @property
     def replay(self) -> ReplayBuffer:
@@ -126,24 +146,15 @@ class CaptureFeedRuntime:
         return self.receive.kernel_drops
 
     def health(self) -> FeedHealth:
-        self.uplink.apply_acks()
-        replay = self._replay
-        detail: dict[str, object] = {
-            "peer": self.link.peer,
-            "acked_seq": replay.acked_seq,
+        feed: dict[str, object] = {
             "last_seq": self.receive.seq,
-            "unacked_datagrams": replay.unacked_datagrams,
-            "replay_bytes": replay.total_bytes,
-            "replay_dropped_datagrams": replay.dropped_datagrams,
-            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
             "session": self.link.session_id.hex(),
             "session_restarts": self._total("session_restarts", self.session_restarts),
             "session_lost_datagrams": self._total(
                 "session_lost_datagrams", self.session_lost_datagrams
             ),
             "kernel_drops": self.receive.kernel_drops,
-            "last_datagram_age_seconds": _age(replay.last_appended_at),
-            "ack_stalls": self.link.ack_stalls,
+            "last_datagram_age_seconds": _age(self._replay.last_appended_at),
         }
         if self.upstream is not None:
             carried = {
@@ -151,24 +162,54 @@ class CaptureFeedRuntime:
                 for (name, labels), sample in self._carried.items()
                 if name.startswith("upstream_") and labels == self.upstream.labels
             }
-            upstream = detail["upstream"] = self.upstream.detail(carried)
-            detail["upstream_gaps"] = upstream["gaps"]
+            upstream = feed["upstream"] = self.upstream.detail(carried)
+            feed["upstream_gaps"] = upstream["gaps"]
         datagrams = self.receive.datagrams_in
+        judged = [self._site_health(site) for site in self.sites]
+        connections = sum(1 for site in self.sites if site.uplink.connected)
+        if len(judged) == 1:
+            healthy, state, detail = judged[0]
+            detail.update(feed)
+        else:
+            healthy = all(h for h, _, _ in judged)
+            state = max((s for _, s, _ in judged), key=_SITE_STATES.index)
+            sites: dict[str, object] = {}
+            for site, (site_healthy, site_state, site_detail) in zip(
+                self.sites, judged, strict=True
+            ):
+                sites[site.name] = {"state": site_state, "healthy": site_healthy, **site_detail}
+            detail = {**feed, "sites": sites}
         if not self._started:
             return FeedHealth(False, "starting", detail, 0, datagrams)
-        if self.uplink.connected:
-            waited, outstanding = self.uplink.ack_wait()
-            if waited >= self.config.ack_timeout * STALLED_FRACTION:
+        return FeedHealth(healthy, state, detail, connections, datagrams)
+
+    def _site_health(self, site: Site) -> tuple[bool, str, dict[str, object]]:
+        """One site's health: whether it is healthy, its state and its facts."""
+        uplink, link, replay = site.uplink, site.link, site.replay
+        uplink.apply_acks()
+        detail: dict[str, object] = {
+            "peer": link.peer,
+            "acked_seq": replay.acked_seq,
+            "unacked_datagrams": replay.unacked_datagrams,
+            "replay_bytes": replay.total_bytes,
+            "replay_dropped_datagrams": replay.dropped_datagrams,
+            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
+            "ack_stalls": link.ack_stalls,
+        }
+        if not self._started:
+            return False, "starting", detail
+        if uplink.connected:
+            waited, outstanding = uplink.ack_wait()
+            if waited >= link.config.ack_timeout * STALLED_FRACTION:
                 detail["ack_stalled_for"] = round(waited, 3)
                 detail["ack_stalled_datagrams"] = outstanding
-                return FeedHealth(False, "stalled", detail, 1, datagrams)
-            return FeedHealth(True, "streaming", detail, 1, datagrams)
-        down = trio.current_time() - self.link.down_since
+                return False, "stalled", detail
+            return True, "streaming", detail
+        down = trio.current_time() - link.down_since
         detail["disconnected_for"] = round(down, 3)
-        detail["last_error"] = self.link.last_error
-        healthy = down <= self.config.reconnect_budget
-        state = "reconnecting" if healthy else "disconnected"
-        return FeedHealth(healthy, state, detail, 0, datagrams)
+        detail["last_error"] = link.last_error
+        healthy = down <= link.config.reconnect_budget
+        return healthy, "reconnecting" if healthy else "disconnected", detail
 
     def samples(self) -> Iterable[Sample]:
         """This feed's samples, its counters carrying on from the feed it replaced."""
@@ -198,10 +239,7 @@ class CaptureFeedRuntime:
             }
 
     def _own_samples(self) -> Iterable[Sample]:
-        self.uplink.apply_acks()
         feed = (("feed", self.name),)
-        replay = self._replay
-        uplink = self.uplink
         receive = self.receive
 
         def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
@@ -210,6 +248,34 @@ class CaptureFeedRuntime:
         yield one("datagrams_in", "counter", "Datagrams received.", receive.datagrams_in)
         yield one("bytes_in", "counter", "Payload bytes received.", receive.bytes_in)
         yield one("kernel_drops", "counter", "Datagrams the kernel dropped.", receive.kernel_drops)
+        yield one(
+            "session_restarts",
+            "counter",
+            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
+            "new session resumes nothing on the emit side.",
+            self.session_restarts,
+        )
+        yield one(
+            "session_lost_datagrams",
+            "counter",
+            "Datagrams a capture session held unacknowledged when it ended for good (summed "
+            "over its sites).",
+            self.session_lost_datagrams,
+        )
+        for site in self.sites:
+            yield from self._site_samples(site, (*feed, *site.labels))
+        if self.upstream is not None:
+            yield from self.upstream.samples()
+
+    @staticmethod
+    def _site_samples(site: Site, labels: tuple[tuple[str, str], ...]) -> Iterable[Sample]:
+        """One site's samples (label ``site`` when the feed has named sites)."""
+        uplink, link, replay = site.uplink, site.link, site.replay
+        uplink.apply_acks()
+
+        def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
+            return Sample(f"capture_{name}", kind, text, labels, value)
+
         yield one("frames_sent", "counter", "DATA frames sent.", uplink.frames_sent)
         yield one("bytes_sent", "counter", "Bytes written to TCP.", uplink.bytes_sent)
         yield one("replay_bytes", "gauge", "Bytes in the replay buffer.", replay.total_bytes)
@@ -226,22 +292,9 @@ class CaptureFeedRuntime:
                 "counter",
                 "Unacknowledged datagrams dropped from the replay buffer, by the bound "
                 "(replay_max_bytes, replay_max_age) that evicted them.",
-                (*feed, ("reason", evicted.value)),
+                (*labels, ("reason", evicted.value)),
                 replay.dropped_by[evicted],
             )
-        yield one(
-            "session_restarts",
-            "counter",
-            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
-            "new session resumes nothing on the emit side.",
-            self.session_restarts,
-        )
-        yield one(
-            "session_lost_datagrams",
-            "counter",
-            "Datagrams a capture session held unacknowledged when it ended for good.",
-            self.session_lost_datagrams,
-        )
         yield one(
             "replay_dropped_bytes",
             "counter",
@@ -258,17 +311,17 @@ class CaptureFeedRuntime:
             "ack_stalls",
             "counter",
             "Connections left because no ACK came for ack_timeout while data waited.",
-            self.link.ack_stalls,
+            link.ack_stalls,
         )
         for result in Connect:
             yield Sample(
                 "capture_connects",
                 "counter",
                 "Connection attempts by result.",
-                (*feed, ("result", result.value)),
-                self.link.connects[result],
+                (*labels, ("result", result.value)),
+                link.connects[result],
             )
-        yield one("connected", "gauge", "1 while streaming.", 1 if self.connected else 0)
+        yield one("connected", "gauge", "1 while streaming.", 1 if uplink.connected else 0)
         yield one("acked_seq", "gauge", "Highest sequence acknowledged.", replay.acked_seq)
         yield one(
             "unacked_datagrams",
@@ -276,26 +329,26 @@ class CaptureFeedRuntime:
             "Datagrams not yet acknowledged.",
             replay.unacked_datagrams,
         )
-        for code, count in sorted(self.link.errors_from_peer.items()):
+        for code, count in sorted(link.errors_from_peer.items()):
             yield Sample(
                 "capture_errors_from_peer",
                 "counter",
                 "ERROR frames received from the emit side, by code.",
-                (*feed, ("code", str(code))),
+                (*labels, ("code", str(code))),
                 count,
             )
-        if self.upstream is not None:
-            yield from self.upstream.samples()
 
     def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
         fails; nothing stays open then). ``previous``: the capture feed this one replaces,
         whose counters it carries on once it runs."""
         config = self.config
-        if config.auth_key_file is not None:
-            self.link.key = load_auth_keys([config.auth_key_file])[0]
+        for site, key in zip(self.sites, _load_keys(config), strict=True):
+            site.link.key = key
         interface = resolve_interface(config.interface)
-        self.link.plane = plane = select_plane()
+        plane = select_plane()
+        for site in self.sites:
+            site.link.plane = plane
         if config.upstream_check == "deribit" and self.upstream is None:
             layout = DeribitLayout(config.deribit_layout)
             self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
@@ -334,8 +387,7 @@ class CaptureFeedRuntime:
                 extra={"feed": self.name},
             )
             return None
-        path = config.auth_key_file
-        key = None if path is None else load_auth_keys([path])[0]
+        keys = _load_keys(config)
         opened = (
             open_group_receivers(
                 change.added, interface, config.receive_buffer, sources=config.sources
@@ -343,7 +395,7 @@ class CaptureFeedRuntime:
             if change.added
             else []
         )
-        return LiveUpdate(self, config, change, key, opened)
+        return LiveUpdate(self, config, change, keys, opened)
 
     def _apply_live(self, update: LiveUpdate) -> None:
         config, change = update.config, update.change
@@ -362,10 +414,12 @@ class CaptureFeedRuntime:
                     capped[0].receive_buffer_effective,
                     config.receive_buffer,
                 )
-        self.uplink.set_replay_bounds(config.replay_max_bytes, config.replay_max_age)
-        self.link.key = update.key
         self.config = config
-        self.link.retarget(config)
+        for site, named, key in zip(self.sites, config.sites, update.keys, strict=True):
+            site_conf = site_config(config, named)
+            site.uplink.set_replay_bounds(site_conf.replay_max_bytes, site_conf.replay_max_age)
+            site.link.key = key
+            site.link.retarget(site_conf)
         log.info(
             "feed %s: new configuration applied to session %s (%d groups joined, %d left, "
             "%d sockets)",
@@ -392,11 +446,13 @@ class CaptureFeedRuntime:
             self._new_session_after(previous)
         try:
             async with trio.open_nursery() as nursery:
-                self.receivers.start(nursery, plane, self.link.wake_sender)
+                wake = self.link.wake_sender if len(self.sites) == 1 else self.wake_senders
+                self.receivers.start(nursery, plane, wake)
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
                 self._started = True
-                self.link.down_since = trio.current_time()
+                for site in self.sites:
+                    site.link.down_since = trio.current_time()
                 log.info(
                     "feed %s: joined %d groups on %s with %d sockets, data path %s%s",
                     self.name,
@@ -409,11 +465,14 @@ class CaptureFeedRuntime:
                     else f", upstream check deribit ({self.upstream.layout.value})",
                 )
                 task_status.started()
+                for site in self.sites[1:]:
+                    nursery.start_soon(site.link.run)
                 await self.link.run()
         finally:
             self.receivers.close()
-            self.uplink.apply_acks()
-            self.unacked_at_end = unacked = self._replay.unacked_datagrams
+            for site in self.sites:
+                site.uplink.apply_acks()
+            self.unacked_at_end = unacked = sum(s.replay.unacked_datagrams for s in self.sites)
             if unacked:
                 log.warning(
                     "feed %s: session %s ends with %d datagrams unacknowledged (lost unless "
@@ -452,13 +511,13 @@ class LiveUpdate:
         runtime: CaptureFeedRuntime,
         config: CaptureFeed,
         change: CaptureChange,
-        key: bytes | None,
+        keys: Sequence[bytes | None],
         opened: Sequence[GroupReceiver],
     ) -> None:
         self.runtime = runtime
         self.config = config
         self.change = change
-        self.key = key
+        self.keys = tuple(keys)  # one per site
         self.opened = list(opened)
 
     def apply(self) -> None:
@@ -469,3 +528,21 @@ class LiveUpdate:
         for receiver in self.opened:
             receiver.close()
         self.opened = []
+
+
+def _load_keys(config: CaptureFeed) -> list[bytes | None]:
+    """The key of each site (its own, else the feed's; None: no authentication)."""
+    return [
+        None if site.auth_key_file is None else load_auth_keys([site.auth_key_file])[0]
+        for site in config.sites
+    ]
+
+
+def _key_files(config: CaptureFeed) -> list[object]:
+    return [config.auth_key_file, *(site.auth_key_file for site in config.site)]
+
+
+def _without_keys(config: CaptureFeed) -> CaptureFeed:
+    """``config`` with every key file taken out (what must be equal for a key-only change)."""
+    sites = tuple(attrs.evolve(site, auth_key_file=None) for site in config.site)
+    return attrs.evolve(config, auth_key_file=None, site=sites)

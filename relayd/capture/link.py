@@ -83,9 +83,12 @@ class Link:
         uplink: Uplink,
         limited: RateLimitedLogger,
         rng: random.Random,
+        *,
+        label: str | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        self.label = label or config.name  # in log lines: the feed, and its site if named
         self.uplink = uplink
         self._limited = limited
         self._rng = rng
@@ -217,9 +220,9 @@ class Link:
         except ValueError:
             name = "UNKNOWN"
         self._limited.warning(
-            f"{self.name}:peer-error:{event.code}",
+            f"{self.label}:peer-error:{event.code}",
             "feed %s: the emit side %s sent ERROR %d (%s): %s",
-            self.name,
+            self.label,
             self.peer,
             event.code,
             name,
@@ -239,9 +242,9 @@ class Link:
             except OSError as exc:
                 self.last_error = f"{target.host}:{target.port}: cannot resolve: {exc}"
                 self._limited.warning(
-                    f"{self.name}:resolve:{target.host}",
+                    f"{self.label}:resolve:{target.host}",
                     "feed %s: cannot resolve %s: %s",
-                    self.name,
+                    self.label,
                     target.host,
                     exc,
                 )
@@ -288,9 +291,9 @@ class Link:
                     reason = f"no welcome within {self.config.connect_timeout:g} s"
                 self.last_error = f"{peer}: {reason}"
                 self._limited.warning(
-                    f"{self.name}:connect:{peer}",
+                    f"{self.label}:connect:{peer}",
                     "feed %s: cannot stream to %s: %s",
-                    self.name,
+                    self.label,
                     peer,
                     reason,
                 )
@@ -303,7 +306,7 @@ class Link:
             started = trio.current_time()
             log.info(
                 "feed %s: streaming to %s (welcome ACK %d, %d datagrams to resend)",
-                self.name,
+                self.label,
                 peer,
                 welcome,
                 resend,
@@ -311,9 +314,9 @@ class Link:
             reason = await self._stream(sock, conn)
             self.last_error = f"{peer}: {reason}"
             self._limited.warning(
-                f"{self.name}:lost:{peer}",
+                f"{self.label}:lost:{peer}",
                 "feed %s: connection to %s ended: %s",
-                self.name,
+                self.label,
                 peer,
                 reason,
             )
