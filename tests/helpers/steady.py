@@ -3,6 +3,8 @@ what a receiver checks against it: every datagram once, in order."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 import threading
@@ -28,12 +30,18 @@ class SteadySender:
     """A thread sending to each of ``groups`` in turn at ``RATE``; each payload carries its
     group's own sequence (8 bytes, from 1). ``add``/``drop`` change the groups it sends to."""
 
-    def __init__(self, groups: list[tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        groups: list[tuple[str, int]],
+        interface: IPv4Address = LOOPBACK,
+        rate: int = RATE,
+    ) -> None:
         self.groups = list(groups)
         self.sent: dict[tuple[str, int], int] = dict.fromkeys(groups, 0)
+        self.rate = rate
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._sock = open_multicast_sender(LOOPBACK, 1, True, 4 * 1024 * 1024)
+        self._sock = open_multicast_sender(interface, 8, True, 4 * 1024 * 1024)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> SteadySender:
@@ -59,7 +67,7 @@ class SteadySender:
             return sum(self.sent.values())
 
     def _run(self) -> None:
-        burst = max(1, RATE // 500)
+        burst = max(1, self.rate // 500)
         next_at = time.monotonic()
         i = 0
         while not self._stop.is_set():
@@ -103,3 +111,23 @@ def lost_and_duplicated(
         duplicated += len(seqs) - len(set(seqs))
         ordered = ordered and seqs == sorted(seqs)
     return lost, duplicated, ordered
+
+
+def main() -> None:
+    """``python -m tests.helpers.steady --interface ADDR --groups G:P,... --rate R --seconds S``:
+    send from ADDR, then print ``{"sent": [[group, port, count], ...]}``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--interface", required=True)
+    parser.add_argument("--groups", required=True)
+    parser.add_argument("--rate", type=int, default=RATE)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    groups = [(g, int(p)) for g, _, p in (x.rpartition(":") for x in args.groups.split(","))]
+    with SteadySender(groups, IPv4Address(args.interface), args.rate) as sender:
+        print("sending", flush=True)
+        time.sleep(args.seconds)
+    print(json.dumps({"sent": [[g, p, n] for (g, p), n in sender.sent.items()]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
