@@ -163,8 +163,8 @@ def test_london_loses_nothing_while_tokyo_is_cut_off_and_tokyo_catches_up(
     sent = {(g, p): n for g, p, n in json.loads(sent_line)["sent"]}
     results = {}
     for name, proc in receivers.items():
-        out, _ = proc.communicate(timeout=120)
-        results[name] = json.loads(out.decode().splitlines()[-1])["got"]
+        received_out, _ = proc.communicate(timeout=120)
+        results[name] = json.loads(received_out.decode().splitlines()[-1])["got"]
     final = wait_healthy(dc, path="/healthz/deribit")["feeds"]["deribit"]
     stop_process(sender)
     total = sum(sent.values())
