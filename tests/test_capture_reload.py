@@ -151,3 +151,31 @@ async def test_an_interface_change_still_restarts_counted() -> None:
             sup.request_stop()
         servers.cancel_scope.cancel()
     assert sup_seen[0]["capture_session_restarts"] == 1
+
+
+def test_what_a_capture_change_keeps() -> None:
+    """The pure plan (relayd/capture/change.py): groups, targets, bounds and keys apply to the
+    running session; the interface, the source filter and the set of sites restart it."""
+    from ipaddress import IPv4Address  # noqa: PLC0415
+
+    from relayd.capture.change import Restart, plan_capture_change  # noqa: PLC0415
+    from relayd.config import CaptureSite  # noqa: PLC0415
+
+    groups = [("239.1.1.1", 5000), ("239.1.1.2", 5000)]
+    old = feed_config(groups, [7000])
+    new = feed_config([groups[1], ("239.1.1.3", 5001)], [7001], replay_max_age=5.0)
+    change = plan_capture_change(old, new)
+    assert change.live
+    assert change.added == ((IPv4Address("239.1.1.3"), 5001),)
+    assert change.removed == ((IPv4Address("239.1.1.1"), 5000),)
+    assert not change.receive_buffer_changed
+    assert plan_capture_change(old, attrs.evolve(old, receive_buffer=1 << 20)).live
+    assert plan_capture_change(old, attrs.evolve(old, interface="lo")).restart is Restart.INTERFACE
+    ssm = attrs.evolve(old, sources=(IPv4Address("10.0.0.1"),))
+    assert plan_capture_change(old, ssm).restart is Restart.SOURCES
+    london = CaptureSite(name="london", targets=(Endpoint("127.0.0.1", 7000),))
+    tokyo = CaptureSite(name="tokyo", targets=(Endpoint("127.0.0.1", 7001),))
+    two = attrs.evolve(old, targets=(), site=(london, tokyo))
+    assert plan_capture_change(old, two).restart is Restart.SITES
+    moved = attrs.evolve(tokyo, targets=(Endpoint("127.0.0.1", 7002),), replay_max_age=60.0)
+    assert plan_capture_change(two, attrs.evolve(two, site=(london, moved))).live

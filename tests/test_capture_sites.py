@@ -117,3 +117,69 @@ async def test_a_site_whose_buffer_overflows_counts_its_loss_alone() -> None:
     # what Tokyo may have missed, never less than what it did
     assert tokyo_counts["capture_replay_dropped_datagrams"] >= lost
     assert london_counts["capture_replay_dropped_datagrams"] == 0
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_site_that_reads_nothing_never_holds_back_the_other() -> None:
+    """Tokyo's host welcomes and then reads nothing (its socket fills, the receive thread's
+    direct write to it comes up short): London still gets every datagram at once, and Tokyo's
+    data waits in Tokyo's replay buffer."""
+    groups = fresh_groups(2)
+    london, tokyo = Peer(), Peer(read=False, heartbeat=0.1)
+    async with trio.open_nursery() as nursery:
+        london_server = await serve(nursery, london)
+        tokyo_server = await serve(nursery, tokyo)
+        config = two_sites(groups, london_server.port, tokyo_server.port)
+        feed = CaptureFeedRuntime(attrs.evolve(config, ack_timeout=60.0, idle_timeout=30.0))
+        await nursery.start(feed.run)
+        await wait_for(lambda: feed.sites[0].uplink.connected and feed.sites[1].uplink.connected)
+        with SteadySender(groups) as sender:
+            await trio.sleep(3.0)
+        total = sum(sender.sent.values())
+        await wait_for(lambda: len(london.datagrams) >= total, timeout=30)
+        tokyo_waiting = feed.sites[1].replay.unacked_datagrams
+        nursery.cancel_scope.cancel()
+    assert lost_and_duplicated(received([london]), sender.sent) == (0, 0, True)
+    assert tokyo_waiting == total  # nothing acknowledged by Tokyo: all of it held for Tokyo
+
+
+async def test_a_reload_moving_one_site_leaves_the_other_alone() -> None:
+    """A reload gives Tokyo a new target: Tokyo's connection moves with exact resume (goodbye,
+    final ACK), London's is never touched, one session throughout."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from relayd.config import Config, HealthConfig  # noqa: PLC0415
+    from relayd.notify import Notifier  # noqa: PLC0415
+    from relayd.supervisor import Supervisor  # noqa: PLC0415
+
+    groups = fresh_groups(2)
+    london, tokyo, tokyo_b = Peer(), Peer(final_ack=True), Peer()
+    async with trio.open_nursery() as nursery:
+        ports = [(await serve(nursery, p)).port for p in (london, tokyo, tokyo_b)]
+        first = two_sites(groups, ports[0], ports[1])
+        moved = attrs.evolve(
+            first.site[1], targets=(Endpoint("127.0.0.1", ports[2]),), replay_max_age=60.0
+        )
+        second = attrs.evolve(first, site=(first.site[0], moved))
+        base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
+        sup = Supervisor(Path("x"), base, notifier=Notifier({}))
+        sup.load = lambda _path: attrs.evolve(base, capture=(second,))
+        nursery.start_soon(sup.run)
+        await sup.ready.wait()
+        with SteadySender(groups) as sender:
+            await wait_for(lambda: len(tokyo.datagrams) > 500, timeout=20)
+            await sup.reload()
+            assert sup.reloader.reloads["ok"] == 1
+            await wait_for(lambda: len(tokyo_b.datagrams) > 500, timeout=20)
+        total = sum(sender.sent.values())
+        await wait_for(lambda: len(london.datagrams) >= total, timeout=30)
+        await wait_for(lambda: len(tokyo.datagrams) + len(tokyo_b.datagrams) >= total, timeout=30)
+        feed = sup.slots["capture", FEED].runtime
+        assert isinstance(feed, CaptureFeedRuntime)
+        assert feed.sites[1].replay.max_age == 60.0
+        restarts = [s.value for s in sup.samples() if s.name == "capture_session_restarts"]
+        nursery.cancel_scope.cancel()
+    assert lost_and_duplicated(received([london]), sender.sent) == (0, 0, True)
+    assert lost_and_duplicated(received([tokyo, tokyo_b]), sender.sent) == (0, 0, True)
+    assert (london.hellos, tokyo.hellos, tokyo_b.hellos) == (1, 1, 1)
+    assert restarts == [0]
