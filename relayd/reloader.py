@@ -23,6 +23,7 @@ import trio
 
 from relayd.capture import CaptureFeedRuntime, LiveUpdate
 from relayd.config import CaptureFeed, Config, ConfigError, Endpoint
+from relayd.emit import EmitFeedRuntime
 from relayd.feedslot import FEED_EXPECTED_ERRORS as EXPECTED
 from relayd.feedslot import FeedFactory, FeedSlot
 from relayd.health import HealthServerError, bind_listener
@@ -263,6 +264,8 @@ class Reloader:
             try:
                 with feed_context(key[1]):
                     runtime = self.host.factory(feeds[key])
+                    if isinstance(runtime, EmitFeedRuntime):
+                        runtime.listener_donor = self._listener_donor(key, feeds, previous)
                     runtime.open(previous)
             except Exception as exc:
                 reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
@@ -278,6 +281,24 @@ class Reloader:
             else:
                 opened[key] = runtime
         return opened
+
+    def _listener_donor(
+        self, key: FeedKey, feeds: dict[FeedKey, FeedConfig], previous: Feed | None
+    ) -> EmitFeedRuntime | None:
+        """The running emit feed, other than ``previous``, listening on the address the new
+        ``key`` feed wants and leaving it in this reload (removed, or moving to another
+        address: two feeds swapping ports), so the new feed takes over its listener."""
+        listen = getattr(feeds[key], "listen", None)
+        if listen is None or listen.port == 0:
+            return None
+        for other_key, other in self.host.slots.items():
+            runtime = other.runtime
+            if runtime is previous or not isinstance(runtime, EmitFeedRuntime):
+                continue
+            staying = feeds.get(other_key)
+            if runtime.config.listen == listen and getattr(staying, "listen", None) != listen:
+                return runtime
+        return None
 
     def _predecessor(self, key: FeedKey, feeds: dict[FeedKey, FeedConfig]) -> Feed | None:
         """The running feed a new one replaces: the one of the same kind and name, else one
