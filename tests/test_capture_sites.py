@@ -6,6 +6,8 @@ from its own replay buffer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import pytest
 import trio
@@ -146,8 +148,6 @@ async def test_a_site_that_reads_nothing_never_holds_back_the_other() -> None:
 async def test_a_reload_moving_one_site_leaves_the_other_alone() -> None:
     """A reload gives Tokyo a new target: Tokyo's connection moves with exact resume (goodbye,
     final ACK), London's is never touched, one session throughout."""
-    from pathlib import Path  # noqa: PLC0415
-
     from relayd.config import Config, HealthConfig  # noqa: PLC0415
     from relayd.notify import Notifier  # noqa: PLC0415
     from relayd.supervisor import Supervisor  # noqa: PLC0415
@@ -183,3 +183,27 @@ async def test_a_reload_moving_one_site_leaves_the_other_alone() -> None:
     assert lost_and_duplicated(received([tokyo, tokyo_b]), sender.sent) == (0, 0, True)
     assert (london.hellos, tokyo.hellos, tokyo_b.hellos) == (1, 1, 1)
     assert restarts == [0]
+
+
+def test_site_keys_are_read_per_site_and_rotated_without_a_restart(tmp_path: Path) -> None:
+    """Each site authenticates with its own key when it has one, else the feed's; a reload
+    that changes only key files gives every site its new key in place."""
+    feed_key, tokyo_key = tmp_path / "feed.key", tmp_path / "tokyo.key"
+    feed_key.write_text("f" * 32)
+    tokyo_key.write_text("t" * 32)
+    config = attrs.evolve(
+        two_sites(fresh_groups(1), 1, 2, auth_key_file=tokyo_key), auth_key_file=feed_key
+    )
+    feed = CaptureFeedRuntime(config)
+    feed.open()
+    try:
+        assert [site.link.key for site in feed.sites] == [b"f" * 32, b"t" * 32]
+        rotated = tmp_path / "tokyo2.key"
+        rotated.write_text("u" * 32)
+        tokyo = attrs.evolve(config.site[1], auth_key_file=rotated)
+        assert feed.update_keys(attrs.evolve(config, site=(config.site[0], tokyo)))
+        assert [site.link.key for site in feed.sites] == [b"f" * 32, b"u" * 32]
+        moved = attrs.evolve(tokyo, targets=(Endpoint("127.0.0.1", 3),))
+        assert not feed.update_keys(attrs.evolve(config, site=(config.site[0], moved)))
+    finally:
+        feed.close()
