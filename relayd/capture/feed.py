@@ -11,6 +11,11 @@ exponential backoff capped at 2 s.
 
 The receive threads go on while the TCP side is slow, stalled or reconnecting: the replay
 buffer absorbs it, bounded in bytes and age, and its drops are counted and logged.
+
+A feed with ``[[capture.site]]`` tables has one uplink and one connection loop per site
+(relayd/capture/sites.py), all fed the same numbered batches. A reload that changes a running
+feed is applied to it in place where the change allows (``prepare_update``,
+relayd/capture/change.py): same session, sequence and replay buffers.
 """
 
 from __future__ import annotations
