@@ -207,3 +207,29 @@ def test_site_keys_are_read_per_site_and_rotated_without_a_restart(tmp_path: Pat
         assert not feed.update_keys(attrs.evolve(config, site=(config.site[0], moved)))
     finally:
         feed.close()
+
+
+def test_two_sites_metrics_are_one_family_each_with_a_site_label() -> None:
+    """/metrics of a feed with two sites: each per-site family has one sample per site
+    (label ``site``), the feed's own families one sample; promtool accepts the text."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from relayd.metrics import render  # noqa: PLC0415
+
+    feed = CaptureFeedRuntime(two_sites(fresh_groups(1), 1, 2))
+    text = render(feed.samples())
+    lines = text.splitlines()
+    assert 'relayd_capture_frames_sent_total{feed="test",site="london"} 0' in lines
+    assert 'relayd_capture_frames_sent_total{feed="test",site="tokyo"} 0' in lines
+    assert 'relayd_capture_datagrams_in_total{feed="test"} 0' in lines
+    assert sum(line.startswith("# TYPE relayd_capture_frames_sent") for line in lines) == 1
+    if shutil.which("promtool"):
+        check = subprocess.run(
+            ["promtool", "check", "metrics"],
+            check=False,
+            input=text,
+            capture_output=True,
+            text=True,
+        )
+        assert "error" not in (check.stdout + check.stderr).lower(), check.stdout + check.stderr
