@@ -179,3 +179,33 @@ def test_what_a_capture_change_keeps() -> None:
     assert plan_capture_change(old, two).restart is Restart.SITES
     moved = attrs.evolve(tokyo, targets=(Endpoint("127.0.0.1", 7002),), replay_max_age=60.0)
     assert plan_capture_change(two, attrs.evolve(two, site=(london, moved))).live
+
+
+async def test_removing_a_group_closes_its_socket_and_keeps_the_others() -> None:
+    """Applied in place: the socket whose only group is removed is stopped and closed; the
+    other socket is the same one, its thread still running; adding a group opens a new
+    socket and keeps both old ones."""
+    from relayd.capture import CaptureFeedRuntime  # noqa: PLC0415
+
+    kept = fresh_groups(1)[0]
+    gone = (kept[0].rsplit(".", 1)[0] + ".9", kept[1] + 1)
+    added = (kept[0].rsplit(".", 1)[0] + ".10", kept[1])
+    peer = Peer()
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, peer)
+        first = feed_config([kept, gone], [server.port])
+        feed = CaptureFeedRuntime(first)
+        await nursery.start(feed.run)
+        before = {r.port: r.sock for r in feed.receivers}
+        update = feed.prepare_update(feed_config([kept], [server.port]))
+        assert update is not None
+        update.apply()
+        await wait_for(lambda: before[gone[1]].fileno() < 0)
+        assert [r.sock for r in feed.receivers] == [before[kept[1]]]
+        assert before[kept[1]].fileno() >= 0
+        update = feed.prepare_update(feed_config([kept, added], [server.port]))
+        assert update is not None
+        update.apply()
+        assert len(feed.receivers) == 2
+        assert next(iter(feed.receivers)).sock is before[kept[1]]
+        nursery.cancel_scope.cancel()
