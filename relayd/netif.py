@@ -151,19 +151,32 @@ def resolve_interface(name_or_addr: str) -> IPv4Address:
 
 
 def interface_index(name_or_addr: str) -> int | None:
-    """The index of an interface given by name, None for a literal address (``0.0.0.0`` or
-    an address: nothing to follow). Raises InterfaceError for an unknown name."""
+    """The index of an interface given by name, or by a literal address that is the primary
+    address of an interface now (so it is followed like a name when that interface comes back
+    with another address); None for ``0.0.0.0`` or an address no interface has as its primary
+    one (nothing to follow). Raises InterfaceError for an unknown name."""
     text = name_or_addr.strip()
     try:
-        IPv4Address(text)
+        address = IPv4Address(text)
     except ValueError:
         pass
     else:
-        return None
+        return None if address.is_unspecified else _index_of_address(address)
     try:
         return socket.if_nametoindex(text)
     except OSError:
         raise InterfaceError(f"no interface named {text!r}") from None
+
+
+def _index_of_address(address: IPv4Address) -> int | None:
+    """The index of the interface whose primary IPv4 address is ``address``, if any."""
+    for index, name in socket.if_nameindex():
+        try:
+            if resolve_interface(name) == address:
+                return int(index)
+        except InterfaceError:
+            continue
+    return None
 
 
 def _is_root() -> bool:

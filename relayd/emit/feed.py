@@ -390,10 +390,11 @@ class EmitFeedRuntime:
         selects the interface by index and needs nothing."""
         destinations = self._destinations
         if destinations is None or destinations.ifindex is None:
-            return  # a literal address: nothing to follow
+            return  # 0.0.0.0, or an address no interface had: nothing to follow
         try:
-            address = resolve_interface(self.config.interface)
-        except InterfaceError:
+            # by index: a literal address names the interface that had it at start
+            address = resolve_interface(socket.if_indextoname(destinations.ifindex))
+        except (InterfaceError, OSError):
             return  # no address right now: sends fail and are counted until it has one
         if address == self.interface_address:
             return
