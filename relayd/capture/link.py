@@ -46,6 +46,9 @@ STABLE_AFTER = 1.0
 ACK_WATCH_STEPS = 4
 #: After the goodbye, how long to wait for the emit side's final ACK (and its close).
 FINAL_ACK_WAIT = 0.5
+#: Before the goodbye, how many milliseconds to wait at most for a receive thread's batch
+#: write to finish (it takes microseconds).
+CLAIM_WAIT_STEPS = 100
 #: Bytes read per ``recv`` during the handshake.
 _HANDSHAKE_RECEIVE_SIZE = 64 * 1024
 
@@ -329,6 +332,15 @@ class Link:
                 )
                 message = self.close_message if self._leaving is None else self._leaving
                 goodbye = wire.encode_error(self.close_code, message) if stopping else None
+                if goodbye is not None and self.uplink.refuse_claims():
+                    # a receive thread is writing a batch: the goodbye goes after it, so the
+                    # final ACK can cover what it wrote (else the next host may get it again)
+                    # (a flag a thread clears, no event to wait on: looked at every 1 ms)
+                    with trio.CancelScope(shield=True):
+                        for _ in range(CLAIM_WAIT_STEPS):
+                            if not self.uplink.claimed:
+                                break
+                            await trio.sleep(0.001)
                 current, said = self.uplink.release(sock, goodbye)
                 if current:
                     self.down_since = trio.current_time()
