@@ -173,6 +173,8 @@ def test_what_a_capture_change_keeps() -> None:
     assert plan_capture_change(old, attrs.evolve(old, interface="lo")).restart is Restart.INTERFACE
     ssm = attrs.evolve(old, sources=(IPv4Address("10.0.0.1"),))
     assert plan_capture_change(old, ssm).restart is Restart.SOURCES
+    checked = attrs.evolve(old, upstream_check="deribit")
+    assert plan_capture_change(old, checked).restart is Restart.UPSTREAM_CHECK
     london = CaptureSite(name="london", targets=(Endpoint("127.0.0.1", 7000),))
     tokyo = CaptureSite(name="tokyo", targets=(Endpoint("127.0.0.1", 7001),))
     two = attrs.evolve(old, targets=(), site=(london, tokyo))
