@@ -1,4 +1,5 @@
-"""A capture feed restarted mid-stream, as a reload that adds a group did (issue 13 item 7).
+"""A capture feed restarted mid-stream, as a reload that adds a group did (issue 13 item 7),
+or (``--live``) changed in place as a reload now does.
 
 On loopback, no root, in one process: a multicast sender at ``--rate`` datagrams/s into a
 capture feed streaming to a real emit feed (``loop`` off, so nothing it emits comes back).
@@ -8,6 +9,7 @@ emitted (the loss is the difference, kernel drops apart), and what each side cou
 restart: every figure the version has, "-" for those it lacks.
 
     .venv/bin/python -m bench.capture_restart [--rate 20000] [--before 3] [--after 3] [--runs 5]
+        [--live]
 
 Run it in an older tree (``git archive``) to compare versions: it uses only APIs both have.
 """
@@ -54,7 +56,7 @@ async def send(sender: object, rate: int, seconds: float) -> int:
     return sent
 
 
-async def one_run(name: str, rate: int, before: float, after: float) -> str:
+async def one_run(name: str, rate: int, before: float, after: float, live: bool) -> str:
     emit = EmitFeedRuntime(
         EmitFeed(
             name=name,
@@ -89,27 +91,39 @@ async def one_run(name: str, rate: int, before: float, after: float) -> str:
         async def sending() -> None:
             counts.append(await send(sender, rate, before + after))
 
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as inner:
-                await inner.start(first.run)
-                while not first.connected:
-                    await trio.sleep(0.01)
-                nursery.start_soon(sending)
-                await trio.sleep(before)
-                first.set_close_reason(6, "reload")
-                scope.cancel()
-        second = capture([*GROUPS, ("239.255.78.99", 23457)])
-        try:  # the supervisor hands the previous runtime over (versions that take it)
-            second.open(first)
-        except TypeError:
-            second.open()
-        await nursery.start(second.run)
+        more = [*GROUPS, ("239.255.78.99", 23457)]
+        if live:  # what a reload does now: the running feed takes the new configuration
+            await nursery.start(first.run)
+            while not first.connected:
+                await trio.sleep(0.01)
+            nursery.start_soon(sending)
+            await trio.sleep(before)
+            update = first.prepare_update(capture(more).config)
+            assert update is not None
+            update.apply()
+            second = first
+        else:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as inner:
+                    await inner.start(first.run)
+                    while not first.connected:
+                        await trio.sleep(0.01)
+                    nursery.start_soon(sending)
+                    await trio.sleep(before)
+                    first.set_close_reason(6, "reload")
+                    scope.cancel()
+            second = capture(more)
+            try:  # the supervisor hands the previous runtime over (versions that take it)
+                second.open(first)
+            except TypeError:
+                second.open()
+            await nursery.start(second.run)
         while not counts:
             await trio.sleep(0.05)
         sent = counts[0]
         await trio.sleep(1.0)
         emitted = int(emit.health().datagrams or 0)
-        drops = first.kernel_drops + second.kernel_drops
+        drops = first.kernel_drops + (0 if second is first else second.kernel_drops)
         c = list(second.samples())
         e = list(emit.samples())
         line = (
@@ -124,9 +138,9 @@ async def one_run(name: str, rate: int, before: float, after: float) -> str:
     return line
 
 
-async def main(rate: int, before: float, after: float, runs: int) -> None:
+async def main(rate: int, before: float, after: float, runs: int, live: bool) -> None:
     for run in range(runs):  # a feed name per run: the capture side's counts are per name
-        print(await one_run(f"{FEED}{run}", rate, before, after), flush=True)
+        print(await one_run(f"{FEED}{run}", rate, before, after, live), flush=True)
 
 
 if __name__ == "__main__":
@@ -135,5 +149,6 @@ if __name__ == "__main__":
     parser.add_argument("--before", type=float, default=3.0)
     parser.add_argument("--after", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--live", action="store_true", help="change the running feed in place")
     args = parser.parse_args()
-    trio.run(main, args.rate, args.before, args.after, args.runs)
+    trio.run(main, args.rate, args.before, args.after, args.runs, args.live)

@@ -52,8 +52,10 @@ __all__ = [
     "MAX_KEY_FILE_BYTES",
     "MAX_NESTING",
     "MAX_REPLAY_BYTES",
+    "MAX_SITES",
     "MIN_DURATION",
     "CaptureFeed",
+    "CaptureSite",
     "Config",
     "ConfigError",
     "EmitFeed",
@@ -348,14 +350,32 @@ class EmitFeed:
         return verdict is Destination.ALLOWED
 
 
+#: Sites one capture feed streams to at most (``[[capture.site]]``).
+MAX_SITES: Final = 8
+
+
+@attrs.frozen(kw_only=True)
+class CaptureSite:
+    """One ``[[capture.site]]`` table: a place a capture feed streams to (London, Tokyo),
+    with its own targets (a failover list), replay buffer, ACK state and key. Unset bounds
+    and key are the feed's."""
+
+    name: str
+    targets: tuple[Endpoint, ...]
+    replay_max_bytes: int | None = None
+    replay_max_age: float | None = None
+    auth_key_file: Path | None = None
+
+
 @attrs.frozen(kw_only=True)
 class CaptureFeed:
-    """One ``[[capture]]`` table: multicast groups joined and streamed to the emit side."""
+    """One ``[[capture]]`` table: multicast groups joined and streamed to the emit side, at
+    ``targets`` (one site) or at each ``[[capture.site]]`` (``site``)."""
 
     name: str
     interface: str
     groups: tuple[GroupPort, ...]
-    targets: tuple[Endpoint, ...]
+    targets: tuple[Endpoint, ...] = ()
     receive_buffer: int = 16 * 1024**2
     replay_max_bytes: int = 64 * 1024**2
     replay_max_age: float = 30.0
@@ -368,6 +388,22 @@ class CaptureFeed:
     sources: tuple[IPv4Address, ...] = ()
     upstream_check: UpstreamCheck = "none"
     deribit_layout: DeribitLayoutName = "frame-v1"
+    site: tuple[CaptureSite, ...] = ()
+
+    @property
+    def sites(self) -> tuple[CaptureSite, ...]:
+        """Where the feed streams: its named sites, or one unnamed site (name "") with the
+        feed's ``targets``; bounds and key filled in from the feed where a site has none."""
+        sites = self.site or (CaptureSite(name="", targets=self.targets),)
+        return tuple(
+            attrs.evolve(
+                site,
+                replay_max_bytes=site.replay_max_bytes or self.replay_max_bytes,
+                replay_max_age=site.replay_max_age or self.replay_max_age,
+                auth_key_file=site.auth_key_file or self.auth_key_file,
+            )
+            for site in sites
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -728,6 +764,57 @@ _register(
     },
     _check_timeouts,
 )
+
+
+def _check_sites(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
+    if feed.targets and feed.site:
+        yield (
+            "targets",
+            "give targets or [[capture.site]] tables, not both (targets is the one site of a "
+            "feed without [[capture.site]])",
+        )
+    elif not feed.targets and not feed.site:
+        yield "targets", "required: targets, or one or more [[capture.site]] tables"
+    if len(feed.site) > MAX_SITES:
+        yield "site", f"{len(feed.site)} sites, at most {MAX_SITES}"
+    first: dict[str, int] = {}
+    for index, site in enumerate(feed.site):
+        if site.name in first:
+            yield "site", f"duplicate site name {site.name!r} (also site[{first[site.name]}])"
+        first.setdefault(site.name, index)
+
+
+def _check_capture(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
+    yield from _check_timeouts(feed)
+    yield from _check_sites(feed)
+
+
+def _site_name(value: Any) -> str:
+    name = _str(value)
+    if not _FEED_NAME.fullmatch(name):
+        raise _InvalidValueError(
+            f"invalid site name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+_register(
+    CaptureSite,
+    {
+        "name": _site_name,
+        "targets": _tuple_of(_ipv4_only(_endpoint), non_empty=True, unique=True),
+        "replay_max_bytes": _size(lo=_MIN_REPLAY_BYTES, hi=MAX_REPLAY_BYTES),
+        "replay_max_age": _duration,
+        "auth_key_file": _path,
+    },
+)
+
+
+def _site_table(value: Any) -> CaptureSite:
+    return _converter.structure(value, CaptureSite)
+
+
 _register(
     CaptureFeed,
     {
@@ -747,8 +834,9 @@ _register(
         "sources": _tuple_of(_source, unique=True),
         "upstream_check": _one_of(get_args(UpstreamCheck)),
         "deribit_layout": _one_of(get_args(DeribitLayoutName)),
+        "site": _tuple_of(_site_table),
     },
-    _check_timeouts,
+    _check_capture,
 )
 
 
@@ -1014,6 +1102,11 @@ def _check_key_files(raw: Mapping[str, Any], base_dir: Path) -> Iterator[str]:
             files += [(f"{where}.auth_key_files[{i}]", _try(_path, p)) for i, p in enumerate(paths)]
     for where, table in _tables(raw, "capture"):
         files.append((f"{where}.auth_key_file", _lenient(table, "auth_key_file", _path)))
+        sites = table.get("site")
+        for index, site in enumerate(sites if isinstance(sites, list) else []):
+            if isinstance(site, dict):
+                path = _lenient(site, "auth_key_file", _path)
+                files.append((f"{where}.site[{index}].auth_key_file", path))
     for where, relative in files:
         if relative is None:
             continue
@@ -1042,6 +1135,10 @@ def key_file_warnings(config: Config) -> list[str]:
     for index, capture in enumerate(config.capture):
         if capture.auth_key_file is not None:
             found.append((f"$.capture[{index}].auth_key_file", capture.name, capture.auth_key_file))
+        for number, site in enumerate(capture.site):
+            if site.auth_key_file is not None:
+                where = f"$.capture[{index}].site[{number}].auth_key_file"
+                found.append((where, capture.name, site.auth_key_file))
     return [
         f"key file {path} does not exist yet; feed {name!r} will not start until it does @ {where}"
         for where, name, path in found
@@ -1054,6 +1151,12 @@ def _rebase_emit(feed: EmitFeed, base_dir: Path) -> EmitFeed:
 
 
 def _rebase_capture(feed: CaptureFeed, base_dir: Path) -> CaptureFeed:
+    sites = tuple(
+        site
+        if site.auth_key_file is None
+        else attrs.evolve(site, auth_key_file=base_dir / site.auth_key_file)
+        for site in feed.site
+    )
     if feed.auth_key_file is None:
-        return feed
-    return attrs.evolve(feed, auth_key_file=base_dir / feed.auth_key_file)
+        return attrs.evolve(feed, site=sites)
+    return attrs.evolve(feed, auth_key_file=base_dir / feed.auth_key_file, site=sites)

@@ -46,10 +46,12 @@ __all__ = [
     "bind_tcp_listener",
     "drain",
     "drain_error_queue",
+    "leave_groups",
     "open_group_receivers",
     "open_multicast_sender",
     "parse_ancillary",
     "resolve_interface",
+    "set_receive_buffer",
 ]
 
 # Linux constants the socket module does not export (include/uapi/linux/in.h, asm/socket.h).
@@ -58,6 +60,7 @@ IP_MULTICAST_ALL = 49
 SO_RXQ_OVFL = 40
 IP_RECVERR = 11
 IP_ADD_SOURCE_MEMBERSHIP = 39
+IP_DROP_SOURCE_MEMBERSHIP = 40
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SIOCGIFADDR = 0x8915
@@ -148,19 +151,32 @@ def resolve_interface(name_or_addr: str) -> IPv4Address:
 
 
 def interface_index(name_or_addr: str) -> int | None:
-    """The index of an interface given by name, None for a literal address (``0.0.0.0`` or
-    an address: nothing to follow). Raises InterfaceError for an unknown name."""
+    """The index of an interface given by name, or by a literal address that is the primary
+    address of an interface now (so it is followed like a name when that interface comes back
+    with another address); None for ``0.0.0.0`` or an address no interface has as its primary
+    one (nothing to follow). Raises InterfaceError for an unknown name."""
     text = name_or_addr.strip()
     try:
-        IPv4Address(text)
+        address = IPv4Address(text)
     except ValueError:
         pass
     else:
-        return None
+        return None if address.is_unspecified else _index_of_address(address)
     try:
         return socket.if_nametoindex(text)
     except OSError:
         raise InterfaceError(f"no interface named {text!r}") from None
+
+
+def _index_of_address(address: IPv4Address) -> int | None:
+    """The index of the interface whose primary IPv4 address is ``address``, if any."""
+    for index, name in socket.if_nameindex():
+        try:
+            if resolve_interface(name) == address:
+                return int(index)
+        except InterfaceError:
+            continue
+    return None
 
 
 def _is_root() -> bool:
@@ -362,6 +378,44 @@ def open_group_receivers(
             receiver.close()
         raise
     return receivers
+
+
+def leave_groups(
+    receiver: GroupReceiver,
+    groups: Sequence[IPv4Address],
+    sources: Sequence[IPv4Address] = (),
+) -> GroupReceiver:
+    """Leave ``groups`` on ``receiver``'s socket (the memberships ``_open_receiver`` made);
+    returns the receiver with the groups it still holds (same socket). Datagrams already
+    queued for a group left are still read."""
+    sock = receiver.sock
+    interface = receiver.interface
+    for group in groups:
+        try:
+            if not sources:
+                sock.setsockopt(_SOL_IP, socket.IP_DROP_MEMBERSHIP, group.packed + interface.packed)
+            for source in sources:
+                mreq = group.packed + interface.packed + source.packed
+                sock.setsockopt(_SOL_IP, IP_DROP_SOURCE_MEMBERSHIP, mreq)
+        except OSError as exc:
+            raise InterfaceError(
+                f"cannot leave {group}:{receiver.port} on {interface}: {exc.strerror}"
+            ) from None
+    kept = tuple(g for g in receiver.groups if g not in groups)
+    return attrs.evolve(receiver, groups=kept)
+
+
+def set_receive_buffer(
+    receiver: GroupReceiver, size: int, *, force_buffer: bool | None = None
+) -> GroupReceiver:
+    """Give a running receiver's socket a new receive buffer size (``_set_buffer``)."""
+    effective = _set_buffer(receiver.sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size, force_buffer)
+    return attrs.evolve(
+        receiver,
+        receive_buffer_requested=size,
+        receive_buffer_effective=effective,
+        receive_buffer_capped=effective < size,
+    )
 
 
 _PKTINFO_ADDR = struct.Struct("!I")  # ipi_addr at offset 8: the header's destination address

@@ -21,7 +21,9 @@ from typing import Protocol
 import attrs
 import trio
 
-from relayd.config import Config, ConfigError, Endpoint
+from relayd.capture import CaptureFeedRuntime, LiveUpdate
+from relayd.config import CaptureFeed, Config, ConfigError, Endpoint
+from relayd.emit import EmitFeedRuntime
 from relayd.feedslot import FEED_EXPECTED_ERRORS as EXPECTED
 from relayd.feedslot import FeedFactory, FeedSlot
 from relayd.health import HealthServerError, bind_listener
@@ -150,6 +152,15 @@ class Reloader:
                 changed=tuple(k for k in plan.changed if k not in rekeyed),
                 unchanged=(*plan.unchanged, *rekeyed),
             )
+        # A changed capture feed keeps its session where the change allows (a group added or
+        # removed, targets, timers, bounds): what it needs is acquired here, applied below.
+        live = self._prepare_live(plan.changed, feeds, reasons)
+        if live:
+            plan = attrs.evolve(
+                plan,
+                changed=tuple(k for k in plan.changed if k not in live),
+                unchanged=(*plan.unchanged, *live),
+            )
         opened = self._open_feeds((*plan.changed, *plan.added), feeds, reasons)
         health_sock: socket.socket | None = None
         if plan.health_changed and not reasons:
@@ -161,22 +172,29 @@ class Reloader:
         if reasons:
             for runtime in opened.values():
                 runtime.close()
+            for update in live.values():
+                update.discard()
             raise ReloadFailedError(reasons)
         # Everything is acquired: from here on, the new configuration is the one that runs.
         self.config_errors = ()
         host.config = new
         if plan.logging_changed:
             setup_logging(new.process.log_level, new.process.log_format)
-        if plan.empty:
+        for key, update in live.items():
+            log.info("reload: applying changed %s feed %s to the running session", *key)
+            update.apply()
+            host.slots[key].config = feeds[key]
+        if plan.empty and not live:
             log.info("reload: nothing changed")
             return
         log.info(
-            "reload: %d added, %d removed, %d changed, %d unchanged%s",
+            "reload: %d added, %d removed, %d changed, %d unchanged%s%s",
             len(plan.added),
             len(plan.removed),
-            len(plan.changed),
-            len(plan.unchanged),
+            len(plan.changed) + len(live),
+            len(plan.unchanged) - len(live),
             ", health server moves" if plan.health_changed else "",
+            f" ({len(live)} changed in place)" if live else "",
         )
         for key in plan.removed:
             log.info("reload: stopping removed %s feed %s", *key)
@@ -204,6 +222,37 @@ class Reloader:
         if late:
             raise ReloadFailedError(late, untouched=False)
 
+    def _prepare_live(
+        self, keys: Sequence[FeedKey], feeds: dict[FeedKey, FeedConfig], reasons: list[str]
+    ) -> dict[FeedKey, LiveUpdate]:
+        """A prepared live update for each running capture feed of ``keys`` whose change
+        allows one; what could not be acquired is added to ``reasons``."""
+        prepared: dict[FeedKey, LiveUpdate] = {}
+        for key in keys:
+            slot = self.host.slots.get(key)
+            new = feeds[key]
+            runtime = None if slot is None or slot.state != "running" else slot.runtime
+            if not isinstance(runtime, CaptureFeedRuntime) or not isinstance(new, CaptureFeed):
+                continue
+            try:
+                with feed_context(key[1]):
+                    update = runtime.prepare_update(new)
+            except Exception as exc:
+                reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
+                log_failure(
+                    log,
+                    logging.ERROR,
+                    "reload: cannot change %s feed %s",
+                    *key,
+                    exc=exc,
+                    expected=EXPECTED,
+                    extra={"feed": key[1], "kind": key[0]},
+                )
+                continue
+            if update is not None:
+                prepared[key] = update
+        return prepared
+
     def _open_feeds(
         self, keys: Sequence[FeedKey], feeds: dict[FeedKey, FeedConfig], reasons: list[str]
     ) -> dict[FeedKey, Feed]:
@@ -215,6 +264,8 @@ class Reloader:
             try:
                 with feed_context(key[1]):
                     runtime = self.host.factory(feeds[key])
+                    if isinstance(runtime, EmitFeedRuntime):
+                        runtime.listener_donor = self._listener_donor(key, feeds, previous)
                     runtime.open(previous)
             except Exception as exc:
                 reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
@@ -230,6 +281,24 @@ class Reloader:
             else:
                 opened[key] = runtime
         return opened
+
+    def _listener_donor(
+        self, key: FeedKey, feeds: dict[FeedKey, FeedConfig], previous: Feed | None
+    ) -> EmitFeedRuntime | None:
+        """The running emit feed, other than ``previous``, listening on the address the new
+        ``key`` feed wants and leaving it in this reload (removed, or moving to another
+        address: two feeds swapping ports), so the new feed takes over its listener."""
+        listen = getattr(feeds[key], "listen", None)
+        if listen is None or listen.port == 0:
+            return None
+        for other_key, other in self.host.slots.items():
+            runtime = other.runtime
+            if runtime is previous or not isinstance(runtime, EmitFeedRuntime):
+                continue
+            staying = feeds.get(other_key)
+            if runtime.config.listen == listen and getattr(staying, "listen", None) != listen:
+                return runtime
+        return None
 
     def _predecessor(self, key: FeedKey, feeds: dict[FeedKey, FeedConfig]) -> Feed | None:
         """The running feed a new one replaces: the one of the same kind and name, else one

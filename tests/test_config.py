@@ -1056,3 +1056,73 @@ def _one_config_or_config_error(text: str, *, check_files: bool) -> None:
 @given(st.text(max_size=200))
 def test_any_unicode_gives_config_or_config_error(text: str) -> None:
     _config_or_config_error(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Several sites per capture feed ([[capture.site]], issue 14 item 5)
+
+SITES = """
+[[capture]]
+name = "deribit"
+interface = "eth1"
+groups = ["239.111.111.1:6100"]
+replay_max_age = "20s"
+auth_key_file = "/etc/relayd/feed.key"
+
+[[capture.site]]
+name = "london"
+targets = ["relay.london.example:6667"]
+
+[[capture.site]]
+name = "tokyo"
+targets = ["relay.tokyo.example:6667", "relay-b.tokyo.example:6667"]
+replay_max_bytes = "256MiB"
+auth_key_file = "/etc/relayd/tokyo.key"
+"""
+
+
+def test_capture_sites_each_with_their_targets_bounds_and_key() -> None:
+    feed = parse_config(SITES).capture[0]
+    london, tokyo = feed.sites
+    assert (london.name, tokyo.name) == ("london", "tokyo")
+    assert tokyo.targets == (
+        Endpoint("relay.tokyo.example", 6667),
+        Endpoint("relay-b.tokyo.example", 6667),
+    )
+    # unset bounds and key are the feed's
+    assert (london.replay_max_bytes, london.replay_max_age) == (64 * 1024**2, 20.0)
+    assert (tokyo.replay_max_bytes, tokyo.replay_max_age) == (256 * 1024**2, 20.0)
+    assert london.auth_key_file == Path("/etc/relayd/feed.key")
+    assert tokyo.auth_key_file == Path("/etc/relayd/tokyo.key")
+
+
+def test_targets_alone_are_one_unnamed_site() -> None:
+    (site,) = parse_config(CAPTURE).capture[0].sites
+    assert (site.name, site.targets) == ("", (Endpoint("relay.example.com", 6666),))
+
+
+def test_capture_site_errors_are_explained() -> None:
+    both = CAPTURE + '[[capture.site]]\nname = "tokyo"\ntargets = ["t.example:1"]\n'
+    assert errors_of(both) == [
+        "give targets or [[capture.site]] tables, not both (targets is the one site of a feed "
+        "without [[capture.site]]) @ $.capture[0].targets"
+    ]
+    neither = capture_with().replace('targets = ["relay.example.com:6666"]\n', "")
+    assert errors_of(neither) == [
+        "required: targets, or one or more [[capture.site]] tables @ $.capture[0].targets"
+    ]
+    twice = SITES.replace('name = "tokyo"', 'name = "london"')
+    assert errors_of(twice) == ["duplicate site name 'london' (also site[0]) @ $.capture[0].site"]
+    bad = SITES.replace('name = "tokyo"', 'name = "Tokyo"').replace(
+        'replay_max_bytes = "256MiB"', 'replay_max_bytes = "1KiB"\nttl = 3'
+    )
+    assert errors_of(bad) == [
+        "invalid site name 'Tokyo': 1 to 63 of a-z, 0-9, '_' and '-', starting with a letter "
+        "or digit @ $.capture[0].site[1].name",
+        "invalid size '1KiB': must be at least 128KiB @ $.capture[0].site[1].replay_max_bytes",
+        "unknown key 'ttl' @ $.capture[0].site[1]",
+    ]
+    many = SITES + "".join(
+        f'[[capture.site]]\nname = "s{i}"\ntargets = ["s{i}.example:1"]\n' for i in range(7)
+    )
+    assert errors_of(many) == ["9 sites, at most 8 @ $.capture[0].site"]

@@ -303,3 +303,15 @@ def _wait_for_error(sock: socket.socket) -> None:
     poller = select.poll()
     poller.register(sock.fileno(), 0)
     assert poller.poll(5000), "no error arrived"
+
+
+def test_a_literal_address_is_followed_by_the_index_of_the_interface_that_has_it() -> None:
+    """An interface given by its primary address is found by index (followed like a name
+    when it comes back with another address); 0.0.0.0 and an address no interface has are
+    not followed."""
+    from relayd.netif import interface_index  # noqa: PLC0415
+
+    assert interface_index("127.0.0.1") == socket.if_nametoindex("lo")
+    assert interface_index("lo") == socket.if_nametoindex("lo")
+    assert interface_index("0.0.0.0") is None
+    assert interface_index("192.0.2.77") is None  # TEST-NET-1: nobody's address

@@ -266,19 +266,22 @@ print(worst)
         relayd.kill()
 
 
+@pytest.mark.parametrize("by", ["name", "address"])
 @pytest.mark.parametrize("datapath", ["c", "python"])
 def test_egress_interface_that_comes_back_with_a_new_address(
-    netns: NetnsHarness, tmp_path: Path, datapath: str
+    netns: NetnsHarness, tmp_path: Path, datapath: str, by: str
 ) -> None:
     """The cloud's egress veth gets a new address while a stream runs: sends fail (counted)
     only while it has none; then the feed is healthy again and the datagrams after the change
-    arrive, without a restart. Before the fix every datagram after the change was lost."""
+    arrive, without a restart. Before the fix every datagram after the change was lost. The
+    interface given by its address (the one it had at start) is followed the same way."""
     sender, cloud, customer, listen_ip, egress, customer_ip = topology(netns)
     old_address = cloud.address(egress)
     new_address = old_address + 5  # the same /24: the customer's view of the link is unchanged
+    interface = egress if by == "name" else str(old_address)
     config_path = tmp_path / "relayd.toml"
     config_path.write_text(process_toml(
-        emit_toml("alpha", listen=f"{listen_ip}:6667", interface=egress, loop=False,
+        emit_toml("alpha", listen=f"{listen_ip}:6667", interface=interface, loop=False,
                   sources="10.99.0.0/16", groups="239.40.0.0/16"),
         health="0.0.0.0:8080",
     ))  # fmt: skip

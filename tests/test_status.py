@@ -336,3 +336,35 @@ def test_upstream_line_names_the_worst_channel_and_stays_quiet_without_loss() ->
     ) in text
     assert "clean: upstream" not in text
     assert upstream_line({"upstream": "garbage"}) == ""
+
+
+def test_a_capture_feed_with_sites_has_a_row_per_site() -> None:
+    """Issue 14 item 5: a feed streaming to London and Tokyo shows each site, and why one is
+    not healthy."""
+    doc = {
+        "status": "unhealthy",
+        "feeds": {
+            "deribit": {
+                "kind": "capture",
+                "state": "disconnected",
+                "healthy": False,
+                "connections": 1,
+                "sites": {
+                    "london": {"state": "streaming", "healthy": True},
+                    "tokyo": {
+                        "state": "disconnected",
+                        "healthy": False,
+                        "disconnected_for": 14.2,
+                        "last_error": "10.1.0.5:6667: [Errno 111] Connection refused",
+                    },
+                },
+            }
+        },
+    }
+    lines = render_table(doc).splitlines()
+    assert lines[3].split() == ["deribit/london", "site", "streaming", "yes", "1", "-", "-"]
+    assert lines[4].split() == ["deribit/tokyo", "site", "disconnected", "NO", "0", "-", "-"]
+    assert (
+        "deribit/tokyo: not healthy: disconnected for 14s; last error: 10.1.0.5:6667: "
+        "[Errno 111] Connection refused"
+    ) in lines

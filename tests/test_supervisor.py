@@ -992,8 +992,9 @@ def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
 
 
 async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
-    """A capture feed replaced by a reload (one group added) starts from the old feed's
-    counters: /metrics never goes backwards."""
+    """A capture feed replaced by a reload (one group added and the interface named, which
+    cannot be applied to the running session) starts from the old feed's counters: /metrics
+    never goes backwards."""
     from ipaddress import IPv4Address  # noqa: PLC0415
 
     from relayd.capture import CaptureFeedRuntime  # noqa: PLC0415
@@ -1005,7 +1006,7 @@ async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
     groups = pick_groups(2)
     nowhere = free_port()  # the emit side is absent: the feed counts what it receives
     first = feed_config(groups[:1], [nowhere])
-    second = feed_config(groups, [nowhere])
+    second = feed_config(groups, [nowhere], interface="lo")
     base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
     sup = Supervisor(Path("x"), base, notifier=quiet_notifier())
     sup.load = lambda _path: attrs.evolve(base, capture=(second,))
@@ -1075,3 +1076,41 @@ async def test_a_renamed_feed_takes_over_the_listener_of_the_one_it_replaces(
         assert list(sup.slots) == [("emit", "b")]
         sup.request_stop()
     assert r.exit_status == 0
+
+
+async def test_two_emit_feeds_swap_ports_in_one_reload(close_clients: None) -> None:
+    """Each changed feed takes over the listener of the feed leaving its new port (a
+    duplicate, as from its own predecessor): the reload applies instead of failing with
+    "Address already in use", and each feed then answers on the other's old port."""
+    from ipaddress import IPv4Network  # noqa: PLC0415
+
+    ports = [free_port(), free_port()]
+
+    def real_emit(name: str, port: int) -> EmitFeed:
+        return EmitFeed(
+            name=name,
+            listen=Endpoint("127.0.0.1", port),
+            interface="127.0.0.1",
+            allowed_sources=(IPv4Network("127.0.0.0/8"),),
+            allowed_groups=(IPv4Network("239.255.0.0/16"),),
+        )
+
+    before = Config(
+        health=HealthConfig(listen=Endpoint("127.0.0.1", 0)),
+        emit=(real_emit("a", ports[0]), real_emit("b", ports[1])),
+    )
+    after = attrs.evolve(before, emit=(real_emit("a", ports[1]), real_emit("b", ports[0])))
+    sup = Supervisor(Path("x"), before, notifier=quiet_notifier())
+    sup.load = lambda _path: after
+    r = Running(sup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(r.run)
+        await sup.ready.wait()
+        await sup.reload()
+        assert sup.reloader.reloads == {"ok": 1, "invalid": 0, "failed": 0}
+        listening = {
+            name: sup.slots["emit", name].runtime.listen_port  # type: ignore[union-attr]
+            for name in ("a", "b")
+        }
+        assert listening == {"a": ports[1], "b": ports[0]}
+        sup.request_stop()

@@ -5,7 +5,7 @@ their state and lock: the receive threads and the sequence (receive.py), the TCP
 the replay buffer (uplink.py) and the connection loop (link.py).
 """
 
-from relayd.capture.feed import CaptureFeedRuntime
+from relayd.capture.feed import CaptureFeedRuntime, LiveUpdate
 from relayd.capture.link import BACKOFF_CAP, backoff_delay
 
-__all__ = ["BACKOFF_CAP", "CaptureFeedRuntime", "backoff_delay"]
+__all__ = ["BACKOFF_CAP", "CaptureFeedRuntime", "LiveUpdate", "backoff_delay"]

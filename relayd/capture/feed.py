@@ -11,36 +11,51 @@ exponential backoff capped at 2 s.
 
 The receive threads go on while the TCP side is slow, stalled or reconnecting: the replay
 buffer absorbs it, bounded in bytes and age, and its drops are counted and logged.
+
+A feed with ``[[capture.site]]`` tables has one uplink and one connection loop per site
+(relayd/capture/sites.py), all fed the same numbered batches. A reload that changes a running
+feed is applied to it in place where the change allows (``prepare_update``,
+relayd/capture/change.py): same session, sequence and replay buffers.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address
 from typing import Literal
 
 import attrs
 import trio
 
 from relayd.arbitration.headers import DeribitLayout
-from relayd.capture.link import Connect, Link
+from relayd.capture.change import CaptureChange, plan_capture_change
+from relayd.capture.link import Connect
 from relayd.capture.receive import Receive
-from relayd.capture.uplink import Uplink
+from relayd.capture.receivers import Receivers
+from relayd.capture.sites import Fanout, Site, site_config
 from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
-from relayd.datapath import run_stoppable, select_plane
+from relayd.datapath import select_plane
 from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
-from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
+from relayd.netif import (
+    GroupReceiver,
+    InterfaceError,
+    open_group_receivers,
+    resolve_interface,
+)
 from relayd.replay import Evicted, ReplayBuffer
 from relayd.runtime import Feed, FeedHealth, MetricType, Sample
 
-__all__ = ["CaptureFeedRuntime"]
+__all__ = ["CaptureFeedRuntime", "LiveUpdate"]
 
 log = logging.getLogger("relayd.capture")
+
+#: A feed with several sites reports the worst of their states (the last here).
+_SITE_STATES = ("starting", "streaming", "reconnecting", "stalled", "disconnected")
 
 #: Unhealthy ("stalled") once data sent has waited this share of ``ack_timeout`` for an ACK.
 STALLED_FRACTION = 0.5
@@ -67,13 +82,21 @@ class CaptureFeedRuntime:
         self.session_lost_datagrams = 0
         self.unacked_at_end: int | None = None  # set when run() ends
         self._limited = RateLimitedLogger(log)
-        self._replay = ReplayBuffer(config.replay_max_bytes, config.replay_max_age)
-        self.uplink = Uplink(config.name, self._replay, self._limited)
-        self.receive = Receive(config.name, self.uplink, self._limited)
-        self.link = Link(config, self.uplink, self._limited, rng or random.Random())
-        self.receivers: list[GroupReceiver] = []
+        rng = rng or random.Random()
+        first, *more = config.sites
+        # One session and one sequence per feed, whichever site (relayd/capture/sites.py).
+        self.sites = [Site(config, first, self._limited, rng)]
+        session = self.sites[0].link.session_id
+        self.sites += [Site(config, site, self._limited, rng, session) for site in more]
+        # The first site's parts, as with a single site (``targets``).
+        self._replay = self.sites[0].replay
+        self.uplink = self.sites[0].uplink
+        self.link = self.sites[0].link
+        sink = self.uplink if not more else Fanout([site.uplink for site in self.sites])
+        self.receive = Receive(config.name, sink, self._limited)
+        self.receivers = Receivers(self.receive)
         self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
-        self._interface: object = None
+        self._interface: IPv4Address | None = None
         # health (Trio clock)
         self._started = False
         # The feed this one replaces, until run() takes its counters (it has stopped by then),
@@ -84,27 +107,36 @@ class CaptureFeedRuntime:
     # -- Feed protocol ---------------------------------------------------------------------
 
     def set_close_reason(self, code: int, message: str) -> None:
-        self.link.close_code = code
-        self.link.close_message = message
+        for site in self.sites:
+            site.link.close_code = code
+            site.link.close_message = message
+
+    def wake_senders(self) -> None:
+        """Run by Trio on behalf of a receive thread: every site's sender looks."""
+        for site in self.sites:
+            site.link.wake_sender()
 
     def update_keys(self, config: CaptureFeed) -> bool:
-        """Take ``config`` without a restart when it differs from the running one in
-        ``auth_key_file`` only: read the file again for the next connection (the current
-        connection, session and replay buffer are kept). False when a restart is needed.
-        Raises KeyFileError and keeps the current key when the file cannot be used."""
+        """Take ``config`` without a restart when it differs from the running one in its key
+        files only: read them again for the next connection (the current connection, session
+        and replay buffer are kept). False when a restart is needed. Raises KeyFileError and
+        keeps the current keys when a file cannot be used."""
         old = self.config
-        if attrs.evolve(old, auth_key_file=config.auth_key_file) != config or not (
-            old.auth_key_file or config.auth_key_file
+        if _without_keys(old) != _without_keys(config) or not (
+            _key_files(old) or _key_files(config)
         ):
             return False
-        path = config.auth_key_file
-        self.link.key = None if path is None else load_auth_keys([path])[0]
-        self.config = self.link.config = config
+        keys = _load_keys(config)
+        for site, key, named in zip(self.sites, keys, config.sites, strict=True):
+            site.link.key = key
+            site.link.config = site_config(config, named)
+        self.config = config
         return True
 
     @property
     def connected(self) -> bool:
-        return self.uplink.connected
+        """Streaming to at least one site."""
+        return any(site.uplink.connected for site in self.sites)
 
     @property
     def replay(self) -> ReplayBuffer:
@@ -119,24 +151,15 @@ class CaptureFeedRuntime:
         return self.receive.kernel_drops
 
     def health(self) -> FeedHealth:
-        self.uplink.apply_acks()
-        replay = self._replay
-        detail: dict[str, object] = {
-            "peer": self.link.peer,
-            "acked_seq": replay.acked_seq,
+        feed: dict[str, object] = {
             "last_seq": self.receive.seq,
-            "unacked_datagrams": replay.unacked_datagrams,
-            "replay_bytes": replay.total_bytes,
-            "replay_dropped_datagrams": replay.dropped_datagrams,
-            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
             "session": self.link.session_id.hex(),
             "session_restarts": self._total("session_restarts", self.session_restarts),
             "session_lost_datagrams": self._total(
                 "session_lost_datagrams", self.session_lost_datagrams
             ),
             "kernel_drops": self.receive.kernel_drops,
-            "last_datagram_age_seconds": _age(replay.last_appended_at),
-            "ack_stalls": self.link.ack_stalls,
+            "last_datagram_age_seconds": _age(self._replay.last_appended_at),
         }
         if self.upstream is not None:
             carried = {
@@ -144,24 +167,54 @@ class CaptureFeedRuntime:
                 for (name, labels), sample in self._carried.items()
                 if name.startswith("upstream_") and labels == self.upstream.labels
             }
-            upstream = detail["upstream"] = self.upstream.detail(carried)
-            detail["upstream_gaps"] = upstream["gaps"]
+            upstream = feed["upstream"] = self.upstream.detail(carried)
+            feed["upstream_gaps"] = upstream["gaps"]
         datagrams = self.receive.datagrams_in
+        judged = [self._site_health(site) for site in self.sites]
+        connections = sum(1 for site in self.sites if site.uplink.connected)
+        if len(judged) == 1:
+            healthy, state, detail = judged[0]
+            detail.update(feed)
+        else:
+            healthy = all(h for h, _, _ in judged)
+            state = max((s for _, s, _ in judged), key=_SITE_STATES.index)
+            sites: dict[str, object] = {}
+            for site, (site_healthy, site_state, site_detail) in zip(
+                self.sites, judged, strict=True
+            ):
+                sites[site.name] = {"state": site_state, "healthy": site_healthy, **site_detail}
+            detail = {**feed, "sites": sites}
         if not self._started:
             return FeedHealth(False, "starting", detail, 0, datagrams)
-        if self.uplink.connected:
-            waited, outstanding = self.uplink.ack_wait()
-            if waited >= self.config.ack_timeout * STALLED_FRACTION:
+        return FeedHealth(healthy, state, detail, connections, datagrams)
+
+    def _site_health(self, site: Site) -> tuple[bool, str, dict[str, object]]:
+        """One site's health: whether it is healthy, its state and its facts."""
+        uplink, link, replay = site.uplink, site.link, site.replay
+        uplink.apply_acks()
+        detail: dict[str, object] = {
+            "peer": link.peer,
+            "acked_seq": replay.acked_seq,
+            "unacked_datagrams": replay.unacked_datagrams,
+            "replay_bytes": replay.total_bytes,
+            "replay_dropped_datagrams": replay.dropped_datagrams,
+            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
+            "ack_stalls": link.ack_stalls,
+        }
+        if not self._started:
+            return False, "starting", detail
+        if uplink.connected:
+            waited, outstanding = uplink.ack_wait()
+            if waited >= link.config.ack_timeout * STALLED_FRACTION:
                 detail["ack_stalled_for"] = round(waited, 3)
                 detail["ack_stalled_datagrams"] = outstanding
-                return FeedHealth(False, "stalled", detail, 1, datagrams)
-            return FeedHealth(True, "streaming", detail, 1, datagrams)
-        down = trio.current_time() - self.link.down_since
+                return False, "stalled", detail
+            return True, "streaming", detail
+        down = trio.current_time() - link.down_since
         detail["disconnected_for"] = round(down, 3)
-        detail["last_error"] = self.link.last_error
-        healthy = down <= self.config.reconnect_budget
-        state = "reconnecting" if healthy else "disconnected"
-        return FeedHealth(healthy, state, detail, 0, datagrams)
+        detail["last_error"] = link.last_error
+        healthy = down <= link.config.reconnect_budget
+        return healthy, "reconnecting" if healthy else "disconnected", detail
 
     def samples(self) -> Iterable[Sample]:
         """This feed's samples, its counters carrying on from the feed it replaced."""
@@ -191,10 +244,7 @@ class CaptureFeedRuntime:
             }
 
     def _own_samples(self) -> Iterable[Sample]:
-        self.uplink.apply_acks()
         feed = (("feed", self.name),)
-        replay = self._replay
-        uplink = self.uplink
         receive = self.receive
 
         def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
@@ -203,6 +253,34 @@ class CaptureFeedRuntime:
         yield one("datagrams_in", "counter", "Datagrams received.", receive.datagrams_in)
         yield one("bytes_in", "counter", "Payload bytes received.", receive.bytes_in)
         yield one("kernel_drops", "counter", "Datagrams the kernel dropped.", receive.kernel_drops)
+        yield one(
+            "session_restarts",
+            "counter",
+            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
+            "new session resumes nothing on the emit side.",
+            self.session_restarts,
+        )
+        yield one(
+            "session_lost_datagrams",
+            "counter",
+            "Datagrams a capture session held unacknowledged when it ended for good (summed "
+            "over its sites).",
+            self.session_lost_datagrams,
+        )
+        for site in self.sites:
+            yield from self._site_samples(site, (*feed, *site.labels))
+        if self.upstream is not None:
+            yield from self.upstream.samples()
+
+    @staticmethod
+    def _site_samples(site: Site, labels: tuple[tuple[str, str], ...]) -> Iterable[Sample]:
+        """One site's samples (label ``site`` when the feed has named sites)."""
+        uplink, link, replay = site.uplink, site.link, site.replay
+        uplink.apply_acks()
+
+        def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
+            return Sample(f"capture_{name}", kind, text, labels, value)
+
         yield one("frames_sent", "counter", "DATA frames sent.", uplink.frames_sent)
         yield one("bytes_sent", "counter", "Bytes written to TCP.", uplink.bytes_sent)
         yield one("replay_bytes", "gauge", "Bytes in the replay buffer.", replay.total_bytes)
@@ -219,22 +297,9 @@ class CaptureFeedRuntime:
                 "counter",
                 "Unacknowledged datagrams dropped from the replay buffer, by the bound "
                 "(replay_max_bytes, replay_max_age) that evicted them.",
-                (*feed, ("reason", evicted.value)),
+                (*labels, ("reason", evicted.value)),
                 replay.dropped_by[evicted],
             )
-        yield one(
-            "session_restarts",
-            "counter",
-            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
-            "new session resumes nothing on the emit side.",
-            self.session_restarts,
-        )
-        yield one(
-            "session_lost_datagrams",
-            "counter",
-            "Datagrams a capture session held unacknowledged when it ended for good.",
-            self.session_lost_datagrams,
-        )
         yield one(
             "replay_dropped_bytes",
             "counter",
@@ -251,17 +316,17 @@ class CaptureFeedRuntime:
             "ack_stalls",
             "counter",
             "Connections left because no ACK came for ack_timeout while data waited.",
-            self.link.ack_stalls,
+            link.ack_stalls,
         )
         for result in Connect:
             yield Sample(
                 "capture_connects",
                 "counter",
                 "Connection attempts by result.",
-                (*feed, ("result", result.value)),
-                self.link.connects[result],
+                (*labels, ("result", result.value)),
+                link.connects[result],
             )
-        yield one("connected", "gauge", "1 while streaming.", 1 if self.connected else 0)
+        yield one("connected", "gauge", "1 while streaming.", 1 if uplink.connected else 0)
         yield one("acked_seq", "gauge", "Highest sequence acknowledged.", replay.acked_seq)
         yield one(
             "unacked_datagrams",
@@ -269,33 +334,33 @@ class CaptureFeedRuntime:
             "Datagrams not yet acknowledged.",
             replay.unacked_datagrams,
         )
-        for code, count in sorted(self.link.errors_from_peer.items()):
+        for code, count in sorted(link.errors_from_peer.items()):
             yield Sample(
                 "capture_errors_from_peer",
                 "counter",
                 "ERROR frames received from the emit side, by code.",
-                (*feed, ("code", str(code))),
+                (*labels, ("code", str(code))),
                 count,
             )
-        if self.upstream is not None:
-            yield from self.upstream.samples()
 
     def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
         fails; nothing stays open then). ``previous``: the capture feed this one replaces,
         whose counters it carries on once it runs."""
         config = self.config
-        if config.auth_key_file is not None:
-            self.link.key = load_auth_keys([config.auth_key_file])[0]
+        for site, key in zip(self.sites, _load_keys(config), strict=True):
+            site.link.key = key
         interface = resolve_interface(config.interface)
-        self.link.plane = plane = select_plane()
+        plane = select_plane()
+        for site in self.sites:
+            site.link.plane = plane
         if config.upstream_check == "deribit" and self.upstream is None:
             layout = DeribitLayout(config.deribit_layout)
             self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
             self.receive.upstream = self.upstream.counter
         groups = [(gp.group, gp.port) for gp in config.groups]
-        self.receivers = open_group_receivers(
-            groups, interface, config.receive_buffer, sources=config.sources
+        self.receivers.adopt(
+            open_group_receivers(groups, interface, config.receive_buffer, sources=config.sources)
         )
         self._interface = interface
         if isinstance(previous, CaptureFeedRuntime) and previous.name == self.name:
@@ -310,11 +375,70 @@ class CaptureFeedRuntime:
                 config.receive_buffer,
             )
 
+    def prepare_update(self, config: CaptureFeed) -> LiveUpdate | None:
+        """Acquire what ``config`` needs to run in place of the running configuration without
+        a new session (relayd/capture/change.py): the key read, the added groups' sockets
+        opened and joined. None when it cannot be applied live (not running, or the change
+        needs a restart). Raises, holding nothing, when something cannot be acquired."""
+        interface = self._interface
+        if not self.receivers.running or interface is None:
+            return None
+        change = plan_capture_change(self.config, config)
+        if change.restart is not None:
+            log.info(
+                "feed %s: the change of %s restarts the feed (a new session)",
+                self.name,
+                change.restart.value,
+                extra={"feed": self.name},
+            )
+            return None
+        keys = _load_keys(config)
+        opened = (
+            open_group_receivers(
+                change.added, interface, config.receive_buffer, sources=config.sources
+            )
+            if change.added
+            else []
+        )
+        return LiveUpdate(self, config, change, keys, opened)
+
+    def _apply_live(self, update: LiveUpdate) -> None:
+        config, change = update.config, update.change
+        self.receivers.adopt(update.opened)  # the new groups are read before any is left
+        if change.removed:
+            try:
+                self.receivers.leave(change.removed, config.sources)
+            except InterfaceError as exc:
+                log.warning("feed %s: %s (still joined)", self.name, exc)
+        if change.receive_buffer_changed:
+            capped = self.receivers.set_buffer(config.receive_buffer)
+            if capped:
+                log.warning(
+                    "feed %s: receive buffer capped at %d bytes (asked %d)",
+                    self.name,
+                    capped[0].receive_buffer_effective,
+                    config.receive_buffer,
+                )
+        self.config = config
+        for site, named, key in zip(self.sites, config.sites, update.keys, strict=True):
+            site_conf = site_config(config, named)
+            site.uplink.set_replay_bounds(site_conf.replay_max_bytes, site_conf.replay_max_age)
+            site.link.key = key
+            site.link.retarget(site_conf)
+        log.info(
+            "feed %s: new configuration applied to session %s (%d groups joined, %d left, "
+            "%d sockets)",
+            self.name,
+            self.link.session_id.hex(),
+            len(change.added),
+            len(change.removed),
+            len(self.receivers),
+            extra={"feed": self.name},
+        )
+
     def close(self) -> None:
         """Release what ``open`` acquired, when ``run`` will not."""
-        for receiver in self.receivers:
-            receiver.close()
-        self.receivers = []
+        self.receivers.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.receivers:
@@ -327,17 +451,13 @@ class CaptureFeedRuntime:
             self._new_session_after(previous)
         try:
             async with trio.open_nursery() as nursery:
-                for receiver in self.receivers:
-                    nursery.start_soon(
-                        run_stoppable,
-                        functools.partial(
-                            self.receive.drain, plane, receiver, self.link.wake_sender
-                        ),
-                    )
+                wake = self.link.wake_sender if len(self.sites) == 1 else self.wake_senders
+                self.receivers.start(nursery, plane, wake)
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
                 self._started = True
-                self.link.down_since = trio.current_time()
+                for site in self.sites:
+                    site.link.down_since = trio.current_time()
                 log.info(
                     "feed %s: joined %d groups on %s with %d sockets, data path %s%s",
                     self.name,
@@ -350,12 +470,14 @@ class CaptureFeedRuntime:
                     else f", upstream check deribit ({self.upstream.layout.value})",
                 )
                 task_status.started()
+                for site in self.sites[1:]:
+                    nursery.start_soon(site.link.run)
                 await self.link.run()
         finally:
-            for receiver in self.receivers:
-                receiver.close()
-            self.uplink.apply_acks()
-            self.unacked_at_end = unacked = self._replay.unacked_datagrams
+            self.receivers.close()
+            for site in self.sites:
+                site.uplink.apply_acks()
+            self.unacked_at_end = unacked = sum(s.replay.unacked_datagrams for s in self.sites)
             if unacked:
                 log.warning(
                     "feed %s: session %s ends with %d datagrams unacknowledged (lost unless "
@@ -382,3 +504,50 @@ class CaptureFeedRuntime:
             self.session_lost_datagrams,
             extra={"feed": self.name},
         )
+
+
+class LiveUpdate:
+    """A new configuration prepared for a running capture feed (``prepare_update``): ``apply``
+    puts it in place (same session, sequence and replay buffer), ``discard`` releases what
+    was acquired for it."""
+
+    def __init__(
+        self,
+        runtime: CaptureFeedRuntime,
+        config: CaptureFeed,
+        change: CaptureChange,
+        keys: Sequence[bytes | None],
+        opened: Sequence[GroupReceiver],
+    ) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.change = change
+        self.keys = tuple(keys)  # one per site
+        self.opened = list(opened)
+
+    def apply(self) -> None:
+        self.runtime._apply_live(self)
+        self.opened = []
+
+    def discard(self) -> None:
+        for receiver in self.opened:
+            receiver.close()
+        self.opened = []
+
+
+def _load_keys(config: CaptureFeed) -> list[bytes | None]:
+    """The key of each site (its own, else the feed's; None: no authentication)."""
+    return [
+        None if site.auth_key_file is None else load_auth_keys([site.auth_key_file])[0]
+        for site in config.sites
+    ]
+
+
+def _key_files(config: CaptureFeed) -> list[object]:
+    return [config.auth_key_file, *(site.auth_key_file for site in config.site)]
+
+
+def _without_keys(config: CaptureFeed) -> CaptureFeed:
+    """``config`` with every key file taken out (what must be equal for a key-only change)."""
+    sites = tuple(attrs.evolve(site, auth_key_file=None) for site in config.site)
+    return attrs.evolve(config, auth_key_file=None, site=sites)

@@ -28,7 +28,7 @@ import trio
 
 from relayd import wire
 from relayd.capture.uplink import SendFailedError, Uplink
-from relayd.config import CaptureFeed
+from relayd.config import CaptureFeed, Endpoint
 from relayd.datapath import DataPlane, Why, current_beat, run_stoppable
 from relayd.logs import RateLimitedLogger
 from relayd.netif import send_all
@@ -46,6 +46,9 @@ STABLE_AFTER = 1.0
 ACK_WATCH_STEPS = 4
 #: After the goodbye, how long to wait for the emit side's final ACK (and its close).
 FINAL_ACK_WAIT = 0.5
+#: Before the goodbye, how many milliseconds to wait at most for a receive thread's batch
+#: write to finish (it takes microseconds).
+CLAIM_WAIT_STEPS = 100
 #: Bytes read per ``recv`` during the handshake.
 _HANDSHAKE_RECEIVE_SIZE = 64 * 1024
 
@@ -83,9 +86,12 @@ class Link:
         uplink: Uplink,
         limited: RateLimitedLogger,
         rng: random.Random,
+        *,
+        label: str | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        self.label = label or config.name  # in log lines: the feed, and its site if named
         self.uplink = uplink
         self._limited = limited
         self._rng = rng
@@ -101,6 +107,20 @@ class Link:
         self.connects: collections.Counter[Connect] = collections.Counter()
         self.ack_stalls = 0  # connections left because ACKs stalled (``ack_timeout``)
         self.errors_from_peer: collections.Counter[int] = collections.Counter()
+        self._target: Endpoint | None = None  # the target of the current connection
+        self._streaming: trio.CancelScope | None = None  # the current connection's tasks
+        self._leaving: str | None = None  # why the current connection is being left
+
+    def retarget(self, config: CaptureFeed) -> None:
+        """A new configuration (a reload applied live): targets and timers apply from the next
+        connection; a connection to a target no longer listed is left now, with the goodbye
+        and the final ACK, and the next one resumes exactly."""
+        self.config = config
+        scope = self._streaming
+        target = self._target
+        if scope is not None and target is not None and target not in config.targets:
+            self._leaving = f"{target.host}:{target.port} is no longer a target (reload)"
+            scope.cancel()
 
     def wake_sender(self) -> None:
         """Run by Trio on behalf of a receive thread."""
@@ -203,9 +223,9 @@ class Link:
         except ValueError:
             name = "UNKNOWN"
         self._limited.warning(
-            f"{self.name}:peer-error:{event.code}",
+            f"{self.label}:peer-error:{event.code}",
             "feed %s: the emit side %s sent ERROR %d (%s): %s",
-            self.name,
+            self.label,
             self.peer,
             event.code,
             name,
@@ -215,8 +235,8 @@ class Link:
 
     # -- connections -----------------------------------------------------------------------
 
-    async def _resolve(self) -> list[tuple[str, int]]:
-        addresses: list[tuple[str, int]] = []
+    async def _resolve(self) -> list[tuple[tuple[str, int], Endpoint]]:
+        addresses: dict[tuple[str, int], Endpoint] = {}
         for target in self.config.targets:
             try:
                 infos = await trio.socket.getaddrinfo(
@@ -225,18 +245,16 @@ class Link:
             except OSError as exc:
                 self.last_error = f"{target.host}:{target.port}: cannot resolve: {exc}"
                 self._limited.warning(
-                    f"{self.name}:resolve:{target.host}",
+                    f"{self.label}:resolve:{target.host}",
                     "feed %s: cannot resolve %s: %s",
-                    self.name,
+                    self.label,
                     target.host,
                     exc,
                 )
                 continue
             for info in infos:
-                address = (str(info[4][0]), int(info[4][1]))
-                if address not in addresses:
-                    addresses.append(address)
-        return addresses
+                addresses.setdefault((str(info[4][0]), int(info[4][1])), target)
+        return list(addresses.items())
 
     async def run(self) -> None:
         """Connect, stream, reconnect, until cancelled."""
@@ -246,7 +264,7 @@ class Link:
             addresses = await self._resolve()
             streamed = 0.0
             if addresses:
-                address = addresses[attempt % len(addresses)]
+                address, self._target = addresses[attempt % len(addresses)]
                 attempt += 1
                 streamed = await self._connection(address)
             if streamed >= STABLE_AFTER:
@@ -276,9 +294,9 @@ class Link:
                     reason = f"no welcome within {self.config.connect_timeout:g} s"
                 self.last_error = f"{peer}: {reason}"
                 self._limited.warning(
-                    f"{self.name}:connect:{peer}",
+                    f"{self.label}:connect:{peer}",
                     "feed %s: cannot stream to %s: %s",
-                    self.name,
+                    self.label,
                     peer,
                     reason,
                 )
@@ -291,7 +309,7 @@ class Link:
             started = trio.current_time()
             log.info(
                 "feed %s: streaming to %s (welcome ACK %d, %d datagrams to resend)",
-                self.name,
+                self.label,
                 peer,
                 welcome,
                 resend,
@@ -299,9 +317,9 @@ class Link:
             reason = await self._stream(sock, conn)
             self.last_error = f"{peer}: {reason}"
             self._limited.warning(
-                f"{self.name}:lost:{peer}",
+                f"{self.label}:lost:{peer}",
                 "feed %s: connection to %s ended: %s",
-                self.name,
+                self.label,
                 peer,
                 reason,
             )
@@ -309,10 +327,20 @@ class Link:
         finally:
             self.peer = None
             if attached:
-                stopping = trio.current_effective_deadline() == -math.inf
-                goodbye = (
-                    wire.encode_error(self.close_code, self.close_message) if stopping else None
+                stopping = (
+                    trio.current_effective_deadline() == -math.inf or self._leaving is not None
                 )
+                message = self.close_message if self._leaving is None else self._leaving
+                goodbye = wire.encode_error(self.close_code, message) if stopping else None
+                if goodbye is not None and self.uplink.refuse_claims():
+                    # a receive thread is writing a batch: the goodbye goes after it, so the
+                    # final ACK can cover what it wrote (else the next host may get it again)
+                    # (a flag a thread clears, no event to wait on: looked at every 1 ms)
+                    with trio.CancelScope(shield=True):
+                        for _ in range(CLAIM_WAIT_STEPS):
+                            if not self.uplink.claimed:
+                                break
+                            await trio.sleep(0.001)
                 current, said = self.uplink.release(sock, goodbye)
                 if current:
                     self.down_since = trio.current_time()
@@ -394,11 +422,16 @@ class Link:
                 reason = str(exc)
                 nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guard, lambda: self._reader(sock, conn))
-            nursery.start_soon(guard, lambda: self._sender(sock))
-            nursery.start_soon(guard, self._heartbeats)
-            nursery.start_soon(guard, self._ack_watch)
-            if self.uplink.kick():  # the resend starts at once
-                self._wake.set()
-        return reason
+        self._leaving = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._streaming = nursery.cancel_scope
+                nursery.start_soon(guard, lambda: self._reader(sock, conn))
+                nursery.start_soon(guard, lambda: self._sender(sock))
+                nursery.start_soon(guard, self._heartbeats)
+                nursery.start_soon(guard, self._ack_watch)
+                if self.uplink.kick():  # the resend starts at once
+                    self._wake.set()
+        finally:
+            self._streaming = None
+        return self._leaving or reason

@@ -20,6 +20,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,13 +30,18 @@ from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver
 from relayd.replay import Chunk
 
+if TYPE_CHECKING:
+    from relayd.capture.sites import Fanout
+
 __all__ = ["Receive"]
 
 
 class Receive:
     """The sequence and the receive counters of one capture feed."""
 
-    def __init__(self, name: str, uplink: Uplink, limited: RateLimitedLogger) -> None:
+    def __init__(self, name: str, uplink: Uplink | Fanout, limited: RateLimitedLogger) -> None:
+        # ``uplink``: the one site's, or the fan-out to several sites (relayd/capture/sites.py),
+        # which takes each batch through the same two calls
         self.name = name
         self._uplink = uplink
         self._limited = limited

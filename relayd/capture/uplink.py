@@ -44,6 +44,7 @@ class Uplink:
         self._queued: collections.deque[bytes] = collections.deque()  # HEARTBEATs to write
         self._blocked = False  # the socket was full; the sender task waits for writability
         self._claimed = False  # a receive thread writes a batch to the socket now
+        self._claims_refused = False  # the connection ends with a goodbye: no more claims
         self._close_after_claim: socket.socket | None = None
         self._send_error: OSError | None = None
         self._highest_sent = 0
@@ -77,6 +78,7 @@ class Uplink:
             self.last_send = time.monotonic()
             self._sent_seq = self.replay.acked_seq
             self._waiting_since = None
+            self._claims_refused = False
             self._sock = sock
         return resend
 
@@ -101,6 +103,19 @@ class Uplink:
             sock.close()
         return current, said
 
+    def refuse_claims(self) -> bool:
+        """From now on no receive thread writes to the socket itself (their batches go
+        through the buffer, written under the lock, whole): the connection is about to end
+        with a goodbye, which must follow a whole frame. True while a thread still holds it
+        (``claimed``)."""
+        with self._lock:
+            self._claims_refused = True
+            return self._claimed
+
+    @property
+    def claimed(self) -> bool:
+        return self._claimed
+
     def _say(self, sock: socket.socket, frame: bytes) -> bool:
         try:
             if self._rest is not None:
@@ -114,6 +129,12 @@ class Uplink:
             return False
         return True
 
+    def set_replay_bounds(self, max_bytes: int, max_age: float) -> None:
+        """New replay bounds (a reload): a smaller one evicts, counted, from the next batch."""
+        with self._lock:
+            self.replay.max_bytes = max_bytes
+            self.replay.max_age = max_age
+
     # -- receive threads -------------------------------------------------------------------
 
     def claim(self) -> socket.socket | None:
@@ -124,6 +145,7 @@ class Uplink:
             sock = self._sock
             if (
                 sock is None
+                or self._claims_refused
                 or self._blocked
                 or self._rest is not None
                 or self._queued

@@ -86,6 +86,10 @@ class EmitFeedRuntime:
         self._state = "starting"
         self._listening = False
         self._listener: socket.socket | None = None
+        # A running emit feed, other than ``previous``, that listens on this feed's address
+        # and leaves it in the same reload (two feeds swapping ports): ``open`` takes a
+        # duplicate of its listener, as it does of ``previous``'s.
+        self.listener_donor: EmitFeedRuntime | None = None
         self._mcast: socket.socket | None = None
         self._plane: DataPlane | None = None
         self._streams: ConnectionStreams | None = None
@@ -136,6 +140,8 @@ class EmitFeedRuntime:
             if inherited is not None
             else None
         )
+        if listener is None and self.listener_donor is not None:
+            listener = self.listener_donor.listener_for(cfg.listen.host, cfg.listen.port)
         if listener is None:
             listener = open_listener(cfg.listen.host, cfg.listen.port)
         try:
@@ -384,10 +390,11 @@ class EmitFeedRuntime:
         selects the interface by index and needs nothing."""
         destinations = self._destinations
         if destinations is None or destinations.ifindex is None:
-            return  # a literal address: nothing to follow
+            return  # 0.0.0.0, or an address no interface had: nothing to follow
         try:
-            address = resolve_interface(self.config.interface)
-        except InterfaceError:
+            # by index: a literal address names the interface that had it at start
+            address = resolve_interface(socket.if_indextoname(destinations.ifindex))
+        except (InterfaceError, OSError):
             return  # no address right now: sends fail and are counted until it has one
         if address == self.interface_address:
             return

@@ -273,7 +273,32 @@ def rows(doc: Mapping[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]
             value = feed.get(UPSTREAM_GAPS[0])
             row = (*row, str(value) if _is_number(value) else "-")
         out.append(row)
+        out.extend(_site_rows(name, feed, len(columns)))
     return columns, out
+
+
+def _sites(feed: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The sites of a capture feed that streams to several (``[[capture.site]]``)."""
+    sites = feed.get("sites")
+    if not isinstance(sites, dict):
+        return []
+    return [(str(name), site) for name, site in sites.items() if isinstance(site, dict)]
+
+
+def _site_rows(name: str, feed: Mapping[str, Any], width: int) -> list[tuple[str, ...]]:
+    """One row per site under its feed: ``feed/site``, its state, health and connection."""
+    out = []
+    for site, detail in _sites(feed):
+        state = str(detail.get("state", "?"))
+        row = (
+            f"{name}/{site}",
+            "site",
+            state,
+            "yes" if detail.get("healthy") else "NO",
+            "1" if state in ("streaming", "stalled") else "0",
+        )
+        out.append((*row, *("-",) * (width - len(row))))
+    return out
 
 
 def render_table(doc: Mapping[str, Any], url: str = "") -> str:
@@ -301,6 +326,9 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
         for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
             if line:
                 lines.append(f"{name}: {line}")
+        for site, detail in _sites(feed):
+            if not detail.get("healthy"):
+                lines.append(f"{name}/{site}: not healthy: {unhealthy_reason(detail)}")
     errors = doc.get("config_errors") or []
     if errors:
         lines.append(f"the last reload failed ({len(errors)} problems); the old config serves:")
