@@ -3,9 +3,9 @@
 The harness is tests/helpers/trials.py (namespaces, NLB stand-in, relayd hosts, faults) and
 tests/helpers/trial_verdict.py (what the customer saw). Here: the verdict's arithmetic on
 hand-made arrivals, then a few real trials with what holds on main today (one capture host,
-no arbitration): a single emit-host failure loses nothing, duplicates stay within what the
-capture side resent (the exact-resume window), and every loss the customer sees relayd counted.
-The cases that need A/B arbitration or one active emitter skip, saying why, until
+no arbitration): a single emit-host failure loses nothing, duplicates stay within what
+relayd resent (the exact-resume window), and relayd counted every loss the customer saw. The
+cases that need A/B arbitration or one active emitter skip, saying why, until
 ``relayd check-config`` knows the option (and the emit host reports a role); then they run.
 ``make soak`` runs 20 trials of every host and fault and prints the table
 (``python -m tests.helpers.trials table``).
@@ -199,14 +199,15 @@ TODAY = TrialSettings()  # one capture host, no arbitration key: main's behaviou
 def test_active_emit_host_failure_loses_nothing(beds: Beds, fault: Fault) -> None:
     """The emit host carrying the feed is killed, frozen or cut off: the capture side goes
     to the other one through the NLB and resends what was not acknowledged. Nothing is lost;
-    the duplicates are at most what it resent (the exact-resume window: what the old host
-    emitted without acknowledging it), and every first copy arrives in order."""
+    the duplicates are at most what was resent (the exact-resume window: what the old host
+    emitted without acknowledging it), as relayd counted it on the capture or the emit side,
+    and every first copy arrives in order."""
     bed = beds(TODAY)
     record = _trial(bed, Host.EMIT_1, fault)
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost <= record.outcome.counted_lost, f"a loss relayd did not count: {why}"
     assert verdict.lost == 0, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 
@@ -222,7 +223,7 @@ def test_capture_host_freeze_or_cut_loses_nothing(beds: Beds, fault: Fault) -> N
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost <= record.outcome.counted_lost, f"a loss relayd did not count: {why}"
     assert verdict.lost == 0, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 
@@ -237,7 +238,7 @@ def test_capture_host_killed_loses_its_outage_only(beds: Beds) -> None:
     record = _trial(bed, Host.CAPTURE_A, Fault.KILL)
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost_runs <= 1, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 

@@ -71,7 +71,7 @@ from tests.helpers.netns import (
     stop_process,
 )
 from tests.helpers.netns import unavailable_reason as netns_unavailable_reason
-from tests.helpers.nlb import NlbStandIn, Target, haproxy_unavailable
+from tests.helpers.nlb import NlbError, NlbStandIn, Target, haproxy_unavailable
 from tests.helpers.trial_verdict import Arrival, Outcome, Sent, judge, render_table, summarise
 
 HERE = Path(__file__).resolve()
@@ -95,6 +95,7 @@ LOSS_COUNTERS = (
     "datagrams_dropped",
 )
 RESENT_COUNTER = "capture_resent_datagrams"
+EMIT_IN_COUNTER = "datagrams_in"  # the emit side's; the capture side's is capture_datagrams_in
 OUT_COUNTER = "datagrams_out"
 
 
@@ -186,8 +187,12 @@ class Relayd:
         text = self.metrics_text()
         if text is None:
             return None
+        try:
+            families = parse(text)
+        except (AssertionError, ValueError):  # cut short: the process died while answering
+            return None
         out: dict[str, float] = {}
-        for family in parse(text).values():
+        for family in families.values():
             for sample in family.samples:
                 if sample.labels.get("feed", FEED) != FEED:
                     continue
@@ -229,6 +234,7 @@ class TrialRecord:
             "duplicates_by_source": verdict.duplicates_by_source,
             "counted_lost": self.outcome.counted_lost,
             "resent": self.outcome.resent,
+            "resent_received": self.outcome.resent_received,
             "counters": {k: v for k, v in sorted(self.counters.items()) if v and _reported(k)},
         }
 
@@ -466,6 +472,7 @@ class TrialBed:
             verdict=verdict,
             counted_lost=sum(counters.get(name, 0.0) for name in LOSS_COUNTERS),
             resent=counters.get(RESENT_COUNTER, 0.0),
+            resent_received=counters.get(EMIT_IN_COUNTER, 0.0) - len(self.sent),
         )
         return TrialRecord(outcome, fault_ns / 1e9 - replay_start_ns / 1e9, target.name, counters)
 
@@ -649,7 +656,7 @@ def run_trials(
                 for host, fault in kinds:
                     try:
                         record = bed.run(host, fault, rng)
-                    except (TrialError, NetnsError, subprocess.TimeoutExpired) as exc:
+                    except (TrialError, NetnsError, NlbError, subprocess.TimeoutExpired) as exc:
                         # Counted, reported and skipped: one broken trial on a loaded
                         # machine must not end a run of hundreds.
                         failures.append(f"{host.value}, {fault.value}: {exc}")
