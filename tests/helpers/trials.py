@@ -307,6 +307,7 @@ class TrialBed:
         self.emits: list[Relayd] = []
         self.customer_addresses: list[str] = []
         self._workers: list[NsWorker] = []
+        self.trials = 0
         self._build()
 
     # -- the topology ------------------------------------------------------------------------
@@ -429,7 +430,10 @@ class TrialBed:
             raise ValueError(f"{host.value} is not part of this bed")
         self.ready()
         everyone = (*self.captures, *self.emits)
+        self.trials += 1
         for relayd in everyone:
+            with relayd.log.open("a") as log:
+                log.write(f"=== trial {self.trials}: {fault.value} of {host.value}\n")
             relayd.baseline = relayd.counters() or {}
             relayd.dead_deltas = {}
         received = self.workdir / "received.jsonl"
@@ -638,10 +642,12 @@ def run_trials(
     *,
     seed: int | None = None,
     report: Path | None = None,
+    logs: Path | None = None,
     progress: bool = False,
 ) -> tuple[list[TrialRecord], list[str]]:
     """``trials`` of each (host, fault) on one bed, interleaved (so a busy spell of the
     machine spreads over every kind); each record is appended to ``report`` as a JSON line.
+    The relayd logs and configurations stay in ``logs`` when given (else a temporary folder).
     Returns the records and why the trials that could not run failed."""
     rng = random.Random(seed)
     failures: list[str] = []
@@ -650,7 +656,9 @@ def run_trials(
     assert folder is not None
     records: list[TrialRecord] = []
     with NetnsHarness() as net, tempfile.TemporaryDirectory(prefix="rlyt-trials-") as tmp:
-        bed = TrialBed(net, Path(tmp), settings, datagrams, folder / DERIBIT_SAMPLE)
+        workdir = Path(tmp) if logs is None else logs
+        workdir.mkdir(parents=True, exist_ok=True)
+        bed = TrialBed(net, workdir, settings, datagrams, folder / DERIBIT_SAMPLE)
         try:
             for n in range(trials):
                 for host, fault in kinds:
@@ -678,6 +686,18 @@ def all_kinds(settings: TrialSettings) -> list[tuple[Host, Fault]]:
     return [(host, fault) for host in settings.hosts() for fault in Fault]
 
 
+def _kind(text: str) -> tuple[Host, Fault]:
+    host, _, fault = text.partition(":")
+    try:
+        return Host[host.upper()], Fault[fault.upper()]
+    except KeyError:
+        hosts = ", ".join(h.name for h in Host)
+        faults = ", ".join(f.name for f in Fault)
+        raise argparse.ArgumentTypeError(
+            f"HOST:FAULT with HOST in {hosts}, FAULT in {faults}"
+        ) from None
+
+
 def _script(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="failure trials and their in-namespace parts")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -696,6 +716,13 @@ def _script(argv: Sequence[str] | None = None) -> int:
     table.add_argument("--speed", type=float, default=attrs.fields(TrialSettings).speed.default)
     table.add_argument("--seed", type=int)
     table.add_argument("--report", type=Path, help="append each trial as a JSON line")
+    table.add_argument("--logs", type=Path, help="keep the relayd logs in this folder")
+    table.add_argument(
+        "--kind",
+        action="append",
+        type=_kind,
+        help="only this HOST:FAULT, e.g. EMIT_2:KILL (repeatable; default: every one)",
+    )
     args = parser.parse_args(argv)
     if args.command == "play":
         return _play(args.pcap, args.interface, args.speed)
@@ -711,9 +738,10 @@ def _script(argv: Sequence[str] | None = None) -> int:
     records, failures = run_trials(
         settings,
         args.trials,
-        all_kinds(settings),
+        args.kind or all_kinds(settings),
         seed=args.seed,
         report=args.report,
+        logs=args.logs,
         progress=True,
     )
     print(
