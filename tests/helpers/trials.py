@@ -3,16 +3,16 @@
 ::
 
     exch ── br0 ──┬── capa (capture) ──┐           ┌── emit1 (emit) ──┐
-    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── cust
-    (multicast)       (optional)           HAProxy: /healthz/<feed>        receiver
+    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── br0 ── cust
+    (multicast)       (optional)           HAProxy: /healthz/<feed>              receiver
 
 The exchange replays the Deribit sample capture as real multicast (``relayd.tools.player`` at
 ``speed`` times its pace) onto a bridge that reaches every capture host. Each capture host
 streams to the NLB stand-in (``tests/helpers/nlb.py``), which sends each connection to a
-healthy emit host. Both emit hosts emit onto their own link to the customer, whose receiver
-joins every group on both links and records each datagram's arrival time, group, port, source
-address and bytes; ``trial_verdict.judge`` turns that into lost, duplicated, reordered and
-overlap figures.
+healthy emit host. Both emit hosts emit onto one customer segment (a bridge: each sees what
+the other emits), where the receiver joins every group and records each datagram's arrival
+time, group, port, source address and bytes; ``trial_verdict.judge`` turns that into lost,
+duplicated, reordered and overlap figures.
 
 One trial (``TrialBed.run``): every process up and streaming (the ones a previous trial killed
 are running again), the receiver and the replay start, at a random moment inside the replay one
@@ -80,6 +80,7 @@ FEED_PORT = 7000
 EMIT_HEALTH = 8080
 CAPTURE_HEALTH = 18080
 EXCHANGE = "10.98.0.1"  # the player's bridge address
+CUSTOMER = "10.97.0.1"  # the receiver's address on the customer segment (emit hosts .11, .12)
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 
@@ -322,6 +323,12 @@ class TrialBed:
         exch.run(["ip", "link", "set", "br0", "up"])
         exch.add_multicast_route("br0")
         self.exch = exch
+        # The customer side is one segment (as a Transit Gateway multicast domain is): each
+        # emit host sees what the other emits, which an emit host's observer relies on.
+        cust.run(["ip", "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
+        cust.run(["ip", "addr", "add", f"{CUSTOMER}/24", "dev", "br0"])
+        cust.run(["ip", "link", "set", "br0", "up"])
+        self.customer_addresses.append(CUSTOMER)
         for n, label in enumerate(("capa", "capb")[: self.settings.capture_hosts]):
             host = net.namespace(label)
             upstream = net.link(
@@ -334,11 +341,14 @@ class TrialBed:
                 self._relayd(label, host, self._capture_config(label, upstream, path), path.a_dev)
             )
         targets = []
-        for label in ("emit1", "emit2"):
+        for n, label in enumerate(("emit1", "emit2")):
             host = net.namespace(label)
             path = net.link(nlb_ns, host)
-            egress = net.link(host, cust)
-            self.customer_addresses.append(egress.b_ip)
+            egress = net.link(
+                host, cust, a_addr=f"10.97.0.{11 + n}/24", b_addr=f"10.97.0.{111 + n}/24"
+            )
+            cust.run(["ip", "addr", "flush", "dev", egress.b_dev])
+            cust.run(["ip", "link", "set", egress.b_dev, "master", "br0"])
             self.emits.append(
                 self._relayd(label, host, self._emit_config(label, egress), path.b_dev)
             )
