@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from relayd.tools.pcapng import read_datagrams
+from relayd.tools.player import DERIBIT_HEADER
 from tests.helpers.netns import NetnsHarness
 from tests.helpers.trial_verdict import (
     LATE_NS,
@@ -40,6 +41,7 @@ from tests.helpers.trials import (
     TrialRecord,
     TrialSettings,
     emit_key_refused,
+    renumber,
     unavailable_reason,
 )
 
@@ -115,6 +117,16 @@ def test_judge_delay_and_recovery_follow_the_replay_pace() -> None:
     on_time = judge(sent, arrivals[:5], replay_start_ns=0, fault_ns=0, speed=2.0)
     assert on_time.recovered_ms == 0.0
     assert on_time.max_delay_ms == pytest.approx(1.0)
+
+
+def test_renumber_moves_the_deribit_sequence_only() -> None:
+    head = DERIBIT_HEADER.pack(5, 7, 2**32 - 2)
+    payload = head + b"12345"
+    moved = renumber(payload, 5)
+    assert DERIBIT_HEADER.unpack_from(moved) == (5, 7, 3)  # modulo 2**32
+    assert moved[DERIBIT_HEADER.size :] == b"12345"
+    assert renumber(payload, 0) is payload
+    assert renumber(b"short", 5) == b"short"
 
 
 def test_judge_refuses_a_replay_that_repeats_a_datagram() -> None:
@@ -278,11 +290,11 @@ def _needs_active_emitter(bed: TrialBed) -> None:
 )
 def test_ab_capture_hosts_deliver_each_datagram_once(beds: Beds, mode: str, fault: Fault) -> None:
     """Two capture hosts stream the same groups and the emit side arbitrates: whichever
-    capture host fails, every datagram arrives once."""
+    capture host fails, every datagram arrives once. Both sessions must reach one emit host
+    (the NLB spreads them; the active emitter refuses sessions on the standby), so this needs
+    arbitration and one active emitter."""
     _needs_arbitration(mode)
     bed = beds(TrialSettings(capture_hosts=2, arbitration=mode))
-    # behind the NLB the two capture hosts meet on one emit host only when the feed has one
-    # active emitter; otherwise each copy is emitted by its own host
     _needs_active_emitter(bed)
     record = _trial(bed, Host.CAPTURE_A, fault)
     verdict, why = record.outcome.verdict, _explain(bed, record)
