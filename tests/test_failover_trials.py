@@ -17,11 +17,12 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
-from relayd.tools.pcapng import read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
 from relayd.tools.player import DERIBIT_HEADER
 from tests.helpers.netns import NetnsHarness
 from tests.helpers.trial_verdict import (
@@ -40,8 +41,8 @@ from tests.helpers.trials import (
     TrialBed,
     TrialRecord,
     TrialSettings,
+    continue_sequences,
     emit_key_refused,
-    renumber,
     unavailable_reason,
 )
 
@@ -119,14 +120,35 @@ def test_judge_delay_and_recovery_follow_the_replay_pace() -> None:
     assert on_time.max_delay_ms == pytest.approx(1.0)
 
 
-def test_renumber_moves_the_deribit_sequence_only() -> None:
-    head = DERIBIT_HEADER.pack(5, 7, 2**32 - 2)
-    payload = head + b"12345"
-    moved = renumber(payload, 5)
-    assert DERIBIT_HEADER.unpack_from(moved) == (5, 7, 3)  # modulo 2**32
-    assert moved[DERIBIT_HEADER.size :] == b"12345"
-    assert renumber(payload, 0) is payload
-    assert renumber(b"short", 5) == b"short"
+def test_repetitions_continue_each_channels_sequence() -> None:
+    def datagram(group: str, channel: int, sequence: int, body: bytes) -> CapturedDatagram:
+        head = DERIBIT_HEADER.pack(len(body), channel, sequence)
+        return CapturedDatagram(0, IPv4Address(group), 6100, head + body)
+
+    capture = [
+        datagram("239.1.1.1", 1, 10, b"a"),
+        datagram("239.1.1.1", 2, 2**32 - 1, b"b"),  # a channel of one, at the top
+        datagram("239.1.1.1", 1, 11, b"c"),
+        datagram("239.1.1.2", 1, 5, b"d"),  # the same ChannelID on another group
+        datagram("239.1.1.1", 1, 12, b"e"),
+        CapturedDatagram(0, IPv4Address("239.1.1.1"), 6100, b"short"),
+    ]
+    assert continue_sequences(capture, 0) == capture
+
+    def sequences(rounds: int) -> list[int]:
+        return [
+            DERIBIT_HEADER.unpack_from(d.payload)[2]
+            for d in continue_sequences(capture, rounds)
+            if len(d.payload) >= DERIBIT_HEADER.size
+        ]
+
+    assert sequences(1) == [13, 0, 14, 6, 15]  # the next repetition follows on, modulo 2**32
+    assert sequences(2) == [16, 1, 17, 7, 18]
+    second = continue_sequences(capture, 2)
+    assert [d.payload[DERIBIT_HEADER.size :] for d in second] == [
+        d.payload[DERIBIT_HEADER.size :] for d in capture
+    ]
+    assert second[-1] == capture[-1]
 
 
 def test_judge_refuses_a_replay_that_repeats_a_datagram() -> None:

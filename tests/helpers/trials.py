@@ -83,8 +83,6 @@ EXCHANGE = "10.98.0.1"  # the player's bridge address
 CUSTOMER = "10.97.0.1"  # the receiver's address on the customer segment (emit hosts .11, .12)
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
-#: what each trial adds to the replay's Deribit sequence numbers (trial n: n times this)
-SEQUENCE_STRIDE = 10_000_000
 
 #: counters (by name, without ``relayd_``) whose sum is what relayd itself counted as lost:
 #: the capture side's socket drops, replay evictions and datagrams a stopped session held,
@@ -303,8 +301,8 @@ class TrialBed:
         self.settings = settings
         self.pcap = pcap
         first_ts = datagrams[0].ts_ns
+        self.datagrams = list(datagrams)
         self.sent = [Sent(str(d.group), d.port, d.payload, d.ts_ns - first_ts) for d in datagrams]
-        self.sequence_offset = 0
         self.replay_seconds = (datagrams[-1].ts_ns - first_ts) / 1e9 / settings.speed
         self.groups = sorted({f"{d.group}:{d.port}" for d in datagrams})
         self.captures: list[Relayd] = []
@@ -453,9 +451,14 @@ class TrialBed:
         receiver = self._start_receiver(received)
         player: subprocess.Popen[bytes] | None = None
         try:
-            # A new stretch of sequence numbers each trial: an emit host's arbiter that saw
-            # the last trial would take the same numbers again for a stale copy.
-            self.sequence_offset = self.trials * SEQUENCE_STRIDE
+            # Each trial's replay continues every channel's sequence where the last one
+            # ended: an emit host's arbiter would take the same numbers again for a stale copy.
+            self.sent = [
+                s._replace(payload=d.payload)
+                for s, d in zip(
+                    self.sent, continue_sequences(self.datagrams, self.trials - 1), strict=True
+                )
+            ]
             player = self._start_player()
             replay_start_ns = int(read_line(player, timeout=60).split()[1])
             started = time.monotonic()
@@ -479,9 +482,8 @@ class TrialBed:
                     proc.kill()
                     proc.communicate(timeout=10)
         arrivals = list(_read_arrivals(received))
-        sent = [d._replace(payload=renumber(d.payload, self.sequence_offset)) for d in self.sent]
         verdict = judge(
-            sent,
+            self.sent,
             arrivals,
             replay_start_ns=replay_start_ns,
             fault_ns=fault_ns,
@@ -584,7 +586,7 @@ class TrialBed:
             self.exch.python_argv(
                 "-m", "tests.helpers.trials", "play", "--pcap", str(self.pcap),
                 "--interface", EXCHANGE, "--speed", str(self.settings.speed),
-                "--sequence-offset", str(self.sequence_offset),
+                "--round", str(self.trials - 1),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -602,20 +604,38 @@ def _read_arrivals(path: Path) -> Iterator[Arrival]:
 # -- run inside the namespaces ---------------------------------------------------------------
 
 
-def renumber(payload: bytes, offset: int) -> bytes:
-    """``payload`` with ``offset`` added to the Sequence of its 8-byte Deribit frame header
-    (modulo 2**32); shorter payloads unchanged."""
-    if not offset or len(payload) < DERIBIT_HEADER.size:
-        return payload
-    length, channel, sequence = DERIBIT_HEADER.unpack_from(payload)
-    head = DERIBIT_HEADER.pack(length, channel, (sequence + offset) % 2**32)
-    return head + payload[DERIBIT_HEADER.size :]
+def continue_sequences(
+    datagrams: Sequence[CapturedDatagram], rounds: int
+) -> list[CapturedDatagram]:
+    """The capture as its ``rounds``-th repetition would carry it: on each channel (group,
+    port and the 8-byte Deribit header's ChannelID) the Sequence moves on by ``rounds`` times
+    the channel's span in the capture (modulo 2**32), so repetitions follow each other
+    without a gap or a repeat. Payloads shorter than the header stay as they are."""
+    if not rounds:
+        return list(datagrams)
+    low: dict[tuple[IPv4Address, int, int], int] = {}
+    high: dict[tuple[IPv4Address, int, int], int] = {}
+    for d in datagrams:
+        if len(d.payload) >= DERIBIT_HEADER.size:
+            _, channel, sequence = DERIBIT_HEADER.unpack_from(d.payload)
+            key = (d.group, d.port, channel)
+            low[key] = min(low.get(key, sequence), sequence)
+            high[key] = max(high.get(key, sequence), sequence)
+    out = []
+    for d in datagrams:
+        if len(d.payload) < DERIBIT_HEADER.size:
+            out.append(d)
+            continue
+        length, channel, sequence = DERIBIT_HEADER.unpack_from(d.payload)
+        key = (d.group, d.port, channel)
+        moved = (sequence + rounds * (high[key] - low[key] + 1)) % 2**32
+        head = DERIBIT_HEADER.pack(length, channel, moved)
+        out.append(d._replace(payload=head + d.payload[DERIBIT_HEADER.size :]))
+    return out
 
 
-def _play(pcap: Path, interface: str, speed: float, sequence_offset: int) -> int:
-    datagrams = [
-        d._replace(payload=renumber(d.payload, sequence_offset)) for d in read_datagrams(pcap)
-    ]
+def _play(pcap: Path, interface: str, speed: float, rounds: int) -> int:
+    datagrams = continue_sequences(read_datagrams(pcap), rounds)
     sock = open_multicast_sender(IPv4Address(interface), 1, False, 4 * 1024 * 1024)
     print(f"start {time.time_ns()}", flush=True)
     stats = trio.run(lambda: replay(sock, datagrams, speed=speed))
@@ -735,7 +755,9 @@ def _script(argv: Sequence[str] | None = None) -> int:
     play.add_argument("--pcap", type=Path, required=True)
     play.add_argument("--interface", required=True)
     play.add_argument("--speed", type=float, default=1.0)
-    play.add_argument("--sequence-offset", type=int, default=0, help="added to each Sequence")
+    play.add_argument(
+        "--round", type=int, default=0, help="continue the sequences this many repetitions on"
+    )
     receive = commands.add_parser("receive", help="record every datagram (the customer)")
     receive.add_argument("--out", type=Path, required=True)
     receive.add_argument("--interfaces", required=True)
@@ -756,7 +778,7 @@ def _script(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "play":
-        return _play(args.pcap, args.interface, args.speed, args.sequence_offset)
+        return _play(args.pcap, args.interface, args.speed, args.round)
     if args.command == "receive":
         return _receive(args.out, args.interfaces.split(","), args.groups)
     reason = unavailable_reason()
