@@ -3,7 +3,7 @@
 ::
 
     exch ── br0 ──┬── capa (capture) ──┐           ┌── emit1 (emit) ──┐
-    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── br0 ── cust
+    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── brc ── cust
     (multicast)       (optional)           HAProxy: /healthz/<feed>              receiver
 
 The exchange replays the Deribit sample capture as real multicast (``relayd.tools.player`` at
@@ -80,7 +80,7 @@ FEED_PORT = 7000
 EMIT_HEALTH = 8080
 CAPTURE_HEALTH = 18080
 EXCHANGE = "10.98.0.1"  # the player's bridge address
-CUSTOMER = "10.97.0.1"  # the receiver's address on the customer segment (emit hosts .11, .12)
+CUSTOMER = "10.97.0.20"  # the customer's bridge address (the emit hosts are .11 and .12)
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 
@@ -324,12 +324,6 @@ class TrialBed:
         exch.run(["ip", "link", "set", "br0", "up"])
         exch.add_multicast_route("br0")
         self.exch = exch
-        # The customer side is one segment (as a Transit Gateway multicast domain is): each
-        # emit host sees what the other emits, which an emit host's observer relies on.
-        cust.run(["ip", "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
-        cust.run(["ip", "addr", "add", f"{CUSTOMER}/24", "dev", "br0"])
-        cust.run(["ip", "link", "set", "br0", "up"])
-        self.customer_addresses.append(CUSTOMER)
         for n, label in enumerate(("capa", "capb")[: self.settings.capture_hosts]):
             host = net.namespace(label)
             upstream = net.link(
@@ -341,15 +335,21 @@ class TrialBed:
             self.captures.append(
                 self._relayd(label, host, self._capture_config(label, upstream, path), path.a_dev)
             )
+        # the customer segment: one bridge, as a Transit Gateway multicast domain is one group
+        # membership for every host, so each emit host's observer sees the other emit
+        cust.run(["ip", "link", "add", "brc", "type", "bridge", "mcast_snooping", "0"])
+        cust.run(["ip", "addr", "add", f"{CUSTOMER}/24", "dev", "brc"])
+        cust.run(["ip", "link", "set", "brc", "up"])
+        self.customer_addresses.append(CUSTOMER)
         targets = []
         for n, label in enumerate(("emit1", "emit2")):
             host = net.namespace(label)
             path = net.link(nlb_ns, host)
             egress = net.link(
-                host, cust, a_addr=f"10.97.0.{11 + n}/24", b_addr=f"10.97.0.{111 + n}/24"
+                host, cust, a_addr=f"10.97.0.{11 + n}/24", b_addr=f"10.97.{1 + n}.1/30"
             )
             cust.run(["ip", "addr", "flush", "dev", egress.b_dev])
-            cust.run(["ip", "link", "set", egress.b_dev, "master", "br0"])
+            cust.run(["ip", "link", "set", egress.b_dev, "master", "brc"])
             self.emits.append(
                 self._relayd(label, host, self._emit_config(label, egress), path.b_dev)
             )
