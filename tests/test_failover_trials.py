@@ -3,9 +3,9 @@
 The harness is tests/helpers/trials.py (namespaces, NLB stand-in, relayd hosts, faults) and
 tests/helpers/trial_verdict.py (what the customer saw). Here: the verdict's arithmetic on
 hand-made arrivals, then a few real trials with what holds on main today (one capture host,
-no arbitration): a single emit-host failure loses nothing, duplicates stay within what the
-capture side resent (the exact-resume window), and every loss the customer sees relayd counted.
-The cases that need A/B arbitration or one active emitter skip, saying why, until
+no arbitration): a single emit-host failure loses nothing, duplicates stay within what
+relayd resent (the exact-resume window), and relayd counted every loss the customer saw. The
+cases that need A/B arbitration or one active emitter skip, saying why, until
 ``relayd check-config`` knows the option (and the emit host reports a role); then they run.
 ``make soak`` runs 20 trials of every host and fault and prints the table
 (``python -m tests.helpers.trials table``).
@@ -17,11 +17,13 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
-from relayd.tools.pcapng import read_datagrams
+from relayd.tools.pcapng import CapturedDatagram, read_datagrams
+from relayd.tools.player import DERIBIT_HEADER
 from tests.helpers.netns import NetnsHarness
 from tests.helpers.trial_verdict import (
     LATE_NS,
@@ -39,6 +41,7 @@ from tests.helpers.trials import (
     TrialBed,
     TrialRecord,
     TrialSettings,
+    continue_sequences,
     emit_key_refused,
     unavailable_reason,
 )
@@ -115,6 +118,37 @@ def test_judge_delay_and_recovery_follow_the_replay_pace() -> None:
     on_time = judge(sent, arrivals[:5], replay_start_ns=0, fault_ns=0, speed=2.0)
     assert on_time.recovered_ms == 0.0
     assert on_time.max_delay_ms == pytest.approx(1.0)
+
+
+def test_repetitions_continue_each_channels_sequence() -> None:
+    def datagram(group: str, channel: int, sequence: int, body: bytes) -> CapturedDatagram:
+        head = DERIBIT_HEADER.pack(len(body), channel, sequence)
+        return CapturedDatagram(0, IPv4Address(group), 6100, head + body)
+
+    capture = [
+        datagram("239.1.1.1", 1, 10, b"a"),
+        datagram("239.1.1.1", 2, 2**32 - 1, b"b"),  # a channel of one, at the top
+        datagram("239.1.1.1", 1, 11, b"c"),
+        datagram("239.1.1.2", 1, 5, b"d"),  # the same ChannelID on another group
+        datagram("239.1.1.1", 1, 12, b"e"),
+        CapturedDatagram(0, IPv4Address("239.1.1.1"), 6100, b"short"),
+    ]
+    assert continue_sequences(capture, 0) == capture
+
+    def sequences(rounds: int) -> list[int]:
+        return [
+            DERIBIT_HEADER.unpack_from(d.payload)[2]
+            for d in continue_sequences(capture, rounds)
+            if len(d.payload) >= DERIBIT_HEADER.size
+        ]
+
+    assert sequences(1) == [13, 0, 14, 6, 15]  # the next repetition follows on, modulo 2**32
+    assert sequences(2) == [16, 1, 17, 7, 18]
+    second = continue_sequences(capture, 2)
+    assert [d.payload[DERIBIT_HEADER.size :] for d in second] == [
+        d.payload[DERIBIT_HEADER.size :] for d in capture
+    ]
+    assert second[-1] == capture[-1]
 
 
 def test_judge_refuses_a_replay_that_repeats_a_datagram() -> None:
@@ -199,14 +233,15 @@ TODAY = TrialSettings()  # one capture host, no arbitration key: main's behaviou
 def test_active_emit_host_failure_loses_nothing(beds: Beds, fault: Fault) -> None:
     """The emit host carrying the feed is killed, frozen or cut off: the capture side goes
     to the other one through the NLB and resends what was not acknowledged. Nothing is lost;
-    the duplicates are at most what it resent (the exact-resume window: what the old host
-    emitted without acknowledging it), and every first copy arrives in order."""
+    the duplicates are at most what was resent (the exact-resume window: what the old host
+    emitted without acknowledging it), as relayd counted it on the capture or the emit side,
+    and every first copy arrives in order."""
     bed = beds(TODAY)
     record = _trial(bed, Host.EMIT_1, fault)
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost <= record.outcome.counted_lost, f"a loss relayd did not count: {why}"
     assert verdict.lost == 0, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 
@@ -222,7 +257,7 @@ def test_capture_host_freeze_or_cut_loses_nothing(beds: Beds, fault: Fault) -> N
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost <= record.outcome.counted_lost, f"a loss relayd did not count: {why}"
     assert verdict.lost == 0, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 
@@ -237,7 +272,7 @@ def test_capture_host_killed_loses_its_outage_only(beds: Beds) -> None:
     record = _trial(bed, Host.CAPTURE_A, Fault.KILL)
     verdict, why = record.outcome.verdict, _explain(bed, record)
     assert verdict.lost_runs <= 1, why
-    assert verdict.duplicates <= record.outcome.resent, why
+    assert verdict.duplicates <= record.outcome.resend_window, why
     assert (verdict.reordered, verdict.foreign) == (0, 0), why
 
 
@@ -277,11 +312,11 @@ def _needs_active_emitter(bed: TrialBed) -> None:
 )
 def test_ab_capture_hosts_deliver_each_datagram_once(beds: Beds, mode: str, fault: Fault) -> None:
     """Two capture hosts stream the same groups and the emit side arbitrates: whichever
-    capture host fails, every datagram arrives once."""
+    capture host fails, every datagram arrives once. Both sessions must reach one emit host
+    (the NLB spreads them; the active emitter refuses sessions on the standby), so this needs
+    arbitration and one active emitter."""
     _needs_arbitration(mode)
     bed = beds(TrialSettings(capture_hosts=2, arbitration=mode))
-    # behind the NLB the two capture hosts meet on one emit host only when the feed has one
-    # active emitter; otherwise each copy is emitted by its own host
     _needs_active_emitter(bed)
     record = _trial(bed, Host.CAPTURE_A, fault)
     verdict, why = record.outcome.verdict, _explain(bed, record)

@@ -8,4 +8,6 @@ from each other.
   fixed-answer health model
 - ``metrics``: /metrics parsed with prometheus_client and one lookup of a value
 - ``nlb``: HAProxy in a namespace standing in for the AWS Network Load Balancer
+- ``trials``, ``trial_verdict``: failure trials of the whole deployment in namespaces, and
+  the verdict on what the customer received
 """

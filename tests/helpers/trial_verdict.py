@@ -193,6 +193,16 @@ class Outcome:
     counted_lost: float
     #: datagrams relayd counted as sent again (the capture side's resends)
     resent: float
+    #: copies the emit hosts received beyond one per datagram sent (their datagrams_in, summed,
+    #: minus the replay): the resends as the emit side counts them
+    resent_received: float = 0.0
+
+    @property
+    def resend_window(self) -> float:
+        """What relayd counted as sent twice, on whichever side counted more: the capture
+        side's resent counter fell a few short in some freezes, and a killed emit host's
+        last counts die with it."""
+        return max(self.resent, self.resent_received)
 
 
 @attrs.frozen

@@ -3,16 +3,16 @@
 ::
 
     exch ── br0 ──┬── capa (capture) ──┐           ┌── emit1 (emit) ──┐
-    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── cust
-    (multicast)       (optional)           HAProxy: /healthz/<feed>        receiver
+    player        └── capb (capture) ──┴── nlb ─────┴── emit2 (emit) ──┴── brc ── cust
+    (multicast)       (optional)           HAProxy: /healthz/<feed>              receiver
 
 The exchange replays the Deribit sample capture as real multicast (``relayd.tools.player`` at
 ``speed`` times its pace) onto a bridge that reaches every capture host. Each capture host
 streams to the NLB stand-in (``tests/helpers/nlb.py``), which sends each connection to a
-healthy emit host. Both emit hosts emit onto their own link to the customer, whose receiver
-joins every group on both links and records each datagram's arrival time, group, port, source
-address and bytes; ``trial_verdict.judge`` turns that into lost, duplicated, reordered and
-overlap figures.
+healthy emit host. Both emit hosts emit onto one customer segment (a bridge: each sees what
+the other emits), where the receiver joins every group and records each datagram's arrival
+time, group, port, source address and bytes; ``trial_verdict.judge`` turns that into lost,
+duplicated, reordered and overlap figures.
 
 One trial (``TrialBed.run``): every process up and streaming (the ones a previous trial killed
 are running again), the receiver and the replay start, at a random moment inside the replay one
@@ -58,7 +58,7 @@ import trio
 
 from relayd.netif import open_multicast_sender
 from relayd.tools.pcapng import CapturedDatagram, read_datagrams
-from relayd.tools.player import replay
+from relayd.tools.player import DERIBIT_HEADER, replay
 from relayd.tools.samples import DERIBIT_SAMPLE, deribit_dir
 from tests.chaos.topology import NsWorker, http_get
 from tests.helpers.metrics import parse
@@ -71,7 +71,7 @@ from tests.helpers.netns import (
     stop_process,
 )
 from tests.helpers.netns import unavailable_reason as netns_unavailable_reason
-from tests.helpers.nlb import NlbStandIn, Target, haproxy_unavailable
+from tests.helpers.nlb import NlbError, NlbStandIn, Target, haproxy_unavailable
 from tests.helpers.trial_verdict import Arrival, Outcome, Sent, judge, render_table, summarise
 
 HERE = Path(__file__).resolve()
@@ -80,6 +80,7 @@ FEED_PORT = 7000
 EMIT_HEALTH = 8080
 CAPTURE_HEALTH = 18080
 EXCHANGE = "10.98.0.1"  # the player's bridge address
+CUSTOMER = "10.97.0.20"  # the customer's bridge address (the emit hosts are .11 and .12)
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 
@@ -95,6 +96,7 @@ LOSS_COUNTERS = (
     "datagrams_dropped",
 )
 RESENT_COUNTER = "capture_resent_datagrams"
+EMIT_IN_COUNTER = "datagrams_in"  # the emit side's; the capture side's is capture_datagrams_in
 OUT_COUNTER = "datagrams_out"
 
 
@@ -186,8 +188,12 @@ class Relayd:
         text = self.metrics_text()
         if text is None:
             return None
+        try:
+            families = parse(text)
+        except (AssertionError, ValueError):  # cut short: the process died while answering
+            return None
         out: dict[str, float] = {}
-        for family in parse(text).values():
+        for family in families.values():
             for sample in family.samples:
                 if sample.labels.get("feed", FEED) != FEED:
                     continue
@@ -229,6 +235,7 @@ class TrialRecord:
             "duplicates_by_source": verdict.duplicates_by_source,
             "counted_lost": self.outcome.counted_lost,
             "resent": self.outcome.resent,
+            "resent_received": self.outcome.resent_received,
             "counters": {k: v for k, v in sorted(self.counters.items()) if v and _reported(k)},
         }
 
@@ -294,6 +301,7 @@ class TrialBed:
         self.settings = settings
         self.pcap = pcap
         first_ts = datagrams[0].ts_ns
+        self.datagrams = list(datagrams)
         self.sent = [Sent(str(d.group), d.port, d.payload, d.ts_ns - first_ts) for d in datagrams]
         self.replay_seconds = (datagrams[-1].ts_ns - first_ts) / 1e9 / settings.speed
         self.groups = sorted({f"{d.group}:{d.port}" for d in datagrams})
@@ -301,6 +309,7 @@ class TrialBed:
         self.emits: list[Relayd] = []
         self.customer_addresses: list[str] = []
         self._workers: list[NsWorker] = []
+        self.trials = 0
         self._build()
 
     # -- the topology ------------------------------------------------------------------------
@@ -326,12 +335,21 @@ class TrialBed:
             self.captures.append(
                 self._relayd(label, host, self._capture_config(label, upstream, path), path.a_dev)
             )
+        # the customer segment: one bridge, as a Transit Gateway multicast domain is one group
+        # membership for every host, so each emit host's observer sees the other emit
+        cust.run(["ip", "link", "add", "brc", "type", "bridge", "mcast_snooping", "0"])
+        cust.run(["ip", "addr", "add", f"{CUSTOMER}/24", "dev", "brc"])
+        cust.run(["ip", "link", "set", "brc", "up"])
+        self.customer_addresses.append(CUSTOMER)
         targets = []
-        for label in ("emit1", "emit2"):
+        for n, label in enumerate(("emit1", "emit2")):
             host = net.namespace(label)
             path = net.link(nlb_ns, host)
-            egress = net.link(host, cust)
-            self.customer_addresses.append(egress.b_ip)
+            egress = net.link(
+                host, cust, a_addr=f"10.97.0.{11 + n}/24", b_addr=f"10.97.{1 + n}.1/30"
+            )
+            cust.run(["ip", "addr", "flush", "dev", egress.b_dev])
+            cust.run(["ip", "link", "set", egress.b_dev, "master", "brc"])
             self.emits.append(
                 self._relayd(label, host, self._emit_config(label, egress), path.b_dev)
             )
@@ -382,8 +400,8 @@ class TrialBed:
     # -- bringing every host up --------------------------------------------------------------
 
     def ready(self, timeout: float = 60.0) -> None:
-        """Every link up, every relayd running, both emit hosts healthy at the NLB, every
-        capture host streaming with nothing unacknowledged."""
+        """Every link up, every relayd running, every emit host in service at the NLB (or a
+        standby), every capture host streaming with nothing unacknowledged."""
         for host in (*self.captures, *self.emits):
             host.netns.run(["ip", "link", "set", host.tcp_link_dev, "up"])
             if host.alive():
@@ -393,8 +411,12 @@ class TrialBed:
             if not host.alive():
                 host.start()
         deadline = time.monotonic() + timeout
-        for host in self.emits:
-            self.nlb.wait_state(host.name, up=True, timeout=max(1.0, deadline - time.monotonic()))
+        # Every emit host in service at the NLB, or a standby (with one active emitter per
+        # feed, the standby reports the feed not ready, so the NLB takes it out).
+        while not all(self._emit_settled(host) for host in self.emits):
+            if time.monotonic() > deadline:
+                raise TrialError(f"emit hosts not in service at the NLB: {self.nlb.states()}")
+            time.sleep(0.2)
         for host in self.captures:
             if not host.alive():
                 host.start()
@@ -406,6 +428,18 @@ class TrialBed:
                 logs = "\n".join(f"--- {h.name}\n{h.tail()}" for h in self.captures)
                 raise TrialError(f"capture hosts not streaming after {timeout} s:\n{logs}")
             time.sleep(0.2)
+
+    def _emit_settled(self, host: Relayd) -> bool:
+        if self.nlb.states().get(host.name) == "UP":
+            return True
+        answer = host.get(f"/healthz/{FEED}")
+        if answer is None:
+            return False
+        try:
+            feed = json.loads(answer[1]).get("feeds", {}).get(FEED, {})
+        except ValueError:
+            return False
+        return bool(feed.get("state") == "standby")
 
     def _capture_settled(self, host: Relayd) -> bool:
         counters = host.counters()
@@ -423,13 +457,24 @@ class TrialBed:
             raise ValueError(f"{host.value} is not part of this bed")
         self.ready()
         everyone = (*self.captures, *self.emits)
+        self.trials += 1
         for relayd in everyone:
+            with relayd.log.open("a") as log:
+                log.write(f"=== trial {self.trials}: {fault.value} of {host.value}\n")
             relayd.baseline = relayd.counters() or {}
             relayd.dead_deltas = {}
         received = self.workdir / "received.jsonl"
         receiver = self._start_receiver(received)
         player: subprocess.Popen[bytes] | None = None
         try:
+            # Each trial's replay continues every channel's sequence where the last one
+            # ended: an emit host's arbiter would take the same numbers again for a stale copy.
+            self.sent = [
+                s._replace(payload=d.payload)
+                for s, d in zip(
+                    self.sent, continue_sequences(self.datagrams, self.trials - 1), strict=True
+                )
+            ]
             player = self._start_player()
             replay_start_ns = int(read_line(player, timeout=60).split()[1])
             started = time.monotonic()
@@ -466,6 +511,7 @@ class TrialBed:
             verdict=verdict,
             counted_lost=sum(counters.get(name, 0.0) for name in LOSS_COUNTERS),
             resent=counters.get(RESENT_COUNTER, 0.0),
+            resent_received=counters.get(EMIT_IN_COUNTER, 0.0) - len(self.sent),
         )
         return TrialRecord(outcome, fault_ns / 1e9 - replay_start_ns / 1e9, target.name, counters)
 
@@ -556,6 +602,7 @@ class TrialBed:
             self.exch.python_argv(
                 "-m", "tests.helpers.trials", "play", "--pcap", str(self.pcap),
                 "--interface", EXCHANGE, "--speed", str(self.settings.speed),
+                "--round", str(self.trials - 1),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -573,8 +620,38 @@ def _read_arrivals(path: Path) -> Iterator[Arrival]:
 # -- run inside the namespaces ---------------------------------------------------------------
 
 
-def _play(pcap: Path, interface: str, speed: float) -> int:
-    datagrams = read_datagrams(pcap)
+def continue_sequences(
+    datagrams: Sequence[CapturedDatagram], rounds: int
+) -> list[CapturedDatagram]:
+    """The capture as its ``rounds``-th repetition would carry it: on each channel (group,
+    port and the 8-byte Deribit header's ChannelID) the Sequence moves on by ``rounds`` times
+    the channel's span in the capture (modulo 2**32), so repetitions follow each other
+    without a gap or a repeat. Payloads shorter than the header stay as they are."""
+    if not rounds:
+        return list(datagrams)
+    low: dict[tuple[IPv4Address, int, int], int] = {}
+    high: dict[tuple[IPv4Address, int, int], int] = {}
+    for d in datagrams:
+        if len(d.payload) >= DERIBIT_HEADER.size:
+            _, channel, sequence = DERIBIT_HEADER.unpack_from(d.payload)
+            key = (d.group, d.port, channel)
+            low[key] = min(low.get(key, sequence), sequence)
+            high[key] = max(high.get(key, sequence), sequence)
+    out = []
+    for d in datagrams:
+        if len(d.payload) < DERIBIT_HEADER.size:
+            out.append(d)
+            continue
+        length, channel, sequence = DERIBIT_HEADER.unpack_from(d.payload)
+        key = (d.group, d.port, channel)
+        moved = (sequence + rounds * (high[key] - low[key] + 1)) % 2**32
+        head = DERIBIT_HEADER.pack(length, channel, moved)
+        out.append(d._replace(payload=head + d.payload[DERIBIT_HEADER.size :]))
+    return out
+
+
+def _play(pcap: Path, interface: str, speed: float, rounds: int) -> int:
+    datagrams = continue_sequences(read_datagrams(pcap), rounds)
     sock = open_multicast_sender(IPv4Address(interface), 1, False, 4 * 1024 * 1024)
     print(f"start {time.time_ns()}", flush=True)
     stats = trio.run(lambda: replay(sock, datagrams, speed=speed))
@@ -631,10 +708,12 @@ def run_trials(
     *,
     seed: int | None = None,
     report: Path | None = None,
+    logs: Path | None = None,
     progress: bool = False,
 ) -> tuple[list[TrialRecord], list[str]]:
     """``trials`` of each (host, fault) on one bed, interleaved (so a busy spell of the
     machine spreads over every kind); each record is appended to ``report`` as a JSON line.
+    The relayd logs and configurations stay in ``logs`` when given (else a temporary folder).
     Returns the records and why the trials that could not run failed."""
     rng = random.Random(seed)
     failures: list[str] = []
@@ -643,13 +722,15 @@ def run_trials(
     assert folder is not None
     records: list[TrialRecord] = []
     with NetnsHarness() as net, tempfile.TemporaryDirectory(prefix="rlyt-trials-") as tmp:
-        bed = TrialBed(net, Path(tmp), settings, datagrams, folder / DERIBIT_SAMPLE)
+        workdir = Path(tmp) if logs is None else logs
+        workdir.mkdir(parents=True, exist_ok=True)
+        bed = TrialBed(net, workdir, settings, datagrams, folder / DERIBIT_SAMPLE)
         try:
             for n in range(trials):
                 for host, fault in kinds:
                     try:
                         record = bed.run(host, fault, rng)
-                    except (TrialError, NetnsError, subprocess.TimeoutExpired) as exc:
+                    except (TrialError, NetnsError, NlbError, subprocess.TimeoutExpired) as exc:
                         # Counted, reported and skipped: one broken trial on a loaded
                         # machine must not end a run of hundreds.
                         failures.append(f"{host.value}, {fault.value}: {exc}")
@@ -671,6 +752,18 @@ def all_kinds(settings: TrialSettings) -> list[tuple[Host, Fault]]:
     return [(host, fault) for host in settings.hosts() for fault in Fault]
 
 
+def _kind(text: str) -> tuple[Host, Fault]:
+    host, _, fault = text.partition(":")
+    try:
+        return Host[host.upper()], Fault[fault.upper()]
+    except KeyError:
+        hosts = ", ".join(h.name for h in Host)
+        faults = ", ".join(f.name for f in Fault)
+        raise argparse.ArgumentTypeError(
+            f"HOST:FAULT with HOST in {hosts}, FAULT in {faults}"
+        ) from None
+
+
 def _script(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="failure trials and their in-namespace parts")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -678,6 +771,9 @@ def _script(argv: Sequence[str] | None = None) -> int:
     play.add_argument("--pcap", type=Path, required=True)
     play.add_argument("--interface", required=True)
     play.add_argument("--speed", type=float, default=1.0)
+    play.add_argument(
+        "--round", type=int, default=0, help="continue the sequences this many repetitions on"
+    )
     receive = commands.add_parser("receive", help="record every datagram (the customer)")
     receive.add_argument("--out", type=Path, required=True)
     receive.add_argument("--interfaces", required=True)
@@ -689,9 +785,16 @@ def _script(argv: Sequence[str] | None = None) -> int:
     table.add_argument("--speed", type=float, default=attrs.fields(TrialSettings).speed.default)
     table.add_argument("--seed", type=int)
     table.add_argument("--report", type=Path, help="append each trial as a JSON line")
+    table.add_argument("--logs", type=Path, help="keep the relayd logs in this folder")
+    table.add_argument(
+        "--kind",
+        action="append",
+        type=_kind,
+        help="only this HOST:FAULT, e.g. EMIT_2:KILL (repeatable; default: every one)",
+    )
     args = parser.parse_args(argv)
     if args.command == "play":
-        return _play(args.pcap, args.interface, args.speed)
+        return _play(args.pcap, args.interface, args.speed, args.round)
     if args.command == "receive":
         return _receive(args.out, args.interfaces.split(","), args.groups)
     reason = unavailable_reason()
@@ -704,9 +807,10 @@ def _script(argv: Sequence[str] | None = None) -> int:
     records, failures = run_trials(
         settings,
         args.trials,
-        all_kinds(settings),
+        args.kind or all_kinds(settings),
         seed=args.seed,
         report=args.report,
+        logs=args.logs,
         progress=True,
     )
     print(
