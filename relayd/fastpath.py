@@ -559,6 +559,9 @@ class CArbiter:
                 self._plane.rd_arb_free(address)
 
 
+_WHY: Final[dict[int, Why]] = {int(why): why for why in Why}
+
+
 class _CReceiver:
     """:class:`relayd.datapath.CaptureReceiver` over ``rd_capture_wait`` and
     ``rd_capture_batch``."""
@@ -616,14 +619,14 @@ class _CReceiver:
     def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
         state = self._state
         state.tcp_fd = -1 if tcp is None else tcp.fileno()
-        why = self._batch(self._ref, first_seq)
+        why = _WHY[self._batch(self._ref, first_seq)]  # not Why(): once per batch, it costs
         self.count = state.count
         self.payload_bytes = state.payload_bytes
         self.sent = state.sent
         self.send_err = state.send_err
         self.err = state.err
         self.drops = state.drops if state.drops_seen else None
-        return Why(why)
+        return why
 
     def frames(self) -> bytes:
         return bytes(self._view[: self._state.offset])
