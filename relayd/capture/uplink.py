@@ -152,28 +152,25 @@ class Uplink:
                 return False
             self._apply_acks()
             replay = self.replay
-            replay.append(chunk)
-            wake = self._sent_at_once(chunk, sent, err) if claimed else self._kick()
+            if not claimed:
+                replay.append(chunk)
+                wake = self._kick()
+            else:  # written by the thread (it was the only unsent chunk): account for it
+                replay.append(chunk, sent=True)
+                self._count_sent(chunk, chunk.time)
+                self.bytes_sent += sent
+                if sent:
+                    self.last_send = chunk.time
+                wake = False
+                if err:
+                    self._send_error = OSError(err, os.strerror(err))
+                    self._blocked = wake = True
+                elif sent < len(chunk.data):
+                    self._rest = memoryview(chunk.data)[sent:]
+                    self._blocked = wake = True
             if replay.dropped_datagrams != self._reported_drops:  # the byte bound evicted
                 self._note_replay_drops()
             return wake
-
-    def _sent_at_once(self, chunk: Chunk, sent: int, err: int) -> bool:
-        """Account for a batch written by the receive thread (it was the only unsent chunk)."""
-        self.replay.mark_sent(chunk)
-        self._count_sent(chunk, chunk.time)
-        self.bytes_sent += sent
-        if sent:
-            self.last_send = chunk.time
-        if err:
-            self._send_error = OSError(err, os.strerror(err))
-            self._blocked = True
-            return True
-        if sent < len(chunk.data):
-            self._rest = memoryview(chunk.data)[sent:]
-            self._blocked = True
-            return True
-        return False
 
     # -- Trio ------------------------------------------------------------------------------
 
