@@ -581,7 +581,15 @@ async def test_sustained_input_does_not_hold_up_stop() -> None:
     endless: list[_Endless] = []
 
     class Plane:
-        def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Endless:
+        def capture_receiver(
+            self,
+            sock: socket.socket,
+            port: int,
+            stop_fd: int,
+            upstream: object = None,
+            *,
+            busy_poll: float = 0.0,
+        ) -> _Endless:
             endless.append(_Endless(stop_fd, limit=60.0))
             return endless[0]
 

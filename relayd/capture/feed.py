@@ -31,7 +31,7 @@ from relayd.capture.receive import Receive
 from relayd.capture.uplink import Uplink
 from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
-from relayd.datapath import run_stoppable, select_plane
+from relayd.datapath import log_latency_mode, run_stoppable, select_plane
 from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver, open_group_receivers, resolve_interface
@@ -331,7 +331,11 @@ class CaptureFeedRuntime:
                     nursery.start_soon(
                         run_stoppable,
                         functools.partial(
-                            self.receive.drain, plane, receiver, self.link.wake_sender
+                            self.receive.drain,
+                            plane,
+                            receiver,
+                            self.link.wake_sender,
+                            busy_poll=self.config.busy_poll,
                         ),
                     )
                 if self.upstream is not None:
@@ -349,6 +353,7 @@ class CaptureFeedRuntime:
                     if self.upstream is None
                     else f", upstream check deribit ({self.upstream.layout.value})",
                 )
+                log_latency_mode(log, self.name, self.config.busy_poll, plane)
                 task_status.started()
                 await self.link.run()
         finally:

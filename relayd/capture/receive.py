@@ -54,13 +54,15 @@ class Receive:
         wake_sender: Callable[[], None],
         stop_fd: int,
         token: trio.lowlevel.TrioToken,
+        *,
+        busy_poll: float = 0.0,
     ) -> None:
         """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
-        every batch, so a socket that never runs empty still stops)."""
-        if self.upstream is None:
-            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
-        else:
-            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd, self.upstream)
+        every batch, so a socket that never runs empty still stops). ``busy_poll``: the
+        feed's latency mode (seconds to poll without sleeping after a batch)."""
+        rx = plane.capture_receiver(
+            receiver.sock, receiver.port, stop_fd, self.upstream, busy_poll=busy_poll
+        )
         # Every name the loop uses is a local: at low rates each batch is one datagram, and
         # this loop is most of the capture side's CPU per datagram (docs/PERFORMANCE.md).
         wait, batch, frames = rx.wait, rx.batch, rx.frames
