@@ -97,10 +97,19 @@ def loop_cpu(plane: DataPlane, count: int) -> float:
         name = plane.name
 
         def capture_receiver(
-            self, sock: socket.socket, port: int, stop_fd: int, busy_poll: float = 0.0
+            self,
+            sock: socket.socket,
+            port: int,
+            stop_fd: int,
+            upstream: Any = None,
+            *,
+            busy_poll: float = 0.0,
         ) -> CaptureReceiver:
-            latency = (busy_poll,) if busy_poll else ()  # so it runs on older trees too
-            inner = plane.capture_receiver(sock, port, stop_fd, *latency)
+            # only what is set, so it runs on older trees too
+            extra: dict[str, Any] = {"busy_poll": busy_poll} if busy_poll else {}
+            if upstream is not None:
+                extra["upstream"] = upstream
+            inner = plane.capture_receiver(sock, port, stop_fd, **extra)
             return _fed(inner, feed)
 
     receiver = cast(GroupReceiver, SimpleNamespace(sock=rx, port=rx.getsockname()[1]))
