@@ -60,3 +60,25 @@ def test_a_new_connection_is_not_sent_chunks_past_the_age_bound(
     fresh = _chunk(2, time.monotonic())
     assert uplink.append(fresh, False, 0, 0) is False
     assert pair[1].recv(4096) == fresh.data  # the stream starts with what is within the bound
+
+
+def test_a_batch_written_before_its_connection_ended_counts_as_sent(
+    uplink: Uplink, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The connection ends while a receive thread writes a batch to it: what it wrote is
+    counted as sent when it hands the socket back (whatever the timing), and the batch is
+    sent again, as a resend, on the next connection."""
+    uplink.attach(pair[0], 0)
+    assert uplink.claim() is pair[0]
+    chunk = _chunk(1, time.monotonic())
+    pair[0].send(chunk.data)  # the thread's write ...
+    assert uplink.release(pair[0], None) == (True, False)  # ... the connection ends meanwhile
+    uplink.append(chunk, True, len(chunk.data), 0)
+    assert (uplink.frames_sent, uplink.bytes_sent) == (1, len(chunk.data))
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        assert uplink.attach(a, 0) == 1
+        assert uplink.kick() is False
+        assert b.recv(4096) == chunk.data
+    assert (uplink.frames_sent, uplink.resent_datagrams) == (2, 1)

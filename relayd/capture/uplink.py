@@ -142,18 +142,24 @@ class Uplink:
         replay chunks past ``replay_max_age`` are dropped by Trio (:meth:`heartbeat`,
         :meth:`apply_acks`, :meth:`attach`), not once per batch."""
         with self._lock:
+            gone = False
             if claimed:
                 self._claimed = False
                 if self._close_after_claim is not None:
                     self._close_after_claim.close()
                     self._close_after_claim = None
                     claimed = False  # the connection is gone: the chunk waits in the buffer
+                    gone = True
             if chunk is None:
                 return False
             self._apply_acks()
             replay = self.replay
             if not claimed:
                 replay.append(chunk)
+                if gone:  # what the thread wrote did go out (and goes again, as a resend)
+                    self.bytes_sent += sent
+                    if sent == len(chunk.data):
+                        self._count_sent(chunk, chunk.time)
                 wake = self._kick()
             else:  # written by the thread (it was the only unsent chunk): account for it
                 replay.append(chunk, sent=True)
