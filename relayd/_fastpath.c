@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 11
+#define RD_ABI 12
 
 /* Why a call returned (both loops). */
 enum {
@@ -126,6 +126,7 @@ enum {
     F(uint64_t, max_payload, )    /* larger payloads are dropped (1..MAX_PAYLOAD) */           \
     F(struct rd_arb *, arb, )     /* the feed's arbiter, or NULL (arbitration = "none") */     \
     F(uint64_t, arb_source, )     /* this connection's source number for the arbiter */        \
+    F(int64_t, busy_ns, )         /* latency mode: poll without sleeping this long after data */ \
     /* the stream: undecoded bytes are buf[start:end] */                                       \
     F(uint64_t, start, ) F(uint64_t, end, )                                                    \
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
@@ -161,6 +162,7 @@ enum {
     F(uint64_t, cap, )                                                                         \
     F(uint64_t, room, ) /* a batch ends when less than this is left after the last frame */    \
     F(uint64_t, port, )                                                                        \
+    F(int64_t, busy_ns, ) /* latency mode: poll without sleeping this long after a batch */    \
     F(int64_t, tcp_fd, ) /* >= 0: the TCP side is caught up, send the batch there at once */   \
     /* out, per batch */                                                                       \
     F(uint64_t, count, ) F(uint64_t, offset, ) F(uint64_t, payload_bytes, )                    \
@@ -1362,8 +1364,10 @@ int rd_emit_pump(struct rd_emit *s) {
                 wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
             }
             short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
-            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, events,
-                                        wake > now ? wake - now : 0, s->buf + s->end,
+            int64_t wait_ns = wake > now ? wake - now : 0;
+            if (now < s->last_rx_ns + s->busy_ns) wait_ns = 0; /* latency mode: do not sleep */
+            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, events, wait_ns,
+                                        s->buf + s->end,
                                         s->cap - s->end, &s->err);
             if (got < 0) return (int)-got;
             if (got == 0) continue; /* nothing yet, or only writable */
@@ -1384,9 +1388,12 @@ void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t cou
 /* Block until the socket is readable (0) or the stop pipe is (RD_STOPPED). */
 int rd_capture_wait(struct rd_capture *s) {
     struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+    /* latency mode: poll without sleeping for busy_ns after the last batch, then sleep */
+    int64_t spin_until = s->busy_ns > 0 ? now_ns(CLOCK_MONOTONIC) + s->busy_ns : 0;
     for (;;) {
-        int n = poll(p, 2, -1);
-        if (n < 0 && errno == EINTR) continue;
+        int spin = spin_until && now_ns(CLOCK_MONOTONIC) < spin_until;
+        int n = poll(p, 2, spin ? 0 : -1);
+        if (n == 0 || (n < 0 && errno == EINTR)) continue;
         if (n < 0) {
             s->err = errno;
             return RD_ERROR;

@@ -47,6 +47,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_BUSY_POLL",
     "MAX_CONFIG_BYTES",
     "MAX_DURATION",
     "MAX_KEY_FILE_BYTES",
@@ -112,6 +113,9 @@ MAX_REPLAY_BYTES: Final = 4 * 1024**3
 #: connection at once).
 MIN_DURATION: Final = 0.001
 MAX_DURATION: Final = 24 * 3600.0
+#: ``busy_poll`` (latency mode) lies in 0 (off) .. MAX_BUSY_POLL seconds: a data-path thread
+#: spins that long after data before it sleeps, so more is a core burnt for nothing.
+MAX_BUSY_POLL: Final = 0.01
 
 _FEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -342,6 +346,7 @@ class EmitFeed:
     deribit_layout: DeribitLayoutName = "frame-v1"
     arbitration_hold_timeout: float = 0.05
     arbitration_content_window: float = 2.0
+    busy_poll: float = 0.0  # latency mode (C data plane): seconds; 0: off
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -404,6 +409,8 @@ class CaptureFeed:
             )
             for site in sites
         )
+
+    busy_poll: float = 0.0  # latency mode (C data plane): seconds; 0: off
 
 
 @attrs.frozen(kw_only=True)
@@ -631,6 +638,24 @@ def _content_window(value: Any) -> float:
     return seconds
 
 
+def _busy_poll(value: Any) -> float:
+    """A duration of 0 (off) up to MAX_BUSY_POLL (``"50us"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _WrongTypeError("duration", value)
+    try:
+        seconds = parse_duration(value)
+    except UnitError as exc:
+        raise _InvalidValueError(str(exc)) from None
+    if seconds > MAX_BUSY_POLL:
+        raise _InvalidValueError(
+            f"invalid duration {value!r}: must be between 0 (off) and "
+            f"{format_duration(MAX_BUSY_POLL)}"
+        )
+    if 0 < seconds < 1e-6:
+        raise _InvalidValueError(f"invalid duration {value!r}: must be 0 (off) or at least 1us")
+    return seconds
+
+
 def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -761,6 +786,7 @@ _register(
         "deribit_layout": _one_of(get_args(DeribitLayoutName)),
         "arbitration_hold_timeout": _hold_timeout,
         "arbitration_content_window": _content_window,
+        "busy_poll": _busy_poll,
     },
     _check_timeouts,
 )
@@ -835,6 +861,7 @@ _register(
         "upstream_check": _one_of(get_args(UpstreamCheck)),
         "deribit_layout": _one_of(get_args(DeribitLayoutName)),
         "site": _tuple_of(_site_table),
+        "busy_poll": _busy_poll,
     },
     _check_capture,
 )

@@ -22,6 +22,7 @@ loop returns.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import select
 import socket
@@ -35,6 +36,7 @@ import trio
 from relayd.arbitration import ArbitrationConfig, Verdict
 from relayd.arbitration.headers import DeribitLayout
 from relayd.session import Destination
+from relayd.units import format_duration
 from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "Why",
     "current_beat",
     "data_threads_alive",
+    "log_latency_mode",
     "run_stoppable",
     "select_plane",
     "trio_time_of",
@@ -336,6 +339,8 @@ class EmitStart(NamedTuple):
     max_datagram_size: int  # larger payloads are dropped (``session.oversize``)
     arbiter: FeedArbiter | None = None  # the feed's, from this plane's ``arbiter``; None: none
     source: int = 0  # this connection's source number for the arbiter
+    #: seconds to poll without sleeping after data (latency mode, C plane only; 0: off)
+    busy_poll: float = 0.0
 
 
 class DataPlane(Protocol):
@@ -344,6 +349,8 @@ class DataPlane(Protocol):
     name: str  # "C" or "Python", for the log
     #: True when ``set_destination``'s fd is used (a socket connected per destination)
     connects_destinations: bool
+    #: True when the loops honour ``busy_poll`` (the latency mode)
+    busy_polls: bool
 
     def emit_pump(self, start: EmitStart) -> EmitPump:
         """Raises ProtocolError when what the handshake left over cannot be a frame."""
@@ -354,8 +361,12 @@ class DataPlane(Protocol):
         port: int,
         stop_fd: int,
         upstream: UpstreamCounter | None = None,
+        *,
+        busy_poll: float = 0.0,
     ) -> CaptureReceiver:
-        """``upstream`` (one of this plane's ``upstream_counter``): scan every batch."""
+        """``upstream`` (one of this plane's ``upstream_counter``): scan every batch.
+        ``busy_poll``: seconds to poll without sleeping after a batch (latency mode; the
+        Python plane ignores it)."""
 
     def upstream_counter(
         self,
@@ -380,6 +391,25 @@ def select_plane() -> DataPlane:
 
     plane = fastpath.load()
     return plane if plane is not None else pyplane.PLANE
+
+
+def log_latency_mode(log: logging.Logger, feed: str, busy_poll: float, plane: DataPlane) -> None:
+    """Say at a feed's start what its ``busy_poll`` (latency mode) does on ``plane``."""
+    if not busy_poll:
+        return
+    if plane.busy_polls:
+        log.info(
+            "feed %s: latency mode: the data-path threads poll without sleeping for %s after "
+            "data (busy_poll)",
+            feed,
+            format_duration(busy_poll),
+        )
+    else:
+        log.warning(
+            "feed %s: busy_poll ignored: the %s data plane has no latency mode (C only)",
+            feed,
+            plane.name,
+        )
 
 
 def trio_time_of(monotonic_ns: int) -> float:

@@ -57,7 +57,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 11
+ABI: Final = 12
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -85,6 +85,7 @@ class EmitState(ctypes.Structure):
         ("max_payload", _u64),
         ("arb", ctypes.c_void_p),
         ("arb_source", _u64),
+        ("busy_ns", _i64),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
@@ -135,6 +136,7 @@ class CaptureState(ctypes.Structure):
         ("cap", _u64),
         ("room", _u64),
         ("port", _u64),
+        ("busy_ns", _i64),
         ("tcp_fd", _i64),
         ("count", _u64),
         ("offset", _u64),
@@ -417,6 +419,7 @@ class _CEmitPump:
             max_payload=start.max_datagram_size,
             arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
             arb_source=start.source,
+            busy_ns=int(start.busy_poll * 1e9),
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
@@ -559,6 +562,9 @@ class CArbiter:
                 self._plane.rd_arb_free(address)
 
 
+_WHY: Final[dict[int, Why]] = {int(why): why for why in Why}
+
+
 class _CReceiver:
     """:class:`relayd.datapath.CaptureReceiver` over ``rd_capture_wait`` and
     ``rd_capture_batch``."""
@@ -586,6 +592,7 @@ class _CReceiver:
         port: int,
         stop_fd: int,
         upstream: UpstreamCounter | None,
+        busy_poll: float,
     ) -> None:
         if upstream is not None and not isinstance(upstream, _CUpstreamCounter):
             raise TypeError("the C capture receiver takes the C plane's upstream counter")
@@ -600,6 +607,7 @@ class _CReceiver:
             room=wire.DATA_HEADER_SIZE + wire.MAX_PAYLOAD,
             port=port,
             upstream=None if upstream is None else upstream.handle,
+            busy_ns=int(busy_poll * 1e9),
         )
         self._ref = ctypes.byref(state)
         self._wait = plane.rd_capture_wait
@@ -616,14 +624,14 @@ class _CReceiver:
     def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
         state = self._state
         state.tcp_fd = -1 if tcp is None else tcp.fileno()
-        why = self._batch(self._ref, first_seq)
+        why = _WHY[self._batch(self._ref, first_seq)]  # not Why(): once per batch, it costs
         self.count = state.count
         self.payload_bytes = state.payload_bytes
         self.sent = state.sent
         self.send_err = state.send_err
         self.err = state.err
         self.drops = state.drops if state.drops_seen else None
-        return Why(why)
+        return why
 
     def frames(self) -> bytes:
         return bytes(self._view[: self._state.offset])
@@ -761,6 +769,7 @@ class CPlane:
 
     name = "C"
     connects_destinations = True
+    busy_polls = True
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         emit = ctypes.POINTER(EmitState)
@@ -847,8 +856,10 @@ class CPlane:
         port: int,
         stop_fd: int,
         upstream: UpstreamCounter | None = None,
+        *,
+        busy_poll: float = 0.0,
     ) -> _CReceiver:
-        return _CReceiver(self, sock, port, stop_fd, upstream)
+        return _CReceiver(self, sock, port, stop_fd, upstream, busy_poll)
 
     def upstream_counter(
         self,

@@ -787,6 +787,7 @@ class PythonPlane:
 
     name = "Python"
     connects_destinations = False
+    busy_polls = False  # busy_poll is ignored (logged at the feed's start)
 
     def emit_pump(self, start: EmitStart) -> _EmitPump:
         return _EmitPump(start)
@@ -797,7 +798,10 @@ class PythonPlane:
         port: int,
         stop_fd: int,
         upstream: UpstreamCounter | None = None,
+        *,
+        busy_poll: float = 0.0,
     ) -> _Receiver:
+        del busy_poll  # the latency mode is the C plane's (docs/CONFIG.md, busy_poll)
         return _Receiver(sock, port, stop_fd, upstream)
 
     def upstream_counter(

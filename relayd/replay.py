@@ -112,12 +112,19 @@ class ReplayBuffer:
         """True when every chunk held has been handed out since the last rewind."""
         return self._cursor >= self._base + len(self._chunks)
 
-    def append(self, chunk: Chunk) -> None:
-        """Add the newest chunk; drops the oldest while the byte bound is exceeded."""
+    def append(self, chunk: Chunk, *, sent: bool = False) -> None:
+        """Add the newest chunk; drops the oldest while the byte bound is exceeded. ``sent``:
+        its producer has written it whole (the receive thread writes a batch at once when the
+        connection is caught up), so the cursor moves past it. An ACK of part of it may have
+        come before it was appended; it is not cut, it went out."""
         if chunk.first_seq <= self.last_seq or chunk.last_seq < chunk.first_seq:
             raise ValueError(
                 f"chunk {chunk.first_seq}..{chunk.last_seq} does not follow {self.last_seq}"
             )
+        if sent:
+            if self._cursor != self._base + len(self._chunks):
+                raise ValueError(f"chunk {chunk.first_seq}..{chunk.last_seq} sent out of turn")
+            self._cursor += 1
         self._chunks.append(chunk)
         self.total_bytes += len(chunk.data)
         self.last_seq = chunk.last_seq
@@ -168,15 +175,6 @@ class ReplayBuffer:
         # partly acknowledged (a resend): from the first frame past the ACK
         skip = _frames_size(chunk.data, acked - chunk.first_seq + 1)
         return Chunk(acked + 1, chunk.last_seq, chunk.time, chunk.data[skip:])
-
-    def mark_sent(self, chunk: Chunk) -> None:
-        """``chunk``, the one at the cursor, was written whole by its producer (the receive
-        thread writes a batch at once when the connection is caught up): move past it. An ACK
-        of part of it may have come before it was appended; it is not cut, it went out."""
-        index = self._cursor - self._base
-        if index < 0 or index >= len(self._chunks) or self._chunks[index] is not chunk:
-            raise ValueError(f"chunk {chunk.first_seq}..{chunk.last_seq} is not at the cursor")
-        self._cursor += 1
 
     def _drop_oldest(self, evicted: Evicted | None) -> int:
         """Drop the oldest chunk: acknowledged (``evicted`` None) or evicted by a bound."""

@@ -6,6 +6,7 @@ fixture)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import select
@@ -581,7 +582,15 @@ async def test_sustained_input_does_not_hold_up_stop() -> None:
     endless: list[_Endless] = []
 
     class Plane:
-        def capture_receiver(self, sock: socket.socket, port: int, stop_fd: int) -> _Endless:
+        def capture_receiver(
+            self,
+            sock: socket.socket,
+            port: int,
+            stop_fd: int,
+            upstream: object = None,
+            *,
+            busy_poll: float = 0.0,
+        ) -> _Endless:
             endless.append(_Endless(stop_fd, limit=60.0))
             return endless[0]
 
@@ -617,3 +626,18 @@ async def test_the_watchdog_judges_the_ack_reader_too(nursery: trio.Nursery) -> 
     await wait_for(lambda: len(judged()) == len(feed.receivers) + 1)
     assert all(beat.waiting for beat in judged())
     assert datapath.data_threads_alive()
+
+
+async def test_the_latency_mode_is_logged_and_the_python_plane_says_it_ignores_it(
+    nursery: trio.Nursery, datapath: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``busy_poll`` is the C data plane's: the feed's start says what it does there, and that
+    the Python plane ignores it."""
+    caplog.set_level(logging.INFO, logger="relayd.capture")
+    server = await serve(nursery, Peer())
+    config = feed_config(groups_for(_base_port(), 1), [server.port], busy_poll=50e-6)
+    await nursery.start(CaptureFeedRuntime(config).run)
+    if datapath == "c":
+        assert "latency mode: the data-path threads poll without sleeping for 50us" in caplog.text
+    else:
+        assert "busy_poll ignored: the Python data plane has no latency mode" in caplog.text

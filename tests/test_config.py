@@ -225,6 +225,20 @@ def test_arbitration_settings_and_bounds() -> None:
     ]
 
 
+def test_busy_poll_is_off_by_default_and_bounded() -> None:
+    """The latency mode: 0 (off) up to 10ms on both feed kinds, microseconds allowed."""
+    defaults = parse_config(emit_with() + capture_with())
+    assert defaults.emit[0].busy_poll == defaults.capture[0].busy_poll == 0.0
+    config = parse_config(emit_with(busy_poll='"50us"') + capture_with(busy_poll='"10ms"'))
+    assert config.emit[0].busy_poll == pytest.approx(50e-6)
+    assert config.capture[0].busy_poll == pytest.approx(0.01)
+    assert parse_config(emit_with(busy_poll="0")).emit[0].busy_poll == 0.0
+    assert errors_of(emit_with(busy_poll='"11ms"') + capture_with(busy_poll="true")) == [
+        "invalid duration '11ms': must be between 0 (off) and 10ms @ $.emit[0].busy_poll",
+        "invalid value for type, expected duration @ $.capture[0].busy_poll (got true)",
+    ]
+
+
 def test_values_in_units() -> None:
     text = emit_with(
         hello_timeout='"250ms"',

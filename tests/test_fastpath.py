@@ -286,7 +286,12 @@ def awkward_pieces(frames: Sequence[bytes], seed: int) -> list[bytes]:
     return pieces
 
 
-async def test_a_stream_cut_at_awkward_places(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("busy_poll", [0.0, 200e-6], ids=["sleeps", "latency-mode"])
+async def test_a_stream_cut_at_awkward_places(
+    monkeypatch: pytest.MonkeyPatch, busy_poll: float
+) -> None:
+    """Also in the latency mode (``busy_poll``: the C pump polls without sleeping after data;
+    the Python plane ignores it), which must not change what comes out."""
     groups = pick_groups(4)
     sizes = [0, 5, 40, 160] + [160 + i for i in range(DATA_HEADER_SIZE + 1)]
     sizes += [random.Random(5).choice((0, 1, 153, 1200, 8000)) for _ in range(150)]
@@ -294,7 +299,7 @@ async def test_a_stream_cut_at_awkward_places(monkeypatch: pytest.MonkeyPatch) -
     datagrams = numbered(payloads(groups, sizes, seed=4))
     frames = encode(datagrams)
     pieces = awkward_pieces(frames, seed=6)
-    config = make_config(max_datagram_size=MAX_PAYLOAD)  # every size goes out
+    config = make_config(max_datagram_size=MAX_PAYLOAD, busy_poll=busy_poll)  # every size
 
     async def scenario(path: str) -> EmitResult:
         model = EmitModel.of(config)
@@ -844,11 +849,13 @@ def check_frames(peer: EmitStandIn, count: int, before_ns: int, after_ns: int) -
         assert before_ns <= d.ts_ns <= after_ns
 
 
+@pytest.mark.parametrize("busy_poll", [0.0, 200e-6], ids=["sleeps", "latency-mode"])
 async def test_capture_frames_the_same_datagrams_the_same_way(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, busy_poll: float
 ) -> None:
     """25 groups on one port (two sockets) and 3 on another (a third socket); sizes from
-    empty to the largest UDP payload."""
+    empty to the largest UDP payload. Also in the latency mode (``busy_poll``), where the C
+    receive loops poll without sleeping after each batch; it still stops when cancelled."""
     base = 20000 + (os.getpid() * 11 + random.randrange(1000)) % 20000
     groups = groups_for(base, 25, third=31) + groups_for(base + 1, 3, third=32)
     rng = random.Random(18)
@@ -865,7 +872,7 @@ async def test_capture_frames_the_same_datagrams_the_same_way(
         try:
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
-                    server, feed = await capture_streaming(nursery, groups)
+                    server, feed = await capture_streaming(nursery, groups, busy_poll=busy_poll)
                     assert len(feed.receivers) == 3
                     before = time.time_ns()
                     for i in range(0, len(sends), 100):

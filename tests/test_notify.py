@@ -251,7 +251,15 @@ async def test_a_wedged_data_thread_stops_the_pings(
     wedged: list[_Wedged] = []
 
     class Plane:
-        def capture_receiver(self, _sock: socket.socket, _port: int, stop_fd: int) -> _Wedged:
+        def capture_receiver(
+            self,
+            _sock: socket.socket,
+            _port: int,
+            stop_fd: int,
+            _upstream: object = None,
+            *,
+            busy_poll: float = 0.0,
+        ) -> _Wedged:
             wedged.append(_Wedged(stop_fd))
             return wedged[0]
 

@@ -253,15 +253,17 @@ def test_model(max_bytes: int, ops: list[tuple[str, int, int]]) -> None:
         assert buffer.unacked_datagrams == seq - max(buffer.acked_seq, lowest_held)
 
 
-def test_a_chunk_written_at_once_is_marked_sent_even_when_an_ack_came_first() -> None:
+def test_a_chunk_written_at_once_is_appended_sent_even_when_an_ack_came_first() -> None:
     """The receive thread writes a batch before it appends it; the emit side may ACK part of
-    it before that: marking it sent moves the cursor past it, and nothing is cut."""
+    it before that: appending it as sent moves the cursor past it, and nothing is cut. Only a
+    caught-up buffer takes a chunk that way."""
     buffer = ReplayBuffer(100_000, 30.0)
     buffer.ack(3)
     batch = framed(1, 5)
-    buffer.append(batch)
-    buffer.mark_sent(batch)
+    buffer.append(batch, sent=True)
     assert buffer.caught_up
     assert buffer.next_unsent() is None
-    with pytest.raises(ValueError, match="not at the cursor"):
-        buffer.mark_sent(framed(6, 6))
+    assert list(buffer) == [batch]
+    buffer.append(framed(6, 6))
+    with pytest.raises(ValueError, match="sent out of turn"):
+        buffer.append(framed(7, 7), sent=True)

@@ -70,6 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--profile-shape", default="fixed", choices=("fixed", "bursty"))
     parser.add_argument(
+        "--busy-poll",
+        metavar="DURATION",
+        help="run both relay feeds in latency mode: busy_poll = DURATION (e.g. 50us, 200us)",
+    )
+    parser.add_argument(
+        "--cpus",
+        metavar="CAP/EMIT",
+        help="pin the relay processes with taskset, e.g. 0/1 (separate cores) or 0/0",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=-10,
@@ -127,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
         if "relayd" in paths or args.profile or args.hops or args.perf:
-            relay = Relay(topo, Path(tmp))
+            relay = Relay(topo, Path(tmp), busy_poll=args.busy_poll, cpus=args.cpus)
             relay.start()
         bench = Bench(topo, gen, recv, relay)
         try:

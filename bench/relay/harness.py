@@ -137,10 +137,21 @@ class Relay:
     """Two ``relayd run`` processes: an emit feed in the emit namespace, a capture feed in the
     capture namespace, joined by TCP over the cap-emit veth."""
 
-    def __init__(self, topo: Topology, workdir: Path, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        workdir: Path,
+        log_level: str = "warning",
+        *,
+        busy_poll: str | None = None,
+        cpus: str | None = None,
+    ) -> None:
         self.topo = topo
         self.workdir = workdir
         self.log_level = log_level
+        self.busy_poll = busy_poll  # both feeds' latency mode (``busy_poll``), None: off
+        # taskset CPU lists of the capture and the emit process ("0/1"), None: unpinned
+        self.cpus = dict(zip(("cap", "emit"), cpus.split("/"), strict=True)) if cpus else {}
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def _configs(self) -> dict[str, str]:
@@ -149,6 +160,7 @@ class Relay:
             f'[process]\nlog_level = "{self.log_level}"\n\n[health]\nlisten = "127.0.0.1:18080"\n\n'
         )
         groups = ", ".join(f'"{g}:{PORT}"' for g in GROUPS)
+        latency = f'busy_poll = "{self.busy_poll}"\n' if self.busy_poll else ""
         return {
             "emit": head + "[[emit]]\n"
             'name = "bench"\n'
@@ -156,12 +168,12 @@ class Relay:
             f'interface = "{out_link.a_dev}"\n'
             "ttl = 1\nloop = false\n"
             f'allowed_sources = ["{tcp_link.a_addr.network}"]\n'
-            'allowed_groups = ["239.77.0.0/24"]\n',
+            'allowed_groups = ["239.77.0.0/24"]\n' + latency,
             "cap": head + "[[capture]]\n"
             'name = "bench"\n'
             f'interface = "{cap_link.b_dev}"\n'
             f"groups = [{groups}]\n"
-            f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n',
+            f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n' + latency,
         }
 
     def start(self) -> None:
@@ -169,9 +181,10 @@ class Relay:
             config = self.workdir / f"{role}.toml"
             config.write_text(text)
             log = (self.workdir / f"{role}.log").open("w")
+            pin = ["taskset", "-c", self.cpus[role]] if role in self.cpus else []
             self.procs[role] = self.topo.popen(
                 role,
-                [sys.executable, "-m", "relayd", "run", "--config", str(config)],
+                [*pin, sys.executable, "-m", "relayd", "run", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,

@@ -32,6 +32,7 @@ class Restart(enum.Enum):
     SOURCES = "sources"
     UPSTREAM_CHECK = "upstream_check"  # or its deribit_layout
     SITES = "sites"  # a site added, removed or renamed (each site's own settings apply live)
+    BUSY_POLL = "busy_poll"  # the receive threads take the latency mode when they start
 
 
 @attrs.frozen
@@ -61,6 +62,8 @@ def plan_capture_change(old: CaptureFeed, new: CaptureFeed) -> CaptureChange:
         return CaptureChange(Restart.SOURCES)
     if (old.upstream_check, old.deribit_layout) != (new.upstream_check, new.deribit_layout):
         return CaptureChange(Restart.UPSTREAM_CHECK)
+    if old.busy_poll != new.busy_poll:
+        return CaptureChange(Restart.BUSY_POLL)
     if [site.name for site in old.sites] != [site.name for site in new.sites]:
         return CaptureChange(Restart.SITES)
     before, after = _groups(old), _groups(new)

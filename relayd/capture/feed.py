@@ -38,7 +38,7 @@ from relayd.capture.receivers import Receivers
 from relayd.capture.sites import Fanout, Site, site_config
 from relayd.capture.upstream import UpstreamCheck
 from relayd.config import CaptureFeed
-from relayd.datapath import select_plane
+from relayd.datapath import log_latency_mode, select_plane
 from relayd.keys import load_auth_keys
 from relayd.logs import RateLimitedLogger
 from relayd.netif import (
@@ -94,7 +94,7 @@ class CaptureFeedRuntime:
         self.link = self.sites[0].link
         sink = self.uplink if not more else Fanout([site.uplink for site in self.sites])
         self.receive = Receive(config.name, sink, self._limited)
-        self.receivers = Receivers(self.receive)
+        self.receivers = Receivers(self.receive, config.busy_poll)
         self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
         self._interface: IPv4Address | None = None
         # health (Trio clock)
@@ -469,6 +469,7 @@ class CaptureFeedRuntime:
                     if self.upstream is None
                     else f", upstream check deribit ({self.upstream.layout.value})",
                 )
+                log_latency_mode(log, self.name, self.config.busy_poll, plane)
                 task_status.started()
                 for site in self.sites[1:]:
                     nursery.start_soon(site.link.run)

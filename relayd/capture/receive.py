@@ -60,50 +60,62 @@ class Receive:
         wake_sender: Callable[[], None],
         stop_fd: int,
         token: trio.lowlevel.TrioToken,
+        *,
+        busy_poll: float = 0.0,
     ) -> None:
         """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
-        every batch, so a socket that never runs empty still stops)."""
-        if self.upstream is None:
-            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd)
-        else:
-            rx = plane.capture_receiver(receiver.sock, receiver.port, stop_fd, self.upstream)
-        uplink = self._uplink
+        every batch, so a socket that never runs empty still stops). ``busy_poll``: the
+        feed's latency mode (seconds to poll without sleeping after a batch)."""
+        rx = plane.capture_receiver(
+            receiver.sock, receiver.port, stop_fd, self.upstream, busy_poll=busy_poll
+        )
+        # Every name the loop uses is a local: at low rates each batch is one datagram, and
+        # this loop is most of the capture side's CPU per datagram (docs/PERFORMANCE.md).
+        wait, batch, frames = rx.wait, rx.batch, rx.frames
+        claim, append = self._uplink.claim, self._uplink.append
+        sequencing = self._sequencing
         schedule = token.run_sync_soon
         monotonic = time.monotonic
+        full, error = Why.FULL, Why.ERROR
         beat = current_beat()
         stop = select.poll()
         stop.register(stop_fd, select.POLLIN)
         last_drops = 0
         while True:
-            with beat.wait():
-                if not rx.wait():
-                    return
-            why = Why.FULL
-            while why == Why.FULL:  # batches until the socket is empty
+            beat.waiting = True  # Beat.wait() inlined
+            try:
+                ready = wait()
+            finally:
+                beat.waiting = False
+            if not ready:
+                return
+            why = full
+            while why == full:  # batches until the socket is empty
                 beat.count += 1
-                with self._sequencing:
-                    tcp = uplink.claim()
+                with sequencing:
+                    tcp = claim()
                     first = self.seq + 1
-                    why = rx.batch(first, tcp)
+                    why = batch(first, tcp)
                     count = rx.count
-                    chunk = None
                     if count:
-                        self.seq += count
+                        self.seq = last = first + count - 1
                         self.datagrams_in += count
                         self.bytes_in += rx.payload_bytes
-                        chunk = Chunk(first, self.seq, monotonic(), rx.frames())
-                    if uplink.append(chunk, tcp is not None, rx.sent, rx.send_err):
-                        schedule(wake_sender)
+                        chunk = Chunk(first, last, monotonic(), frames())
+                        if append(chunk, tcp is not None, rx.sent, rx.send_err):
+                            schedule(wake_sender)
+                    elif tcp is not None:
+                        append(None, True, 0, 0)
                     drops = rx.drops
                     if drops is not None and drops != last_drops:
                         self._count_kernel_drops(drops - last_drops)
                         last_drops = drops
-                if why == Why.ERROR:
+                if why == error:
                     raise OSError(rx.err, os.strerror(rx.err))
                 # Sustained input must not hold up stop, reload, shutdown: look at the stop pipe
                 # before each further batch (only then: at low rates every batch is one
                 # datagram, and rx.wait() has just looked at it).
-                if why == Why.FULL and stop.poll(0):
+                if why == full and stop.poll(0):
                     return
 
     def _count_kernel_drops(self, growth: int) -> None:

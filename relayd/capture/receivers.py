@@ -28,8 +28,9 @@ GroupKey = tuple[IPv4Address, int]
 class Receivers:
     """The group sockets of one feed and their receive tasks (one thread each)."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, busy_poll: float = 0.0) -> None:
         self._receive = receive
+        self._busy_poll = busy_poll  # the feed's latency mode (Receive.drain)
         self.sockets: list[GroupReceiver] = []
         self._scopes: dict[socket.socket, trio.CancelScope] = {}
         self._retired: set[socket.socket] = set()  # stopping; closed once its thread is done
@@ -102,7 +103,11 @@ class Receivers:
     ) -> None:
         try:
             with scope:
-                await run_stoppable(functools.partial(self._receive.drain, plane, receiver, wake))
+                await run_stoppable(
+                    functools.partial(
+                        self._receive.drain, plane, receiver, wake, busy_poll=self._busy_poll
+                    )
+                )
         finally:
             del self._scopes[receiver.sock]
             if receiver.sock in self._retired:

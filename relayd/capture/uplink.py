@@ -70,6 +70,7 @@ class Uplink:
         """Stream to ``sock`` from the chunk after ``welcome`` on; returns how many datagrams
         will be resent."""
         with self._lock:
+            self._expire(time.monotonic())  # nothing older than replay_max_age is resent
             resend = self.replay.rewind(welcome)
             self._rest = None
             self._queued.clear()
@@ -141,7 +142,6 @@ class Uplink:
         """The socket, for a receive thread to write its next batch to at once, when the
         connection is caught up (else None: the batch goes through the replay buffer)."""
         with self._lock:
-            self._apply_acks()
             sock = self._sock
             if (
                 sock is None
@@ -158,39 +158,47 @@ class Uplink:
     def append(self, chunk: Chunk | None, claimed: bool, sent: int, err: int) -> bool:
         """A receive thread's batch (None: it got nothing), of which ``sent`` bytes were
         written to the claimed socket (``err``: the write failed). True when the sender task
-        must be woken."""
+        must be woken.
+
+        The one lock pass of a batch, so only what must follow the batch at once is here:
+        replay chunks past ``replay_max_age`` are dropped by Trio (:meth:`heartbeat`,
+        :meth:`apply_acks`, :meth:`attach`), not once per batch."""
         with self._lock:
+            gone = False
             if claimed:
                 self._claimed = False
-                closing, self._close_after_claim = self._close_after_claim, None
-                if closing is not None:
-                    closing.close()
+                if self._close_after_claim is not None:
+                    self._close_after_claim.close()
+                    self._close_after_claim = None
                     claimed = False  # the connection is gone: the chunk waits in the buffer
+                    gone = True
             if chunk is None:
                 return False
+            self._apply_acks()
             replay = self.replay
-            replay.append(chunk)
-            wake = self._sent_at_once(chunk, sent, err) if claimed else self._kick()
-            replay.expire(chunk.time)
-            self._note_replay_drops()
+            if not claimed:
+                replay.append(chunk)
+                if gone:  # what the thread wrote did go out (and goes again, as a resend)
+                    self.bytes_sent += sent
+                    if sent == len(chunk.data):
+                        self._count_sent(chunk, chunk.time)
+                wake = self._kick()
+            else:  # written by the thread (it was the only unsent chunk): account for it
+                replay.append(chunk, sent=True)
+                self._count_sent(chunk, chunk.time)
+                self.bytes_sent += sent
+                if sent:
+                    self.last_send = chunk.time
+                wake = False
+                if err:
+                    self._send_error = OSError(err, os.strerror(err))
+                    self._blocked = wake = True
+                elif sent < len(chunk.data):
+                    self._rest = memoryview(chunk.data)[sent:]
+                    self._blocked = wake = True
+            if replay.dropped_datagrams != self._reported_drops:  # the byte bound evicted
+                self._note_replay_drops()
             return wake
-
-    def _sent_at_once(self, chunk: Chunk, sent: int, err: int) -> bool:
-        """Account for a batch written by the receive thread (it was the only unsent chunk)."""
-        self.replay.mark_sent(chunk)
-        self._count_sent(chunk)
-        self.bytes_sent += sent
-        if sent:
-            self.last_send = time.monotonic()
-        if err:
-            self._send_error = OSError(err, os.strerror(err))
-            self._blocked = True
-            return True
-        if sent < len(chunk.data):
-            self._rest = memoryview(chunk.data)[sent:]
-            self._blocked = True
-            return True
-        return False
 
     # -- Trio ------------------------------------------------------------------------------
 
@@ -229,13 +237,14 @@ class Uplink:
                     wake = self._kick()
                 due = now + interval
             self._apply_acks()
-            if self.replay.expire(now):
-                self._note_replay_drops()
+            self._expire(now)
         return wake, max(0.0, due - now)
 
     def apply_acks(self) -> None:
+        """Bring the replay buffer up to date (ACKs, age) before a report."""
         with self._lock:
             self._apply_acks()
+            self._expire(time.monotonic())
 
     def ack_wait(self) -> tuple[float, int]:
         """How long data sent on the current connection has waited without any ACK progress
@@ -264,6 +273,11 @@ class Uplink:
                 self.replay.ack(acked)
                 self._waiting_since = time.monotonic() if self._sent_seq > acked else None
 
+    def _expire(self, now: float) -> None:
+        self.replay.expire(now)
+        if self.replay.dropped_datagrams != self._reported_drops:
+            self._note_replay_drops()
+
     def _kick(self) -> bool:
         if self._sock is None or self._blocked or self._claimed:
             return False
@@ -278,14 +292,15 @@ class Uplink:
             return True
         return False
 
-    def _count_sent(self, chunk: Chunk) -> None:
-        if chunk.first_seq <= self._highest_sent:
-            self.resent_datagrams += min(chunk.last_seq, self._highest_sent) - chunk.first_seq + 1
-        self._highest_sent = max(self._highest_sent, chunk.last_seq)
-        if self._waiting_since is None and chunk.last_seq > self.replay.acked_seq:
-            self._waiting_since = time.monotonic()
-        self._sent_seq = max(self._sent_seq, chunk.last_seq)
-        self.frames_sent += chunk.datagrams
+    def _count_sent(self, chunk: Chunk, now: float) -> None:
+        first, last = chunk.first_seq, chunk.last_seq
+        if first <= self._highest_sent:
+            self.resent_datagrams += min(last, self._highest_sent) - first + 1
+        self._highest_sent = max(self._highest_sent, last)
+        if self._waiting_since is None and last > self.replay.acked_seq:
+            self._waiting_since = now
+        self._sent_seq = max(self._sent_seq, last)
+        self.frames_sent += last - first + 1
 
     def _write(self) -> bool:
         """Write the rest of a frame sequence, queued HEARTBEATs, then unsent chunks; True when
@@ -304,7 +319,7 @@ class Uplink:
                     chunk = replay.next_unsent()
                     if chunk is None:
                         return True
-                    self._count_sent(chunk)
+                    self._count_sent(chunk, time.monotonic())
                     data = memoryview(chunk.data)
             try:
                 sent = send(data)

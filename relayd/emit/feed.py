@@ -30,7 +30,7 @@ import attrs
 import trio
 
 from relayd.config import EmitFeed
-from relayd.datapath import DataPlane, select_plane
+from relayd.datapath import DataPlane, log_latency_mode, select_plane
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
@@ -255,6 +255,8 @@ class EmitFeedRuntime:
                         cfg.ttl,
                         self._plane.name if self._plane is not None else "?",
                     )
+                    if self._plane is not None:
+                        log_latency_mode(log, self.name, cfg.busy_poll, self._plane)
                     task_status.started()
                     await trio.sleep_forever()
         finally:

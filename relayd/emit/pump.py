@@ -63,8 +63,11 @@ def pump_connection(
     source: int,
     stop_fd: int,
     _token: trio.lowlevel.TrioToken,
+    *,
+    busy_poll: float = 0.0,
 ) -> tuple[PumpEnd, Any]:
-    """Run ``conn``'s data path until it ends (in its thread); ``link.pump`` is the pump."""
+    """Run ``conn``'s data path until it ends (in its thread); ``link.pump`` is the pump.
+    ``busy_poll``: the feed's latency mode (seconds to poll without sleeping after data)."""
     session = conn.session
     assert session is not None
     try:
@@ -82,6 +85,7 @@ def pump_connection(
                 max_datagram_size,
                 arbiter,
                 source,
+                busy_poll,
             )
         )
     except ProtocolError as exc:

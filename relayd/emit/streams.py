@@ -254,6 +254,7 @@ class ConnectionStreams:
                     link.max_datagram_size,
                     arbitration.arbiter,
                     arbitration.source_of(conn.peer),
+                    busy_poll=self.config.busy_poll,
                 ),
                 limiter=self.limiter,
             )
