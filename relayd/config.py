@@ -340,6 +340,9 @@ class EmitFeed:
     deribit_layout: DeribitLayoutName = "frame-v1"
     arbitration_hold_timeout: float = 0.05
     arbitration_content_window: float = 2.0
+    #: Groups the observer joins to see another relay emit the feed (relayd/emit/observer.py);
+    #: empty: the destinations this host has emitted to.
+    watch_groups: tuple[GroupPort, ...] = ()
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -725,6 +728,7 @@ _register(
         "deribit_layout": _one_of(get_args(DeribitLayoutName)),
         "arbitration_hold_timeout": _hold_timeout,
         "arbitration_content_window": _content_window,
+        "watch_groups": _tuple_of(_group_port, unique=True),
     },
     _check_timeouts,
 )

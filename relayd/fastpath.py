@@ -34,6 +34,7 @@ from relayd.datapath import (
     UPSTREAM_MAX_CHANNELS,
     UPSTREAM_SNAPSHOT_PORTS,
     UPSTREAM_STALE_HORIZON_NS,
+    EmitGate,
     EmitStart,
     UpstreamChannel,
     UpstreamCounter,
@@ -57,7 +58,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 11
+ABI: Final = 12
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -85,6 +86,7 @@ class EmitState(ctypes.Structure):
         ("max_payload", _u64),
         ("arb", ctypes.c_void_p),
         ("arb_source", _u64),
+        ("gate", ctypes.c_void_p),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
@@ -252,6 +254,7 @@ STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "rd_arb_release": ArbiterRelease,
     "rd_upstream_stats": UpstreamStatsState,
     "rd_upstream_channel": UpstreamChannelState,
+    "rd_gate": EmitGate,
 }
 
 _MODES: Final = {ArbitrationMode.NONE: 0, ArbitrationMode.CONTENT: 1, ArbitrationMode.DERIBIT: 2}
@@ -393,6 +396,7 @@ class _CEmitPump:
     __slots__ = (
         "_arbiter",
         "_buffer",
+        "_gate",
         "_proto",
         "_pump",
         "_ref",
@@ -417,12 +421,14 @@ class _CEmitPump:
             max_payload=start.max_datagram_size,
             arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
             arb_source=start.source,
+            gate=None if start.gate is None else ctypes.addressof(start.gate),
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
         )
         state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
         self._arbiter = start.arbiter  # kept alive while the pump may use it
+        self._gate = start.gate  # referenced by address from the state: kept alive here
         self._ref = ctypes.byref(state)
         self._pump = plane.rd_emit_pump
         self._set_dest = plane.rd_emit_set_dest

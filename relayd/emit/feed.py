@@ -30,10 +30,11 @@ import attrs
 import trio
 
 from relayd.config import EmitFeed
-from relayd.datapath import DataPlane, select_plane
+from relayd.datapath import DataPlane, run_stoppable, select_plane
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
+from relayd.emit.observer import FeedRole, ObserveHook, Observer
 from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import EmitStats
 from relayd.emit.streams import ConnectionStreams
@@ -93,6 +94,9 @@ class EmitFeedRuntime:
         self.arbitration: FeedArbitration | None = None
         self._arbitration_released = False
         self._started_at = 0.0
+        #: This feed's role among the emit hosts (relayd/emit/role.py) and its emit gate.
+        self.role = FeedRole(config.name, None)
+        self.observer: Observer | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -157,6 +161,8 @@ class EmitFeedRuntime:
             )
         self.gate.keys = keys
         self.interface_address = interface_address
+        self.role.address = interface_address
+        self.observer = Observer(self.name, self.role, interface_address, cfg.watch_groups)
         self._plane = plane
         self._listener = listener
         self.listen_port = listener.getsockname()[1]
@@ -184,6 +190,8 @@ class EmitFeedRuntime:
             destinations=destinations,
             mcast=self._mcast,
             arbitration=self.arbitration,
+            role=self.role,
+            observer=self.observer,
         )
         self._streams.close_reason = self._close_reason
 
@@ -210,6 +218,8 @@ class EmitFeedRuntime:
         if self._destinations is not None:
             self._destinations.close()
         self._release_arbitration()
+        if self.observer is not None:
+            self.observer.close()
 
     def _release_arbitration(self) -> None:
         arbitration = self.arbitration
@@ -224,18 +234,31 @@ class EmitFeedRuntime:
         if self.arbitration is not None:
             self.arbitration.observe(group, port, payload)
 
+    @property
+    def observe_hook(self) -> ObserveHook | None:
+        """Given every datagram the observer drains from another relay (None: none)."""
+        return None if self.observer is None else self.observer.hook
+
+    @observe_hook.setter
+    def observe_hook(self, hook: ObserveHook | None) -> None:
+        if self.observer is not None:
+            self.observer.hook = hook
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
             self.open()
         listener, mcast, streams = self._listener, self._mcast, self._streams
+        observer = self.observer
         assert listener is not None
         assert mcast is not None
         assert streams is not None
+        assert observer is not None
         cfg = self.config
         try:
             self._started_at = trio.current_time()
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
+                outer.start_soon(run_stoppable, observer.run)
                 async with trio.open_nursery() as handlers:
                     await outer.start(self.gate.accept, listener, handlers, streams.serve)
                     self._listening = True
@@ -259,16 +282,21 @@ class EmitFeedRuntime:
             if self._destinations is not None:
                 self._destinations.close()
             self._release_arbitration()
+            observer.close()
 
     def health(self) -> FeedHealth:
         stats = self.stats
         stats.sync()
         failing = stats.sending_failed()
-        healthy = self._listening and not failing
+        role = self.role.snapshot()
+        standby = role["role"] == "standby"
+        healthy = self._listening and not failing and not standby
         if not self._listening:
             state = self._state
         elif failing:
             state = "failing"
+        elif standby:  # not ready: the NLB steers the feed's connections to the active host
+            state = "standby"
         elif self.sessions.active:
             state = "streaming"
         else:
@@ -289,6 +317,7 @@ class EmitFeedRuntime:
             "datagrams_out": stats.datagrams_out,
             "sending_failed": failing,
             "last_error": stats.last_error,
+            "role": role,
         }
         if self.arbitration is not None:
             detail["arbitration"] = self.arbitration.detail()
@@ -361,6 +390,68 @@ class EmitFeedRuntime:
             "1 while the listener is bound and the emitter works.",
             float(self._listening and not self.stats.sending_failed()),
         )
+        yield from self._role_samples()
+
+    def _role_samples(self) -> Iterator[Sample]:
+        feed = (("feed", self.name),)
+        role = self.role.snapshot()
+        yield Sample(
+            "emit_active",
+            "gauge",
+            "1 while this host is the feed's active emitter (holds a stream, may emit), else 0.",
+            feed,
+            float(role["role"] == "active"),
+        )
+        yield Sample(
+            "emit_standby",
+            "gauge",
+            "1 while another relay emits the feed's groups and this host refuses its streams.",
+            feed,
+            float(role["role"] == "standby"),
+        )
+        yield Sample(
+            "emit_split_brain",
+            "gauge",
+            "1 while this host and another relay both emit the feed's groups.",
+            feed,
+            float(role["split_brain"]),
+        )
+        yield Sample(
+            "split_brain",
+            "counter",
+            "Split-brain events: this host emitting while another relay emits the feed's groups.",
+            feed,
+            role["split_brains"],
+        )
+        for reason, count in role["stepped_down"].items():
+            yield Sample(
+                "emit_stepped_down",
+                "counter",
+                "Times this host stopped emitting the feed for another relay, by reason.",
+                (*feed, ("reason", reason)),
+                count,
+            )
+        observer = self.observer
+        if observer is not None:
+            for origin, count in (
+                ("own", observer.own_datagrams),
+                ("other", observer.other_datagrams),
+            ):
+                yield Sample(
+                    "emit_observed_datagrams",
+                    "counter",
+                    "Datagrams the observer sampled on the feed's groups, by origin "
+                    "(own: this host's, looped back).",
+                    (*feed, ("origin", origin)),
+                    count,
+                )
+            yield Sample(
+                "emit_watched_groups",
+                "gauge",
+                "group:port pairs the observer watches for other relays.",
+                feed,
+                len(observer.watched),
+            )
 
     async def _tick(self) -> None:
         """Once a second: feed the rate windows, follow the egress interface's address, and
@@ -392,6 +483,7 @@ class EmitFeedRuntime:
         if address == self.interface_address:
             return
         old, self.interface_address = self.interface_address, address
+        self.role.address = address
         destinations.interface = address
         renewed = destinations.reconnect()
         log.warning(
