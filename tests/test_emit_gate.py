@@ -1,0 +1,123 @@
+"""The emit gate (relayd/datapath.py ``EmitGate``) on both data planes: a pump emits a datagram
+only while the gate's lease is fresh; closed, it returns GATED with the datagram neither sent
+nor claimed, and goes on from it once the gate opens again."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from ipaddress import IPv4Address
+
+import pytest
+import trio
+
+from relayd.datapath import EmitGate, EmitStart, Why, select_plane
+from relayd.session import Destination
+from relayd.wire import EmitConnection, ErrorCode, encode_datagram, encode_hello
+from tests.helpers.capture_standin import Peer, make_config, metric, running
+
+FEED = "gated"
+LOCALHOST = int(IPv4Address("127.0.0.1"))
+
+
+def _frames(first: int, count: int, port: int) -> bytes:
+    return b"".join(
+        encode_datagram(seq, LOCALHOST, port, seq, seq.to_bytes(8, "big"))
+        for seq in range(first, first + count)
+    )
+
+
+def _received(sock: socket.socket) -> list[int]:
+    got = []
+    while True:
+        try:
+            got.append(int.from_bytes(sock.recv(64), "big"))
+        except BlockingIOError:
+            return got
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
+    plane = select_plane()
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    port = receiver.getsockname()[1]
+    pump_side, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stop_r, stop_w = os.pipe()
+    proto = EmitConnection(FEED, (), os.urandom(16))
+    proto.challenge()
+    proto.receive(encode_hello(FEED, os.urandom(16)))
+    gate = EmitGate()  # closed: open_until_ns 0
+    try:
+        pump = plane.emit_pump(
+            EmitStart(pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, gate)
+        )
+
+        def run_until_idle() -> list[Why]:
+            seen = []
+            while (why := pump.run()) not in (Why.IDLE, Why.GATED):
+                seen.append(why)
+                if why == Why.NEED_DEST:
+                    assert pump.need_key == LOCALHOST << 16 | port
+                    pump.set_destination(pump.need_key, Destination.ALLOWED, -1)
+            return [*seen, why]
+
+        peer.sendall(_frames(1, 10, port))
+        assert run_until_idle() == [Why.GATED]
+        assert pump.highest == 0  # nothing claimed: an ACK would not cover it
+        time.sleep(0.05)
+        assert _received(receiver) == []
+
+        gate.open_until(time.monotonic() + 30)
+        assert run_until_idle() == [Why.NEED_DEST, Why.IDLE]
+        assert pump.highest == 10
+        time.sleep(0.05)
+        assert _received(receiver) == list(range(1, 11))
+
+        gate.open_until(0)  # closed again (a stale lease, or standby)
+        peer.sendall(_frames(11, 5, port))
+        assert run_until_idle() == [Why.GATED]
+        assert pump.highest == 10
+        gate.open_until(time.monotonic() + 30)
+        assert run_until_idle() == [Why.IDLE]
+        time.sleep(0.05)
+        assert _received(receiver) == list(range(11, 16))
+        assert pump.counters.datagrams_out == 15  # type: ignore[attr-defined]
+    finally:
+        for sock in (pump_side, peer, sender, receiver):
+            sock.close()
+        os.close(stop_r)
+        os.close(stop_w)
+
+
+async def test_a_standby_feed_refuses_streams_and_says_why() -> None:
+    """Another relay seen on the feed's groups: /healthz/<feed> not ready with the reason, a
+    new connection refused with NOT_ACTIVE, relayd_emit_active 0; once it is silent for the
+    grace, ready again and the next stream makes this host active."""
+    other = IPv4Address("10.1.2.3")
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            assert metric(feed, "emit_active") == 0
+            feed.role.observed({other: 5}, time.monotonic())
+            health = feed.health()
+            assert not health.healthy
+            assert health.state == "standby"
+            role = health.detail["role"]
+            assert "10.1.2.3" in role["reason"]
+            assert role["other_relays"][0]["source"] == "10.1.2.3"
+            peer = await Peer.start(feed.listen_port)
+            error = await peer.closed_with(ErrorCode.NOT_ACTIVE)
+            assert "standby" in error.message
+            assert metric(feed, "connections_rejected", reason="not_active") == 1
+            assert metric(feed, "emit_standby") == 1
+            while feed.role.snapshot()["role"] == "standby":  # GRACE after the last sighting
+                await trio.sleep(0.1)
+            assert feed.health().healthy
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            assert metric(feed, "emit_active") == 1
+            assert metric(feed, "split_brain") == 0
