@@ -336,3 +336,40 @@ def test_upstream_line_names_the_worst_channel_and_stays_quiet_without_loss() ->
     ) in text
     assert "clean: upstream" not in text
     assert upstream_line({"upstream": "garbage"}) == ""
+
+
+def test_role_reason_and_split_brain() -> None:
+    doc = {
+        "feeds": {
+            "standby": {
+                "kind": "emit",
+                "state": "standby",
+                "healthy": False,
+                "role": {
+                    "role": "standby",
+                    "reason": "another relay (10.0.0.2) emits the feed's groups, last seen 0.1 s",
+                    "split_brain": False,
+                    "split_brains": 2,
+                    "other_relays": [{"source": "10.0.0.2"}],
+                },
+            },
+            "split": {
+                "kind": "emit",
+                "state": "streaming",
+                "healthy": True,
+                "role": {
+                    "role": "active",
+                    "reason": None,
+                    "split_brain": True,
+                    "split_brains": 1,
+                    "other_relays": [{"source": "10.0.0.3"}],
+                },
+            },
+            "calm": {"kind": "emit", "state": "streaming", "healthy": True, "role": {}},
+        },
+    }
+    text = render_table(doc)
+    assert "standby: not healthy: standby; another relay (10.0.0.2) emits the feed's groups" in text
+    assert "standby: split-brain events: 2 (resolved; role standby)" in text
+    assert "split: SPLIT-BRAIN: this host and 10.0.0.3 emit the feed (1)" in text
+    assert "calm:" not in text

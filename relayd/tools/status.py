@@ -177,6 +177,9 @@ def unhealthy_reason(feed: Mapping[str, Any]) -> str:
         parts.append(f"retry in {feed['retry_in_seconds']:.0f}s")
     if feed.get("sending_failed"):
         parts.append("multicast sends fail")
+    role = feed.get("role")
+    if isinstance(role, dict) and role.get("reason"):
+        parts.append(str(role["reason"]))
     for key in ("error", "last_error"):
         if feed.get(key):
             parts.append(f"{key.replace('_', ' ')}: {feed[key]}")
@@ -245,6 +248,18 @@ def upstream_line(feed: Mapping[str, Any]) -> str:
     return text
 
 
+def split_brain_line(feed: Mapping[str, Any]) -> str:
+    """An emit feed's split-brain now, or how many it had (empty when none)."""
+    role = feed.get("role")
+    if not isinstance(role, dict) or not role.get("split_brains"):
+        return ""
+    events = int(role["split_brains"])
+    if role.get("split_brain"):
+        others = ", ".join(str(o.get("source")) for o in role.get("other_relays") or [])
+        return f"SPLIT-BRAIN: this host and {others or 'another relay'} emit the feed ({events})"
+    return f"split-brain events: {events} (resolved; role {role.get('role', '?')})"
+
+
 def _feeds(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (str(name), feed) for name, feed in doc.get("feeds", {}).items() if isinstance(feed, dict)
@@ -297,6 +312,9 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
     for name, feed in _feeds(doc):
         if not feed.get("healthy"):
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
+        split = split_brain_line(feed)
+        if split:
+            lines.append(f"{name}: {split}")
     for name, feed in _feeds(doc):
         for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
             if line:
