@@ -104,7 +104,8 @@ async def test_a_standby_feed_refuses_streams_and_says_why() -> None:
             assert metric(feed, "emit_active") == 0
             feed.role.observed({other: 5}, time.monotonic())
             health = feed.health()
-            assert not health.healthy
+            assert health.healthy  # the process is fine (relayd_feed_up 1, /healthz 200)
+            assert not health.ready  # but the NLB must not send it the feed
             assert health.state == "standby"
             role = health.detail["role"]
             assert "10.1.2.3" in role["reason"]
@@ -116,7 +117,7 @@ async def test_a_standby_feed_refuses_streams_and_says_why() -> None:
             assert metric(feed, "emit_standby") == 1
             while feed.role.snapshot()["role"] == "standby":  # GRACE after the last sighting
                 await trio.sleep(0.1)
-            assert feed.health().healthy
+            assert feed.health().ready
             peer = await Peer.start(feed.listen_port)
             assert await peer.welcome() == 0
             assert metric(feed, "emit_active") == 1

@@ -396,6 +396,8 @@ def test_one_emitter_takeover_on_freeze_and_kill(site: Site) -> None:
     assert feed["state"] == "standby"
     assert str(site.address(active)) in feed["role"]["reason"]
     assert feed["role"]["other_relays"][0]["source"] == str(site.address(active))
+    instance, _ = site.emits[standby].http_get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")
+    assert instance == 200  # a standby is not a fault: the host check must not replace it
     assert site.metric(active, "emit_active") == 1
     assert site.metric(standby, "emit_active") == 0
     assert site.nlb is not None

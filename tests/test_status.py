@@ -344,7 +344,8 @@ def test_role_reason_and_split_brain() -> None:
             "standby": {
                 "kind": "emit",
                 "state": "standby",
-                "healthy": False,
+                "healthy": True,
+                "ready": False,
                 "role": {
                     "role": "standby",
                     "reason": "another relay (10.0.0.2) emits the feed's groups, last seen 0.1 s",
@@ -369,7 +370,7 @@ def test_role_reason_and_split_brain() -> None:
         },
     }
     text = render_table(doc)
-    assert "standby: not healthy: standby; another relay (10.0.0.2) emits the feed's groups" in text
+    assert "standby: not ready: standby; another relay (10.0.0.2) emits the feed's groups" in text
     assert "standby: split-brain events: 2 (resolved; role standby)" in text
     assert "split: SPLIT-BRAIN: this host and 10.0.0.3 emit the feed (1)" in text
     assert "calm:" not in text

@@ -290,7 +290,7 @@ class EmitFeedRuntime:
         failing = stats.sending_failed()
         role = self.role.snapshot()
         standby = role["role"] == "standby"
-        healthy = self._listening and not failing and not standby
+        healthy = self._listening and not failing
         if not self._listening:
             state = self._state
         elif failing:
@@ -321,7 +321,14 @@ class EmitFeedRuntime:
         }
         if self.arbitration is not None:
             detail["arbitration"] = self.arbitration.detail()
-        return FeedHealth(healthy, state, detail, len(self.sessions.active), stats.datagrams_out)
+        return FeedHealth(
+            healthy,
+            state,
+            detail,
+            len(self.sessions.active),
+            stats.datagrams_out,
+            ready=not standby,
+        )
 
     def samples(self) -> Iterable[Sample]:
         self.stats.sync()

@@ -312,6 +312,8 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
     for name, feed in _feeds(doc):
         if not feed.get("healthy"):
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
+        elif feed.get("ready") is False:
+            lines.append(f"{name}: not ready: {unhealthy_reason(feed)}")
         split = split_brain_line(feed)
         if split:
             lines.append(f"{name}: {split}")
