@@ -122,3 +122,32 @@ async def test_a_standby_feed_refuses_streams_and_says_why() -> None:
             assert await peer.welcome() == 0
             assert metric(feed, "emit_active") == 1
             assert metric(feed, "split_brain") == 0
+
+
+async def test_a_split_brain_steps_down_and_ends_even_an_idle_stream() -> None:
+    """Active with an idle stream while another relay (a lower address) emits: one split-brain,
+    after SPLIT_TIMEOUT the higher address steps down, and the stream ends with NOT_ACTIVE
+    although no datagram came to find the gate closed."""
+    other = IPv4Address("10.1.2.3")  # below 127.0.0.1: this host yields
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            assert metric(feed, "emit_active") == 1
+
+            async def other_relay_emits() -> None:
+                while True:
+                    feed.role.observed({other: 5}, time.monotonic())
+                    await trio.sleep(0.1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other_relay_emits)
+                error = await peer.closed_with(ErrorCode.NOT_ACTIVE, timeout=10)
+                assert "stepped down" in error.message
+                assert metric(feed, "split_brain") == 1
+                assert metric(feed, "emit_stepped_down", reason="higher_address") == 1
+                assert metric(feed, "connections_closed", reason="not_active") == 1
+                assert metric(feed, "emit_active") == 0
+                assert not feed.health().ready
+                nursery.cancel_scope.cancel()

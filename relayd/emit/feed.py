@@ -36,7 +36,7 @@ from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
 from relayd.emit.observer import FeedRole, ObserveHook, Observer
 from relayd.emit.sessions import Connection, Sessions
-from relayd.emit.stats import EmitStats
+from relayd.emit.stats import Closed, EmitStats
 from relayd.emit.streams import ConnectionStreams
 from relayd.keys import load_auth_keys
 from relayd.netif import (
@@ -466,6 +466,7 @@ class EmitFeedRuntime:
         or holds an error that would fail a later send while no pump is failing to take it."""
         while True:
             self.stats.tick(trio.current_time())
+            self._end_streams_if_standing_down()
             self._follow_interface()
             senders = [self._mcast] if self._mcast is not None else []
             if self._destinations is not None:
@@ -474,6 +475,18 @@ class EmitFeedRuntime:
                 if sock.fileno() >= 0:
                     self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
+
+    def _end_streams_if_standing_down(self) -> None:
+        """A feed that stepped down ends its streams with NOT_ACTIVE. A pump with data ends
+        its own at the next datagram (the gate is closed); this ends the idle ones."""
+        if not self.sessions.active or not self.role.standing_down():
+            return
+        for conn in list(self.sessions.active.values()):
+            conn.end(
+                ErrorCode.NOT_ACTIVE,
+                f"feed {self.name!r} stepped down here (another relay emits it): connect again",
+                Closed.NOT_ACTIVE,
+            )
 
     def _follow_interface(self) -> None:
         """Read the egress interface's address again (one ioctl) and, when it changed,
