@@ -15,7 +15,7 @@ import trio
 from relayd.datapath import EmitGate, EmitStart, Why, select_plane
 from relayd.session import Destination
 from relayd.wire import EmitConnection, ErrorCode, encode_datagram, encode_hello
-from tests.helpers.capture_standin import Peer, make_config, metric, running
+from tests.helpers.capture_standin import Peer, make_config, metric, pick_groups, running
 
 FEED = "gated"
 LOCALHOST = int(IPv4Address("127.0.0.1"))
@@ -151,3 +151,37 @@ async def test_a_split_brain_steps_down_and_ends_even_an_idle_stream() -> None:
                 assert metric(feed, "emit_active") == 0
                 assert not feed.health().ready
                 nursery.cancel_scope.cancel()
+
+
+async def test_the_observer_never_counts_this_hosts_own_datagrams() -> None:
+    """With ``loop = true`` this host's sends come back to its own sockets: the observer
+    blocks its own source in the kernel (IP_BLOCK_SOURCE) and ignores it by address, so the
+    feed never stands by for itself."""
+    groups = pick_groups(2)
+    with trio.fail_after(20):
+        async with running(make_config(loop=True)) as feed:
+            assert feed.listen_port
+            assert feed.observer is not None
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            frames = [
+                encode_datagram(seq, int(group), port, seq, bytes(32))
+                for seq, (group, port) in enumerate(groups * 200, start=1)
+            ]
+            await peer.stream.send_all(b"".join(frames))
+            await peer.wait_ack(len(frames))
+            while len(feed.observer.watched) < len(groups):  # learned from the pumps
+                await trio.sleep(0.05)
+            await trio.sleep(0.3)
+            await peer.stream.send_all(
+                b"".join(
+                    encode_datagram(seq, int(group), port, seq, bytes(32))
+                    for seq, (group, port) in enumerate(groups * 200, start=len(frames) + 1)
+                )
+            )
+            await peer.wait_ack(2 * len(frames))
+            await trio.sleep(0.3)
+            assert feed.role.snapshot()["role"] == "active"
+            assert metric(feed, "emit_observed_datagrams", origin="other") == 0
+            assert metric(feed, "emit_observed_datagrams", origin="own") == 0
+            assert metric(feed, "emit_watched_groups") == len(groups)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ OBSERVER_BUFFER: Final = 256 * 1024
 #: Destinations learned from the pumps at most (without ``watch_groups``).
 LEARNED_LIMIT: Final = 64
 _RECEIVE_SIZE: Final = 65536
+#: ``setsockopt(IPPROTO_IP, IP_BLOCK_SOURCE, ip_mreq_source)`` (linux/in.h).
+IP_BLOCK_SOURCE: Final = 38
 
 #: ``hook(group, port, payload, now)``: a datagram another relay sent (group as an int).
 ObserveHook = Callable[[int, int, bytes, float], None]
@@ -266,6 +269,19 @@ class Observer:
             address = IPv4Address(source)
             others[address] = others.get(address, 0) + count
 
+    def _block_own(self, receiver: GroupReceiver, group: IPv4Address) -> None:
+        """Have the kernel drop this host's own datagrams (looped back with ``loop = true``)
+        before they fill the small buffer and crowd out another relay's; the source check in
+        ``_drain`` stays for a changed address."""
+        own = self.role.address
+        if own is None:
+            return
+        mreq = group.packed + self.interface.packed + own.packed
+        try:
+            receiver.sock.setsockopt(socket.IPPROTO_IP, IP_BLOCK_SOURCE, mreq)
+        except OSError as exc:
+            log.debug("emit feed %s: cannot block own source on %s: %s", self.name, group, exc)
+
     def _join_learned(self) -> None:
         with self._lock:
             learned, self._learned = self._learned, []
@@ -275,9 +291,12 @@ class Observer:
     def _join(self, destination: tuple[IPv4Address, int]) -> None:
         self.watched.add(destination)
         try:
-            self._receivers += open_group_receivers(
+            receivers = open_group_receivers(
                 [destination], self.interface, OBSERVER_BUFFER, force_buffer=False
             )
+            self._receivers += receivers
+            for receiver in receivers:
+                self._block_own(receiver, destination[0])
         except (InterfaceError, OSError) as exc:
             self.join_errors += 1
             log.warning(
