@@ -343,6 +343,8 @@ class EmitFeed:
     #: Groups the observer joins to see another relay emit the feed (relayd/emit/observer.py);
     #: empty: the destinations this host has emitted to.
     watch_groups: tuple[GroupPort, ...] = ()
+    #: Another relay counts as emitting the feed this long after its latest datagram seen.
+    emitter_grace: float = 1.0
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -729,6 +731,7 @@ _register(
         "arbitration_hold_timeout": _hold_timeout,
         "arbitration_content_window": _content_window,
         "watch_groups": _tuple_of(_group_port, unique=True),
+        "emitter_grace": _duration,
     },
     _check_timeouts,
 )

@@ -195,3 +195,16 @@ def test_a_host_that_wakes_alone_goes_on() -> None:
     assert role.decide(5.0) == []
     assert current(role) is Role.ACTIVE
     assert role.may_emit(5.0)
+
+
+def test_a_longer_grace_keeps_a_quiet_feeds_standby() -> None:
+    """A feed silent for seconds between heartbeats: with emitter_grace above the silence the
+    standby does not turn ready between them."""
+    role = RoleMachine(ME, grace=6.0)
+    for beat in (0.0, 5.0, 10.0):  # a heartbeat every 5 s
+        role.saw(LOWER, 1, beat)
+        for step in range(50):
+            role.decide(beat + step * TICK)
+            assert current(role) is Role.STANDBY
+    role.decide(10.0 + 6.01)
+    assert current(role) is Role.READY

@@ -95,7 +95,7 @@ class EmitFeedRuntime:
         self._arbitration_released = False
         self._started_at = 0.0
         #: This feed's role among the emit hosts (relayd/emit/role.py) and its emit gate.
-        self.role = FeedRole(config.name, None)
+        self.role = FeedRole(config.name, None, config.emitter_grace)
         self.observer: Observer | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ import trio
 
 from relayd.config import GroupPort
 from relayd.datapath import EmitGate, current_beat
-from relayd.emit.role import Role, RoleEvent, RoleMachine, StepDown
+from relayd.emit.role import GRACE, Role, RoleEvent, RoleMachine, StepDown
 from relayd.netif import (
     ANCBUFSIZE,
     GroupReceiver,
@@ -68,10 +68,10 @@ class FeedRole:
     streams change (``streaming``) and reads ``snapshot``; the pumps read the gate and ask
     ``standing_down`` when it is closed."""
 
-    def __init__(self, name: str, address: IPv4Address | None) -> None:
+    def __init__(self, name: str, address: IPv4Address | None, grace: float = GRACE) -> None:
         self.name = name
         self.gate = EmitGate()
-        self._machine = RoleMachine(address)
+        self._machine = RoleMachine(address, grace=grace)
         self._lock = threading.Lock()
 
     @property
