@@ -12,6 +12,7 @@ from ipaddress import IPv4Address
 import pytest
 import trio
 
+from relayd.config import GroupPort
 from relayd.datapath import EmitGate, EmitStart, Why, select_plane
 from relayd.session import Destination
 from relayd.wire import EmitConnection, ErrorCode, encode_datagram, encode_hello
@@ -185,3 +186,29 @@ async def test_the_observer_never_counts_this_hosts_own_datagrams() -> None:
             assert metric(feed, "emit_observed_datagrams", origin="other") == 0
             assert metric(feed, "emit_observed_datagrams", origin="own") == 0
             assert metric(feed, "emit_watched_groups") == len(groups)
+
+
+async def test_the_observer_sees_another_relay_and_hands_its_datagrams_to_the_hook() -> None:
+    """Another relay (source 127.0.0.2) emits one of ``watch_groups``: the observer's real
+    sockets see it, the feed stands by, and the hook gets each datagram it drained."""
+    (group, port), *_ = pick_groups(1)
+    config = make_config(watch_groups=(GroupPort(group, port),))
+    seen: list[tuple[int, int, bytes]] = []
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.2", 0))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    try:
+        with trio.fail_after(20):
+            async with running(config) as feed:
+                feed.observe_hook = lambda g, p, payload, _now: seen.append((g, p, payload))
+                assert metric(feed, "emit_watched_groups") == 1
+                while feed.role.snapshot()["role"] != "standby":
+                    sender.sendto(b"other relay", (str(group), port))
+                    await trio.sleep(0.02)
+                role = feed.role.snapshot()
+                assert role["other_relays"][0]["source"] == "127.0.0.2"
+                assert (int(group), port, b"other relay") in seen
+                assert metric(feed, "emit_observed_datagrams", origin="other") >= 1
+    finally:
+        sender.close()

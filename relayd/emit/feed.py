@@ -97,6 +97,7 @@ class EmitFeedRuntime:
         #: This feed's role among the emit hosts (relayd/emit/role.py) and its emit gate.
         self.role = FeedRole(config.name, None, config.emitter_grace)
         self.observer: Observer | None = None
+        self._observe_hook: ObserveHook | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class EmitFeedRuntime:
         self.interface_address = interface_address
         self.role.address = interface_address
         self.observer = Observer(self.name, self.role, interface_address, cfg.watch_groups)
+        self.observer.hook = self._observe_hook
         self._plane = plane
         self._listener = listener
         self.listen_port = listener.getsockname()[1]
@@ -236,11 +238,13 @@ class EmitFeedRuntime:
 
     @property
     def observe_hook(self) -> ObserveHook | None:
-        """Given every datagram the observer drains from another relay (None: none)."""
-        return None if self.observer is None else self.observer.hook
+        """Given every datagram the observer drains from another relay, in its thread (None:
+        none); may be set before or after ``open``."""
+        return self._observe_hook
 
     @observe_hook.setter
     def observe_hook(self, hook: ObserveHook | None) -> None:
+        self._observe_hook = hook
         if self.observer is not None:
             self.observer.hook = hook
 
