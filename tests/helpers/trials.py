@@ -80,6 +80,7 @@ FEED_PORT = 7000
 EMIT_HEALTH = 8080
 CAPTURE_HEALTH = 18080
 EXCHANGE = "10.98.0.1"  # the player's bridge address
+CUSTOMER = "10.97.0.20"  # the customer's bridge address (the emit hosts are .11 and .12)
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 
@@ -326,12 +327,21 @@ class TrialBed:
             self.captures.append(
                 self._relayd(label, host, self._capture_config(label, upstream, path), path.a_dev)
             )
+        # the customer segment: one bridge, as a Transit Gateway multicast domain is one group
+        # membership for every host, so each emit host's observer sees the other emit
+        cust.run(["ip", "link", "add", "brc", "type", "bridge", "mcast_snooping", "0"])
+        cust.run(["ip", "addr", "add", f"{CUSTOMER}/24", "dev", "brc"])
+        cust.run(["ip", "link", "set", "brc", "up"])
+        self.customer_addresses.append(CUSTOMER)
         targets = []
-        for label in ("emit1", "emit2"):
+        for n, label in enumerate(("emit1", "emit2")):
             host = net.namespace(label)
             path = net.link(nlb_ns, host)
-            egress = net.link(host, cust)
-            self.customer_addresses.append(egress.b_ip)
+            egress = net.link(
+                host, cust, a_addr=f"10.97.0.{11 + n}/24", b_addr=f"10.97.{1 + n}.1/30"
+            )
+            cust.run(["ip", "addr", "flush", "dev", egress.b_dev])
+            cust.run(["ip", "link", "set", egress.b_dev, "master", "brc"])
             self.emits.append(
                 self._relayd(label, host, self._emit_config(label, egress), path.b_dev)
             )
@@ -362,11 +372,13 @@ class TrialBed:
     def _emit_config(self, label: str, egress: Link) -> Path:
         config = self.workdir / f"{label}.toml"
         arbitration = self.settings.arbitration
+        watch = ", ".join(f'"{g}"' for g in self.groups)
         config.write_text(
             f'[health]\nlisten = "0.0.0.0:{EMIT_HEALTH}"\n\n'
             f'[[emit]]\nname = "{FEED}"\nlisten = "0.0.0.0:{FEED_PORT}"\n'
             f'interface = "{egress.a_dev}"\nttl = 1\nallowed_sources = ["10.0.0.0/8"]\n'
             f'allowed_groups = ["{GROUPS_ALLOWED}"]\n'
+            f"watch_groups = [{watch}]\n"
             'heartbeat_interval = "200ms"\nidle_timeout = "1s"\n'
             + (f'arbitration = "{arbitration}"\n' if arbitration is not None else "")
         )
