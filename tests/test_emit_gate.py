@@ -54,7 +54,7 @@ def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
     gate = EmitGate()  # closed: open_until_ns 0
     try:
         pump = plane.emit_pump(
-            EmitStart(pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, gate)
+            EmitStart(pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, gate=gate)
         )
 
         def run_until_idle() -> list[Why]:
