@@ -89,7 +89,7 @@ TRIALS ?= 20
 TRIALS_ARGS ?=
 
 soak: $(STAMP) $(FASTPATH) system-deps
-	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos $(PYTEST_ARGS)
+	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos tests/test_emit_roles_netns.py $(PYTEST_ARGS)
 	$(BIN)/python -m tests.helpers.trials table --trials $(TRIALS) $(TRIALS_ARGS)
 
 fuzz: $(STAMP) $(FASTPATH)

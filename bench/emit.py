@@ -6,6 +6,8 @@ as fast as TCP takes them. The feed sends each datagram as multicast to a test g
 127.0.0.1 with loop off (nobody receives; the send path is the same as on a real interface up
 to the driver). A run is timed from the welcome ACK to the last datagram sent; the rate is the
 median of the runs, and the CPU per datagram is this process's CPU time over the same span.
+``--no-gate`` runs the pumps without the feed's emit gate (relayd/emit/observer.py), to
+compare the gate's cost per datagram (run both alternately).
 """
 
 from __future__ import annotations
@@ -104,16 +106,23 @@ async def one_run(feed: EmitFeedRuntime, count: int) -> tuple[float, float]:
     return count / wall, cpu / count
 
 
-async def bench(count: int, runs: int) -> None:
+async def bench(count: int, runs: int, gate: bool = True) -> None:
     feed = EmitFeedRuntime(config(), keys=())
     async with trio.open_nursery() as nursery:
         await nursery.start(feed.run)
+        if not gate:  # pumps started from now on get no gate (and no role check)
+            streams = feed._streams
+            assert streams is not None
+            streams.role = None
         results = [await one_run(feed, count) for _ in range(runs)]
         nursery.cancel_scope.cancel()
     rates = [rate for rate, _ in results]
     cpus = [cpu for _, cpu in results]
     errors = sum(feed.stats.send_errors.values())
-    print(f"emit: {count} datagrams of {PAYLOAD_SIZE} B from one TCP connection, {runs} runs")
+    print(
+        f"emit: {count} datagrams of {PAYLOAD_SIZE} B from one TCP connection, {runs} runs, "
+        f"gate {'on' if gate else 'off'}"
+    )
     print("  runs (datagrams/s): " + ", ".join(f"{r:,.0f}" for r in rates))
     print(f"  median: {statistics.median(rates):,.0f} datagrams/s")
     print(
@@ -128,9 +137,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer datagrams")
     parser.add_argument("--count", type=int, help="datagrams per run")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-gate", action="store_true", help="pumps without the emit gate")
     args = parser.parse_args()
     count = args.count or (100_000 if args.quick else 500_000)
-    trio.run(bench, count, args.runs)
+    trio.run(bench, count, args.runs, not args.no_gate)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 12
+#define RD_ABI 13
 
 /* Why a call returned (both loops). */
 enum {
@@ -46,6 +46,7 @@ enum {
     RD_EMPTY = 9,      /* capture: the socket has no more datagrams */
     RD_FULL = 10,      /* capture: the frame buffer has no room for another datagram */
     RD_ERROR = 11,     /* capture: recvmsg or poll failed: err */
+    RD_GATED = 12,     /* emit: the gate is closed (lease stale): buf[start] is not emitted */
 };
 
 /* The destination table's states: session.Destination's values, and empty. */
@@ -115,6 +116,12 @@ enum {
     F(uint64_t, addr2, )                                                                       \
     F(int64_t, fd, )     /* a socket connected to this destination (cached route), or -1 */
 
+/* The emit gate of one feed (relayd/emit/observer.py): its pumps may emit a datagram only
+ * while CLOCK_MONOTONIC is before open_until_ns, a lease the feed's observer renews after it
+ * has drained what other relays sent; a host waking from a freeze finds it stale. */
+#define RD_GATE_FIELDS(F)                                                                     \
+    F(int64_t, open_until_ns, )
+
 #define RD_EMIT_FIELDS(F)                                                                     \
     /* set by Python before the first call */                                                  \
     F(int64_t, tcp_fd, ) F(int64_t, stop_fd, ) F(int64_t, mcast_fd, )                          \
@@ -127,6 +134,7 @@ enum {
     F(struct rd_arb *, arb, )     /* the feed's arbiter, or NULL (arbitration = "none") */     \
     F(uint64_t, arb_source, )     /* this connection's source number for the arbiter */        \
     F(int64_t, busy_ns, )         /* latency mode: poll without sleeping this long after data */ \
+    F(struct rd_gate *, gate, )   /* NULL: no gate, always open */                             \
     /* the stream: undecoded bytes are buf[start:end] */                                       \
     F(uint64_t, start, ) F(uint64_t, end, )                                                    \
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
@@ -203,6 +211,7 @@ struct rd_upstream; /* opaque: rd_upstream_new */
 #define RD_DECLARE(type, name, dim) type name dim;
 struct rd_arb; /* opaque: its config and stats are the shared parts */
 struct rd_dest { RD_DEST_FIELDS(RD_DECLARE) };
+struct rd_gate { RD_GATE_FIELDS(RD_DECLARE) };
 struct rd_emit { RD_EMIT_FIELDS(RD_DECLARE) };
 struct rd_capture { RD_CAPTURE_FIELDS(RD_DECLARE) };
 struct rd_capture_rx { RD_CAPTURE_RX_FIELDS(RD_DECLARE) };
@@ -221,6 +230,7 @@ struct rd_field {
 #define RD_ROW(record, type, name, dim) \
     {#record, #name, offsetof(struct record, name), sizeof(((struct record *)0)->name)},
 #define RD_DEST_ROW(type, name, dim) RD_ROW(rd_dest, type, name, dim)
+#define RD_GATE_ROW(type, name, dim) RD_ROW(rd_gate, type, name, dim)
 #define RD_EMIT_ROW(type, name, dim) RD_ROW(rd_emit, type, name, dim)
 #define RD_CAPTURE_ROW(type, name, dim) RD_ROW(rd_capture, type, name, dim)
 #define RD_CAPTURE_RX_ROW(type, name, dim) RD_ROW(rd_capture_rx, type, name, dim)
@@ -240,6 +250,7 @@ static const struct rd_field layout[] = {
     RD_ARB_RELEASE_FIELDS(RD_ARB_RELEASE_ROW)
     RD_SIZE_ROW(rd_arb_config) RD_SIZE_ROW(rd_arb_stats) RD_SIZE_ROW(rd_arb_release)
     RD_SIZE_ROW(rd_upstream_stats) RD_SIZE_ROW(rd_upstream_channel)
+    RD_GATE_FIELDS(RD_GATE_ROW) RD_SIZE_ROW(rd_gate)
     {NULL, NULL, 0, 0},
 };
 
@@ -253,6 +264,7 @@ static const struct rd_constant constants[] = {
     RD_CONSTANT(RD_STOPPED) RD_CONSTANT(RD_EOF) RD_CONSTANT(RD_RESET) RD_CONSTANT(RD_IDLE)
     RD_CONSTANT(RD_CONTROL) RD_CONSTANT(RD_NEED_DEST) RD_CONSTANT(RD_SEND_ERROR)
     RD_CONSTANT(RD_SLOW) RD_CONSTANT(RD_EMPTY) RD_CONSTANT(RD_FULL) RD_CONSTANT(RD_ERROR)
+    RD_CONSTANT(RD_GATED)
     RD_CONSTANT(DEST_ALLOWED) RD_CONSTANT(DEST_DENIED_GROUP) RD_CONSTANT(DEST_DENIED_PORT)
     RD_CONSTANT(DATA_HEADER) RD_CONSTANT(MAX_PAYLOAD) RD_CONSTANT(LATENCY_BUCKETS)
     RD_CONSTANT(DEST_SLOTS) RD_CONSTANT(MAX_ERROR_TEXT)
@@ -1185,6 +1197,11 @@ static int emit_frames(struct rd_emit *s) {
             s->duplicates++;
             start += size;
             continue;
+        }
+        if (s->gate && now_ns(CLOCK_MONOTONIC_COARSE) >=
+                           __atomic_load_n(&s->gate->open_until_ns, __ATOMIC_RELAXED)) {
+            outcome = RD_GATED; /* not emitted, not claimed: after the freeze, Python decides */
+            break;
         }
         struct rd_dest *d = dest_find(s, key);
         if (d->state == DEST_EMPTY) {

@@ -347,6 +347,11 @@ class EmitFeed:
     arbitration_hold_timeout: float = 0.05
     arbitration_content_window: float = 2.0
     busy_poll: float = 0.0  # latency mode (C data plane): seconds; 0: off
+    #: Groups the observer joins to see another relay emit the feed (relayd/emit/observer.py);
+    #: empty: the destinations this host has emitted to.
+    watch_groups: tuple[GroupPort, ...] = ()
+    #: Another relay counts as emitting the feed this long after its latest datagram seen.
+    emitter_grace: float = 1.0
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -787,6 +792,8 @@ _register(
         "arbitration_hold_timeout": _hold_timeout,
         "arbitration_content_window": _content_window,
         "busy_poll": _busy_poll,
+        "watch_groups": _tuple_of(_group_port, unique=True),
+        "emitter_grace": _duration,
     },
     _check_timeouts,
 )

@@ -21,6 +21,7 @@ loop returns.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "CaptureReceiver",
     "DataPlane",
     "EmitCounters",
+    "EmitGate",
     "EmitPump",
     "EmitStart",
     "FeedArbiter",
@@ -85,6 +87,7 @@ class Why(enum.IntEnum):
     EMPTY = 9  # capture: the socket has no more datagrams
     FULL = 10  # capture: the frame buffer has no room for another datagram
     ERROR = 11  # capture: recvmsg or poll failed: err
+    GATED = 12  # emit: the feed's gate is closed (``EmitGate``); the datagram at hand waits
 
 
 #: The emit pump's counters, only ever growing; the feed adds their growth to its own.
@@ -324,6 +327,23 @@ class UpstreamCounter(Protocol):
         """Release it (no receiver may use it any more)."""
 
 
+class EmitGate(ctypes.Structure):
+    """``struct rd_gate``: one emit feed's permission to emit, shared by its pumps (both
+    data planes read it before every datagram; relayd/emit/observer.py writes it).
+
+    A lease on CLOCK_MONOTONIC: a pump emits only while the clock is before
+    ``open_until_ns`` and otherwise returns GATED without consuming the datagram."""
+
+    _fields_ = (("open_until_ns", ctypes.c_int64),)
+
+    def open_until(self, monotonic: float) -> None:
+        """Open until ``monotonic`` (seconds on ``time.monotonic``'s clock); 0 closes."""
+        self.open_until_ns = int(monotonic * 1e9)
+
+    def is_open(self) -> bool:
+        return time.monotonic_ns() < self.open_until_ns
+
+
 class EmitStart(NamedTuple):
     """What an emit pump starts from."""
 
@@ -341,6 +361,7 @@ class EmitStart(NamedTuple):
     source: int = 0  # this connection's source number for the arbiter
     #: seconds to poll without sleeping after data (latency mode, C plane only; 0: off)
     busy_poll: float = 0.0
+    gate: EmitGate | None = None  # None: always open
 
 
 class DataPlane(Protocol):

@@ -34,6 +34,7 @@ from relayd.datapath import (
     UPSTREAM_MAX_CHANNELS,
     UPSTREAM_SNAPSHOT_PORTS,
     UPSTREAM_STALE_HORIZON_NS,
+    EmitGate,
     EmitStart,
     UpstreamChannel,
     UpstreamCounter,
@@ -57,7 +58,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 12
+ABI: Final = 13
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -86,6 +87,7 @@ class EmitState(ctypes.Structure):
         ("arb", ctypes.c_void_p),
         ("arb_source", _u64),
         ("busy_ns", _i64),
+        ("gate", ctypes.c_void_p),
         ("start", _u64),
         ("end", _u64),
         ("highest", _u64),
@@ -254,6 +256,7 @@ STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "rd_arb_release": ArbiterRelease,
     "rd_upstream_stats": UpstreamStatsState,
     "rd_upstream_channel": UpstreamChannelState,
+    "rd_gate": EmitGate,
 }
 
 _MODES: Final = {ArbitrationMode.NONE: 0, ArbitrationMode.CONTENT: 1, ArbitrationMode.DERIBIT: 2}
@@ -395,6 +398,7 @@ class _CEmitPump:
     __slots__ = (
         "_arbiter",
         "_buffer",
+        "_gate",
         "_proto",
         "_pump",
         "_ref",
@@ -420,12 +424,14 @@ class _CEmitPump:
             arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
             arb_source=start.source,
             busy_ns=int(start.busy_poll * 1e9),
+            gate=None if start.gate is None else ctypes.addressof(start.gate),
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
         )
         state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
         self._arbiter = start.arbiter  # kept alive while the pump may use it
+        self._gate = start.gate  # referenced by address from the state: kept alive here
         self._ref = ctypes.byref(state)
         self._pump = plane.rd_emit_pump
         self._set_dest = plane.rd_emit_set_dest

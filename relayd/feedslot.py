@@ -148,7 +148,9 @@ class FeedSlot:
             detail.setdefault("datagrams_per_second", round(self.rate.per_second(), 1))
             for key, value in common.items():
                 detail.setdefault(key, value)
-            return FeedReport(self.name, self.kind, h.healthy, h.state, detail, h.connections)
+            return FeedReport(
+                self.name, self.kind, h.healthy, h.state, detail, h.connections, h.ready
+            )
         if self.state == "failed" and self.retry_at is not None:
             common["retry_in_seconds"] = round(max(0.0, self.retry_at - trio.current_time()), 1)
         return FeedReport(self.name, self.kind, False, self.state, common)

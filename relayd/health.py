@@ -99,9 +99,12 @@ class FeedReport:
     state: str
     detail: dict[str, Any] = attrs.field(factory=dict)
     connections: int = 0  # FeedHealth.connections, for the status line
+    ready: bool = True  # FeedHealth.ready: only /healthz/<feed> answers by it
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "healthy": self.healthy, "state": self.state}
+        if not self.ready:
+            out["ready"] = False
         for key, value in self.detail.items():
             out.setdefault(key, value)
         return out
@@ -143,7 +146,12 @@ def health_body(model: HealthModel, only: str | None = None) -> tuple[int, dict[
         if not chosen:
             return None
     healthy = all(r.healthy for r in chosen) and not model.stopping()
+    # One feed's path is what its load balancer target group checks: a feed that is healthy
+    # but not ready (standby) is 503 there, and healthy for the instance.
+    ready = only is None or all(r.ready for r in chosen)
     status = "stopping" if model.stopping() else "ok" if healthy else "unhealthy"
+    if healthy and not ready:
+        status = "not ready"
     body = {
         "status": status,
         "version": __version__,
@@ -155,7 +163,7 @@ def health_body(model: HealthModel, only: str | None = None) -> tuple[int, dict[
     reload = model.last_reload()
     if reload is not None:  # from the first reload on
         body["reload"] = dict(reload)
-    return (200 if healthy else 503), body
+    return (200 if healthy and ready else 503), body
 
 
 def process_samples(start_wall: float) -> Iterator[Sample]:

@@ -51,6 +51,7 @@ __all__ = [
     "open_multicast_sender",
     "parse_ancillary",
     "resolve_interface",
+    "set_multicast_interface",
     "set_receive_buffer",
 ]
 
@@ -204,6 +205,21 @@ def _set_buffer(
     return int(sock.getsockopt(_SOL_SOCKET, option)) // 2
 
 
+def set_multicast_interface(
+    sock: socket.socket, interface: IPv4Address, ifindex: int | None
+) -> None:
+    """Send ``sock``'s multicast out of ``interface``: by its index when ``ifindex`` is given
+    (an ``ip_mreqn``, which also names ``interface`` as the source address: without one the
+    kernel picks a source of global scope, on loopback another interface's address), else by
+    its address. Set it again after the interface's address changed."""
+    if ifindex is not None:
+        source = b"\0" * 4 if interface.is_unspecified else interface.packed
+        mreqn = _IP_MREQN.pack(b"\0" * 4, source, ifindex)
+        sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, mreqn)
+    else:
+        sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
+
+
 def open_multicast_sender(
     interface: IPv4Address,
     ttl: int,
@@ -216,10 +232,8 @@ def open_multicast_sender(
 ) -> socket.socket:
     """A non-blocking UDP socket that sends multicast out of ``interface``.
 
-    ``IP_MULTICAST_IF`` selects the egress interface: by its index when ``ifindex`` is given
-    (an ``ip_mreqn`` without an address, so the kernel takes the interface's address of the
-    moment for each datagram, and an address change on it does not break the socket), else
-    by its address. ``IP_MULTICAST_TTL`` and ``IP_MULTICAST_LOOP`` are set as given,
+    ``IP_MULTICAST_IF`` selects the egress interface (:func:`set_multicast_interface`).
+    ``IP_MULTICAST_TTL`` and ``IP_MULTICAST_LOOP`` are set as given,
     ``SO_SNDBUF`` (``SO_SNDBUFFORCE`` as root) to ``send_buffer`` bytes.
 
     ``report_drops`` sets ``IP_RECVERR`` (the emit feeds do): without it ``udp_sendmsg``
@@ -232,11 +246,7 @@ def open_multicast_sender(
         raise ValueError(f"multicast TTL {ttl} is outside 0..255")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        if ifindex is not None:
-            mreqn = _IP_MREQN.pack(b"\0" * 4, b"\0" * 4, ifindex)
-            sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, mreqn)
-        else:
-            sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_IF, interface.packed)
+        set_multicast_interface(sock, interface, ifindex)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(_SOL_IP, socket.IP_MULTICAST_LOOP, 1 if loop else 0)
         if report_drops:

@@ -273,6 +273,7 @@ class _EmitPump:
             raise TypeError(f"the Python pump needs the Python plane's arbiter, not {arbiter!r}")
         self._arbiter = arbiter
         self._source = start.source
+        self._gate = start.gate
         self._highest = start.highest
         self._acked = start.acked
         self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
@@ -385,6 +386,8 @@ class _EmitPump:
         last_ok: bool | None = None
         why: Why | None = None
         count = len(events)
+        gate = self._gate
+        monotonic_ns = time.monotonic_ns
         while index < count:
             event = events[index]
             if event.__class__ is not Datagram:
@@ -403,6 +406,9 @@ class _EmitPump:
                 dups += 1
                 index += 1
                 continue
+            if gate is not None and monotonic_ns() >= gate.open_until_ns:
+                why = Why.GATED  # not emitted, not claimed (relayd/datapath.py EmitGate)
+                break
             key = (group << 16) | port
             dest = dests.get(key)
             if dest is None:

@@ -31,6 +31,9 @@ class FeedHealth(NamedTuple):
     detail: dict[str, Any]  # JSON-able facts for /healthz and `relayd status`
     connections: int = 0  # peers the feed streams with now
     datagrams: int | None = None  # the feed's datagram counter (its rate is shown); None: none
+    #: False: healthy, but the load balancer must not send it the feed (an emit host in
+    #: standby: another relay emits it); /healthz/<feed> answers 503, /healthz does not.
+    ready: bool = True
 
 
 class Feed(Protocol):

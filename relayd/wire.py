@@ -48,6 +48,7 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 8
     FEED_REMOVED = 9
     SLOW_CONSUMER = 10
+    NOT_ACTIVE = 11
 
 
 class ProtocolError(Exception):

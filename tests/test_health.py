@@ -196,6 +196,29 @@ def test_same_name_capture_and_emit_are_told_apart() -> None:
     assert app.respond("GET", "/healthz/prod")[0] == 503
 
 
+def test_a_feed_not_ready_is_503_on_its_path_only() -> None:
+    """A standby emit feed (healthy, not ready): its NLB target group's check fails, while
+    the instance stays healthy, so neither the host check nor a container health check
+    replaces a standby host."""
+    model = Model(
+        [
+            FeedReport("prod", "emit", True, "standby", {"role": {"role": "standby"}}, 0, False),
+            FeedReport("dev", "emit", True, "streaming", {}),
+        ]
+    )
+    app = HealthApp(model)
+    status, _, body = app.respond("GET", "/healthz")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["status"] == "ok"
+    assert doc["feeds"]["prod"]["ready"] is False
+    assert "ready" not in doc["feeds"]["dev"]
+    status, _, body = app.respond("GET", "/healthz/prod")
+    assert status == 503
+    assert json.loads(body)["status"] == "not ready"
+    assert app.respond("GET", "/healthz/dev")[0] == 200
+
+
 def test_routes_methods_and_metrics() -> None:
     model = Model([_prod()], extra=[Sample("x_total", "counter", "X.", (), 1)])
     app = HealthApp(model)

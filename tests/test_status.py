@@ -368,3 +368,41 @@ def test_a_capture_feed_with_sites_has_a_row_per_site() -> None:
         "deribit/tokyo: not healthy: disconnected for 14s; last error: 10.1.0.5:6667: "
         "[Errno 111] Connection refused"
     ) in lines
+
+
+def test_role_reason_and_split_brain() -> None:
+    doc = {
+        "feeds": {
+            "standby": {
+                "kind": "emit",
+                "state": "standby",
+                "healthy": True,
+                "ready": False,
+                "role": {
+                    "role": "standby",
+                    "reason": "another relay (10.0.0.2) emits the feed's groups, last seen 0.1 s",
+                    "split_brain": False,
+                    "split_brains": 2,
+                    "other_relays": [{"source": "10.0.0.2"}],
+                },
+            },
+            "split": {
+                "kind": "emit",
+                "state": "streaming",
+                "healthy": True,
+                "role": {
+                    "role": "active",
+                    "reason": None,
+                    "split_brain": True,
+                    "split_brains": 1,
+                    "other_relays": [{"source": "10.0.0.3"}],
+                },
+            },
+            "calm": {"kind": "emit", "state": "streaming", "healthy": True, "role": {}},
+        },
+    }
+    text = render_table(doc)
+    assert "standby: not ready: standby; another relay (10.0.0.2) emits the feed's groups" in text
+    assert "standby: split-brain events: 2 (resolved; role standby)" in text
+    assert "split: SPLIT-BRAIN: this host and 10.0.0.3 emit the feed (1)" in text
+    assert "calm:" not in text

@@ -30,12 +30,13 @@ import attrs
 import trio
 
 from relayd.config import EmitFeed
-from relayd.datapath import DataPlane, log_latency_mode, select_plane
+from relayd.datapath import DataPlane, log_latency_mode, run_stoppable, select_plane
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
+from relayd.emit.observer import FeedRole, ObserveHook, Observer
 from relayd.emit.sessions import Connection, Sessions
-from relayd.emit.stats import EmitStats
+from relayd.emit.stats import Closed, EmitStats
 from relayd.emit.streams import ConnectionStreams
 from relayd.keys import load_auth_keys
 from relayd.netif import (
@@ -44,6 +45,7 @@ from relayd.netif import (
     interface_index,
     open_multicast_sender,
     resolve_interface,
+    set_multicast_interface,
 )
 from relayd.runtime import Feed, FeedHealth, Sample
 from relayd.wire import ErrorCode
@@ -97,6 +99,10 @@ class EmitFeedRuntime:
         self.arbitration: FeedArbitration | None = None
         self._arbitration_released = False
         self._started_at = 0.0
+        #: This feed's role among the emit hosts (relayd/emit/role.py) and its emit gate.
+        self.role = FeedRole(config.name, None, config.emitter_grace)
+        self.observer: Observer | None = None
+        self._observe_hook: ObserveHook | None = None
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -163,6 +169,9 @@ class EmitFeedRuntime:
             )
         self.gate.keys = keys
         self.interface_address = interface_address
+        self.role.address = interface_address
+        self.observer = Observer(self.name, self.role, interface_address, cfg.watch_groups)
+        self.observer.hook = self._observe_hook or self._observed
         self._plane = plane
         self._listener = listener
         self.listen_port = listener.getsockname()[1]
@@ -190,6 +199,8 @@ class EmitFeedRuntime:
             destinations=destinations,
             mcast=self._mcast,
             arbitration=self.arbitration,
+            role=self.role,
+            observer=self.observer,
         )
         self._streams.close_reason = self._close_reason
 
@@ -216,6 +227,8 @@ class EmitFeedRuntime:
         if self._destinations is not None:
             self._destinations.close()
         self._release_arbitration()
+        if self.observer is not None:
+            self.observer.close()
 
     def _release_arbitration(self) -> None:
         arbitration = self.arbitration
@@ -230,18 +243,38 @@ class EmitFeedRuntime:
         if self.arbitration is not None:
             self.arbitration.observe(group, port, payload)
 
+    def _observed(self, group: int, port: int, payload: bytes, _now: float) -> None:
+        """The observer's default hook: what another relay emits goes to this feed's arbiter
+        (with ``deribit``, a host that becomes active skips what the previous one sent)."""
+        self.observe(group, port, payload)
+
+    @property
+    def observe_hook(self) -> ObserveHook | None:
+        """Given every datagram the observer drains from another relay, in its thread (None:
+        none); may be set before or after ``open``."""
+        return self._observe_hook
+
+    @observe_hook.setter
+    def observe_hook(self, hook: ObserveHook | None) -> None:
+        self._observe_hook = hook
+        if self.observer is not None:
+            self.observer.hook = hook or self._observed
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
             self.open()
         listener, mcast, streams = self._listener, self._mcast, self._streams
+        observer = self.observer
         assert listener is not None
         assert mcast is not None
         assert streams is not None
+        assert observer is not None
         cfg = self.config
         try:
             self._started_at = trio.current_time()
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
+                outer.start_soon(run_stoppable, observer.run)
                 async with trio.open_nursery() as handlers:
                     await outer.start(self.gate.accept, listener, handlers, streams.serve)
                     self._listening = True
@@ -267,16 +300,21 @@ class EmitFeedRuntime:
             if self._destinations is not None:
                 self._destinations.close()
             self._release_arbitration()
+            observer.close()
 
     def health(self) -> FeedHealth:
         stats = self.stats
         stats.sync()
         failing = stats.sending_failed()
+        role = self.role.snapshot()
+        standby = role["role"] == "standby"
         healthy = self._listening and not failing
         if not self._listening:
             state = self._state
         elif failing:
             state = "failing"
+        elif standby:  # not ready: the NLB steers the feed's connections to the active host
+            state = "standby"
         elif self.sessions.active:
             state = "streaming"
         else:
@@ -297,10 +335,18 @@ class EmitFeedRuntime:
             "datagrams_out": stats.datagrams_out,
             "sending_failed": failing,
             "last_error": stats.last_error,
+            "role": role,
         }
         if self.arbitration is not None:
             detail["arbitration"] = self.arbitration.detail()
-        return FeedHealth(healthy, state, detail, len(self.sessions.active), stats.datagrams_out)
+        return FeedHealth(
+            healthy,
+            state,
+            detail,
+            len(self.sessions.active),
+            stats.datagrams_out,
+            ready=not standby,
+        )
 
     def samples(self) -> Iterable[Sample]:
         self.stats.sync()
@@ -369,6 +415,68 @@ class EmitFeedRuntime:
             "1 while the listener is bound and the emitter works.",
             float(self._listening and not self.stats.sending_failed()),
         )
+        yield from self._role_samples()
+
+    def _role_samples(self) -> Iterator[Sample]:
+        feed = (("feed", self.name),)
+        role = self.role.snapshot()
+        yield Sample(
+            "emit_active",
+            "gauge",
+            "1 while this host is the feed's active emitter (holds a stream, may emit), else 0.",
+            feed,
+            float(role["role"] == "active"),
+        )
+        yield Sample(
+            "emit_standby",
+            "gauge",
+            "1 while another relay emits the feed's groups and this host refuses its streams.",
+            feed,
+            float(role["role"] == "standby"),
+        )
+        yield Sample(
+            "emit_split_brain",
+            "gauge",
+            "1 while this host and another relay both emit the feed's groups.",
+            feed,
+            float(role["split_brain"]),
+        )
+        yield Sample(
+            "split_brain",
+            "counter",
+            "Split-brain events: this host emitting while another relay emits the feed's groups.",
+            feed,
+            role["split_brains"],
+        )
+        for reason, count in role["stepped_down"].items():
+            yield Sample(
+                "emit_stepped_down",
+                "counter",
+                "Times this host stopped emitting the feed for another relay, by reason.",
+                (*feed, ("reason", reason)),
+                count,
+            )
+        observer = self.observer
+        if observer is not None:
+            for origin, count in (
+                ("own", observer.own_datagrams),
+                ("other", observer.other_datagrams),
+            ):
+                yield Sample(
+                    "emit_observed_datagrams",
+                    "counter",
+                    "Datagrams the observer sampled on the feed's groups, by origin "
+                    "(own: this host's, looped back).",
+                    (*feed, ("origin", origin)),
+                    count,
+                )
+            yield Sample(
+                "emit_watched_groups",
+                "gauge",
+                "group:port pairs the observer watches for other relays.",
+                feed,
+                len(observer.watched),
+            )
 
     async def _tick(self) -> None:
         """Once a second: feed the rate windows, follow the egress interface's address, and
@@ -376,6 +484,7 @@ class EmitFeedRuntime:
         or holds an error that would fail a later send while no pump is failing to take it."""
         while True:
             self.stats.tick(trio.current_time())
+            self._end_streams_if_standing_down()
             self._follow_interface()
             senders = [self._mcast] if self._mcast is not None else []
             if self._destinations is not None:
@@ -385,11 +494,23 @@ class EmitFeedRuntime:
                     self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
 
+    def _end_streams_if_standing_down(self) -> None:
+        """A feed that stepped down ends its streams with NOT_ACTIVE. A pump with data ends
+        its own at the next datagram (the gate is closed); this ends the idle ones."""
+        if not self.sessions.active or not self.role.standing_down():
+            return
+        for conn in list(self.sessions.active.values()):
+            conn.end(
+                ErrorCode.NOT_ACTIVE,
+                f"feed {self.name!r} stepped down here (another relay emits it): connect again",
+                Closed.NOT_ACTIVE,
+            )
+
     def _follow_interface(self) -> None:
         """Read the egress interface's address again (one ioctl) and, when it changed,
         connect the destination sockets again: they keep the source address they were
-        connected with, and their sends fail until then (counted). The shared socket
-        selects the interface by index and needs nothing."""
+        connected with, and their sends fail until then (counted). The shared socket gets the
+        new source address in place."""
         destinations = self._destinations
         if destinations is None or destinations.ifindex is None:
             return  # 0.0.0.0, or an address no interface had: nothing to follow
@@ -401,7 +522,10 @@ class EmitFeedRuntime:
         if address == self.interface_address:
             return
         old, self.interface_address = self.interface_address, address
+        self.role.address = address
         destinations.interface = address
+        if self._mcast is not None:
+            set_multicast_interface(self._mcast, address, destinations.ifindex)
         renewed = destinations.reconnect()
         log.warning(
             "emit feed %s: interface %s changed address from %s to %s; %d destination "

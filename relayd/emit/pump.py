@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
 
 from relayd.datapath import DataPlane, EmitStart, FeedArbiter, Why, current_beat
 from relayd.emit.destinations import Destinations
+from relayd.emit.observer import FeedRole
 from relayd.emit.sessions import Connection
 from relayd.emit.stats import PumpLink
 from relayd.netif import drain_error_queue
+from relayd.session import Destination
 from relayd.wire import EmitConnection, Error, ProtocolError
 
 __all__ = ["ACK_INTERVAL", "PumpEnd", "pump_connection"]
 
 #: Shortest time between two ACKs on one connection (ACKs are coalesced, not per datagram).
 ACK_INTERVAL: Final = 0.002
+#: While the feed's gate is closed, how often the pump looks at it again.
+GATE_POLL: Final = 0.01
 
 
 class PumpEnd(enum.Enum):
@@ -40,6 +46,7 @@ class PumpEnd(enum.Enum):
     SLOW = enum.auto()  # a control frame could not be written for the idle timeout
     PROTOCOL = enum.auto()  # detail: the ProtocolError
     PEER_ERROR = enum.auto()  # detail: the decoded events, from the ERROR on
+    STANDBY = enum.auto()  # the feed's role is standby: another relay emits it
 
 
 _ENDS: Final = {
@@ -61,13 +68,17 @@ def pump_connection(
     max_datagram_size: int,
     arbiter: FeedArbiter | None,
     source: int,
+    role: FeedRole | None,
+    learn: Callable[[int], None] | None,
     stop_fd: int,
     _token: trio.lowlevel.TrioToken,
     *,
     busy_poll: float = 0.0,
 ) -> tuple[PumpEnd, Any]:
     """Run ``conn``'s data path until it ends (in its thread); ``link.pump`` is the pump.
-    ``busy_poll``: the feed's latency mode (seconds to poll without sleeping after data)."""
+    ``role``: the feed's role and emit gate (None: always open); ``learn`` is told every
+    allowed destination (the observer watches them). ``busy_poll``: the feed's latency mode
+    (seconds to poll without sleeping after data)."""
     session = conn.session
     assert session is not None
     try:
@@ -86,6 +97,7 @@ def pump_connection(
                 arbiter,
                 source,
                 busy_poll,
+                None if role is None else role.gate,
             )
         )
     except ProtocolError as exc:
@@ -99,6 +111,14 @@ def pump_connection(
             key = pump.need_key
             verdict, fd = destinations.judge(key)
             pump.set_destination(key, verdict, fd)
+            if learn is not None and verdict is Destination.ALLOWED:
+                learn(key)
+        elif why == Why.GATED:
+            assert role is not None
+            with beat.wait():  # waiting by design: for the observer's decision
+                end = _wait_for_gate(role, stop_fd)
+            if end is not None:
+                return end, None
         elif why == Why.SEND_ERROR:  # counted by Trio from the link (EmitStats.sync)
             errors = link.errors
             errors[pump.err] = errors.get(pump.err, 0) + 1
@@ -117,6 +137,20 @@ def pump_connection(
             return _ENDS[why], None
         else:
             raise RuntimeError(f"the emit pump returned {why!r}")
+
+
+def _wait_for_gate(role: FeedRole, stop_fd: int) -> PumpEnd | None:
+    """The gate is closed (a freeze, a starved observer, or standby): None once it opens
+    again, STANDBY when the feed stepped down (nothing held is emitted), STOPPED when the
+    stop pipe says so."""
+    poller = select.poll()
+    poller.register(stop_fd, select.POLLIN)
+    while not role.gate.is_open():
+        if role.standing_down():
+            return PumpEnd.STANDBY
+        if poller.poll(int(GATE_POLL * 1000)):
+            return PumpEnd.STOPPED
+    return None
 
 
 def _verdict_on(decoded: list[Any] | ProtocolError) -> tuple[PumpEnd, Any]:

@@ -58,6 +58,7 @@ class Rejected(enum.Enum):
     VERSION = "version"
     PROTOCOL = "protocol"
     PEER_ERROR = "peer_error"
+    NOT_ACTIVE = "not_active"  # standby: another relay emits the feed
 
 
 class Closed(enum.Enum):
@@ -73,6 +74,7 @@ class Closed(enum.Enum):
     SUPERSEDED = "superseded"
     STOPPED = "stopped"
     INTERNAL_ERROR = "internal_error"
+    NOT_ACTIVE = "not_active"  # this host stepped down: another relay emits the feed
 
 
 class SessionChange(enum.Enum):

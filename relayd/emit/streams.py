@@ -23,6 +23,7 @@ from relayd.datapath import DataPlane, run_stoppable
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate
+from relayd.emit.observer import FeedRole, Observer
 from relayd.emit.pump import PumpEnd, pump_connection
 from relayd.emit.sessions import Connection, Session, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected, SessionChange
@@ -54,8 +55,13 @@ class ConnectionStreams:
         destinations: Destinations,
         mcast: socket.socket,
         arbitration: FeedArbitration,
+        role: FeedRole | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
+        #: The feed's role among emit hosts and its emit gate (None: always active).
+        self.role = role
+        self.observer = observer
         #: Read per connection: a reload that applies in place replaces it.
         self.config = config
         self.stats = stats
@@ -103,6 +109,14 @@ class ConnectionStreams:
         """Admit a connection past its HELLO: it supersedes its session's older connection,
         then takes one of ``max_connections``; False when refused (``conn.error``)."""
         cfg = self.config
+        if self.role is not None and not self.role.admits():
+            self.gate.reject(
+                conn,
+                Rejected.NOT_ACTIVE,
+                ErrorCode.NOT_ACTIVE,
+                f"feed {self.name!r} is standby here (another relay emits it): connect again",
+            )
+            return False
         old = self.sessions.supersede(session_id)
         if old is not None:
             self.stats.closed[Closed.SUPERSEDED] += 1
@@ -117,6 +131,7 @@ class ConnectionStreams:
             return False
         self._count_session_change(conn, session_id)
         session = self.sessions.admit(conn, session_id)
+        self._streams_changed()
         self.stats.connections_accepted += 1
         log.info(
             "%s: capture connection from %s, session %s, resuming after %d",
@@ -126,6 +141,10 @@ class ConnectionStreams:
             session.highest,
         )
         return True
+
+    def _streams_changed(self) -> None:
+        if self.role is not None:
+            self.role.streaming(bool(self.sessions.active))
 
     def _count_session_change(self, conn: Connection, session_id: bytes) -> None:
         change = self.sessions.change(session_id)
@@ -158,6 +177,7 @@ class ConnectionStreams:
     async def _finish(self, conn: Connection) -> None:
         self.gate.pending.pop(conn.id, None)
         if self.sessions.release(conn):
+            self._streams_changed()
             reason = conn.reason or Closed.EOF
             self.stats.closed[reason] += 1
             log.info("%s: connection from %s closed (%s)", self.name, conn.peer, reason.value)
@@ -254,6 +274,8 @@ class ConnectionStreams:
                     link.max_datagram_size,
                     arbitration.arbiter,
                     arbitration.source_of(conn.peer),
+                    self.role,
+                    None if self.observer is None else self.observer.learn,
                     busy_poll=self.config.busy_poll,
                 ),
                 limiter=self.limiter,
@@ -306,4 +328,10 @@ class ConnectionStreams:
             conn.reason = Closed.IDLE_TIMEOUT
         elif end is PumpEnd.SLOW:
             conn.end(ErrorCode.SLOW_CONSUMER, "not reading", Closed.SLOW_CONSUMER)
+        elif end is PumpEnd.STANDBY:  # what it held is neither emitted nor ACKed
+            conn.error = (
+                ErrorCode.NOT_ACTIVE,
+                f"feed {self.name!r} stepped down here (another relay emits it): connect again",
+            )
+            conn.reason = Closed.NOT_ACTIVE
         # EOF: closed by the capture side; STOPPED: cancelled, the cancel scope says why

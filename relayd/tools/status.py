@@ -177,6 +177,9 @@ def unhealthy_reason(feed: Mapping[str, Any]) -> str:
         parts.append(f"retry in {feed['retry_in_seconds']:.0f}s")
     if feed.get("sending_failed"):
         parts.append("multicast sends fail")
+    role = feed.get("role")
+    if isinstance(role, dict) and role.get("reason"):
+        parts.append(str(role["reason"]))
     for key in ("error", "last_error"):
         if feed.get(key):
             parts.append(f"{key.replace('_', ' ')}: {feed[key]}")
@@ -243,6 +246,18 @@ def upstream_line(feed: Mapping[str, Any]) -> str:
             f"{worst.get('missing', '?')} missing, {worst.get('duplicates', '?')} duplicates)"
         )
     return text
+
+
+def split_brain_line(feed: Mapping[str, Any]) -> str:
+    """An emit feed's split-brain now, or how many it had (empty when none)."""
+    role = feed.get("role")
+    if not isinstance(role, dict) or not role.get("split_brains"):
+        return ""
+    events = int(role["split_brains"])
+    if role.get("split_brain"):
+        others = ", ".join(str(o.get("source")) for o in role.get("other_relays") or [])
+        return f"SPLIT-BRAIN: this host and {others or 'another relay'} emit the feed ({events})"
+    return f"split-brain events: {events} (resolved; role {role.get('role', '?')})"
 
 
 def _feeds(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -322,6 +337,11 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
     for name, feed in _feeds(doc):
         if not feed.get("healthy"):
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
+        elif feed.get("ready") is False:
+            lines.append(f"{name}: not ready: {unhealthy_reason(feed)}")
+        split = split_brain_line(feed)
+        if split:
+            lines.append(f"{name}: {split}")
     for name, feed in _feeds(doc):
         for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
             if line:

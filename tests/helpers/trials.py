@@ -380,11 +380,13 @@ class TrialBed:
     def _emit_config(self, label: str, egress: Link) -> Path:
         config = self.workdir / f"{label}.toml"
         arbitration = self.settings.arbitration
+        watch = ", ".join(f'"{g}"' for g in self.groups)
         config.write_text(
             f'[health]\nlisten = "0.0.0.0:{EMIT_HEALTH}"\n\n'
             f'[[emit]]\nname = "{FEED}"\nlisten = "0.0.0.0:{FEED_PORT}"\n'
             f'interface = "{egress.a_dev}"\nttl = 1\nallowed_sources = ["10.0.0.0/8"]\n'
             f'allowed_groups = ["{GROUPS_ALLOWED}"]\n'
+            f"watch_groups = [{watch}]\n"
             'heartbeat_interval = "200ms"\nidle_timeout = "1s"\n'
             + (f'arbitration = "{arbitration}"\n' if arbitration is not None else "")
         )
