@@ -310,6 +310,8 @@ static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key);
  * as doubles, the upstream counter's nanoseconds), so each decides when a horizon passed. */
 
 __extension__ typedef __int128 seq_t; /* Python's ints: seqNum + messageCount past 2**63 */
+/* per datagram: inlined into each caller, the hash lookup and header fields kept in registers */
+#define SEQ_HOT static inline __attribute__((always_inline))
 
 /* headers.py: 0 malformed, else 1 with the fields (sequenced: 1, or 0 for SBE packets with no
  * per-packet sequence). */
@@ -321,8 +323,8 @@ struct seq_header {
     int sequenced, snapshot;
 };
 
-static int seq_parse(uint64_t deribit_layout, const uint64_t *snapshot_ports, uint64_t n_ports,
-                     uint16_t port, const uint8_t *p, uint64_t len, struct seq_header *h) {
+SEQ_HOT int seq_parse(uint64_t deribit_layout, const uint64_t *snapshot_ports, uint64_t n_ports,
+                      uint16_t port, const uint8_t *p, uint64_t len, struct seq_header *h) {
     if (deribit_layout == SEQ_FRAME_V1) {
         if (len < 8 || le16(p) != len - 8) return 0;
         h->channel = le16(p + 2);
@@ -353,8 +355,9 @@ struct seq_channel {
     struct seq_channel *chain, *older, *newer; /* hash bucket; least recently used first */
     uint64_t key_lo;                            /* port << 32 | channel id */
     uint32_t group;
-    seq_t next, floor_previous, floor_current, stale_below;
     int64_t stamp;
+    seq_t next; /* with the above in the first 64 bytes: all an in-order datagram reads */
+    seq_t floor_previous, floor_current, stale_below;
 };
 
 static uint16_t seq_port(const struct seq_channel *c) { return (uint16_t)(c->key_lo >> 32); }
@@ -387,8 +390,8 @@ static void seq_restart(struct seq_channel *c, seq_t seq, uint64_t count) {
 enum seq_event { SEQ_IN_ORDER, SEQ_GAP, SEQ_BEHIND, SEQ_OVERLAP, SEQ_RESET, SEQ_HEARTBEAT };
 
 /* sequence.classify */
-static enum seq_event seq_classify(const struct seq_channel *c, seq_t seq, uint64_t count,
-                                   int64_t stamp) {
+SEQ_HOT enum seq_event seq_classify(const struct seq_channel *c, seq_t seq, uint64_t count,
+                                    int64_t stamp) {
     seq_t expected = c->next;
     if (count == 0) {
         if (seq > expected) return seq < c->stale_below ? SEQ_BEHIND : SEQ_GAP;
@@ -434,9 +437,10 @@ static struct seq_channel *seq_slot(const struct seq_table *t, uint64_t i) {
     return (struct seq_channel *)(void *)(t->slots + i * t->size);
 }
 
-static struct seq_channel **seq_bucket(const struct seq_table *t, uint32_t group,
-                                       uint64_t key_lo) {
-    return &t->buckets[mix64((uint64_t)group * 0x9E3779B97F4A7C15ull ^ key_lo) & t->mask];
+SEQ_HOT struct seq_channel **seq_bucket(const struct seq_table *t, uint32_t group,
+                                        uint64_t key_lo) {
+    uint64_t h = (uint64_t)group * 0x9E3779B97F4A7C15ull ^ key_lo * 0xC2B2AE3D27D4EB4Full;
+    return &t->buckets[(h ^ h >> 29) & t->mask];
 }
 
 static void seq_unlink_lru(struct seq_table *t, struct seq_channel *c) {
@@ -453,7 +457,7 @@ static void seq_push_newest(struct seq_table *t, struct seq_channel *c) {
 }
 
 /* ChannelTable.get: the channel, most recently used now; or NULL. */
-static struct seq_channel *seq_get(struct seq_table *t, uint32_t group, uint64_t key_lo) {
+SEQ_HOT struct seq_channel *seq_get(struct seq_table *t, uint32_t group, uint64_t key_lo) {
     struct seq_channel *c = *seq_bucket(t, group, key_lo);
     while (c && (c->group != group || c->key_lo != key_lo)) c = c->chain;
     if (c && c != t->newest) {
