@@ -290,7 +290,7 @@ static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t le32(const uint8_t *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
 static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
 
-/* A 64-bit finaliser: every input bit moves every output bit (hash table indices). */
+/* A 64-bit finaliser: every input bit moves every output bit (the content window's hashes). */
 static uint64_t mix64(uint64_t x) {
     x ^= x >> 32;
     x *= 0xD6E8FEB86659FD93ull;
@@ -1621,9 +1621,10 @@ int rd_capture_read(struct rd_capture_rx *s) {
 
 /* relayd/arbitration/sequence.py's UpstreamMonitor, datagram for datagram (the differential
  * tests hold this to it): per channel (group, port, Deribit channel id) the next expected
- * sequence, gaps, duplicates, overlaps and resets, in a table of at most `cap` channels, the
- * least recently used evicted first. O(1) per datagram: a hash lookup and a few compares. One
- * monitor serves every receive thread of a feed; a mutex is taken once per batch. */
+ * sequence, gaps, duplicates, overlaps and resets, in a seq_table of at most max_channels
+ * channels, the least recently used evicted first. O(1) per datagram: a hash lookup and a few
+ * compares (seq_parse, seq_get, seq_classify: the arbiter's own). One monitor serves every
+ * receive thread of a feed; a mutex is taken once per batch. */
 
 struct up_channel {
     struct seq_channel seq; /* first: a slot of the monitor's seq_table */
