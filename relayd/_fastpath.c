@@ -64,21 +64,25 @@ enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT
 #define MAX_ERROR_TEXT 1024
 #define LATENCY_BUCKETS 26 /* log2 buckets of 1 us .. 2**25 us, then +Inf (metrics.py) */
 #define DEST_SLOTS 1024    /* per connection; cleared when half full */
-/* Upstream sequence check: the Deribit layouts (relayd.arbitration.DeribitLayout) */
-#define UP_FRAME_V1 0
-#define UP_SBE 1
-#define UP_MAX_SNAPSHOT_PORTS 8
+/* The Deribit layouts (relayd.arbitration.DeribitLayout), for the arbiter and the upstream
+ * sequence check alike */
+#define SEQ_FRAME_V1 0
+#define SEQ_SBE 1
+#define SEQ_SNAPSHOT_PORTS 8 /* snapshot ports of the 8-byte layout at most */
+#define UP_FRAME_V1 SEQ_FRAME_V1
+#define UP_SBE SEQ_SBE
+#define UP_MAX_SNAPSHOT_PORTS SEQ_SNAPSHOT_PORTS
 
 /* A/B arbitration (the section "A/B arbitration" below): */
 enum { ARB_MODE_NONE = 0, ARB_MODE_CONTENT = 1, ARB_MODE_DERIBIT = 2 };
-enum { ARB_LAYOUT_FRAME_V1 = 0, ARB_LAYOUT_SBE = 1 };
+enum { ARB_LAYOUT_FRAME_V1 = SEQ_FRAME_V1, ARB_LAYOUT_SBE = SEQ_SBE };
 /* Verdicts: arbiter.Verdict's, in its order. */
 enum {
     ARB_EMIT = 1, ARB_GAP = 2, ARB_RESET = 3, ARB_OVERLAP = 4, ARB_UNSEQUENCED = 5,
     ARB_MALFORMED = 6, ARB_DUPLICATE = 7, ARB_HELD = 8,
 };
 #define ARB_SOURCES 16        /* sources counted apart (sent_by_source); higher ones share the last */
-#define ARB_SNAPSHOT_PORTS 8  /* snapshot ports of the 8-byte layout at most */
+#define ARB_SNAPSHOT_PORTS SEQ_SNAPSHOT_PORTS
 #define ARB_SEND_WAIT_MS 1000 /* a full multicast socket gets this long under the lock */
 
 #define RD_ARB_CONFIG_FIELDS(F)                                                               \
@@ -295,8 +299,208 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get3
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
 static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
+/* little-endian, as the Deribit headers are */
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32(const uint8_t *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
+static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
+
+/* A 64-bit finaliser: every input bit moves every output bit (the content window's hashes). */
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    return x ^ (x >> 32);
+}
 
 static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key);
+
+/* -- Deribit sequence tracking: what the arbiter and the upstream counter share ----------------
+ *
+ * relayd/arbitration/headers.py (parse) and sequence.py (Channel, ChannelTable, classify),
+ * once: the A/B arbiter (below) and the capture side's upstream counter (at the end) keep
+ * their channels in a seq_table, each channel a struct whose first member is a seq_channel,
+ * and add their own verdicts and counters. Times stay each user's own (the arbiter's seconds
+ * as doubles, the upstream counter's nanoseconds), so each decides when a horizon passed. */
+
+__extension__ typedef __int128 seq_t; /* Python's ints: seqNum + messageCount past 2**63 */
+/* per datagram: inlined into each caller, the hash lookup and header fields kept in registers */
+#define SEQ_HOT static inline __attribute__((always_inline))
+
+/* headers.py: 0 malformed, else 1 with the fields (sequenced: 1, or 0 for SBE packets with no
+ * per-packet sequence). */
+struct seq_header {
+    uint32_t channel;
+    seq_t seq;
+    uint64_t span;
+    int64_t stamp;
+    int sequenced, snapshot;
+};
+
+SEQ_HOT int seq_parse(uint64_t deribit_layout, const uint64_t *snapshot_ports, uint64_t n_ports,
+                      uint16_t port, const uint8_t *p, uint64_t len, struct seq_header *h) {
+    if (deribit_layout == SEQ_FRAME_V1) {
+        if (len < 8 || le16(p) != len - 8) return 0;
+        h->channel = le16(p + 2);
+        h->seq = le32(p + 4);
+        h->span = 1;
+        h->stamp = 0;
+        h->sequenced = 1;
+        h->snapshot = 0;
+        for (uint64_t i = 0; i < n_ports && i < SEQ_SNAPSHOT_PORTS; i++)
+            if (snapshot_ports[i] == port) h->snapshot = 1;
+        return 1;
+    }
+    if (len < 24) return 0;
+    int64_t seq = (int64_t)le64(p + 8);
+    uint64_t type = le16(p + 20), count = le16(p + 22);
+    if (seq < 0 || (type & ~(uint64_t)7) || len < 24 + 16 * count) return 0;
+    h->stamp = (int64_t)le64(p);
+    h->seq = seq;
+    h->channel = le32(p + 16);
+    h->span = count;
+    h->sequenced = type == 1;
+    h->snapshot = type != 1 && (type & 2);
+    return 1;
+}
+
+/* sequence.Channel's sequence state, and its links in the table. */
+struct seq_channel {
+    struct seq_channel *chain, *older, *newer; /* hash bucket; least recently used first */
+    uint64_t key_lo;                            /* port << 32 | channel id */
+    uint32_t group;
+    int64_t stamp;
+    seq_t next; /* with the above in the first 64 bytes: all an in-order datagram reads */
+    seq_t floor_previous, floor_current, stale_below;
+};
+
+static uint16_t seq_port(const struct seq_channel *c) { return (uint16_t)(c->key_lo >> 32); }
+static uint32_t seq_id(const struct seq_channel *c) { return (uint32_t)c->key_lo; }
+
+/* Channel(kind, next, now): nothing before next is expected. */
+static void seq_start(struct seq_channel *c, seq_t next, int64_t stamp) {
+    c->next = c->floor_current = next;
+    c->floor_previous = -1;
+    c->stale_below = 0;
+    c->stamp = stamp;
+}
+
+/* ChannelTable.rotate, once a horizon has passed since the last: twice means the floor of the
+ * previous one is stale as well. */
+static void seq_rotate(struct seq_channel *c, int twice) {
+    c->floor_previous = twice ? c->next : c->floor_current;
+    c->floor_current = c->next;
+    c->stale_below = 0;
+}
+
+/* A reset: the channel starts over at seq. */
+static void seq_restart(struct seq_channel *c, seq_t seq, uint64_t count) {
+    c->stale_below = c->next;
+    c->next = seq + (seq_t)count;
+    c->floor_previous = -1;
+    c->floor_current = seq;
+}
+
+enum seq_event { SEQ_IN_ORDER, SEQ_GAP, SEQ_BEHIND, SEQ_OVERLAP, SEQ_RESET, SEQ_HEARTBEAT };
+
+/* sequence.classify */
+SEQ_HOT enum seq_event seq_classify(const struct seq_channel *c, seq_t seq, uint64_t count,
+                                    int64_t stamp) {
+    seq_t expected = c->next;
+    if (count == 0) {
+        if (seq > expected) return seq < c->stale_below ? SEQ_BEHIND : SEQ_GAP;
+        return stamp > c->stamp ? SEQ_HEARTBEAT : SEQ_BEHIND;
+    }
+    if (seq == expected) return SEQ_IN_ORDER;
+    if (seq > expected) return seq < c->stale_below ? SEQ_BEHIND : SEQ_GAP;
+    if (seq + (seq_t)count <= expected) return seq < c->floor_previous ? SEQ_RESET : SEQ_BEHIND;
+    return SEQ_OVERLAP;
+}
+
+/* ChannelTable's memory: cap channels of size bytes each (a seq_channel first), a hash table
+ * over (group, port, channel id), a least-recently-used list. */
+struct seq_table {
+    uint8_t *slots;
+    struct seq_channel **buckets, *oldest, *newest;
+    uint64_t size, cap, used, mask;
+};
+
+static int seq_table_init(struct seq_table *t, uint64_t cap, uint64_t size) {
+    uint64_t buckets = 1;
+    while (buckets < 2 * cap) buckets <<= 1;
+    memset(t, 0, sizeof *t);
+    t->slots = calloc(cap, size);
+    t->buckets = calloc(buckets, sizeof *t->buckets);
+    if (!t->slots || !t->buckets) {
+        free(t->slots);
+        free(t->buckets);
+        return -1;
+    }
+    t->size = size;
+    t->cap = cap;
+    t->mask = buckets - 1;
+    return 0;
+}
+
+static void seq_table_free(struct seq_table *t) {
+    free(t->slots);
+    free(t->buckets);
+}
+
+static struct seq_channel *seq_slot(const struct seq_table *t, uint64_t i) {
+    return (struct seq_channel *)(void *)(t->slots + i * t->size);
+}
+
+SEQ_HOT struct seq_channel **seq_bucket(const struct seq_table *t, uint32_t group,
+                                        uint64_t key_lo) {
+    uint64_t h = (uint64_t)group * 0x9E3779B97F4A7C15ull ^ key_lo * 0xC2B2AE3D27D4EB4Full;
+    return &t->buckets[(h ^ h >> 29) & t->mask];
+}
+
+static void seq_unlink_lru(struct seq_table *t, struct seq_channel *c) {
+    if (c->older) c->older->newer = c->newer; else t->oldest = c->newer;
+    if (c->newer) c->newer->older = c->older; else t->newest = c->older;
+    c->older = c->newer = NULL;
+}
+
+static void seq_push_newest(struct seq_table *t, struct seq_channel *c) {
+    c->older = t->newest;
+    c->newer = NULL;
+    if (t->newest) t->newest->newer = c; else t->oldest = c;
+    t->newest = c;
+}
+
+/* ChannelTable.get: the channel, most recently used now; or NULL. */
+SEQ_HOT struct seq_channel *seq_get(struct seq_table *t, uint32_t group, uint64_t key_lo) {
+    struct seq_channel *c = *seq_bucket(t, group, key_lo);
+    while (c && (c->group != group || c->key_lo != key_lo)) c = c->chain;
+    if (c && c != t->newest) {
+        seq_unlink_lru(t, c);
+        seq_push_newest(t, c);
+    }
+    return c;
+}
+
+/* The slot for a new channel: a free one, or (*evicted set) the least recently used, out of
+ * the table with its contents left for the caller to retire. seq_add then files it. */
+static struct seq_channel *seq_take(struct seq_table *t, int *evicted) {
+    *evicted = t->used == t->cap;
+    if (!*evicted) return seq_slot(t, t->used++);
+    struct seq_channel *c = t->oldest, **link = seq_bucket(t, c->group, c->key_lo);
+    while (*link != c) link = &(*link)->chain;
+    *link = c->chain;
+    seq_unlink_lru(t, c);
+    return c;
+}
+
+static void seq_add(struct seq_table *t, struct seq_channel *c, uint32_t group, uint64_t key_lo) {
+    struct seq_channel **head = seq_bucket(t, group, key_lo);
+    c->group = group;
+    c->key_lo = key_lo;
+    c->chain = *head;
+    *head = c;
+    seq_push_newest(t, c);
+}
 
 /* -- A/B arbitration: one arbiter per emit feed, shared by its pump threads ------------------
  *
@@ -311,11 +515,9 @@ static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key);
  * sends its datagram and everything released (so each channel goes out in order whichever
  * thread sends), then lets go. */
 
-__extension__ typedef __int128 arb_seq; /* Python's ints: seqNum + messageCount past 2**63 */
-
 struct arb_item { /* a held datagram, then released */
     struct arb_item *next; /* in the outbox */
-    arb_seq seq;
+    seq_t seq;
     int64_t stamp;
     uint64_t span, source, gap, len;
     uint32_t group;
@@ -324,12 +526,9 @@ struct arb_item { /* a held datagram, then released */
 };
 
 struct arb_channel {
-    struct arb_channel *hash_next, *lru_prev, *lru_next, *hold_prev, *hold_next;
-    uint64_t key_lo; /* port << 32 | channel id */
-    uint32_t group;
+    struct seq_channel seq; /* first: a slot of the arbiter's seq_table */
+    struct arb_channel *hold_prev, *hold_next;
     int snapshot, holding;
-    arb_seq next, floor_previous, floor_current, stale_below;
-    int64_t stamp;
     double rotated, held_since;
     struct arb_item **held; /* sorted by seq */
     uint64_t held_n, held_cap;
@@ -341,42 +540,33 @@ struct rd_arb {
     struct rd_arb_stats stats; /* first: Python reads it through rd_arb_stats */
     struct rd_arb_config cfg;
     pthread_mutex_t lock;
-    struct arb_channel *channels, *free_channels, **buckets, *lru_head, *lru_tail;
+    struct seq_table channels;
     struct arb_channel *hold_head, *hold_tail;
-    uint64_t bucket_mask;
     struct arb_item *out_head, *out_tail; /* released, to send in this order */
     struct arb_seen *seen, *order;        /* the content window: hash table, FIFO ring */
     uint64_t seen_mask, seen_count, order_head;
 };
 
-static uint64_t arb_mix(uint64_t x) {
-    x ^= x >> 32;
-    x *= 0xD6E8FEB86659FD93ull;
-    x ^= x >> 32;
-    x *= 0xD6E8FEB86659FD93ull;
-    return x ^ (x >> 32);
-}
-
 static uint64_t arb_hash(uint32_t group, uint16_t port, const uint8_t *p, uint64_t len) {
-    uint64_t h = arb_mix((uint64_t)group << 16 ^ port ^ len << 48), w;
+    uint64_t h = mix64((uint64_t)group << 16 ^ port ^ len << 48), w;
     uint64_t i = 0;
     for (; i + 8 <= len; i += 8) {
         memcpy(&w, p + i, 8);
-        h = (h ^ arb_mix(w + i)) * 0x9E3779B97F4A7C15ull;
+        h = (h ^ mix64(w + i)) * 0x9E3779B97F4A7C15ull;
     }
     w = 0;
     if (len > i) memcpy(&w, p + i, len - i);
-    return arb_mix(h ^ w ^ (len - i) << 56);
+    return mix64(h ^ w ^ (len - i) << 56);
 }
 
 /* Drop the oldest entry of the content window (its FIFO and table hold the same hashes). */
 static void arb_seen_pop(struct rd_arb *a) {
     uint64_t mask = a->seen_mask, hash = a->order[a->order_head].hash;
-    uint64_t i = arb_mix(hash) & mask;
+    uint64_t i = mix64(hash) & mask;
     while (a->seen[i].at < 0 || a->seen[i].hash != hash) i = (i + 1) & mask;
     /* backward-shift deletion keeps every probe sequence unbroken */
     for (uint64_t j = (i + 1) & mask; a->seen[j].at >= 0; j = (j + 1) & mask) {
-        uint64_t home = arb_mix(a->seen[j].hash) & mask;
+        uint64_t home = mix64(a->seen[j].hash) & mask;
         if (((j - home) & mask) >= ((j - i) & mask)) {
             a->seen[i] = a->seen[j];
             i = j;
@@ -393,13 +583,13 @@ static int arb_seen(struct rd_arb *a, uint32_t group, uint16_t port, const uint8
     uint64_t key = arb_hash(group, port, p, len), mask = a->seen_mask;
     double horizon = now - a->cfg.content_window;
     while (a->seen_count && a->order[a->order_head].at <= horizon) arb_seen_pop(a);
-    uint64_t i = arb_mix(key) & mask;
+    uint64_t i = mix64(key) & mask;
     for (; a->seen[i].at >= 0; i = (i + 1) & mask)
         if (a->seen[i].hash == key) return 1;
     if (a->seen_count >= a->cfg.content_entries) {
         arb_seen_pop(a);
         a->stats.content_evictions++;
-        for (i = arb_mix(key) & mask; a->seen[i].at >= 0;) i = (i + 1) & mask;
+        for (i = mix64(key) & mask; a->seen[i].at >= 0;) i = (i + 1) & mask;
     }
     a->seen[i].hash = key;
     a->seen[i].at = now;
@@ -410,77 +600,15 @@ static int arb_seen(struct rd_arb *a, uint32_t group, uint16_t port, const uint8
     return 0;
 }
 
-/* headers.py: 0 malformed, else 1 with the fields (sequenced: 1, or 0 for SBE packets with no
- * per-packet sequence). */
-struct arb_header {
-    uint32_t channel;
-    arb_seq seq;
-    uint64_t span;
-    int64_t stamp;
-    int sequenced, snapshot;
-};
-
-static uint64_t le(const uint8_t *p, unsigned n) {
-    uint64_t v = 0;
-    for (unsigned i = n; i-- > 0;) v = v << 8 | p[i];
-    return v;
-}
-
 static int arb_parse(const struct rd_arb *a, uint16_t port, const uint8_t *p, uint64_t len,
-                     struct arb_header *h) {
-    if (a->cfg.layout == ARB_LAYOUT_FRAME_V1) {
-        if (len < 8 || le(p, 2) != len - 8) return 0;
-        h->channel = (uint32_t)le(p + 2, 2);
-        h->seq = (arb_seq)le(p + 4, 4);
-        h->span = 1;
-        h->stamp = 0;
-        h->sequenced = 1;
-        h->snapshot = 0;
-        for (uint64_t i = 0; i < a->cfg.snapshot_port_count && i < ARB_SNAPSHOT_PORTS; i++)
-            if (a->cfg.snapshot_ports[i] == port) h->snapshot = 1;
-        return 1;
-    }
-    if (len < 24) return 0;
-    int64_t seq = (int64_t)le(p + 8, 8);
-    uint64_t type = le(p + 20, 2), count = le(p + 22, 2);
-    if (seq < 0 || (type & ~(uint64_t)7) || len < 24 + 16 * count) return 0;
-    h->stamp = (int64_t)le(p, 8);
-    h->seq = seq;
-    h->channel = (uint32_t)le(p + 16, 4);
-    h->span = count;
-    h->sequenced = type == 1;
-    h->snapshot = type != 1 && (type & 2);
-    return 1;
+                     struct seq_header *h) {
+    return seq_parse(a->cfg.layout, a->cfg.snapshot_ports, a->cfg.snapshot_port_count, port, p,
+                     len, h);
 }
 
-/* -- the channel table ------------------------------------------------------------------- */
-
-static uint64_t arb_bucket(const struct rd_arb *a, uint32_t group, uint64_t key_lo) {
-    return arb_mix((uint64_t)group * 0x9E3779B97F4A7C15ull ^ key_lo) & a->bucket_mask;
-}
-
-static void arb_lru_unlink(struct rd_arb *a, struct arb_channel *c) {
-    if (c->lru_prev) c->lru_prev->lru_next = c->lru_next; else a->lru_head = c->lru_next;
-    if (c->lru_next) c->lru_next->lru_prev = c->lru_prev; else a->lru_tail = c->lru_prev;
-    c->lru_prev = c->lru_next = NULL;
-}
-
-static void arb_lru_append(struct rd_arb *a, struct arb_channel *c) {
-    c->lru_prev = a->lru_tail;
-    c->lru_next = NULL;
-    if (a->lru_tail) a->lru_tail->lru_next = c; else a->lru_head = c;
-    a->lru_tail = c;
-}
-
-/* ChannelTable.get: the channel, most recently used now; or NULL. */
+/* The arbiter's channel of (group, port << 32 | channel id), most recently used now; or NULL. */
 static struct arb_channel *arb_get(struct rd_arb *a, uint32_t group, uint64_t key_lo) {
-    struct arb_channel *c = a->buckets[arb_bucket(a, group, key_lo)];
-    while (c && (c->group != group || c->key_lo != key_lo)) c = c->hash_next;
-    if (c && c != a->lru_tail) {
-        arb_lru_unlink(a, c);
-        arb_lru_append(a, c);
-    }
-    return c;
+    return (struct arb_channel *)(void *)seq_get(&a->channels, group, key_lo);
 }
 
 static void arb_holding_add(struct rd_arb *a, struct arb_channel *c) {
@@ -498,7 +626,7 @@ static void arb_holding_remove(struct rd_arb *a, struct arb_channel *c) {
     c->hold_prev = c->hold_next = NULL;
 }
 
-static void arb_count_gap(struct rd_arb *a, const struct arb_channel *c, arb_seq missing) {
+static void arb_count_gap(struct rd_arb *a, const struct arb_channel *c, seq_t missing) {
     a->stats.gaps++;
     a->stats.missing += (uint64_t)missing;
     if (c->snapshot) a->stats.snapshot_gaps++;
@@ -509,7 +637,7 @@ static void arb_sent(struct rd_arb *a, uint64_t source) {
     a->stats.sent_by_source[source < ARB_SOURCES ? source : ARB_SOURCES - 1]++;
 }
 
-static arb_seq arb_max(arb_seq x, arb_seq y) { return x > y ? x : y; }
+static seq_t arb_max(seq_t x, seq_t y) { return x > y ? x : y; }
 static int64_t arb_max64(int64_t x, int64_t y) { return x > y ? x : y; }
 
 /* Take held[i] out of the channel. */
@@ -520,7 +648,7 @@ static struct arb_item *arb_take(struct arb_channel *c, uint64_t i) {
     return item;
 }
 
-static void arb_release(struct rd_arb *a, struct arb_item *item, arb_seq gap) {
+static void arb_release(struct rd_arb *a, struct arb_item *item, seq_t gap) {
     a->stats.held_now--;
     a->stats.held_bytes -= item->len;
     a->stats.released++;
@@ -532,7 +660,7 @@ static void arb_release(struct rd_arb *a, struct arb_item *item, arb_seq gap) {
 }
 
 /* Index of the held datagram with sequence seq, or held_n. */
-static uint64_t arb_find(const struct arb_channel *c, arb_seq seq) {
+static uint64_t arb_find(const struct arb_channel *c, seq_t seq) {
     uint64_t lo = 0, hi = c->held_n;
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
@@ -544,14 +672,14 @@ static uint64_t arb_find(const struct arb_channel *c, arb_seq seq) {
 /* Arbiter._drain */
 static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
     while (c->held_n) {
-        uint64_t i = arb_find(c, c->next);
+        uint64_t i = arb_find(c, c->seq.next);
         struct arb_item *item;
         if (i < c->held_n) {
             item = arb_take(c, i);
         } else {
-            if (c->held[0]->seq > c->next) break;
+            if (c->held[0]->seq > c->seq.next) break;
             item = arb_take(c, 0);
-            if (item->seq + (arb_seq)item->span <= c->next) {
+            if (item->seq + (seq_t)item->span <= c->seq.next) {
                 a->stats.held_now--;
                 a->stats.held_bytes -= item->len;
                 a->stats.duplicates++;
@@ -560,8 +688,8 @@ static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
             }
             a->stats.overlaps++;
         }
-        c->next = arb_max(c->next, item->seq + (arb_seq)item->span);
-        c->stamp = arb_max64(c->stamp, item->stamp);
+        c->seq.next = arb_max(c->seq.next, item->seq + (seq_t)item->span);
+        c->seq.stamp = arb_max64(c->seq.stamp, item->stamp);
         arb_release(a, item, 0);
     }
     if (!c->held_n && c->holding) arb_holding_remove(a, c);
@@ -570,10 +698,10 @@ static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
 /* Arbiter._skip_hole */
 static void arb_skip_hole(struct rd_arb *a, struct arb_channel *c, double now) {
     struct arb_item *item = arb_take(c, 0);
-    arb_seq missing = item->seq - c->next;
+    seq_t missing = item->seq - c->seq.next;
     arb_count_gap(a, c, missing);
-    c->next = item->seq + (arb_seq)item->span;
-    c->stamp = arb_max64(c->stamp, item->stamp);
+    c->seq.next = item->seq + (seq_t)item->span;
+    c->seq.stamp = arb_max64(c->seq.stamp, item->stamp);
     arb_release(a, item, missing);
     c->held_since = now;
     if (c->held_n) arb_drain(a, c);
@@ -587,16 +715,10 @@ static void arb_flush(struct rd_arb *a, struct arb_channel *c) {
 /* ChannelTable.add (evicting the least recently used, its held datagrams released first) and
  * Channel(kind, seq, now). */
 static struct arb_channel *arb_add(struct rd_arb *a, uint32_t group, uint64_t key_lo,
-                                   int snapshot, arb_seq seq, int64_t stamp, double now) {
-    struct arb_channel *c = a->free_channels;
-    if (c) {
-        a->free_channels = c->hash_next;
-    } else {
-        c = a->lru_head; /* the table is full */
-        struct arb_channel **p = &a->buckets[arb_bucket(a, c->group, c->key_lo)];
-        while (*p != c) p = &(*p)->hash_next;
-        *p = c->hash_next;
-        arb_lru_unlink(a, c);
+                                   int snapshot, seq_t seq, int64_t stamp, double now) {
+    int evicted;
+    struct arb_channel *c = (struct arb_channel *)(void *)seq_take(&a->channels, &evicted);
+    if (evicted) {
         a->stats.channel_evictions++;
         a->stats.channels--;
         arb_flush(a, c);
@@ -606,18 +728,10 @@ static struct arb_channel *arb_add(struct rd_arb *a, uint32_t group, uint64_t ke
     memset(c, 0, sizeof *c);
     c->held = held;
     c->held_cap = held_cap;
-    c->group = group;
-    c->key_lo = key_lo;
     c->snapshot = snapshot;
-    c->next = seq;
-    c->floor_previous = -1;
-    c->floor_current = seq;
     c->rotated = now;
-    c->stamp = stamp;
-    uint64_t b = arb_bucket(a, group, key_lo);
-    c->hash_next = a->buckets[b];
-    a->buckets[b] = c;
-    arb_lru_append(a, c);
+    seq_start(&c->seq, seq, stamp);
+    seq_add(&a->channels, &c->seq, group, key_lo);
     a->stats.channels++;
     return c;
 }
@@ -626,33 +740,13 @@ static struct arb_channel *arb_add(struct rd_arb *a, uint32_t group, uint64_t ke
 static void arb_rotate(const struct rd_arb *a, struct arb_channel *c, double now) {
     double elapsed = now - c->rotated, horizon = a->cfg.stale_horizon;
     if (elapsed >= horizon) {
-        c->floor_previous = elapsed < 2 * horizon ? c->floor_current : c->next;
-        c->floor_current = c->next;
+        seq_rotate(&c->seq, !(elapsed < 2 * horizon));
         c->rotated = now;
-        c->stale_below = 0;
     }
 }
 
-enum { EV_IN_ORDER, EV_GAP, EV_BEHIND, EV_OVERLAP, EV_RESET, EV_HEARTBEAT };
-
-/* sequence.classify */
-static int arb_classify(const struct arb_channel *c, arb_seq seq, uint64_t count, int64_t stamp) {
-    arb_seq expected = c->next;
-    if (count == 0) {
-        if (seq > expected) return seq < c->stale_below ? EV_BEHIND : EV_GAP;
-        return stamp > c->stamp ? EV_HEARTBEAT : EV_BEHIND;
-    }
-    if (seq == expected) return EV_IN_ORDER;
-    if (seq > expected) return seq < c->stale_below ? EV_BEHIND : EV_GAP;
-    if (seq + (arb_seq)count <= expected) return seq < c->floor_previous ? EV_RESET : EV_BEHIND;
-    return EV_OVERLAP;
-}
-
-static void arb_restart(struct arb_channel *c, arb_seq seq, uint64_t count, double now) {
-    c->stale_below = c->next;
-    c->next = seq + (arb_seq)count;
-    c->floor_previous = -1;
-    c->floor_current = seq;
+static void arb_restart(struct arb_channel *c, seq_t seq, uint64_t count, double now) {
+    seq_restart(&c->seq, seq, count);
     c->rotated = now;
 }
 
@@ -668,15 +762,15 @@ static int arb_by_content(struct rd_arb *a, uint64_t source, uint32_t group, uin
 }
 
 /* Arbiter._after_hole: seq is past next. */
-static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct arb_header *h,
+static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct seq_header *h,
                           uint64_t source, uint32_t group, uint16_t port, const uint8_t *p,
                           uint64_t len, double now) {
     if (a->cfg.hold_timeout == 0 || a->stats.live_sources < 2) {
-        arb_seq missing = h->seq - c->next;
+        seq_t missing = h->seq - c->seq.next;
         arb_count_gap(a, c, missing);
         a->stats.gap_size = (uint64_t)missing;
-        c->next = h->seq + (arb_seq)h->span;
-        c->stamp = arb_max64(c->stamp, h->stamp);
+        c->seq.next = h->seq + (seq_t)h->span;
+        c->seq.stamp = arb_max64(c->seq.stamp, h->stamp);
         if (c->held_n) arb_drain(a, c); /* held before the live sources dropped to one */
         arb_sent(a, source);
         return ARB_GAP;
@@ -689,11 +783,11 @@ static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct 
     }
     struct arb_item *item = malloc(sizeof *item + len);
     if (!item) { /* no memory to hold it: a hole no copy fills, as without a second copy */
-        arb_seq missing = h->seq - c->next;
+        seq_t missing = h->seq - c->seq.next;
         arb_count_gap(a, c, missing);
         a->stats.gap_size = (uint64_t)missing;
-        c->next = h->seq + (arb_seq)h->span;
-        c->stamp = arb_max64(c->stamp, h->stamp);
+        c->seq.next = h->seq + (seq_t)h->span;
+        c->seq.stamp = arb_max64(c->seq.stamp, h->stamp);
         arb_sent(a, source);
         return ARB_GAP;
     }
@@ -702,11 +796,11 @@ static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct 
         struct arb_item **grown = realloc(c->held, cap * sizeof *grown);
         if (!grown) {
             free(item);
-            arb_seq missing = h->seq - c->next;
+            seq_t missing = h->seq - c->seq.next;
             arb_count_gap(a, c, missing);
             a->stats.gap_size = (uint64_t)missing;
-            c->next = h->seq + (arb_seq)h->span;
-            c->stamp = arb_max64(c->stamp, h->stamp);
+            c->seq.next = h->seq + (seq_t)h->span;
+            c->seq.stamp = arb_max64(c->seq.stamp, h->stamp);
             arb_sent(a, source);
             return ARB_GAP;
         }
@@ -753,7 +847,7 @@ static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t
     }
     if (a->cfg.mode == ARB_MODE_CONTENT)
         return arb_by_content(a, source, group, port, p, len, now, ARB_EMIT);
-    struct arb_header h;
+    struct seq_header h;
     if (!arb_parse(a, port, p, len, &h)) {
         a->stats.malformed++;
         return arb_by_content(a, source, group, port, p, len, now, ARB_MALFORMED);
@@ -762,51 +856,52 @@ static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t
     uint64_t key_lo = (uint64_t)port << 32 | h.channel;
     struct arb_channel *c = arb_get(a, group, key_lo);
     if (!c) {
-        arb_add(a, group, key_lo, h.snapshot, h.seq + (arb_seq)h.span, h.stamp, now);
+        arb_add(a, group, key_lo, h.snapshot, h.seq + (seq_t)h.span, h.stamp, now);
         arb_sent(a, source);
         return ARB_EMIT;
     }
     if (now - c->rotated >= a->cfg.stale_horizon) arb_rotate(a, c, now);
-    arb_seq expected = c->next, end = h.seq + (arb_seq)h.span;
-    if (h.span && h.seq < expected && end <= expected && h.seq >= c->floor_previous) {
+    seq_t expected = c->seq.next, end = h.seq + (seq_t)h.span;
+    if (h.span && h.seq < expected && end <= expected && h.seq >= c->seq.floor_previous) {
         a->stats.duplicates++; /* the other copy's datagram, the commonest case */
         return ARB_DUPLICATE;
     }
-    int event = h.span && h.seq == expected ? EV_IN_ORDER : arb_classify(c, h.seq, h.span, h.stamp);
+    enum seq_event event =
+        h.span && h.seq == expected ? SEQ_IN_ORDER : seq_classify(&c->seq, h.seq, h.span, h.stamp);
     switch (event) {
-    case EV_IN_ORDER:
-        c->next = end;
-        c->stamp = arb_max64(c->stamp, h.stamp);
+    case SEQ_IN_ORDER:
+        c->seq.next = end;
+        c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
         if (c->held_n) arb_drain(a, c);
         arb_sent(a, source);
         return ARB_EMIT;
-    case EV_BEHIND:
+    case SEQ_BEHIND:
         a->stats.duplicates++;
         return ARB_DUPLICATE;
-    case EV_GAP:
+    case SEQ_GAP:
         if (h.span == 0 && a->cfg.hold_timeout != 0 && a->stats.live_sources >= 2) {
             a->stats.duplicates++;
             a->stats.skipped_heartbeats++;
             return ARB_DUPLICATE;
         }
         return arb_after_hole(a, c, &h, source, group, port, p, len, now);
-    case EV_HEARTBEAT:
-        c->stamp = h.stamp;
+    case SEQ_HEARTBEAT:
+        c->seq.stamp = h.stamp;
         a->stats.heartbeats++;
         arb_sent(a, source);
         return ARB_EMIT;
-    case EV_OVERLAP:
+    case SEQ_OVERLAP:
         a->stats.overlaps++;
-        c->next = end;
-        c->stamp = arb_max64(c->stamp, h.stamp);
+        c->seq.next = end;
+        c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
         if (c->held_n) arb_drain(a, c);
         arb_sent(a, source);
         return ARB_OVERLAP;
-    default: /* EV_RESET: what is held belongs to the old sequence */
+    default: /* SEQ_RESET: what is held belongs to the old sequence */
         if (c->held_n) arb_flush(a, c);
         a->stats.resets++;
         arb_restart(c, h.seq, h.span, now);
-        c->stamp = arb_max64(c->stamp, h.stamp);
+        c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
         arb_sent(a, source);
         return ARB_RESET;
     }
@@ -817,7 +912,7 @@ static void arb_observe(struct rd_arb *a, uint32_t group, uint16_t port, const u
                         uint64_t len, double now) {
     a->stats.observed++;
     if (a->cfg.mode == ARB_MODE_NONE) return;
-    struct arb_header h;
+    struct seq_header h;
     if (a->cfg.mode != ARB_MODE_DERIBIT || !arb_parse(a, port, p, len, &h) || !h.sequenced) {
         arb_seen(a, group, port, p, len, now);
         return;
@@ -825,18 +920,18 @@ static void arb_observe(struct rd_arb *a, uint32_t group, uint16_t port, const u
     uint64_t key_lo = (uint64_t)port << 32 | h.channel;
     struct arb_channel *c = arb_get(a, group, key_lo);
     if (!c) {
-        arb_add(a, group, key_lo, h.snapshot, h.seq + (arb_seq)h.span, h.stamp, now);
+        arb_add(a, group, key_lo, h.snapshot, h.seq + (seq_t)h.span, h.stamp, now);
         return;
     }
     arb_rotate(a, c, now);
-    int event = arb_classify(c, h.seq, h.span, h.stamp);
-    if (event == EV_RESET) {
+    enum seq_event event = seq_classify(&c->seq, h.seq, h.span, h.stamp);
+    if (event == SEQ_RESET) {
         if (c->held_n) arb_flush(a, c);
         arb_restart(c, h.seq, h.span, now);
-    } else if (event != EV_BEHIND) {
-        c->next = arb_max(c->next, h.seq + (arb_seq)h.span);
+    } else if (event != SEQ_BEHIND) {
+        c->seq.next = arb_max(c->seq.next, h.seq + (seq_t)h.span);
     }
-    c->stamp = arb_max64(c->stamp, h.stamp);
+    c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
     if (c->held_n) arb_drain(a, c);
 }
 
@@ -871,36 +966,30 @@ struct rd_arb *rd_arb_new(const struct rd_arb_config *cfg) {
     if (!a) return NULL;
     a->cfg = *cfg;
     a->stats.live_sources = 2;
-    uint64_t buckets = 1, slots = 1;
-    while (buckets < 2 * cfg->max_channels) buckets <<= 1;
+    uint64_t slots = 1;
     while (slots < 2 * cfg->content_entries) slots <<= 1;
-    a->bucket_mask = buckets - 1;
     a->seen_mask = slots - 1;
-    a->channels = calloc(cfg->max_channels, sizeof *a->channels);
-    a->buckets = calloc(buckets, sizeof *a->buckets);
+    if (seq_table_init(&a->channels, cfg->max_channels, sizeof(struct arb_channel))) {
+        free(a);
+        return NULL;
+    }
     a->seen = malloc(slots * sizeof *a->seen);
     a->order = malloc(cfg->content_entries * sizeof *a->order);
-    if (!a->channels || !a->buckets || !a->seen || !a->order ||
-        pthread_mutex_init(&a->lock, NULL)) {
-        free(a->channels);
-        free(a->buckets);
+    if (!a->seen || !a->order || pthread_mutex_init(&a->lock, NULL)) {
+        seq_table_free(&a->channels);
         free(a->seen);
         free(a->order);
         free(a);
         return NULL;
     }
     for (uint64_t i = 0; i < slots; i++) a->seen[i].at = -1;
-    for (uint64_t i = cfg->max_channels; i-- > 0;) {
-        a->channels[i].hash_next = a->free_channels;
-        a->free_channels = &a->channels[i];
-    }
     return a;
 }
 
 void rd_arb_free(struct rd_arb *a) {
     if (!a) return;
-    for (uint64_t i = 0; i < a->cfg.max_channels; i++) {
-        struct arb_channel *c = &a->channels[i];
+    for (uint64_t i = 0; i < a->channels.used; i++) {
+        struct arb_channel *c = (struct arb_channel *)(void *)seq_slot(&a->channels, i);
         for (uint64_t j = 0; j < c->held_n; j++) free(c->held[j]);
         free(c->held);
     }
@@ -909,8 +998,7 @@ void rd_arb_free(struct rd_arb *a) {
         free(item);
     }
     pthread_mutex_destroy(&a->lock);
-    free(a->channels);
-    free(a->buckets);
+    seq_table_free(&a->channels);
     free(a->seen);
     free(a->order);
     free(a);
@@ -1557,39 +1645,25 @@ int rd_capture_read(struct rd_capture_rx *s) {
 
 /* relayd/arbitration/sequence.py's UpstreamMonitor, datagram for datagram (the differential
  * tests hold this to it): per channel (group, port, Deribit channel id) the next expected
- * sequence, gaps, duplicates, overlaps and resets, in a table of at most `cap` channels, the
- * least recently used evicted first. O(1) per datagram: a hash lookup and a few compares. One
- * monitor serves every receive thread of a feed; a mutex is taken once per batch. */
-
-#define UP_NONE UINT32_MAX
+ * sequence, gaps, duplicates, overlaps and resets, in a seq_table of at most max_channels
+ * channels, the least recently used evicted first. O(1) per datagram: a hash lookup and a few
+ * compares (seq_parse, seq_get, seq_classify: the arbiter's own). One monitor serves every
+ * receive thread of a feed; a mutex is taken once per batch. */
 
 struct up_channel {
-    uint32_t group, channel;
-    uint16_t port;
+    struct seq_channel seq; /* first: a slot of the monitor's seq_table */
+    int64_t rotated;
     uint8_t snapshot;
-    uint32_t chain;      /* next channel in the same hash bucket */
-    uint32_t older, newer; /* least-recently-used list */
-    uint64_t next;       /* the next expected sequence */
-    uint64_t floor_prev1; /* the spec's floor_previous + 1 (0: -1, no past) */
-    uint64_t floor_current, stale_below;
-    int64_t rotated, stamp;
     uint64_t datagrams, gaps, missing, duplicates, resets, overlaps;
 };
 
 struct rd_upstream {
     pthread_mutex_t lock;
     uint64_t layout, horizon_ns, n_ports;
-    uint16_t snapshot_ports[UP_MAX_SNAPSHOT_PORTS];
-    uint32_t cap, used, mask;
-    uint32_t oldest, newest;
-    uint32_t *buckets;
-    struct up_channel *channels;
+    uint64_t snapshot_ports[SEQ_SNAPSHOT_PORTS];
+    struct seq_table channels;
     struct rd_upstream_stats stats;
 };
-
-static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t le32(const uint8_t *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
-static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
 
 /* format UP_FRAME_V1 or UP_SBE; at most max_channels channels (>= 1); a sequence older than
  * horizon_ns is a reset (the spec's stale_horizon); FRAME_V1 channels on one of ports are
@@ -1601,174 +1675,74 @@ struct rd_upstream *rd_upstream_new(uint64_t format, uint64_t max_channels, uint
         return NULL;
     struct rd_upstream *m = calloc(1, sizeof *m);
     if (!m) return NULL;
-    uint32_t buckets = 1;
-    while (buckets < 2 * max_channels) buckets <<= 1;
-    m->buckets = malloc(buckets * sizeof *m->buckets);
-    m->channels = calloc(max_channels, sizeof *m->channels);
-    if (!m->buckets || !m->channels || pthread_mutex_init(&m->lock, NULL)) {
-        free(m->buckets);
-        free(m->channels);
+    if (seq_table_init(&m->channels, max_channels, sizeof(struct up_channel))) {
         free(m);
         return NULL;
     }
-    memset(m->buckets, 0xFF, buckets * sizeof *m->buckets);
+    if (pthread_mutex_init(&m->lock, NULL)) {
+        seq_table_free(&m->channels);
+        free(m);
+        return NULL;
+    }
     m->layout = format;
     m->horizon_ns = horizon_ns;
     m->n_ports = n_ports;
     for (uint64_t i = 0; i < n_ports; i++) m->snapshot_ports[i] = ports[i];
-    m->cap = (uint32_t)max_channels;
-    m->mask = buckets - 1;
-    m->oldest = m->newest = UP_NONE;
     return m;
 }
 
 void rd_upstream_free(struct rd_upstream *m) {
     if (!m) return;
     pthread_mutex_destroy(&m->lock);
-    free(m->buckets);
-    free(m->channels);
+    seq_table_free(&m->channels);
     free(m);
-}
-
-static uint32_t up_bucket(const struct rd_upstream *m, uint32_t group, uint16_t port,
-                          uint32_t channel) {
-    uint64_t h = (uint64_t)group * 0x9E3779B97F4A7C15ull;
-    h ^= ((uint64_t)port << 32 | channel) * 0xC2B2AE3D27D4EB4Full;
-    h ^= h >> 29;
-    return (uint32_t)h & m->mask;
-}
-
-static void up_unlink_lru(struct rd_upstream *m, uint32_t i) {
-    struct up_channel *c = &m->channels[i];
-    if (c->older != UP_NONE) m->channels[c->older].newer = c->newer;
-    else m->oldest = c->newer;
-    if (c->newer != UP_NONE) m->channels[c->newer].older = c->older;
-    else m->newest = c->older;
-}
-
-static void up_push_newest(struct rd_upstream *m, uint32_t i) {
-    struct up_channel *c = &m->channels[i];
-    c->older = m->newest;
-    c->newer = UP_NONE;
-    if (m->newest != UP_NONE) m->channels[m->newest].newer = i;
-    else m->oldest = i;
-    m->newest = i;
-}
-
-/* The slot for a new channel: a free one, or the least recently used, evicted. */
-static uint32_t up_take_slot(struct rd_upstream *m) {
-    if (m->used < m->cap) return m->used++;
-    uint32_t i = m->oldest;
-    struct up_channel *c = &m->channels[i];
-    up_unlink_lru(m, i);
-    uint32_t *link = &m->buckets[up_bucket(m, c->group, c->port, c->channel)];
-    while (*link != i) link = &m->channels[*link].chain;
-    *link = c->chain;
-    m->stats.evictions++;
-    return i;
 }
 
 /* The spec's ChannelTable.rotate: move the stale floors forward once per horizon. */
 static void up_rotate(const struct rd_upstream *m, struct up_channel *c, int64_t now) {
     int64_t elapsed = now - c->rotated, horizon = (int64_t)m->horizon_ns;
     if (elapsed < horizon) return;
-    c->floor_prev1 = (elapsed < 2 * horizon ? c->floor_current : c->next) + 1;
-    c->floor_current = c->next;
+    seq_rotate(&c->seq, elapsed >= 2 * horizon);
     c->rotated = now;
-    c->stale_below = 0;
-}
-
-enum { UP_IN_ORDER, UP_GAP, UP_BEHIND, UP_OVERLAP, UP_RESET, UP_HEARTBEAT };
-
-/* The spec's classify. */
-static int up_classify(const struct up_channel *c, uint64_t seq, uint64_t count, int64_t stamp) {
-    uint64_t expected = c->next;
-    if (count == 0) {
-        if (seq > expected) return seq < c->stale_below ? UP_BEHIND : UP_GAP;
-        return stamp > c->stamp ? UP_HEARTBEAT : UP_BEHIND;
-    }
-    if (seq == expected) return UP_IN_ORDER;
-    if (seq > expected) return seq < c->stale_below ? UP_BEHIND : UP_GAP;
-    if (seq + count <= expected) return seq + 1 < c->floor_prev1 ? UP_RESET : UP_BEHIND;
-    return UP_OVERLAP;
 }
 
 /* The spec's UpstreamMonitor.see of one payload (the lock held). */
 static void up_see(struct rd_upstream *m, uint32_t group, uint16_t port, const uint8_t *p,
                    uint64_t size, int64_t now) {
     struct rd_upstream_stats *st = &m->stats;
-    uint64_t seq, count;
-    uint32_t id;
-    int64_t stamp = 0;
-    uint8_t snapshot = 0;
+    struct seq_header h;
     st->datagrams++;
-    if (m->layout == UP_FRAME_V1) {
-        if (size < 8 || le16(p) != size - 8) {
-            st->malformed++;
-            return;
-        }
-        id = le16(p + 2);
-        seq = le32(p + 4);
-        count = 1;
-        for (uint64_t i = 0; i < m->n_ports; i++) snapshot |= m->snapshot_ports[i] == port;
-    } else {
-        if (size < 24) {
-            st->malformed++;
-            return;
-        }
-        stamp = (int64_t)le64(p);
-        int64_t first = (int64_t)le64(p + 8);
-        id = le32(p + 16);
-        uint16_t type = le16(p + 20);
-        count = le16(p + 22);
-        if (first < 0 || (type & ~7u) || size < 24 + 16 * count) {
-            st->malformed++;
-            return;
-        }
-        if (type != 1) { /* snapshot, retransmit, reject: no sequence of their own */
-            st->unsequenced++;
-            return;
-        }
-        seq = (uint64_t)first;
-    }
-    uint32_t *head = &m->buckets[up_bucket(m, group, port, id)], i = *head;
-    while (i != UP_NONE) {
-        const struct up_channel *c = &m->channels[i];
-        if (c->group == group && c->port == port && c->channel == id) break;
-        i = c->chain;
-    }
-    if (i == UP_NONE) { /* the first datagram of a channel: it starts there */
-        i = up_take_slot(m);
-        head = &m->buckets[up_bucket(m, group, port, id)]; /* an eviction may have changed it */
-        struct up_channel *c = &m->channels[i];
-        memset(c, 0, sizeof *c);
-        c->group = group;
-        c->port = port;
-        c->channel = id;
-        c->snapshot = snapshot;
-        c->next = c->floor_current = seq + count; /* as the spec's Channel(kind, next, now) */
-        c->rotated = now;
-        c->stamp = stamp;
-        c->datagrams = 1;
-        c->chain = *head;
-        *head = i;
-        up_push_newest(m, i);
+    if (!seq_parse(m->layout, m->snapshot_ports, m->n_ports, port, p, size, &h)) {
+        st->malformed++;
         return;
     }
-    if (m->newest != i) {
-        up_unlink_lru(m, i);
-        up_push_newest(m, i);
+    if (!h.sequenced) { /* snapshot, retransmit, reject: no sequence of their own */
+        st->unsequenced++;
+        return;
     }
-    struct up_channel *c = &m->channels[i];
+    uint64_t key_lo = (uint64_t)port << 32 | h.channel;
+    struct up_channel *c = (struct up_channel *)(void *)seq_get(&m->channels, group, key_lo);
+    if (!c) { /* the first datagram of a channel: it starts there */
+        int evicted;
+        c = (struct up_channel *)(void *)seq_take(&m->channels, &evicted);
+        st->evictions += (uint64_t)evicted;
+        memset(c, 0, sizeof *c);
+        c->snapshot = (uint8_t)h.snapshot;
+        c->rotated = now;
+        c->datagrams = 1;
+        seq_start(&c->seq, h.seq + (seq_t)h.span, h.stamp); /* the spec's Channel(kind, next) */
+        seq_add(&m->channels, &c->seq, group, key_lo);
+        return;
+    }
     up_rotate(m, c, now);
     c->datagrams++;
     uint64_t missing;
-    switch (up_classify(c, seq, count, stamp)) {
-    case UP_IN_ORDER:
-        c->next = seq + count;
+    switch (seq_classify(&c->seq, h.seq, h.span, h.stamp)) {
+    case SEQ_IN_ORDER:
+        c->seq.next = h.seq + (seq_t)h.span;
         break;
-    case UP_GAP:
-        missing = seq - c->next;
+    case SEQ_GAP:
+        missing = (uint64_t)(h.seq - c->seq.next);
         c->gaps++;
         c->missing += missing;
         st->gaps++;
@@ -1776,32 +1750,29 @@ static void up_see(struct rd_upstream *m, uint32_t group, uint16_t port, const u
         if (c->snapshot) st->snapshot_gaps++;
         st->last_gap_group = group;
         st->last_gap_port = port;
-        st->last_gap_channel = id;
+        st->last_gap_channel = h.channel;
         st->last_gap_missing = missing;
-        c->next = seq + count;
+        c->seq.next = h.seq + (seq_t)h.span;
         break;
-    case UP_BEHIND:
+    case SEQ_BEHIND:
         c->duplicates++;
         st->duplicates++;
         break;
-    case UP_OVERLAP:
+    case SEQ_OVERLAP:
         c->overlaps++;
         st->overlaps++;
-        c->next = seq + count;
+        c->seq.next = h.seq + (seq_t)h.span;
         break;
-    case UP_RESET:
+    case SEQ_RESET:
         c->resets++;
         st->resets++;
-        c->stale_below = c->next;
-        c->next = seq + count;
-        c->floor_prev1 = 0;
-        c->floor_current = seq;
+        seq_restart(&c->seq, h.seq, h.span);
         c->rotated = now;
         break;
-    default: /* UP_HEARTBEAT */
+    case SEQ_HEARTBEAT:
         st->heartbeats++;
     }
-    if (stamp > c->stamp) c->stamp = stamp;
+    if (h.stamp > c->seq.stamp) c->seq.stamp = h.stamp;
 }
 
 /* See every datagram of `count` DATA frames (a capture batch) at CLOCK_MONOTONIC `now`. */
@@ -1819,7 +1790,7 @@ void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t cou
 void rd_upstream_read(struct rd_upstream *m, struct rd_upstream_stats *out) {
     pthread_mutex_lock(&m->lock);
     *out = m->stats;
-    out->channels = m->used;
+    out->channels = m->channels.used;
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -1829,10 +1800,10 @@ uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel 
                               uint64_t max, uint64_t lossy) {
     uint64_t n = 0;
     pthread_mutex_lock(&m->lock);
-    for (uint32_t i = m->oldest; i != UP_NONE && n < max; i = m->channels[i].newer) {
-        const struct up_channel *c = &m->channels[i];
+    for (const struct seq_channel *s = m->channels.oldest; s && n < max; s = s->newer) {
+        const struct up_channel *c = (const struct up_channel *)(const void *)s;
         if (lossy && !(c->gaps | c->duplicates | c->resets | c->overlaps)) continue;
-        out[n] = (struct rd_upstream_channel){c->group,      c->port,      c->channel,
+        out[n] = (struct rd_upstream_channel){s->group,      seq_port(s),  seq_id(s),
                                               c->snapshot,   c->datagrams, c->gaps,
                                               c->missing,    c->duplicates, c->resets,
                                               c->overlaps};
