@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import trio
 
@@ -73,3 +73,13 @@ class Feed(Protocol):
         its key files (re-read even when unchanged: a file may have been rewritten in place);
         False when a restart is needed. Raises KeyFileError, keeping the current keys, when
         a key file cannot be used."""
+
+
+#: The help of ``relayd_upstream_gaps_total`` and ``relayd_upstream_missing_total``, which both
+#: feed kinds export (one family, one help): ``side="capture"`` as a capture host got the
+#: exchange's sequence numbers, ``side="emit"`` what customers see after A/B arbitration.
+UPSTREAM_GAPS_HELP: Final = (
+    "Gaps in the exchange's sequence numbers, per channel: side=capture as the capture host "
+    "got them, side=emit what customers see after A/B arbitration."
+)
+UPSTREAM_MISSING_HELP: Final = "Sequence numbers those gaps skipped (side as for upstream_gaps)."

@@ -169,6 +169,9 @@ async def test_a_hole_no_copy_fills_is_released_at_its_deadline_without_traffic(
             in_order_once(got, [d for i, d in enumerate(stream) if i != hole])
             assert metric(feed, "arbitration_gaps") == 1
             assert metric(feed, "arbitration_missing") == 1
+            # the family the emit hosts' CloudWatch alarm reads: the gaps customers see
+            assert metric(feed, "upstream_gaps", side="emit") == 1
+            assert metric(feed, "upstream_missing", side="emit") == 1
 
 
 @pytest.mark.usefixtures("datapath")

@@ -19,7 +19,7 @@ import trio
 from relayd.arbitration.headers import DeribitLayout
 from relayd.datapath import DataPlane, UpstreamChannel, UpstreamCounter, UpstreamTotals
 from relayd.logs import RateLimitedLogger
-from relayd.runtime import MetricType, Sample
+from relayd.runtime import UPSTREAM_GAPS_HELP, UPSTREAM_MISSING_HELP, MetricType, Sample
 
 __all__ = ["TOP_CHANNELS", "UpstreamCheck", "channel_name"]
 
@@ -30,8 +30,8 @@ WARN_INTERVAL: Final = 1.0
 
 _COUNTERS: Final[tuple[tuple[str, str], ...]] = (
     ("datagrams", "Datagrams the upstream check read (upstream_check = deribit)."),
-    ("gaps", "Gaps in the exchange's sequence numbers, per channel, as the capture host got them."),
-    ("missing", "Sequence numbers the exchange's gaps skipped."),
+    ("gaps", UPSTREAM_GAPS_HELP),
+    ("missing", UPSTREAM_MISSING_HELP),
     ("snapshot_gaps", "Gaps on snapshot channels (also counted in upstream_gaps)."),
     ("duplicates", "Datagrams at or below their channel's sequence: duplicates or late."),
     ("resets", "Channels the exchange restarted (a sequence far below the channel's)."),

@@ -30,7 +30,7 @@ from relayd.arbitration import ArbitrationConfig, ArbitrationMode, DeribitLayout
 from relayd.config import EmitFeed
 from relayd.datapath import ARBITER_SOURCES, DataPlane, FeedArbiter
 from relayd.logs import RateLimitedLogger
-from relayd.runtime import Sample
+from relayd.runtime import UPSTREAM_GAPS_HELP, UPSTREAM_MISSING_HELP, Sample
 
 __all__ = ["OTHER_SOURCES", "FeedArbitration", "arbitration_config"]
 
@@ -213,6 +213,12 @@ class FeedArbitration:
         counts = self.arbiter.counts()
         for key, name, help_text in _COUNTERS:
             yield Sample(f"arbitration_{name}", "counter", help_text, feed, counts[key])
+        if self.settings.mode is ArbitrationMode.DERIBIT:  # the exchange's gaps customers see
+            emit_side = (*feed, ("side", "emit"))
+            yield Sample("upstream_gaps", "counter", UPSTREAM_GAPS_HELP, emit_side, counts["gaps"])
+            yield Sample(
+                "upstream_missing", "counter", UPSTREAM_MISSING_HELP, emit_side, counts["missing"]
+            )
         for host, value in self._sent_by_host().items():
             yield Sample(
                 "arbitration_sent",
