@@ -527,7 +527,13 @@ async def test_malformed_input_after_valid_data(
             await send_pieces(peer, [bytes([b]) for b in bad], 0.005)
 
     async def scenario(path: str) -> EmitResult:
-        return await bad_input_scenario(datagrams, tail)
+        result = await bad_input_scenario(datagrams, tail)
+        if delivery == "whole":
+            return result
+        # Byte by byte, how many bytes one read takes depends on the scheduler: under load
+        # two pieces arrive together and the bytes read past the decoder's verdict differ.
+        counted = {k: v for k, v in result.counters.items() if k != "bytes_in"}
+        return attrs.evolve(result, counters=counted)
 
     result = await on_both_paths(monkeypatch, scenario)
     assert result.heard == (None, Error(ErrorCode.PROTOCOL, message))  # ACKs read before
