@@ -670,7 +670,8 @@ static uint64_t arb_find(const struct arb_channel *c, seq_t seq) {
 }
 
 /* Arbiter._drain */
-static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
+static void arb_drain(struct rd_arb *a, struct arb_channel *c, double now) {
+    uint64_t released = a->stats.released;
     while (c->held_n) {
         uint64_t i = arb_find(c, c->seq.next);
         struct arb_item *item;
@@ -693,6 +694,7 @@ static void arb_drain(struct rd_arb *a, struct arb_channel *c) {
         arb_release(a, item, 0);
     }
     if (!c->held_n && c->holding) arb_holding_remove(a, c);
+    else if (c->held_n && a->stats.released != released) c->held_since = now; /* next hole */
 }
 
 /* Arbiter._skip_hole */
@@ -704,7 +706,7 @@ static void arb_skip_hole(struct rd_arb *a, struct arb_channel *c, double now) {
     c->seq.stamp = arb_max64(c->seq.stamp, item->stamp);
     arb_release(a, item, missing);
     c->held_since = now;
-    if (c->held_n) arb_drain(a, c);
+    if (c->held_n) arb_drain(a, c, now);
     else if (c->holding) arb_holding_remove(a, c);
 }
 
@@ -771,7 +773,7 @@ static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct 
         a->stats.gap_size = (uint64_t)missing;
         c->seq.next = h->seq + (seq_t)h->span;
         c->seq.stamp = arb_max64(c->seq.stamp, h->stamp);
-        if (c->held_n) arb_drain(a, c); /* held before the live sources dropped to one */
+        if (c->held_n) arb_drain(a, c, now); /* held before the live sources dropped to one */
         arb_sent(a, source);
         return ARB_GAP;
     }
@@ -872,7 +874,7 @@ static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t
     case SEQ_IN_ORDER:
         c->seq.next = end;
         c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
-        if (c->held_n) arb_drain(a, c);
+        if (c->held_n) arb_drain(a, c, now);
         arb_sent(a, source);
         return ARB_EMIT;
     case SEQ_BEHIND:
@@ -894,7 +896,7 @@ static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t
         a->stats.overlaps++;
         c->seq.next = end;
         c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
-        if (c->held_n) arb_drain(a, c);
+        if (c->held_n) arb_drain(a, c, now);
         arb_sent(a, source);
         return ARB_OVERLAP;
     default: /* SEQ_RESET: what is held belongs to the old sequence */
@@ -932,7 +934,7 @@ static void arb_observe(struct rd_arb *a, uint32_t group, uint16_t port, const u
         c->seq.next = arb_max(c->seq.next, h.seq + (seq_t)h.span);
     }
     c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
-    if (c->held_n) arb_drain(a, c);
+    if (c->held_n) arb_drain(a, c, now);
 }
 
 /* Arbiter.next_deadline, or INFINITY when nothing is held. */

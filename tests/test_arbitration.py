@@ -666,3 +666,19 @@ def test_held_bytes_are_bounded() -> None:
     assert arbiter.stats.hold_overflows == 1
     assert sent == [v1(1, seq, b"x" * 40) for seq in range(3, 8)]
     assert (arbiter.stats.gaps, arbiter.stats.missing, arbiter.held_bytes) == (1, 1, 0)
+
+
+def test_a_hole_left_after_another_was_filled_gets_its_own_wait() -> None:
+    """3 opens a hole at 2 (t=0); 5 opens another at 4 (t=0.15) while 3 is held; 2 fills the
+    first at t=0.16. The hole at 4 waits a whole hold from then: 4 left the exchange before
+    5, not before 3, so giving up at 0.2 (the first hole's deadline) could lose it."""
+    arbiter = deribit(hold=0.2)
+    arbiter.set_live_sources(2)
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 1), 0.0) is Verdict.EMIT
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 3), 0.0) is Verdict.HELD
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 5), 0.15) is Verdict.HELD
+    assert arbiter.offer(1, GROUP, 6100, v1(1, 2), 0.16) is Verdict.EMIT
+    assert arbiter.expire(0.25) == 0  # before: the hole at 4 was given up here
+    assert arbiter.offer(1, GROUP, 6100, v1(1, 4), 0.3) is Verdict.EMIT
+    assert [r.payload for r in arbiter.released] == [v1(1, 3), v1(1, 5)]
+    assert (arbiter.stats.gaps, arbiter.stats.missing) == (0, 0)

@@ -443,3 +443,26 @@ def test_concurrent_copies_from_threads_are_sent_exactly_once(leaf: str) -> None
     assert counts["observed"] == len(firsts) + len(body)
     assert counts["offered"] == 4 * len(body)
     assert counts["held_now"] == 0
+
+
+def test_c_arbiter_gives_a_hole_left_after_another_was_filled_its_own_wait(
+    cplane: fastpath.CPlane,
+) -> None:
+    """As tests/test_arbitration.py's test of the same name, C against the specification."""
+    pair = Pair(cplane, _config(ArbitrationMode.DERIBIT, DeribitLayout.FRAME_V1, False, 0.2))
+    group, port = GROUPS[0], PORTS[0]
+    steps: list[tuple[str, Any]] = [
+        ("live", 2),
+        ("offer", (0, group, port, v1(1, 1, b"a"))),
+        ("offer", (0, group, port, v1(1, 3, b"c"))),
+        ("step", 0.15),
+        ("offer", (0, group, port, v1(1, 5, b"e"))),
+        ("step", 0.01),
+        ("offer", (1, group, port, v1(1, 2, b"b"))),
+        ("step", 0.09),
+        ("expire", None),
+        ("step", 0.05),
+        ("offer", (1, group, port, v1(1, 4, b"d"))),
+    ]
+    _run(pair, iter(steps))
+    assert pair.c.counts()["gaps"] == 0

@@ -263,7 +263,7 @@ class Arbiter:
             channel.next = seq + count
             channel.stamp = max(channel.stamp, stamp)
             if channel.held is not None:
-                self._drain(key, channel)
+                self._drain(key, channel, now)
             return self._sent(source, Verdict.EMIT)
         if event is SequenceEvent.BEHIND:
             channel.counters.duplicates += 1
@@ -289,7 +289,7 @@ class Arbiter:
             channel.next = seq + count
             channel.stamp = max(channel.stamp, stamp)
             if channel.held is not None:
-                self._drain(key, channel)
+                self._drain(key, channel, now)
             return self._sent(source, Verdict.OVERLAP)
         # RESET: whatever is held belongs to the old sequence; it goes out first.
         if channel.held is not None:
@@ -331,7 +331,7 @@ class Arbiter:
             channel.next = max(channel.next, seq + count)
         channel.stamp = max(channel.stamp, stamp)
         if channel.held is not None:
-            self._drain(key, channel)
+            self._drain(key, channel, now)
 
     def set_live_sources(self, count: int) -> None:
         """How many copies (capture sessions) currently stream the feed. With one, a hole is
@@ -389,7 +389,7 @@ class Arbiter:
             channel.next = seq + item.span
             channel.stamp = max(channel.stamp, item.stamp)
             if channel.held is not None:  # held before the live sources dropped to one
-                self._drain(key, channel)
+                self._drain(key, channel, now)
             return self._sent(item.source, Verdict.GAP)
         held = channel.held
         if held is None:
@@ -428,11 +428,14 @@ class Arbiter:
         self._sent(item.source, Verdict.EMIT)
         self.released.append(Release(item.source, item.group, item.port, item.payload, gap))
 
-    def _drain(self, key: int, channel: Channel) -> None:
-        """Release held datagrams that now follow in sequence; drop those already covered."""
+    def _drain(self, key: int, channel: Channel, now: float) -> None:
+        """Release held datagrams that now follow in sequence; drop those already covered.
+        When a hole was filled and another remains, that one gets its own wait from ``now``
+        (a datagram behind it may have left the exchange after the first hole opened)."""
         held = channel.held
         assert held is not None
         pop = held.pop
+        released = self.stats.released
         while held:
             item = pop(channel.next, None)
             if item is None:
@@ -456,6 +459,8 @@ class Arbiter:
         if not held:
             channel.held = None
             del self._holding[key]
+        elif self.stats.released != released:
+            channel.held_since = now
 
     def _skip_hole(self, key: int, channel: Channel, now: float) -> None:
         """No copy filled the hole before the first held datagram: count it, move on."""
@@ -470,7 +475,7 @@ class Arbiter:
         self._release(item, missing)
         channel.held_since = now  # the next hole, if any, gets its own wait
         if held:
-            self._drain(key, channel)
+            self._drain(key, channel, now)
         else:
             channel.held = None
             del self._holding[key]
