@@ -299,6 +299,10 @@ def _compare(c: UpstreamCounter, spec: UpstreamCounter) -> None:
     assert lossy == [tuple(row) for row in c.channels(lossy=True)]
 
 
+#: The largest SBE seqNum (int64).
+SBE_MAX_SEQ = 2**63 - 1
+
+
 def _payload(
     layout: DeribitLayout, channel: int, seq: int, count: int, stamp: int, kind: int
 ) -> bytes:
@@ -352,6 +356,7 @@ def test_c_counter_matches_the_specification(
                 seq = max(0, past[-back] + edge)
             else:
                 seq = max(0, past[-1] + jump)
+            seq = min(seq, SBE_MAX_SEQ)  # far jumps add up: SBE's seqNum is an int64
             past.append(seq + count)
             stamp += stamp_step
             payload = _payload(layout, channel, seq, count, stamp, kind)

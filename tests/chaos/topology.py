@@ -282,6 +282,8 @@ class Relay:
             "ttl": "1",
             "allowed_sources": f'["{self.path.a_addr.network}", "{self.attack.a_addr.network}"]',
             "allowed_groups": '["239.111.111.0/24"]',
+            # as docs/CONFIG.md asks of every emit host: the observer watches from the start
+            "watch_groups": "[" + ", ".join(f'"{g}:{MCAST_PORT}"' for g in GROUPS) + "]",
             "max_connections": "4",
             "hello_timeout": '"2s"',
             "heartbeat_interval": '"200ms"',
