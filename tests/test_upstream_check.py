@@ -40,8 +40,8 @@ from tests.helpers.relayd_process import (
     RelaydProcess,
     get_json,
     get_text,
+    loopback_pair_toml,
     pick_groups,
-    process_toml,
 )
 
 GROUP = int(IPv4Address("239.111.111.1"))
@@ -481,31 +481,8 @@ def test_relayd_shows_injected_gaps_in_metrics_status_and_log(
     skipped in the Deribit packets sent are on /metrics, in ``relayd status`` and in a warning
     that names the channel, with the exact counts."""
     groups = pick_groups(2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        tcp_port = probe.getsockname()[1]
-    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
     config = tmp_path / "relayd.toml"
-    config.write_text(
-        process_toml(
-            f"""
-[[emit]]
-name = "kit"
-listen = "127.0.0.1:{tcp_port}"
-interface = "127.0.0.3"
-allowed_sources = ["127.0.0.0/8"]
-allowed_groups = ["239.255.0.0/16"]
-
-[[capture]]
-name = "kit"
-interface = "127.0.0.1"
-groups = [{group_list}]
-targets = ["127.0.0.1:{tcp_port}"]
-sources = ["127.0.0.2"]
-upstream_check = "deribit"
-"""
-        )
-    )
+    config.write_text(loopback_pair_toml(groups, 'upstream_check = "deribit"\n'))
     relayd = RelaydProcess(config, {})
     try:
         health = relayd.health_port()

@@ -197,3 +197,31 @@ def peer_argv(*args: str) -> list[str]:
 
 def groups_arg(groups: Sequence[tuple[str, int]]) -> str:
     return ",".join(f"{g}:{p}" for g, p in groups)
+
+
+def loopback_pair_toml(groups: Sequence[tuple[str, int]], capture_extra: str = "") -> str:
+    """A process running an emit and a capture feed named "kit", each other's peer on
+    loopback. The sender, the emit feed and so the capture feed's source-specific joins use
+    three loopback addresses: the emit feed's copies are not captured again.
+    ``capture_extra``: more lines for the capture feed's table."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
+    return process_toml(
+        f"""
+[[emit]]
+name = "kit"
+listen = "127.0.0.1:{port}"
+interface = "127.0.0.3"
+allowed_sources = ["127.0.0.0/8"]
+allowed_groups = ["239.255.0.0/16"]
+
+[[capture]]
+name = "kit"
+interface = "127.0.0.1"
+groups = [{group_list}]
+targets = ["127.0.0.1:{port}"]
+sources = ["127.0.0.2"]
+{capture_extra}"""
+    )
