@@ -603,13 +603,18 @@ def _path(value: Any) -> Path:
     return Path(text)
 
 
-def _duration(value: Any) -> float:
+def _seconds(value: Any) -> float:
+    """A TOML number or duration string as seconds, unchecked for range."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _WrongTypeError("duration", value)
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except UnitError as exc:
         raise _InvalidValueError(str(exc)) from None
+
+
+def _duration(value: Any) -> float:
+    seconds = _seconds(value)
     if seconds <= 0:
         raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
     if not MIN_DURATION <= seconds <= MAX_DURATION:
@@ -645,12 +650,7 @@ def _content_window(value: Any) -> float:
 
 def _busy_poll(value: Any) -> float:
     """A duration of 0 (off) up to MAX_BUSY_POLL (``"50us"``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _WrongTypeError("duration", value)
-    try:
-        seconds = parse_duration(value)
-    except UnitError as exc:
-        raise _InvalidValueError(str(exc)) from None
+    seconds = _seconds(value)
     if seconds > MAX_BUSY_POLL:
         raise _InvalidValueError(
             f"invalid duration {value!r}: must be between 0 (off) and "
