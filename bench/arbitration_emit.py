@@ -28,13 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from ipaddress import IPv4Network
 from pathlib import Path
 
+import attrs
 import trio
 
+from bench import emit as emit_bench
 from relayd import fastpath
-from relayd.config import EmitFeed, Endpoint
+from relayd.config import EmitFeed
 from relayd.emit import EmitFeedRuntime
 
 GROUPS = ("239.255.78.1", "239.255.78.2", "239.255.78.3", "239.255.78.4")
@@ -87,18 +88,8 @@ sock.close()
 
 
 def config(arbitration: str) -> EmitFeed:
-    return EmitFeed(
-        name="bench",
-        listen=Endpoint("127.0.0.1", 0),
-        interface="127.0.0.1",
-        loop=False,
-        ttl=1,
-        allowed_sources=(IPv4Network("127.0.0.0/8"),),
-        allowed_groups=(IPv4Network("239.255.0.0/16"),),
-        send_buffer=4 * 1024 * 1024,
-        idle_timeout=30.0,
-        arbitration=arbitration,  # type: ignore[arg-type]
-    )
+    """``bench.emit``'s feed with ``arbitration``."""
+    return attrs.evolve(emit_bench.config(), arbitration=arbitration)  # type: ignore[arg-type]
 
 
 async def one_run(arbitration: str, copies: int, count: int, rate: float) -> tuple[float, float]:
