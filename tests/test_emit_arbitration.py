@@ -72,6 +72,13 @@ def deribit_stream(groups: Sequence[tuple[IPv4Address, int]], count: int) -> lis
     return out
 
 
+def hole_index(stream: Sequence[Datagram]) -> int:
+    """The next datagram on the first one's channel: left out, it is a hole the arbiter holds
+    what follows on that channel behind."""
+    channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
+    return next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+
+
 def frames(datagrams: Iterable[tuple[int, Datagram]]) -> bytes:
     return b"".join(
         encode_datagram(seq, int(group), port, 1_700_000_000_000_000_000, payload)
@@ -160,8 +167,7 @@ async def test_a_hole_no_copy_fills_is_released_at_its_deadline_without_traffic(
     with trio.fail_after(30):
         async with running(config) as feed:
             a, _idle_b = await two_copies(feed)
-            channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
-            hole = next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+            hole = hole_index(stream)
             await a.send([d for i, d in enumerate(stream) if i != hole])
             # nothing else arrives: the pump wakes for the hold's deadline on its own
             await wait_for(lambda: metric(feed, "arbitration_held_now") == 0, timeout=10)
@@ -254,8 +260,7 @@ async def test_held_datagrams_go_out_when_the_last_session_ends(
     with trio.fail_after(30):
         async with running(config) as feed:
             a, b = await two_copies(feed)
-            channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
-            hole = next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+            hole = hole_index(stream)
             await a.send([d for i, d in enumerate(stream) if i != hole])
             assert metric(feed, "arbitration_held_now") > 0
             await a.peer.aclose()
