@@ -603,15 +603,7 @@ def test_c_counter_matches_the_specification_under_asan_and_ubsan() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="relayd-asan-") as scratch:
         root = harness.sanitized_package(Path(scratch), compiler)
-        env = {
-            **os.environ,
-            "LD_PRELOAD": str(libasan),
-            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
-            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
-            "RELAYD_DATAPATH": "c",
-            "RELAYD_FUZZ_EXAMPLES": str(examples),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
+        env = harness.sanitizer_env(libasan, RELAYD_FUZZ_EXAMPLES=str(examples))
         child = subprocess.run(
             [sys.executable, "-c", child_code, str(root), str(Path(__file__).parent.parent)],
             env=env,
