@@ -34,7 +34,7 @@ from relayd.datapath import (
     select_plane,
 )
 from relayd.tools.pcapng import read_datagrams
-from tests.helpers.emit_standin import Peer, feed_config, serve
+from tests.helpers.emit_standin import Peer, Server, feed_config, serve
 from tests.helpers.loopback import LOOPBACK, free_udp_port, wait_for
 from tests.helpers.relayd_process import (
     RelaydProcess,
@@ -434,26 +434,41 @@ def _send(sock: socket.socket, traffic: Sequence[tuple[str, int, bytes]]) -> Non
             time.sleep(0.002)  # no drops in the loopback's receive buffer
 
 
+async def _feed_after_lossy_traffic(
+    nursery: trio.Nursery,
+    groups: Sequence[tuple[str, int]],
+    configured: DeribitLayout,
+    sent: DeribitLayout,
+) -> tuple[CaptureFeedRuntime, Server, list[tuple[str, int, bytes]]]:
+    """A capture feed of ``groups`` with ``upstream_check = "deribit"`` in the ``configured``
+    layout, its emit stand-in and the ``_lossy_traffic`` sent in the ``sent`` layout, once
+    the feed relayed and scanned all of it."""
+    server = await serve(nursery, Peer())
+    config = attrs.evolve(
+        feed_config(groups, [server.port]),
+        upstream_check="deribit",
+        deribit_layout=configured.value,
+    )
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    traffic = _lossy_traffic(groups, sent)
+    with _deribit_sender(str(LOOPBACK)) as sock:
+        _send(sock, traffic)
+    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
+    return feed, server, traffic
+
+
 @pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("layout", [V1, SBE], ids=lambda layout: layout.value)
 async def test_capture_feed_counts_injected_gaps(
     nursery: trio.Nursery, layout: DeribitLayout
 ) -> None:
-    server = await serve(nursery, Peer())
     port = free_udp_port()
     groups = [("239.255.41.1", port), ("239.255.41.2", port)]
-    config = attrs.evolve(
-        feed_config(groups, [server.port]), upstream_check="deribit", deribit_layout=layout.value
-    )
-    feed = CaptureFeedRuntime(config)
-    await nursery.start(feed.run)
-    await wait_for(lambda: feed.connected)
-    traffic = _lossy_traffic(groups, layout)
-    with _deribit_sender(str(LOOPBACK)) as sock:
-        _send(sock, traffic)
-    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    feed, server, traffic = await _feed_after_lossy_traffic(nursery, groups, layout, layout)
     assert feed.upstream is not None
-    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
     samples = {s.name: s.value for s in feed.samples() if s.labels == feed.upstream.labels}
     assert samples["upstream_datagrams"] == 148
     assert (samples["upstream_gaps"], samples["upstream_missing"]) == (2, 3)
@@ -525,19 +540,10 @@ async def test_a_wrong_layout_is_counted_and_warned_about(
     warning that asks about deribit_layout. (An SBE packet whose sendingTime's low 16 bits
     happen to equal its size - 8 would pass for a frame-v1 one: the layout is configured,
     never guessed.)"""
-    server = await serve(nursery, Peer())
     port = free_udp_port()
     groups = [("239.255.43.1", port), ("239.255.43.2", port)]
-    config = attrs.evolve(feed_config(groups, [server.port]), upstream_check="deribit")
-    feed = CaptureFeedRuntime(config)
-    await nursery.start(feed.run)
-    await wait_for(lambda: feed.connected)
-    traffic = _lossy_traffic(groups, SBE)
-    with _deribit_sender(str(LOOPBACK)) as sock:
-        _send(sock, traffic)
-    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    feed, _server, _traffic = await _feed_after_lossy_traffic(nursery, groups, V1, SBE)
     assert feed.upstream is not None
-    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
     totals = feed.upstream.totals()
     assert (totals.malformed, totals.gaps, totals.channels) == (148, 0, 0)
     await wait_for(lambda: "is deribit_layout right?" in caplog.text, timeout=10)
