@@ -43,7 +43,8 @@ UDP_PORT = 46200
 BODY = 160
 
 # A capture stand-in: encodes the frames, connects, says HELLO, writes them paced at ``rate``.
-CLIENT = r"""
+CLIENT = (
+    r"""
 import socket, struct, sys, time
 from relayd.wire import FROM_EMIT, Ack, Challenge, Decoder, encode_datagram, encode_hello
 
@@ -60,16 +61,9 @@ for i in range(count):
     frames.append(encode_datagram(i + 1, groups[g], 46200, i, payload))
 size = len(frames[0])
 blob = memoryview(b"".join(frames))
-sock = socket.create_connection(("127.0.0.1", port))
-decoder = Decoder(FROM_EMIT)
-events = []
-def next_event():
-    while not events:
-        events.extend(decoder.feed(sock.recv(65536)))
-    return events.pop(0)
-assert isinstance(next_event(), Challenge)
-sock.sendall(encode_hello("bench", session))
-assert isinstance(next_event(), Ack)
+"""
+    + emit_bench.CONNECT
+    + r"""
 start = time.perf_counter()
 sent = 0
 while sent < count:
@@ -79,12 +73,9 @@ while sent < count:
         sent = due
     else:
         time.sleep(0.0005)
-while True:
-    event = next_event()
-    if isinstance(event, Ack) and event.seq == count:
-        break
-sock.close()
 """
+    + emit_bench.AWAIT_LAST_ACK
+)
 
 
 def config(arbitration: str) -> EmitFeed:
