@@ -14,7 +14,7 @@ import random
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -48,13 +48,6 @@ Datagram = tuple[IPv4Address, int, bytes]
 @pytest.fixture
 def groups() -> list[tuple[IPv4Address, int]]:
     return pick_groups(3)
-
-
-@pytest.fixture
-def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterator[Receivers]:
-    rx = Receivers(groups)
-    yield rx
-    rx.close()
 
 
 def deribit_stream(groups: Sequence[tuple[IPv4Address, int]], count: int) -> list[Datagram]:
