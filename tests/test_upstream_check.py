@@ -43,6 +43,7 @@ from tests.helpers.relayd_process import (
     loopback_pair_toml,
     pick_groups,
 )
+from tests.test_config import CAPTURE
 
 GROUP = int(IPv4Address("239.111.111.1"))
 V1 = DeribitLayout.FRAME_V1
@@ -103,15 +104,7 @@ def counter_pair() -> tuple[DataPlane, DataPlane]:
     return c_plane(), pyplane.PLANE
 
 
-# ---- configuration --------------------------------------------------------------------------
-
-CAPTURE = """
-[[capture]]
-name = "dev"
-interface = "eth1"
-groups = ["239.111.111.1:6100"]
-targets = ["relay.example.com:6666"]
-"""
+# ---- configuration (on test_config's minimal CAPTURE feed) ---------------------------------
 
 
 def test_upstream_check_is_off_by_default_and_reads_frame_v1() -> None:
