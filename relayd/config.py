@@ -617,10 +617,15 @@ def _duration(value: Any) -> float:
     seconds = _seconds(value)
     if seconds <= 0:
         raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
-    if not MIN_DURATION <= seconds <= MAX_DURATION:
+    return _within(value, seconds, MIN_DURATION, MAX_DURATION)
+
+
+def _within(value: Any, seconds: float, lo: float, hi: float) -> float:
+    """``seconds`` (parsed from ``value``) when it lies in ``lo``..``hi``."""
+    if not lo <= seconds <= hi:
         raise _InvalidValueError(
-            f"invalid duration {value!r}: must be between {format_duration(MIN_DURATION)} "
-            f"and {format_duration(MAX_DURATION)}"
+            f"invalid duration {value!r}: must be between {format_duration(lo)} and "
+            f"{format_duration(hi)}"
         )
     return seconds
 
@@ -638,14 +643,7 @@ def _hold_timeout(value: Any) -> float:
 
 
 def _content_window(value: Any) -> float:
-    seconds = _duration(value)
-    lo, hi = CONTENT_WINDOW_RANGE
-    if not lo <= seconds <= hi:
-        raise _InvalidValueError(
-            f"invalid duration {value!r}: must be between {format_duration(lo)} and "
-            f"{format_duration(hi)}"
-        )
-    return seconds
+    return _within(value, _duration(value), *CONTENT_WINDOW_RANGE)
 
 
 def _busy_poll(value: Any) -> float:
