@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.loopback import free_udp_port
+from tests.helpers.loopback import free_tcp_port, free_udp_port
 
 PEER = Path(__file__).resolve().parent / "run_peer.py"
 
@@ -204,9 +204,7 @@ def loopback_pair_toml(groups: Sequence[tuple[str, int]], capture_extra: str = "
     loopback. The sender, the emit feed and so the capture feed's source-specific joins use
     three loopback addresses: the emit feed's copies are not captured again.
     ``capture_extra``: more lines for the capture feed's table."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_tcp_port()
     group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
     return process_toml(
         f"""
