@@ -484,14 +484,22 @@ def _one_of(choices: tuple[str, ...]) -> Parser[Any]:
     return parse
 
 
-def _feed_name(value: Any) -> str:
-    name = _str(value)
-    if not _FEED_NAME.fullmatch(name):
-        raise _InvalidValueError(
-            f"invalid feed name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
+def _name(kind: str) -> Parser[str]:
+    """A feed's or a site's name (``kind`` says which in the error)."""
+
+    def parse(value: Any) -> str:
+        name = _str(value)
+        if not _FEED_NAME.fullmatch(name):
+            raise _InvalidValueError(
+                f"invalid {kind} name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    return parse
+
+
+_feed_name = _name("feed")
 
 
 _NOT_HOST_ADDRESSES: Final = (
@@ -820,14 +828,7 @@ def _check_capture(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
     yield from _check_sites(feed)
 
 
-def _site_name(value: Any) -> str:
-    name = _str(value)
-    if not _FEED_NAME.fullmatch(name):
-        raise _InvalidValueError(
-            f"invalid site name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
+_site_name = _name("site")
 
 
 _register(
