@@ -16,7 +16,6 @@ import pytest
 
 from tests.helpers.relayd_process import (
     RelaydProcess,
-    get_json,
     get_text,
     loopback_pair_toml,
     pick_groups,
@@ -88,11 +87,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     config.write_text(loopback_pair_toml(groups))
     relayd = RelaydProcess(config, {})
     try:
-        health = relayd.health_port()
-        deadline = time.monotonic() + 20
-        while get_json(health)[0] != 200:
-            assert time.monotonic() < deadline, relayd.lines
-            time.sleep(0.1)
+        health = relayd.healthy_port(timeout=20)
         sent = subprocess.run(
             [sys.executable, "-m", "relayd", "send", "-i", "127.0.0.2", "--count", "200", "--rate",
              "2000", *(a for g, p in groups for a in ("--group", f"{g}:{p}"))],

@@ -38,7 +38,6 @@ from tests.helpers.emit_standin import Peer, Server, feed_config, serve
 from tests.helpers.loopback import LOOPBACK, free_udp_port, wait_for
 from tests.helpers.relayd_process import (
     RelaydProcess,
-    get_json,
     get_text,
     loopback_pair_toml,
     pick_groups,
@@ -493,11 +492,7 @@ def test_relayd_shows_injected_gaps_in_metrics_status_and_log(
     config.write_text(loopback_pair_toml(groups, 'upstream_check = "deribit"\n'))
     relayd = RelaydProcess(config, {})
     try:
-        health = relayd.health_port()
-        deadline = time.monotonic() + 30
-        while get_json(health)[0] != 200:
-            assert time.monotonic() < deadline, relayd.lines
-            time.sleep(0.1)
+        health = relayd.healthy_port(timeout=30)
         traffic = _lossy_traffic(groups)
         with _deribit_sender("127.0.0.2") as sock:
             _send(sock, traffic)

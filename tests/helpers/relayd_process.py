@@ -70,6 +70,15 @@ class RelaydProcess:
     def health_port(self) -> int:
         return int(self.wait_line(r"health server listening on [\d.]+:(\d+)").group(1))
 
+    def healthy_port(self, timeout: float) -> int:
+        """The health port, once ``/healthz`` answers 200 (fails after ``timeout`` seconds)."""
+        health = self.health_port()
+        deadline = time.monotonic() + timeout
+        while get_json(health)[0] != 200:
+            assert time.monotonic() < deadline, self.lines
+            time.sleep(0.1)
+        return health
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
         t0 = time.monotonic()
         self.proc.send_signal(sig)
