@@ -28,13 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from ipaddress import IPv4Network
 from pathlib import Path
 
+import attrs
 import trio
 
+from bench import emit as emit_bench
 from relayd import fastpath
-from relayd.config import EmitFeed, Endpoint
+from relayd.config import EmitFeed
 from relayd.emit import EmitFeedRuntime
 
 GROUPS = ("239.255.78.1", "239.255.78.2", "239.255.78.3", "239.255.78.4")
@@ -42,7 +43,8 @@ UDP_PORT = 46200
 BODY = 160
 
 # A capture stand-in: encodes the frames, connects, says HELLO, writes them paced at ``rate``.
-CLIENT = r"""
+CLIENT = (
+    r"""
 import socket, struct, sys, time
 from relayd.wire import FROM_EMIT, Ack, Challenge, Decoder, encode_datagram, encode_hello
 
@@ -59,16 +61,9 @@ for i in range(count):
     frames.append(encode_datagram(i + 1, groups[g], 46200, i, payload))
 size = len(frames[0])
 blob = memoryview(b"".join(frames))
-sock = socket.create_connection(("127.0.0.1", port))
-decoder = Decoder(FROM_EMIT)
-events = []
-def next_event():
-    while not events:
-        events.extend(decoder.feed(sock.recv(65536)))
-    return events.pop(0)
-assert isinstance(next_event(), Challenge)
-sock.sendall(encode_hello("bench", session))
-assert isinstance(next_event(), Ack)
+"""
+    + emit_bench.CONNECT
+    + r"""
 start = time.perf_counter()
 sent = 0
 while sent < count:
@@ -78,27 +73,14 @@ while sent < count:
         sent = due
     else:
         time.sleep(0.0005)
-while True:
-    event = next_event()
-    if isinstance(event, Ack) and event.seq == count:
-        break
-sock.close()
 """
+    + emit_bench.AWAIT_LAST_ACK
+)
 
 
 def config(arbitration: str) -> EmitFeed:
-    return EmitFeed(
-        name="bench",
-        listen=Endpoint("127.0.0.1", 0),
-        interface="127.0.0.1",
-        loop=False,
-        ttl=1,
-        allowed_sources=(IPv4Network("127.0.0.0/8"),),
-        allowed_groups=(IPv4Network("239.255.0.0/16"),),
-        send_buffer=4 * 1024 * 1024,
-        idle_timeout=30.0,
-        arbitration=arbitration,  # type: ignore[arg-type]
-    )
+    """``bench.emit``'s feed with ``arbitration``."""
+    return attrs.evolve(emit_bench.config(), arbitration=arbitration)  # type: ignore[arg-type]
 
 
 async def one_run(arbitration: str, copies: int, count: int, rate: float) -> tuple[float, float]:

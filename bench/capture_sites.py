@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -58,6 +59,30 @@ def latencies(peer: Peer, since_ns: int, until_ns: int) -> str:
     )
 
 
+async def two_sites(
+    nursery: trio.Nursery,
+    groups: Sequence[tuple[str, int]],
+    london_port: int,
+    tokyo_port: int,
+    **overrides: object,
+) -> CaptureFeedRuntime:
+    """A capture feed of ``groups`` streaming to a London and a Tokyo site, once both are
+    connected. ``overrides``: more settings for ``feed_config``."""
+    config = attrs.evolve(
+        feed_config(groups, [london_port], **overrides),
+        targets=(),
+        site=(
+            CaptureSite(name="london", targets=(Endpoint("127.0.0.1", london_port),)),
+            CaptureSite(name="tokyo", targets=(Endpoint("127.0.0.1", tokyo_port),)),
+        ),
+    )
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    while not (feed.sites[0].uplink.connected and feed.sites[1].uplink.connected):
+        await trio.sleep(0.01)
+    return feed
+
+
 async def run(rate: int, phase: float, outage: float) -> None:
     groups = fresh_groups(2)
     london = Peer(datagrams=Stamped())
@@ -65,18 +90,7 @@ async def run(rate: int, phase: float, outage: float) -> None:
     async with trio.open_nursery() as nursery:
         london_server = await serve(nursery, london)
         tokyo_server = await serve(nursery, tokyo)
-        config = attrs.evolve(
-            feed_config(groups, [london_server.port]),
-            targets=(),
-            site=(
-                CaptureSite(name="london", targets=(Endpoint("127.0.0.1", london_server.port),)),
-                CaptureSite(name="tokyo", targets=(Endpoint("127.0.0.1", tokyo_server.port),)),
-            ),
-        )
-        feed = CaptureFeedRuntime(config)
-        await nursery.start(feed.run)
-        while not (feed.sites[0].uplink.connected and feed.sites[1].uplink.connected):
-            await trio.sleep(0.01)
+        feed = await two_sites(nursery, groups, london_server.port, tokyo_server.port)
         with SteadySender(groups, rate=rate) as sender:
             t0 = time.time_ns()
             await trio.sleep(phase)
@@ -118,18 +132,14 @@ async def run(rate: int, phase: float, outage: float) -> None:
     async with trio.open_nursery() as nursery:
         london_server = await serve(nursery, london)
         deaf_server = await serve(nursery, deaf)
-        config = attrs.evolve(
-            feed_config(groups, [london_server.port], ack_timeout=3600.0, idle_timeout=60.0),
-            targets=(),
-            site=(
-                CaptureSite(name="london", targets=(Endpoint("127.0.0.1", london_server.port),)),
-                CaptureSite(name="tokyo", targets=(Endpoint("127.0.0.1", deaf_server.port),)),
-            ),
+        feed = await two_sites(
+            nursery,
+            groups,
+            london_server.port,
+            deaf_server.port,
+            ack_timeout=3600.0,
+            idle_timeout=60.0,
         )
-        feed = CaptureFeedRuntime(config)
-        await nursery.start(feed.run)
-        while not (feed.sites[0].uplink.connected and feed.sites[1].uplink.connected):
-            await trio.sleep(0.01)
         with SteadySender(groups, rate=rate) as sender:
             t0 = time.time_ns()
             await trio.sleep(phase)

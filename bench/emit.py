@@ -29,15 +29,9 @@ PAYLOAD_SIZE = 160
 GROUP = "239.255.77.1"
 UDP_PORT = 46100
 
-# The capture side: encodes COUNT frames first, then connects and writes them in 64 KiB writes.
-CLIENT = r"""
-import socket, sys
-from relayd.wire import FROM_EMIT, Ack, Challenge, Decoder, encode_datagram, encode_hello
-
-port, count, session = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
-group = int.from_bytes(socket.inet_aton(sys.argv[4]), "big")
-payload = bytes(range(160))
-blob = b"".join(encode_datagram(s, group, 46100, s, payload) for s in range(1, count + 1))
+# Capture stand-in script parts: connect to ``port`` and say HELLO with ``session`` (then
+# ``next_event()`` reads what the emit side sends); wait for the ACK of ``count``, close.
+CONNECT = r"""
 sock = socket.create_connection(("127.0.0.1", port))
 decoder = Decoder(FROM_EMIT)
 events = []
@@ -45,19 +39,37 @@ def next_event():
     while not events:
         events.extend(decoder.feed(sock.recv(65536)))
     return events.pop(0)
-challenge = next_event()
-assert isinstance(challenge, Challenge)
+assert isinstance(next_event(), Challenge)
 sock.sendall(encode_hello("bench", session))
 assert isinstance(next_event(), Ack)
-view = memoryview(blob)
-for start in range(0, len(view), 65536):
-    sock.sendall(view[start:start + 65536])
+"""
+AWAIT_LAST_ACK = r"""
 while True:
     event = next_event()
     if isinstance(event, Ack) and event.seq == count:
         break
 sock.close()
 """
+
+# The capture side: encodes COUNT frames first, then connects and writes them in 64 KiB writes.
+CLIENT = (
+    r"""
+import socket, sys
+from relayd.wire import FROM_EMIT, Ack, Challenge, Decoder, encode_datagram, encode_hello
+
+port, count, session = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+group = int.from_bytes(socket.inet_aton(sys.argv[4]), "big")
+payload = bytes(range(160))
+blob = b"".join(encode_datagram(s, group, 46100, s, payload) for s in range(1, count + 1))
+"""
+    + CONNECT
+    + r"""
+view = memoryview(blob)
+for start in range(0, len(view), 65536):
+    sock.sendall(view[start:start + 65536])
+"""
+    + AWAIT_LAST_ACK
+)
 
 
 def config() -> EmitFeed:

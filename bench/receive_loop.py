@@ -22,7 +22,8 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -51,7 +52,9 @@ def _fed(inner: CaptureReceiver, feed: Callable[[], bool]) -> CaptureReceiver:
     return inner
 
 
-def _sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+@contextmanager
+def _sockets() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket, int]]:
+    """(receiving socket, its sender, the uplink's pair, a stop pipe's read end); closed after."""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     rx.bind(("127.0.0.1", 0))
@@ -61,7 +64,14 @@ def _sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.sock
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
-    return rx, tx, a, b
+    stop_r, stop_w = os.pipe()
+    try:
+        yield rx, tx, a, b, stop_r
+    finally:
+        for sock in (rx, tx, a, b):
+            sock.close()
+        os.close(stop_r)
+        os.close(stop_w)
 
 
 def _empty(sock: socket.socket) -> None:
@@ -74,63 +84,54 @@ def _empty(sock: socket.socket) -> None:
 
 def loop_cpu(plane: DataPlane, count: int) -> float:
     """Thread CPU µs per datagram of ``Receive.drain``, one datagram per batch."""
-    rx, tx, a, b = _sockets()
-    stop_r, stop_w = os.pipe()
-    limited = RateLimitedLogger(logging.getLogger("bench.receive_loop"))
-    uplink = Uplink("bench", ReplayBuffer(1 << 30, 3600.0), limited)
-    uplink.attach(a, 0)
-    receive = Receive("bench", uplink, limited)
-    sent = 0
+    with _sockets() as (rx, tx, a, b, stop_r):
+        limited = RateLimitedLogger(logging.getLogger("bench.receive_loop"))
+        uplink = Uplink("bench", ReplayBuffer(1 << 30, 3600.0), limited)
+        uplink.attach(a, 0)
+        receive = Receive("bench", uplink, limited)
+        sent = 0
 
-    def feed() -> bool:
-        nonlocal sent
-        if sent == count:
-            return False
-        if sent % 100 == 0:  # what the emit side would read and ACK
-            _empty(b)
-            uplink.ack(receive.seq)
-        tx.send(PAYLOAD)
-        sent += 1
-        return True
+        def feed() -> bool:
+            nonlocal sent
+            if sent == count:
+                return False
+            if sent % 100 == 0:  # what the emit side would read and ACK
+                _empty(b)
+                uplink.ack(receive.seq)
+            tx.send(PAYLOAD)
+            sent += 1
+            return True
 
-    class Plane:
-        name = plane.name
+        class Plane:
+            name = plane.name
 
-        def capture_receiver(
-            self,
-            sock: socket.socket,
-            port: int,
-            stop_fd: int,
-            upstream: Any = None,
-            *,
-            busy_poll: float = 0.0,
-        ) -> CaptureReceiver:
-            # only what is set, so it runs on older trees too
-            extra: dict[str, Any] = {"busy_poll": busy_poll} if busy_poll else {}
-            if upstream is not None:
-                extra["upstream"] = upstream
-            inner = plane.capture_receiver(sock, port, stop_fd, **extra)
-            return _fed(inner, feed)
+            def capture_receiver(
+                self,
+                sock: socket.socket,
+                port: int,
+                stop_fd: int,
+                upstream: Any = None,
+                *,
+                busy_poll: float = 0.0,
+            ) -> CaptureReceiver:
+                # only what is set, so it runs on older trees too
+                extra: dict[str, Any] = {"busy_poll": busy_poll} if busy_poll else {}
+                if upstream is not None:
+                    extra["upstream"] = upstream
+                inner = plane.capture_receiver(sock, port, stop_fd, **extra)
+                return _fed(inner, feed)
 
-    receiver = cast(GroupReceiver, SimpleNamespace(sock=rx, port=rx.getsockname()[1]))
-    token = cast(Any, SimpleNamespace(run_sync_soon=lambda _fn: None))
-    try:
+        receiver = cast(GroupReceiver, SimpleNamespace(sock=rx, port=rx.getsockname()[1]))
+        token = cast(Any, SimpleNamespace(run_sync_soon=lambda _fn: None))
         start = time.thread_time_ns()
         receive.drain(cast(DataPlane, Plane()), receiver, lambda: None, stop_r, token)
         return (time.thread_time_ns() - start) / count / 1000
-    finally:
-        for sock in (rx, tx, a, b):
-            sock.close()
-        os.close(stop_r)
-        os.close(stop_w)
 
 
 def floor_cpu(plane: DataPlane, count: int) -> float:
     """The same sends, waits and batches without the Python pass: µs per datagram."""
-    rx, tx, a, b = _sockets()
-    stop_r, stop_w = os.pipe()
-    receiver = plane.capture_receiver(rx, rx.getsockname()[1], stop_r)
-    try:
+    with _sockets() as (rx, tx, a, b, stop_r):
+        receiver = plane.capture_receiver(rx, rx.getsockname()[1], stop_r)
         start = time.thread_time_ns()
         for i in range(count):
             if i % 100 == 0:
@@ -140,11 +141,6 @@ def floor_cpu(plane: DataPlane, count: int) -> float:
             receiver.batch(i + 1, a)
             receiver.frames()
         return (time.thread_time_ns() - start) / count / 1000
-    finally:
-        for sock in (rx, tx, a, b):
-            sock.close()
-        os.close(stop_r)
-        os.close(stop_w)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -484,14 +484,22 @@ def _one_of(choices: tuple[str, ...]) -> Parser[Any]:
     return parse
 
 
-def _feed_name(value: Any) -> str:
-    name = _str(value)
-    if not _FEED_NAME.fullmatch(name):
-        raise _InvalidValueError(
-            f"invalid feed name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
+def _name(kind: str) -> Parser[str]:
+    """A feed's or a site's name (``kind`` says which in the error)."""
+
+    def parse(value: Any) -> str:
+        name = _str(value)
+        if not _FEED_NAME.fullmatch(name):
+            raise _InvalidValueError(
+                f"invalid {kind} name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    return parse
+
+
+_feed_name = _name("feed")
 
 
 _NOT_HOST_ADDRESSES: Final = (
@@ -603,19 +611,29 @@ def _path(value: Any) -> Path:
     return Path(text)
 
 
-def _duration(value: Any) -> float:
+def _seconds(value: Any) -> float:
+    """A TOML number or duration string as seconds, unchecked for range."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _WrongTypeError("duration", value)
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except UnitError as exc:
         raise _InvalidValueError(str(exc)) from None
+
+
+def _duration(value: Any) -> float:
+    seconds = _seconds(value)
     if seconds <= 0:
         raise _InvalidValueError(f"invalid duration {value!r}: must be > 0")
-    if not MIN_DURATION <= seconds <= MAX_DURATION:
+    return _within(value, seconds, MIN_DURATION, MAX_DURATION)
+
+
+def _within(value: Any, seconds: float, lo: float, hi: float) -> float:
+    """``seconds`` (parsed from ``value``) when it lies in ``lo``..``hi``."""
+    if not lo <= seconds <= hi:
         raise _InvalidValueError(
-            f"invalid duration {value!r}: must be between {format_duration(MIN_DURATION)} "
-            f"and {format_duration(MAX_DURATION)}"
+            f"invalid duration {value!r}: must be between {format_duration(lo)} and "
+            f"{format_duration(hi)}"
         )
     return seconds
 
@@ -633,24 +651,12 @@ def _hold_timeout(value: Any) -> float:
 
 
 def _content_window(value: Any) -> float:
-    seconds = _duration(value)
-    lo, hi = CONTENT_WINDOW_RANGE
-    if not lo <= seconds <= hi:
-        raise _InvalidValueError(
-            f"invalid duration {value!r}: must be between {format_duration(lo)} and "
-            f"{format_duration(hi)}"
-        )
-    return seconds
+    return _within(value, _duration(value), *CONTENT_WINDOW_RANGE)
 
 
 def _busy_poll(value: Any) -> float:
     """A duration of 0 (off) up to MAX_BUSY_POLL (``"50us"``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _WrongTypeError("duration", value)
-    try:
-        seconds = parse_duration(value)
-    except UnitError as exc:
-        raise _InvalidValueError(str(exc)) from None
+    seconds = _seconds(value)
     if seconds > MAX_BUSY_POLL:
         raise _InvalidValueError(
             f"invalid duration {value!r}: must be between 0 (off) and "
@@ -822,14 +828,7 @@ def _check_capture(feed: CaptureFeed) -> Iterator[tuple[str, str]]:
     yield from _check_sites(feed)
 
 
-def _site_name(value: Any) -> str:
-    name = _str(value)
-    if not _FEED_NAME.fullmatch(name):
-        raise _InvalidValueError(
-            f"invalid site name {name!r}: 1 to 63 of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
+_site_name = _name("site")
 
 
 _register(

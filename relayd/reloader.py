@@ -78,6 +78,20 @@ class ReloadHost(Protocol):
     async def stop_health(self) -> None: ...
 
 
+def _refuse(reasons: list[str], key: FeedKey, action: str, exc: BaseException) -> None:
+    """The reload cannot ``action`` the feed ``key``: add the reason, log the error."""
+    reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
+    log_failure(
+        log,
+        logging.ERROR,
+        f"reload: cannot {action} %s feed %s",
+        *key,
+        exc=exc,
+        expected=EXPECTED,
+        extra={"feed": key[1], "kind": key[0]},
+    )
+
+
 class Reloader:
     """Runs one reload at a time on ``host`` and records how each ended."""
 
@@ -238,16 +252,7 @@ class Reloader:
                 with feed_context(key[1]):
                     update = runtime.prepare_update(new)
             except Exception as exc:
-                reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
-                log_failure(
-                    log,
-                    logging.ERROR,
-                    "reload: cannot change %s feed %s",
-                    *key,
-                    exc=exc,
-                    expected=EXPECTED,
-                    extra={"feed": key[1], "kind": key[0]},
-                )
+                _refuse(reasons, key, "change", exc)
                 continue
             if update is not None:
                 prepared[key] = update
@@ -268,16 +273,7 @@ class Reloader:
                         runtime.listener_donor = self._listener_donor(key, feeds, previous)
                     runtime.open(previous)
             except Exception as exc:
-                reasons.append(f"{key[0]} feed {key[1]}: {describe_error(exc)}")
-                log_failure(
-                    log,
-                    logging.ERROR,
-                    "reload: cannot open %s feed %s",
-                    *key,
-                    exc=exc,
-                    expected=EXPECTED,
-                    extra={"feed": key[1], "kind": key[0]},
-                )
+                _refuse(reasons, key, "open", exc)
             else:
                 opened[key] = runtime
         return opened

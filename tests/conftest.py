@@ -5,12 +5,13 @@ connections. Helpers that tests import live in tests/helpers/."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from relayd.tools import samples
-from tests.helpers.capture_standin import close_streams
+from tests.helpers.capture_standin import Receivers, close_streams
 from tests.helpers.datapath import DATAPATHS, use_datapath
 from tests.helpers.netns import NetnsHarness, unavailable_reason
 from tests.helpers.relayd_process import NotifyListener
@@ -78,3 +79,11 @@ def notify() -> Iterator[NotifyListener]:
         yield listener
     finally:
         listener.close()
+
+
+@pytest.fixture
+def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterator[Receivers]:
+    """Loopback receivers joined to the test module's ``groups`` fixture, closed after."""
+    rx = Receivers(groups)
+    yield rx
+    rx.close()

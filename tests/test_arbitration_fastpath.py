@@ -13,7 +13,6 @@ happen; and a replay of the Deribit sample through two lossy copies.
 from __future__ import annotations
 
 import math
-import os
 import random
 import struct
 import subprocess
@@ -354,6 +353,7 @@ def test_sanitized_arbiter_session() -> None:
         SANITIZER_REPORT,
         _sanitizer_runtime,
         sanitized_package,
+        sanitizer_env,
     )
 
     runtime = _sanitizer_runtime()
@@ -363,14 +363,7 @@ def test_sanitized_arbiter_session() -> None:
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="relayd-asan-arb-") as scratch:
         root = sanitized_package(Path(scratch), compiler)
-        env = dict(os.environ)
-        env.update(
-            LD_PRELOAD=str(libasan),
-            ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-            UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-            RELAYD_DATAPATH="c",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
+        env = sanitizer_env(libasan)
         child = subprocess.run(
             [sys.executable, "-c", _SANITIZED_CHILD, str(root), str(repo)],
             env=env,

@@ -7,7 +7,7 @@ order, in one session."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import attrs
@@ -32,12 +32,7 @@ async def _reload_mid_stream(
 ) -> dict[str, float]:
     """Run ``first``, reload to ``second`` while ``sender`` streams; stop once every datagram
     sent reached the peers (or 20 s). Returns the feed's samples from just before the stop."""
-    base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
-    sup = Supervisor(Path("x"), base, notifier=Notifier({}))
-    sup.load = lambda _path: attrs.evolve(base, capture=(second,))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sup.run)
-        await sup.ready.wait()
+    async with _supervising(first, second) as sup:
         with sender:
             await wait_for(lambda: sum(len(p.datagrams) for p in peers) > RATE // 4, timeout=20)
             before()
@@ -48,9 +43,20 @@ async def _reload_mid_stream(
         total = sender.total()
         with contextlib.suppress(trio.TooSlowError):  # the assertions say what is missing
             await wait_for(lambda: sum(len(p.datagrams) for p in peers) >= total, timeout=20)
-        samples = _samples(sup)
+        return _samples(sup)
+
+
+@contextlib.asynccontextmanager
+async def _supervising(first: CaptureFeed, second: CaptureFeed) -> AsyncIterator[Supervisor]:
+    """A supervisor running ``first``, ready, whose reload loads ``second``; stopped after."""
+    base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
+    sup = Supervisor(Path("x"), base, notifier=Notifier({}))
+    sup.load = lambda _path: attrs.evolve(base, capture=(second,))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup.run)
+        await sup.ready.wait()
+        yield sup
         sup.request_stop()
-    return samples
 
 
 def _samples(sup: Supervisor) -> dict[str, float]:
@@ -137,18 +143,12 @@ async def test_an_interface_change_still_restarts_counted() -> None:
         second = attrs.evolve(first, interface="lo")
         sender = SteadySender(groups)
         sup_seen: list[dict[str, float]] = []
-        base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
-        sup = Supervisor(Path("x"), base, notifier=Notifier({}))
-        sup.load = lambda _path: attrs.evolve(base, capture=(second,))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sup.run)
-            await sup.ready.wait()
+        async with _supervising(first, second) as sup:
             with sender:
                 await wait_for(lambda: len(peer.datagrams) > 100, timeout=20)
                 await sup.reload()
                 await wait_for(lambda: peer.hellos == 2, timeout=20)
                 sup_seen.append(_samples(sup))
-            sup.request_stop()
         servers.cancel_scope.cancel()
     assert sup_seen[0]["capture_session_restarts"] == 1
 

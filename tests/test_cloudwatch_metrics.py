@@ -12,7 +12,6 @@ arrival fails this test until they move into the "metrics" list (and their alarm
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import metrics
+from tests.helpers.loopback import free_tcp_port
 from tests.helpers.relayd_process import (
     RelaydProcess,
     emit_toml,
@@ -52,9 +52,7 @@ upstream_check = "deribit"
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metrics.Families]:
     config = tmp_path_factory.mktemp("cloudwatch") / "relayd.toml"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_tcp_port()
     config.write_text(
         process_toml(emit_toml(FEED, listen=f"127.0.0.1:{port}"), capture_toml(FEED, port))
     )

@@ -55,13 +55,6 @@ def groups() -> list[tuple[IPv4Address, int]]:
     return pick_groups(6)
 
 
-@pytest.fixture
-def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterable[Receivers]:
-    rx = Receivers(groups)
-    yield rx
-    rx.close()
-
-
 def make_datagrams(
     groups: Sequence[tuple[IPv4Address, int]], count: int, first_seq: int = 1, seed: int = 1
 ) -> list[tuple[int, IPv4Address, int, bytes]]:

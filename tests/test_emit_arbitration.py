@@ -14,7 +14,7 @@ import random
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -50,13 +50,6 @@ def groups() -> list[tuple[IPv4Address, int]]:
     return pick_groups(3)
 
 
-@pytest.fixture
-def receivers(groups: list[tuple[IPv4Address, int]]) -> Iterator[Receivers]:
-    rx = Receivers(groups)
-    yield rx
-    rx.close()
-
-
 def deribit_stream(groups: Sequence[tuple[IPv4Address, int]], count: int) -> list[Datagram]:
     """The exchange's traffic: 8-byte Deribit headers, 2 channels per group:port, in sequence."""
     rng = random.Random(7)
@@ -70,6 +63,13 @@ def deribit_stream(groups: Sequence[tuple[IPv4Address, int]], count: int) -> lis
         body = b"%d" % i * rng.randrange(1, 20)
         out.append((group, port, struct.pack("<HHI", len(body), channel, seq) + body))
     return out
+
+
+def hole_index(stream: Sequence[Datagram]) -> int:
+    """The next datagram on the first one's channel: left out, it is a hole the arbiter holds
+    what follows on that channel behind."""
+    channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
+    return next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
 
 
 def frames(datagrams: Iterable[tuple[int, Datagram]]) -> bytes:
@@ -160,8 +160,7 @@ async def test_a_hole_no_copy_fills_is_released_at_its_deadline_without_traffic(
     with trio.fail_after(30):
         async with running(config) as feed:
             a, _idle_b = await two_copies(feed)
-            channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
-            hole = next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+            hole = hole_index(stream)
             await a.send([d for i, d in enumerate(stream) if i != hole])
             # nothing else arrives: the pump wakes for the hold's deadline on its own
             await wait_for(lambda: metric(feed, "arbitration_held_now") == 0, timeout=10)
@@ -254,8 +253,7 @@ async def test_held_datagrams_go_out_when_the_last_session_ends(
     with trio.fail_after(30):
         async with running(config) as feed:
             a, b = await two_copies(feed)
-            channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
-            hole = next(i for i in range(1, len(stream)) if channel_of[i] == channel_of[0])
+            hole = hole_index(stream)
             await a.send([d for i, d in enumerate(stream) if i != hole])
             assert metric(feed, "arbitration_held_now") > 0
             await a.peer.aclose()

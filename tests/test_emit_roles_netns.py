@@ -161,10 +161,21 @@ class Site:
         path = self.workdir / name
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
+    def _run_relayd(self, ns: Netns, label: str, toml: str) -> None:
+        """``relayd run`` in ``ns`` on ``toml`` (kept as ``label``.toml, logs in ``label``.log)."""
+        config = self.workdir / f"{label}.toml"
+        config.write_text(toml)
+        self.procs[label] = ns.popen(
+            ns.relayd_argv("run", "--config", str(config)),
+            stdout=subprocess.DEVNULL,
+            stderr=self._log(f"{label}.log"),
+        )
+
     def start_emit(self, name: str) -> None:
-        config = self.workdir / f"{name}.toml"
         watch = ", ".join(f'"{g}"' for g in GROUPS)
-        config.write_text(
+        self._run_relayd(
+            self.emits[name],
+            name,
             f"""
 [health]
 listen = "0.0.0.0:{HEALTH_PORT}"
@@ -179,20 +190,15 @@ allowed_groups = ["239.111.111.0/24"]
 heartbeat_interval = "200ms"
 idle_timeout = "1s"
 watch_groups = [{watch}]
-"""
-        )
-        ns = self.emits[name]
-        self.procs[name] = ns.popen(
-            ns.relayd_argv("run", "--config", str(config)),
-            stdout=subprocess.DEVNULL,
-            stderr=self._log(f"{name}.log"),
+""",
         )
 
     def start_capture(self, label: str, targets: Sequence[str], health: int) -> None:
-        config = self.workdir / f"{label}.toml"
         listed = ", ".join(f'"{t}"' for t in targets)
         groups = ", ".join(f'"{g}"' for g in GROUPS)
-        config.write_text(
+        self._run_relayd(
+            self.dc,
+            label,
             f"""
 [health]
 listen = "127.0.0.1:{health}"
@@ -205,12 +211,7 @@ targets = [{listed}]
 heartbeat_interval = "200ms"
 idle_timeout = "1s"
 connect_timeout = "1s"
-"""
-        )
-        self.procs[label] = self.dc.popen(
-            self.dc.relayd_argv("run", "--config", str(config)),
-            stdout=subprocess.DEVNULL,
-            stderr=self._log(f"{label}.log"),
+""",
         )
 
     def start_sender(self) -> None:

@@ -1057,6 +1057,19 @@ def sanitized_package(directory: Path, compiler: str) -> Path:
     return directory
 
 
+def sanitizer_env(libasan: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child that loads a ``sanitized_package`` on the C plane."""
+    return {
+        **os.environ,
+        "LD_PRELOAD": str(libasan),
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+        "RELAYD_DATAPATH": "c",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        **extra,
+    }
+
+
 def run_sanitized(
     tests: Sequence[str], examples: int, timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -1068,16 +1081,7 @@ def run_sanitized(
         pytest.skip(f"C data plane not loadable: {_load()}")
     with tempfile.TemporaryDirectory(prefix="relayd-asan-") as scratch:
         root = sanitized_package(Path(scratch), compiler)
-        env = dict(os.environ)
-        env.update(
-            LD_PRELOAD=str(libasan),
-            ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-            UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-            RELAYD_DATAPATH="c",
-            RELAYD_FUZZ_EXAMPLES=str(examples),
-            RELAYD_FUZZ_CHILD="1",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
+        env = sanitizer_env(libasan, RELAYD_FUZZ_EXAMPLES=str(examples), RELAYD_FUZZ_CHILD="1")
         return subprocess.run(
             [sys.executable, "-c", CHILD, str(root), str(Path(__file__).parent), *tests],
             env=env,

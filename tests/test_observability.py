@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +16,9 @@ import pytest
 
 from tests.helpers.relayd_process import (
     RelaydProcess,
-    get_json,
     get_text,
+    loopback_pair_toml,
     pick_groups,
-    process_toml,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,37 +83,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     are not captured again."""
     tmp = tmp_path_factory.mktemp("kit")
     groups = pick_groups(3)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
     config = tmp / "relayd.toml"
-    config.write_text(
-        process_toml(
-            f"""
-[[emit]]
-name = "kit"
-listen = "127.0.0.1:{port}"
-interface = "127.0.0.3"
-allowed_sources = ["127.0.0.0/8"]
-allowed_groups = ["239.255.0.0/16"]
-
-[[capture]]
-name = "kit"
-interface = "127.0.0.1"
-groups = [{group_list}]
-targets = ["127.0.0.1:{port}"]
-sources = ["127.0.0.2"]
-"""
-        )
-    )
+    config.write_text(loopback_pair_toml(groups))
     relayd = RelaydProcess(config, {})
     try:
-        health = relayd.health_port()
-        deadline = time.monotonic() + 20
-        while get_json(health)[0] != 200:
-            assert time.monotonic() < deadline, relayd.lines
-            time.sleep(0.1)
+        health = relayd.healthy_port(timeout=20)
         sent = subprocess.run(
             [sys.executable, "-m", "relayd", "send", "-i", "127.0.0.2", "--count", "200", "--rate",
              "2000", *(a for g, p in groups for a in ("--group", f"{g}:{p}"))],

@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers.netns import Netns, NetnsHarness, read_line, stop_process
 from tests.helpers.relayd_process import emit_toml, groups_arg, peer_argv, process_toml
+from tests.helpers.steady import lost_and_duplicated
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -82,14 +83,7 @@ def check(got: list[list[Any]], sent: dict[tuple[str, int], int]) -> tuple[int, 
     per_group: dict[tuple[str, int], list[int]] = {}
     for group, port, seq in got:
         per_group.setdefault((group, port), []).append(seq)
-    lost = duplicated = 0
-    ordered = True
-    for group, count in sent.items():
-        seqs = per_group.get(group, [])
-        lost += len(set(range(1, count + 1)) - set(seqs))
-        duplicated += len(seqs) - len(set(seqs))
-        ordered = ordered and seqs == sorted(seqs)
-    return lost, duplicated, ordered
+    return lost_and_duplicated(per_group, sent)
 
 
 def test_london_loses_nothing_while_tokyo_is_cut_off_and_tokyo_catches_up(

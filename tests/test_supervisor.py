@@ -32,6 +32,7 @@ from relayd.reload import plan_reload
 from relayd.runtime import Feed, FeedHealth, Sample
 from relayd.supervisor import Supervisor
 from relayd.wire import ErrorCode
+from tests.helpers.loopback import free_tcp_port
 
 # -- feeds for the tests -------------------------------------------------------------------
 
@@ -543,9 +544,7 @@ async def test_reload_applies_only_the_difference(
 
 async def test_reload_moves_the_health_server(close_clients: None) -> None:
     h = Harness()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        new_port = probe.getsockname()[1]
+    new_port = free_tcp_port()
     current = config(emit("a"))
     sup = Supervisor(Path("x"), current, factory=h.factory, notifier=quiet_notifier())
     sup.load = lambda _path: config(emit("a"), health_port=new_port)
@@ -765,12 +764,6 @@ def test_run_sigint_exits_zero(tmp_path: Path, notify: NotifyListener) -> None:
 # -- make-before-break reloads ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_reload_that_cannot_bind_leaves_the_running_feed_alone(
     caplog: pytest.LogCaptureFixture, close_clients: None
 ) -> None:
@@ -878,7 +871,7 @@ async def test_changed_feed_on_the_same_port_takes_over_its_listener(close_clien
     listener before the old feed stops, so the port is never closed, and it carries on the
     old feed's counters."""
     h = Harness()
-    port = free_port()
+    port = free_tcp_port()
     sup = Supervisor(
         Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
     )
@@ -922,7 +915,7 @@ def test_relayd_reload_waits_for_the_outcome_and_fails_when_the_reload_did(
     """`relayd reload` (systemd's ExecReload) exits 1 when a reload that passes check-config
     cannot be applied (an unknown interface, a port in use), and the streaming feed is never
     stopped by it; a changed feed on the same port takes over the listener and the counters."""
-    port, health, busy_port = free_port(), free_port(), free_port()
+    port, health, busy_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
     listen = f"127.0.0.1:{port}"
     config_path = tmp_path / "relayd.toml"
 
@@ -1004,7 +997,7 @@ async def test_a_changed_capture_feed_carries_on_its_counters() -> None:
     from tests.helpers.metrics import value  # noqa: PLC0415
 
     groups = pick_groups(2)
-    nowhere = free_port()  # the emit side is absent: the feed counts what it receives
+    nowhere = free_tcp_port()  # the emit side is absent: the feed counts what it receives
     first = feed_config(groups[:1], [nowhere])
     second = feed_config(groups, [nowhere], interface="lo")
     base = Config(health=HealthConfig(listen=Endpoint("127.0.0.1", 0)), capture=(first,))
@@ -1058,7 +1051,7 @@ async def test_a_renamed_feed_takes_over_the_listener_of_the_one_it_replaces(
     a duplicate of "a"'s listener before "a" stops (binding anew would find the port in use),
     and starts its own counters."""
     h = Harness()
-    port = free_port()
+    port = free_tcp_port()
     sup = Supervisor(
         Path("x"), config(emit("a", port)), factory=h.factory, notifier=quiet_notifier()
     )
@@ -1084,7 +1077,7 @@ async def test_two_emit_feeds_swap_ports_in_one_reload(close_clients: None) -> N
     "Address already in use", and each feed then answers on the other's old port."""
     from ipaddress import IPv4Network  # noqa: PLC0415
 
-    ports = [free_port(), free_port()]
+    ports = [free_tcp_port(), free_tcp_port()]
 
     def real_emit(name: str, port: int) -> EmitFeed:
         return EmitFeed(

@@ -34,15 +34,15 @@ from relayd.datapath import (
     select_plane,
 )
 from relayd.tools.pcapng import read_datagrams
-from tests.helpers.emit_standin import Peer, feed_config, serve
+from tests.helpers.emit_standin import Peer, Server, feed_config, serve
 from tests.helpers.loopback import LOOPBACK, free_udp_port, wait_for
 from tests.helpers.relayd_process import (
     RelaydProcess,
-    get_json,
     get_text,
+    loopback_pair_toml,
     pick_groups,
-    process_toml,
 )
+from tests.test_config import CAPTURE
 
 GROUP = int(IPv4Address("239.111.111.1"))
 V1 = DeribitLayout.FRAME_V1
@@ -103,15 +103,7 @@ def counter_pair() -> tuple[DataPlane, DataPlane]:
     return c_plane(), pyplane.PLANE
 
 
-# ---- configuration --------------------------------------------------------------------------
-
-CAPTURE = """
-[[capture]]
-name = "dev"
-interface = "eth1"
-groups = ["239.111.111.1:6100"]
-targets = ["relay.example.com:6666"]
-"""
+# ---- configuration (on test_config's minimal CAPTURE feed) ---------------------------------
 
 
 def test_upstream_check_is_off_by_default_and_reads_frame_v1() -> None:
@@ -439,26 +431,41 @@ def _send(sock: socket.socket, traffic: Sequence[tuple[str, int, bytes]]) -> Non
             time.sleep(0.002)  # no drops in the loopback's receive buffer
 
 
+async def _feed_after_lossy_traffic(
+    nursery: trio.Nursery,
+    groups: Sequence[tuple[str, int]],
+    configured: DeribitLayout,
+    sent: DeribitLayout,
+) -> tuple[CaptureFeedRuntime, Server, list[tuple[str, int, bytes]]]:
+    """A capture feed of ``groups`` with ``upstream_check = "deribit"`` in the ``configured``
+    layout, its emit stand-in and the ``_lossy_traffic`` sent in the ``sent`` layout, once
+    the feed relayed and scanned all of it."""
+    server = await serve(nursery, Peer())
+    config = attrs.evolve(
+        feed_config(groups, [server.port]),
+        upstream_check="deribit",
+        deribit_layout=configured.value,
+    )
+    feed = CaptureFeedRuntime(config)
+    await nursery.start(feed.run)
+    await wait_for(lambda: feed.connected)
+    traffic = _lossy_traffic(groups, sent)
+    with _deribit_sender(str(LOOPBACK)) as sock:
+        _send(sock, traffic)
+    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
+    return feed, server, traffic
+
+
 @pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("layout", [V1, SBE], ids=lambda layout: layout.value)
 async def test_capture_feed_counts_injected_gaps(
     nursery: trio.Nursery, layout: DeribitLayout
 ) -> None:
-    server = await serve(nursery, Peer())
     port = free_udp_port()
     groups = [("239.255.41.1", port), ("239.255.41.2", port)]
-    config = attrs.evolve(
-        feed_config(groups, [server.port]), upstream_check="deribit", deribit_layout=layout.value
-    )
-    feed = CaptureFeedRuntime(config)
-    await nursery.start(feed.run)
-    await wait_for(lambda: feed.connected)
-    traffic = _lossy_traffic(groups, layout)
-    with _deribit_sender(str(LOOPBACK)) as sock:
-        _send(sock, traffic)
-    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    feed, server, traffic = await _feed_after_lossy_traffic(nursery, groups, layout, layout)
     assert feed.upstream is not None
-    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
     samples = {s.name: s.value for s in feed.samples() if s.labels == feed.upstream.labels}
     assert samples["upstream_datagrams"] == 148
     assert (samples["upstream_gaps"], samples["upstream_missing"]) == (2, 3)
@@ -486,38 +493,11 @@ def test_relayd_shows_injected_gaps_in_metrics_status_and_log(
     skipped in the Deribit packets sent are on /metrics, in ``relayd status`` and in a warning
     that names the channel, with the exact counts."""
     groups = pick_groups(2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        tcp_port = probe.getsockname()[1]
-    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
     config = tmp_path / "relayd.toml"
-    config.write_text(
-        process_toml(
-            f"""
-[[emit]]
-name = "kit"
-listen = "127.0.0.1:{tcp_port}"
-interface = "127.0.0.3"
-allowed_sources = ["127.0.0.0/8"]
-allowed_groups = ["239.255.0.0/16"]
-
-[[capture]]
-name = "kit"
-interface = "127.0.0.1"
-groups = [{group_list}]
-targets = ["127.0.0.1:{tcp_port}"]
-sources = ["127.0.0.2"]
-upstream_check = "deribit"
-"""
-        )
-    )
+    config.write_text(loopback_pair_toml(groups, 'upstream_check = "deribit"\n'))
     relayd = RelaydProcess(config, {})
     try:
-        health = relayd.health_port()
-        deadline = time.monotonic() + 30
-        while get_json(health)[0] != 200:
-            assert time.monotonic() < deadline, relayd.lines
-            time.sleep(0.1)
+        health = relayd.healthy_port(timeout=30)
         traffic = _lossy_traffic(groups)
         with _deribit_sender("127.0.0.2") as sock:
             _send(sock, traffic)
@@ -553,19 +533,10 @@ async def test_a_wrong_layout_is_counted_and_warned_about(
     warning that asks about deribit_layout. (An SBE packet whose sendingTime's low 16 bits
     happen to equal its size - 8 would pass for a frame-v1 one: the layout is configured,
     never guessed.)"""
-    server = await serve(nursery, Peer())
     port = free_udp_port()
     groups = [("239.255.43.1", port), ("239.255.43.2", port)]
-    config = attrs.evolve(feed_config(groups, [server.port]), upstream_check="deribit")
-    feed = CaptureFeedRuntime(config)
-    await nursery.start(feed.run)
-    await wait_for(lambda: feed.connected)
-    traffic = _lossy_traffic(groups, SBE)
-    with _deribit_sender(str(LOOPBACK)) as sock:
-        _send(sock, traffic)
-    await wait_for(lambda: len(server.peer.datagrams) >= len(traffic))
+    feed, _server, _traffic = await _feed_after_lossy_traffic(nursery, groups, V1, SBE)
     assert feed.upstream is not None
-    await wait_for(lambda: feed.upstream is not None and feed.upstream.totals().datagrams == 148)
     totals = feed.upstream.totals()
     assert (totals.malformed, totals.gaps, totals.channels) == (148, 0, 0)
     await wait_for(lambda: "is deribit_layout right?" in caplog.text, timeout=10)
@@ -631,15 +602,7 @@ def test_c_counter_matches_the_specification_under_asan_and_ubsan() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="relayd-asan-") as scratch:
         root = harness.sanitized_package(Path(scratch), compiler)
-        env = {
-            **os.environ,
-            "LD_PRELOAD": str(libasan),
-            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
-            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
-            "RELAYD_DATAPATH": "c",
-            "RELAYD_FUZZ_EXAMPLES": str(examples),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
+        env = harness.sanitizer_env(libasan, RELAYD_FUZZ_EXAMPLES=str(examples))
         child = subprocess.run(
             [sys.executable, "-c", child_code, str(root), str(Path(__file__).parent.parent)],
             env=env,

@@ -24,6 +24,13 @@ def free_udp_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 nobody is bound to right now (the kernel's pick for port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 async def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
     """Until ``predicate()`` is true (polled), or TooSlowError after ``timeout`` seconds."""
     with trio.fail_after(timeout):

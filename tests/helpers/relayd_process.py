@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.loopback import free_udp_port
+from tests.helpers.loopback import free_tcp_port, free_udp_port
 
 PEER = Path(__file__).resolve().parent / "run_peer.py"
 
@@ -69,6 +69,15 @@ class RelaydProcess:
 
     def health_port(self) -> int:
         return int(self.wait_line(r"health server listening on [\d.]+:(\d+)").group(1))
+
+    def healthy_port(self, timeout: float) -> int:
+        """The health port, once ``/healthz`` answers 200 (fails after ``timeout`` seconds)."""
+        health = self.health_port()
+        deadline = time.monotonic() + timeout
+        while get_json(health)[0] != 200:
+            assert time.monotonic() < deadline, self.lines
+            time.sleep(0.1)
+        return health
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
         t0 = time.monotonic()
@@ -197,3 +206,29 @@ def peer_argv(*args: str) -> list[str]:
 
 def groups_arg(groups: Sequence[tuple[str, int]]) -> str:
     return ",".join(f"{g}:{p}" for g, p in groups)
+
+
+def loopback_pair_toml(groups: Sequence[tuple[str, int]], capture_extra: str = "") -> str:
+    """A process running an emit and a capture feed named "kit", each other's peer on
+    loopback. The sender, the emit feed and so the capture feed's source-specific joins use
+    three loopback addresses: the emit feed's copies are not captured again.
+    ``capture_extra``: more lines for the capture feed's table."""
+    port = free_tcp_port()
+    group_list = ", ".join(f'"{g}:{p}"' for g, p in groups)
+    return process_toml(
+        f"""
+[[emit]]
+name = "kit"
+listen = "127.0.0.1:{port}"
+interface = "127.0.0.3"
+allowed_sources = ["127.0.0.0/8"]
+allowed_groups = ["239.255.0.0/16"]
+
+[[capture]]
+name = "kit"
+interface = "127.0.0.1"
+groups = [{group_list}]
+targets = ["127.0.0.1:{port}"]
+sources = ["127.0.0.2"]
+{capture_extra}"""
+    )
