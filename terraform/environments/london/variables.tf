@@ -82,6 +82,10 @@ variable "feeds" {
     ttl                 = optional(number, 16)
     max_connections     = optional(number, 4)
     auth_key_parameters = optional(list(string), [])
+    watch_groups        = optional(list(string), [])
+    arbitration         = optional(string, "none")
+    deribit_layout      = optional(string, "frame-v1")
+    emitter_grace       = optional(string)
   }))
 }
 

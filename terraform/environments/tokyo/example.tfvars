@@ -26,6 +26,11 @@ feeds = {
     groups              = ["239.192.20.0/24", "239.192.21.0/24"]
     ports               = ["30000-30999"]
     auth_key_parameters = ["/relayd/prod/key-1"]
+    # One active emitter per feed: every instance watches a few groups that always carry
+    # traffic; two capture hosts (A and B lines) are merged by the exchange's sequence numbers
+    # (docs/DEPLOYMENT.md).
+    watch_groups = ["239.192.20.1:30001", "239.192.21.1:30002"]
+    arbitration  = "deribit"
   }
 }
 

@@ -54,6 +54,10 @@ locals {
       # Single ports render as TOML integers, ranges as strings.
       ports          = [for p in var.feeds[name].ports : can(tonumber(p)) ? tostring(tonumber(p)) : jsonencode(p)]
       auth_key_files = local.auth_key_files[name]
+      watch_groups   = var.feeds[name].watch_groups
+      arbitration    = var.feeds[name].arbitration
+      deribit_layout = var.feeds[name].deribit_layout
+      emitter_grace  = var.feeds[name].emitter_grace
     }]
   })
 

@@ -38,6 +38,11 @@ variable "feeds" {
     parameters (names such as "/relayd/prod/key-1", or parameter ARNs) each holding one key; the
     instances fetch them at boot into /etc/relayd/keys/<feed>-<n>.key and relayd accepts any of
     them (auth_key_files), so a rotation lists the old and the new key for a while.
+    `watch_groups` ("group:port" inside the feed's groups and ports), `arbitration` ("none",
+    "deribit", "content"), `deribit_layout` ("frame-v1", "sbe") and `emitter_grace` (a relayd
+    duration such as "1s") render as the emit feed's keys of the same names: one active
+    emitter per feed and A/B capture hosts (docs/DEPLOYMENT.md). Every instance of the group
+    must watch the feed's groups, or a standby that never emitted it cannot see the active one.
   EOT
   type = map(object({
     port                = number
@@ -46,6 +51,10 @@ variable "feeds" {
     ttl                 = optional(number, 16)
     max_connections     = optional(number, 4)
     auth_key_parameters = optional(list(string), [])
+    watch_groups        = optional(list(string), [])
+    arbitration         = optional(string, "none")
+    deribit_layout      = optional(string, "frame-v1")
+    emitter_grace       = optional(string)
   }))
 
   validation {
@@ -111,6 +120,31 @@ variable "feeds" {
       !can(regex("^(?i)/?(aws|ssm)", startswith(p, "arn:") ? try(split(":parameter/", p)[1], "") : p))
     ]]))
     error_message = "auth_key_parameters takes SSM parameter names (\"/relayd/prod/key-1\": letters, digits, '_', '.', '-', levels separated by '/' and starting with '/', not starting with \"aws\" or \"ssm\") or parameter ARNs (arn:aws:ssm:<region>:<account>:parameter/...), without wildcards."
+  }
+
+  validation {
+    # "a.b.c.d:port", a multicast address outside 224.0.0.0/24; relayd check-config checks the rest.
+    condition = alltrue(flatten([for f in values(var.feeds) : [for w in f.watch_groups :
+      can(regex("^(22[4-9]|23[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}:[0-9]{1,5}$", w)) &&
+      !startswith(w, "224.0.0.") &&
+      try(tonumber(split(":", w)[1]) >= 1 && tonumber(split(":", w)[1]) <= 65535, false)
+    ]]))
+    error_message = "watch_groups takes \"group:port\" entries with a multicast group outside 224.0.0.0/24 and a port in 1..65535 (e.g. \"239.10.1.1:6100\")."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : length(distinct(f.watch_groups)) == length(f.watch_groups)])
+    error_message = "A feed's watch_groups must not name one group:port twice."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : contains(["none", "deribit", "content"], f.arbitration) && contains(["frame-v1", "sbe"], f.deribit_layout)])
+    error_message = "arbitration must be \"none\", \"deribit\" or \"content\", and deribit_layout \"frame-v1\" or \"sbe\"."
+  }
+
+  validation {
+    condition     = alltrue([for f in values(var.feeds) : f.emitter_grace == null || can(regex("^([0-9]+(\\.[0-9]+)?(us|ms|s|m|h))+$", coalesce(f.emitter_grace, "x")))])
+    error_message = "emitter_grace is a relayd duration such as \"1s\", \"1500ms\" or \"1m30s\"."
   }
 
   validation {

@@ -217,3 +217,35 @@ run "auth_key_kms_alias" {
   }
   expect_failures = [var.auth_key_kms_key_arns]
 }
+
+run "watch_group_without_port" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], watch_groups = ["239.10.2.1"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "watch_group_not_multicast" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], watch_groups = ["10.0.0.1:5000"] } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "unknown_arbitration" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], arbitration = "sequence" } }
+  }
+  expect_failures = [var.feeds]
+}
+
+run "emitter_grace_not_a_duration" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], emitter_grace = "soon" } }
+  }
+  expect_failures = [var.feeds]
+}

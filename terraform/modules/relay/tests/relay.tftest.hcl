@@ -638,3 +638,31 @@ run "egress_endpoints_off" {
     error_message = "vpc_endpoints.enabled = false creates no endpoint."
   }
 }
+
+run "one_active_emitter_keys" {
+  command = plan
+
+  variables {
+    feeds = {
+      dev = { port = 6666, groups = ["239.10.1.0/24"] }
+      prod = {
+        port          = 6667
+        groups        = ["239.10.2.0/24"]
+        ports         = ["5000-5099"]
+        watch_groups  = ["239.10.2.1:5000", "239.10.2.2:5001"]
+        arbitration   = "deribit"
+        emitter_grace = "2s"
+      }
+    }
+  }
+
+  assert {
+    condition     = strcontains(output.relayd_toml, "watch_groups = [\"239.10.2.1:5000\", \"239.10.2.2:5001\"]\nemitter_grace = \"2s\"\narbitration = \"deribit\"\nderibit_layout = \"frame-v1\"\n")
+    error_message = "watch_groups, emitter_grace, arbitration and deribit_layout render into the prod feed's [[emit]] table."
+  }
+
+  assert {
+    condition     = length(regexall("watch_groups|arbitration|emitter_grace", output.relayd_toml)) == 3
+    error_message = "A feed without them (dev) renders none of the keys: relayd's defaults apply."
+  }
+}
