@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 13
+#define RD_ABI 14
 
 /* Why a call returned (both loops). */
 enum {
@@ -144,6 +144,7 @@ enum {
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
     F(uint64_t, acked, )          /* highest sequence ACKed to the peer, */                    \
     F(uint64_t, acked_any, )      /* ... once this is 1 (0: not even the welcome ACK) */       \
+    F(uint64_t, resuming, )       /* 1 until the first DATA: where it resumes, never a gap */  \
     F(int64_t, last_out_ns, )     /* CLOCK_MONOTONIC of the latest control frame written */    \
     F(int64_t, blocked_since_ns, ) /* when the pending control frame found the socket full */  \
     F(uint64_t, out_off, ) F(uint64_t, out_len, ) /* the control frame being written */        \
@@ -1285,6 +1286,7 @@ static int emit_frames(struct rd_emit *s) {
             s->frames_in++;
             s->datagrams_in++;
             s->duplicates++;
+            s->resuming = 0;
             start += size;
             continue;
         }
@@ -1299,7 +1301,7 @@ static int emit_frames(struct rd_emit *s) {
             outcome = RD_NEED_DEST;
             break;
         }
-        if (highest && seq != highest + 1) {
+        if (highest && !s->resuming && seq != highest + 1) { /* session.accept */
             s->gaps++;
             s->gap_sequences += seq - highest - 1;
         }
@@ -1348,6 +1350,7 @@ static int emit_frames(struct rd_emit *s) {
         s->frames_in++;
         s->datagrams_in++;
         highest = seq;
+        s->resuming = 0;
         start += size;
         if (outcome) break;
     }

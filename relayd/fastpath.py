@@ -58,7 +58,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 13
+ABI: Final = 14
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -93,6 +93,7 @@ class EmitState(ctypes.Structure):
         ("highest", _u64),
         ("acked", _u64),
         ("acked_any", _u64),
+        ("resuming", _u64),
         ("last_out_ns", _i64),
         ("blocked_since_ns", _i64),
         ("out_off", _u64),
@@ -428,6 +429,7 @@ class _CEmitPump:
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
+            resuming=1,
         )
         state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
         self._arbiter = start.arbiter  # kept alive while the pump may use it

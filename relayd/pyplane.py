@@ -275,6 +275,7 @@ class _EmitPump:
         self._source = start.source
         self._gate = start.gate
         self._highest = start.highest
+        self._resuming = True  # no DATA on this connection yet (``session.accept``)
         self._acked = start.acked
         self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
         self._events: list[Event] = []  # decoded, not emitted yet: from _next on
@@ -377,6 +378,7 @@ class _EmitPump:
         sendto = self._mcast.sendto
         dests = self._dests
         highest = self._highest
+        resuming = self._resuming
         index = self._next
         frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
         denied_group = denied_port = too_large = 0
@@ -399,8 +401,9 @@ class _EmitPump:
                 why = Why.CONTROL
                 break
             seq, group, port, ts_ns, payload = event
-            skipped = accept(highest, seq)
+            skipped = accept(highest, seq, resuming)
             if skipped == DUPLICATE:
+                resuming = False
                 frames += 1
                 datagrams += 1
                 dups += 1
@@ -446,6 +449,7 @@ class _EmitPump:
             frames += 1
             datagrams += 1
             highest = seq
+            resuming = False
             index += 1
             if failed:
                 if arbiter is None:  # arbitrated sends name the failing key themselves
@@ -458,6 +462,7 @@ class _EmitPump:
             why = Why.CONTROL
         self._next = index
         self._highest = highest
+        self._resuming = resuming
         counters.frames_in += frames
         counters.datagrams_in += datagrams
         counters.datagrams_out += out

@@ -5,7 +5,8 @@ them directly, the C data plane (relayd/_fastpath.c) implements them in its loop
 against this module (tests/test_fastpath_fuzz.py, tests/test_fastpath.py). A rule changes here
 first, then in C, and the differential tests say when the two disagree.
 
-- :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n).
+- :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n; a
+  connection's first DATA is where it resumes, never a gap).
 - :class:`Allowlist`: the destination verdict (allowed, or which allowlist refused it).
 - :func:`oversize`: the size rule, applied after an allowed verdict (``max_datagram_size``).
 - :func:`next_control` and :func:`control_wake`: when an emit connection writes an ACK
@@ -54,18 +55,27 @@ __all__ = [
 DUPLICATE: Final = -1
 
 
-def accept(highest: int, seq: int) -> int:
+def accept(highest: int, seq: int, resuming: bool = False) -> int:
     """The verdict on DATA ``seq`` of a session whose highest emitted sequence is ``highest``.
 
     ``DUPLICATE`` (-1) when ``seq <= highest``: already emitted (or deliberately skipped), not
     emitted again. Otherwise the number of sequences skipped before it (0: in order), and
-    ``seq`` becomes the session's highest. A session this host has not seen (``highest`` 0)
-    never counts a gap: after a failover the capture side resends only what the previous host
-    did not acknowledge.
+    ``seq`` becomes the session's highest.
+
+    ``resuming``: ``seq`` is the connection's first DATA, where the capture side resumes
+    (the first frame past the highest ACK it holds, from any host), so it never counts a gap:
+    what lies between was emitted by another emit host (which ACKed it while this one was
+    out of the session), or was dropped from the capture side's replay buffer meanwhile,
+    which the capture side counts itself at that resume
+    (``capture_resume_lost_datagrams``, :meth:`relayd.replay.ReplayBuffer.rewind`). A session
+    this host has not seen (``highest`` 0) never counts one either. Within a connection the
+    capture side sends every sequence in turn, so a jump there is a gap (frames its replay
+    buffer dropped before it could send them), counted here and only here: each loss is
+    counted once, at the resume by the capture side or within the connection by this side.
     """
     if seq <= highest:
         return DUPLICATE
-    if not highest:
+    if resuming or not highest:
         return 0
     return seq - highest - 1
 

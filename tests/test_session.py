@@ -38,6 +38,21 @@ def test_accept(highest: int, seq: int, verdict: int) -> None:
     assert accept(highest, seq) == verdict
 
 
+@pytest.mark.parametrize(
+    ("highest", "seq", "verdict"),
+    [
+        (30, 51, 0),  # another emit host emitted 31..50 meanwhile: where the capture resumes
+        (30, 31, 0),
+        (30, 30, DUPLICATE),  # a resend this host emitted: the stream goes on from there
+        (30, 2, DUPLICATE),
+    ],
+)
+def test_the_first_datagram_of_a_connection_is_never_a_gap(
+    highest: int, seq: int, verdict: int
+) -> None:
+    assert accept(highest, seq, resuming=True) == verdict
+
+
 @given(st.lists(st.integers(1, 50), max_size=40))
 def test_accept_emits_each_sequence_once_in_increasing_order(seqs: list[int]) -> None:
     highest, emitted, skipped = 0, [], 0

@@ -199,6 +199,7 @@ class CaptureFeedRuntime:
             "replay_bytes": replay.total_bytes,
             "replay_dropped_datagrams": replay.dropped_datagrams,
             "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
+            "resume_lost_datagrams": replay.resume_lost_datagrams,
             "ack_stalls": link.ack_stalls,
         }
         if not self._started:
@@ -311,6 +312,14 @@ class CaptureFeedRuntime:
             "counter",
             "Datagrams sent again after a reconnect.",
             uplink.resent_datagrams,
+        )
+        yield one(
+            "resume_lost_datagrams",
+            "counter",
+            "Datagrams no emit host acknowledged that were gone from the replay buffer when a "
+            "connection resumed (its first frame jumps past them): lost. A loss within a "
+            "connection is the emit side's gap_sequences; each loss is counted once.",
+            replay.resume_lost_datagrams,
         )
         yield one(
             "ack_stalls",
