@@ -86,6 +86,7 @@ class EmitState(ctypes.Structure):
         ("max_payload", _u64),
         ("arb", ctypes.c_void_p),
         ("arb_source", _u64),
+        ("arb_owner", _u64),
         ("busy_ns", _i64),
         ("gate", ctypes.c_void_p),
         ("start", _u64),
@@ -424,6 +425,7 @@ class _CEmitPump:
             max_payload=start.max_datagram_size,
             arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
             arb_source=start.source,
+            arb_owner=start.owner,
             busy_ns=int(start.busy_poll * 1e9),
             gate=None if start.gate is None else ctypes.addressof(start.gate),
             highest=start.highest,
@@ -534,11 +536,25 @@ class CArbiter:
     def sent_by_source(self) -> list[int]:
         return list(self._stats.sent_by_source)
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
         code = self._plane.rd_arb_offer(
-            self.address, source, group, port, payload, len(payload), now
+            self.address, source, owner, frame, group, port, payload, len(payload), now
         )
         return _VERDICTS[code - 1]
+
+    def floor(self, owner: int) -> int | None:
+        with self._closing:
+            floor = int(self._plane.rd_arb_floor(self.address, owner)) if self.address else 0
+        return floor or None
 
     def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
         out = []
@@ -815,8 +831,11 @@ class CPlane:
         self.rd_arb_observe.argtypes = (arb, _u64, _u64, ctypes.c_char_p, _u64, _d)
         self.rd_arb_observe.restype = None
         self.rd_arb_offer = lib.rd_arb_offer
-        self.rd_arb_offer.argtypes = (arb, _u64, _u64, _u64, ctypes.c_char_p, _u64, _d)
+        self.rd_arb_offer.argtypes = (arb, _u64, _u64, _u64, _u64, _u64, ctypes.c_char_p, _u64, _d)
         self.rd_arb_offer.restype = ctypes.c_int
+        self.rd_arb_floor = lib.rd_arb_floor
+        self.rd_arb_floor.argtypes = (arb, _u64)
+        self.rd_arb_floor.restype = _u64
         self.rd_arb_expire = lib.rd_arb_expire
         self.rd_arb_expire.argtypes = (arb, _d)
         self.rd_arb_expire.restype = _u64

@@ -43,6 +43,7 @@ from relayd.session import (
     Control,
     Destination,
     accept,
+    ack_point,
     control_wake,
     next_control,
     oversize,
@@ -120,16 +121,31 @@ class LockedArbiter:
             sent[min(source, ARBITER_SOURCES - 1)] += count
         return sent
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
         with self.lock:
-            return self.arbiter.offer(source, group, port, payload, now)
+            return self.arbiter.offer(source, group, port, payload, now, owner, frame)
+
+    def floor(self, owner: int) -> int | None:
+        if not self.arbiter.pending:  # a racy peek: what this owner's pump held it sees
+            return None
+        with self.lock:
+            return self.arbiter.pending_floor(owner)
 
     def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
         with self.lock:
             released = self.arbiter.released
-            out = [tuple(item) for item in released]
+            out = [(r.source, r.group, r.port, r.payload, r.gap) for r in released]
             released.clear()
-        return out  # type: ignore[return-value]
+        return out
 
     def expire(self, now: float) -> int:
         with self.lock:
@@ -273,6 +289,7 @@ class _EmitPump:
             raise TypeError(f"the Python pump needs the Python plane's arbiter, not {arbiter!r}")
         self._arbiter = arbiter
         self._source = start.source
+        self._owner = start.owner
         self._gate = start.gate
         self._highest = start.highest
         self._resuming = True  # no DATA on this connection yet (``session.accept``)
@@ -337,7 +354,7 @@ class _EmitPump:
                         control_wake(
                             self._last_out,
                             self._acked,
-                            self._highest,
+                            self._ack_point(),
                             self._ack_interval,
                             self._heartbeat,
                         ),
@@ -426,7 +443,7 @@ class _EmitPump:
             if verdict is Destination.ALLOWED and oversize(len(payload), limit):
                 too_large += 1
             elif verdict is Destination.ALLOWED and arbiter is not None:  # A/B arbitration
-                failed = self._arbitrated(arbiter, key, payload, address)
+                failed = self._arbitrated(arbiter, key, payload, address, seq)
                 last_ts = ts_ns
             elif verdict is Destination.ALLOWED:
                 try:
@@ -485,14 +502,25 @@ class _EmitPump:
     # -- A/B arbitration (``arb_emit`` and friends in relayd/_fastpath.c) ---------------------
 
     def _arbitrated(
-        self, arbiter: LockedArbiter, key: int, payload: bytes, address: tuple[str, int]
+        self,
+        arbiter: LockedArbiter,
+        key: int,
+        payload: bytes,
+        address: tuple[str, int],
+        frame: int,
     ) -> bool:
         """What was released before goes first, then the datagram if the arbiter says so,
         then what it released. True when a send failed (``err``, ``need_key``)."""
         with arbiter.lock:
             failed = self._send_released(arbiter)
             verdict = arbiter.arbiter.offer(
-                self._source, key >> 16, key & 0xFFFF, payload, time.monotonic()
+                self._source,
+                key >> 16,
+                key & 0xFFFF,
+                payload,
+                time.monotonic(),
+                self._owner,
+                frame,
             )
             if verdict.sends and not self._send_locked(payload, address, key):
                 failed = True
@@ -561,15 +589,23 @@ class _EmitPump:
         self.err = exc.errno or 0
         return False
 
+    def _ack_point(self) -> int:
+        """How far this connection may acknowledge (``session.ack_point``)."""
+        arbiter = self._arbiter
+        if arbiter is None:
+            return self._highest
+        return ack_point(self._highest, arbiter.floor(self._owner))
+
     def _queue_control(self, now: float) -> None:
         if self._out:
             return
+        ackable = self._ack_point()
         due = next_control(
-            now, self._last_out, self._acked, self._highest, self._ack_interval, self._heartbeat
+            now, self._last_out, self._acked, ackable, self._ack_interval, self._heartbeat
         )
         if due is Control.ACK:
-            self._out = encode_ack(self._highest)
-            self._acked = self._highest
+            self._out = encode_ack(ackable)
+            self._acked = ackable
         elif due is Control.HEARTBEAT:
             self._out = encode_heartbeat(time.time_ns())
         else:

@@ -10,7 +10,8 @@ first, then in C, and the differential tests say when the two disagree.
 - :class:`Allowlist`: the destination verdict (allowed, or which allowlist refused it).
 - :func:`oversize`: the size rule, applied after an allowed verdict (``max_datagram_size``).
 - :func:`next_control` and :func:`control_wake`: when an emit connection writes an ACK
-  (coalesced) or a HEARTBEAT (idle).
+  (coalesced) or a HEARTBEAT (idle); :func:`ack_point`: how far it may acknowledge (not past
+  a datagram the A/B arbiter still holds).
 
 Capture framing is :func:`relayd.wire.pack_datagram_header` (the C batch writes the same
 header) and replay trimming is :meth:`relayd.replay.ReplayBuffer.ack` (the highest ACK wins:
@@ -46,6 +47,7 @@ __all__ = [
     "Control",
     "Destination",
     "accept",
+    "ack_point",
     "control_wake",
     "next_control",
     "oversize",
@@ -136,6 +138,18 @@ def oversize(payload_size: int, max_datagram_size: int) -> bool:
     return payload_size > max_datagram_size
 
 
+def ack_point(highest: int, held_floor: int | None) -> int:
+    """The highest sequence a connection of a session may acknowledge: ``highest`` (what it
+    emitted or deliberately skipped), except that with A/B arbitration a datagram of the
+    session the arbiter still holds behind a hole (or released and not sent yet), the lowest
+    of which is ``held_floor`` (None: none), is not acknowledged, nor anything after it, until
+    it is sent or resolved (dropped as a duplicate, or sent when the hole is given up and
+    counted). If this host dies meanwhile, the capture side resends it to the next one."""
+    if held_floor is None or held_floor > highest:
+        return highest
+    return held_floor - 1
+
+
 class Control(enum.Enum):
     """What an emit connection writes back to the capture side now."""
 
@@ -149,9 +163,10 @@ def next_control(
 ) -> Control:
     """The control frame due at ``now`` on a connection whose latest control frame went out at
     ``last_out``, that ACKed ``acked`` (-1: not even the welcome ACK yet) and whose session
-    emitted up to ``highest``. At most one frame per ``ack_interval`` (ACKs are coalesced); an
-    ACK when there is anything new to acknowledge (the welcome ACK at once), else a HEARTBEAT
-    after ``heartbeat`` without output. Any unit of time, as long as it is one."""
+    may be acknowledged up to ``highest`` (:func:`ack_point`). At most one frame per
+    ``ack_interval`` (ACKs are coalesced); an ACK when there is anything new to acknowledge
+    (the welcome ACK at once), else a HEARTBEAT after ``heartbeat`` without output. Any
+    unit of time, as long as it is one."""
     if now < last_out + ack_interval:
         return Control.NOTHING
     if highest > acked:

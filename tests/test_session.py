@@ -17,6 +17,7 @@ from relayd.session import (
     Control,
     Destination,
     accept,
+    ack_point,
     control_wake,
     next_control,
     oversize,
@@ -65,6 +66,20 @@ def test_accept_emits_each_sequence_once_in_increasing_order(seqs: list[int]) ->
     assert emitted == sorted(set(emitted))
     if emitted:
         assert skipped == emitted[-1] - emitted[0] + 1 - len(emitted)
+
+
+@pytest.mark.parametrize(
+    ("highest", "held_floor", "point"),
+    [
+        (10, None, 10),  # nothing held: everything emitted
+        (10, 7, 6),  # frame 7 is held: ACK up to 6 only, though 8..10 went out
+        (10, 1, 0),
+    ],
+)
+def test_ack_point_stays_below_what_is_held(
+    highest: int, held_floor: int | None, point: int
+) -> None:
+    assert ack_point(highest, held_floor) == point
 
 
 def test_allowlist_judges_the_group_first() -> None:

@@ -87,6 +87,8 @@ class Held(NamedTuple):
     group: int
     port: int
     payload: bytes
+    owner: int = 0  # the capture session it came from (its ACKs wait for it), 0: none
+    frame: int = 0  # its sequence in that session
 
 
 @attrs.define
