@@ -206,12 +206,13 @@ enum {
     F(uint64_t, last_gap_group, ) F(uint64_t, last_gap_port, )                                 \
     F(uint64_t, last_gap_channel, ) F(uint64_t, last_gap_missing, )
 
-/* One channel's counters (rd_upstream_channels). */
+/* One channel's counters (rd_upstream_channels), and where its sequence stands. */
 #define RD_UPSTREAM_CHANNEL_FIELDS(F)                                                         \
     F(uint64_t, group, ) F(uint64_t, port, ) F(uint64_t, channel, )                            \
     F(uint64_t, snapshot, ) /* 1: a snapshot channel (FRAME_V1 on a snapshot port) */          \
     F(uint64_t, datagrams, ) F(uint64_t, gaps, ) F(uint64_t, missing, )                        \
-    F(uint64_t, duplicates, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )
+    F(uint64_t, duplicates, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )                    \
+    F(int64_t, next, ) F(int64_t, stamp, ) /* the next sequence expected, sendingTime seen */
 
 struct rd_upstream; /* opaque: rd_upstream_new */
 #define RD_DECLARE(type, name, dim) type name dim;
@@ -1822,6 +1823,28 @@ static void up_see(struct rd_upstream *m, uint32_t group, uint16_t port, const u
     if (h.stamp > c->seq.stamp) c->seq.stamp = h.stamp;
 }
 
+/* UpstreamMonitor.resume: track a channel from where an earlier process left it (a sequence
+ * below next is a reset, not a duplicate); nothing counted. 0 when it is tracked already. */
+int rd_upstream_resume(struct rd_upstream *m, uint64_t group, uint64_t port, uint64_t channel,
+                       uint64_t snapshot, int64_t next, int64_t stamp, int64_t now) {
+    uint64_t key_lo = port << 32 | (uint32_t)channel;
+    pthread_mutex_lock(&m->lock);
+    int added = !seq_get(&m->channels, (uint32_t)group, key_lo);
+    if (added) {
+        int evicted;
+        struct up_channel *c = (struct up_channel *)(void *)seq_take(&m->channels, &evicted);
+        m->stats.evictions += (uint64_t)evicted;
+        memset(c, 0, sizeof *c);
+        c->snapshot = (uint8_t)(snapshot != 0);
+        c->rotated = now;
+        seq_start(&c->seq, next, stamp);
+        c->seq.floor_previous = next;
+        seq_add(&m->channels, &c->seq, (uint32_t)group, key_lo);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return added;
+}
+
 /* See every datagram of `count` DATA frames (a capture batch) at CLOCK_MONOTONIC `now`. */
 void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t count, int64_t now) {
     pthread_mutex_lock(&m->lock);
@@ -1841,6 +1864,11 @@ void rd_upstream_read(struct rd_upstream *m, struct rd_upstream_stats *out) {
     pthread_mutex_unlock(&m->lock);
 }
 
+/* A sequence as int64 (saturated: past 2**63 only by an SBE seqNum at its very end). */
+static int64_t seq_int64(seq_t v) {
+    return v > INT64_MAX ? INT64_MAX : v < INT64_MIN ? INT64_MIN : (int64_t)v;
+}
+
 /* Up to `max` channels' counters into `out`, least recently used first; with lossy, only
  * those with a gap, duplicate, reset or overlap. How many. */
 uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel *out,
@@ -1853,7 +1881,7 @@ uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel 
         out[n] = (struct rd_upstream_channel){s->group,      seq_port(s),  seq_id(s),
                                               c->snapshot,   c->datagrams, c->gaps,
                                               c->missing,    c->duplicates, c->resets,
-                                              c->overlaps};
+                                              c->overlaps,   seq_int64(s->next), s->stamp};
         n++;
     }
     pthread_mutex_unlock(&m->lock);

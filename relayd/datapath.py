@@ -29,12 +29,12 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
 
-from relayd.arbitration import ArbitrationConfig, Verdict
+from relayd.arbitration import ArbitrationConfig, ChannelPosition, Verdict
 from relayd.arbitration.headers import DeribitLayout
 from relayd.session import Destination
 from relayd.units import format_duration
@@ -335,6 +335,12 @@ class UpstreamCounter(Protocol):
     def channels(self, lossy: bool = False) -> list[UpstreamChannel]:
         """Every tracked channel, least recently used first; ``lossy``: only those with a
         gap, duplicate, reset or overlap."""
+
+    def positions(self) -> list[ChannelPosition]:
+        """Where every tracked channel's sequence stands (``UpstreamMonitor.positions``)."""
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        """``UpstreamMonitor.resume`` each of ``positions``; how many were taken."""
 
     def close(self) -> None:
         """Release it (no receiver may use it any more)."""

@@ -20,11 +20,18 @@ import ctypes
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 from relayd import wire
-from relayd.arbitration import ArbitrationConfig, ArbitrationMode, DeribitLayout, Verdict
+from relayd.arbitration import (
+    ArbitrationConfig,
+    ArbitrationMode,
+    ChannelPosition,
+    DeribitLayout,
+    Verdict,
+)
 from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_COUNTERS,
@@ -241,7 +248,11 @@ class UpstreamStatsState(ctypes.Structure):
 class UpstreamChannelState(ctypes.Structure):
     """``struct rd_upstream_channel``: one channel's counters."""
 
-    _fields_ = tuple((name, _u64) for name in UpstreamChannel._fields)
+    _fields_ = (
+        *((name, _u64) for name in UpstreamChannel._fields),
+        ("next", _i64),
+        ("stamp", _i64),
+    )
 
 
 #: ``DeribitLayout`` as the library numbers it.
@@ -739,6 +750,24 @@ class _CUpstreamCounter:
             for row in rows[:n]
         ]
 
+    def positions(self) -> list[ChannelPosition]:
+        rows = (UpstreamChannelState * self._max_channels)()
+        n = self._plane.rd_upstream_channels(self._handle(), rows, self._max_channels, False)
+        return [
+            ChannelPosition(
+                row.group, row.port, row.channel, bool(row.snapshot), row.next, row.stamp
+            )
+            for row in rows[:n]
+        ]
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        handle = self._handle()
+        resume = self._plane.rd_upstream_resume
+        return sum(
+            resume(handle, p.group, p.port, p.channel, p.snapshot, p.next, p.stamp, now_ns)
+            for p in positions
+        )
+
     def close(self) -> None:
         handle, self.handle = self.handle, None
         if handle is not None:
@@ -865,6 +894,18 @@ class CPlane:
         self.rd_upstream_read = lib.rd_upstream_read
         self.rd_upstream_read.argtypes = (ctypes.c_void_p, ctypes.POINTER(UpstreamStatsState))
         self.rd_upstream_read.restype = None
+        self.rd_upstream_resume = lib.rd_upstream_resume
+        self.rd_upstream_resume.argtypes = (
+            ctypes.c_void_p,
+            _u64,
+            _u64,
+            _u64,
+            _u64,
+            _i64,
+            _i64,
+            _i64,
+        )
+        self.rd_upstream_resume.restype = ctypes.c_int
         self.rd_upstream_channels = lib.rd_upstream_channels
         self.rd_upstream_channels.argtypes = (
             ctypes.c_void_p,

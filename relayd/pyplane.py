@@ -15,12 +15,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Final
 
 from relayd import wire
 from relayd.arbitration import Arbiter, ArbitrationConfig, Verdict
 from relayd.arbitration.headers import ChannelKind, DeribitLayout
-from relayd.arbitration.sequence import UpstreamMonitor
+from relayd.arbitration.sequence import ChannelPosition, UpstreamMonitor
 from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_SOURCES,
@@ -695,6 +696,14 @@ class _UpstreamCounter:
                 for (group, port, channel), kind, c in self._monitor.channels()
                 if not lossy or c.gaps or c.duplicates or c.resets or c.overlaps
             ]
+
+    def positions(self) -> list[ChannelPosition]:
+        with self._lock:
+            return self._monitor.positions()
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        with self._lock:
+            return sum(self._monitor.resume(position, now_ns) for position in positions)
 
     def close(self) -> None:
         pass

@@ -36,7 +36,7 @@ from relayd.capture.link import Connect
 from relayd.capture.receive import Receive
 from relayd.capture.receivers import Receivers
 from relayd.capture.sites import Fanout, Site, site_config
-from relayd.capture.upstream import UpstreamCheck
+from relayd.capture.upstream import UpstreamCheck, state_directory
 from relayd.config import CaptureFeed
 from relayd.datapath import log_latency_mode, select_plane
 from relayd.keys import load_auth_keys
@@ -365,7 +365,16 @@ class CaptureFeedRuntime:
             site.link.plane = plane
         if config.upstream_check == "deribit" and self.upstream is None:
             layout = DeribitLayout(config.deribit_layout)
-            self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
+            # Positions are resumed at a start only: a feed a reload replaces is still running
+            # and counting past what its file says.
+            self.upstream = UpstreamCheck(
+                self.name,
+                layout,
+                plane,
+                self._limited,
+                state_directory(),
+                resume=previous is None,
+            )
             self.receive.upstream = self.upstream.counter
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers.adopt(
@@ -464,6 +473,7 @@ class CaptureFeedRuntime:
                 self.receivers.start(nursery, plane, wake)
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
+                    nursery.start_soon(self.upstream.keep_state)
                 self._started = True
                 for site in self.sites:
                     site.link.down_since = trio.current_time()

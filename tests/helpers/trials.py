@@ -179,9 +179,17 @@ class Relayd:
     dead_deltas: dict[str, float] = attrs.field(factory=dict)
 
     def start(self) -> None:
+        # what the unit's StateDirectory gives it (a capture feed's upstream check keeps its
+        # channel positions there across a restart)
+        state = self.config.with_suffix(".state")
+        state.mkdir(exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = self.netns.popen(
-                self.netns.relayd_argv("run", "--config", str(self.config)),
+                [
+                    "env",
+                    f"STATE_DIRECTORY={state}",
+                    *self.netns.relayd_argv("run", "--config", str(self.config)),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
