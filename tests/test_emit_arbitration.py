@@ -122,6 +122,12 @@ async def two_copies(feed: EmitFeedRuntime) -> tuple[Copy, Copy]:
     return Copy(a), Copy(b)
 
 
+async def a_taken(feed: EmitFeedRuntime, a: Copy, b: Copy) -> None:
+    """Until the feed has taken in all A sent (its ACK may wait for B's copies): the copies
+    go in turn, as one ahead of the other, not both at once."""
+    await wait_for(lambda: metric(feed, "datagrams_in") >= a.seq + b.seq, timeout=10)
+
+
 def per_channel(datagrams: Iterable[Datagram]) -> dict[tuple[IPv4Address, int, int], list[bytes]]:
     out: dict[tuple[IPv4Address, int, int], list[bytes]] = {}
     for group, port, payload in datagrams:
@@ -151,6 +157,7 @@ async def test_two_capture_sessions_deliver_each_datagram_once(
             for start in range(0, len(stream), 25):  # A a little ahead of B, chunk by chunk
                 chunk = range(start, min(start + 25, len(stream)))
                 await a.send([stream[i] for i in chunk if i not in lost_a], acked=False)
+                await a_taken(feed, a, b)
                 await b.send([stream[i] for i in chunk if i not in lost_b])
                 await a.wait_acked()  # A's holes held its ACK back until B filled them
             got = await receivers.settle()
@@ -280,6 +287,7 @@ async def test_two_copies_of_the_deribit_sample_merge_exactly_once(deribit_sampl
                 for start in range(0, len(stream), 200):
                     chunk = range(start, min(start + 200, len(stream)))
                     await a.send([stream[i] for i in chunk if i not in lost_a], acked=False)
+                    await a_taken(feed, a, b)
                     await b.send([stream[i] for i in chunk if i not in lost_b])
                     await a.wait_acked()
                 got = await receivers.settle()
