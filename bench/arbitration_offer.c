@@ -33,7 +33,8 @@ int main(int argc, char **argv) {
         for (uint64_t source = 0; source < 2; source++) {
             pthread_mutex_lock(&a->lock);
             double now = (double)now_ns(CLOCK_MONOTONIC) / 1e9;
-            arb_offer(a, source, 0xEF6F6F01u, (uint16_t)(6100 + channel % 4), p, sizeof p, now);
+            arb_offer(a, source, source + 1, (uint64_t)i + 1, 0xEF6F6F01u,
+                      (uint16_t)(6100 + channel % 4), p, sizeof p, now);
             pthread_mutex_unlock(&a->lock);
         }
     }

@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 13
+#define RD_ABI 14
 
 /* Why a call returned (both loops). */
 enum {
@@ -137,6 +137,7 @@ enum {
     F(uint64_t, max_payload, )    /* larger payloads are dropped (1..MAX_PAYLOAD) */           \
     F(struct rd_arb *, arb, )     /* the feed's arbiter, or NULL (arbitration = "none") */     \
     F(uint64_t, arb_source, )     /* this connection's source number for the arbiter */        \
+    F(uint64_t, arb_owner, )      /* its session's owner number there (held: ACKs wait) */     \
     F(int64_t, busy_ns, )         /* latency mode: poll without sleeping this long after data */ \
     F(struct rd_gate *, gate, )   /* NULL: no gate, always open */                             \
     /* the stream: undecoded bytes are buf[start:end] */                                       \
@@ -144,6 +145,7 @@ enum {
     F(uint64_t, highest, )        /* highest sequence emitted or deliberately skipped */       \
     F(uint64_t, acked, )          /* highest sequence ACKed to the peer, */                    \
     F(uint64_t, acked_any, )      /* ... once this is 1 (0: not even the welcome ACK) */       \
+    F(uint64_t, resuming, )       /* 1 until the first DATA: where it resumes, never a gap */  \
     F(int64_t, last_out_ns, )     /* CLOCK_MONOTONIC of the latest control frame written */    \
     F(int64_t, blocked_since_ns, ) /* when the pending control frame found the socket full */  \
     F(uint64_t, out_off, ) F(uint64_t, out_len, ) /* the control frame being written */        \
@@ -204,12 +206,13 @@ enum {
     F(uint64_t, last_gap_group, ) F(uint64_t, last_gap_port, )                                 \
     F(uint64_t, last_gap_channel, ) F(uint64_t, last_gap_missing, )
 
-/* One channel's counters (rd_upstream_channels). */
+/* One channel's counters (rd_upstream_channels), and where its sequence stands. */
 #define RD_UPSTREAM_CHANNEL_FIELDS(F)                                                         \
     F(uint64_t, group, ) F(uint64_t, port, ) F(uint64_t, channel, )                            \
     F(uint64_t, snapshot, ) /* 1: a snapshot channel (FRAME_V1 on a snapshot port) */          \
     F(uint64_t, datagrams, ) F(uint64_t, gaps, ) F(uint64_t, missing, )                        \
-    F(uint64_t, duplicates, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )
+    F(uint64_t, duplicates, ) F(uint64_t, resets, ) F(uint64_t, overlaps, )                    \
+    F(int64_t, next, ) F(int64_t, stamp, ) /* the next sequence expected, sendingTime seen */
 
 struct rd_upstream; /* opaque: rd_upstream_new */
 #define RD_DECLARE(type, name, dim) type name dim;
@@ -520,6 +523,7 @@ struct arb_item { /* a held datagram, then released */
     seq_t seq;
     int64_t stamp;
     uint64_t span, source, gap, len;
+    uint64_t owner, frame; /* the capture session and its sequence: ACKs wait for it */
     uint32_t group;
     uint16_t port;
     uint8_t payload[];
@@ -765,8 +769,8 @@ static int arb_by_content(struct rd_arb *a, uint64_t source, uint32_t group, uin
 
 /* Arbiter._after_hole: seq is past next. */
 static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct seq_header *h,
-                          uint64_t source, uint32_t group, uint16_t port, const uint8_t *p,
-                          uint64_t len, double now) {
+                          uint64_t source, uint64_t owner, uint64_t frame, uint32_t group,
+                          uint16_t port, const uint8_t *p, uint64_t len, double now) {
     if (a->cfg.hold_timeout == 0 || a->stats.live_sources < 2) {
         seq_t missing = h->seq - c->seq.next;
         arb_count_gap(a, c, missing);
@@ -814,6 +818,8 @@ static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct 
     item->span = h->span;
     item->stamp = h->stamp;
     item->source = source;
+    item->owner = owner;
+    item->frame = frame;
     item->group = group;
     item->port = port;
     item->len = len;
@@ -840,8 +846,8 @@ static int arb_after_hole(struct rd_arb *a, struct arb_channel *c, const struct 
 }
 
 /* Arbiter.offer (with the lock held). */
-static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t port,
-                     const uint8_t *p, uint64_t len, double now) {
+static int arb_offer(struct rd_arb *a, uint64_t source, uint64_t owner, uint64_t frame,
+                     uint32_t group, uint16_t port, const uint8_t *p, uint64_t len, double now) {
     a->stats.offered++;
     if (a->cfg.mode == ARB_MODE_NONE) {
         arb_sent(a, source);
@@ -886,7 +892,7 @@ static int arb_offer(struct rd_arb *a, uint64_t source, uint32_t group, uint16_t
             a->stats.skipped_heartbeats++;
             return ARB_DUPLICATE;
         }
-        return arb_after_hole(a, c, &h, source, group, port, p, len, now);
+        return arb_after_hole(a, c, &h, source, owner, frame, group, port, p, len, now);
     case SEQ_HEARTBEAT:
         c->seq.stamp = h.stamp;
         a->stats.heartbeats++;
@@ -935,6 +941,21 @@ static void arb_observe(struct rd_arb *a, uint32_t group, uint16_t port, const u
     }
     c->seq.stamp = arb_max64(c->seq.stamp, h.stamp);
     if (c->held_n) arb_drain(a, c, now);
+}
+
+/* Arbiter.pending_floor (with the lock held): the lowest frame of owner's datagrams held or
+ * released and not sent yet, 0 for none (frames start at 1). A scan of what is held, only
+ * while something is; the pumps ask once per ACK. */
+static uint64_t arb_floor(const struct rd_arb *a, uint64_t owner) {
+    uint64_t floor = 0;
+    for (const struct arb_channel *c = a->hold_head; c; c = c->hold_next)
+        for (uint64_t i = 0; i < c->held_n; i++) {
+            const struct arb_item *item = c->held[i];
+            if (item->owner == owner && (!floor || item->frame < floor)) floor = item->frame;
+        }
+    for (const struct arb_item *item = a->out_head; item; item = item->next)
+        if (item->owner == owner && (!floor || item->frame < floor)) floor = item->frame;
+    return floor;
 }
 
 /* Arbiter.next_deadline, or INFINITY when nothing is held. */
@@ -1025,12 +1046,20 @@ void rd_arb_observe(struct rd_arb *a, uint64_t group, uint64_t port, const uint8
 
 /* The specification's calls one by one, for the differential tests (the pumps send what
  * these decide without handing it to Python). */
-int rd_arb_offer(struct rd_arb *a, uint64_t source, uint64_t group, uint64_t port,
-                 const uint8_t *payload, uint64_t len, double now) {
+int rd_arb_offer(struct rd_arb *a, uint64_t source, uint64_t owner, uint64_t frame,
+                 uint64_t group, uint64_t port, const uint8_t *payload, uint64_t len, double now) {
     pthread_mutex_lock(&a->lock);
-    int verdict = arb_offer(a, source, (uint32_t)group, (uint16_t)port, payload, len, now);
+    int verdict =
+        arb_offer(a, source, owner, frame, (uint32_t)group, (uint16_t)port, payload, len, now);
     pthread_mutex_unlock(&a->lock);
     return verdict;
+}
+
+uint64_t rd_arb_floor(struct rd_arb *a, uint64_t owner) {
+    pthread_mutex_lock(&a->lock);
+    uint64_t floor = arb_floor(a, owner);
+    pthread_mutex_unlock(&a->lock);
+    return floor;
 }
 
 uint64_t rd_arb_expire(struct rd_arb *a, double now) {
@@ -1153,16 +1182,30 @@ static int arb_send_released(struct rd_emit *s, struct rd_arb *a) {
 /* The pump's one call per allowed datagram: what was released before goes first, then the
  * datagram if the arbiter says so, then what it released. 0 or RD_SEND_ERROR. */
 static int arb_emit(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
-                    uint64_t len) {
+                    uint64_t len, uint64_t seq) {
     struct rd_arb *a = (struct rd_arb *)s->arb;
     pthread_mutex_lock(&a->lock);
     int outcome = arb_send_released(s, a);
     double now = (double)now_ns(CLOCK_MONOTONIC) / 1e9;
-    int verdict = arb_offer(a, s->arb_source, (uint32_t)(key >> 16), (uint16_t)key, p, len, now);
+    int verdict = arb_offer(a, s->arb_source, s->arb_owner, seq, (uint32_t)(key >> 16),
+                            (uint16_t)key, p, len, now);
     if (verdict < ARB_DUPLICATE && arb_send(s, d, key, p, len)) outcome = RD_SEND_ERROR;
     if (!outcome) outcome = arb_send_released(s, a);
     pthread_mutex_unlock(&a->lock);
     return outcome;
+}
+
+/* session.ack_point: how far this connection may acknowledge, not past what the arbiter holds
+ * of its session. */
+static uint64_t emit_ack_point(struct rd_emit *s) {
+    struct rd_arb *a = (struct rd_arb *)s->arb;
+    if (!a || (!__atomic_load_n(&a->hold_head, __ATOMIC_RELAXED) &&
+               !__atomic_load_n(&a->out_head, __ATOMIC_RELAXED)))
+        return s->highest; /* a racy peek: what this session's pump held, it sees */
+    pthread_mutex_lock(&a->lock);
+    uint64_t floor = arb_floor(a, s->arb_owner);
+    pthread_mutex_unlock(&a->lock);
+    return floor && floor <= s->highest ? floor - 1 : s->highest;
 }
 
 /* When the pump must wake for the arbiter (CLOCK_MONOTONIC ns), INT64_MAX for never. */
@@ -1285,6 +1328,7 @@ static int emit_frames(struct rd_emit *s) {
             s->frames_in++;
             s->datagrams_in++;
             s->duplicates++;
+            s->resuming = 0;
             start += size;
             continue;
         }
@@ -1299,7 +1343,7 @@ static int emit_frames(struct rd_emit *s) {
             outcome = RD_NEED_DEST;
             break;
         }
-        if (highest && seq != highest + 1) {
+        if (highest && !s->resuming && seq != highest + 1) { /* session.accept */
             s->gaps++;
             s->gap_sequences += seq - highest - 1;
         }
@@ -1307,7 +1351,7 @@ static int emit_frames(struct rd_emit *s) {
         if (d->state == DEST_ALLOWED && len > s->max_payload) {
             s->oversize++;
         } else if (d->state == DEST_ALLOWED && s->arb) { /* A/B arbitration: its section */
-            outcome = arb_emit(s, d, key, f + DATA_HEADER, len);
+            outcome = arb_emit(s, d, key, f + DATA_HEADER, len, seq);
             last_ts = get64(f + 18);
         } else if (d->state == DEST_ALLOWED) {
             int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
@@ -1348,6 +1392,7 @@ static int emit_frames(struct rd_emit *s) {
         s->frames_in++;
         s->datagrams_in++;
         highest = seq;
+        s->resuming = 0;
         start += size;
         if (outcome) break;
     }
@@ -1365,10 +1410,11 @@ out:
 /* Queue the ACK or HEARTBEAT that is due, if any (nothing is being written). */
 static void queue_control(struct rd_emit *s, int64_t now) {
     if (s->out_len || now < s->last_out_ns + s->ack_interval_ns) return;
-    if (!s->acked_any || s->highest > s->acked) {
+    uint64_t ackable = emit_ack_point(s);
+    if (!s->acked_any || ackable > s->acked) {
         s->out[2] = TYPE_ACK;
-        put64(s->out + 3, s->highest);
-        s->acked = s->highest;
+        put64(s->out + 3, ackable);
+        s->acked = ackable;
         s->acked_any = 1;
         s->acks_sent++;
     } else if (now >= s->last_out_ns + s->heartbeat_ns) {
@@ -1467,7 +1513,7 @@ int rd_emit_pump(struct rd_emit *s) {
             if (s->out_len) wake = min64(wake, s->blocked_since_ns + s->idle_ns);
             else {
                 int64_t next = s->last_out_ns + s->ack_interval_ns;
-                if (!s->acked_any || s->highest > s->acked) wake = min64(wake, next);
+                if (!s->acked_any || emit_ack_point(s) > s->acked) wake = min64(wake, next);
                 wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
             }
             short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
@@ -1777,6 +1823,28 @@ static void up_see(struct rd_upstream *m, uint32_t group, uint16_t port, const u
     if (h.stamp > c->seq.stamp) c->seq.stamp = h.stamp;
 }
 
+/* UpstreamMonitor.resume: track a channel from where an earlier process left it (a sequence
+ * below next is a reset, not a duplicate); nothing counted. 0 when it is tracked already. */
+int rd_upstream_resume(struct rd_upstream *m, uint64_t group, uint64_t port, uint64_t channel,
+                       uint64_t snapshot, int64_t next, int64_t stamp, int64_t now) {
+    uint64_t key_lo = port << 32 | (uint32_t)channel;
+    pthread_mutex_lock(&m->lock);
+    int added = !seq_get(&m->channels, (uint32_t)group, key_lo);
+    if (added) {
+        int evicted;
+        struct up_channel *c = (struct up_channel *)(void *)seq_take(&m->channels, &evicted);
+        m->stats.evictions += (uint64_t)evicted;
+        memset(c, 0, sizeof *c);
+        c->snapshot = (uint8_t)(snapshot != 0);
+        c->rotated = now;
+        seq_start(&c->seq, next, stamp);
+        c->seq.floor_previous = next;
+        seq_add(&m->channels, &c->seq, (uint32_t)group, key_lo);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return added;
+}
+
 /* See every datagram of `count` DATA frames (a capture batch) at CLOCK_MONOTONIC `now`. */
 void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t count, int64_t now) {
     pthread_mutex_lock(&m->lock);
@@ -1796,6 +1864,11 @@ void rd_upstream_read(struct rd_upstream *m, struct rd_upstream_stats *out) {
     pthread_mutex_unlock(&m->lock);
 }
 
+/* A sequence as int64 (saturated: past 2**63 only by an SBE seqNum at its very end). */
+static int64_t seq_int64(seq_t v) {
+    return v > INT64_MAX ? INT64_MAX : v < INT64_MIN ? INT64_MIN : (int64_t)v;
+}
+
 /* Up to `max` channels' counters into `out`, least recently used first; with lossy, only
  * those with a gap, duplicate, reset or overlap. How many. */
 uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel *out,
@@ -1808,7 +1881,7 @@ uint64_t rd_upstream_channels(struct rd_upstream *m, struct rd_upstream_channel 
         out[n] = (struct rd_upstream_channel){s->group,      seq_port(s),  seq_id(s),
                                               c->snapshot,   c->datagrams, c->gaps,
                                               c->missing,    c->duplicates, c->resets,
-                                              c->overlaps};
+                                              c->overlaps,   seq_int64(s->next), s->stamp};
         n++;
     }
     pthread_mutex_unlock(&m->lock);

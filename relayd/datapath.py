@@ -29,12 +29,12 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 import trio
 
-from relayd.arbitration import ArbitrationConfig, Verdict
+from relayd.arbitration import ArbitrationConfig, ChannelPosition, Verdict
 from relayd.arbitration.headers import DeribitLayout
 from relayd.session import Destination
 from relayd.units import format_duration
@@ -245,9 +245,22 @@ class FeedArbiter(Protocol):
     def sent_by_source(self) -> list[int]:
         """Datagrams sent per source number (``ARBITER_SOURCES`` entries)."""
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
         """``Arbiter.offer`` (a ``Verdict``), for tests: what it releases waits in
         ``take_released``."""
+
+    def floor(self, owner: int) -> int | None:
+        """``Arbiter.pending_floor``: the lowest frame of session ``owner`` held or released
+        and not sent yet (None: nothing); its ACKs stay below it (``session.ack_point``)."""
 
     def flush(self, mcast: socket.socket) -> tuple[int, int]:
         """The last session ended: give up every hole, send what that releases on ``mcast``
@@ -323,6 +336,12 @@ class UpstreamCounter(Protocol):
         """Every tracked channel, least recently used first; ``lossy``: only those with a
         gap, duplicate, reset or overlap."""
 
+    def positions(self) -> list[ChannelPosition]:
+        """Where every tracked channel's sequence stands (``UpstreamMonitor.positions``)."""
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        """``UpstreamMonitor.resume`` each of ``positions``; how many were taken."""
+
     def close(self) -> None:
         """Release it (no receiver may use it any more)."""
 
@@ -362,6 +381,8 @@ class EmitStart(NamedTuple):
     #: seconds to poll without sleeping after data (latency mode, C plane only; 0: off)
     busy_poll: float = 0.0
     gate: EmitGate | None = None  # None: always open
+    #: the session's owner number at the arbiter (its held datagrams hold its ACKs back)
+    owner: int = 0
 
 
 class DataPlane(Protocol):

@@ -20,11 +20,18 @@ import ctypes
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 from relayd import wire
-from relayd.arbitration import ArbitrationConfig, ArbitrationMode, DeribitLayout, Verdict
+from relayd.arbitration import (
+    ArbitrationConfig,
+    ArbitrationMode,
+    ChannelPosition,
+    DeribitLayout,
+    Verdict,
+)
 from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_COUNTERS,
@@ -58,7 +65,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 13
+ABI: Final = 14
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -86,6 +93,7 @@ class EmitState(ctypes.Structure):
         ("max_payload", _u64),
         ("arb", ctypes.c_void_p),
         ("arb_source", _u64),
+        ("arb_owner", _u64),
         ("busy_ns", _i64),
         ("gate", ctypes.c_void_p),
         ("start", _u64),
@@ -93,6 +101,7 @@ class EmitState(ctypes.Structure):
         ("highest", _u64),
         ("acked", _u64),
         ("acked_any", _u64),
+        ("resuming", _u64),
         ("last_out_ns", _i64),
         ("blocked_since_ns", _i64),
         ("out_off", _u64),
@@ -239,7 +248,11 @@ class UpstreamStatsState(ctypes.Structure):
 class UpstreamChannelState(ctypes.Structure):
     """``struct rd_upstream_channel``: one channel's counters."""
 
-    _fields_ = tuple((name, _u64) for name in UpstreamChannel._fields)
+    _fields_ = (
+        *((name, _u64) for name in UpstreamChannel._fields),
+        ("next", _i64),
+        ("stamp", _i64),
+    )
 
 
 #: ``DeribitLayout`` as the library numbers it.
@@ -423,11 +436,13 @@ class _CEmitPump:
             max_payload=start.max_datagram_size,
             arb=None if start.arbiter is None else _c_arbiter(start.arbiter).address,
             arb_source=start.source,
+            arb_owner=start.owner,
             busy_ns=int(start.busy_poll * 1e9),
             gate=None if start.gate is None else ctypes.addressof(start.gate),
             highest=start.highest,
             acked=max(start.acked, 0),
             acked_any=start.acked >= 0,
+            resuming=1,
         )
         state.end = _take_over(proto.take_buffered(), buffer, "the HELLO")
         self._arbiter = start.arbiter  # kept alive while the pump may use it
@@ -532,11 +547,25 @@ class CArbiter:
     def sent_by_source(self) -> list[int]:
         return list(self._stats.sent_by_source)
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
         code = self._plane.rd_arb_offer(
-            self.address, source, group, port, payload, len(payload), now
+            self.address, source, owner, frame, group, port, payload, len(payload), now
         )
         return _VERDICTS[code - 1]
+
+    def floor(self, owner: int) -> int | None:
+        with self._closing:
+            floor = int(self._plane.rd_arb_floor(self.address, owner)) if self.address else 0
+        return floor or None
 
     def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
         out = []
@@ -721,6 +750,24 @@ class _CUpstreamCounter:
             for row in rows[:n]
         ]
 
+    def positions(self) -> list[ChannelPosition]:
+        rows = (UpstreamChannelState * self._max_channels)()
+        n = self._plane.rd_upstream_channels(self._handle(), rows, self._max_channels, False)
+        return [
+            ChannelPosition(
+                row.group, row.port, row.channel, bool(row.snapshot), row.next, row.stamp
+            )
+            for row in rows[:n]
+        ]
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        handle = self._handle()
+        resume = self._plane.rd_upstream_resume
+        return sum(
+            resume(handle, p.group, p.port, p.channel, p.snapshot, p.next, p.stamp, now_ns)
+            for p in positions
+        )
+
     def close(self) -> None:
         handle, self.handle = self.handle, None
         if handle is not None:
@@ -813,8 +860,11 @@ class CPlane:
         self.rd_arb_observe.argtypes = (arb, _u64, _u64, ctypes.c_char_p, _u64, _d)
         self.rd_arb_observe.restype = None
         self.rd_arb_offer = lib.rd_arb_offer
-        self.rd_arb_offer.argtypes = (arb, _u64, _u64, _u64, ctypes.c_char_p, _u64, _d)
+        self.rd_arb_offer.argtypes = (arb, _u64, _u64, _u64, _u64, _u64, ctypes.c_char_p, _u64, _d)
         self.rd_arb_offer.restype = ctypes.c_int
+        self.rd_arb_floor = lib.rd_arb_floor
+        self.rd_arb_floor.argtypes = (arb, _u64)
+        self.rd_arb_floor.restype = _u64
         self.rd_arb_expire = lib.rd_arb_expire
         self.rd_arb_expire.argtypes = (arb, _d)
         self.rd_arb_expire.restype = _u64
@@ -844,6 +894,18 @@ class CPlane:
         self.rd_upstream_read = lib.rd_upstream_read
         self.rd_upstream_read.argtypes = (ctypes.c_void_p, ctypes.POINTER(UpstreamStatsState))
         self.rd_upstream_read.restype = None
+        self.rd_upstream_resume = lib.rd_upstream_resume
+        self.rd_upstream_resume.argtypes = (
+            ctypes.c_void_p,
+            _u64,
+            _u64,
+            _u64,
+            _u64,
+            _i64,
+            _i64,
+            _i64,
+        )
+        self.rd_upstream_resume.restype = ctypes.c_int
         self.rd_upstream_channels = lib.rd_upstream_channels
         self.rd_upstream_channels.argtypes = (
             ctypes.c_void_p,

@@ -15,12 +15,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Final
 
 from relayd import wire
 from relayd.arbitration import Arbiter, ArbitrationConfig, Verdict
 from relayd.arbitration.headers import ChannelKind, DeribitLayout
-from relayd.arbitration.sequence import UpstreamMonitor
+from relayd.arbitration.sequence import ChannelPosition, UpstreamMonitor
 from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_SOURCES,
@@ -43,6 +44,7 @@ from relayd.session import (
     Control,
     Destination,
     accept,
+    ack_point,
     control_wake,
     next_control,
     oversize,
@@ -120,16 +122,31 @@ class LockedArbiter:
             sent[min(source, ARBITER_SOURCES - 1)] += count
         return sent
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
         with self.lock:
-            return self.arbiter.offer(source, group, port, payload, now)
+            return self.arbiter.offer(source, group, port, payload, now, owner, frame)
+
+    def floor(self, owner: int) -> int | None:
+        if not self.arbiter.pending:  # a racy peek: what this owner's pump held it sees
+            return None
+        with self.lock:
+            return self.arbiter.pending_floor(owner)
 
     def take_released(self) -> list[tuple[int, int, int, bytes, int]]:
         with self.lock:
             released = self.arbiter.released
-            out = [tuple(item) for item in released]
+            out = [(r.source, r.group, r.port, r.payload, r.gap) for r in released]
             released.clear()
-        return out  # type: ignore[return-value]
+        return out
 
     def expire(self, now: float) -> int:
         with self.lock:
@@ -273,8 +290,10 @@ class _EmitPump:
             raise TypeError(f"the Python pump needs the Python plane's arbiter, not {arbiter!r}")
         self._arbiter = arbiter
         self._source = start.source
+        self._owner = start.owner
         self._gate = start.gate
         self._highest = start.highest
+        self._resuming = True  # no DATA on this connection yet (``session.accept``)
         self._acked = start.acked
         self._sock = _TcpReceiver(tcp, stop_fd, EMIT_RECEIVE_SIZE)
         self._events: list[Event] = []  # decoded, not emitted yet: from _next on
@@ -336,7 +355,7 @@ class _EmitPump:
                         control_wake(
                             self._last_out,
                             self._acked,
-                            self._highest,
+                            self._ack_point(),
                             self._ack_interval,
                             self._heartbeat,
                         ),
@@ -377,6 +396,7 @@ class _EmitPump:
         sendto = self._mcast.sendto
         dests = self._dests
         highest = self._highest
+        resuming = self._resuming
         index = self._next
         frames = datagrams = out = bytes_out = dups = gaps = skipped_total = 0
         denied_group = denied_port = too_large = 0
@@ -399,8 +419,9 @@ class _EmitPump:
                 why = Why.CONTROL
                 break
             seq, group, port, ts_ns, payload = event
-            skipped = accept(highest, seq)
+            skipped = accept(highest, seq, resuming)
             if skipped == DUPLICATE:
+                resuming = False
                 frames += 1
                 datagrams += 1
                 dups += 1
@@ -423,7 +444,7 @@ class _EmitPump:
             if verdict is Destination.ALLOWED and oversize(len(payload), limit):
                 too_large += 1
             elif verdict is Destination.ALLOWED and arbiter is not None:  # A/B arbitration
-                failed = self._arbitrated(arbiter, key, payload, address)
+                failed = self._arbitrated(arbiter, key, payload, address, seq)
                 last_ts = ts_ns
             elif verdict is Destination.ALLOWED:
                 try:
@@ -446,6 +467,7 @@ class _EmitPump:
             frames += 1
             datagrams += 1
             highest = seq
+            resuming = False
             index += 1
             if failed:
                 if arbiter is None:  # arbitrated sends name the failing key themselves
@@ -458,6 +480,7 @@ class _EmitPump:
             why = Why.CONTROL
         self._next = index
         self._highest = highest
+        self._resuming = resuming
         counters.frames_in += frames
         counters.datagrams_in += datagrams
         counters.datagrams_out += out
@@ -480,14 +503,25 @@ class _EmitPump:
     # -- A/B arbitration (``arb_emit`` and friends in relayd/_fastpath.c) ---------------------
 
     def _arbitrated(
-        self, arbiter: LockedArbiter, key: int, payload: bytes, address: tuple[str, int]
+        self,
+        arbiter: LockedArbiter,
+        key: int,
+        payload: bytes,
+        address: tuple[str, int],
+        frame: int,
     ) -> bool:
         """What was released before goes first, then the datagram if the arbiter says so,
         then what it released. True when a send failed (``err``, ``need_key``)."""
         with arbiter.lock:
             failed = self._send_released(arbiter)
             verdict = arbiter.arbiter.offer(
-                self._source, key >> 16, key & 0xFFFF, payload, time.monotonic()
+                self._source,
+                key >> 16,
+                key & 0xFFFF,
+                payload,
+                time.monotonic(),
+                self._owner,
+                frame,
             )
             if verdict.sends and not self._send_locked(payload, address, key):
                 failed = True
@@ -556,15 +590,23 @@ class _EmitPump:
         self.err = exc.errno or 0
         return False
 
+    def _ack_point(self) -> int:
+        """How far this connection may acknowledge (``session.ack_point``)."""
+        arbiter = self._arbiter
+        if arbiter is None:
+            return self._highest
+        return ack_point(self._highest, arbiter.floor(self._owner))
+
     def _queue_control(self, now: float) -> None:
         if self._out:
             return
+        ackable = self._ack_point()
         due = next_control(
-            now, self._last_out, self._acked, self._highest, self._ack_interval, self._heartbeat
+            now, self._last_out, self._acked, ackable, self._ack_interval, self._heartbeat
         )
         if due is Control.ACK:
-            self._out = encode_ack(self._highest)
-            self._acked = self._highest
+            self._out = encode_ack(ackable)
+            self._acked = ackable
         elif due is Control.HEARTBEAT:
             self._out = encode_heartbeat(time.time_ns())
         else:
@@ -654,6 +696,14 @@ class _UpstreamCounter:
                 for (group, port, channel), kind, c in self._monitor.channels()
                 if not lossy or c.gaps or c.duplicates or c.resets or c.overlaps
             ]
+
+    def positions(self) -> list[ChannelPosition]:
+        with self._lock:
+            return self._monitor.positions()
+
+    def resume(self, positions: Iterable[ChannelPosition], now_ns: int) -> int:
+        with self._lock:
+            return sum(self._monitor.resume(position, now_ns) for position in positions)
 
     def close(self) -> None:
         pass

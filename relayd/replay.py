@@ -14,6 +14,13 @@ Memory is bounded twice: by the bytes held (``max_bytes``; the oldest chunks go 
 newest chunk is always kept, so the bound is ``max_bytes`` plus one batch) and by age
 (``max_age`` seconds, checked by ``expire``). Every chunk dropped unacknowledged is counted, by
 the bound that evicted it (:class:`Evicted`), so the caller can report and log the loss.
+
+Counting each loss once: ``dropped_datagrams`` is an upper bound (a dropped frame may have been
+emitted, just not acknowledged yet). What was really never sent is counted where the stream
+jumps: a jump at the start of a connection here (``resume_lost_datagrams``: the frames between
+the highest ACK held and the first one still held, which no emit host acknowledged and which
+cannot be resent), a jump within a connection by the emit side (its ``gap_sequences``; the emit
+side never counts the jump at a connection's first frame, relayd/session.py ``accept``).
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ class ReplayBuffer:
     __slots__ = (
         "_base",
         "_chunks",
+        "_counted",
         "_cursor",
+        "_handed",
         "acked_seq",
         "dropped_by",
         "dropped_bytes",
@@ -71,6 +80,7 @@ class ReplayBuffer:
         "last_seq",
         "max_age",
         "max_bytes",
+        "resume_lost_datagrams",
         "total_bytes",
     )
 
@@ -94,6 +104,11 @@ class ReplayBuffer:
         self.dropped_by: dict[Evicted, int] = dict.fromkeys(Evicted, 0)
         #: dropped before they were ever handed out by ``next_unsent`` (lost for sure)
         self.dropped_unsent_datagrams = 0
+        #: never acknowledged and gone from the buffer when a connection resumed: its first
+        #: frame jumps past them (the emit side counts only jumps after a connection's first)
+        self.resume_lost_datagrams = 0
+        self._counted = 0  # the highest sequence counted in resume_lost_datagrams
+        self._handed = False  # a frame was handed out since the last rewind
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -125,6 +140,7 @@ class ReplayBuffer:
             if self._cursor != self._base + len(self._chunks):
                 raise ValueError(f"chunk {chunk.first_seq}..{chunk.last_seq} sent out of turn")
             self._cursor += 1
+            self._handed = True
         self._chunks.append(chunk)
         self.total_bytes += len(chunk.data)
         self.last_seq = chunk.last_seq
@@ -153,21 +169,39 @@ class ReplayBuffer:
         highest ACK so far.
 
         Called with the welcome ACK of a new connection. Returns how many datagrams the chunks
-        from the cursor hold past both (what is about to be resent).
+        from the cursor hold past both (what is about to be resent). Unacknowledged frames no
+        longer held (dropped while no connection could take them) are where the connection's
+        first frame jumps: counted in ``resume_lost_datagrams``.
         """
         self.ack(after_seq)
         self._cursor = self._base
+        self._handed = False
+        self._count_jump(self._chunks[0].first_seq if self._chunks else self.last_seq + 1)
         return self.unacked_datagrams
+
+    def _count_jump(self, first: int) -> None:
+        """The connection resumes at ``first``: what lies between the highest ACK and it, and
+        was not counted before, is lost (no emit host acknowledged it, none will get it)."""
+        through = max(self.acked_seq, self._counted)
+        if first - 1 > through:
+            self.resume_lost_datagrams += first - 1 - through
+            self._counted = first - 1
 
     def next_unsent(self) -> Chunk | None:
         """The chunk at the cursor (and move past it), or None when caught up."""
         index = self._cursor - self._base
-        if index < 0:
+        if index < 0:  # chunks dropped before they could be sent: the stream jumps here
             index = 0
             self._cursor = self._base
+            if not self._handed:  # the connection's first frame jumps: counted here
+                self._count_jump(self._chunks[0].first_seq if self._chunks else self.last_seq + 1)
+            # else the emit side counts the jump when it gets the frame after it (a gap within
+            # the connection); if the connection dies first, the next rewind counts what its
+            # ACKs do not cover
         if index >= len(self._chunks):
             return None
         self._cursor += 1
+        self._handed = True
         chunk = self._chunks[index]
         acked = self.acked_seq
         if chunk.first_seq > acked:

@@ -5,11 +5,13 @@ them directly, the C data plane (relayd/_fastpath.c) implements them in its loop
 against this module (tests/test_fastpath_fuzz.py, tests/test_fastpath.py). A rule changes here
 first, then in C, and the differential tests say when the two disagree.
 
-- :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n).
+- :func:`accept`: the emit side's sequence rule (emit, duplicate, or gap of n; a
+  connection's first DATA is where it resumes, never a gap).
 - :class:`Allowlist`: the destination verdict (allowed, or which allowlist refused it).
 - :func:`oversize`: the size rule, applied after an allowed verdict (``max_datagram_size``).
 - :func:`next_control` and :func:`control_wake`: when an emit connection writes an ACK
-  (coalesced) or a HEARTBEAT (idle).
+  (coalesced) or a HEARTBEAT (idle); :func:`ack_point`: how far it may acknowledge (not past
+  a datagram the A/B arbiter still holds).
 
 Capture framing is :func:`relayd.wire.pack_datagram_header` (the C batch writes the same
 header) and replay trimming is :meth:`relayd.replay.ReplayBuffer.ack` (the highest ACK wins:
@@ -45,6 +47,7 @@ __all__ = [
     "Control",
     "Destination",
     "accept",
+    "ack_point",
     "control_wake",
     "next_control",
     "oversize",
@@ -54,18 +57,27 @@ __all__ = [
 DUPLICATE: Final = -1
 
 
-def accept(highest: int, seq: int) -> int:
+def accept(highest: int, seq: int, resuming: bool = False) -> int:
     """The verdict on DATA ``seq`` of a session whose highest emitted sequence is ``highest``.
 
     ``DUPLICATE`` (-1) when ``seq <= highest``: already emitted (or deliberately skipped), not
     emitted again. Otherwise the number of sequences skipped before it (0: in order), and
-    ``seq`` becomes the session's highest. A session this host has not seen (``highest`` 0)
-    never counts a gap: after a failover the capture side resends only what the previous host
-    did not acknowledge.
+    ``seq`` becomes the session's highest.
+
+    ``resuming``: ``seq`` is the connection's first DATA, where the capture side resumes
+    (the first frame past the highest ACK it holds, from any host), so it never counts a gap:
+    what lies between was emitted by another emit host (which ACKed it while this one was
+    out of the session), or was dropped from the capture side's replay buffer meanwhile,
+    which the capture side counts itself at that resume
+    (``capture_resume_lost_datagrams``, :meth:`relayd.replay.ReplayBuffer.rewind`). A session
+    this host has not seen (``highest`` 0) never counts one either. Within a connection the
+    capture side sends every sequence in turn, so a jump there is a gap (frames its replay
+    buffer dropped before it could send them), counted here and only here: each loss is
+    counted once, at the resume by the capture side or within the connection by this side.
     """
     if seq <= highest:
         return DUPLICATE
-    if not highest:
+    if resuming or not highest:
         return 0
     return seq - highest - 1
 
@@ -126,6 +138,18 @@ def oversize(payload_size: int, max_datagram_size: int) -> bool:
     return payload_size > max_datagram_size
 
 
+def ack_point(highest: int, held_floor: int | None) -> int:
+    """The highest sequence a connection of a session may acknowledge: ``highest`` (what it
+    emitted or deliberately skipped), except that with A/B arbitration a datagram of the
+    session the arbiter still holds behind a hole (or released and not sent yet), the lowest
+    of which is ``held_floor`` (None: none), is not acknowledged, nor anything after it, until
+    it is sent or resolved (dropped as a duplicate, or sent when the hole is given up and
+    counted). If this host dies meanwhile, the capture side resends it to the next one."""
+    if held_floor is None or held_floor > highest:
+        return highest
+    return held_floor - 1
+
+
 class Control(enum.Enum):
     """What an emit connection writes back to the capture side now."""
 
@@ -139,9 +163,10 @@ def next_control(
 ) -> Control:
     """The control frame due at ``now`` on a connection whose latest control frame went out at
     ``last_out``, that ACKed ``acked`` (-1: not even the welcome ACK yet) and whose session
-    emitted up to ``highest``. At most one frame per ``ack_interval`` (ACKs are coalesced); an
-    ACK when there is anything new to acknowledge (the welcome ACK at once), else a HEARTBEAT
-    after ``heartbeat`` without output. Any unit of time, as long as it is one."""
+    may be acknowledged up to ``highest`` (:func:`ack_point`). At most one frame per
+    ``ack_interval`` (ACKs are coalesced); an ACK when there is anything new to acknowledge
+    (the welcome ACK at once), else a HEARTBEAT after ``heartbeat`` without output. Any
+    unit of time, as long as it is one."""
     if now < last_out + ack_interval:
         return Control.NOTHING
     if highest > acked:

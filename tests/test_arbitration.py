@@ -186,6 +186,29 @@ def test_hole_in_one_copy_is_filled_by_the_other_in_order() -> None:
     assert arbiter.held_now == 0
 
 
+def test_pending_floor_is_the_lowest_frame_a_session_has_held_until_it_is_sent() -> None:
+    """What each session's ACKs must wait for: its frames held behind a hole, or released
+    and not taken by a pump yet; another session's are not its concern."""
+    arbiter = deribit()
+    assert arbiter.pending_floor(1) is None
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 10), 0.0, owner=1, frame=1) is Verdict.EMIT
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 12), 0.0, owner=1, frame=2) is Verdict.HELD
+    assert arbiter.offer(0, GROUP, 6100, v1(2, 5), 0.0, owner=1, frame=3) is Verdict.EMIT
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 13), 0.0, owner=1, frame=4) is Verdict.HELD
+    assert (arbiter.pending, arbiter.pending_floor(1), arbiter.pending_floor(2)) == (True, 2, None)
+    # the other copy fills the hole: A's held ones are released, then taken and sent
+    assert arbiter.offer(1, GROUP, 6100, v1(1, 11), 0.01, owner=2, frame=1) is Verdict.EMIT
+    assert arbiter.pending_floor(1) == 2  # released, not sent yet
+    assert released(arbiter) == [v1(1, 12), v1(1, 13)]
+    assert (arbiter.pending, arbiter.pending_floor(1)) == (False, None)
+    # a hole no copy fills: released (and counted) at the deadline
+    assert arbiter.offer(0, GROUP, 6100, v1(1, 15), 0.02, owner=1, frame=5) is Verdict.HELD
+    assert arbiter.pending_floor(1) == 5
+    assert arbiter.expire(0.1) == 1
+    released(arbiter)
+    assert arbiter.pending_floor(1) is None
+
+
 def test_hole_in_every_copy_is_a_counted_gap() -> None:
     arbiter = deribit()
     offer_all(arbiter, 0, [v1(1, 10), v1(1, 13), v1(1, 14)])

@@ -67,11 +67,15 @@ class Pair:
         self.spec = LockedArbiter(config)
         self.c = plane.arbiter(config)
         self.sent: list[bytes] = []  # what the C side sent, in order
+        self.frames: dict[int, int] = {}  # owner -> its latest frame number
 
     def close(self) -> None:
         self.c.close()
 
     def _compare(self, what: str) -> None:
+        # what each session's ACKs wait for: held, or released and not taken yet
+        for owner in (*self.frames, 99):
+            assert self.c.floor(owner) == self.spec.floor(owner), f"floor({owner}) {what}"
         spec_released = self.spec.take_released()
         c_released = self.c.take_released()
         assert c_released == spec_released, what
@@ -80,9 +84,13 @@ class Pair:
         assert self.c.next_deadline() == self.spec.next_deadline(), what
 
     def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> None:
-        expected = self.spec.offer(source, group, port, payload, now)
-        got = self.c.offer(source, group, port, payload, now)
-        what = f"offer({source}, {group:x}, {port}, {payload!r:.60}, {now})"
+        # each source's datagrams are a session's frames, numbered in turn; a session change
+        # (a new owner) now and then
+        owner = source + 1 + 10 * (len(self.sent) // 500)
+        frame = self.frames[owner] = self.frames.get(owner, 0) + 1
+        expected = self.spec.offer(source, group, port, payload, now, owner, frame)
+        got = self.c.offer(source, group, port, payload, now, owner, frame)
+        what = f"offer({source}, {group:x}, {port}, {payload!r:.60}, {now}, {owner}, {frame})"
         assert got is expected, what
         if got.sends:
             self.sent.append(payload)

@@ -189,6 +189,36 @@ async def test_resent_frames_after_reconnect_are_not_emitted_twice(
 
 
 @pytest.mark.usefixtures("datapath")
+async def test_a_session_resumed_after_another_host_emitted_counts_no_false_gap(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """The capture side comes back to this host after another emit host emitted (and ACKed)
+    31..50 of its session: it resumes at 51, which is no gap here. A sequence missing within
+    the connection afterwards is one."""
+    session = os.urandom(16)
+    datagrams = make_datagrams(groups, 90)
+    with trio.fail_after(15):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            first = await Peer.start(feed.listen_port, session=session)
+            assert await first.welcome() == 0
+            await first.stream.send_all(frames(datagrams[:30]))
+            await first.wait_ack(30)
+            await first.aclose()
+            while metric(feed, "active_connections"):
+                await trio.sleep(0.01)
+            back = await Peer.start(feed.listen_port, session=session)
+            assert await back.welcome() == 30
+            await send_in_pieces(back, frames(datagrams[50:80]))  # 51..80
+            await back.wait_ack(80)
+            assert (metric(feed, "gaps"), metric(feed, "gap_sequences")) == (0, 0)
+            await send_in_pieces(back, frames(datagrams[81:]))  # 82..90: 81 missing
+            await back.wait_ack(90)
+            assert (metric(feed, "gaps"), metric(feed, "gap_sequences")) == (1, 1)
+            assert metric(feed, "datagrams_out") == 30 + 30 + 9
+
+
+@pytest.mark.usefixtures("datapath")
 async def test_rapid_supersedes_never_emit_a_datagram_twice(
     groups: list[tuple[IPv4Address, int]], receivers: Receivers
 ) -> None:

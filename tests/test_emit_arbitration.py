@@ -23,7 +23,7 @@ import trio
 
 from relayd.emit import EmitFeedRuntime
 from relayd.tools.pcapng import read_datagrams
-from relayd.wire import encode_datagram
+from relayd.wire import Ack, encode_datagram
 from tests.helpers import metrics
 from tests.helpers.capture_standin import (
     Peer,
@@ -85,12 +85,31 @@ class Copy:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.seq = 0
+        self.acked = 0  # the highest ACK read so far
 
-    async def send(self, datagrams: Sequence[Datagram]) -> None:
+    async def send(self, datagrams: Sequence[Datagram], *, acked: bool = True) -> None:
+        """Send ``datagrams`` as the session's next frames; ``acked``: then wait until all are
+        ACKed (a datagram held behind a hole is ACKed only once it is sent or resolved)."""
         numbered = [(self.seq + 1 + i, d) for i, d in enumerate(datagrams)]
         self.seq += len(datagrams)
         await self.peer.stream.send_all(frames(numbered))
+        if acked:
+            await self.wait_acked()
+
+    async def wait_acked(self) -> None:
         await self.peer.wait_ack(self.seq)
+        self.acked = self.seq
+
+    async def acks_until_quiet(self, quiet: float = 0.3) -> int:
+        """The highest ACK that came before the emit side went quiet for ``quiet`` s."""
+        while True:
+            with trio.move_on_after(quiet):
+                event = await self.peer.next_event()
+                if isinstance(event, Ack):
+                    self.acked = max(self.acked, event.seq)
+                if event is not None:
+                    continue
+            return self.acked
 
 
 async def two_copies(feed: EmitFeedRuntime) -> tuple[Copy, Copy]:
@@ -101,6 +120,12 @@ async def two_copies(feed: EmitFeedRuntime) -> tuple[Copy, Copy]:
     assert await b.welcome() == 0
     await wait_for(lambda: metric(feed, "active_connections") == 2)
     return Copy(a), Copy(b)
+
+
+async def a_taken(feed: EmitFeedRuntime, a: Copy, b: Copy) -> None:
+    """Until the feed has taken in all A sent (its ACK may wait for B's copies): the copies
+    go in turn, as one ahead of the other, not both at once."""
+    await wait_for(lambda: metric(feed, "datagrams_in") >= a.seq + b.seq, timeout=10)
 
 
 def per_channel(datagrams: Iterable[Datagram]) -> dict[tuple[IPv4Address, int, int], list[bytes]]:
@@ -131,8 +156,10 @@ async def test_two_capture_sessions_deliver_each_datagram_once(
             a, b = await two_copies(feed)
             for start in range(0, len(stream), 25):  # A a little ahead of B, chunk by chunk
                 chunk = range(start, min(start + 25, len(stream)))
-                await a.send([stream[i] for i in chunk if i not in lost_a])
+                await a.send([stream[i] for i in chunk if i not in lost_a], acked=False)
+                await a_taken(feed, a, b)
                 await b.send([stream[i] for i in chunk if i not in lost_b])
+                await a.wait_acked()  # A's holes held its ACK back until B filled them
             got = await receivers.settle()
             in_order_once(got, stream)
             assert metric(feed, "arbitration_duplicates") == len(stream) * 2 - 120 - len(stream)
@@ -171,6 +198,34 @@ async def test_a_hole_no_copy_fills_is_released_at_its_deadline_without_traffic(
             # the family the emit hosts' CloudWatch alarm reads: the gaps customers see
             assert metric(feed, "upstream_gaps", side="emit") == 1
             assert metric(feed, "upstream_missing", side="emit") == 1
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_a_held_datagram_is_acknowledged_only_once_it_is_sent(
+    groups: list[tuple[IPv4Address, int]], receivers: Receivers
+) -> None:
+    """A's copy has a hole: what follows on that channel is held for B's copy, and A's ACK
+    stays below the first held datagram (had this host died then, A would resend it to the
+    next one) while the datagrams of the other channel are ACKed; once B fills the hole and
+    the held ones go out, A's ACK covers everything."""
+    stream = deribit_stream(groups[:1], 20)
+    channel_of = [struct.unpack_from("<HH", p)[1] for _, _, p in stream]
+    hole = hole_index(stream)
+    # A's frame numbers skip the hole: stream[i] past it is A's frame i
+    first_held = next(i for i in range(hole + 1, len(stream)) if channel_of[i] == channel_of[0])
+    config = make_config(arbitration="deribit", arbitration_hold_timeout=10.0, idle_timeout=30.0)
+    with trio.fail_after(40):
+        async with running(config) as feed:
+            a, b = await two_copies(feed)
+            await a.send([d for i, d in enumerate(stream) if i != hole], acked=False)
+            await wait_for(lambda: metric(feed, "arbitration_held_now") > 0)
+            assert await a.acks_until_quiet() == first_held - 1 < a.seq
+            await b.send([stream[hole]])  # B's copy of the datagram A lost
+            await a.wait_acked()  # the held ones went out: all of A is ACKed
+            got = await receivers.settle()
+            in_order_once(got, stream)
+            assert metric(feed, "arbitration_gaps") == 0
+            assert metric(feed, "arbitration_held_now") == 0
 
 
 @pytest.mark.usefixtures("datapath")
@@ -231,8 +286,10 @@ async def test_two_copies_of_the_deribit_sample_merge_exactly_once(deribit_sampl
                 a, b = await two_copies(feed)
                 for start in range(0, len(stream), 200):
                     chunk = range(start, min(start + 200, len(stream)))
-                    await a.send([stream[i] for i in chunk if i not in lost_a])
+                    await a.send([stream[i] for i in chunk if i not in lost_a], acked=False)
+                    await a_taken(feed, a, b)
                     await b.send([stream[i] for i in chunk if i not in lost_b])
+                    await a.wait_acked()
                 got = await receivers.settle()
                 in_order_once(got, stream)
                 assert metric(feed, "arbitration_gaps") == 0
@@ -254,8 +311,8 @@ async def test_held_datagrams_go_out_when_the_last_session_ends(
         async with running(config) as feed:
             a, b = await two_copies(feed)
             hole = hole_index(stream)
-            await a.send([d for i, d in enumerate(stream) if i != hole])
-            assert metric(feed, "arbitration_held_now") > 0
+            await a.send([d for i, d in enumerate(stream) if i != hole], acked=False)
+            await wait_for(lambda: metric(feed, "arbitration_held_now") > 0)
             await a.peer.aclose()
             await b.peer.aclose()
             await wait_for(lambda: metric(feed, "active_connections") == 0)

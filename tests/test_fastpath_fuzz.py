@@ -372,6 +372,7 @@ class EmitCase:
     connected: bool = False  # allowed destinations get a connected socket (else sendto)
     max_payload: int = MAX_PAYLOAD  # max_datagram_size: larger payloads are dropped
     stop_after: int | None = None  # write to the stop pipe after this many pieces
+    resuming: bool = False  # a new connection: its first DATA past highest is no gap
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(show_case(self))
@@ -461,6 +462,7 @@ def emit_streams(keys: Sequence[int]) -> st.SearchStrategy[EmitCase]:
             clear_on_need=draw(st.integers(0, 9)) == 0,
             connected=draw(st.booleans()),
             max_payload=draw(st.sampled_from(_LIMITS)),
+            resuming=draw(st.booleans()),
         )
 
     return build()
@@ -475,6 +477,7 @@ class EmitModel:
 
     highest: int
     max_payload: int = MAX_PAYLOAD
+    resuming: bool = False
     frames_in: int = 0
     datagrams_in: int = 0
     datagrams_out: int = 0
@@ -499,7 +502,8 @@ class EmitModel:
                 continue
             assert isinstance(event, Datagram)
             self.datagrams_in += 1
-            skipped = session.accept(self.highest, event.seq)
+            skipped = session.accept(self.highest, event.seq, self.resuming)
+            self.resuming = False
             if skipped == session.DUPLICATE:
                 self.duplicates += 1
                 continue
@@ -579,6 +583,7 @@ def run_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> EmitRun:
         highest=case.highest,
         acked=max(case.acked, 0),
         acked_any=case.acked >= 0,
+        resuming=case.resuming,
     )
     ref = ctypes.byref(state)
     stop = None if case.stop_after is None else (case.stop_after, stop_w)
@@ -649,7 +654,7 @@ def check_emit(lib: fastpath.CPlane, net: Loopback, case: EmitCase) -> None:
         run.undecoded == case.stream[consumed : s.bytes_in],
         f"buf[start:end] is not the stream's undecoded bytes {where}",
     )
-    model = EmitModel(case.highest, case.max_payload)
+    model = EmitModel(case.highest, case.max_payload, case.resuming)
     model.run(events, net)
     got = {
         "highest": s.highest,

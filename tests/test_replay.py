@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relayd import wire
+from relayd import session, wire
 from relayd.replay import Chunk, Evicted, ReplayBuffer
 
 
@@ -267,3 +267,118 @@ def test_a_chunk_written_at_once_is_appended_sent_even_when_an_ack_came_first() 
     buffer.append(framed(6, 6))
     with pytest.raises(ValueError, match="sent out of turn"):
         buffer.append(framed(7, 7), sent=True)
+
+
+# the false gap of issue 14: back to a host after the other one emitted (and ACKed) meanwhile
+@example(
+    max_bytes=3000,
+    hosts=2,
+    ops=[
+        *[("append", 5, 100), ("reconnect", 0, False), ("send", 4), ("deliver",), ("ack",)],
+        *[("reconnect", 1, False), ("append", 5, 100), ("send", 4), ("deliver",), ("ack",)],
+        *[("reconnect", 0, False), ("append", 5, 100), ("send", 4), ("deliver",)],
+    ],
+)
+# a loss at the resume: dropped while disconnected, counted by the capture side alone
+@example(
+    max_bytes=300,
+    hosts=1,
+    ops=[
+        *[("append", 1, 100), ("reconnect", 0, False), ("send", 1), ("deliver",), ("ack",)],
+        *[("reconnect", 0, True), ("append", 2, 200), ("append", 2, 200)],
+    ],
+)
+# a jump within a connection that dies before the frame after the jump arrives
+@example(
+    max_bytes=300,
+    hosts=1,
+    ops=[
+        *[("reconnect", 0, False), ("append", 1, 100), ("send", 1), ("deliver",)],
+        *[("append", 1, 100), ("send", 1), ("append", 2, 200), ("append", 2, 200)],
+        *[("send", 1), ("reconnect", 0, False)],
+    ],
+)
+@settings(max_examples=500, deadline=None)
+@given(
+    max_bytes=st.integers(100, 3000),
+    hosts=st.integers(1, 2),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 6), st.integers(0, 900)),
+            st.tuples(st.just("send"), st.integers(0, 4)),
+            st.tuples(st.just("deliver")),
+            st.tuples(st.just("ack")),
+            st.tuples(st.just("reconnect"), st.integers(0, 1), st.booleans()),
+            st.tuples(st.just("tick"), st.integers(0, 3)),
+        ),
+        max_size=80,
+    ),
+)
+def test_every_loss_is_counted_once_at_the_resume_or_by_the_emit_side(
+    max_bytes: int, hosts: int, ops: list[tuple[object, ...]]
+) -> None:
+    """The capture side's ``resume_lost_datagrams`` plus the emit hosts' gaps (``accept``:
+    within a connection only) are exactly the sequences no emit host ever got, whichever host
+    each connection reaches, with frames handed out and lost in a connection that dies (a
+    host greets with the highest sequence it emitted, and ACKs all it got before the capture
+    side leaves it)."""
+    buffer = ReplayBuffer(max_bytes, 5.0)
+    highest = [0] * hosts  # what each emit host emitted of the session
+    gaps = [0] * hosts
+    got: set[int] = set()
+    seq = 0
+    now = 0.0
+    host: int | None = None  # the connection's host, None: disconnected
+    resuming = True
+    inflight: list[int] = []  # handed out, not yet at the host
+
+    def deliver() -> None:
+        nonlocal resuming
+        assert host is not None
+        for s in inflight:
+            verdict = session.accept(highest[host], s, resuming)
+            resuming = False
+            if verdict != session.DUPLICATE:
+                gaps[host] += verdict
+                highest[host] = s
+                got.add(s)
+        inflight.clear()
+
+    def connect(to: int) -> None:
+        nonlocal host, resuming
+        if host is not None:
+            buffer.ack(highest[host])  # its ACKs (its final one) before the capture side left
+        inflight.clear()  # what the dying connection still carried never arrives
+        host, resuming = to, True
+        buffer.rewind(highest[to])
+
+    for op in ops:
+        if op[0] == "append":
+            count, size = int(op[1]), int(op[2])  # type: ignore[call-overload]
+            buffer.append(framed(seq + 1, seq + count, size // count, now))
+            seq += count
+        elif op[0] == "send" and host is not None:
+            for _ in range(int(op[1])):  # type: ignore[call-overload]
+                chunk = buffer.next_unsent()
+                if chunk is None:
+                    break
+                inflight.extend(seqs(chunk.data))
+        elif op[0] == "deliver" and host is not None:
+            deliver()
+        elif op[0] == "ack" and host is not None:
+            buffer.ack(highest[host])
+        elif op[0] == "reconnect":
+            target = int(op[1]) % hosts  # type: ignore[call-overload]
+            connect(target)
+            if op[2]:  # a link that never came up: the capture side is disconnected
+                buffer.ack(highest[target])
+                host = None
+        elif op[0] == "tick":
+            now += float(op[1])  # type: ignore[arg-type]
+            buffer.expire(now)
+    connect(0)  # the end: everything still held goes out
+    while (chunk := buffer.next_unsent()) is not None:
+        inflight.extend(seqs(chunk.data))
+    deliver()
+    lost = seq - len(got)
+    assert buffer.resume_lost_datagrams + sum(gaps) == lost

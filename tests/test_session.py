@@ -17,6 +17,7 @@ from relayd.session import (
     Control,
     Destination,
     accept,
+    ack_point,
     control_wake,
     next_control,
     oversize,
@@ -38,6 +39,21 @@ def test_accept(highest: int, seq: int, verdict: int) -> None:
     assert accept(highest, seq) == verdict
 
 
+@pytest.mark.parametrize(
+    ("highest", "seq", "verdict"),
+    [
+        (30, 51, 0),  # another emit host emitted 31..50 meanwhile: where the capture resumes
+        (30, 31, 0),
+        (30, 30, DUPLICATE),  # a resend this host emitted: the stream goes on from there
+        (30, 2, DUPLICATE),
+    ],
+)
+def test_the_first_datagram_of_a_connection_is_never_a_gap(
+    highest: int, seq: int, verdict: int
+) -> None:
+    assert accept(highest, seq, resuming=True) == verdict
+
+
 @given(st.lists(st.integers(1, 50), max_size=40))
 def test_accept_emits_each_sequence_once_in_increasing_order(seqs: list[int]) -> None:
     highest, emitted, skipped = 0, [], 0
@@ -50,6 +66,20 @@ def test_accept_emits_each_sequence_once_in_increasing_order(seqs: list[int]) ->
     assert emitted == sorted(set(emitted))
     if emitted:
         assert skipped == emitted[-1] - emitted[0] + 1 - len(emitted)
+
+
+@pytest.mark.parametrize(
+    ("highest", "held_floor", "point"),
+    [
+        (10, None, 10),  # nothing held: everything emitted
+        (10, 7, 6),  # frame 7 is held: ACK up to 6 only, though 8..10 went out
+        (10, 1, 0),
+    ],
+)
+def test_ack_point_stays_below_what_is_held(
+    highest: int, held_floor: int | None, point: int
+) -> None:
+    assert ack_point(highest, held_floor) == point
 
 
 def test_allowlist_judges_the_group_first() -> None:

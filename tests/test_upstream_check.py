@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relayd import fastpath, pyplane, wire
-from relayd.arbitration import SBE_INCREMENTAL, SBE_SNAPSHOT, DeribitLayout
+from relayd.arbitration import SBE_INCREMENTAL, SBE_SNAPSHOT, ChannelPosition, DeribitLayout
 from relayd.capture import CaptureFeedRuntime
 from relayd.config import ConfigError, load_config, parse_config
 from relayd.datapath import (
@@ -266,6 +266,89 @@ def test_one_counter_serves_several_receive_threads(plane: DataPlane) -> None:
         assert totals.duplicates == totals.resets == totals.malformed == totals.evictions == 0
     finally:
         counter.close()
+
+
+def test_a_counter_resumes_where_an_earlier_one_left_each_channel(plane: DataPlane) -> None:
+    """The positions of one counter, resumed by a new one (a restarted capture process):
+    what the exchange sent meanwhile is a gap, a sequence below the position a reset (the
+    exchange restarted the channel), nothing is counted by the resume itself, and a channel
+    tracked already is left alone."""
+    first = plane.upstream_counter(V1)
+    second = plane.upstream_counter(V1)
+    try:
+        scan(first, [(GROUP, 6100, v1(1, seq)) for seq in range(1, 11)], 0)
+        scan(first, [(GROUP, 6101, v1(2, 5))], 0)
+        positions = first.positions()
+        assert sorted(positions) == [
+            ChannelPosition(GROUP, 6100, 1, False, 11, 0),
+            ChannelPosition(GROUP, 6101, 2, True, 6, 0),
+        ]
+        assert second.resume(positions, SECOND) == 2
+        assert second.resume(positions, SECOND) == 0
+        assert second.totals().datagrams == 0
+        assert second.totals().channels == 2
+        scan(second, [(GROUP, 6100, v1(1, 31)), (GROUP, 6101, v1(2, 1))], 2 * SECOND)
+        totals = second.totals()
+        assert (totals.gaps, totals.missing, totals.resets, totals.duplicates) == (1, 20, 1, 0)
+        assert totals.last_gap == (GROUP, 6100, 1, 20)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_restarted_capture_host_counts_what_the_exchange_sent_while_it_was_down(
+    datapath: str, tmp_path: Path
+) -> None:
+    """``relayd run`` with ``upstream_check`` under a state directory (systemd's
+    ``STATE_DIRECTORY``): channel 1 gets 1..40, the process is killed (kill -9, once its state
+    file has the position), 41..60 go out while no process listens, a new process resumes where
+    the old one left off and, given 61..80, counts one gap of 20 on its /metrics."""
+    groups = pick_groups(2)
+    config = tmp_path / "relayd.toml"
+    config.write_text(loopback_pair_toml(groups, 'upstream_check = "deribit"\n'))
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {"STATE_DIRECTORY": str(state)}
+    group, port = str(groups[0][0]), groups[0][1]
+
+    def send(seqs: range) -> None:
+        with _deribit_sender("127.0.0.2") as sock:
+            _send(sock, [(group, port, v1(1, seq)) for seq in seqs])
+
+    def metric_line(health: int, name: str, value: int) -> str:
+        want = f'relayd_upstream_{name}_total{{feed="kit",side="capture"}} {value}\n'
+        deadline = time.monotonic() + 30
+        while want not in (text := get_text(health, "/metrics")):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        return text
+
+    saved = state / "upstream-kit.json"
+    first = RelaydProcess(config, env)
+    try:
+        health = first.healthy_port(timeout=30)
+        send(range(1, 41))
+        metric_line(health, "datagrams", 40)
+        deadline = time.monotonic() + 10
+        while f"{port},1,false,41,0]" not in (doc := saved.read_text() if saved.exists() else ""):
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.05)
+        assert f"{group}" not in doc  # addresses as integers
+    finally:
+        first.kill()
+    send(range(41, 61))  # nobody listens: lost
+    second = RelaydProcess(config, env)
+    try:
+        health = second.healthy_port(timeout=30)
+        second.wait_line("upstream check resumes 1 channels", timeout=10)
+        send(range(61, 81))
+        text = metric_line(health, "datagrams", 20)
+        for name, value in (("gaps", 1), ("missing", 20), ("duplicates", 0), ("resets", 0)):
+            assert f'relayd_upstream_{name}_total{{feed="kit",side="capture"}} {value}\n' in text
+    finally:
+        second.stop()
+        second.kill()
+    assert '"channels":[[' in saved.read_text()  # written again when it stopped
 
 
 def test_c_counter_refuses_what_it_cannot_hold() -> None:

@@ -39,6 +39,7 @@ from relayd.arbitration.headers import (
 )
 from relayd.arbitration.sequence import (
     ChannelCounters,
+    ChannelPosition,
     SequenceEvent,
     UpstreamMonitor,
     UpstreamStats,
@@ -55,6 +56,7 @@ __all__ = [
     "ArbitrationMode",
     "ChannelCounters",
     "ChannelKind",
+    "ChannelPosition",
     "ContentWindow",
     "DeribitHeader",
     "DeribitLayout",

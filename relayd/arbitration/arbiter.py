@@ -145,6 +145,8 @@ class Release(NamedTuple):
     port: int
     payload: bytes
     gap: int
+    owner: int = 0  # as offered: the session whose ACKs wait until it is taken and sent
+    frame: int = 0
 
 
 @attrs.define
@@ -177,7 +179,13 @@ class Arbiter:
     Per datagram: ``verdict = offer(source, group, port, payload, now)``; send the datagram
     if ``verdict.sends``; then send everything in ``released`` (popleft until empty). Call
     ``expire(now)`` by ``next_deadline()`` (or every batch) and send ``released`` again.
-    ``observe`` records what another relay emitted on the feed's groups."""
+    ``observe`` records what another relay emitted on the feed's groups.
+
+    ACKs wait for held datagrams: ``offer(..., owner=, frame=)`` names the capture session
+    and its sequence number; ``pending_floor(owner)`` is the lowest frame of that session
+    still held or released and not taken yet, and the session's connection acknowledges only
+    below it (relayd/session.py ``ack_point``), so a held datagram dies with this host only
+    unacknowledged: the capture side resends it to the next one."""
 
     def __init__(self, config: ArbitrationConfig) -> None:
         self.config = config
@@ -223,8 +231,19 @@ class Arbiter:
         for key, channel in self._channels.items():
             yield split_channel_key(key), channel.kind, channel.counters
 
-    def offer(self, source: int, group: int, port: int, payload: bytes, now: float) -> Verdict:
-        """The verdict on one datagram of copy ``source`` (any small int naming the session)."""
+    def offer(
+        self,
+        source: int,
+        group: int,
+        port: int,
+        payload: bytes,
+        now: float,
+        owner: int = 0,
+        frame: int = 0,
+    ) -> Verdict:
+        """The verdict on one datagram of copy ``source`` (any small int naming the session);
+        ``owner`` and ``frame``: its capture session and sequence there, kept with it while
+        it is held (``pending_floor``)."""
         stats = self.stats
         stats.offered += 1
         mode = self.mode
@@ -275,7 +294,7 @@ class Arbiter:
                 stats.duplicates += 1
                 stats.skipped_heartbeats += 1
                 return Verdict.DUPLICATE
-            held = Held(seq, count, stamp, source, group, port, payload)
+            held = Held(seq, count, stamp, source, group, port, payload, owner, frame)
             return self._after_hole(key, channel, seq, held, now)
         if event is SequenceEvent.HEARTBEAT:
             channel.stamp = stamp
@@ -332,6 +351,28 @@ class Arbiter:
         channel.stamp = max(channel.stamp, stamp)
         if channel.held is not None:
             self._drain(key, channel, now)
+
+    @property
+    def pending(self) -> bool:
+        """Whether anything is held or released and not taken (else no ACK waits)."""
+        return bool(self._holding or self.released)
+
+    def pending_floor(self, owner: int) -> int | None:
+        """The lowest ``frame`` of session ``owner`` held or released and not taken yet (None:
+        nothing): its connection may acknowledge only below it. A scan of what is held (at
+        most ``max_held``), only while something is; the pumps ask once per ACK."""
+        if not (self._holding or self.released):
+            return None
+        floor = None
+        for channel in self._holding.values():
+            assert channel.held is not None
+            for item in channel.held.values():
+                if item.owner == owner and (floor is None or item.frame < floor):
+                    floor = item.frame
+        for release in self.released:
+            if release.owner == owner and (floor is None or release.frame < floor):
+                floor = release.frame
+        return floor
 
     def set_live_sources(self, count: int) -> None:
         """How many copies (capture sessions) currently stream the feed. With one, a hole is
@@ -426,7 +467,9 @@ class Arbiter:
         self._held_bytes -= len(item.payload)
         self.stats.released += 1
         self._sent(item.source, Verdict.EMIT)
-        self.released.append(Release(item.source, item.group, item.port, item.payload, gap))
+        self.released.append(
+            Release(item.source, item.group, item.port, item.payload, gap, item.owner, item.frame)
+        )
 
     def _drain(self, key: int, channel: Channel, now: float) -> None:
         """Release held datagrams that now follow in sequence; drop those already covered.

@@ -20,6 +20,7 @@ from relayd.arbitration.headers import PARSERS, ChannelKind, DeribitLayout
 __all__ = [
     "Channel",
     "ChannelCounters",
+    "ChannelPosition",
     "ChannelTable",
     "Held",
     "SequenceEvent",
@@ -87,6 +88,8 @@ class Held(NamedTuple):
     group: int
     port: int
     payload: bytes
+    owner: int = 0  # the capture session it came from (its ACKs wait for it), 0: none
+    frame: int = 0  # its sequence in that session
 
 
 @attrs.define
@@ -183,6 +186,17 @@ def restart(channel: Channel, seq: int, count: int, now: float) -> None:
     channel.floor_previous = -1
     channel.floor_current = seq
     channel.rotated = now
+
+
+class ChannelPosition(NamedTuple):
+    """Where a channel's sequence stood: what a restarted capture process resumes from."""
+
+    group: int
+    port: int
+    channel: int
+    snapshot: bool
+    next: int  # the next sequence expected
+    stamp: int  # the highest sendingTime seen (SBE), else 0
 
 
 @attrs.define
@@ -282,6 +296,30 @@ class UpstreamMonitor:
             stats.heartbeats += 1
         channel.stamp = max(channel.stamp, stamp)
         return event
+
+    def positions(self) -> list[ChannelPosition]:
+        """Where every tracked channel stands, least recently used first."""
+        return [
+            ChannelPosition(
+                *split_channel_key(key), c.kind is ChannelKind.SNAPSHOT, c.next, c.stamp
+            )
+            for key, c in self._channels.items()
+        ]
+
+    def resume(self, position: ChannelPosition, now: float) -> bool:
+        """Track a channel from where an earlier process left it (its ``positions``), so a
+        capture host restarted counts what the exchange sent while it was down as a gap; a
+        sequence below the position is a reset (the exchange restarted the channel), not a
+        duplicate. Nothing is counted; a channel tracked already is left alone (False)."""
+        key = channel_key(position.group, position.port, position.channel)
+        if self._channels.get(key) is not None:
+            return False
+        kind = ChannelKind.SNAPSHOT if position.snapshot else ChannelKind.INCREMENTAL
+        channel = Channel(kind, position.next, now)
+        channel.floor_previous = position.next
+        channel.stamp = position.stamp
+        self._channels.add(key, channel)
+        return True
 
     def see_batch(self, datagrams: Iterable[tuple[int, int, bytes]], now: float) -> UpstreamStats:
         """``see`` every (group, port, payload); returns the totals."""

@@ -36,7 +36,7 @@ from relayd.capture.link import Connect
 from relayd.capture.receive import Receive
 from relayd.capture.receivers import Receivers
 from relayd.capture.sites import Fanout, Site, site_config
-from relayd.capture.upstream import UpstreamCheck
+from relayd.capture.upstream import UpstreamCheck, state_directory
 from relayd.config import CaptureFeed
 from relayd.datapath import log_latency_mode, select_plane
 from relayd.keys import load_auth_keys
@@ -199,6 +199,7 @@ class CaptureFeedRuntime:
             "replay_bytes": replay.total_bytes,
             "replay_dropped_datagrams": replay.dropped_datagrams,
             "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
+            "resume_lost_datagrams": replay.resume_lost_datagrams,
             "ack_stalls": link.ack_stalls,
         }
         if not self._started:
@@ -313,6 +314,14 @@ class CaptureFeedRuntime:
             uplink.resent_datagrams,
         )
         yield one(
+            "resume_lost_datagrams",
+            "counter",
+            "Datagrams no emit host acknowledged that were gone from the replay buffer when a "
+            "connection resumed (its first frame jumps past them): lost. A loss within a "
+            "connection is the emit side's gap_sequences; each loss is counted once.",
+            replay.resume_lost_datagrams,
+        )
+        yield one(
             "ack_stalls",
             "counter",
             "Connections left because no ACK came for ack_timeout while data waited.",
@@ -356,7 +365,16 @@ class CaptureFeedRuntime:
             site.link.plane = plane
         if config.upstream_check == "deribit" and self.upstream is None:
             layout = DeribitLayout(config.deribit_layout)
-            self.upstream = UpstreamCheck(self.name, layout, plane, self._limited)
+            # Positions are resumed at a start only: a feed a reload replaces is still running
+            # and counting past what its file says.
+            self.upstream = UpstreamCheck(
+                self.name,
+                layout,
+                plane,
+                self._limited,
+                state_directory(),
+                resume=previous is None,
+            )
             self.receive.upstream = self.upstream.counter
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers.adopt(
@@ -455,6 +473,7 @@ class CaptureFeedRuntime:
                 self.receivers.start(nursery, plane, wake)
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
+                    nursery.start_soon(self.upstream.keep_state)
                 self._started = True
                 for site in self.sites:
                     site.link.down_since = trio.current_time()

@@ -6,27 +6,110 @@ in C, relayd.arbitration's ``UpstreamMonitor`` in Python), shared by the feed's 
 threads. This module shows what it counted: metrics with bounded labels (the feed, never the
 channel), the health detail with the channels that lost most, and a rate-limited warning that
 names the channel of the latest gap.
+
+Across a restart of relayd (a crash, an upgrade, the unit restarting it) the check resumes
+each channel where the previous process left it, so the restarted capture host counts what
+the exchange sent while it was down as a gap: under systemd (``StateDirectory=relayd``, the
+environment's ``STATE_DIRECTORY``) every channel's position is written to
+``upstream-<feed>.json`` there at most every ``STATE_INTERVAL`` and when the feed stops, and
+read when it starts (:class:`StatePositions`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Final
 
 import trio
 
+from relayd.arbitration import ChannelPosition
 from relayd.arbitration.headers import DeribitLayout
 from relayd.datapath import DataPlane, UpstreamChannel, UpstreamCounter, UpstreamTotals
 from relayd.logs import RateLimitedLogger
 from relayd.runtime import UPSTREAM_GAPS_HELP, UPSTREAM_MISSING_HELP, MetricType, Sample
 
-__all__ = ["TOP_CHANNELS", "UpstreamCheck", "channel_name"]
+__all__ = ["STATE_INTERVAL", "TOP_CHANNELS", "StatePositions", "UpstreamCheck", "channel_name"]
+
+log = logging.getLogger("relayd.capture")
 
 #: Channels shown in the health detail (those with the most gaps, then duplicates, resets).
 TOP_CHANNELS: Final = 5
 #: How often the warning task looks at the counters.
 WARN_INTERVAL: Final = 1.0
+#: Channel positions are written at most this often (seconds), and when the feed stops.
+STATE_INTERVAL: Final = 0.2
+#: The state file's format.
+_STATE_VERSION: Final = 1
+
+
+def state_directory() -> Path | None:
+    """Where systemd lets the unit keep state (``StateDirectory=``), or None."""
+    value = os.environ.get("STATE_DIRECTORY", "")
+    first = value.split(":", 1)[0]
+    return Path(first) if first else None
+
+
+class StatePositions:
+    """The channel positions of one feed's upstream check in a file, written atomically
+    (a temporary file renamed over it). A file that cannot be read or is of another layout is
+    logged and ignored: the check then starts afresh, as without a file."""
+
+    def __init__(self, path: Path, feed: str, layout: DeribitLayout) -> None:
+        self.path = path
+        self.feed = feed
+        self.layout = layout
+
+    def load(self) -> list[ChannelPosition]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "feed %s: upstream state %s unreadable, not resumed: %s", self.feed, self.path, exc
+            )
+            return []
+        try:
+            if doc["version"] != _STATE_VERSION or doc["layout"] != self.layout.value:
+                log.warning(
+                    "feed %s: upstream state %s is for layout %s (version %s), not resumed",
+                    self.feed,
+                    self.path,
+                    doc.get("layout"),
+                    doc.get("version"),
+                )
+                return []
+            return [
+                ChannelPosition(int(g), int(p), int(c), bool(s), int(n), int(t))
+                for g, p, c, s, n, t in doc["channels"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning(
+                "feed %s: upstream state %s malformed, not resumed: %s", self.feed, self.path, exc
+            )
+            return []
+
+    def save(self, positions: list[ChannelPosition]) -> None:
+        doc = {
+            "version": _STATE_VERSION,
+            "feed": self.feed,
+            "layout": self.layout.value,
+            "saved_at": time.time(),
+            "channels": [list(p) for p in positions],
+        }
+        scratch = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            scratch.write_text(json.dumps(doc, separators=(",", ":")))
+            scratch.replace(self.path)
+        except OSError as exc:
+            log.warning("feed %s: upstream state %s not written: %s", self.feed, self.path, exc)
+
 
 _COUNTERS: Final[tuple[tuple[str, str], ...]] = (
     ("datagrams", "Datagrams the upstream check read (upstream_check = deribit)."),
@@ -64,12 +147,36 @@ class UpstreamCheck:
     """The upstream check of one capture feed: its data-plane counter and what shows it."""
 
     def __init__(
-        self, name: str, layout: DeribitLayout, plane: DataPlane, limited: RateLimitedLogger
+        self,
+        name: str,
+        layout: DeribitLayout,
+        plane: DataPlane,
+        limited: RateLimitedLogger,
+        state_dir: Path | None = None,
+        *,
+        resume: bool = True,
     ) -> None:
+        """``state_dir``: where to keep the channel positions (None: nowhere); ``resume``:
+        start from the positions found there."""
         self.name = name
         self.layout = layout
         self.counter: UpstreamCounter = plane.upstream_counter(layout)
         self._limited = limited
+        self.state: StatePositions | None = None
+        self.resumed = 0  # channels resumed from the state file
+        if state_dir is not None:
+            self.state = StatePositions(state_dir / f"upstream-{name}.json", name, layout)
+            positions = self.state.load() if resume else []
+            self.resumed = self.counter.resume(positions, time.monotonic_ns())
+            if positions:
+                log.info(
+                    "feed %s: upstream check resumes %d channels where the previous process "
+                    "left them (%s)",
+                    name,
+                    self.resumed,
+                    self.state.path,
+                    extra={"feed": name},
+                )
         self._gaps_warned = 0
         self._malformed_warned = 0
         self.labels: tuple[tuple[str, str], ...] = (("feed", name), ("side", "capture"))
@@ -148,3 +255,24 @@ class UpstreamCheck:
         while True:
             await trio.sleep(interval)
             self.warn_on_new_gaps()
+
+    def save_state(self) -> None:
+        """Write every channel's position to the state file (if there is one)."""
+        if self.state is not None:
+            self.state.save(self.counter.positions())
+
+    async def keep_state(self, interval: float = STATE_INTERVAL) -> None:
+        """Write the positions when datagrams came since the last write, at most once per
+        ``interval``, and once more when cancelled (the feed stops)."""
+        if self.state is None:
+            return
+        seen = -1
+        try:
+            while True:
+                await trio.sleep(interval)
+                datagrams = self.counter.totals().datagrams
+                if datagrams != seen:
+                    seen = datagrams
+                    self.save_state()
+        finally:
+            self.save_state()

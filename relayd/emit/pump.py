@@ -98,6 +98,7 @@ def pump_connection(
                 source,
                 busy_poll,
                 None if role is None else role.gate,
+                session.owner,
             )
         )
     except ProtocolError as exc:

@@ -16,6 +16,7 @@ counted as a possible loss (:class:`SessionChange`).
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections import OrderedDict
 from typing import Final
@@ -30,14 +31,28 @@ __all__ = ["SESSION_LIMIT", "Connection", "Session", "Sessions"]
 #: Sessions remembered per feed for deduplication.
 SESSION_LIMIT: Final = 1024
 
+#: Owner numbers at the A/B arbiter, unique in the process (an arbiter outlives a reload, and
+#: with it the feed's sessions).
+_OWNERS: Final = itertools.count(1)
+
 
 class Session:
     """One capture session: what was emitted of it, and who streams it."""
 
-    __slots__ = ("_highest", "connection", "goodbye", "link", "pump_done", "session_id")
+    __slots__ = (
+        "_highest",
+        "connection",
+        "goodbye",
+        "link",
+        "owner",
+        "pump_done",
+        "session_id",
+    )
 
     def __init__(self, session_id: bytes) -> None:
         self.session_id = session_id
+        #: its number at the feed's arbiter: what it holds of this session holds its ACKs back
+        self.owner = next(_OWNERS)
         self._highest = 0
         #: its latest connection ended with the capture side's goodbye (a clean stop)
         self.goodbye = False

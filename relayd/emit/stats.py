@@ -303,7 +303,12 @@ class EmitStats:
         yield counter(
             "duplicates", "DATA frames already emitted in their session.", self.duplicates
         )
-        yield counter("gaps", "Jumps in a session's sequence numbers.", self.gaps)
+        yield counter(
+            "gaps",
+            "Jumps in a session's sequence numbers within a connection (where a connection "
+            "resumes is no gap: the capture side counts a loss there, capture_resume_lost).",
+            self.gaps,
+        )
         yield counter(
             "gap_sequences",
             "Sequence numbers missing in the jumps counted by gaps.",

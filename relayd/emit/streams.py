@@ -27,6 +27,7 @@ from relayd.emit.observer import FeedRole, Observer
 from relayd.emit.pump import PumpEnd, pump_connection
 from relayd.emit.sessions import Connection, Session, Sessions
 from relayd.emit.stats import Closed, EmitStats, PumpLink, Rejected, SessionChange
+from relayd.session import ack_point
 from relayd.wire import EmitConnection, Error, ErrorCode, encode_ack, encode_error
 
 __all__ = ["LINGER", "ConnectionStreams"]
@@ -198,24 +199,31 @@ class ConnectionStreams:
         finally:
             sock.close()
 
-    @staticmethod
-    def _final_ack(conn: Connection) -> bytes:
+    def _ack_point(self, session: Session) -> int:
+        """How far ``session`` may be acknowledged: not past what the arbiter holds of it."""
+        arbiter = self.arbitration.arbiter
+        held = None if arbiter is None else arbiter.floor(session.owner)
+        return ack_point(session.highest, held)
+
+    def _final_ack(self, conn: Connection) -> bytes:
         """An ACK of what was emitted of the connection's session and not ACKed on it yet,
         sent before this side's ERROR: the capture side that fails over to another host then
         resends nothing this one emitted."""
         session = conn.session
-        if session is None or conn.acked < 0 or session.highest <= conn.acked_seq:
+        if session is None or conn.acked < 0:
             return b""
-        return encode_ack(session.highest)
+        ackable = self._ack_point(session)
+        return encode_ack(ackable) if ackable > conn.acked_seq else b""
 
     async def _say_final_ack(self, conn: Connection, session: Session) -> None:
         """The capture side said goodbye: ACK what was emitted of its session and not yet
         ACKed (so it knows exactly what it still holds), then let it close first."""
         session.goodbye = conn.reason is Closed.PEER_SHUTDOWN
-        if session.highest <= conn.acked_seq:
+        ackable = self._ack_point(session)
+        if ackable <= conn.acked_seq:
             return  # everything emitted is ACKed already
         try:
-            conn.sock.send(conn.unsent + encode_ack(session.highest))
+            conn.sock.send(conn.unsent + encode_ack(ackable))
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return

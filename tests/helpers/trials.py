@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -84,17 +84,24 @@ CUSTOMER = "10.97.0.20"  # the customer's bridge address (the emit hosts are .11
 GROUPS_ALLOWED = "239.111.111.0/24"  # the sample's groups
 SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 
-#: counters (by name, without ``relayd_``) whose sum is what relayd itself counted as lost:
-#: the capture side's socket drops, replay evictions and datagrams a stopped session held,
-#: the emit side's sequence gaps, failed sends and drops
-LOSS_COUNTERS = (
+#: counters (by name, without ``relayd_``) whose sum is what relayd counted as lost in its own
+#: stream, each loss once: the capture side's socket drops, the unacknowledged datagrams gone
+#: from its replay buffer when a connection resumed and those a stopped session held, the
+#: emit side's jumps within a connection (``capture_replay_dropped_datagrams`` is an upper
+#: bound of the replay losses, not a count: not summed)
+STREAM_LOSS_COUNTERS = (
     "capture_kernel_drops",
-    "capture_replay_dropped_datagrams",
+    "capture_resume_lost_datagrams",
     "capture_session_lost_datagrams",
     "gap_sequences",
-    "send_errors",
-    "datagrams_dropped",
 )
+#: ... and what the emit side did not send (refused, oversize, failed sends: by reason)
+SEND_LOSS_COUNTERS = ("datagrams_dropped",)
+#: The exchange's sequence numbers missing, as the emit side's arbiter saw them (``arbitration =
+#: "deribit"``) or the capture side's check (``upstream_check = "deribit"``): they see every
+#: loss before the emit side's sends, also where relayd's own numbers cannot (a capture process
+#: killed and started again is a new session).
+UPSTREAM_MISSING = {"emit": "upstream_missing.emit", "capture": "upstream_missing.capture"}
 RESENT_COUNTER = "capture_resent_datagrams"
 EMIT_IN_COUNTER = "datagrams_in"  # the emit side's; the capture side's is capture_datagrams_in
 OUT_COUNTER = "datagrams_out"
@@ -122,6 +129,8 @@ class TrialSettings:
     capture_hosts: int = 1
     #: ``arbitration = "<mode>"`` written into each emit feed; None writes nothing (main today)
     arbitration: str | None = None
+    #: ``upstream_check = "deribit"`` written into each capture feed
+    upstream_check: bool = False
     speed: float = 10.0  # the replay's pace: the sample's 80.7 s in about 8 s
     hold: float = 2.0  # how long a freeze or a link cut lasts
     restart_after: float = 1.0  # a killed relayd starts again after this (RestartSec)
@@ -130,6 +139,22 @@ class TrialSettings:
     fault_window: tuple[float, float] = (0.1, 0.5)
     quiet: float = 1.5  # the receiver idle this long (and everything acknowledged): trial over
     settle_timeout: float = 40.0
+
+    def upstream_missing(self) -> str | None:
+        """The counter of the exchange's missing sequence numbers these settings export."""
+        if self.arbitration == "deribit":
+            return UPSTREAM_MISSING["emit"]
+        return UPSTREAM_MISSING["capture"] if self.upstream_check else None
+
+    def counted_loss(self, counters: dict[str, float]) -> float:
+        """What relayd counted as lost, each loss once: its own stream's counters or, with
+        a sequenced feed, the exchange's numbers where they saw more (both views count the
+        losses before the emit side's sends), plus what the emit side did not send."""
+        own = sum(counters.get(name, 0.0) for name in STREAM_LOSS_COUNTERS)
+        upstream = self.upstream_missing()
+        if upstream is not None:
+            own = max(own, counters.get(upstream, 0.0))
+        return own + sum(counters.get(name, 0.0) for name in SEND_LOSS_COUNTERS)
 
     def hosts(self) -> tuple[Host, ...]:
         captures = (Host.CAPTURE_A, Host.CAPTURE_B)[: self.capture_hosts]
@@ -154,9 +179,17 @@ class Relayd:
     dead_deltas: dict[str, float] = attrs.field(factory=dict)
 
     def start(self) -> None:
+        # what the unit's StateDirectory gives it (a capture feed's upstream check keeps its
+        # channel positions there across a restart)
+        state = self.config.with_suffix(".state")
+        state.mkdir(exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = self.netns.popen(
-                self.netns.relayd_argv("run", "--config", str(self.config)),
+                [
+                    "env",
+                    f"STATE_DIRECTORY={state}",
+                    *self.netns.relayd_argv("run", "--config", str(self.config)),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -184,7 +217,8 @@ class Relayd:
         return answer[1] if answer is not None and answer[0] == 200 else None
 
     def counters(self) -> dict[str, float] | None:
-        """Every sample of the feed's metrics, summed over labels other than ``feed``."""
+        """Every sample of the feed's metrics, summed over labels other than ``feed`` (and
+        ``side``: a family with it is kept apart per side, as ``<name>.<side>``)."""
         text = self.metrics_text()
         if text is None:
             return None
@@ -198,6 +232,8 @@ class Relayd:
                 if sample.labels.get("feed", FEED) != FEED:
                     continue
                 name = sample.name.removeprefix("relayd_").removesuffix("_total")
+                if "side" in sample.labels:
+                    name = f"{name}.{sample.labels['side']}"
                 out[name] = out.get(name, 0.0) + float(sample.value)
         return out
 
@@ -374,6 +410,7 @@ class TrialBed:
             f'[[capture]]\nname = "{FEED}"\ninterface = "{upstream.b_dev}"\n'
             f'groups = [{groups}]\ntargets = ["{path.b_ip}:{FEED_PORT}"]\n'
             'heartbeat_interval = "200ms"\nidle_timeout = "1s"\nconnect_timeout = "1s"\n'
+            + ('upstream_check = "deribit"\n' if self.settings.upstream_check else "")
         )
         return config
 
@@ -511,11 +548,15 @@ class TrialBed:
             host=host.value,
             fault=fault.value,
             verdict=verdict,
-            counted_lost=sum(counters.get(name, 0.0) for name in LOSS_COUNTERS),
+            counted_lost=self.settings.counted_loss(counters),
             resent=counters.get(RESENT_COUNTER, 0.0),
             resent_received=counters.get(EMIT_IN_COUNTER, 0.0) - len(self.sent),
         )
         return TrialRecord(outcome, fault_ns / 1e9 - replay_start_ns / 1e9, target.name, counters)
+
+    def channel_edge_loss(self) -> int:
+        """``lost_at_channel_edges`` of the latest trial."""
+        return lost_at_channel_edges(self.sent, _read_arrivals(self.workdir / "received.jsonl"))
 
     def _resolve(self, host: Host) -> Relayd:
         if host is Host.CAPTURE_A:
@@ -609,6 +650,29 @@ class TrialBed:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
+
+
+def lost_at_channel_edges(sent: Sequence[Sent], arrivals: Iterable[Arrival]) -> int:
+    """Datagrams lost before the first or after the last one the customer got in the trial on
+    their Deribit channel (group, port and the 8-byte header's channel id). Sequence numbers
+    show such a loss only to an emit host that knew the channel from before the trial (the
+    one that emitted it, or observed the one that did) and with the channel's next packet (in
+    the next trial); a loss between two packets the customer got, any emit host that carried
+    the channel before it counts."""
+    got = {(a.group, a.port, a.payload) for a in arrivals}
+    edges = 0
+    channels: dict[tuple[str, int, int], list[bool]] = {}
+    for s in sent:
+        key = (s.group, s.port, int.from_bytes(s.payload[2:4], "little"))
+        channels.setdefault(key, []).append((s.group, s.port, s.payload) in got)
+    for received in channels.values():
+        if True not in received:
+            edges += len(received)
+            continue
+        first = received.index(True)
+        last = len(received) - 1 - received[::-1].index(True)
+        edges += first + len(received) - 1 - last
+    return edges
 
 
 def _read_arrivals(path: Path) -> Iterator[Arrival]:
@@ -784,6 +848,11 @@ def _script(argv: Sequence[str] | None = None) -> int:
     table.add_argument("--trials", type=int, default=20, help="trials per host and fault")
     table.add_argument("--capture-hosts", type=int, choices=(1, 2), default=1)
     table.add_argument("--arbitration", help="written into the emit feeds when given")
+    table.add_argument(
+        "--upstream-check",
+        action="store_true",
+        help='upstream_check = "deribit" on the capture feeds',
+    )
     table.add_argument("--speed", type=float, default=attrs.fields(TrialSettings).speed.default)
     table.add_argument("--seed", type=int)
     table.add_argument("--report", type=Path, help="append each trial as a JSON line")
@@ -804,7 +873,10 @@ def _script(argv: Sequence[str] | None = None) -> int:
         print(f"trials: skipped: {reason}")
         return 0
     settings = TrialSettings(
-        capture_hosts=args.capture_hosts, arbitration=args.arbitration, speed=args.speed
+        capture_hosts=args.capture_hosts,
+        arbitration=args.arbitration,
+        upstream_check=args.upstream_check,
+        speed=args.speed,
     )
     records, failures = run_trials(
         settings,
@@ -817,7 +889,9 @@ def _script(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"trials: {args.trials} per host and fault, {settings.capture_hosts} capture host(s),"
-        f" arbitration {settings.arbitration or '(not set)'}, replay at {settings.speed:g}x,"
+        f" arbitration {settings.arbitration or '(not set)'},"
+        f" upstream_check {'deribit' if settings.upstream_check else '(not set)'},"
+        f" replay at {settings.speed:g}x,"
         f" freeze and cut {settings.hold:g} s, restart after kill {settings.restart_after:g} s"
     )
     print(render_table(summarise(r.outcome for r in records)), end="")
