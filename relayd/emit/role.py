@@ -9,12 +9,22 @@ data plane may emit. Times are seconds on one monotonic clock, given by the call
 Rules (docs/EXACTLY_ONCE.md, "One active emitter per feed"):
 
 - Another relay *emits* the feed while a datagram from a source address other than this
-  host's own was seen on the feed's groups within ``grace``.
+  host's own was seen on the feed's groups within ``grace``, or an ``ACTIVE`` beacon of the
+  feed from it (``beacon``).
 - ``ACTIVE``: this host has an accepted stream and has not stepped down. ``READY``: no
   stream, no other relay emitting: it takes a connection. ``STANDBY``: another relay emits
   (and this host has no stream), or this host stepped down: ``/healthz/<feed>`` answers 503
   with ``reason`` and new connections are refused (``admits``), so the NLB steers to the
-  active host, also when it fails open.
+  active host, also when it fails open. Another host's claim (a ``CLAIMING`` beacon within
+  ``grace``) makes a host without a stream ``STANDBY`` too.
+- The claim (``claim`` > 0: the feed sends beacons, relayd/emit/beacon.py): a host that gets
+  a stream while not active is first ``CLAIMING`` for ``claim`` seconds, its gate closed
+  (nothing emitted, nothing ACKed), announcing itself (``beacon_state``). Another relay that
+  emits, or another claim from a lower address, makes it yield at once
+  (``StepDown.YIELDED``, counted in ``claims``, not in ``step_downs``): ``STANDBY``, its
+  streams end with NOT_ACTIVE and the capture side reconnects through the NLB to the other
+  host. Otherwise the first observer decision ``claim`` seconds on makes it ``ACTIVE``. Two
+  hosts that get streams at once so agree before either emits: the lower address.
 - Split-brain: ``ACTIVE`` and another relay emits. Counted once per event (``split_brains``).
   Resolved by a deterministic rule that both hosts apply on their own: a host that saw the
   other emitting *before* it became active steps down at once (the one active longer keeps
@@ -23,9 +33,9 @@ Rules (docs/EXACTLY_ONCE.md, "One active emitter per feed"):
   with the higher address steps down. A host that stepped down stays ``STANDBY`` until the
   other relay has been silent for ``grace``.
 - The lease: the data plane emits only until ``lease_until`` (``lease`` seconds after the
-  latest ``decide``, 0 while ``STANDBY``). A host frozen (SIGSTOP) or starved longer than
-  the lease finds it stale on waking; if another relay emitted meanwhile (the observer
-  drained it before deciding) it steps down without emitting its backlog
+  latest ``decide``, 0 while ``STANDBY`` or ``CLAIMING``). A host frozen (SIGSTOP) or
+  starved longer than the lease finds it stale on waking; if another relay emitted meanwhile
+  (the observer drained it before deciding) it steps down without emitting its backlog
   (``StepDown.WOKE_TO_ANOTHER``).
 """
 
