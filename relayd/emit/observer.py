@@ -203,8 +203,8 @@ class FeedRole:
                     _STEP_DOWN_WHY[m.stepped_down],
                     extra={"feed": self.name},
                 )
-            elif event is RoleEvent.CLAIM_YIELDED:
-                log.warning(
+            elif event is RoleEvent.CLAIM_YIELDED:  # routine with A/B capture hosts
+                log.info(
                     "emit feed %s: claim yielded to %s before emitting anything; streams end "
                     "with NOT_ACTIVE",
                     self.name,
