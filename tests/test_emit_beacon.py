@@ -161,3 +161,26 @@ async def test_a_claim_yields_to_another_active_relay_and_refuses_the_stream() -
                 assert metric(feed, "datagrams_out") == 0
     finally:
         other.close()
+
+
+async def test_without_a_beacon_socket_there_is_no_claim() -> None:
+    """The beacon port is taken by a socket without SO_REUSEADDR: the feed cannot hear or
+    send beacons, says so, and a stream makes it active at once (as without watch_groups)."""
+    (group, port), *_ = pick_groups(1)
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("0.0.0.0", 0))
+    beacon_port = squatter.getsockname()[1]
+    config = make_config(watch_groups=(GroupPort(group, port),), beacon_port=beacon_port)
+    try:
+        with trio.fail_after(20):
+            async with running(config) as feed:
+                assert feed.observer is not None
+                assert feed.observer.beacon is None
+                assert feed.role.claim == 0
+                assert feed.listen_port is not None
+                peer = await Peer.start(feed.listen_port)
+                await peer.welcome()
+                assert feed.role.snapshot()["role"] == "active"
+                await peer.aclose()
+    finally:
+        squatter.close()

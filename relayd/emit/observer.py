@@ -283,8 +283,10 @@ class Observer:
         except (InterfaceError, OSError) as exc:
             self.join_errors += 1
             self.close_beacon()
+            self.beacon = None  # so the feed claims nothing: a claim nobody hears is no claim
             log.warning(
-                "emit feed %s: cannot open the beacon on %s:%d (the claim works on data only): %s",
+                "emit feed %s: cannot open the beacon on %s:%d (no claim: a stream makes this "
+                "host active at once): %s",
                 self.name,
                 beacon.group,
                 beacon.port,
