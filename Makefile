@@ -91,6 +91,8 @@ TRIALS_ARGS ?=
 soak: $(STAMP) $(FASTPATH) system-deps
 	RELAYD_SOAK=1 $(BIN)/pytest -m slow tests/chaos tests/test_emit_roles_netns.py $(PYTEST_ARGS)
 	$(BIN)/python -m tests.helpers.trials table --trials $(TRIALS) $(TRIALS_ARGS)
+	# A/B capture hosts with deribit arbitration: one active emitter (the claim), exactly once
+	$(BIN)/python -m tests.helpers.trials table --trials $(TRIALS) --capture-hosts 2 --arbitration deribit
 
 fuzz: $(STAMP) $(FASTPATH)
 	RELAYD_FUZZ_EXAMPLES=200000 $(BIN)/pytest tests/test_fuzz.py tests/test_wire.py tests/test_config.py $(PYTEST_ARGS)

@@ -352,6 +352,20 @@ class EmitFeed:
     watch_groups: tuple[GroupPort, ...] = ()
     #: Another relay counts as emitting the feed this long after its latest datagram seen.
     emitter_grace: float = 1.0
+    #: The claim (relayd/emit/role.py): a new stream is held this long, announced by beacons,
+    #: before this host emits; 0: no claim and no beacons. Needs ``watch_groups``.
+    emitter_claim: float = 0.3
+    #: UDP port of the beacons, sent to the first of ``watch_groups`` (0: the listen port).
+    beacon_port: int = 0
+
+    def beacon_destination(self) -> GroupPort | None:
+        """Where this feed's beacons go and are watched for (None: no beacons, no claim)."""
+        if not self.watch_groups or self.emitter_claim <= 0:
+            return None
+        port = self.beacon_port or self.listen.port
+        if port == 0:
+            return None  # a listener on an ephemeral port: the hosts cannot agree on one
+        return GroupPort(self.watch_groups[0].group, port)
 
     def allows(self, group: IPv4Address | int, port: int) -> bool:
         """Whether a datagram to ``group:port`` may be emitted (group as an address or the
@@ -667,6 +681,18 @@ def _busy_poll(value: Any) -> float:
     return seconds
 
 
+#: The longest claim (``emitter_claim``): a capture side's frames wait this long unACKed.
+MAX_EMITTER_CLAIM = 5.0
+
+
+def _emitter_claim(value: Any) -> float:
+    """A duration 0 (no claim, no beacons) or 10ms..MAX_EMITTER_CLAIM."""
+    seconds = _seconds(value)
+    if seconds == 0:
+        return 0.0
+    return _within(value, seconds, 0.01, MAX_EMITTER_CLAIM)
+
+
 def _size(lo: int = 1, hi: int | None = None) -> Parser[int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -770,6 +796,17 @@ def _check_timeouts(feed: EmitFeed | CaptureFeed) -> Iterator[tuple[str, str]]:
         )
 
 
+def _check_emit(feed: EmitFeed) -> Iterator[tuple[str, str]]:
+    yield from _check_timeouts(feed)
+    beacon = feed.beacon_destination()
+    if beacon is not None and beacon.port in {g.port for g in feed.watch_groups}:
+        yield (
+            "beacon_port",
+            f"the beacons would go to port {beacon.port}, a port of watch_groups (customers "
+            "bound to it would receive them): set beacon_port to a port the feed does not use",
+        )
+
+
 _register(
     ProcessConfig,
     {"log_level": _one_of(get_args(LogLevel)), "log_format": _one_of(get_args(LogFormat))},
@@ -800,8 +837,10 @@ _register(
         "busy_poll": _busy_poll,
         "watch_groups": _tuple_of(_group_port, unique=True),
         "emitter_grace": _duration,
+        "emitter_claim": _emitter_claim,
+        "beacon_port": _int_in(0, 65535),
     },
-    _check_timeouts,
+    _check_emit,
 )
 
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from relayd.emit.role import GRACE, LEASE, SPLIT_TIMEOUT, Role, RoleEvent, RoleMachine, StepDown
+from relayd.emit.beacon import BeaconState
+from relayd.emit.role import (
+    CLAIM,
+    GRACE,
+    LEASE,
+    SPLIT_TIMEOUT,
+    ClaimOutcome,
+    Role,
+    RoleEvent,
+    RoleMachine,
+    StepDown,
+)
 
 ME = IPv4Address("10.0.0.5")
 LOWER = IPv4Address("10.0.0.2")
@@ -208,3 +219,168 @@ def test_a_longer_grace_keeps_a_quiet_feeds_standby() -> None:
             assert current(role) is Role.STANDBY
     role.decide(10.0 + 6.01)
     assert current(role) is Role.READY
+
+
+# -- the claim (beacons) ----------------------------------------------------------------------
+
+
+def claiming(address: IPv4Address, claim: float = CLAIM) -> RoleMachine:
+    role = RoleMachine(address, claim=claim)
+    role.decide(0.0)
+    return role
+
+
+def test_a_stream_first_claims_with_the_gate_closed_then_wins_after_the_claim() -> None:
+    role = claiming(ME)
+    assert role.beacon_state() is None  # ready: nothing to announce
+    events = role.streaming(True, 0.05)
+    assert events == [RoleEvent.BECAME_CLAIMING]
+    assert current(role) is Role.CLAIMING
+    assert role.beacon_state() is BeaconState.CLAIMING
+    assert role.admits()
+    assert not role.may_emit(0.05)  # the gate closes at once: nothing emitted, nothing ACKed
+    role.decide(0.05 + CLAIM - 0.01)
+    assert current(role) is Role.CLAIMING
+    assert not role.may_emit(0.05 + CLAIM - 0.01)
+    role.streaming(True, 0.05 + CLAIM + 0.01)  # Trio's calls never end a claim
+    assert current(role) is Role.CLAIMING
+    events = role.decide(0.05 + CLAIM + 0.02)
+    assert events == [RoleEvent.BECAME_ACTIVE]
+    assert role.may_emit(0.05 + CLAIM + 0.02)
+    assert role.beacon_state() is BeaconState.ACTIVE
+    assert role.gate_opened
+    assert role.claims == {ClaimOutcome.WON: 1, ClaimOutcome.YIELDED: 0}
+    assert role.split_brains == 0
+
+
+def test_two_hosts_claiming_at_once_the_higher_address_yields_before_anything_is_emitted() -> None:
+    """Both get a stream in the same tick (two capture hosts spread by the NLB before any
+    datagram): each hears the other's beacon; the higher yields at once, the lower wins."""
+    low, high = claiming(LOWER), claiming(HIGHER)
+    low.streaming(True, 0.0)
+    high.streaming(True, 0.0)
+    now = 0.0
+    emitted_by = set()
+    while now < 2.0:
+        # beacons sent at this tick are drained at the next one
+        said = {m.address: m.beacon_state() for m in (low, high)}
+        now = round(now + TICK, 6)
+        for machine, other in ((low, HIGHER), (high, LOWER)):
+            state = said[other]
+            if state is not None:
+                machine.beacon(other, state, False, now)
+            machine.decide(now)
+            if machine.may_emit(now):
+                emitted_by.add(machine.address)
+    assert emitted_by == {LOWER}  # the higher never opened its gate
+    assert current(low) is Role.ACTIVE
+    assert current(high) is Role.STANDBY
+    assert high.stepped_down is StepDown.YIELDED
+    assert not high.admits()
+    assert high.claims[ClaimOutcome.YIELDED] == 1
+    assert low.claims[ClaimOutcome.WON] == 1
+    assert (low.split_brains, high.split_brains) == (0, 0)
+    assert high.step_downs == dict.fromkeys(high.step_downs, 0)  # a yield is no step-down
+    reason = high.reason(now)
+    assert reason is not None
+    assert str(LOWER) in reason
+
+
+def test_a_claim_yields_to_an_active_beacon_or_to_data() -> None:
+    for how in ("beacon", "data"):
+        role = claiming(LOWER)  # the lower address: the tie-break alone would keep it
+        role.streaming(True, 0.0)
+        if how == "beacon":
+            role.beacon(HIGHER, BeaconState.ACTIVE, True, 0.1)
+        else:
+            role.saw(HIGHER, 3, 0.1)
+        events = role.decide(0.1)
+        assert RoleEvent.CLAIM_YIELDED in events, how
+        assert current(role) is Role.STANDBY
+        assert not role.may_emit(0.1)
+        assert role.split_brains == 0  # never active: no split-brain
+        assert role.claims[ClaimOutcome.YIELDED] == 1
+
+
+def test_a_claim_from_a_higher_address_does_not_make_a_claim_yield() -> None:
+    role = claiming(ME)
+    role.streaming(True, 0.0)
+    now = 0.0
+    while now < CLAIM + 2 * TICK:
+        now = round(now + TICK, 6)
+        role.beacon(HIGHER, BeaconState.CLAIMING, False, now)
+        role.decide(now)
+    assert current(role) is Role.ACTIVE
+    assert role.split_brains == 0  # a claimant is not a relay that emits
+
+
+def test_an_active_beacon_keeps_a_standby_without_any_data() -> None:
+    """Before any datagram flows, the active host's beacons alone make the others standby,
+    so the NLB sends every capture host's connection to the active one."""
+    role = claiming(ME)
+    for step in range(30):
+        role.beacon(HIGHER, BeaconState.ACTIVE, False, step * TICK)
+        role.decide(step * TICK)
+        assert current(role) is Role.STANDBY
+        assert not role.admits()
+    reason = role.reason(3.0)
+    assert reason is not None
+    assert str(HIGHER) in reason
+    role.decide(2.9 + GRACE + 0.01)
+    assert current(role) is Role.READY
+
+
+def test_a_claimant_makes_a_ready_host_standby_and_its_silence_ready_again() -> None:
+    role = claiming(ME)
+    role.beacon(HIGHER, BeaconState.CLAIMING, False, 0.0)
+    role.decide(0.0)
+    assert current(role) is Role.STANDBY
+    role.decide(GRACE + 0.01)
+    assert current(role) is Role.READY
+
+
+def test_a_takeover_claims_too() -> None:
+    """The active host dies: silent for GRACE, this host turns ready; the capture side's
+    connection then makes it claim before it emits."""
+    role = claiming(ME)
+    now = run(role, 0.0, 1.0, other=LOWER)
+    assert current(role) is Role.STANDBY
+    now = run(role, now, now + GRACE + TICK)
+    assert current(role) is Role.READY
+    role.streaming(True, now)
+    assert current(role) is Role.CLAIMING
+    assert not role.may_emit(now)
+    run(role, now, now + CLAIM + 2 * TICK)
+    assert current(role) is Role.ACTIVE
+
+
+def test_losing_the_stream_while_claiming_abandons_the_claim() -> None:
+    role = claiming(ME)
+    role.streaming(True, 0.0)
+    role.streaming(False, 0.1)
+    assert current(role) is Role.READY
+    assert role.claims == {ClaimOutcome.WON: 0, ClaimOutcome.YIELDED: 0}
+    assert role.beacon_state() is None
+
+
+def test_without_a_claim_period_a_stream_is_active_at_once_and_nothing_is_announced() -> None:
+    role = RoleMachine(ME)
+    role.decide(0.0)
+    assert role.streaming(True, 0.0) == [RoleEvent.BECAME_ACTIVE]
+    assert role.beacon_state() is None
+
+
+def test_a_real_split_brain_between_claimed_hosts_keeps_the_tie_break() -> None:
+    """A partition: both claimed and won without hearing each other; when it heals, each
+    sees the other's ACTIVE beacons and data: a split-brain, counted, resolved by address."""
+    role = claiming(ME)
+    role.streaming(True, 0.0)
+    now = run(role, 0.0, 1.0)
+    assert current(role) is Role.ACTIVE
+    role.beacon(LOWER, BeaconState.ACTIVE, True, now)
+    events = role.decide(now)
+    assert RoleEvent.SPLIT_BRAIN in events
+    assert current(role) is Role.ACTIVE
+    run(role, now, now + SPLIT_TIMEOUT + TICK, other=LOWER)
+    assert role.stepped_down is StepDown.HIGHER_ADDRESS
+    assert role.split_brains == 1

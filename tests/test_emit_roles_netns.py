@@ -171,7 +171,7 @@ class Site:
             stderr=self._log(f"{label}.log"),
         )
 
-    def start_emit(self, name: str) -> None:
+    def start_emit(self, name: str, extra: str = "") -> None:
         watch = ", ".join(f'"{g}"' for g in GROUPS)
         self._run_relayd(
             self.emits[name],
@@ -190,7 +190,7 @@ allowed_groups = ["239.111.111.0/24"]
 heartbeat_interval = "200ms"
 idle_timeout = "1s"
 watch_groups = [{watch}]
-""",
+{extra}""",
         )
 
     def start_capture(self, label: str, targets: Sequence[str], health: int) -> None:
@@ -506,6 +506,49 @@ def test_forced_split_brain_is_counted_and_resolved(site: Site) -> None:
     late = {r[1] for r in site.received() if r[0] >= settled}
     assert late == {str(site.address(keeper))}
     assert site.metric(keeper, "emit_split_brain") == 0
+
+
+def test_two_hosts_given_streams_before_any_data_agree_on_one_emitter(site: Site) -> None:
+    """Two capture hosts, each connecting to a different emit host first (as the NLB spreads
+    them while both are ready), before any datagram flows: both hosts claim at once, the
+    higher address yields before emitting anything, its capture side moves to the other
+    host, and only one host ever emits; with ``content`` arbitration nothing arrives twice.
+    (Before the claim both became active and emitted until the split-brain tie-break.)"""
+    site.start_receiver()
+    # A long claim; and the hosts cannot hear each other until both claim (bridge port
+    # isolation), so that the two claims surely overlap however slowly the processes start.
+    site.isolate(True)
+    for name in site.emits:
+        site.start_emit(name, 'emitter_claim = "5s"\narbitration = "content"\n')
+    names = list(site.emits)
+    site.wait_roles(dict.fromkeys(names, "ready"))  # listening: each capture side's first try
+    for index, name in enumerate(names):
+        own, other = (f"{site.backs[n].b_addr.ip}:{EMIT_PORT}" for n in (name, names[1 - index]))
+        site.start_capture(f"capture{index}", [own, other], 18090 + index)
+    site.wait_roles(dict.fromkeys(names, "claiming"))
+    site.isolate(False)
+    keeper, loser = sorted(names, key=site.address)
+    site.wait_roles({keeper: "active", loser: "standby"})
+    _wait_for(
+        lambda: len(site.health(keeper)[1]["feeds"][FEED]["connections"]) == 2,
+        30,
+        "both capture sides streaming to the active host",
+    )
+    yielded = site.metric(loser, "emit_claims", outcome="yielded")
+    won = site.metric(keeper, "emit_claims", outcome="won")
+    print(f"\nclaims: {keeper} won {won:.0f}, {loser} yielded {yielded:.0f}")
+    assert yielded >= 1, site.log(f"{loser}.log")
+    assert site.metric(loser, "emit_claims", outcome="won") == 0
+    site.start_sender()
+    time.sleep(3.0)
+    rows = site.received()
+    assert len(rows) > 1000
+    assert {source for _t, source, _n in rows} == {str(site.address(keeper))}
+    counters = [n for _t, _source, n in rows]
+    assert len(counters) == len(set(counters)), "a datagram arrived twice"
+    for name in names:
+        assert site.metric(name, "split_brain") == 0
+    assert site.metric(loser, "datagrams_out") == 0
 
 
 if __name__ == "__main__":

@@ -363,12 +363,6 @@ def _needs_active_emitter(bed: TrialBed) -> None:
     assert answer is not None, "the emit host's health server does not answer"
     if "role" not in json.loads(answer[1]).get("feeds", {}).get(FEED, {}):
         pytest.skip(f"needs one active emitter per feed: /healthz/{FEED} reports no role")
-    # Run, these trials fail (docs/EXACTLY_ONCE.md, "One active emitter per feed", not yet):
-    # two capture hosts that connect before any datagram flows each get an emit host (neither
-    # has emitted, so neither is standby), both emit once the replay starts (a split-brain,
-    # resolved by the tie-break after 2 s: hundreds of duplicates), and a trial can lose a
-    # whole replay on an arbitrated host.
-    pytest.skip("not yet: A/B capture hosts converge on one emitter only after a split-brain")
 
 
 @pytest.mark.netns

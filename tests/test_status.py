@@ -406,3 +406,37 @@ def test_role_reason_and_split_brain() -> None:
     assert "standby: split-brain events: 2 (resolved; role standby)" in text
     assert "split: SPLIT-BRAIN: this host and 10.0.0.3 emit the feed (1)" in text
     assert "calm:" not in text
+
+
+def test_claim_lines() -> None:
+    doc = {
+        "feeds": {
+            "new": {
+                "kind": "emit",
+                "state": "streaming",
+                "healthy": True,
+                "role": {
+                    "role": "claiming",
+                    "claim_seconds": 0.3,
+                    "claiming_for_seconds": 0.12,
+                    "claims": {"won": 0, "yielded": 0},
+                },
+            },
+            "gave": {
+                "kind": "emit",
+                "state": "standby",
+                "healthy": True,
+                "role": {"role": "standby", "claims": {"won": 2, "yielded": 1}},
+            },
+            "calm": {
+                "kind": "emit",
+                "state": "streaming",
+                "healthy": True,
+                "role": {"role": "active", "claims": {"won": 1, "yielded": 0}},
+            },
+        },
+    }
+    text = render_table(doc)
+    assert "new: CLAIMING for 0.12 s of 0.3 s: streams held, nothing emitted" in text
+    assert "gave: claims: 2 won, 1 yielded to another relay (role standby)" in text
+    assert "calm:" not in text

@@ -34,6 +34,7 @@ from relayd.datapath import DataPlane, log_latency_mode, run_stoppable, select_p
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
+from relayd.emit.observer import TICK as OBSERVER_TICK
 from relayd.emit.observer import FeedRole, ObserveHook, Observer
 from relayd.emit.sessions import Connection, Sessions
 from relayd.emit.stats import Closed, EmitStats
@@ -170,7 +171,12 @@ class EmitFeedRuntime:
         self.gate.keys = keys
         self.interface_address = interface_address
         self.role.address = interface_address
-        self.observer = Observer(self.name, self.role, interface_address, cfg.watch_groups)
+        beacon = cfg.beacon_destination()
+        self.observer = Observer(
+            self.name, self.role, interface_address, cfg.watch_groups, beacon, cfg.ttl
+        )
+        # the claim needs the beacons: without them a stream makes this host active at once
+        self.role.claim = cfg.emitter_claim if self.observer.beacon is not None else 0.0
         self.observer.hook = self._observe_hook or self._observed
         self._plane = plane
         self._listener = listener
@@ -274,6 +280,7 @@ class EmitFeedRuntime:
             self._started_at = trio.current_time()
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
+                outer.start_soon(self._follow_role)
                 outer.start_soon(run_stoppable, observer.run)
                 async with trio.open_nursery() as handlers:
                     await outer.start(self.gate.accept, listener, handlers, streams.serve)
@@ -448,6 +455,23 @@ class EmitFeedRuntime:
             feed,
             role["split_brains"],
         )
+        yield Sample(
+            "emit_claiming",
+            "gauge",
+            "1 while this host claims the feed: it holds a stream but emits nothing until the "
+            "claim period passes without another relay active or claiming from a lower address.",
+            feed,
+            float(role["role"] == "claiming"),
+        )
+        for outcome, count in role["claims"].items():
+            yield Sample(
+                "emit_claims",
+                "counter",
+                "Claims of the feed by this host, by outcome (won: became active; yielded: gave "
+                "way to another relay before emitting anything).",
+                (*feed, ("outcome", outcome)),
+                count,
+            )
         for reason, count in role["stepped_down"].items():
             yield Sample(
                 "emit_stepped_down",
@@ -468,6 +492,20 @@ class EmitFeedRuntime:
                     "Datagrams the observer sampled on the feed's groups, by origin "
                     "(own: this host's, looped back).",
                     (*feed, ("origin", origin)),
+                    count,
+                )
+            for kind, count in (
+                ("sent", observer.beacons_sent),
+                ("received", observer.beacons_received),
+                ("ignored", observer.beacons_ignored),
+                ("send_error", observer.beacon_send_errors),
+            ):
+                yield Sample(
+                    "emit_beacons",
+                    "counter",
+                    "Beacons of the feed (one active emitter): sent by this host, received "
+                    "from other hosts, ignored (another feed's or unreadable), failed sends.",
+                    (*feed, ("kind", kind)),
                     count,
                 )
             yield Sample(
@@ -493,6 +531,13 @@ class EmitFeedRuntime:
                 if sock.fileno() >= 0:
                     self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
+
+    async def _follow_role(self) -> None:
+        """End the streams soon after the feed stands down (a yielded claim: the capture
+        side should find the active host before it sends anything here)."""
+        while True:
+            self._end_streams_if_standing_down()
+            await trio.sleep(OBSERVER_TICK)
 
     def _end_streams_if_standing_down(self) -> None:
         """A feed that stepped down ends its streams with NOT_ACTIVE. A pump with data ends

@@ -15,6 +15,12 @@ relays go to ``hook(group, port, payload, now)`` when one is set (an arbiter's `
 at high rates a sample). Waking from a freeze, it drains before it decides: the datagrams
 another relay sent meanwhile are in its buffer, so the gate stays closed and the pumps'
 backlog is never emitted (relayd/emit/role.py, the lease).
+
+With a beacon destination (the feed's ``beacon_destination()``: the first watch group on the
+beacon port) it also joins that and, after each decision, sends this host's beacon
+(relayd/emit/beacon.py) while the feed is claiming or active; the beacons it drains from
+other hosts of the same feed go to the role machine (the claim, and a standby that knows the
+active host before any data flows).
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import trio
 
 from relayd.config import GroupPort
 from relayd.datapath import EmitGate, current_beat
+from relayd.emit.beacon import Beacon, BeaconError, decode, encode
 from relayd.emit.role import GRACE, Role, RoleEvent, RoleMachine, StepDown
 from relayd.netif import (
     ANCBUFSIZE,
     GroupReceiver,
     InterfaceError,
     open_group_receivers,
+    open_multicast_sender,
     parse_ancillary,
 )
 
@@ -54,6 +62,8 @@ OBSERVER_BUFFER: Final = 256 * 1024
 #: Destinations learned from the pumps at most (without ``watch_groups``).
 LEARNED_LIMIT: Final = 64
 _RECEIVE_SIZE: Final = 65536
+#: Buffers of the beacon sockets (a beacon is under 80 bytes, about 10 a second per host).
+BEACON_BUFFER: Final = 64 * 1024
 #: ``setsockopt(IPPROTO_IP, IP_BLOCK_SOURCE, ip_mreq_source)`` (linux/in.h).
 IP_BLOCK_SOURCE: Final = 38
 
@@ -68,11 +78,23 @@ class FeedRole:
     streams change (``streaming``) and reads ``snapshot``; the pumps read the gate and ask
     ``standing_down`` when it is closed."""
 
-    def __init__(self, name: str, address: IPv4Address | None, grace: float = GRACE) -> None:
+    def __init__(
+        self, name: str, address: IPv4Address | None, grace: float = GRACE, claim: float = 0.0
+    ) -> None:
         self.name = name
         self.gate = EmitGate()
-        self._machine = RoleMachine(address, grace=grace)
+        self._machine = RoleMachine(address, grace=grace, claim=claim)
         self._lock = threading.Lock()
+
+    @property
+    def claim(self) -> float:
+        return self._machine.claim
+
+    @claim.setter
+    def claim(self, claim: float) -> None:
+        """The claim period (0: none; set when the feed has a beacon destination)."""
+        with self._lock:
+            self._machine.claim = claim
 
     @property
     def address(self) -> IPv4Address | None:
@@ -83,15 +105,25 @@ class FeedRole:
         with self._lock:
             self._machine.address = address
 
-    def observed(self, others: dict[IPv4Address, int], now: float) -> None:
-        """The observer drained its sockets at ``now``: datagrams per other relay."""
+    def observed(
+        self,
+        others: dict[IPv4Address, int],
+        now: float,
+        beacons: Sequence[tuple[IPv4Address, Beacon]] = (),
+    ) -> Beacon | None:
+        """The observer drained its sockets at ``now``: datagrams per other relay, and the
+        beacons of this feed from other hosts. Returns the beacon to send now (None: none)."""
         with self._lock:
             machine = self._machine
             for source, datagrams in others.items():
                 machine.saw(source, datagrams, now)
+            for source, beacon in beacons:
+                machine.beacon(source, beacon.state, beacon.emitted, now)
             events = machine.decide(now)
             self.gate.open_until(machine.lease_until)
             self._log(events, now)
+            state = machine.beacon_state()
+            return None if state is None else Beacon(self.name, state, machine.gate_opened)
 
     def streaming(self, active: bool) -> None:
         """Whether the feed has an accepted stream now (from Trio)."""
@@ -123,12 +155,26 @@ class FeedRole:
                 "split_brain": m.split_brain,
                 "split_brains": m.split_brains,
                 "stepped_down": {why.value: n for why, n in m.step_downs.items()},
+                "claim_seconds": m.claim,
+                "claiming_for_seconds": (
+                    None if m.claim_since is None else round(now - m.claim_since, 3)
+                ),
+                "claims": {outcome.value: n for outcome, n in m.claims.items()},
+                "claimants": [
+                    {
+                        "source": str(source),
+                        "last_seen_seconds_ago": round(max(0.0, now - seen), 3),
+                    }
+                    for source, seen in m.claimants.items()
+                ],
                 "other_relays": [
                     {
                         "source": str(seen.source),
                         "since": _iso(wall - (now - seen.first_seen)),
                         "last_seen_seconds_ago": round(max(0.0, now - seen.last_seen), 3),
                         "datagrams_sampled": seen.datagrams,
+                        "beacon": None if seen.beacon is None else seen.beacon.name.lower(),
+                        "emitted": seen.emitted,
                     }
                     for seen in m.others.values()
                 ],
@@ -157,6 +203,20 @@ class FeedRole:
                     _STEP_DOWN_WHY[m.stepped_down],
                     extra={"feed": self.name},
                 )
+            elif event is RoleEvent.CLAIM_YIELDED:  # routine with A/B capture hosts
+                log.info(
+                    "emit feed %s: claim yielded to %s before emitting anything; streams end "
+                    "with NOT_ACTIVE",
+                    self.name,
+                    ", ".join(str(s) for s in (*m.others, *m.claimants)) or "another relay",
+                    extra={"feed": self.name},
+                )
+            elif event is RoleEvent.BECAME_CLAIMING:
+                log.info(
+                    "emit feed %s: claiming the feed for %g s before emitting",
+                    self.name,
+                    m.claim,
+                )
             elif event is RoleEvent.BECAME_STANDBY:
                 log.info("emit feed %s: standby: %s", self.name, m.reason(now))
             else:
@@ -168,6 +228,7 @@ _STEP_DOWN_WHY: Final = {
     StepDown.HIGHER_ADDRESS: "split-brain unresolved, the lower address keeps the feed",
     StepDown.WOKE_TO_ANOTHER: "the emit lease lapsed (a freeze?) and another relay emitted "
     "meanwhile: the backlog is not emitted",
+    StepDown.YIELDED: "a claim gave way to another relay before anything was emitted",
 }
 
 
@@ -184,6 +245,8 @@ class Observer:
         role: FeedRole,
         interface: IPv4Address,
         watch: Sequence[GroupPort],
+        beacon: GroupPort | None = None,
+        ttl: int = 1,
     ) -> None:
         self.name = name
         self.role = role
@@ -200,6 +263,35 @@ class Observer:
         self.join_errors = 0
         for group in watch:
             self._join((group.group, group.port))
+        #: Where beacons go (None: none), the sockets, and what they carried.
+        self.beacon = beacon
+        self._beacon_receivers: list[GroupReceiver] = []
+        self._beacon_sender: socket.socket | None = None
+        self.beacons_sent = 0
+        self.beacons_received = 0
+        self.beacons_ignored = 0  # another feed's, or not a beacon this relay reads
+        self.beacon_send_errors = 0
+        if beacon is not None:
+            self._open_beacon(beacon, ttl)
+
+    def _open_beacon(self, beacon: GroupPort, ttl: int) -> None:
+        try:
+            self._beacon_receivers = open_group_receivers(
+                [(beacon.group, beacon.port)], self.interface, BEACON_BUFFER, force_buffer=False
+            )
+            self._beacon_sender = open_multicast_sender(self.interface, ttl, False, BEACON_BUFFER)
+        except (InterfaceError, OSError) as exc:
+            self.join_errors += 1
+            self.close_beacon()
+            self.beacon = None  # so the feed claims nothing: a claim nobody hears is no claim
+            log.warning(
+                "emit feed %s: cannot open the beacon on %s:%d (no claim: a stream makes this "
+                "host active at once): %s",
+                self.name,
+                beacon.group,
+                beacon.port,
+                exc,
+            )
 
     def learn(self, key: int) -> None:
         """A destination this host emits to (``group << 16 | port``, from a pump's thread):
@@ -217,6 +309,15 @@ class Observer:
         for receiver in self._receivers:
             receiver.close()
         self._receivers.clear()
+        self.close_beacon()
+
+    def close_beacon(self) -> None:
+        for receiver in self._beacon_receivers:
+            receiver.close()
+        self._beacon_receivers.clear()
+        if self._beacon_sender is not None:
+            self._beacon_sender.close()
+            self._beacon_sender = None
 
     def run(self, stop_fd: int, _token: trio.lowlevel.TrioToken) -> None:
         """Drain, decide, wait a tick; until ``stop_fd`` is readable."""
@@ -231,7 +332,8 @@ class Observer:
                 others: dict[IPv4Address, int] = {}
                 for receiver in self._receivers:
                     self._drain(receiver, buffer, others, now)
-                self.role.observed(others, now)
+                beacons = [b for r in self._beacon_receivers for b in self._beacons(r, buffer)]
+                self._announce(self.role.observed(others, now, beacons))
                 with beat.wait():
                     if poller.poll(int(TICK * 1000)):
                         return
@@ -268,6 +370,44 @@ class Observer:
             self.other_datagrams += count
             address = IPv4Address(source)
             others[address] = others.get(address, 0) + count
+
+    def _beacons(
+        self, receiver: GroupReceiver, buffer: bytearray
+    ) -> list[tuple[IPv4Address, Beacon]]:
+        """Other hosts' beacons of this feed waiting on the beacon socket."""
+        own = str(self.role.address)
+        out: list[tuple[IPv4Address, Beacon]] = []
+        for _ in range(DRAIN_LIMIT):
+            try:
+                size, address = receiver.sock.recvfrom_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if address[0] == own:
+                continue
+            try:
+                beacon = decode(bytes(buffer[:size]))
+            except BeaconError:
+                self.beacons_ignored += 1
+                continue
+            if beacon.feed != self.name:
+                self.beacons_ignored += 1
+                continue
+            self.beacons_received += 1
+            out.append((IPv4Address(address[0]), beacon))
+        return out
+
+    def _announce(self, beacon: Beacon | None) -> None:
+        sender, destination = self._beacon_sender, self.beacon
+        if beacon is None or sender is None or destination is None:
+            return
+        try:
+            sender.sendto(encode(beacon), (str(destination.group), destination.port))
+        except OSError:
+            self.beacon_send_errors += 1
+        else:
+            self.beacons_sent += 1
 
     def _block_own(self, receiver: GroupReceiver, group: IPv4Address) -> None:
         """Have the kernel drop this host's own datagrams (looped back with ``loop = true``)

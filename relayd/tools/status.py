@@ -260,6 +260,31 @@ def split_brain_line(feed: Mapping[str, Any]) -> str:
     return f"split-brain events: {events} (resolved; role {role.get('role', '?')})"
 
 
+def claim_line(feed: Mapping[str, Any]) -> str:
+    """An emit feed claiming now (held streams, nothing emitted yet), or the claims it gave
+    up (empty when neither)."""
+    role = feed.get("role")
+    if not isinstance(role, dict):
+        return ""
+    claims = role.get("claims")
+    yielded = claims.get("yielded", 0) if isinstance(claims, dict) else 0
+    won = claims.get("won", 0) if isinstance(claims, dict) else 0
+    if role.get("role") == "claiming":
+        since = role.get("claiming_for_seconds")
+        period = role.get("claim_seconds")
+        held = (
+            f" for {since:.2f} s of {period:g} s"
+            if _is_number(since) and _is_number(period)
+            else ""
+        )
+        return f"CLAIMING{held}: streams held, nothing emitted until no other relay objects"
+    if yielded:
+        return (
+            f"claims: {won} won, {yielded} yielded to another relay (role {role.get('role', '?')})"
+        )
+    return ""
+
+
 def _feeds(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (str(name), feed) for name, feed in doc.get("feeds", {}).items() if isinstance(feed, dict)
@@ -339,9 +364,9 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
             lines.append(f"{name}: not healthy: {unhealthy_reason(feed)}")
         elif feed.get("ready") is False:
             lines.append(f"{name}: not ready: {unhealthy_reason(feed)}")
-        split = split_brain_line(feed)
-        if split:
-            lines.append(f"{name}: {split}")
+        for line in (split_brain_line(feed), claim_line(feed)):
+            if line:
+                lines.append(f"{name}: {line}")
     for name, feed in _feeds(doc):
         for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
             if line:
