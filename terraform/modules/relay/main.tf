@@ -21,6 +21,16 @@ locals {
   }
   all_groups = toset(flatten([for f in values(var.feeds) : f.groups]))
 
+  # One active emitter per feed: each instance receives the others' multicast on the watched
+  # groups' ports (the observer) and their beacons on the feed's listen port (relayd's
+  # beacon_port default), sent from inside the relay VPC.
+  peer_udp = { for pair in flatten([
+    for name, f in var.feeds : [
+      for port in distinct(concat([for w in f.watch_groups : tonumber(split(":", w)[1])], [f.port])) :
+      { feed = name, port = port }
+    ] if length(f.watch_groups) > 0
+  ]) : "${pair.feed}|${pair.port}" => pair }
+
   # HELLO authentication keys: one file per configured SSM parameter, numbered from 1 within the
   # feed. A name is read in the instance's own region; an ARN in the region it names.
   auth_keys = flatten([for name in sort(keys(var.feeds)) : [
@@ -299,6 +309,18 @@ resource "aws_vpc_security_group_ingress_rule" "instance_health" {
   ip_protocol       = "tcp"
   from_port         = var.health_port
   to_port           = var.health_port
+  cidr_ipv4         = var.vpc.cidr_block
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "instance_peer_multicast" {
+  for_each = local.peer_udp
+
+  security_group_id = aws_security_group.instance.id
+  description       = "relayd feed ${each.value.feed}: the other relays' multicast and beacons (one active emitter)"
+  ip_protocol       = "udp"
+  from_port         = each.value.port
+  to_port           = each.value.port
   cidr_ipv4         = var.vpc.cidr_block
   tags              = local.tags
 }

@@ -665,4 +665,14 @@ run "one_active_emitter_keys" {
     condition     = length(regexall("watch_groups|arbitration|emitter_grace", output.relayd_toml)) == 3
     error_message = "A feed without them (dev) renders none of the keys: relayd's defaults apply."
   }
+
+  assert {
+    condition     = toset(keys(aws_vpc_security_group_ingress_rule.instance_peer_multicast)) == toset(["prod|5000", "prod|5001", "prod|6667"])
+    error_message = "The instances admit the other relays' UDP on the watched ports and the beacon port (the listen port) of the feed that watches, and nothing for a feed that does not."
+  }
+
+  assert {
+    condition     = alltrue([for r in values(aws_vpc_security_group_ingress_rule.instance_peer_multicast) : r.ip_protocol == "udp" && r.cidr_ipv4 == "10.50.0.0/16" && r.from_port == r.to_port])
+    error_message = "Peer multicast is UDP from the relay VPC only, one port per rule."
+  }
 }
