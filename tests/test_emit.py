@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 
 from relayd.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.config import Endpoint, PortRange
-from relayd.emit import EmitFeedRuntime
+from relayd.emit import ACK_INTERVAL, EmitFeedRuntime
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -551,6 +552,25 @@ async def test_peer_heartbeats_keep_the_connection_open() -> None:
                 await trio.sleep(0.1)
             assert metric(feed, "active_connections") == 1
             assert metric(feed, "connections_closed", reason="idle_timeout") == 0
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_heartbeats_more_often_than_the_ack_interval_allows_do_not_spin() -> None:
+    # Control frames go out at most once per ACK_INTERVAL, so a shorter heartbeat_interval
+    # means one every ACK_INTERVAL, and the data-path thread sleeps in between. (The C one
+    # polled without sleeping from heartbeat_interval on: half a core, on an idle connection.)
+    config = make_config(heartbeat_interval=ACK_INTERVAL / 2, idle_timeout=30.0)
+    with trio.fail_after(30):
+        async with running(config) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            cpu, wall = time.process_time(), trio.current_time()
+            await trio.sleep(2.0)
+            used = (time.process_time() - cpu) / (trio.current_time() - wall)
+            # A load on the machine only lowers this; a sleeping thread uses about 1%.
+            assert used < 0.1, f"{used:.0%} of a core for an idle connection"
+            assert isinstance(await peer.next_event(), Heartbeat)
 
 
 @pytest.mark.usefixtures("datapath")
