@@ -307,7 +307,9 @@ async def test_a_peer_that_heartbeats_but_never_reads_is_left_for_the_next_targe
     deaf = await serve(nursery, Peer(read=False, heartbeat=0.1))
     good = await serve(nursery, Peer())
     groups = groups_for(_base_port(), 2, third=16)
-    feed = CaptureFeedRuntime(feed_config(groups, [deaf.port, good.port], ack_timeout=3.0))
+    # an idle_timeout a loaded machine's pauses do not reach: only the ACK stall moves on
+    config = feed_config(groups, [deaf.port, good.port], ack_timeout=3.0, idle_timeout=5.0)
+    feed = CaptureFeedRuntime(config)
     await nursery.start(feed.run)
     await wait_for(lambda: feed.connected)
     assert deaf.peer.hellos == 1
