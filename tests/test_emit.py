@@ -614,8 +614,9 @@ async def test_garbage_after_hello_closes_only_that_connection(
 async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
     # A capture side that sends and never reads: every small ACK and heartbeat queues up until
     # the socket buffers are full, then the emit side gives up on it. The buffers fill at one
-    # control frame per ACK_INTERVAL: seconds, and many more on a loaded machine.
-    config = make_config(heartbeat_interval=0.001, idle_timeout=2.0)
+    # control frame per ACK_INTERVAL: seconds, and many more on a loaded machine. Both peers
+    # send a heartbeat every 50 ms: an idle timeout that a loaded machine's pauses do not reach.
+    config = make_config(heartbeat_interval=0.001, idle_timeout=3.0)
     with trio.fail_after(120):
         async with running(config) as feed:
             assert feed.listen_port
