@@ -758,9 +758,9 @@ def test_run_sigint_exits_zero(tmp_path: Path, notify: NotifyListener) -> None:
     relayd = RelaydProcess(config_path, {"NOTIFY_SOCKET": notify.path})
     try:
         notify.wait("READY=1")
-        code, took = relayd.stop(signal.SIGINT)
+        code, took = relayd.stop(signal.SIGINT, timeout=15)
         assert code == 0
-        assert took < 3.0
+        assert took < 10.0  # promptly, with room for a loaded machine
         assert notify.wait("STOPPING=1")[-1].startswith("STOPPING=1")
     finally:
         relayd.kill()
