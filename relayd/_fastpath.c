@@ -1514,7 +1514,10 @@ int rd_emit_pump(struct rd_emit *s) {
             else {
                 int64_t next = s->last_out_ns + s->ack_interval_ns;
                 if (!s->acked_any || emit_ack_point(s) > s->acked) wake = min64(wake, next);
-                wake = min64(wake, s->last_out_ns + s->heartbeat_ns);
+                /* no sooner than queue_control sends it (a shorter heartbeat_ns spun) */
+                int64_t beat = s->heartbeat_ns > s->ack_interval_ns ? s->heartbeat_ns
+                                                                    : s->ack_interval_ns;
+                wake = min64(wake, s->last_out_ns + beat);
             }
             short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
             int64_t wait_ns = wake > now ? wake - now : 0;

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 
 from relayd.admission import PROTECTED_FOR, PendingTable, Room, per_source_default
 from relayd.config import Endpoint, PortRange
-from relayd.emit import EmitFeedRuntime
+from relayd.emit import ACK_INTERVAL, EmitFeedRuntime
 from relayd.keys import KeyFileError, KeyFileMissingError, load_auth_keys
 from relayd.runtime import Feed
 from relayd.wire import (
@@ -516,41 +517,76 @@ async def test_connection_flood_is_bounded_and_a_capture_still_streams(
 
 @pytest.mark.usefixtures("datapath")
 async def test_heartbeats_when_idle_then_idle_timeout() -> None:
-    config = make_config(heartbeat_interval=0.1, idle_timeout=0.6)
-    with trio.fail_after(10):
+    # Forty heartbeat intervals to one idle timeout: a data-path thread a loaded machine wakes
+    # late still sends several, and a timeout not taken from the config sends many more.
+    config = make_config(heartbeat_interval=0.05, idle_timeout=2.0)
+    with trio.fail_after(30):
         async with running(config) as feed:
             assert feed.listen_port
+            before_hello = trio.current_time()  # the idle timer starts after the HELLO came
             peer = await Peer.start(feed.listen_port)
             assert await peer.welcome() == 0
             beats = 0
-            start = trio.current_time()
             while True:
-                event = await peer.next_event()
+                event = await peer.next_event(20)
                 if isinstance(event, Heartbeat):
                     beats += 1
                     continue
                 assert isinstance(event, Error)
                 assert event.code == ErrorCode.IDLE_TIMEOUT
+                assert event.message == "nothing received for 2s"
                 break
-            assert 0.5 < trio.current_time() - start < 3.0
-            assert beats >= 3
+            assert trio.current_time() - before_hello >= config.idle_timeout  # never early
+            # one heartbeat at most per interval while the timer ran (none more after it)
+            assert 3 <= beats <= config.idle_timeout / config.heartbeat_interval + 1
             assert await peer.next_event() is None
             assert metric(feed, "connections_closed", reason="idle_timeout") == 1
 
 
 @pytest.mark.usefixtures("datapath")
 async def test_peer_heartbeats_keep_the_connection_open() -> None:
-    config = make_config(heartbeat_interval=0.1, idle_timeout=1.0)
-    with trio.fail_after(10):
+    config = make_config(heartbeat_interval=0.1, idle_timeout=2.0)
+    with trio.fail_after(30):
         async with running(config) as feed:
             assert feed.listen_port
             peer = await Peer.start(feed.listen_port)
             assert await peer.welcome() == 0
-            for _ in range(25):  # 2.5 s, more than twice the idle timeout
-                await peer.stream.send_all(encode_heartbeat(0))
-                await trio.sleep(0.1)
-            assert metric(feed, "active_connections") == 1
-            assert metric(feed, "connections_closed", reason="idle_timeout") == 0
+            silent = await Peer.start(feed.listen_port)  # shows the idle timer runs meanwhile
+            assert await silent.welcome() == 0
+
+            async def heartbeat() -> None:  # twenty per idle timeout: late wake-ups do not matter
+                while True:
+                    await peer.stream.send_all(encode_heartbeat(0))
+                    await trio.sleep(0.1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeat)
+                start = trio.current_time()
+                await silent.closed_with(ErrorCode.IDLE_TIMEOUT, timeout=20)
+                # more than twice the idle timeout since the heartbeating peer's HELLO
+                await trio.sleep_until(start + 2.5 * config.idle_timeout)
+                assert metric(feed, "active_connections") == 1
+                nursery.cancel_scope.cancel()
+            assert metric(feed, "connections_closed", reason="idle_timeout") == 1
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_heartbeats_more_often_than_the_ack_interval_allows_do_not_spin() -> None:
+    # Control frames go out at most once per ACK_INTERVAL, so a shorter heartbeat_interval
+    # means one every ACK_INTERVAL, and the data-path thread sleeps in between. (The C one
+    # polled without sleeping from heartbeat_interval on: half a core, on an idle connection.)
+    config = make_config(heartbeat_interval=ACK_INTERVAL / 2, idle_timeout=30.0)
+    with trio.fail_after(30):
+        async with running(config) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            cpu, wall = time.process_time(), trio.current_time()
+            await trio.sleep(2.0)
+            used = (time.process_time() - cpu) / (trio.current_time() - wall)
+            # A load on the machine only lowers this; a sleeping thread uses about 1%.
+            assert used < 0.1, f"{used:.0%} of a core for an idle connection"
+            assert isinstance(await peer.next_event(), Heartbeat)
 
 
 @pytest.mark.usefixtures("datapath")
@@ -577,9 +613,11 @@ async def test_garbage_after_hello_closes_only_that_connection(
 @pytest.mark.usefixtures("datapath")
 async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
     # A capture side that sends and never reads: every small ACK and heartbeat queues up until
-    # the socket buffers are full, then the emit side gives up on it.
-    config = make_config(heartbeat_interval=0.001, idle_timeout=1.0)
-    with trio.fail_after(20):
+    # the socket buffers are full, then the emit side gives up on it. The buffers fill at one
+    # control frame per ACK_INTERVAL: seconds, and many more on a loaded machine. Both peers
+    # send a heartbeat every 50 ms: an idle timeout that a loaded machine's pauses do not reach.
+    config = make_config(heartbeat_interval=0.001, idle_timeout=3.0)
+    with trio.fail_after(120):
         async with running(config) as feed:
             assert feed.listen_port
             sock = trio.socket.socket()
@@ -599,7 +637,7 @@ async def test_peer_that_stops_reading_is_dropped_as_slow_consumer() -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_reading)
-                with trio.fail_after(15):
+                with trio.fail_after(100):
                     while metric(feed, "connections_closed", reason="slow_consumer") == 0:
                         await stream.send_all(encode_heartbeat(0))
                         await other.stream.send_all(encode_heartbeat(0))

@@ -493,7 +493,8 @@ def test_synth_deribit_is_endless_without_a_count() -> None:
     assert len([next(stream) for _ in range(10_000)]) == 10_000
 
 
-async def test_replay_keeps_the_capture_pacing() -> None:
+async def test_replay_keeps_the_capture_pacing(autojump_clock: trio.testing.MockClock) -> None:
+    # Trio's virtual clock: the pacing is exact whatever the load on the machine.
     groups = _random_groups(1)
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -501,7 +502,7 @@ async def test_replay_keeps_the_capture_pacing() -> None:
     receiver.setsockopt(
         socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, groups[0][0].packed + LOOPBACK.packed
     )
-    receiver.setblocking(False)
+    receiver.settimeout(10)  # real seconds: the datagrams are sent by now, but not received
     # five datagrams at 0, 100, 200, 300, 400 ms, played at 2x: 200 ms in all
     datagrams = [
         CapturedDatagram(1_000_000_000 + i * 100_000_000, groups[0][0], groups[0][1], bytes([i]))
@@ -509,19 +510,15 @@ async def test_replay_keeps_the_capture_pacing() -> None:
     ]
     with receiver, open_multicast_sender(LOOPBACK, 0, True, 1 << 16) as sock:
         stats = await replay(sock, datagrams, speed=2.0, skip=frozenset({3}))
-        await trio.sleep(0.05)
-        got = []
-        while True:
-            try:
-                got.append(receiver.recv(100))
-            except BlockingIOError:
-                break
+        got = [receiver.recv(100) for _ in range(4)]
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(100)
     assert got == [b"\x00", b"\x01", b"\x02", b"\x04"]
     assert stats.datagrams == 4
     assert stats.bytes == 4
-    # paced: never early; the upper bounds leave room for a busy machine
-    assert 0.195 <= stats.elapsed < 0.5
-    assert stats.max_late < 0.2
+    assert stats.elapsed == pytest.approx(0.2)  # paced: never early, never late
+    assert stats.max_late == 0
 
 
 async def test_replay_flat_out_and_bad_speed(sender: socket.socket) -> None:

@@ -176,9 +176,9 @@ def test_stream_across_namespaces_with_reload_and_stop(
         assert doc["feeds"]["alpha"]["healthy"] is True
 
         # SIGTERM: the capture connection is told SHUTTING_DOWN and relayd exits 0 promptly.
-        exit_code, took = relayd.stop(signal.SIGTERM)
+        exit_code, took = relayd.stop(signal.SIGTERM, timeout=15)
         assert exit_code == 0
-        assert took < 3.0
+        assert took < 10.0  # promptly, with room for a loaded machine
         result = json.loads(tx_alpha.communicate(timeout=30)[0])
         assert result["acked"] == total
         assert [code for code, _ in result["errors"]] == [int(ErrorCode.SHUTTING_DOWN)]

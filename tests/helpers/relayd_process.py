@@ -51,7 +51,7 @@ class RelaydProcess:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str]:
+    def wait_line(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -124,7 +124,7 @@ class NotifyListener:
                 self.messages.append(data.decode())
                 self._cond.notify_all()
 
-    def wait(self, want: str, timeout: float = 10.0) -> list[str]:
+    def wait(self, want: str, timeout: float = 30.0) -> list[str]:
         """Messages since the last wait, up to and including the first containing ``want``."""
         deadline = time.monotonic() + timeout
         with self._cond:
