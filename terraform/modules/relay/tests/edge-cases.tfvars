@@ -11,7 +11,7 @@ feeds = {
   "0_a" = { port = 1, groups = ["224.0.1.0/24"], ports = ["1"], auth_key_parameters = ["relayd.edge_key-1"] }
   "eq-test" = {
     port         = 65535, groups = ["239.255.255.255/32", "232.0.0.0/8"], ports = ["5000-5000", "65535", "1-1024"], ttl = 255, max_connections = 1
-    watch_groups = ["239.255.255.255:65535", "232.0.0.1:1"], arbitration = "content", emitter_grace = "1m30s"
+    watch_groups = ["239.255.255.255:5000", "232.0.0.1:1"], arbitration = "content", emitter_grace = "1m30s"
   }
   "prod" = {
     port = 6667, groups = ["239.0.0.0/8"], ttl = 1, max_connections = 64
