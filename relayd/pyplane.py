@@ -546,41 +546,40 @@ class _EmitPump:
         return False
 
     def _send_locked(self, payload: bytes, address: tuple[str, int], key: int) -> bool:
-        """One arbitrated send; a full socket is waited for ``ARB_SEND_WAIT`` at most."""
+        """One arbitrated send (the arbiter's lock held): a full socket is waited for
+        ``ARB_SEND_WAIT`` at most. False when it failed (``err``, ``need_key``)."""
         counters = self.counters
-        waited = False
-        while True:
-            try:
-                self._mcast.sendto(payload, address)
-            except BlockingIOError:
-                if not waited:
-                    counters.send_waits += 1
-                    poller = select.poll()
-                    poller.register(self._mcast.fileno(), select.POLLOUT)
-                    poller.poll(int(ARB_SEND_WAIT * 1000))
-                    waited = True
-                    continue
-                self.err = 11  # EAGAIN
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                self.err = exc.errno or 0
-            else:
-                counters.datagrams_out += 1
-                counters.bytes_out += len(payload)
-                counters.last_send_ok = 1
-                return True
-            self.need_key = key
-            counters.last_send_ok = 0
-            return False
+        try:
+            self._mcast.sendto(payload, address)
+        except OSError as exc:
+            if not self._send_after(exc, payload, address, bounded=True):
+                self.need_key = key
+                counters.last_send_ok = 0
+                return False
+        counters.datagrams_out += 1
+        counters.bytes_out += len(payload)
+        counters.last_send_ok = 1
+        return True
 
-    def _send_after(self, exc: OSError, payload: bytes, address: tuple[str, int]) -> bool | None:
-        """A ``sendto`` failed with ``exc``: wait for room and retry while the socket is full.
-        True when sent, False when it failed for good (``err``), None when stopped."""
-        while isinstance(exc, BlockingIOError):
+    def _send_after(
+        self, exc: OSError, payload: bytes, address: tuple[str, int], *, bounded: bool = False
+    ) -> bool | None:
+        """The pump's one send step after a ``sendto`` failed with ``exc`` (``send_datagram``
+        in relayd/_fastpath.c): retry while the socket is full, waiting for room until it has
+        some or the stop pipe says stop, or (``bounded``: the arbiter's lock is held)
+        ``ARB_SEND_WAIT`` once. True when sent, False when it failed for good (``err``), None
+        when stopped."""
+        gave_up = False
+        while isinstance(exc, BlockingIOError) and not gave_up:
             self.counters.send_waits += 1
-            if not wait_writable(self._mcast, self._stop_fd):
-                return None
+            if not bounded:
+                if not wait_writable(self._mcast, self._stop_fd):
+                    return None
+            else:
+                poller = select.poll()
+                poller.register(self._mcast.fileno(), select.POLLOUT)
+                poller.poll(int(ARB_SEND_WAIT * 1000))
+                gave_up = True
             try:
                 self._mcast.sendto(payload, address)
             except OSError as again:
