@@ -1156,14 +1156,17 @@ static int arb_send_released(struct rd_emit *s, struct rd_arb *a) {
     return 0;
 }
 
-/* The pump's one call per allowed datagram: what was released before goes first, then the
- * datagram if the arbiter says so, then what it released. 0 or RD_SEND_ERROR. */
+/* The pump's one call per allowed datagram, read_ns the pump's CLOCK_MONOTONIC reading for it:
+ * what was released before goes first, then the datagram if the arbiter says so, then what it
+ * released. 0 or RD_SEND_ERROR. */
 static int arb_emit(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
-                    uint64_t len, uint64_t seq) {
+                    uint64_t len, uint64_t seq, int64_t read_ns) {
     struct rd_arb *a = (struct rd_arb *)s->arb;
     pthread_mutex_lock(&a->lock);
+    uint64_t waits = s->send_waits;
     int outcome = arb_send_released(s, a);
-    double now = (double)now_ns(CLOCK_MONOTONIC) / 1e9;
+    if (s->send_waits != waits) read_ns = now_ns(CLOCK_MONOTONIC); /* stale after a wait */
+    double now = (double)read_ns / 1e9;
     int verdict = arb_offer(a, s->arb_source, s->arb_owner, seq, (uint32_t)(key >> 16),
                             (uint16_t)key, p, len, now);
     if (verdict < ARB_DUPLICATE && send_datagram(s, d, key, p, len, WAIT_BOUNDED))
@@ -1351,8 +1354,12 @@ static int emit_frames(struct rd_emit *s) {
             start += size;
             continue;
         }
-        if (s->gate && now_ns(CLOCK_MONOTONIC_COARSE) >=
-                           __atomic_load_n(&s->gate->open_until_ns, __ATOMIC_RELAXED)) {
+        /* One clock read per datagram serves the gate and the arbiter: the arbiter's hold
+         * timeouts (ms) need CLOCK_MONOTONIC; the gate alone (a 0.5 s lease) does with the
+         * coarse clock, a few ms behind it and cheaper to read. */
+        int64_t read_ns = s->arb ? now_ns(CLOCK_MONOTONIC)
+                        : s->gate ? now_ns(CLOCK_MONOTONIC_COARSE) : 0;
+        if (s->gate && read_ns >= __atomic_load_n(&s->gate->open_until_ns, __ATOMIC_RELAXED)) {
             outcome = RD_GATED; /* not emitted, not claimed: after the freeze, Python decides */
             break;
         }
@@ -1371,7 +1378,7 @@ static int emit_frames(struct rd_emit *s) {
             s->oversize++;
         } else if (d->state == DEST_ALLOWED) {
             const uint8_t *p = f + DATA_HEADER;
-            outcome = s->arb ? arb_emit(s, d, key, p, len, seq) /* A/B: its section */
+            outcome = s->arb ? arb_emit(s, d, key, p, len, seq, read_ns) /* A/B: its section */
                              : send_datagram(s, d, key, p, len, WAIT_UNTIL_WRITABLE);
             if (outcome == RD_STOPPED) goto out; /* this datagram was not sent: not claimed */
             last_ts = get64(f + 18);

@@ -408,6 +408,7 @@ class _EmitPump:
         count = len(events)
         gate = self._gate
         monotonic_ns = time.monotonic_ns
+        clocked = gate is not None or arbiter is not None
         while index < count:
             event = events[index]
             if event.__class__ is not Datagram:
@@ -427,7 +428,9 @@ class _EmitPump:
                 dups += 1
                 index += 1
                 continue
-            if gate is not None and monotonic_ns() >= gate.open_until_ns:
+            # one clock read per datagram serves the gate and the arbiter (as in C)
+            read_ns = monotonic_ns() if clocked else 0
+            if gate is not None and read_ns >= gate.open_until_ns:
                 why = Why.GATED  # not emitted, not claimed (relayd/datapath.py EmitGate)
                 break
             key = (group << 16) | port
@@ -444,7 +447,7 @@ class _EmitPump:
             if verdict is Destination.ALLOWED and oversize(len(payload), limit):
                 too_large += 1
             elif verdict is Destination.ALLOWED and arbiter is not None:  # A/B arbitration
-                failed = self._arbitrated(arbiter, key, payload, address, seq)
+                failed = self._arbitrated(arbiter, key, payload, address, seq, read_ns)
                 last_ts = ts_ns
             elif verdict is Destination.ALLOWED:
                 try:
@@ -509,17 +512,22 @@ class _EmitPump:
         payload: bytes,
         address: tuple[str, int],
         frame: int,
+        read_ns: int,
     ) -> bool:
         """What was released before goes first, then the datagram if the arbiter says so,
-        then what it released. True when a send failed (``err``, ``need_key``)."""
+        then what it released (``read_ns``: the pump's ``time.monotonic_ns()`` for it). True
+        when a send failed (``err``, ``need_key``)."""
         with arbiter.lock:
+            waits = self.counters.send_waits
             failed = self._send_released(arbiter)
+            if self.counters.send_waits != waits:  # stale after a wait
+                read_ns = time.monotonic_ns()
             verdict = arbiter.arbiter.offer(
                 self._source,
                 key >> 16,
                 key & 0xFFFF,
                 payload,
-                time.monotonic(),
+                read_ns / 1e9,
                 self._owner,
                 frame,
             )

@@ -12,6 +12,7 @@ from ipaddress import IPv4Address
 import pytest
 import trio
 
+from relayd.arbitration import ArbitrationConfig, ArbitrationMode
 from relayd.config import GroupPort
 from relayd.datapath import EmitGate, EmitStart, Why, select_plane
 from relayd.session import Destination
@@ -38,9 +39,12 @@ def _received(sock: socket.socket) -> list[int]:
             return got
 
 
+@pytest.mark.parametrize("mode", [ArbitrationMode.NONE, ArbitrationMode.CONTENT])
 @pytest.mark.usefixtures("datapath")
-def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
+def test_a_closed_gate_holds_every_datagram_until_it_opens(mode: ArbitrationMode) -> None:
+    """Also with an arbiter, whose clock reading per datagram the gate shares."""
     plane = select_plane()
+    arbiter = None if mode is ArbitrationMode.NONE else plane.arbiter(ArbitrationConfig(mode=mode))
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
     receiver.setblocking(False)
@@ -54,7 +58,9 @@ def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
     gate = EmitGate()  # closed: open_until_ns 0
     try:
         pump = plane.emit_pump(
-            EmitStart(pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, gate=gate)
+            EmitStart(
+                pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, arbiter, gate=gate
+            )
         )
 
         def run_until_idle() -> list[Why]:
@@ -87,7 +93,11 @@ def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
         time.sleep(0.05)
         assert _received(receiver) == list(range(11, 16))
         assert pump.counters.datagrams_out == 15  # type: ignore[attr-defined]
+        if arbiter is not None:  # offered once each, after the gate
+            assert arbiter.counts()["offered"] == arbiter.counts()["sent"] == 15
     finally:
+        if arbiter is not None:
+            arbiter.close()
         for sock in (pump_side, peer, sender, receiver):
             sock.close()
         os.close(stop_r)
