@@ -246,3 +246,40 @@ async def test_with_deribit_arbitration_what_the_observer_drains_reaches_the_arb
                     await trio.sleep(0.02)
     finally:
         sender.close()
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_datagrams_held_back_by_a_stale_lease_are_counted_and_shown() -> None:
+    """The observer starved (it stops renewing the lease): the next datagrams find the gate
+    closed and wait; relayd_emit_gated_total and relayd_emit_gated_seconds_total count it,
+    /healthz/<feed> shows it, and they go out once the observer renews the lease."""
+    (group, port), *_ = pick_groups(1)
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            while not feed.role.gate.is_open():  # the first drain after the stream began
+                await trio.sleep(0.01)
+            assert metric(feed, "emit_gated") == 0
+            renew = feed.role.observed
+            feed.role.observed = lambda *_: None  # type: ignore[method-assign]
+            while feed.role.gate.is_open():  # the lease (0.5 s) lapses
+                await trio.sleep(0.05)
+            frames = [
+                encode_datagram(seq, int(group), port, seq, bytes(32)) for seq in range(1, 11)
+            ]
+            await peer.stream.send_all(b"".join(frames))
+            while metric(feed, "emit_gated") == 0:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert metric(feed, "datagrams_out") == 0
+            assert metric(feed, "emit_gated_seconds") > 0  # the wait in progress counts
+            feed.role.observed = renew  # type: ignore[method-assign]
+            await peer.wait_ack(len(frames))
+            assert metric(feed, "datagrams_out") == len(frames)
+            assert metric(feed, "emit_gated") == 1  # held back once, then all went out
+            detail = feed.health().detail
+            assert detail["emit_gated"] == 1
+            seconds = metric(feed, "emit_gated_seconds")
+            assert detail["emit_gated_seconds"] == pytest.approx(seconds, abs=0.001)
