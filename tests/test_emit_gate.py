@@ -224,6 +224,33 @@ async def test_the_observer_sees_another_relay_and_hands_its_datagrams_to_the_ho
         sender.close()
 
 
+async def test_the_observer_joins_the_groups_of_a_port_on_one_socket() -> None:
+    """Six watched groups on three ports: three sockets (one per port and 20 groups), and
+    another relay's datagrams on every group are seen, with the group they were sent to."""
+    groups = pick_groups(6)  # three ports, two groups each
+    config = make_config(watch_groups=tuple(GroupPort(g, p) for g, p in groups))
+    seen: set[tuple[int, int]] = set()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.2", 0))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    try:
+        with trio.fail_after(20):
+            async with running(config) as feed:
+                assert feed.observer is not None
+                assert feed.observer.sockets == 3
+                assert metric(feed, "emit_watched_groups") == 6
+                feed.observe_hook = lambda g, p, _payload, _now: seen.add((g, p))
+                want = {(int(g), p) for g, p in groups}
+                while not want <= seen:
+                    for group, port in groups:
+                        sender.sendto(b"other relay", (str(group), port))
+                    await trio.sleep(0.05)
+                assert seen == want
+    finally:
+        sender.close()
+
+
 async def test_with_deribit_arbitration_what_the_observer_drains_reaches_the_arbiter() -> None:
     """The observer's default hook is the feed's arbiter: another relay's datagrams are
     observed (so this host, once active, does not send them again)."""
