@@ -15,6 +15,7 @@ import trio
 from relayd.arbitration import ArbitrationConfig, ArbitrationMode
 from relayd.config import GroupPort
 from relayd.datapath import EmitGate, EmitStart, Why, select_plane
+from relayd.emit.stats import GateWaits
 from relayd.session import Destination
 from relayd.wire import EmitConnection, ErrorCode, encode_datagram, encode_hello
 from tests.helpers.capture_standin import Peer, make_config, metric, pick_groups, running
@@ -310,3 +311,12 @@ async def test_datagrams_held_back_by_a_stale_lease_are_counted_and_shown() -> N
             assert detail["emit_gated"] == 1
             seconds = metric(feed, "emit_gated_seconds")
             assert detail["emit_gated_seconds"] == pytest.approx(seconds, abs=0.001)
+
+
+def test_gate_waits_count_the_wait_in_progress_and_never_shrink() -> None:
+    waits = GateWaits().began(10.0)
+    assert (waits.times, waits.total(10.5)) == (1, 0.5)  # in progress: counted up to now
+    waits = waits.ended(11.0)
+    assert (waits.times, waits.since, waits.total(99.0)) == (1, None, 1.0)
+    waits = waits.began(20.0)
+    assert (waits.times, waits.total(19.0)) == (2, 1.0)  # a reading from before it began
