@@ -322,8 +322,8 @@ def test_a_gate_that_held_emission_back_gets_a_line() -> None:
     }
     lines = render_table(doc).splitlines()
     assert (
-        "held: emit gate held datagrams back 3 times, 1.2 s in all (a stale lease: a freeze, "
-        "a starved observer, or standby)"
+        "held: emit gate held datagrams back 3 times, 1.2 s in all (a claim, a stale lease "
+        "after a freeze or a starved observer, or standby)"
     ) in lines
     assert not any(line.startswith("never:") for line in lines)
 

@@ -88,8 +88,8 @@ class SessionChange(enum.Enum):
 
 
 class GateWaits(NamedTuple):
-    """A pump's waits at its feed's closed emit gate (a stale lease: a freeze, a starved
-    observer, or standby), on ``time.monotonic``'s clock. Immutable: its thread replaces it
+    """A pump's waits at its feed's closed emit gate (a claim, a stale lease, or standby), on
+    ``time.monotonic``'s clock. Immutable: its thread replaces it
     whole, so Trio always reads a consistent one."""
 
     times: int = 0  # the pump returned GATED: a datagram to emit found the gate closed
@@ -386,8 +386,8 @@ class EmitStats:
         )
         yield counter(
             "emit_gated",
-            "Times a datagram to emit found the feed's emit gate closed (a stale lease: a "
-            "freeze, a starved observer, or standby) and was held back.",
+            "Times a datagram to emit found the feed's emit gate closed (a claim in progress, "
+            "a stale lease after a freeze or a starved observer, or standby) and was held back.",
             self.gated,
         )
         yield counter(

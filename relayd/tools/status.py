@@ -255,8 +255,8 @@ def gated_line(feed: Mapping[str, Any]) -> str:
         return ""
     waited = f", {seconds:.1f} s in all" if _is_number(seconds) else ""
     return (
-        f"emit gate held datagrams back {times} times{waited} (a stale lease: a freeze, a "
-        "starved observer, or standby)"
+        f"emit gate held datagrams back {times} times{waited} (a claim, a stale lease after a "
+        "freeze or a starved observer, or standby)"
     )
 
 
