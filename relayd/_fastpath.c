@@ -318,6 +318,14 @@ static uint64_t mix64(uint64_t x) {
 
 static struct rd_dest *dest_find(struct rd_emit *s, uint64_t key);
 
+/* The multicast address of key (group << 16 | port, host byte order). */
+static void group_address(uint64_t key, struct sockaddr_in *sa) {
+    memset(sa, 0, sizeof *sa);
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons((uint16_t)(key & 0xFFFF));
+    sa->sin_addr.s_addr = htonl((uint32_t)(key >> 16));
+}
+
 /* -- Deribit sequence tracking: what the arbiter and the upstream counter share ----------------
  *
  * relayd/arbitration/headers.py (parse) and sequence.py (Channel, ChannelTable, classify),
@@ -1087,10 +1095,7 @@ uint64_t rd_arb_flush(struct rd_arb *a, int64_t mcast_fd, uint64_t *failed) {
         struct arb_item *item = a->out_head;
         a->out_head = item->next;
         struct sockaddr_in sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sin_family = AF_INET;
-        sa.sin_port = htons(item->port);
-        sa.sin_addr.s_addr = htonl(item->group);
+        group_address((uint64_t)item->group << 16 | item->port, &sa);
         if (sendto((int)mcast_fd, item->payload, item->len, MSG_DONTWAIT,
                    (const struct sockaddr *)&sa, sizeof sa) >= 0)
             sent++;
@@ -1128,41 +1133,12 @@ int rd_arb_take_released(struct rd_arb *a, struct rd_arb_release *out, uint8_t *
 
 /* -- arbitration in the emit pump ------------------------------------------------------------ */
 
-/* Send one arbitrated datagram (the lock held): on d's connected socket when it has one, else
- * on the shared socket. A full socket is waited for (ARB_SEND_WAIT_MS at most: the lock is
- * held); 0, or -1 with err set (counted as a failed send). */
-static int arb_send(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
-                    uint64_t len) {
-    int connected = d && d->state == DEST_ALLOWED && d->fd >= 0;
-    int fd = connected ? (int)d->fd : (int)s->mcast_fd;
-    struct sockaddr_in sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t)(key & 0xFFFF));
-    sa.sin_addr.s_addr = htonl((uint32_t)(key >> 16));
-    for (int waited = 0;;) {
-        ssize_t sent = connected ? send(fd, p, len, 0)
-                                 : sendto(fd, p, len, 0, (const struct sockaddr *)&sa, sizeof sa);
-        if (sent >= 0) {
-            s->datagrams_out++;
-            s->bytes_out += len;
-            s->last_send_ok = 1;
-            return 0;
-        }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN && !waited) {
-            s->send_waits++;
-            struct pollfd w = {fd, POLLOUT, 0};
-            waited = poll(&w, 1, ARB_SEND_WAIT_MS) <= 0;
-            continue;
-        }
-        s->err = errno;
-        s->need_key = key;
-        s->send_errors++;
-        s->last_send_ok = 0;
-        return -1;
-    }
-}
+enum send_wait {
+    WAIT_UNTIL_WRITABLE, /* until the socket takes more, or the stop pipe says stop */
+    WAIT_BOUNDED,        /* ARB_SEND_WAIT_MS at most, then the send fails (a lock is held) */
+};
+static int send_datagram(struct rd_emit *s, const struct rd_dest *d, uint64_t key,
+                         const uint8_t *p, uint64_t len, enum send_wait wait);
 
 /* Send what the arbiter released, in order, until one fails (the rest stays for the next
  * pump to take the lock). 0 or RD_SEND_ERROR. */
@@ -1172,24 +1148,29 @@ static int arb_send_released(struct rd_emit *s, struct rd_arb *a) {
         a->out_head = item->next;
         if (!a->out_head) a->out_tail = NULL;
         uint64_t key = (uint64_t)item->group << 16 | item->port;
-        int failed = arb_send(s, dest_find(s, key), key, item->payload, item->len);
+        int failed = send_datagram(s, dest_find(s, key), key, item->payload, item->len,
+                                   WAIT_BOUNDED);
         free(item);
         if (failed) return RD_SEND_ERROR;
     }
     return 0;
 }
 
-/* The pump's one call per allowed datagram: what was released before goes first, then the
- * datagram if the arbiter says so, then what it released. 0 or RD_SEND_ERROR. */
+/* The pump's one call per allowed datagram, read_ns the pump's CLOCK_MONOTONIC reading for it:
+ * what was released before goes first, then the datagram if the arbiter says so, then what it
+ * released. 0 or RD_SEND_ERROR. */
 static int arb_emit(struct rd_emit *s, const struct rd_dest *d, uint64_t key, const uint8_t *p,
-                    uint64_t len, uint64_t seq) {
+                    uint64_t len, uint64_t seq, int64_t read_ns) {
     struct rd_arb *a = (struct rd_arb *)s->arb;
     pthread_mutex_lock(&a->lock);
+    uint64_t waits = s->send_waits;
     int outcome = arb_send_released(s, a);
-    double now = (double)now_ns(CLOCK_MONOTONIC) / 1e9;
+    if (s->send_waits != waits) read_ns = now_ns(CLOCK_MONOTONIC); /* stale after a wait */
+    double now = (double)read_ns / 1e9;
     int verdict = arb_offer(a, s->arb_source, s->arb_owner, seq, (uint32_t)(key >> 16),
                             (uint16_t)key, p, len, now);
-    if (verdict < ARB_DUPLICATE && arb_send(s, d, key, p, len)) outcome = RD_SEND_ERROR;
+    if (verdict < ARB_DUPLICATE && send_datagram(s, d, key, p, len, WAIT_BOUNDED))
+        outcome = RD_SEND_ERROR;
     if (!outcome) outcome = arb_send_released(s, a);
     pthread_mutex_unlock(&a->lock);
     return outcome;
@@ -1254,10 +1235,7 @@ void rd_emit_set_dest(struct rd_emit *s, uint64_t key, uint64_t state, int64_t f
     if (d->state == DEST_EMPTY) s->dest_count++;
     d->key = key;
     struct sockaddr_in sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t)(key & 0xFFFF));
-    sa.sin_addr.s_addr = htonl((uint32_t)(key >> 16));
+    group_address(key, &sa);
     memcpy(&d->addr, &sa, sizeof sa);
     d->fd = fd;
     d->state = state;
@@ -1284,6 +1262,50 @@ static int wait_writable(int fd, int stop_fd) {
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 || p[1].revents) return 1;
         if (p[0].revents) return 0;
+    }
+}
+
+/* The pump's one send step, for its own datagrams and for those the arbiter released: on d's
+ * connected socket when it has one (it skips the route lookup of every sendto:
+ * docs/PERFORMANCE.md), else on the shared socket to d's address, or to key's when d is an empty
+ * slot (a released datagram this connection has not looked up). A full socket is waited for as
+ * `wait` says. 0; RD_STOPPED (not sent); RD_SEND_ERROR (err and need_key set: which socket
+ * failed, Python drains its error queue). */
+static int send_datagram(struct rd_emit *s, const struct rd_dest *d, uint64_t key,
+                         const uint8_t *p, uint64_t len, enum send_wait wait) {
+    int connected = d->state == DEST_ALLOWED && d->fd >= 0;
+    int fd = connected ? (int)d->fd : (int)s->mcast_fd;
+    struct sockaddr_in built;
+    const struct sockaddr_in *to = (const struct sockaddr_in *)(const void *)&d->addr;
+    if (d->state == DEST_EMPTY) {
+        group_address(key, &built);
+        to = &built;
+    }
+    for (int gave_up = 0;;) {
+        ssize_t sent = connected ? send(fd, p, len, 0)
+                                 : sendto(fd, p, len, 0, (const struct sockaddr *)to, sizeof *to);
+        if (sent >= 0) {
+            s->datagrams_out++;
+            s->bytes_out += len;
+            s->last_send_ok = 1;
+            return 0;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN && !gave_up) {
+            s->send_waits++;
+            if (wait == WAIT_UNTIL_WRITABLE) {
+                if (wait_writable(fd, (int)s->stop_fd)) return RD_STOPPED;
+            } else {
+                struct pollfd w = {fd, POLLOUT, 0};
+                gave_up = poll(&w, 1, ARB_SEND_WAIT_MS) <= 0;
+            }
+            continue;
+        }
+        s->err = errno;
+        s->need_key = key;
+        s->send_errors++;
+        s->last_send_ok = 0;
+        return RD_SEND_ERROR;
     }
 }
 
@@ -1332,8 +1354,12 @@ static int emit_frames(struct rd_emit *s) {
             start += size;
             continue;
         }
-        if (s->gate && now_ns(CLOCK_MONOTONIC_COARSE) >=
-                           __atomic_load_n(&s->gate->open_until_ns, __ATOMIC_RELAXED)) {
+        /* One clock read per datagram serves the gate and the arbiter: the arbiter's hold
+         * timeouts (ms) need CLOCK_MONOTONIC; the gate alone (a 0.5 s lease) does with the
+         * coarse clock, a few ms behind it and cheaper to read. */
+        int64_t read_ns = s->arb ? now_ns(CLOCK_MONOTONIC)
+                        : s->gate ? now_ns(CLOCK_MONOTONIC_COARSE) : 0;
+        if (s->gate && read_ns >= __atomic_load_n(&s->gate->open_until_ns, __ATOMIC_RELAXED)) {
             outcome = RD_GATED; /* not emitted, not claimed: after the freeze, Python decides */
             break;
         }
@@ -1350,39 +1376,11 @@ static int emit_frames(struct rd_emit *s) {
         uint64_t len = size - DATA_HEADER;
         if (d->state == DEST_ALLOWED && len > s->max_payload) {
             s->oversize++;
-        } else if (d->state == DEST_ALLOWED && s->arb) { /* A/B arbitration: its section */
-            outcome = arb_emit(s, d, key, f + DATA_HEADER, len, seq);
-            last_ts = get64(f + 18);
         } else if (d->state == DEST_ALLOWED) {
-            int fd = d->fd >= 0 ? (int)d->fd : (int)s->mcast_fd;
-            for (;;) {
-                /* A connected socket skips the route lookup of every sendto
-                 * (docs/PERFORMANCE.md). */
-                ssize_t sent = d->fd >= 0 ? send(fd, f + DATA_HEADER, len, 0)
-                                          : sendto(fd, f + DATA_HEADER, len, 0,
-                                                   (const struct sockaddr *)&d->addr,
-                                                   sizeof(struct sockaddr_in));
-                if (sent >= 0) {
-                    s->datagrams_out++;
-                    s->bytes_out += len;
-                    s->last_send_ok = 1;
-                    break;
-                }
-                if (errno == EAGAIN || errno == EINTR) {
-                    if (errno == EAGAIN) s->send_waits++;
-                    if (wait_writable(fd, (int)s->stop_fd)) {
-                        outcome = RD_STOPPED; /* this datagram was not sent: not claimed */
-                        goto out;
-                    }
-                    continue;
-                }
-                s->err = errno;
-                s->need_key = key; /* which socket failed: Python drains its error queue */
-                s->send_errors++;
-                s->last_send_ok = 0;
-                outcome = RD_SEND_ERROR;
-                break;
-            }
+            const uint8_t *p = f + DATA_HEADER;
+            outcome = s->arb ? arb_emit(s, d, key, p, len, seq, read_ns) /* A/B: its section */
+                             : send_datagram(s, d, key, p, len, WAIT_UNTIL_WRITABLE);
+            if (outcome == RD_STOPPED) goto out; /* this datagram was not sent: not claimed */
             last_ts = get64(f + 18);
         } else if (d->state == DEST_DENIED_GROUP) {
             s->denied_group++;

@@ -46,6 +46,7 @@ __all__ = [
     "bind_tcp_listener",
     "drain",
     "drain_error_queue",
+    "join_groups",
     "leave_groups",
     "open_group_receivers",
     "open_multicast_sender",
@@ -304,6 +305,28 @@ def _plan_sockets(
     return plan
 
 
+def _add_memberships(
+    sock: socket.socket,
+    port: int,
+    groups: Sequence[IPv4Address],
+    interface: IPv4Address,
+    sources: Sequence[IPv4Address],
+) -> None:
+    for group in groups:
+        try:
+            if not sources:
+                mreq = group.packed + interface.packed
+                sock.setsockopt(_SOL_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            for source in sources:
+                # struct ip_mreq_source: group, interface, source (source-specific join)
+                mreq = group.packed + interface.packed + source.packed
+                sock.setsockopt(_SOL_IP, IP_ADD_SOURCE_MEMBERSHIP, mreq)
+        except OSError as exc:
+            raise InterfaceError(
+                f"cannot join {group}:{port} on {interface}: {exc.strerror}"
+            ) from None
+
+
 def _open_receiver(
     port: int,
     groups: list[IPv4Address],
@@ -325,19 +348,7 @@ def _open_receiver(
             sock.bind(("0.0.0.0", port))
         except OSError as exc:
             raise InterfaceError(f"cannot bind UDP port {port}: {exc.strerror}") from None
-        for group in groups:
-            try:
-                if not sources:
-                    mreq = group.packed + interface.packed
-                    sock.setsockopt(_SOL_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-                for source in sources:
-                    # struct ip_mreq_source: group, interface, source (source-specific join)
-                    mreq = group.packed + interface.packed + source.packed
-                    sock.setsockopt(_SOL_IP, IP_ADD_SOURCE_MEMBERSHIP, mreq)
-            except OSError as exc:
-                raise InterfaceError(
-                    f"cannot join {group}:{port} on {interface}: {exc.strerror}"
-                ) from None
+        _add_memberships(sock, port, groups, interface, sources)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -388,6 +399,19 @@ def open_group_receivers(
             receiver.close()
         raise
     return receivers
+
+
+def join_groups(
+    receiver: GroupReceiver,
+    groups: Sequence[IPv4Address],
+    sources: Sequence[IPv4Address] = (),
+) -> GroupReceiver:
+    """Join ``groups`` on ``receiver``'s socket too (the caller keeps to
+    ``MAX_MEMBERSHIPS_PER_SOCKET``); returns the receiver with every group it holds (same
+    socket). InterfaceError when a join fails."""
+    _add_memberships(receiver.sock, receiver.port, groups, receiver.interface, sources)
+    added = tuple(g for g in groups if g not in receiver.groups)
+    return attrs.evolve(receiver, groups=receiver.groups + added)
 
 
 def leave_groups(

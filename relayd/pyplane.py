@@ -408,6 +408,7 @@ class _EmitPump:
         count = len(events)
         gate = self._gate
         monotonic_ns = time.monotonic_ns
+        clocked = gate is not None or arbiter is not None
         while index < count:
             event = events[index]
             if event.__class__ is not Datagram:
@@ -427,7 +428,9 @@ class _EmitPump:
                 dups += 1
                 index += 1
                 continue
-            if gate is not None and monotonic_ns() >= gate.open_until_ns:
+            # one clock read per datagram serves the gate and the arbiter (as in C)
+            read_ns = monotonic_ns() if clocked else 0
+            if gate is not None and read_ns >= gate.open_until_ns:
                 why = Why.GATED  # not emitted, not claimed (relayd/datapath.py EmitGate)
                 break
             key = (group << 16) | port
@@ -444,7 +447,7 @@ class _EmitPump:
             if verdict is Destination.ALLOWED and oversize(len(payload), limit):
                 too_large += 1
             elif verdict is Destination.ALLOWED and arbiter is not None:  # A/B arbitration
-                failed = self._arbitrated(arbiter, key, payload, address, seq)
+                failed = self._arbitrated(arbiter, key, payload, address, seq, read_ns)
                 last_ts = ts_ns
             elif verdict is Destination.ALLOWED:
                 try:
@@ -509,17 +512,22 @@ class _EmitPump:
         payload: bytes,
         address: tuple[str, int],
         frame: int,
+        read_ns: int,
     ) -> bool:
         """What was released before goes first, then the datagram if the arbiter says so,
-        then what it released. True when a send failed (``err``, ``need_key``)."""
+        then what it released (``read_ns``: the pump's ``time.monotonic_ns()`` for it). True
+        when a send failed (``err``, ``need_key``)."""
         with arbiter.lock:
+            waits = self.counters.send_waits
             failed = self._send_released(arbiter)
+            if self.counters.send_waits != waits:  # stale after a wait
+                read_ns = time.monotonic_ns()
             verdict = arbiter.arbiter.offer(
                 self._source,
                 key >> 16,
                 key & 0xFFFF,
                 payload,
-                time.monotonic(),
+                read_ns / 1e9,
                 self._owner,
                 frame,
             )
@@ -546,41 +554,40 @@ class _EmitPump:
         return False
 
     def _send_locked(self, payload: bytes, address: tuple[str, int], key: int) -> bool:
-        """One arbitrated send; a full socket is waited for ``ARB_SEND_WAIT`` at most."""
+        """One arbitrated send (the arbiter's lock held): a full socket is waited for
+        ``ARB_SEND_WAIT`` at most. False when it failed (``err``, ``need_key``)."""
         counters = self.counters
-        waited = False
-        while True:
-            try:
-                self._mcast.sendto(payload, address)
-            except BlockingIOError:
-                if not waited:
-                    counters.send_waits += 1
-                    poller = select.poll()
-                    poller.register(self._mcast.fileno(), select.POLLOUT)
-                    poller.poll(int(ARB_SEND_WAIT * 1000))
-                    waited = True
-                    continue
-                self.err = 11  # EAGAIN
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                self.err = exc.errno or 0
-            else:
-                counters.datagrams_out += 1
-                counters.bytes_out += len(payload)
-                counters.last_send_ok = 1
-                return True
-            self.need_key = key
-            counters.last_send_ok = 0
-            return False
+        try:
+            self._mcast.sendto(payload, address)
+        except OSError as exc:
+            if not self._send_after(exc, payload, address, bounded=True):
+                self.need_key = key
+                counters.last_send_ok = 0
+                return False
+        counters.datagrams_out += 1
+        counters.bytes_out += len(payload)
+        counters.last_send_ok = 1
+        return True
 
-    def _send_after(self, exc: OSError, payload: bytes, address: tuple[str, int]) -> bool | None:
-        """A ``sendto`` failed with ``exc``: wait for room and retry while the socket is full.
-        True when sent, False when it failed for good (``err``), None when stopped."""
-        while isinstance(exc, BlockingIOError):
+    def _send_after(
+        self, exc: OSError, payload: bytes, address: tuple[str, int], *, bounded: bool = False
+    ) -> bool | None:
+        """The pump's one send step after a ``sendto`` failed with ``exc`` (``send_datagram``
+        in relayd/_fastpath.c): retry while the socket is full, waiting for room until it has
+        some or the stop pipe says stop, or (``bounded``: the arbiter's lock is held)
+        ``ARB_SEND_WAIT`` once. True when sent, False when it failed for good (``err``), None
+        when stopped."""
+        gave_up = False
+        while isinstance(exc, BlockingIOError) and not gave_up:
             self.counters.send_waits += 1
-            if not wait_writable(self._mcast, self._stop_fd):
-                return None
+            if not bounded:
+                if not wait_writable(self._mcast, self._stop_fd):
+                    return None
+            else:
+                poller = select.poll()
+                poller.register(self._mcast.fileno(), select.POLLOUT)
+                poller.poll(int(ARB_SEND_WAIT * 1000))
+                gave_up = True
             try:
                 self._mcast.sendto(payload, address)
             except OSError as again:

@@ -83,28 +83,9 @@ def test_listed_metric_exists(scraped: metrics.Families, metric: dict[str, str])
     _check(scraped, metric)
 
 
-@pytest.mark.parametrize(
-    "metric",
-    [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="added by issue 14: move it to 'metrics' in relayd-metrics.json then",
-            ),
-        )
-        for m in SPEC["added_by_issue_14"]
-    ],
-    ids=lambda m: m["name"],
-)
-def test_issue_14_metric_pending(scraped: metrics.Families, metric: dict[str, str]) -> None:
-    _check(scraped, metric)
-
-
 def test_list_is_consistent() -> None:
     """Unique keys and names, the agent's dimensions are labels relayd or the scrape sets."""
-    every = SPEC["metrics"] + SPEC["added_by_issue_14"]
+    every = SPEC["metrics"]
     assert len({m["key"] for m in every}) == len(every)
     assert len({m["name"] for m in every}) == len(every)
     assert all(m["name"].startswith("relayd_") for m in every)

@@ -12,8 +12,10 @@ from ipaddress import IPv4Address
 import pytest
 import trio
 
+from relayd.arbitration import ArbitrationConfig, ArbitrationMode
 from relayd.config import GroupPort
 from relayd.datapath import EmitGate, EmitStart, Why, select_plane
+from relayd.emit.stats import GateWaits
 from relayd.session import Destination
 from relayd.wire import EmitConnection, ErrorCode, encode_datagram, encode_hello
 from tests.helpers.capture_standin import Peer, make_config, metric, pick_groups, running
@@ -38,9 +40,12 @@ def _received(sock: socket.socket) -> list[int]:
             return got
 
 
+@pytest.mark.parametrize("mode", [ArbitrationMode.NONE, ArbitrationMode.CONTENT])
 @pytest.mark.usefixtures("datapath")
-def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
+def test_a_closed_gate_holds_every_datagram_until_it_opens(mode: ArbitrationMode) -> None:
+    """Also with an arbiter, whose clock reading per datagram the gate shares."""
     plane = select_plane()
+    arbiter = None if mode is ArbitrationMode.NONE else plane.arbiter(ArbitrationConfig(mode=mode))
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
     receiver.setblocking(False)
@@ -54,7 +59,9 @@ def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
     gate = EmitGate()  # closed: open_until_ns 0
     try:
         pump = plane.emit_pump(
-            EmitStart(pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, gate=gate)
+            EmitStart(
+                pump_side, sender, stop_r, proto, 0, 0, 0.3, 10.0, 0.002, 8500, arbiter, gate=gate
+            )
         )
 
         def run_until_idle() -> list[Why]:
@@ -87,7 +94,11 @@ def test_a_closed_gate_holds_every_datagram_until_it_opens() -> None:
         time.sleep(0.05)
         assert _received(receiver) == list(range(11, 16))
         assert pump.counters.datagrams_out == 15  # type: ignore[attr-defined]
+        if arbiter is not None:  # offered once each, after the gate
+            assert arbiter.counts()["offered"] == arbiter.counts()["sent"] == 15
     finally:
+        if arbiter is not None:
+            arbiter.close()
         for sock in (pump_side, peer, sender, receiver):
             sock.close()
         os.close(stop_r)
@@ -214,6 +225,33 @@ async def test_the_observer_sees_another_relay_and_hands_its_datagrams_to_the_ho
         sender.close()
 
 
+async def test_the_observer_joins_the_groups_of_a_port_on_one_socket() -> None:
+    """Six watched groups on three ports: three sockets (one per port and 20 groups), and
+    another relay's datagrams on every group are seen, with the group they were sent to."""
+    groups = pick_groups(6)  # three ports, two groups each
+    config = make_config(watch_groups=tuple(GroupPort(g, p) for g, p in groups))
+    seen: set[tuple[int, int]] = set()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.2", 0))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    try:
+        with trio.fail_after(20):
+            async with running(config) as feed:
+                assert feed.observer is not None
+                assert feed.observer.sockets == 3
+                assert metric(feed, "emit_watched_groups") == 6
+                feed.observe_hook = lambda g, p, _payload, _now: seen.add((g, p))
+                want = {(int(g), p) for g, p in groups}
+                while not want <= seen:
+                    for group, port in groups:
+                        sender.sendto(b"other relay", (str(group), port))
+                    await trio.sleep(0.05)
+                assert seen == want
+    finally:
+        sender.close()
+
+
 async def test_with_deribit_arbitration_what_the_observer_drains_reaches_the_arbiter() -> None:
     """The observer's default hook is the feed's arbiter: another relay's datagrams are
     observed (so this host, once active, does not send them again)."""
@@ -236,3 +274,49 @@ async def test_with_deribit_arbitration_what_the_observer_drains_reaches_the_arb
                     await trio.sleep(0.02)
     finally:
         sender.close()
+
+
+@pytest.mark.usefixtures("datapath")
+async def test_datagrams_held_back_by_a_stale_lease_are_counted_and_shown() -> None:
+    """The observer starved (it stops renewing the lease): the next datagrams find the gate
+    closed and wait; relayd_emit_gated_total and relayd_emit_gated_seconds_total count it,
+    /healthz/<feed> shows it, and they go out once the observer renews the lease."""
+    (group, port), *_ = pick_groups(1)
+    with trio.fail_after(20):
+        async with running(make_config()) as feed:
+            assert feed.listen_port
+            peer = await Peer.start(feed.listen_port)
+            assert await peer.welcome() == 0
+            while not feed.role.gate.is_open():  # the first drain after the stream began
+                await trio.sleep(0.01)
+            assert metric(feed, "emit_gated") == 0
+            renew = feed.role.observed
+            feed.role.observed = lambda *_: None  # type: ignore[method-assign]
+            while feed.role.gate.is_open():  # the lease (0.5 s) lapses
+                await trio.sleep(0.05)
+            frames = [
+                encode_datagram(seq, int(group), port, seq, bytes(32)) for seq in range(1, 11)
+            ]
+            await peer.stream.send_all(b"".join(frames))
+            while metric(feed, "emit_gated") == 0:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert metric(feed, "datagrams_out") == 0
+            assert metric(feed, "emit_gated_seconds") > 0  # the wait in progress counts
+            feed.role.observed = renew  # type: ignore[method-assign]
+            await peer.wait_ack(len(frames))
+            assert metric(feed, "datagrams_out") == len(frames)
+            assert metric(feed, "emit_gated") == 1  # held back once, then all went out
+            detail = feed.health().detail
+            assert detail["emit_gated"] == 1
+            seconds = metric(feed, "emit_gated_seconds")
+            assert detail["emit_gated_seconds"] == pytest.approx(seconds, abs=0.001)
+
+
+def test_gate_waits_count_the_wait_in_progress_and_never_shrink() -> None:
+    waits = GateWaits().began(10.0)
+    assert (waits.times, waits.total(10.5)) == (1, 0.5)  # in progress: counted up to now
+    waits = waits.ended(11.0)
+    assert (waits.times, waits.since, waits.total(99.0)) == (1, None, 1.0)
+    waits = waits.began(20.0)
+    assert (waits.times, waits.total(19.0)) == (2, 1.0)  # a reading from before it began

@@ -308,6 +308,26 @@ def test_arbitration_lines() -> None:
     assert not any(line.startswith("plain:") for line in lines)
 
 
+def test_a_gate_that_held_emission_back_gets_a_line() -> None:
+    doc = {
+        "feeds": {
+            "held": {
+                "kind": "emit",
+                "healthy": True,
+                "emit_gated": 3,
+                "emit_gated_seconds": 1.234,
+            },
+            "never": {"kind": "emit", "healthy": True, "emit_gated": 0, "emit_gated_seconds": 0},
+        }
+    }
+    lines = render_table(doc).splitlines()
+    assert (
+        "held: emit gate held datagrams back 3 times, 1.2 s in all (a claim, a stale lease "
+        "after a freeze or a starved observer, or standby)"
+    ) in lines
+    assert not any(line.startswith("never:") for line in lines)
+
+
 def test_upstream_line_names_the_worst_channel_and_stays_quiet_without_loss() -> None:
     check = {
         "layout": "sbe",

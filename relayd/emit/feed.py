@@ -342,6 +342,8 @@ class EmitFeedRuntime:
             "datagrams_out": stats.datagrams_out,
             "sending_failed": failing,
             "last_error": stats.last_error,
+            "emit_gated": stats.gated,
+            "emit_gated_seconds": round(stats.gated_seconds, 3),
             "role": role,
         }
         if self.arbitration is not None:

@@ -7,9 +7,10 @@ the feed's :class:`FeedRole` (the role machine of relayd/emit/role.py behind a l
 or closes the feed's emit gate (relayd/datapath.py ``EmitGate``) after every drain.
 
 It is a bounded-rate sample, not a copy of the feed: every ``TICK`` it reads at most
-``DRAIN_LIMIT`` datagrams per socket from a small receive buffer (``OBSERVER_BUFFER``) and the
-kernel drops the rest, so a standby host that sees the full feed rate spends a few thousand
-``recvmsg`` a second on it whatever the rate (``python -m bench.observer``). What it needs is
+``DRAIN_LIMIT`` datagrams per socket (one per port and 20 groups, as capture's) from a small
+receive buffer (``OBSERVER_BUFFER``) and the kernel drops the rest, so a standby host that
+sees the full feed rate spends a few thousand ``recvmsg`` a second on it whatever the rate
+(``python -m bench.observer``). What it needs is
 "another relay emits this feed, since when, last seen"; the datagrams it drains from other
 relays go to ``hook(group, port, payload, now)`` when one is set (an arbiter's ``observe``;
 at high rates a sample). Waking from a freeze, it drains before it decides: the datagrams
@@ -42,8 +43,10 @@ from relayd.emit.beacon import Beacon, BeaconError, decode, encode
 from relayd.emit.role import GRACE, Role, RoleEvent, RoleMachine, StepDown
 from relayd.netif import (
     ANCBUFSIZE,
+    MAX_MEMBERSHIPS_PER_SOCKET,
     GroupReceiver,
     InterfaceError,
+    join_groups,
     open_group_receivers,
     open_multicast_sender,
     parse_ancillary,
@@ -305,6 +308,11 @@ class Observer:
             self.watched.add(destination)
             self._learned.append(destination)
 
+    @property
+    def sockets(self) -> int:
+        """Sockets open for the watched groups (one per port and 20 groups)."""
+        return len(self._receivers)
+
     def close(self) -> None:
         for receiver in self._receivers:
             receiver.close()
@@ -429,14 +437,25 @@ class Observer:
             self._join(destination)
 
     def _join(self, destination: tuple[IPv4Address, int]) -> None:
+        """Join on a socket of the destination's port with room (as capture groups them), else
+        on a new one: fewer descriptors, one sample bound per socket."""
         self.watched.add(destination)
+        group, port = destination
+        roomy = [
+            i
+            for i, r in enumerate(self._receivers)
+            if r.port == port and len(r.groups) < MAX_MEMBERSHIPS_PER_SOCKET
+        ]
         try:
-            receivers = open_group_receivers(
-                [destination], self.interface, OBSERVER_BUFFER, force_buffer=False
-            )
-            self._receivers += receivers
-            for receiver in receivers:
-                self._block_own(receiver, destination[0])
+            if roomy:
+                receiver = join_groups(self._receivers[roomy[0]], [group])
+                self._receivers[roomy[0]] = receiver
+            else:
+                (receiver,) = open_group_receivers(
+                    [destination], self.interface, OBSERVER_BUFFER, force_buffer=False
+                )
+                self._receivers.append(receiver)
+            self._block_own(receiver, group)
         except (InterfaceError, OSError) as exc:
             self.join_errors += 1
             log.warning(

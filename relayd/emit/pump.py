@@ -14,6 +14,7 @@ import enum
 import os
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -116,8 +117,12 @@ def pump_connection(
                 learn(key)
         elif why == Why.GATED:
             assert role is not None
-            with beat.wait():  # waiting by design: for the observer's decision
-                end = _wait_for_gate(role, stop_fd)
+            link.gate_waits = link.gate_waits.began(time.monotonic())
+            try:
+                with beat.wait():  # waiting by design: for the observer's decision
+                    end = _wait_for_gate(role, stop_fd)
+            finally:
+                link.gate_waits = link.gate_waits.ended(time.monotonic())
             if end is not None:
                 return end, None
         elif why == Why.SEND_ERROR:  # counted by Trio from the link (EmitStats.sync)

@@ -12,8 +12,9 @@ import enum
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -28,6 +29,7 @@ __all__ = [
     "SEND_RECOVERY",
     "Closed",
     "EmitStats",
+    "GateWaits",
     "PumpLink",
     "Rejected",
     "SessionChange",
@@ -85,13 +87,36 @@ class SessionChange(enum.Enum):
     # side held unacknowledged is not resent by the new session
 
 
+class GateWaits(NamedTuple):
+    """A pump's waits at its feed's closed emit gate (a claim, a stale lease, or standby), on
+    ``time.monotonic``'s clock. Immutable: its thread replaces it
+    whole, so Trio always reads a consistent one."""
+
+    times: int = 0  # the pump returned GATED: a datagram to emit found the gate closed
+    seconds: float = 0.0  # the ended waits
+    since: float | None = None  # when the wait in progress began
+
+    def began(self, now: float) -> GateWaits:
+        return GateWaits(self.times + 1, self.seconds, now)
+
+    def ended(self, now: float) -> GateWaits:
+        return GateWaits(self.times, self.total(now), None)
+
+    def total(self, now: float) -> float:
+        """Seconds waited up to ``now``, the wait in progress included."""
+        return self.seconds + (0.0 if self.since is None else max(0.0, now - self.since))
+
+
 class PumpLink:
     """A streaming connection's pump (set by its thread once built) and what of its counters
     the feed has counted already."""
 
     __slots__ = (
         "counted_errors",
+        "counted_gate_seconds",
+        "counted_gate_times",
         "errors",
+        "gate_waits",
         "last",
         "latency",
         "latency_sum_ns",
@@ -107,6 +132,9 @@ class PumpLink:
         #: failed multicast sends by errno: written by the pump's thread only
         self.errors: dict[int, int] = {}
         self.counted_errors: dict[int, int] = {}
+        self.gate_waits = GateWaits()  # written by the pump's thread only
+        self.counted_gate_times = 0
+        self.counted_gate_seconds = 0.0
         self.last = [0] * len(EMIT_COUNTERS)
         self.latency: list[int] = []
         self.latency_sum_ns = 0
@@ -128,6 +156,8 @@ class EmitStats:
         self.connections_accepted = 0
         self.decode_errors = 0
         self.send_waits = 0  # times the multicast socket was full (EAGAIN) and a pump waited
+        self.gated = 0  # times a datagram to emit found the feed's emit gate closed
+        self.gated_seconds = 0.0  # how long the pumps waited at the closed gate, summed
         self.dropped: dict[str, int] = dict.fromkeys(
             (
                 *(d.reason for d in Destination if d is not Destination.ALLOWED),
@@ -177,6 +207,7 @@ class EmitStats:
             for err, count in errors.items():
                 self._send_failed(err, count - link.counted_errors.get(err, 0))
             link.counted_errors = errors
+        self._sync_gate_waits(link)
         if not any(growth):
             return
         link.last = values
@@ -237,6 +268,15 @@ class EmitStats:
                 link.session_hex,
                 gap_sequences,
             )
+
+    def _sync_gate_waits(self, link: PumpLink) -> None:
+        waits = link.gate_waits
+        self.gated += waits.times - link.counted_gate_times
+        link.counted_gate_times = waits.times
+        seconds = waits.total(time.monotonic())
+        if seconds > link.counted_gate_seconds:
+            self.gated_seconds += seconds - link.counted_gate_seconds
+            link.counted_gate_seconds = seconds
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -343,6 +383,17 @@ class EmitStats:
             "send_waits",
             "Times the multicast socket's send buffer was full and the feed waited for room.",
             self.send_waits,
+        )
+        yield counter(
+            "emit_gated",
+            "Times a datagram to emit found the feed's emit gate closed (a claim in progress, "
+            "a stale lease after a freeze or a starved observer, or standby) and was held back.",
+            self.gated,
+        )
+        yield counter(
+            "emit_gated_seconds",
+            "Seconds the feed's pumps waited at its closed emit gate, summed over connections.",
+            self.gated_seconds,
         )
         yield counter(
             "decode_errors", "Connections that sent undecodable bytes.", self.decode_errors

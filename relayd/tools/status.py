@@ -248,6 +248,18 @@ def upstream_line(feed: Mapping[str, Any]) -> str:
     return text
 
 
+def gated_line(feed: Mapping[str, Any]) -> str:
+    """How often and how long an emit feed's gate held emission back (empty when never)."""
+    times, seconds = feed.get("emit_gated"), feed.get("emit_gated_seconds")
+    if not _is_number(times) or not times:
+        return ""
+    waited = f", {seconds:.1f} s in all" if _is_number(seconds) else ""
+    return (
+        f"emit gate held datagrams back {times} times{waited} (a claim, a stale lease after a "
+        "freeze or a starved observer, or standby)"
+    )
+
+
 def split_brain_line(feed: Mapping[str, Any]) -> str:
     """An emit feed's split-brain now, or how many it had (empty when none)."""
     role = feed.get("role")
@@ -368,7 +380,12 @@ def render_table(doc: Mapping[str, Any], url: str = "") -> str:
             if line:
                 lines.append(f"{name}: {line}")
     for name, feed in _feeds(doc):
-        for line in (arbitration_line(feed.get("arbitration")), upstream_line(feed)):
+        lines_of_feed = (
+            arbitration_line(feed.get("arbitration")),
+            upstream_line(feed),
+            gated_line(feed),
+        )
+        for line in lines_of_feed:
             if line:
                 lines.append(f"{name}: {line}")
         for site, detail in _sites(feed):

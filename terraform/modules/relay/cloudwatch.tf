@@ -8,12 +8,8 @@
 # whole relay.
 
 locals {
-  metrics_file = jsondecode(file("${path.module}/relayd-metrics.json"))
-  # Metrics relayd has today, and those issue 14 adds (used only with alarms.issue_14_metrics).
-  relayd_metrics = { for m in concat(
-    local.metrics_file.metrics,
-    var.alarms.issue_14_metrics ? local.metrics_file.added_by_issue_14 : [],
-  ) : m.key => m.name }
+  metrics_file      = jsondecode(file("${path.module}/relayd-metrics.json"))
+  relayd_metrics    = { for m in local.metrics_file.metrics : m.key => m.name }
   metrics_namespace = local.metrics_file.namespace
 
   # As the user data writes them (the tests read these).
@@ -56,7 +52,7 @@ locals {
           emf_processor = {
             metric_declaration_dedup = true
             metric_namespace         = local.metrics_namespace
-            metric_unit              = { for m in concat(local.metrics_file.metrics, local.metrics_file.added_by_issue_14) : m.name => m.unit }
+            metric_unit              = { for m in local.metrics_file.metrics : m.name => m.unit }
             metric_declaration = [{
               source_labels    = ["job"]
               label_matcher    = "^relayd$"
@@ -131,9 +127,9 @@ resource "aws_cloudwatch_metric_alarm" "relay_gaps" {
   tags                = merge(local.tags, { "relayd:feed" = each.key })
 }
 
-# Gaps at the exchange (upstream), counted once issue 14's sequenced arbitration is in.
+# Gaps at the exchange (upstream): side=capture before relaying, side=emit after arbitration.
 resource "aws_cloudwatch_metric_alarm" "upstream_gaps" {
-  for_each = var.alarms.issue_14_metrics ? var.feeds : {}
+  for_each = var.alarms.role_and_upstream_alarms ? var.feeds : {}
 
   alarm_name          = "${var.name}-relay-${each.key}-upstream-gaps"
   alarm_description   = "Feed ${each.key} of relay ${var.name}: sequence gaps at the exchange that customers will see (${local.relayd_metrics.upstream_gaps} rose)."
@@ -173,17 +169,17 @@ resource "aws_cloudwatch_metric_alarm" "ack_lag" {
   tags                = merge(local.tags, { "relayd:feed" = each.key })
 }
 
-# No instance is the feed's active emitter. Until issue 14's role gauge exists, the active
-# emitter is the instance holding the feed's capture stream: no instance had a capture
-# connection at any scrape of the minute (the Maximum over the group is below 1). With
-# alarms.issue_14_metrics, no instance said it was active.
+# No instance is the feed's active emitter: no instance said it was active (the role gauge)
+# at any scrape of the minute (the Maximum over the group is below 1). Without
+# alarms.role_and_upstream_alarms (a relayd older than the gauge), no instance held a capture
+# connection.
 resource "aws_cloudwatch_metric_alarm" "no_active_emitter" {
   for_each = var.feeds
 
   alarm_name          = "${var.name}-relay-${each.key}-no-active-emitter"
-  alarm_description   = "Feed ${each.key} of relay ${var.name}: no instance is emitting the feed (${var.alarms.issue_14_metrics ? local.relayd_metrics.emit_active : local.relayd_metrics.active_connections}, maximum over the group, below 1)."
+  alarm_description   = "Feed ${each.key} of relay ${var.name}: no instance is emitting the feed (${var.alarms.role_and_upstream_alarms ? local.relayd_metrics.emit_active : local.relayd_metrics.active_connections}, maximum over the group, below 1)."
   namespace           = local.metrics_namespace
-  metric_name         = var.alarms.issue_14_metrics ? local.relayd_metrics.emit_active : local.relayd_metrics.active_connections
+  metric_name         = var.alarms.role_and_upstream_alarms ? local.relayd_metrics.emit_active : local.relayd_metrics.active_connections
   dimensions          = local.feed_dimensions[each.key]
   statistic           = "Maximum"
   period              = 60
@@ -199,7 +195,7 @@ resource "aws_cloudwatch_metric_alarm" "no_active_emitter" {
 
 # Two active emitters for one feed (split brain): two sources on the customers' groups.
 resource "aws_cloudwatch_metric_alarm" "split_brain" {
-  for_each = var.alarms.issue_14_metrics ? var.feeds : {}
+  for_each = var.alarms.role_and_upstream_alarms ? var.feeds : {}
 
   alarm_name          = "${var.name}-relay-${each.key}-split-brain"
   alarm_description   = "Feed ${each.key} of relay ${var.name}: more than one instance emits the feed (${local.relayd_metrics.emit_active}: instances in service times the share of samples saying active, above 1.5)."
@@ -325,7 +321,7 @@ locals {
         title = "${feed}: gaps per minute", region = local.region, stat = "Sum", period = 60, view = "timeSeries"
         metrics = concat(
           [[local.metrics_namespace, local.relayd_metrics.gaps, "relay", var.name, "feed", feed, { label = "relay gaps" }]],
-          var.alarms.issue_14_metrics ? [[local.metrics_namespace, local.relayd_metrics.upstream_gaps, "relay", var.name, "feed", feed, { label = "upstream gaps" }]] : [],
+          var.alarms.role_and_upstream_alarms ? [[local.metrics_namespace, local.relayd_metrics.upstream_gaps, "relay", var.name, "feed", feed, { label = "upstream gaps" }]] : [],
         )
       }
     },
@@ -338,7 +334,7 @@ locals {
             [local.metrics_namespace, local.relayd_metrics.ack_lag, "relay", var.name, "feed", feed, { stat = "Maximum", label = "ACK lag (max)" }],
             [local.metrics_namespace, local.relayd_metrics.active_connections, "relay", var.name, "feed", feed, { stat = "Maximum", label = "capture connections (max)", yAxis = "right" }],
           ],
-          var.alarms.issue_14_metrics ? [[local.metrics_namespace, local.relayd_metrics.emit_active, "relay", var.name, "feed", feed, { stat = "Maximum", label = "active emitter", yAxis = "right" }]] : [],
+          var.alarms.role_and_upstream_alarms ? [[local.metrics_namespace, local.relayd_metrics.emit_active, "relay", var.name, "feed", feed, { stat = "Maximum", label = "active emitter", yAxis = "right" }]] : [],
         )
       }
     },

@@ -334,18 +334,20 @@ variable "alarms" {
     publish). silent_minutes: the feed's datagrams out, summed over every instance, at zero
     this long (quiet_feeds get no such alarm, e.g. a dev feed that is idle at times).
     max_ack_lag / ack_lag_minutes: datagrams emitted but not acknowledged. redundancy_minutes:
-    fewer healthy hosts than the desired capacity this long. issue_14_metrics: also alarm on
-    the metrics issue 14 adds (active emitter role, upstream gaps) once relayd exposes them.
+    fewer healthy hosts than the desired capacity this long. role_and_upstream_alarms (on by
+    default): alarm on the active-emitter role gauge (no-active-emitter reads it, split-brain)
+    and on upstream gaps; off, no-active-emitter reads the capture connections instead (for a
+    relayd older than these metrics).
   EOT
   type = object({
-    sns_topic_arn      = optional(string)
-    email_endpoints    = optional(list(string), [])
-    silent_minutes     = optional(number, 5)
-    quiet_feeds        = optional(list(string), [])
-    max_ack_lag        = optional(number, 100000)
-    ack_lag_minutes    = optional(number, 3)
-    redundancy_minutes = optional(number, 5)
-    issue_14_metrics   = optional(bool, false)
+    sns_topic_arn            = optional(string)
+    email_endpoints          = optional(list(string), [])
+    silent_minutes           = optional(number, 5)
+    quiet_feeds              = optional(list(string), [])
+    max_ack_lag              = optional(number, 100000)
+    ack_lag_minutes          = optional(number, 3)
+    redundancy_minutes       = optional(number, 5)
+    role_and_upstream_alarms = optional(bool, true)
   })
   default = {}
 

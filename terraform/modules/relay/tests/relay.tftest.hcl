@@ -207,14 +207,14 @@ run "alarms" {
 
   assert {
     condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.no_active_emitter :
-      a.metric_name == "relayd_active_connections" && a.dimensions.feed == name && a.statistic == "Maximum" && a.comparison_operator == "LessThanThreshold" && a.threshold == 1 && a.treat_missing_data == "breaching"
+      a.metric_name == "relayd_emit_active" && a.dimensions.feed == name && a.statistic == "Maximum" && a.comparison_operator == "LessThanThreshold" && a.threshold == 1 && a.treat_missing_data == "breaching"
     ]) && length(aws_cloudwatch_metric_alarm.no_active_emitter) == 2
-    error_message = "Without issue 14's role gauge, no active emitter means no instance holds a capture connection."
+    error_message = "By default, no active emitter means no instance says it is the feed's active emitter (the role gauge)."
   }
 
   assert {
-    condition     = length(aws_cloudwatch_metric_alarm.upstream_gaps) == 0 && length(aws_cloudwatch_metric_alarm.split_brain) == 0
-    error_message = "The alarms on issue 14's metrics stay off until alarms.issue_14_metrics."
+    condition     = toset(keys(aws_cloudwatch_metric_alarm.upstream_gaps)) == toset(["dev", "prod"]) && alltrue([for a in values(aws_cloudwatch_metric_alarm.upstream_gaps) : a.metric_name == "relayd_upstream_gaps_total"]) && length(aws_cloudwatch_metric_alarm.split_brain) == 2
+    error_message = "By default each feed alarms on upstream gaps and on two active emitters."
   }
 
   assert {
@@ -508,31 +508,28 @@ run "metrics_reach_cloudwatch" {
   }
 }
 
-run "issue_14_alarms" {
+run "alarms_for_a_relayd_without_role_and_upstream_metrics" {
   command = plan
 
   variables {
-    alarms = { issue_14_metrics = true, quiet_feeds = ["dev"] }
+    alarms = { role_and_upstream_alarms = false, quiet_feeds = ["dev"] }
   }
 
   assert {
-    condition     = toset(keys(aws_cloudwatch_metric_alarm.upstream_gaps)) == toset(["dev", "prod"]) && alltrue([for a in values(aws_cloudwatch_metric_alarm.upstream_gaps) : a.metric_name == "relayd_upstream_gaps_total"])
-    error_message = "With issue 14's metrics, each feed alarms on upstream gaps."
+    condition     = length(aws_cloudwatch_metric_alarm.upstream_gaps) == 0 && length(aws_cloudwatch_metric_alarm.split_brain) == 0
+    error_message = "Without role_and_upstream_alarms, no alarm reads the role gauge or the upstream gaps."
   }
 
   assert {
-    condition     = alltrue([for a in values(aws_cloudwatch_metric_alarm.no_active_emitter) : a.metric_name == "relayd_emit_active"]) && length(aws_cloudwatch_metric_alarm.split_brain) == 2
-    error_message = "With issue 14's metrics, the active-emitter alarms read the role gauge, and two emitters alarm too."
+    condition = alltrue([for name, a in aws_cloudwatch_metric_alarm.no_active_emitter :
+      a.metric_name == "relayd_active_connections" && a.dimensions.feed == name && a.treat_missing_data == "breaching"
+    ]) && length(aws_cloudwatch_metric_alarm.no_active_emitter) == 2
+    error_message = "Without the role gauge, no active emitter means no instance holds a capture connection."
   }
 
   assert {
     condition     = keys(aws_cloudwatch_metric_alarm.feed_silent) == ["prod"]
     error_message = "A quiet feed has no silence alarm."
-  }
-
-  assert {
-    condition     = contains(one(jsondecode(local.agent_config_rendered).logs.metrics_collected.prometheus.emf_processor.metric_declaration).metric_selectors, "^relayd_emit_active$")
-    error_message = "The agent ships the issue 14 metrics once they are used."
   }
 }
 
