@@ -133,6 +133,12 @@ variable "feeds" {
   }
 
   validation {
+    # relayd sends its beacons to the feed's listen port on the first watch group.
+    condition     = alltrue(flatten([for f in values(var.feeds) : [for w in f.watch_groups : try(tonumber(split(":", w)[1]) != f.port, true)]]))
+    error_message = "A feed's watch_groups must not use the feed's own port: relayd's beacons go to that port on the first watch group, where customers must not bind."
+  }
+
+  validation {
     condition     = alltrue([for f in values(var.feeds) : length(distinct(f.watch_groups)) == length(f.watch_groups)])
     error_message = "A feed's watch_groups must not name one group:port twice."
   }

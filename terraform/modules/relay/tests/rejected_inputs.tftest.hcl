@@ -249,3 +249,11 @@ run "emitter_grace_not_a_duration" {
   }
   expect_failures = [var.feeds]
 }
+
+run "watch_group_on_the_beacon_port" {
+  command = plan
+  variables {
+    feeds = { prod = { port = 6667, groups = ["239.10.2.0/24"], watch_groups = ["239.10.2.1:6667"] } }
+  }
+  expect_failures = [var.feeds]
+}
