@@ -1,7 +1,7 @@
 """CPU per datagram of the capture side's upstream check (`python -m bench.upstream`).
 
 The data planes' upstream counters (``upstream_check = "deribit"``) over capture batches of 64
-DATA frames, as ``rd_capture_batch`` hands them over: C (``rd_upstream_scan``, one ctypes call
+DATA frames, as ``rd_capture_next`` hands them over: C (``rd_upstream_scan``, one ctypes call
 per batch, the bytes copy of the batch included) and Python (relayd.arbitration's
 UpstreamMonitor, the specification). Traffic as in bench.arbitration: the Deribit sample ten
 times over (8-byte headers, every channel's sequence continued) and synthetic SBE traffic (64

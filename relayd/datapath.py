@@ -10,7 +10,8 @@ relayd/session.py. :func:`select` picks the leaf (``RELAYD_DATAPATH``).
 
 The GIL rule, stated once: a data-path thread holds the GIL only while it runs Python; every
 call into the C leaf releases it (ctypes.CDLL), blocking calls and the batch alike, and no lock
-of a feed is held across a blocking call, so a Trio task never waits for a receive thread's
+of a feed is held across a blocking call (a capture feed's numbering is held from a batch to
+its hand-back, never across the wait), so a Trio task never waits for a receive thread's
 batch.
 
 Threads rather than Trio tasks, by measurement (docs/PERFORMANCE.md). Supervision stays

@@ -14,7 +14,7 @@ relayd/emit.py):
   counted), and writes only well-formed ACKs/HEARTBEATs back;
 - ``rd_capture_read`` consumes ACKs and HEARTBEATs, keeps the highest ACK, and hands anything
   else back where the Python capture connection refuses it or sees an ERROR;
-- ``rd_capture_batch`` frames received datagrams of every size (0 to 65507) into frames that
+- ``rd_capture_next`` frames received datagrams of every size (0 to 65507) into frames that
   decode to exactly those payloads with consecutive sequence numbers, and never writes past
   ``cap``.
 
@@ -105,7 +105,7 @@ MAX_FRAME = 2 + 65535
 SAFETY_NS = 10_000_000_000  # idle_ns: a pump that waits this long has lost its way
 U64 = 2**64 - 1
 I64 = 2**63 - 1
-GUARD = 4096  # bytes after cap that rd_capture_batch must never touch
+GUARD = 4096  # bytes after cap that rd_capture_next must never touch
 LOOPBACK = IPv4Address("127.0.0.1")
 
 
