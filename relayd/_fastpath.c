@@ -1598,10 +1598,26 @@ static int capture_wait(struct rd_capture *s) {
     }
 }
 
+/* Write buf[s->sent:end] to the claimed connection fd (non-blocking): s->sent grows, a failure
+ * other than a full socket is s->send_err. */
+static void capture_send(struct rd_capture *s, int64_t fd, uint64_t end) {
+    while (s->sent < end && !s->send_err) {
+        ssize_t n = send((int)fd, s->buf + s->sent, end - s->sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0) {
+            s->sent += (uint64_t)n;
+        } else if (errno != EINTR) {
+            if (errno != EAGAIN) s->send_err = errno;
+            return;
+        }
+    }
+}
+
 /* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
  * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL); then, when the
- * claim word holds the connection's fd, claim it and write the batch to it. */
-static int capture_batch(struct rd_capture *s, uint64_t first_seq) {
+ * claim word holds the connection's fd, claim it and write the batch to it. `early` (the last
+ * batch was one datagram: a low rate): claim and write the first datagram as soon as it is
+ * received, before the receive that finds the socket empty. */
+static int capture_batch(struct rd_capture *s, uint64_t first_seq, int early) {
     uint8_t *buf = s->buf;
     uint64_t offset = 0, count = 0, bytes = 0;
     union {
@@ -1609,7 +1625,12 @@ static int capture_batch(struct rd_capture *s, uint64_t first_seq) {
         struct cmsghdr align;
     } control;
     int outcome = RD_FULL;
+    int64_t fd = -1;
+    uint64_t early_end = 0; /* what the early write was to cover */
     s->drops_seen = 0;
+    s->sent = 0;
+    s->send_err = 0;
+    s->claimed = 0;
     while (offset + s->room <= s->cap) {
         uint8_t *f = buf + offset;
         struct iovec iov = {f + DATA_HEADER, s->cap - offset - DATA_HEADER};
@@ -1653,26 +1674,24 @@ static int capture_batch(struct rd_capture *s, uint64_t first_seq) {
         offset += DATA_HEADER + (uint64_t)size;
         bytes += (uint64_t)size;
         count++;
+        if (early && count == 1 && s->claim) {
+            fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
+            if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) {
+                s->claimed = 1;
+                early_end = offset;
+                capture_send(s, fd, offset);
+            }
+        }
     }
     s->count = count;
     s->offset = offset;
     s->payload_bytes = bytes;
-    s->sent = 0;
-    s->send_err = 0;
-    s->claimed = 0;
-    int64_t fd = count && s->claim ? __atomic_load_n(s->claim, __ATOMIC_ACQUIRE) : -1;
-    if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) {
-        s->claimed = 1; /* latency first: written before any Python runs */
-        while (s->sent < offset) {
-            ssize_t n = send((int)fd, buf + s->sent, offset - s->sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (n >= 0) {
-                s->sent += (uint64_t)n;
-            } else if (errno != EINTR) {
-                if (errno != EAGAIN) s->send_err = errno;
-                break;
-            }
-        }
+    if (!s->claimed && count && s->claim) {
+        fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
+        if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) s->claimed = 1;
     }
+    /* latency first: written before any Python runs (after a partial write the rest waits) */
+    if (s->claimed && s->sent == early_end) capture_send(s, fd, offset);
     if (count && s->upstream) rd_upstream_scan(s->upstream, buf, count, now_ns(CLOCK_MONOTONIC));
     return outcome;
 }
@@ -1701,15 +1720,18 @@ int rd_capture_next(struct rd_capture *s) {
         struct pollfd stop = {(int)s->stop_fd, POLLIN, 0};
         if (poll(&stop, 1, 0) > 0) return RD_STOPPED;
     } else {
-        s->count = 0;
         int why = capture_wait(s);
-        if (why) return why;
+        if (why) {
+            s->count = 0;
+            return why;
+        }
     }
+    int early = s->count == 1; /* the last batch was one datagram */
     struct rd_numbering *n = s->numbering;
     pthread_mutex_lock(&n->lock);
     s->held = 1;
     s->first = n->seq + 1;
-    int outcome = capture_batch(s, s->first);
+    int outcome = capture_batch(s, s->first, early);
     n->seq += s->count;
     s->more = outcome == RD_FULL;
     if (outcome == RD_ERROR && !s->count) rd_capture_done(s);
