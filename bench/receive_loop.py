@@ -29,7 +29,14 @@ from typing import Any, cast
 
 from relayd.capture.receive import Receive
 from relayd.capture.uplink import Uplink
-from relayd.datapath import CaptureReceiver, DataPlane, select_plane
+from relayd.datapath import (
+    CaptureNumbering,
+    CaptureReceiver,
+    ClaimWord,
+    DataPlane,
+    Why,
+    select_plane,
+)
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver
 from relayd.replay import ReplayBuffer
@@ -39,14 +46,14 @@ IP_PKTINFO = 8  # Linux; the socket module does not export it
 
 
 def _fed(inner: CaptureReceiver, feed: Callable[[], bool]) -> CaptureReceiver:
-    """``inner`` whose ``wait`` first sends it one datagram (False after the last): its class
+    """``inner`` whose ``next`` first sends it one datagram (STOPPED after the last): its class
     swapped for a subclass, so every other attribute costs what it costs in the feed."""
 
     class Fed(type(inner)):  # type: ignore[misc]
         __slots__ = ()
 
-        def wait(self) -> bool:
-            return feed() and bool(super().wait())
+        def next(self) -> Why:
+            return cast(Why, super().next()) if feed() else Why.STOPPED
 
     inner.__class__ = Fed
     return inner
@@ -104,21 +111,23 @@ def loop_cpu(plane: DataPlane, count: int) -> float:
 
         class Plane:
             name = plane.name
+            capture_numbering = plane.capture_numbering
+            claim_word = plane.claim_word
 
             def capture_receiver(
                 self,
                 sock: socket.socket,
                 port: int,
                 stop_fd: int,
+                numbering: CaptureNumbering,
+                claim: ClaimWord | None,
                 upstream: Any = None,
                 *,
                 busy_poll: float = 0.0,
             ) -> CaptureReceiver:
-                # only what is set, so it runs on older trees too
-                extra: dict[str, Any] = {"busy_poll": busy_poll} if busy_poll else {}
-                if upstream is not None:
-                    extra["upstream"] = upstream
-                inner = plane.capture_receiver(sock, port, stop_fd, **extra)
+                inner = plane.capture_receiver(
+                    sock, port, stop_fd, numbering, claim, upstream, busy_poll=busy_poll
+                )
                 return _fed(inner, feed)
 
         receiver = cast(GroupReceiver, SimpleNamespace(sock=rx, port=rx.getsockname()[1]))
@@ -131,15 +140,20 @@ def loop_cpu(plane: DataPlane, count: int) -> float:
 def floor_cpu(plane: DataPlane, count: int) -> float:
     """The same sends, waits and batches without the Python pass: µs per datagram."""
     with _sockets() as (rx, tx, a, b, stop_r):
-        receiver = plane.capture_receiver(rx, rx.getsockname()[1], stop_r)
+        word = plane.claim_word()
+        word.store(a.fileno())
+        numbering = plane.capture_numbering(0)
+        receiver = plane.capture_receiver(rx, rx.getsockname()[1], stop_r, numbering, word)
         start = time.thread_time_ns()
         for i in range(count):
             if i % 100 == 0:
                 _empty(b)
             tx.send(PAYLOAD)
-            receiver.wait()
-            receiver.batch(i + 1, a)
+            receiver.next()
             receiver.frames()
+            word.store(a.fileno())  # the uplink's hand-back
+        receiver.done()
+        numbering.close()
         return (time.thread_time_ns() - start) / count / 1000
 
 

@@ -1,7 +1,7 @@
 """CPU per datagram of the capture side's upstream check (`python -m bench.upstream`).
 
 The data planes' upstream counters (``upstream_check = "deribit"``) over capture batches of 64
-DATA frames, as ``rd_capture_batch`` hands them over: C (``rd_upstream_scan``, one ctypes call
+DATA frames, as ``rd_capture_next`` hands them over: C (``rd_upstream_scan``, one ctypes call
 per batch, the bytes copy of the batch included) and Python (relayd.arbitration's
 UpstreamMonitor, the specification). Traffic as in bench.arbitration: the Deribit sample ten
 times over (8-byte headers, every channel's sequence continued) and synthetic SBE traffic (64
@@ -59,7 +59,7 @@ def time_counter(plane: DataPlane, layout: DeribitLayout, work: list[tuple[bytes
 
 
 def time_receive(plane: DataPlane, check: bool, rounds: int, count: int = 2000) -> list[float]:
-    """CPU ns per datagram of the capture data path (``CaptureReceiver.batch`` until the socket
+    """CPU ns per datagram of the capture data path (``CaptureReceiver.next`` until the socket
     is empty: recvmsg, stamp, frame, and with ``check`` the upstream scan) over ``count``
     Deribit frame-v1 datagrams queued on a loopback socket beforehand; one figure per round."""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -74,7 +74,8 @@ def time_receive(plane: DataPlane, check: bool, rounds: int, count: int = 2000) 
         rx.bind(("127.0.0.1", 0))
         rx.setblocking(False)
         address = rx.getsockname()
-        receiver = plane.capture_receiver(rx, address[1], stop_r, counter)
+        numbering = plane.capture_numbering(0)
+        receiver = plane.capture_receiver(rx, address[1], stop_r, numbering, None, counter)
         header = struct.Struct("<HHI")
         payload = bytearray(153)
         sent = 0
@@ -87,8 +88,9 @@ def time_receive(plane: DataPlane, check: bool, rounds: int, count: int = 2000) 
             got = 0
             start = time.process_time_ns()
             while got < count:
-                receiver.batch(got + 1, None)
+                receiver.next()
                 got += receiver.count
+            receiver.done()
             figures.append((time.process_time_ns() - start) / count)
         if counter is not None:
             assert counter.totals().gaps == 0, counter.totals()

@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 14
+#define RD_ABI 15
 
 /* Why a call returned (both loops). */
 enum {
@@ -48,6 +48,11 @@ enum {
     RD_ERROR = 11,     /* capture: recvmsg or poll failed: err */
     RD_GATED = 12,     /* emit: the gate is closed (lease stale): buf[start] is not emitted */
 };
+
+/* A capture connection's claim word (relayd/capture/uplink.py): the connection's fd while a
+ * receive thread may write its next batch to it at once (caught up, nothing else to write),
+ * RD_CLAIM_CLOSED while it may not, RD_CLAIM_HELD while a thread writes a batch to it. */
+enum { RD_CLAIM_CLOSED = -1, RD_CLAIM_HELD = -2 };
 
 /* The destination table's states: session.Destination's values, and empty. */
 enum { DEST_EMPTY = 0, DEST_ALLOWED = 1, DEST_DENIED_GROUP = 2, DEST_DENIED_PORT = 3 };
@@ -177,10 +182,15 @@ enum {
     F(uint64_t, room, ) /* a batch ends when less than this is left after the last frame */    \
     F(uint64_t, port, )                                                                        \
     F(int64_t, busy_ns, ) /* latency mode: poll without sleeping this long after a batch */    \
-    F(int64_t, tcp_fd, ) /* >= 0: the TCP side is caught up, send the batch there at once */   \
+    F(struct rd_numbering *, numbering, ) /* the feed's sequence, shared by its sockets */     \
+    F(int64_t *, claim, ) /* the connection's claim word (rd_claim_swap), or NULL: never */    \
+    F(uint64_t, held, ) /* this socket's thread holds the numbering lock (until the next call) */ \
+    F(uint64_t, more, ) /* the last batch was full: the next call does not wait */             \
     /* out, per batch */                                                                       \
+    F(uint64_t, first, ) /* the batch's first sequence number */                                \
+    F(uint64_t, claimed, ) /* the batch claimed the connection and was written to it */         \
     F(uint64_t, count, ) F(uint64_t, offset, ) F(uint64_t, payload_bytes, )                    \
-    F(uint64_t, sent, )    /* bytes of the batch sent to tcp_fd (fewer: the socket is full) */ \
+    F(uint64_t, sent, )    /* bytes of the batch sent (fewer: the socket is full) */          \
     F(int64_t, send_err, ) /* errno of a failed send, else 0 */                                \
     F(uint64_t, drops, ) F(uint64_t, drops_seen, ) /* SO_RXQ_OVFL: cumulative drop counter */  \
     F(int64_t, err, )                                                                          \
@@ -215,6 +225,7 @@ enum {
     F(int64_t, next, ) F(int64_t, stamp, ) /* the next sequence expected, sendingTime seen */
 
 struct rd_upstream; /* opaque: rd_upstream_new */
+struct rd_numbering; /* opaque: rd_numbering_new */
 #define RD_DECLARE(type, name, dim) type name dim;
 struct rd_arb; /* opaque: its config and stats are the shared parts */
 struct rd_dest { RD_DEST_FIELDS(RD_DECLARE) };
@@ -271,7 +282,7 @@ static const struct rd_constant constants[] = {
     RD_CONSTANT(RD_STOPPED) RD_CONSTANT(RD_EOF) RD_CONSTANT(RD_RESET) RD_CONSTANT(RD_IDLE)
     RD_CONSTANT(RD_CONTROL) RD_CONSTANT(RD_NEED_DEST) RD_CONSTANT(RD_SEND_ERROR)
     RD_CONSTANT(RD_SLOW) RD_CONSTANT(RD_EMPTY) RD_CONSTANT(RD_FULL) RD_CONSTANT(RD_ERROR)
-    RD_CONSTANT(RD_GATED)
+    RD_CONSTANT(RD_GATED) RD_CONSTANT(RD_CLAIM_CLOSED) RD_CONSTANT(RD_CLAIM_HELD)
     RD_CONSTANT(DEST_ALLOWED) RD_CONSTANT(DEST_DENIED_GROUP) RD_CONSTANT(DEST_DENIED_PORT)
     RD_CONSTANT(DATA_HEADER) RD_CONSTANT(MAX_PAYLOAD) RD_CONSTANT(LATENCY_BUCKETS)
     RD_CONSTANT(DEST_SLOTS) RD_CONSTANT(MAX_ERROR_TEXT)
@@ -1539,8 +1550,39 @@ int rd_emit_pump(struct rd_emit *s) {
 
 void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t count, int64_t now);
 
+/* A capture feed's sequence, shared by the receive threads of its sockets. A thread holds the
+ * lock from receiving a batch until Python has put the batch into the replay buffer (its next
+ * rd_capture_next or rd_capture_done), so chunks enter the buffer in sequence order. */
+struct rd_numbering {
+    pthread_mutex_t lock;
+    uint64_t seq; /* the highest sequence assigned */
+};
+
+/* A numbering whose highest sequence assigned so far is seq. */
+struct rd_numbering *rd_numbering_new(uint64_t seq) {
+    struct rd_numbering *n = calloc(1, sizeof *n);
+    if (n && pthread_mutex_init(&n->lock, NULL) != 0) {
+        free(n);
+        return NULL;
+    }
+    if (n) n->seq = seq;
+    return n;
+}
+
+void rd_numbering_free(struct rd_numbering *n) {
+    if (!n) return;
+    pthread_mutex_destroy(&n->lock);
+    free(n);
+}
+
+/* Compare and swap the claim word: `value` when it was `expect`; returns what it was. */
+int64_t rd_claim_swap(int64_t *word, int64_t expect, int64_t value) {
+    __atomic_compare_exchange_n(word, &expect, value, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return expect;
+}
+
 /* Block until the socket is readable (0) or the stop pipe is (RD_STOPPED). */
-int rd_capture_wait(struct rd_capture *s) {
+static int capture_wait(struct rd_capture *s) {
     struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
     /* latency mode: poll without sleeping for busy_ns after the last batch, then sleep */
     int64_t spin_until = s->busy_ns > 0 ? now_ns(CLOCK_MONOTONIC) + s->busy_ns : 0;
@@ -1557,14 +1599,26 @@ int rd_capture_wait(struct rd_capture *s) {
     }
 }
 
-/* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
- * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL). */
-int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
-    if (s->room < DATA_HEADER + MAX_PAYLOAD) { /* every datagram must fit whole */
-        s->err = EINVAL;
-        s->count = s->offset = s->payload_bytes = s->sent = 0;
-        return RD_ERROR;
+/* Write buf[s->sent:end] to the claimed connection fd (non-blocking): s->sent grows, a failure
+ * other than a full socket is s->send_err. */
+static void capture_send(struct rd_capture *s, int64_t fd, uint64_t end) {
+    while (s->sent < end && !s->send_err) {
+        ssize_t n = send((int)fd, s->buf + s->sent, end - s->sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0) {
+            s->sent += (uint64_t)n;
+        } else if (errno != EINTR) {
+            if (errno != EAGAIN) s->send_err = errno;
+            return;
+        }
     }
+}
+
+/* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
+ * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL); then, when the
+ * claim word holds the connection's fd, claim it and write the batch to it. `early` (the last
+ * batch was one datagram: a low rate): claim and write the first datagram as soon as it is
+ * received, before the receive that finds the socket empty. */
+static int capture_batch(struct rd_capture *s, uint64_t first_seq, int early) {
     uint8_t *buf = s->buf;
     uint64_t offset = 0, count = 0, bytes = 0;
     union {
@@ -1572,7 +1626,12 @@ int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
         struct cmsghdr align;
     } control;
     int outcome = RD_FULL;
+    int64_t fd = -1;
+    uint64_t early_end = 0; /* what the early write was to cover */
     s->drops_seen = 0;
+    s->sent = 0;
+    s->send_err = 0;
+    s->claimed = 0;
     while (offset + s->room <= s->cap) {
         uint8_t *f = buf + offset;
         struct iovec iov = {f + DATA_HEADER, s->cap - offset - DATA_HEADER};
@@ -1616,23 +1675,67 @@ int rd_capture_batch(struct rd_capture *s, uint64_t first_seq) {
         offset += DATA_HEADER + (uint64_t)size;
         bytes += (uint64_t)size;
         count++;
+        if (early && count == 1 && s->claim) {
+            fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
+            if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) {
+                s->claimed = 1;
+                early_end = offset;
+                capture_send(s, fd, offset);
+            }
+        }
     }
     s->count = count;
     s->offset = offset;
     s->payload_bytes = bytes;
-    s->sent = 0;
-    s->send_err = 0;
-    while (count && s->tcp_fd >= 0 && s->sent < offset) { /* latency first: before Python */
-        ssize_t n = send((int)s->tcp_fd, buf + s->sent, offset - s->sent,
-                         MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n >= 0) {
-            s->sent += (uint64_t)n;
-        } else if (errno != EINTR) {
-            if (errno != EAGAIN) s->send_err = errno;
-            break;
+    if (!s->claimed && count && s->claim) {
+        fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
+        if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) s->claimed = 1;
+    }
+    /* latency first: written before any Python runs (after a partial write the rest waits) */
+    if (s->claimed && s->sent == early_end) capture_send(s, fd, offset);
+    if (count && s->upstream) rd_upstream_scan(s->upstream, buf, count, now_ns(CLOCK_MONOTONIC));
+    return outcome;
+}
+
+/* The previous batch is in the replay buffer: let the feed's other sockets number theirs. */
+void rd_capture_done(struct rd_capture *s) {
+    if (s->held) {
+        s->held = 0;
+        pthread_mutex_unlock(&s->numbering->lock);
+    }
+}
+
+/* The receive thread's one call per batch: hand back the previous batch's numbering lock, wait
+ * for datagrams (unless the last batch was full: then only look at the stop pipe), take the
+ * lock, then receive, number and (claimed) write a batch as capture_batch. Returns RD_EMPTY or
+ * RD_FULL (first, count, ...: the lock is held until the next call or rd_capture_done),
+ * RD_STOPPED, or RD_ERROR (err; the lock is held when count > 0). */
+int rd_capture_next(struct rd_capture *s) {
+    rd_capture_done(s);
+    if (s->room < DATA_HEADER + MAX_PAYLOAD || !s->numbering) { /* every datagram must fit */
+        s->err = EINVAL;
+        s->count = s->offset = s->payload_bytes = s->sent = s->claimed = 0;
+        return RD_ERROR;
+    }
+    if (s->more) { /* sustained input must not hold up stop: the stop pipe before each batch */
+        struct pollfd stop = {(int)s->stop_fd, POLLIN, 0};
+        if (poll(&stop, 1, 0) > 0) return RD_STOPPED;
+    } else {
+        int why = capture_wait(s);
+        if (why) {
+            s->count = 0;
+            return why;
         }
     }
-    if (count && s->upstream) rd_upstream_scan(s->upstream, buf, count, now_ns(CLOCK_MONOTONIC));
+    int early = s->count == 1; /* the last batch was one datagram */
+    struct rd_numbering *n = s->numbering;
+    pthread_mutex_lock(&n->lock);
+    s->held = 1;
+    s->first = n->seq + 1;
+    int outcome = capture_batch(s, s->first, early);
+    n->seq += s->count;
+    s->more = outcome == RD_FULL;
+    if (outcome == RD_ERROR && !s->count) rd_capture_done(s);
     return outcome;
 }
 

@@ -10,7 +10,8 @@ relayd/session.py. :func:`select` picks the leaf (``RELAYD_DATAPATH``).
 
 The GIL rule, stated once: a data-path thread holds the GIL only while it runs Python; every
 call into the C leaf releases it (ctypes.CDLL), blocking calls and the batch alike, and no lock
-of a feed is held across a blocking call, so a Trio task never waits for a receive thread's
+of a feed is held across a blocking call (a capture feed's numbering is held from a batch to
+its hand-back, never across the wait), so a Trio task never waits for a receive thread's
 batch.
 
 Threads rather than Trio tasks, by measurement (docs/PERFORMANCE.md). Supervision stays
@@ -41,9 +42,13 @@ from relayd.units import format_duration
 from relayd.wire import CaptureConnection, EmitConnection, Event, ProtocolError
 
 __all__ = [
+    "CLAIM_CLOSED",
+    "CLAIM_HELD",
     "AckReader",
     "Beat",
+    "CaptureNumbering",
     "CaptureReceiver",
+    "ClaimWord",
     "DataPlane",
     "EmitCounters",
     "EmitGate",
@@ -71,6 +76,9 @@ EMIT_RECEIVE_SIZE = 256 * 1024
 CAPTURE_BATCH_SIZE = 512 * 1024
 #: Bytes a capture ACK reader reads per ``recv``.
 ACK_READ_SIZE = 64 * 1024
+#: A capture connection's claim word (:class:`ClaimWord`) holds its fd, or one of these.
+CLAIM_CLOSED = -1  # no receive thread may write to the connection now
+CLAIM_HELD = -2  # a receive thread writes a batch to it now
 
 
 class Why(enum.IntEnum):
@@ -156,24 +164,51 @@ class EmitPump(Protocol):
         """After the end: the rest of a control frame the pump could not finish writing."""
 
 
-class CaptureReceiver(Protocol):
-    """One capture socket's data path: ``wait`` for datagrams, then ``batch`` until EMPTY."""
+class ClaimWord(Protocol):
+    """A capture connection's claim word (relayd/capture/uplink.py keeps it): the connection's
+    fd while a receive thread may write its next batch to it at once, ``CLAIM_CLOSED`` while it
+    may not, ``CLAIM_HELD`` while a thread writes a batch to it. Only the holder stores over
+    ``CLAIM_HELD``; everyone else swaps, so a receiver claims it without the uplink's lock."""
 
+    def load(self) -> int: ...
+
+    def swap(self, expect: int, value: int) -> int:
+        """``value`` when the word is ``expect`` (atomically); returns what it was."""
+
+    def store(self, value: int) -> None:
+        """By the thread that holds the word only."""
+
+
+class CaptureNumbering(Protocol):
+    """A capture feed's sequence, shared by the receivers of its sockets (one batch at a time:
+    a receiver numbers a batch under its lock and keeps it until ``next`` or ``done``)."""
+
+    def close(self) -> None: ...
+
+
+class CaptureReceiver(Protocol):
+    """One capture socket's data path, one batch per ``next``."""
+
+    first: int  # the batch's first sequence number
     count: int  # datagrams in the batch
     payload_bytes: int
-    sent: int  # bytes of the batch written to ``tcp`` (fewer than the batch: the socket was full)
-    send_err: int  # errno of a failed write to ``tcp``, else 0
+    claimed: bool  # the batch claimed the connection (the claim word is held) and went to it
+    sent: int  # bytes of the batch written (fewer than the batch: the socket was full)
+    send_err: int  # errno of a failed write, else 0
     drops: int | None  # the socket's cumulative kernel drop counter (SO_RXQ_OVFL), if it came
     err: int  # after ERROR: the errno
 
-    def wait(self) -> bool:
-        """Block until the socket is readable (True) or the stop pipe is (False). Raises
-        OSError when ``poll`` fails."""
+    def next(self) -> Why:
+        """Hand the previous batch's numbering back, wait until the socket is readable
+        (unless the last batch was FULL: then only look at the stop pipe), then receive every
+        waiting datagram as DATA frames numbered from the feed's next sequence number, until
+        the socket is EMPTY or the buffer FULL (or ERROR: ``err``). When the claim word holds
+        the connection's fd, claim it and write the frames to it at once, before returning.
+        STOPPED: the stop pipe is readable. The numbering is held after EMPTY, FULL, and
+        ERROR with datagrams, until the next call or ``done``."""
 
-    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
-        """Receive every waiting datagram as DATA frames numbered from ``first_seq``, until
-        the socket is EMPTY or the buffer FULL (or ERROR: ``err``); when ``tcp`` is given (the
-        TCP side is caught up) write the frames to it at once."""
+    def done(self) -> None:
+        """Hand the numbering back (the thread ends)."""
 
     def frames(self) -> bytes:
         """The batch's frames (the one copy of the data)."""
@@ -397,18 +432,26 @@ class DataPlane(Protocol):
     def emit_pump(self, start: EmitStart) -> EmitPump:
         """Raises ProtocolError when what the handshake left over cannot be a frame."""
 
+    def capture_numbering(self, seq: int) -> CaptureNumbering:
+        """A feed's numbering, the highest sequence assigned so far being ``seq``."""
+
+    def claim_word(self) -> ClaimWord:
+        """A connection's claim word, closed, for this plane's receivers."""
+
     def capture_receiver(
         self,
         sock: socket.socket,
         port: int,
         stop_fd: int,
+        numbering: CaptureNumbering,
+        claim: ClaimWord | None,
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
     ) -> CaptureReceiver:
-        """``upstream`` (one of this plane's ``upstream_counter``): scan every batch.
-        ``busy_poll``: seconds to poll without sleeping after a batch (latency mode; the
-        Python plane ignores it)."""
+        """``numbering``, ``claim`` (None: never write a batch) and ``upstream`` (scan every
+        batch) are this plane's. ``busy_poll``: seconds to poll without sleeping after a
+        batch (latency mode; the Python plane ignores it)."""
 
     def upstream_counter(
         self,

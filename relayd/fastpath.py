@@ -37,10 +37,14 @@ from relayd.datapath import (
     ARBITER_COUNTERS,
     ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
+    CLAIM_CLOSED,
+    CLAIM_HELD,
     EMIT_RECEIVE_SIZE,
     UPSTREAM_MAX_CHANNELS,
     UPSTREAM_SNAPSHOT_PORTS,
     UPSTREAM_STALE_HORIZON_NS,
+    CaptureNumbering,
+    ClaimWord,
     EmitGate,
     EmitStart,
     UpstreamChannel,
@@ -65,7 +69,7 @@ __all__ = [
     "load",
 ]
 
-ABI: Final = 14
+ABI: Final = 15
 LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
@@ -148,7 +152,12 @@ class CaptureState(ctypes.Structure):
         ("room", _u64),
         ("port", _u64),
         ("busy_ns", _i64),
-        ("tcp_fd", _i64),
+        ("numbering", ctypes.c_void_p),
+        ("claim", ctypes.c_void_p),
+        ("held", _u64),
+        ("more", _u64),
+        ("first", _u64),
+        ("claimed", _u64),
         ("count", _u64),
         ("offset", _u64),
         ("payload_bytes", _u64),
@@ -320,6 +329,8 @@ def expected_constants() -> dict[str, int]:
         UP_FRAME_V1=UPSTREAM_LAYOUTS[DeribitLayout.FRAME_V1],
         UP_SBE=UPSTREAM_LAYOUTS[DeribitLayout.SBE],
         UP_MAX_SNAPSHOT_PORTS=UP_MAX_SNAPSHOT_PORTS,
+        RD_CLAIM_CLOSED=CLAIM_CLOSED,
+        RD_CLAIM_HELD=CLAIM_HELD,
     )
     constants.update({f"ARB_MODE_{mode.name}": value for mode, value in _MODES.items()})
     constants.update({f"ARB_LAYOUT_{layout.name}": value for layout, value in _LAYOUTS.items()})
@@ -600,21 +611,63 @@ class CArbiter:
 _WHY: Final[dict[int, Why]] = {int(why): why for why in Why}
 
 
+class _CNumbering:
+    """:class:`relayd.datapath.CaptureNumbering` over ``rd_numbering_new``."""
+
+    def __init__(self, plane: CPlane, seq: int) -> None:
+        handle = plane.rd_numbering_new(seq)
+        if not handle:
+            raise MemoryError("capture numbering")
+        self.handle: int | None = handle
+        self._plane = plane
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            self._plane.rd_numbering_free(handle)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _CClaimWord:
+    """:class:`relayd.datapath.ClaimWord` in C memory, swapped by ``rd_claim_swap``."""
+
+    __slots__ = ("_swap", "_word", "address")
+
+    def __init__(self, plane: CPlane) -> None:
+        self._word = ctypes.c_int64(CLAIM_CLOSED)
+        self.address = ctypes.addressof(self._word)
+        self._swap = plane.rd_claim_swap
+
+    def load(self) -> int:
+        return self._word.value
+
+    def swap(self, expect: int, value: int) -> int:
+        return int(self._swap(self.address, expect, value))
+
+    def store(self, value: int) -> None:
+        self._word.value = value
+
+
 class _CReceiver:
-    """:class:`relayd.datapath.CaptureReceiver` over ``rd_capture_wait`` and
-    ``rd_capture_batch``."""
+    """:class:`relayd.datapath.CaptureReceiver` over ``rd_capture_next``."""
 
     __slots__ = (
-        "_batch",
         "_buffer",
+        "_claim",
+        "_done",
+        "_next",
+        "_numbering",
         "_ref",
         "_state",
         "_upstream",
         "_view",
-        "_wait",
+        "claimed",
         "count",
         "drops",
         "err",
+        "first",
         "payload_bytes",
         "send_err",
         "sent",
@@ -626,12 +679,19 @@ class _CReceiver:
         sock: socket.socket,
         port: int,
         stop_fd: int,
+        numbering: CaptureNumbering,
+        claim: ClaimWord | None,
         upstream: UpstreamCounter | None,
         busy_poll: float,
     ) -> None:
         if upstream is not None and not isinstance(upstream, _CUpstreamCounter):
             raise TypeError("the C capture receiver takes the C plane's upstream counter")
-        self._upstream = upstream  # kept alive as long as the receiver
+        if not isinstance(numbering, _CNumbering) or numbering.handle is None:
+            raise TypeError("the C capture receiver takes the C plane's numbering")
+        if claim is not None and not isinstance(claim, _CClaimWord):
+            raise TypeError("the C capture receiver takes the C plane's claim word")
+        # kept alive as long as the receiver
+        self._upstream, self._numbering, self._claim = upstream, numbering, claim
         self._buffer = buffer = (ctypes.c_uint8 * CAPTURE_BATCH_SIZE)()
         self._view = memoryview(buffer).cast("B")
         self._state = state = CaptureState(
@@ -643,30 +703,31 @@ class _CReceiver:
             port=port,
             upstream=None if upstream is None else upstream.handle,
             busy_ns=int(busy_poll * 1e9),
+            numbering=numbering.handle,
+            claim=None if claim is None else claim.address,
         )
         self._ref = ctypes.byref(state)
-        self._wait = plane.rd_capture_wait
-        self._batch = plane.rd_capture_batch
-        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self._next = plane.rd_capture_next
+        self._done = plane.rd_capture_done
+        self.first = self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.claimed = False
         self.drops: int | None = None
 
-    def wait(self) -> bool:
-        why = self._wait(self._ref)
-        if why == Why.ERROR:
-            raise OSError(self._state.err, os.strerror(self._state.err))
-        return bool(why != Why.STOPPED)
-
-    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+    def next(self) -> Why:
+        why = _WHY[self._next(self._ref)]  # not Why(): once per batch, it costs
         state = self._state
-        state.tcp_fd = -1 if tcp is None else tcp.fileno()
-        why = _WHY[self._batch(self._ref, first_seq)]  # not Why(): once per batch, it costs
+        self.first = state.first
         self.count = state.count
         self.payload_bytes = state.payload_bytes
+        self.claimed = bool(state.claimed)
         self.sent = state.sent
         self.send_err = state.send_err
         self.err = state.err
         self.drops = state.drops if state.drops_seen else None
         return why
+
+    def done(self) -> None:
+        self._done(self._ref)
 
     def frames(self) -> bytes:
         return bytes(self._view[: self._state.offset])
@@ -834,12 +895,21 @@ class CPlane:
         self.rd_emit_set_dest = lib.rd_emit_set_dest
         self.rd_emit_set_dest.argtypes = (emit, _u64, _u64, _i64)
         self.rd_emit_set_dest.restype = None
-        self.rd_capture_wait = lib.rd_capture_wait
-        self.rd_capture_wait.argtypes = (capture,)
-        self.rd_capture_wait.restype = ctypes.c_int
-        self.rd_capture_batch = lib.rd_capture_batch
-        self.rd_capture_batch.argtypes = (capture, _u64)
-        self.rd_capture_batch.restype = ctypes.c_int
+        self.rd_capture_next = lib.rd_capture_next
+        self.rd_capture_next.argtypes = (capture,)
+        self.rd_capture_next.restype = ctypes.c_int
+        self.rd_capture_done = lib.rd_capture_done
+        self.rd_capture_done.argtypes = (capture,)
+        self.rd_capture_done.restype = None
+        self.rd_numbering_new = lib.rd_numbering_new
+        self.rd_numbering_new.argtypes = (_u64,)
+        self.rd_numbering_new.restype = ctypes.c_void_p
+        self.rd_numbering_free = lib.rd_numbering_free
+        self.rd_numbering_free.argtypes = (ctypes.c_void_p,)
+        self.rd_numbering_free.restype = None
+        self.rd_claim_swap = lib.rd_claim_swap
+        self.rd_claim_swap.argtypes = (ctypes.c_void_p, _i64, _i64)
+        self.rd_claim_swap.restype = _i64
         self.rd_capture_read = lib.rd_capture_read
         self.rd_capture_read.argtypes = (reader,)
         self.rd_capture_read.restype = ctypes.c_int
@@ -918,16 +988,24 @@ class CPlane:
     def emit_pump(self, start: EmitStart) -> _CEmitPump:
         return _CEmitPump(self, start)
 
+    def capture_numbering(self, seq: int) -> _CNumbering:
+        return _CNumbering(self, seq)
+
+    def claim_word(self) -> _CClaimWord:
+        return _CClaimWord(self)
+
     def capture_receiver(
         self,
         sock: socket.socket,
         port: int,
         stop_fd: int,
+        numbering: CaptureNumbering,
+        claim: ClaimWord | None,
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
     ) -> _CReceiver:
-        return _CReceiver(self, sock, port, stop_fd, upstream, busy_poll)
+        return _CReceiver(self, sock, port, stop_fd, numbering, claim, upstream, busy_poll)
 
     def upstream_counter(
         self,

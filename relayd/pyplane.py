@@ -10,6 +10,7 @@ per chunk or batch.
 from __future__ import annotations
 
 import math
+import os
 import select
 import socket
 import struct
@@ -26,10 +27,14 @@ from relayd.datapath import (
     ACK_READ_SIZE,
     ARBITER_SOURCES,
     CAPTURE_BATCH_SIZE,
+    CLAIM_CLOSED,
+    CLAIM_HELD,
     EMIT_RECEIVE_SIZE,
     UPSTREAM_MAX_CHANNELS,
     UPSTREAM_SNAPSHOT_PORTS,
     UPSTREAM_STALE_HORIZON_NS,
+    CaptureNumbering,
+    ClaimWord,
     EmitStart,
     UpstreamChannel,
     UpstreamCounter,
@@ -716,16 +721,58 @@ class _UpstreamCounter:
         pass
 
 
+class _Numbering:
+    """``struct rd_numbering`` in Python (``CaptureNumbering``)."""
+
+    def __init__(self, seq: int) -> None:
+        self.lock = threading.Lock()
+        self.seq = seq  # the highest sequence assigned
+
+    def close(self) -> None:
+        pass
+
+
+class _ClaimWord:
+    """A connection's claim word in Python (``ClaimWord``): ``rd_claim_swap`` under a lock."""
+
+    __slots__ = ("_lock", "_value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = CLAIM_CLOSED
+
+    def load(self) -> int:
+        return self._value
+
+    def swap(self, expect: int, value: int) -> int:
+        with self._lock:
+            old = self._value
+            if old == expect:
+                self._value = value
+            return old
+
+    def store(self, value: int) -> None:
+        self._value = value
+
+
 class _Receiver:
-    """``rd_capture_wait`` and ``rd_capture_batch`` in Python (``CaptureReceiver``)."""
+    """``rd_capture_next`` in Python (``CaptureReceiver``)."""
 
     def __init__(
         self,
         sock: socket.socket,
         port: int,
         stop_fd: int,
+        numbering: CaptureNumbering,
+        claim: ClaimWord | None,
         upstream: UpstreamCounter | None = None,
     ) -> None:
+        if not isinstance(numbering, _Numbering):
+            raise TypeError("the Python capture receiver takes the Python plane's numbering")
+        self._numbering = numbering
+        self._claim = claim
+        self._held = False
+        self._more = False  # the last batch was full: the next call does not wait
         self._upstream = upstream
         self._sock = sock
         self._port = port
@@ -736,14 +783,38 @@ class _Receiver:
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
         self._poller.register(stop_fd, select.POLLIN)
-        self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self._stop = select.poll()
+        self._stop.register(stop_fd, select.POLLIN)
+        self.first = self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.claimed = False
         self.drops: int | None = None
 
-    def wait(self) -> bool:
-        ready = self._poller.poll()
-        return not any(fd == self._stop_fd for fd, _ in ready)
+    def next(self) -> Why:
+        self.done()
+        if self._more:
+            if self._stop.poll(0):
+                return Why.STOPPED
+        else:
+            self.count = 0
+            if any(fd == self._stop_fd for fd, _ in self._poller.poll()):
+                return Why.STOPPED
+        numbering = self._numbering
+        numbering.lock.acquire()
+        self._held = True
+        self.first = numbering.seq + 1
+        why = self._batch(self.first)
+        numbering.seq += self.count
+        self._more = why == Why.FULL
+        if why == Why.ERROR and not self.count:
+            self.done()
+        return why
 
-    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
+    def done(self) -> None:
+        if self._held:
+            self._held = False
+            self._numbering.lock.release()
+
+    def _batch(self, first_seq: int) -> Why:
         recvmsg_into = self._sock.recvmsg_into
         frame = self._frame
         view = self._view
@@ -778,14 +849,19 @@ class _Receiver:
         self.drops = drops
         self._offset = offset
         self.sent = self.send_err = 0
-        while count and tcp is not None and self.sent < offset:  # latency first
-            try:
-                self.sent += tcp.send(view[self.sent : offset])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.send_err = exc.errno or 0
-                break
+        self.claimed = False
+        claim = self._claim
+        fd = claim.load() if count and claim is not None else CLAIM_CLOSED
+        if fd >= 0 and claim is not None and claim.swap(fd, CLAIM_HELD) == fd:
+            self.claimed = True  # latency first: written before the feed's Python runs
+            while self.sent < offset:
+                try:
+                    self.sent += os.write(fd, view[self.sent : offset])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self.send_err = exc.errno or 0
+                    break
         if count and self._upstream is not None:
             self._upstream.scan(view[:offset], count, time.monotonic_ns())
         return why
@@ -855,17 +931,25 @@ class PythonPlane:
     def emit_pump(self, start: EmitStart) -> _EmitPump:
         return _EmitPump(start)
 
+    def capture_numbering(self, seq: int) -> _Numbering:
+        return _Numbering(seq)
+
+    def claim_word(self) -> _ClaimWord:
+        return _ClaimWord()
+
     def capture_receiver(
         self,
         sock: socket.socket,
         port: int,
         stop_fd: int,
+        numbering: CaptureNumbering,
+        claim: ClaimWord | None,
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
     ) -> _Receiver:
         del busy_poll  # the latency mode is the C plane's (docs/CONFIG.md, busy_poll)
-        return _Receiver(sock, port, stop_fd, upstream)
+        return _Receiver(sock, port, stop_fd, numbering, claim, upstream)
 
     def upstream_counter(
         self,

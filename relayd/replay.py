@@ -145,6 +145,8 @@ class ReplayBuffer:
         self.total_bytes += len(chunk.data)
         self.last_seq = chunk.last_seq
         self.last_appended_at = chunk.time
+        if sent and chunk.last_seq <= self.acked_seq:  # ACKed before it was appended:
+            self.ack(self.acked_seq)  # no later ACK would trim it
         while self.total_bytes > self.max_bytes and len(self._chunks) > 1:
             self._drop_oldest(Evicted.BYTES)
 

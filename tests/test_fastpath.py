@@ -910,9 +910,9 @@ async def test_capture_frames_the_same_datagrams_the_same_way(
 
 async def test_capture_counts_kernel_drops(monkeypatch: pytest.MonkeyPatch) -> None:
     """A receive buffer of a few datagrams and a data-path thread held up (the test holds the
-    feed's lock, which the thread takes for every batch, as it would wait for a long batch of
-    another socket): the kernel drops, the feed counts every drop, and what it did receive is
-    numbered without a hole."""
+    uplink's lock, which the thread needs to hand back its batch of a first datagram, as it
+    would wait for a long batch of another socket): the kernel drops, the feed counts every
+    drop, and what it did receive is numbered without a hole."""
     base = 20000 + (os.getpid() * 13 + random.randrange(1000)) % 20000
     groups = groups_for(base, 1, third=33)
     burst = [(*groups[0], i.to_bytes(4, "big") + bytes(996)) for i in range(60)]
@@ -923,19 +923,22 @@ async def test_capture_counts_kernel_drops(monkeypatch: pytest.MonkeyPatch) -> N
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
                     server, feed = await capture_streaming(nursery, groups, receive_buffer=4096)
-                    with (
-                        feed.receive._sequencing
-                    ):  # the data-path thread cannot take its next batch
+                    with feed.uplink._lock:  # no await in here: Trio takes it too
+                        blast(sender, [(*groups[0], b"first")])
+                        deadline = time.monotonic() + 10
+                        while feed.datagrams_in < 1:  # the thread waits for the lock now
+                            assert time.monotonic() < deadline
+                            time.sleep(0.001)
                         blast(sender, burst)
                     await trio.sleep(0.2)
-                    queued = feed.datagrams_in
+                    queued = feed.datagrams_in - 1  # of the burst
                     assert 0 < queued < len(burst)
                     # the socket reports its drop count with the next datagram it queues
                     blast(sender, [(*groups[0], b"last")])
-                    await wait_for(lambda: feed.datagrams_in == queued + 1)
-                    await wait_for(lambda: acked(feed) == queued + 1)
+                    await wait_for(lambda: feed.datagrams_in == queued + 2)
+                    await wait_for(lambda: acked(feed) == queued + 2)
                     peer = server.peer
-                    assert [d.seq for d in peer.datagrams] == list(range(1, queued + 2))
+                    assert [d.seq for d in peer.datagrams] == list(range(1, queued + 3))
                     assert peer.datagrams[-1].payload == b"last"
                     seen = counters(feed.samples())
                     nursery.cancel_scope.cancel()

@@ -80,8 +80,8 @@ def test_every_entry_point_releases_the_gil(tmp_path: Path) -> None:
     assert set(functions) >= {
         "rd_emit_pump",
         "rd_emit_set_dest",
-        "rd_capture_wait",
-        "rd_capture_batch",
+        "rd_capture_next",
+        "rd_capture_done",
         "rd_capture_read",
     }
     for name, function in functions.items():

@@ -14,7 +14,7 @@ relayd/emit.py):
   counted), and writes only well-formed ACKs/HEARTBEATs back;
 - ``rd_capture_read`` consumes ACKs and HEARTBEATs, keeps the highest ACK, and hands anything
   else back where the Python capture connection refuses it or sees an ERROR;
-- ``rd_capture_batch`` frames received datagrams of every size (0 to 65507) into frames that
+- ``rd_capture_next`` frames received datagrams of every size (0 to 65507) into frames that
   decode to exactly those payloads with consecutive sequence numbers, and never writes past
   ``cap``.
 
@@ -59,7 +59,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relayd import fastpath, session
-from relayd.datapath import Why
+from relayd.datapath import CLAIM_CLOSED, CLAIM_HELD, Why
 from relayd.netif import IP_PKTINFO, SO_RXQ_OVFL
 from relayd.session import Destination
 from relayd.wire import (
@@ -105,7 +105,7 @@ MAX_FRAME = 2 + 65535
 SAFETY_NS = 10_000_000_000  # idle_ns: a pump that waits this long has lost its way
 U64 = 2**64 - 1
 I64 = 2**63 - 1
-GUARD = 4096  # bytes after cap that rd_capture_batch must never touch
+GUARD = 4096  # bytes after cap that rd_capture_next must never touch
 LOOPBACK = IPv4Address("127.0.0.1")
 
 
@@ -893,7 +893,7 @@ class BatchCase:
     cap: int
     first_seq: int
     port: int
-    direct: bool  # tcp_fd set: the batch is sent to a socketpair at once
+    direct: bool  # the claim word open: the batch is sent to a socketpair at once
 
 
 ROOM = 26 + MAX_PAYLOAD  # relayd/capture.py _FRAME_ROOM
@@ -930,6 +930,11 @@ def check_batch(lib: fastpath.CPlane, case: BatchCase) -> None:
             before = time.time_ns()
             for payload in payloads:
                 sender.send(payload)
+            if not payloads:  # nothing to receive: the call returns when asked to stop
+                os.write(stop_w, b"x")
+            open_word = tcp.fileno() if case.direct else CLAIM_CLOSED
+            word = ctypes.c_int64(open_word)
+            numbering = lib.rd_numbering_new(case.first_seq - 1)
             state = fastpath.CaptureState(
                 fd=receiver.fileno(),
                 stop_fd=stop_r,
@@ -937,30 +942,44 @@ def check_batch(lib: fastpath.CPlane, case: BatchCase) -> None:
                 cap=case.cap,
                 room=ROOM,
                 port=case.port,
-                tcp_fd=tcp.fileno() if case.direct else -1,
+                numbering=numbering,
+                claim=ctypes.addressof(word),
             )
             frames = b""
             seq = case.first_seq
-            for _ in range(len(payloads) + 2):
-                why = lib.rd_capture_batch(ctypes.byref(state), seq)
-                _check(why in (Why.EMPTY, Why.FULL), f"capture_batch: {why}")
-                _check(at(buffer, case.cap, case.cap + GUARD) == b"\xa5" * GUARD, "past cap")
-                _check(state.offset <= case.cap, f"offset {state.offset} > cap {case.cap}")
-                batch = at(buffer, 0, state.offset)
-                if case.direct and state.count:
-                    _check(state.send_err == 0, f"send_err {state.send_err}")
-                    sent = b""
-                    while len(sent) < state.sent:
-                        sent += tcp_peer.recv(state.sent - len(sent))
-                    _check(sent == batch[: state.sent], "sent bytes are not the batch's")
-                else:
-                    _check(state.sent == 0, "sent without a tcp_fd")
-                frames += batch
-                seq += state.count
-                if why == Why.EMPTY:
-                    break
+            try:
+                for _ in range(len(payloads) + 2):
+                    why = lib.rd_capture_next(ctypes.byref(state))
+                    if not payloads:
+                        _check(why == Why.STOPPED and state.held == 0, f"stop: {why}")
+                        break
+                    _check(why in (Why.EMPTY, Why.FULL), f"capture_next: {why}")
+                    _check(state.held == 1, "the numbering is not held after a batch")
+                    _check(state.first == seq, f"first {state.first}, want {seq}")
+                    _check(at(buffer, case.cap, case.cap + GUARD) == b"\xa5" * GUARD, "past cap")
+                    _check(state.offset <= case.cap, f"offset {state.offset} > cap {case.cap}")
+                    batch = at(buffer, 0, state.offset)
+                    if case.direct and state.count:
+                        _check(state.claimed == 1 and word.value == CLAIM_HELD, "not claimed")
+                        _check(state.send_err == 0, f"send_err {state.send_err}")
+                        sent = b""
+                        while len(sent) < state.sent:
+                            sent += tcp_peer.recv(state.sent - len(sent))
+                        _check(sent == batch[: state.sent], "sent bytes are not the batch's")
+                        word.value = open_word  # the uplink's hand-back
+                    else:
+                        _check(state.claimed == 0 and state.sent == 0, "sent without a claim")
+                        _check(word.value == open_word, "the claim word changed")
+                    frames += batch
+                    seq += state.count
+                    if why == Why.EMPTY:
+                        break
+            finally:
+                lib.rd_capture_done(ctypes.byref(state))
+                _check(state.held == 0, "the numbering is held after done")
+                lib.rd_numbering_free(numbering)
             after = time.time_ns()
-        _check(why == Why.EMPTY, "the socket never reported empty")
+        _check(why == (Why.EMPTY if payloads else Why.STOPPED), "the socket never reported empty")
         events = Decoder({FrameType.DATA}).feed(frames)
         _check(len(events) == len(payloads), f"{len(events)} frames for {len(payloads)}")
         for n, (event, payload) in enumerate(zip(events, payloads, strict=True)):
@@ -989,6 +1008,64 @@ def test_capture_batch_frames_every_datagram_size() -> None:
         check_batch(lib, case)
 
     fuzz()
+
+
+def test_capture_after_a_single_datagram_writes_the_first_one_early_and_the_rest_after() -> None:
+    """At a low rate (the last batch was one datagram) ``rd_capture_next`` writes the first
+    datagram of a batch to the claimed connection before it receives the rest: the stream is
+    still the batch's frames, whole and in order, and a batch that claims nothing sends none."""
+    lib = plane()
+    buffer = (ctypes.c_uint8 * (512 * 1024))()
+    stop_r, stop_w = os.pipe()
+    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    numbering = lib.rd_numbering_new(0)
+    try:
+        with capture_socket() as (receiver, sender):
+            word = ctypes.c_int64(tcp.fileno())
+            state = fastpath.CaptureState(
+                fd=receiver.fileno(),
+                stop_fd=stop_r,
+                buf=ctypes.addressof(buffer),
+                cap=len(buffer),
+                room=ROOM,
+                port=7,
+                numbering=numbering,
+                claim=ctypes.addressof(word),
+            )
+            for batch in ([b"one"], [b"two", b"three", b"four"], [b"five"], [b"six", b"seven"]):
+                for payload in batch:
+                    sender.send(payload)
+                while True:  # what the kernel has queued so far may come in more than one batch
+                    why = lib.rd_capture_next(ctypes.byref(state))
+                    assert why in (Why.EMPTY, Why.FULL)
+                    assert state.claimed == 1
+                    assert word.value == CLAIM_HELD
+                    assert state.sent == state.offset
+                    assert state.send_err == 0
+                    word.value = tcp.fileno()  # the uplink's hand-back
+                    if why == Why.EMPTY:
+                        break
+            word.value = CLAIM_CLOSED
+            sender.send(b"eight")
+            assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            assert state.count == 1
+            assert state.claimed == 0
+            assert state.sent == 0
+            lib.rd_capture_done(ctypes.byref(state))
+            tcp.close()
+            streamed = b""
+            while chunk := tcp_peer.recv(1 << 16):
+                streamed += chunk
+        events = Decoder({FrameType.DATA}).feed(streamed)
+        payloads = [b"one", b"two", b"three", b"four", b"five", b"six", b"seven"]
+        assert [e.payload for e in events if isinstance(e, Datagram)] == payloads
+        assert [e.seq for e in events if isinstance(e, Datagram)] == list(range(1, 8))
+    finally:
+        lib.rd_numbering_free(numbering)
+        os.close(stop_r)
+        os.close(stop_w)
+        tcp.close()
+        tcp_peer.close()
 
 
 # -- the sanitizer build ---------------------------------------------------------------------
@@ -1201,7 +1278,10 @@ def test_buffers_too_small_for_a_frame_are_refused() -> None:
     reader = fastpath.CaptureReaderState(cap=4095, tcp_fd=-1, stop_fd=-1)
     assert lib.rd_capture_read(ctypes.byref(reader)) == Why.RESET
     assert reader.err == errno.EINVAL
-    batch = fastpath.CaptureState(cap=ROOM, room=ROOM - 1, fd=-1, stop_fd=-1, tcp_fd=-1)
-    assert lib.rd_capture_batch(ctypes.byref(batch), 1) == Why.ERROR
+    numbering = lib.rd_numbering_new(0)
+    batch = fastpath.CaptureState(cap=ROOM, room=ROOM - 1, fd=-1, stop_fd=-1, numbering=numbering)
+    assert lib.rd_capture_next(ctypes.byref(batch)) == Why.ERROR
     assert batch.err == errno.EINVAL
     assert batch.count == 0
+    assert batch.held == 0
+    lib.rd_numbering_free(numbering)

@@ -18,6 +18,7 @@ from relayd.capture import CaptureFeedRuntime
 from relayd.datapath import DataPlane, Why, data_threads_alive, run_stoppable
 from relayd.netif import GroupReceiver
 from relayd.notify import STATE_WAIT, Notifier, monotonic_usec, socket_address
+from relayd.pyplane import PLANE
 from tests.helpers.emit_standin import feed_config, groups_for
 
 
@@ -212,33 +213,40 @@ async def test_a_state_change_gives_up_after_its_wait_on_trios_clock(
 
 
 class _Wedged:
-    """A capture socket whose first batch never returns until ``release`` is set (a wedged
-    data-path thread); after it, the receiver waits for the stop pipe (a wait by design)."""
+    """A capture socket whose first batch wedges the thread in the feed's pass over it
+    (``frames`` never returns until ``release`` is set); after it, the receiver waits for the
+    stop pipe (a wait by design)."""
 
     def __init__(self, stop_fd: int) -> None:
         self._stop_fd = stop_fd
         self.entered = threading.Event()
         self.release = threading.Event()
         self.waiting = threading.Event()
-        self._first = True
+        self._calls = 0
+        self.first = 1
         self.count = self.payload_bytes = self.sent = self.send_err = self.err = 0
+        self.claimed = False
         self.drops: int | None = None
 
-    def wait(self) -> bool:
-        if self._first:
-            self._first = False
-            return True
+    def next(self) -> Why:
+        self._calls += 1
+        if self._calls == 1:
+            self.count = 1
+            return Why.FULL
+        self.count = 0
+        if self._calls == 2:
+            return Why.EMPTY
         self.waiting.set()
         select.select([self._stop_fd], [], [])
-        return False
-
-    def batch(self, first_seq: int, tcp: socket.socket | None) -> Why:
-        self.entered.set()
-        self.release.wait()
-        return Why.EMPTY
+        return Why.STOPPED
 
     def frames(self) -> bytes:
-        return b""
+        self.entered.set()
+        self.release.wait()
+        return b"x"
+
+    def done(self) -> None:
+        pass
 
 
 async def test_a_wedged_data_thread_stops_the_pings(
@@ -252,11 +260,18 @@ async def test_a_wedged_data_thread_stops_the_pings(
     wedged: list[_Wedged] = []
 
     class Plane:
+        claim_word = PLANE.claim_word
+
+        def capture_numbering(self, seq: int) -> object:
+            return seq
+
         def capture_receiver(
             self,
             _sock: socket.socket,
             _port: int,
             stop_fd: int,
+            _numbering: object,
+            _claim: object,
             _upstream: object = None,
             *,
             busy_poll: float = 0.0,

@@ -382,3 +382,19 @@ def test_every_loss_is_counted_once_at_the_resume_or_by_the_emit_side(
     deliver()
     lost = seq - len(got)
     assert buffer.resume_lost_datagrams + sum(gaps) == lost
+
+
+def test_a_chunk_written_at_once_and_acked_whole_before_it_was_appended_is_not_held() -> None:
+    """The emit side may ACK all of a batch the receive thread wrote before the thread
+    appends it: no later ACK covers it any more, so it is not held (it would stay in the
+    buffer, counted unacknowledged, until the age bound)."""
+    buffer = ReplayBuffer(100_000, 30.0)
+    buffer.ack(5)
+    buffer.append(framed(1, 5), sent=True)
+    assert len(buffer) == 0
+    assert buffer.total_bytes == 0
+    assert buffer.unacked_datagrams == 0
+    assert buffer.caught_up
+    later = framed(6, 7)
+    buffer.append(later, sent=True)
+    assert list(buffer) == [later]

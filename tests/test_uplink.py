@@ -16,6 +16,7 @@ import pytest
 
 from relayd import wire
 from relayd.capture.uplink import Uplink
+from relayd.datapath import CLAIM_CLOSED, CLAIM_HELD, select_plane
 from relayd.logs import RateLimitedLogger
 from relayd.replay import Chunk, ReplayBuffer
 
@@ -82,3 +83,41 @@ def test_a_batch_written_before_its_connection_ended_counts_as_sent(
         assert uplink.kick() is False
         assert b.recv(4096) == chunk.data
     assert (uplink.frames_sent, uplink.resent_datagrams) == (2, 1)
+
+
+@pytest.mark.usefixtures("datapath")
+def test_the_claim_word_holds_the_socket_only_while_a_batch_may_go_straight_out(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The receive threads' data plane claims the connection through the claim word without
+    the uplink's lock: the word holds the socket's fd only while nothing else is to be
+    written; a HEARTBEAT is not written while a thread holds it; the hand-back reopens it, or
+    leaves it closed while the rest of a batch waits."""
+    plane = select_plane()
+    uplink = Uplink("t", ReplayBuffer(1 << 20, 60.0), RateLimitedLogger(logging.getLogger("t")))
+    word = uplink.claim_word(plane)
+    assert word.load() == CLAIM_CLOSED  # not connected
+    a, b = pair
+    b.setblocking(False)
+    uplink.attach(a, 0)
+    fd = a.fileno()
+    assert word.load() == fd
+    assert word.swap(fd, CLAIM_HELD) == fd  # a receiver claims it, as the data plane does
+    first = _chunk(1, time.monotonic())
+    a.send(first.data)
+    uplink.heartbeat(0.0)  # due, but the thread writes: nothing else is written meanwhile
+    assert uplink.claimed
+    assert uplink.append(first, True, len(first.data), 0) is False  # the hand-back
+    assert word.load() == fd
+    assert b.recv(4096) == first.data
+    uplink.heartbeat(0.0)  # written by Trio: closed while it writes, open again after
+    assert wire.Decoder({wire.FrameType.HEARTBEAT}).feed(b.recv(4096))
+    assert word.load() == fd
+    second = _chunk(2, time.monotonic())
+    assert word.swap(fd, CLAIM_HELD) == fd
+    a.send(second.data[:3])  # the socket took only part of the batch
+    assert uplink.append(second, True, 3, 0) is True  # the sender task writes the rest
+    assert word.load() == CLAIM_CLOSED
+    assert uplink.flush() is True
+    assert word.load() == fd
+    assert b.recv(4096) == second.data

@@ -1,22 +1,23 @@
 """A capture feed's receive side: one data-path thread per socket, numbering every datagram.
 
 A socket holds one port and at most 20 groups. Its thread (started and stopped by a Trio task
-with ``run_stoppable``) waits for datagrams, then takes batches until the socket is empty: the
-data plane (relayd/datapath.py ``CaptureReceiver``) receives each datagram straight into a
-preallocated frame buffer, stamps it (CLOCK_REALTIME ns), numbers it and writes the DATA
-header in front of it in place, and when the connection is caught up writes the batch to it at
-once. The batch becomes one ``bytes`` (the only copy) and one chunk of the replay buffer. No
-await per datagram, and no waiting for more data to batch: latency first.
+with ``run_stoppable``) takes one batch per data-plane call (relayd/datapath.py
+``CaptureReceiver.next``): wait for datagrams, receive each straight into a preallocated frame
+buffer, stamp it (CLOCK_REALTIME ns), number it and write the DATA header in front of it in
+place, and when the connection is caught up claim it (its claim word, relayd/capture/uplink.py)
+and write the batch to it, all before any Python runs. The batch then becomes one ``bytes``
+(the only copy) and one chunk of the replay buffer. No await per datagram, and no waiting for
+more data to batch: latency first.
 
-Sequence numbers are assigned while receiving, one per session across all groups: the
-sequencing lock (held by receive threads only, never by Trio) keeps one batch at a time, so
-chunks of several sockets enter the replay buffer in sequence order.
+Sequence numbers are assigned while receiving, one per session across all groups: the feed's
+numbering (held by receive threads only, never by Trio, from a batch's numbers until its chunk
+is in the replay buffer) keeps one batch at a time, so chunks of several sockets enter the
+replay buffer in sequence order.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from relayd.capture.uplink import Uplink
-from relayd.datapath import DataPlane, UpstreamCounter, Why, current_beat
+from relayd.datapath import CaptureNumbering, DataPlane, UpstreamCounter, Why, current_beat
 from relayd.logs import RateLimitedLogger
 from relayd.netif import GroupReceiver
 from relayd.replay import Chunk
@@ -45,7 +46,8 @@ class Receive:
         self.name = name
         self._uplink = uplink
         self._limited = limited
-        self._sequencing = threading.Lock()
+        self._numbering_lock = threading.Lock()
+        self._numbering: CaptureNumbering | None = None  # the data plane's, from the first drain
         self.seq = 0  # the highest sequence assigned
         self.datagrams_in = 0
         self.bytes_in = 0
@@ -66,57 +68,55 @@ class Receive:
         """The data-path thread of one socket, until ``stop_fd`` is readable (looked at before
         every batch, so a socket that never runs empty still stops). ``busy_poll``: the
         feed's latency mode (seconds to poll without sleeping after a batch)."""
+        with self._numbering_lock:
+            if self._numbering is None:
+                self._numbering = plane.capture_numbering(self.seq)
+            numbering = self._numbering
         rx = plane.capture_receiver(
-            receiver.sock, receiver.port, stop_fd, self.upstream, busy_poll=busy_poll
+            receiver.sock,
+            receiver.port,
+            stop_fd,
+            numbering,
+            self._uplink.claim_word(plane),
+            self.upstream,
+            busy_poll=busy_poll,
         )
         # Every name the loop uses is a local: at low rates each batch is one datagram, and
         # this loop is most of the capture side's CPU per datagram (docs/PERFORMANCE.md).
-        wait, batch, frames = rx.wait, rx.batch, rx.frames
-        claim, append = self._uplink.claim, self._uplink.append
-        sequencing = self._sequencing
+        take, frames = rx.next, rx.frames
+        append = self._uplink.append
         schedule = token.run_sync_soon
         monotonic = time.monotonic
-        full, error = Why.FULL, Why.ERROR
+        empty, stopped, error = Why.EMPTY, Why.STOPPED, Why.ERROR
         beat = current_beat()
-        stop = select.poll()
-        stop.register(stop_fd, select.POLLIN)
         last_drops = 0
-        while True:
-            beat.waiting = True  # Beat.wait() inlined
-            try:
-                ready = wait()
-            finally:
+        waits = True  # the next call waits for datagrams (the last batch was not full)
+        try:
+            while True:
+                beat.waiting = waits  # Beat.wait() inlined
+                why = take()
                 beat.waiting = False
-            if not ready:
-                return
-            why = full
-            while why == full:  # batches until the socket is empty
+                if why == stopped:
+                    return
                 beat.count += 1
-                with sequencing:
-                    tcp = claim()
-                    first = self.seq + 1
-                    why = batch(first, tcp)
-                    count = rx.count
-                    if count:
-                        self.seq = last = first + count - 1
-                        self.datagrams_in += count
-                        self.bytes_in += rx.payload_bytes
-                        chunk = Chunk(first, last, monotonic(), frames())
-                        if append(chunk, tcp is not None, rx.sent, rx.send_err):
-                            schedule(wake_sender)
-                    elif tcp is not None:
-                        append(None, True, 0, 0)
-                    drops = rx.drops
-                    if drops is not None and drops != last_drops:
-                        self._count_kernel_drops(drops - last_drops)
-                        last_drops = drops
+                count = rx.count
+                if count:  # under the numbering, until the next take()
+                    first = rx.first
+                    self.seq = last = first + count - 1
+                    self.datagrams_in += count
+                    self.bytes_in += rx.payload_bytes
+                    chunk = Chunk(first, last, monotonic(), frames())
+                    if append(chunk, rx.claimed, rx.sent, rx.send_err):
+                        schedule(wake_sender)
+                drops = rx.drops
+                if drops is not None and drops != last_drops:
+                    self._count_kernel_drops(drops - last_drops)
+                    last_drops = drops
                 if why == error:
                     raise OSError(rx.err, os.strerror(rx.err))
-                # Sustained input must not hold up stop, reload, shutdown: look at the stop pipe
-                # before each further batch (only then: at low rates every batch is one
-                # datagram, and rx.wait() has just looked at it).
-                if why == full and stop.poll(0):
-                    return
+                waits = why == empty
+        finally:
+            rx.done()
 
     def _count_kernel_drops(self, growth: int) -> None:
         """The socket's drop counter (SO_RXQ_OVFL, 32 bits, wraps) grew: count and warn."""

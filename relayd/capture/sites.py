@@ -9,11 +9,11 @@ of the data). A site is an ``Uplink`` (its replay buffer and connection send sta
 that is blocked, slow or disconnected never holds back another: its batches wait in its own
 replay buffer, whose overflow is counted for that site alone.
 
-With one site the receive threads talk to its ``Uplink`` directly (no fan-out: the path is
-what it was). With several, ``Fanout`` offers the same two calls (``claim``, ``append``): the
-data plane writes the batch straight to the first caught-up site's socket, as with one site,
-and the fan-out writes the same bytes to every other caught-up site's socket (non-blocking;
-what does not fit waits in that site's buffer for its sender task).
+With one site the receive threads talk to its ``Uplink`` directly (no fan-out). With several,
+``Fanout`` offers the same two calls (``claim_word``, ``append``): the data plane claims the
+first site's socket and writes each batch to it as it receives it, as with one site, and the
+fan-out claims every other caught-up site's socket and writes the same bytes to it
+(non-blocking; what does not fit waits in that site's buffer for its sender task).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import attrs
 from relayd.capture.link import Link
 from relayd.capture.uplink import Uplink
 from relayd.config import CaptureFeed, CaptureSite
+from relayd.datapath import ClaimWord, DataPlane
 from relayd.logs import RateLimitedLogger
 from relayd.replay import Chunk, ReplayBuffer
 
@@ -85,42 +86,29 @@ def _send(sock: socket.socket, data: bytes) -> tuple[int, int]:
 
 
 class Fanout:
-    """Several sites behind the two calls a receive thread makes per batch. Only ever called
-    under the receive side's sequencing lock (one batch at a time), which guards ``_claimed``."""
+    """Several sites behind the two calls a receive thread makes per batch (under the receive
+    side's numbering: one batch at a time)."""
 
     def __init__(self, uplinks: Sequence[Uplink]) -> None:
         self._uplinks = tuple(uplinks)
-        self._claimed: dict[Uplink, socket.socket] = {}
-        self._first: Uplink | None = None  # whose socket the data plane writes the batch to
 
-    def claim(self) -> socket.socket | None:
-        """Claim the socket of every caught-up site; the first one is the data plane's."""
-        claimed = {}
-        for uplink in self._uplinks:
-            sock = uplink.claim()
-            if sock is not None:
-                claimed[uplink] = sock
-        self._claimed = claimed
-        self._first = next(iter(claimed), None)
-        return None if self._first is None else claimed[self._first]
+    def claim_word(self, plane: DataPlane) -> ClaimWord:
+        """The first site's: the data plane writes each batch to it."""
+        return self._uplinks[0].claim_word(plane)
 
     def append(self, chunk: Chunk | None, claimed: bool, sent: int, err: int) -> bool:
-        """The batch to every site: written at once to each claimed socket (the first by the
-        data plane: ``sent``, ``err``), into each site's replay buffer. True when a sender
-        task must be woken."""
-        wake = False
-        first = self._first if claimed else None
-        for uplink in self._uplinks:
-            sock = self._claimed.get(uplink)
+        """The batch to every site: written at once to each caught-up site's socket (the
+        first site's by the data plane: ``claimed``, ``sent``, ``err``), into each site's
+        replay buffer. True when a sender task must be woken."""
+        first, *others = self._uplinks
+        wake = first.append(chunk, claimed, sent, err)
+        if chunk is None:
+            return wake
+        for uplink in others:
+            sock = uplink.claim()
             if sock is None:
                 wake |= uplink.append(chunk, False, 0, 0)
-            elif uplink is first:
-                wake |= uplink.append(chunk, True, sent, err)
-            elif chunk is None:
-                wake |= uplink.append(None, True, 0, 0)
             else:
                 written, error = _send(sock, chunk.data)
                 wake |= uplink.append(chunk, True, written, error)
-        self._claimed = {}
-        self._first = None
         return wake

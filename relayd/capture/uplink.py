@@ -3,10 +3,13 @@
 Shared by the receive threads (they append each batch and, when the connection is caught up,
 write it at once) and Trio (the sender task that takes over when the socket is full, the
 heartbeat task, the connection loop), under a lock of its own that is only ever held for
-bookkeeping: a receive thread claims the socket for a batch (:meth:`Uplink.claim`), writes it
-without the lock, then hands it back with the batch (:meth:`Uplink.append`). While a batch is
-being written nobody else writes to the socket, and a connection that ends meanwhile is closed
-by the thread when it hands the socket back.
+bookkeeping. A receive thread claims the socket for a batch without that lock, through the
+connection's claim word (relayd/datapath.py ``ClaimWord``): the uplink keeps the socket's fd in
+it exactly while the connection is caught up with nothing else to write, so the data plane
+claims it and writes the batch right after receiving it, before any Python runs. The thread
+hands the socket back with the batch (:meth:`Uplink.append`). Whoever else writes closes the
+word first (under the lock), so while a batch is being written nobody else writes to the
+socket, and a connection that ends meanwhile is closed by the thread when it hands it back.
 
 Time here is ``time.monotonic`` (the threads' clock): replay ages and the last write.
 """
@@ -19,8 +22,8 @@ import socket
 import threading
 import time
 
-from relayd import wire
-from relayd.datapath import AckReader
+from relayd import pyplane, wire
+from relayd.datapath import CLAIM_CLOSED, CLAIM_HELD, AckReader, ClaimWord, DataPlane
 from relayd.logs import RateLimitedLogger
 from relayd.replay import Chunk, ReplayBuffer
 
@@ -34,16 +37,24 @@ class SendFailedError(Exception):
 class Uplink:
     """The replay buffer, the connection's send state and the counters of what was sent."""
 
-    def __init__(self, name: str, replay: ReplayBuffer, limited: RateLimitedLogger) -> None:
+    def __init__(
+        self,
+        name: str,
+        replay: ReplayBuffer,
+        limited: RateLimitedLogger,
+        plane: DataPlane = pyplane.PLANE,  # the receive threads' (``claim_word``)
+    ) -> None:
         self.name = name
         self.replay = replay
         self._limited = limited
         self._lock = threading.Lock()
+        self._plane = plane
+        # the socket's fd while a receive thread may claim it (the module's docstring)
+        self._word: ClaimWord = plane.claim_word()
         self._sock: socket.socket | None = None
         self._rest: memoryview | None = None  # the rest of a frame sequence partly written
         self._queued: collections.deque[bytes] = collections.deque()  # HEARTBEATs to write
         self._blocked = False  # the socket was full; the sender task waits for writability
-        self._claimed = False  # a receive thread writes a batch to the socket now
         self._claims_refused = False  # the connection ends with a goodbye: no more claims
         self._close_after_claim: socket.socket | None = None
         self._send_error: OSError | None = None
@@ -64,6 +75,15 @@ class Uplink:
     def connected(self) -> bool:
         return self._sock is not None
 
+    def claim_word(self, plane: DataPlane) -> ClaimWord:
+        """The claim word, for a receiver of ``plane`` (made anew, closed, when the uplink
+        was made for another plane: before any receive thread runs)."""
+        with self._lock:
+            if plane is not self._plane:
+                self._plane, self._word = plane, plane.claim_word()
+                self._regate()
+            return self._word
+
     # -- the connection --------------------------------------------------------------------
 
     def attach(self, sock: socket.socket, welcome: int) -> int:
@@ -81,6 +101,7 @@ class Uplink:
             self._waiting_since = None
             self._claims_refused = False
             self._sock = sock
+            self._regate()
         return resend
 
     def release(self, sock: socket.socket, goodbye: bytes | None) -> tuple[bool, bool]:
@@ -91,13 +112,15 @@ class Uplink:
         said = False
         with self._lock:
             current = self._sock is sock
+            claimed = False
             if current:
-                if goodbye is not None and not self._claimed:
+                claimed = not self._close_word()
+                if goodbye is not None and not claimed:
                     said = self._say(sock, goodbye)
                 self._sock = None
                 self._rest = None
                 self._waiting_since = None
-            if self._claimed and current:
+            if claimed:
                 self._close_after_claim = sock
                 return current, False
         if not said:
@@ -111,11 +134,11 @@ class Uplink:
         (``claimed``)."""
         with self._lock:
             self._claims_refused = True
-            return self._claimed
+            return not self._close_word()
 
     @property
     def claimed(self) -> bool:
-        return self._claimed
+        return self._word.load() == CLAIM_HELD
 
     def _say(self, sock: socket.socket, frame: bytes) -> bool:
         try:
@@ -135,24 +158,20 @@ class Uplink:
         with self._lock:
             self.replay.max_bytes = max_bytes
             self.replay.max_age = max_age
+            self._regate()
 
     # -- receive threads -------------------------------------------------------------------
 
     def claim(self) -> socket.socket | None:
         """The socket, for a receive thread to write its next batch to at once, when the
-        connection is caught up (else None: the batch goes through the replay buffer)."""
+        connection is caught up (else None: the batch goes through the replay buffer). The
+        data plane's receiver claims the word itself; this is for the other sites of a
+        feed with several (relayd/capture/sites.py)."""
         with self._lock:
-            sock = self._sock
-            if (
-                sock is None
-                or self._claims_refused
-                or self._blocked
-                or self._rest is not None
-                or self._queued
-                or not self.replay.caught_up
-            ):
+            word, sock = self._word, self._sock
+            fd = word.load()
+            if sock is None or fd < 0 or word.swap(fd, CLAIM_HELD) != fd:
                 return None
-            self._claimed = True
             return sock
 
     def append(self, chunk: Chunk | None, claimed: bool, sent: int, err: int) -> bool:
@@ -164,15 +183,16 @@ class Uplink:
         replay chunks past ``replay_max_age`` are dropped by Trio (:meth:`heartbeat`,
         :meth:`apply_acks`, :meth:`attach`), not once per batch."""
         with self._lock:
+            held = claimed  # the word, until _regate(held) at the end hands it back
             gone = False
-            if claimed:
-                self._claimed = False
-                if self._close_after_claim is not None:
-                    self._close_after_claim.close()
-                    self._close_after_claim = None
-                    claimed = False  # the connection is gone: the chunk waits in the buffer
-                    gone = True
+            if claimed and self._close_after_claim is not None:
+                self._close_after_claim.close()
+                self._close_after_claim = None
+                self._word.store(CLAIM_CLOSED)
+                held = claimed = False  # the connection is gone: the chunk waits in the buffer
+                gone = True
             if chunk is None:
+                self._regate(held)
                 return False
             self._apply_acks()
             replay = self.replay
@@ -198,6 +218,7 @@ class Uplink:
                     self._blocked = wake = True
             if replay.dropped_datagrams != self._reported_drops:  # the byte bound evicted
                 self._note_replay_drops()
+            self._regate(held)
             return wake
 
     # -- Trio ------------------------------------------------------------------------------
@@ -208,19 +229,22 @@ class Uplink:
         with self._lock:
             if self._send_error is not None:
                 raise SendFailedError(f"send failed: {self._send_error}")
-            if self._claimed:
+            if not self._close_word():
                 return True  # the thread's hand-back goes on from there
             try:
                 done = self._write()
             except OSError as exc:
                 raise SendFailedError(f"send failed: {exc}") from None
             self._blocked = not done
+            self._regate()
             return done
 
     def kick(self) -> bool:
         """Write now what the socket takes; True when the sender task must be woken."""
         with self._lock:
-            return self._kick()
+            wake = self._kick()
+            self._regate()
+            return wake
 
     def heartbeat(self, interval: float) -> tuple[bool, float]:
         """Write a HEARTBEAT when nothing was written for ``interval``; apply ACKs and expire
@@ -232,12 +256,13 @@ class Uplink:
             due = self.last_send + interval
             if now >= due:
                 self.last_send = now
-                if not self._blocked and self._rest is None and not self._claimed:
+                if not self._blocked and self._rest is None and self._close_word():
                     self._queued.append(wire.encode_heartbeat(time.time_ns()))
                     wake = self._kick()
                 due = now + interval
             self._apply_acks()
             self._expire(now)
+            self._regate()
         return wake, max(0.0, due - now)
 
     def apply_acks(self) -> None:
@@ -278,8 +303,48 @@ class Uplink:
         if self.replay.dropped_datagrams != self._reported_drops:
             self._note_replay_drops()
 
+    def _regate(self, held: bool = False) -> None:
+        """Open the claim word when a receive thread may write its next batch at once (the
+        connection caught up, nothing else to write), else close it. A word held stays held,
+        unless ``held``: the holder's hand-back (a plain store: nobody else writes it then).
+        Under the lock, after every change."""
+        sock = self._sock
+        if (
+            sock is None
+            or self._claims_refused
+            or self._blocked
+            or self._rest is not None
+            or self._queued
+            or not self.replay.caught_up
+        ):
+            if held:
+                self._word.store(CLAIM_CLOSED)
+            else:
+                self._close_word()
+            return
+        word, fd = self._word, sock.fileno()
+        if held:
+            word.store(fd)
+            return
+        while True:
+            now = word.load()
+            if now in (fd, CLAIM_HELD) or word.swap(now, fd) == now:
+                return
+
+    def _close_word(self) -> bool:
+        """Close the claim word so no receive thread claims the socket; False when one holds
+        it (it writes a batch now). Under the lock, before anyone else writes."""
+        word = self._word
+        now = word.load()
+        while now >= 0:
+            before = word.swap(now, CLAIM_CLOSED)
+            if before == now:
+                return True
+            now = before
+        return now != CLAIM_HELD
+
     def _kick(self) -> bool:
-        if self._sock is None or self._blocked or self._claimed:
+        if self._sock is None or self._blocked or not self._close_word():
             return False
         try:
             done = self._write()
