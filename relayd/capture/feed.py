@@ -15,14 +15,14 @@ buffer absorbs it, bounded in bytes and age, and its drops are counted and logge
 A feed with ``[[capture.site]]`` tables has one uplink and one connection loop per site
 (relayd/capture/sites.py), all fed the same numbered batches. A reload that changes a running
 feed is applied to it in place where the change allows (``prepare_update``,
-relayd/capture/change.py): same session, sequence and replay buffers.
+relayd/capture/change.py): same session, sequence and replay buffers. Its health and
+samples are judged by relayd/capture/report.py.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 from typing import Literal
@@ -32,9 +32,9 @@ import trio
 
 from relayd.arbitration.headers import DeribitLayout
 from relayd.capture.change import CaptureChange, plan_capture_change
-from relayd.capture.link import Connect
 from relayd.capture.receive import Receive
 from relayd.capture.receivers import Receivers
+from relayd.capture.report import CaptureReport
 from relayd.capture.sites import Fanout, Site, site_config
 from relayd.capture.upstream import UpstreamCheck, state_directory
 from relayd.config import CaptureFeed
@@ -47,24 +47,12 @@ from relayd.netif import (
     open_group_receivers,
     resolve_interface,
 )
-from relayd.replay import Evicted, ReplayBuffer
-from relayd.runtime import Feed, FeedHealth, MetricType, Sample
+from relayd.replay import ReplayBuffer
+from relayd.runtime import Feed, FeedHealth, Sample
 
 __all__ = ["CaptureFeedRuntime", "LiveUpdate"]
 
 log = logging.getLogger("relayd.capture")
-
-#: A feed with several sites reports the worst of their states (the last here).
-_SITE_STATES = ("starting", "streaming", "reconnecting", "stalled", "disconnected")
-
-#: Unhealthy ("stalled") once data sent has waited this share of ``ack_timeout`` for an ACK.
-STALLED_FRACTION = 0.5
-
-
-def _age(since: float | None) -> float | None:
-    """Seconds since a ``time.monotonic`` stamp (the replay buffer's clock), or None when it
-    never happened."""
-    return None if since is None else round(max(0.0, time.monotonic() - since), 3)
 
 
 class CaptureFeedRuntime:
@@ -75,11 +63,6 @@ class CaptureFeedRuntime:
     def __init__(self, config: CaptureFeed, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.name = config.name
-        # A runtime that replaces another (``open(previous)``: a reload or a restart) starts a
-        # new session, so the emit side resumes nothing: counted once here, summed over the
-        # runtimes with the other counters, with what the old session held unacknowledged.
-        self.session_restarts = 0
-        self.session_lost_datagrams = 0
         self.unacked_at_end: int | None = None  # set when run() ends
         self._limited = RateLimitedLogger(log)
         rng = rng or random.Random()
@@ -95,14 +78,13 @@ class CaptureFeedRuntime:
         sink = self.uplink if not more else Fanout([site.uplink for site in self.sites])
         self.receive = Receive(config.name, sink, self._limited)
         self.receivers = Receivers(self.receive, config.busy_poll)
+        #: Its health and samples (relayd/capture/report.py).
+        self.report = CaptureReport(config.name, self.sites, self.receive)
         self.upstream: UpstreamCheck | None = None  # upstream_check = "deribit", from open()
         self._interface: IPv4Address | None = None
-        # health (Trio clock)
-        self._started = False
-        # The feed this one replaces, until run() takes its counters (it has stopped by then),
-        # and those counters: added to this feed's own, so a reload or restart resets none.
+        # The feed this one replaces, until run() takes its counters (it has stopped by then):
+        # the report adds them to this feed's own, so a reload or restart resets none.
         self._previous: CaptureFeedRuntime | None = None
-        self._carried: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -151,206 +133,11 @@ class CaptureFeedRuntime:
         return self.receive.kernel_drops
 
     def health(self) -> FeedHealth:
-        feed: dict[str, object] = {
-            "last_seq": self.receive.seq,
-            "session": self.link.session_id.hex(),
-            "session_restarts": self._total("session_restarts", self.session_restarts),
-            "session_lost_datagrams": self._total(
-                "session_lost_datagrams", self.session_lost_datagrams
-            ),
-            "kernel_drops": self.receive.kernel_drops,
-            "last_datagram_age_seconds": _age(self._replay.last_appended_at),
-        }
-        if self.upstream is not None:
-            carried = {
-                name.removeprefix("upstream_"): int(sample.value)
-                for (name, labels), sample in self._carried.items()
-                if name.startswith("upstream_") and labels == self.upstream.labels
-            }
-            upstream = feed["upstream"] = self.upstream.detail(carried)
-            feed["upstream_gaps"] = upstream["gaps"]
-        datagrams = self.receive.datagrams_in
-        judged = [self._site_health(site) for site in self.sites]
-        connections = sum(1 for site in self.sites if site.uplink.connected)
-        if len(judged) == 1:
-            healthy, state, detail = judged[0]
-            detail.update(feed)
-        else:
-            healthy = all(h for h, _, _ in judged)
-            state = max((s for _, s, _ in judged), key=_SITE_STATES.index)
-            sites: dict[str, object] = {}
-            for site, (site_healthy, site_state, site_detail) in zip(
-                self.sites, judged, strict=True
-            ):
-                sites[site.name] = {"state": site_state, "healthy": site_healthy, **site_detail}
-            detail = {**feed, "sites": sites}
-        if not self._started:
-            return FeedHealth(False, "starting", detail, 0, datagrams)
-        return FeedHealth(healthy, state, detail, connections, datagrams)
-
-    def _site_health(self, site: Site) -> tuple[bool, str, dict[str, object]]:
-        """One site's health: whether it is healthy, its state and its facts."""
-        uplink, link, replay = site.uplink, site.link, site.replay
-        uplink.apply_acks()
-        detail: dict[str, object] = {
-            "peer": link.peer,
-            "acked_seq": replay.acked_seq,
-            "unacked_datagrams": replay.unacked_datagrams,
-            "replay_bytes": replay.total_bytes,
-            "replay_dropped_datagrams": replay.dropped_datagrams,
-            "replay_dropped_by": {e.value: n for e, n in replay.dropped_by.items()},
-            "resume_lost_datagrams": replay.resume_lost_datagrams,
-            "ack_stalls": link.ack_stalls,
-        }
-        if not self._started:
-            return False, "starting", detail
-        if uplink.connected:
-            waited, outstanding = uplink.ack_wait()
-            if waited >= link.config.ack_timeout * STALLED_FRACTION:
-                detail["ack_stalled_for"] = round(waited, 3)
-                detail["ack_stalled_datagrams"] = outstanding
-                return False, "stalled", detail
-            return True, "streaming", detail
-        down = trio.current_time() - link.down_since
-        detail["disconnected_for"] = round(down, 3)
-        detail["last_error"] = link.last_error
-        healthy = down <= link.config.reconnect_budget
-        return healthy, "reconnecting" if healthy else "disconnected", detail
+        return self.report.health()
 
     def samples(self) -> Iterable[Sample]:
         """This feed's samples, its counters carrying on from the feed it replaced."""
-        own = list(self._own_samples())
-        if not self._carried:
-            return own
-        out = []
-        for sample in own:
-            before = self._carried.get((sample.name, sample.labels))
-            out.append(
-                sample if before is None else sample._replace(value=sample.value + before.value)
-            )
-        seen = {(sample.name, sample.labels) for sample in own}
-        out.extend(sample for key, sample in self._carried.items() if key not in seen)
-        return out
-
-    def _total(self, name: str, own: int) -> int:
-        """``capture_<name>`` of this runtime plus what the feeds it replaced counted."""
-        before = self._carried.get((f"capture_{name}", (("feed", self.name),)))
-        return own + (0 if before is None else int(before.value))
-
-    def _carry_counters(self) -> None:
-        previous, self._previous = self._previous, None
-        if previous is not None:
-            self._carried = {
-                (s.name, s.labels): s for s in previous.samples() if s.type == "counter"
-            }
-
-    def _own_samples(self) -> Iterable[Sample]:
-        feed = (("feed", self.name),)
-        receive = self.receive
-
-        def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
-            return Sample(f"capture_{name}", kind, text, feed, value)
-
-        yield one("datagrams_in", "counter", "Datagrams received.", receive.datagrams_in)
-        yield one("bytes_in", "counter", "Payload bytes received.", receive.bytes_in)
-        yield one("kernel_drops", "counter", "Datagrams the kernel dropped.", receive.kernel_drops)
-        yield one(
-            "session_restarts",
-            "counter",
-            "Capture sessions that replaced an earlier one of the feed (reload, restart): a "
-            "new session resumes nothing on the emit side.",
-            self.session_restarts,
-        )
-        yield one(
-            "session_lost_datagrams",
-            "counter",
-            "Datagrams a capture session held unacknowledged when it ended for good (summed "
-            "over its sites).",
-            self.session_lost_datagrams,
-        )
-        for site in self.sites:
-            yield from self._site_samples(site, (*feed, *site.labels))
-        if self.upstream is not None:
-            yield from self.upstream.samples()
-
-    @staticmethod
-    def _site_samples(site: Site, labels: tuple[tuple[str, str], ...]) -> Iterable[Sample]:
-        """One site's samples (label ``site`` when the feed has named sites)."""
-        uplink, link, replay = site.uplink, site.link, site.replay
-        uplink.apply_acks()
-
-        def one(name: str, kind: MetricType, text: str, value: float) -> Sample:
-            return Sample(f"capture_{name}", kind, text, labels, value)
-
-        yield one("frames_sent", "counter", "DATA frames sent.", uplink.frames_sent)
-        yield one("bytes_sent", "counter", "Bytes written to TCP.", uplink.bytes_sent)
-        yield one("replay_bytes", "gauge", "Bytes in the replay buffer.", replay.total_bytes)
-        yield one("replay_chunks", "gauge", "Chunks in the replay buffer.", len(replay))
-        yield one(
-            "replay_dropped_datagrams",
-            "counter",
-            "Unacknowledged datagrams dropped from the replay buffer.",
-            replay.dropped_datagrams,
-        )
-        for evicted in Evicted:
-            yield Sample(
-                "capture_replay_evicted_datagrams",
-                "counter",
-                "Unacknowledged datagrams dropped from the replay buffer, by the bound "
-                "(replay_max_bytes, replay_max_age) that evicted them.",
-                (*labels, ("reason", evicted.value)),
-                replay.dropped_by[evicted],
-            )
-        yield one(
-            "replay_dropped_bytes",
-            "counter",
-            "Unacknowledged bytes dropped from the replay buffer.",
-            replay.dropped_bytes,
-        )
-        yield one(
-            "resent_datagrams",
-            "counter",
-            "Datagrams sent again after a reconnect.",
-            uplink.resent_datagrams,
-        )
-        yield one(
-            "resume_lost_datagrams",
-            "counter",
-            "Datagrams no emit host acknowledged that were gone from the replay buffer when a "
-            "connection resumed (its first frame jumps past them): lost. A loss within a "
-            "connection is the emit side's gap_sequences; each loss is counted once.",
-            replay.resume_lost_datagrams,
-        )
-        yield one(
-            "ack_stalls",
-            "counter",
-            "Connections left because no ACK came for ack_timeout while data waited.",
-            link.ack_stalls,
-        )
-        for result in Connect:
-            yield Sample(
-                "capture_connects",
-                "counter",
-                "Connection attempts by result.",
-                (*labels, ("result", result.value)),
-                link.connects[result],
-            )
-        yield one("connected", "gauge", "1 while streaming.", 1 if uplink.connected else 0)
-        yield one("acked_seq", "gauge", "Highest sequence acknowledged.", replay.acked_seq)
-        yield one(
-            "unacked_datagrams",
-            "gauge",
-            "Datagrams not yet acknowledged.",
-            replay.unacked_datagrams,
-        )
-        for code, count in sorted(link.errors_from_peer.items()):
-            yield Sample(
-                "capture_errors_from_peer",
-                "counter",
-                "ERROR frames received from the emit side, by code.",
-                (*labels, ("code", str(code))),
-                count,
-            )
+        return self.report.samples()
 
     def open(self, previous: Feed | None = None) -> None:
         """Read the key, find the interface and join the groups (raises when one of them
@@ -376,6 +163,7 @@ class CaptureFeedRuntime:
                 resume=previous is None,
             )
             self.receive.upstream = self.upstream.counter
+            self.report.upstream = self.upstream
         groups = [(gp.group, gp.port) for gp in config.groups]
         self.receivers.adopt(
             open_group_receivers(groups, interface, config.receive_buffer, sources=config.sources)
@@ -463,9 +251,9 @@ class CaptureFeedRuntime:
             self.open()
         plane = self.link.plane
         assert plane is not None
-        previous = self._previous
-        self._carry_counters()  # the feed replaced has stopped by now
+        previous, self._previous = self._previous, None
         if previous is not None:
+            self.report.carry_on_from(previous.samples())  # it has stopped by now
             self._new_session_after(previous)
         try:
             async with trio.open_nursery() as nursery:
@@ -474,7 +262,7 @@ class CaptureFeedRuntime:
                 if self.upstream is not None:
                     nursery.start_soon(self.upstream.watch)
                     nursery.start_soon(self.upstream.keep_state)
-                self._started = True
+                self.report.started = True
                 for site in self.sites:
                     site.link.down_since = trio.current_time()
                 log.info(
@@ -513,15 +301,15 @@ class CaptureFeedRuntime:
         restart and what the old session held unacknowledged when it ended."""
         if previous.link.session_id == self.link.session_id:
             return
-        self.session_restarts = 1
-        self.session_lost_datagrams = previous.unacked_at_end or 0
+        lost = previous.unacked_at_end or 0
+        self.report.session_replaced(lost)
         log.warning(
             "feed %s: new capture session %s replaces %s: the emit side resumes nothing of the "
             "old one, whose %d unacknowledged datagrams are lost",
             self.name,
             self.link.session_id.hex(),
             previous.link.session_id.hex(),
-            self.session_lost_datagrams,
+            lost,
             extra={"feed": self.name},
         )
 

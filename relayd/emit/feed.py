@@ -6,8 +6,9 @@ multicast sender; ``run`` serves capture connections with them until cancelled. 
 the gate (source check, pending connections, handshake: relayd/emit/listener.py), each
 connection's life from HELLO to close (relayd/emit/streams.py), the sessions
 (relayd/emit/sessions.py), the destinations (relayd/emit/destinations.py), one data-path
-thread per streaming connection (relayd/emit/pump.py) and the accounting
-(relayd/emit/stats.py). A connection that sends nothing for ``idle_timeout`` is closed with
+thread per streaming connection (relayd/emit/pump.py), the accounting
+(relayd/emit/stats.py) and whether this host is the feed's active emitter
+(relayd/emit/activity.py). A connection that sends nothing for ``idle_timeout`` is closed with
 IDLE_TIMEOUT; one that does not read its ACKs for as long, with SLOW_CONSUMER.
 
 Healthy means: the listener is bound and the multicast sender is not failing (from a failed
@@ -30,14 +31,14 @@ import attrs
 import trio
 
 from relayd.config import EmitFeed
-from relayd.datapath import DataPlane, log_latency_mode, run_stoppable, select_plane
+from relayd.datapath import DataPlane, log_latency_mode, select_plane
+from relayd.emit.activity import FeedActivity
 from relayd.emit.arbitration import FeedArbitration
 from relayd.emit.destinations import Destinations
 from relayd.emit.listener import Gate, open_listener
-from relayd.emit.observer import TICK as OBSERVER_TICK
 from relayd.emit.observer import FeedRole, ObserveHook, Observer
-from relayd.emit.sessions import Connection, Sessions
-from relayd.emit.stats import Closed, EmitStats
+from relayd.emit.sessions import Sessions
+from relayd.emit.stats import EmitStats
 from relayd.emit.streams import ConnectionStreams
 from relayd.keys import load_auth_keys
 from relayd.netif import (
@@ -100,10 +101,8 @@ class EmitFeedRuntime:
         self.arbitration: FeedArbitration | None = None
         self._arbitration_released = False
         self._started_at = 0.0
-        #: This feed's role among the emit hosts (relayd/emit/role.py) and its emit gate.
-        self.role = FeedRole(config.name, None, config.emitter_grace)
-        self.observer: Observer | None = None
-        self._observe_hook: ObserveHook | None = None
+        #: One active emitter: the feed's role, observer and beacons (relayd/emit/activity.py)
+        self.activity = FeedActivity(config.name, config.emitter_grace, self.sessions, self.observe)
 
     # -- Feed protocol ---------------------------------------------------------------------
 
@@ -170,14 +169,7 @@ class EmitFeedRuntime:
             )
         self.gate.keys = keys
         self.interface_address = interface_address
-        self.role.address = interface_address
-        beacon = cfg.beacon_destination()
-        self.observer = Observer(
-            self.name, self.role, interface_address, cfg.watch_groups, beacon, cfg.ttl
-        )
-        # the claim needs the beacons: without them a stream makes this host active at once
-        self.role.claim = cfg.emitter_claim if self.observer.beacon is not None else 0.0
-        self.observer.hook = self._observe_hook or self._observed
+        self.activity.open(interface_address, cfg)
         self._plane = plane
         self._listener = listener
         self.listen_port = listener.getsockname()[1]
@@ -205,10 +197,29 @@ class EmitFeedRuntime:
             destinations=destinations,
             mcast=self._mcast,
             arbitration=self.arbitration,
-            role=self.role,
-            observer=self.observer,
+            role=self.activity.role,
+            observer=self.activity.observer,
         )
         self._streams.close_reason = self._close_reason
+
+    @property
+    def role(self) -> FeedRole:
+        """This feed's role among the emit hosts and its emit gate."""
+        return self.activity.role
+
+    @property
+    def observer(self) -> Observer | None:
+        """The feed's observer (None until ``open``)."""
+        return self.activity.observer
+
+    @property
+    def observe_hook(self) -> ObserveHook | None:
+        """The observer's hook (``FeedActivity.observe_hook``)."""
+        return self.activity.observe_hook
+
+    @observe_hook.setter
+    def observe_hook(self, hook: ObserveHook | None) -> None:
+        self.activity.observe_hook = hook
 
     def listener_for(self, host: str, port: int) -> socket.socket | None:
         """A duplicate of this feed's listening socket when it is bound to ``host:port``
@@ -233,8 +244,7 @@ class EmitFeedRuntime:
         if self._destinations is not None:
             self._destinations.close()
         self._release_arbitration()
-        if self.observer is not None:
-            self.observer.close()
+        self.activity.close()
 
     def _release_arbitration(self) -> None:
         arbitration = self.arbitration
@@ -249,39 +259,19 @@ class EmitFeedRuntime:
         if self.arbitration is not None:
             self.arbitration.observe(group, port, payload)
 
-    def _observed(self, group: int, port: int, payload: bytes, _now: float) -> None:
-        """The observer's default hook: what another relay emits goes to this feed's arbiter
-        (with ``deribit``, a host that becomes active skips what the previous one sent)."""
-        self.observe(group, port, payload)
-
-    @property
-    def observe_hook(self) -> ObserveHook | None:
-        """Given every datagram the observer drains from another relay, in its thread (None:
-        none); may be set before or after ``open``."""
-        return self._observe_hook
-
-    @observe_hook.setter
-    def observe_hook(self, hook: ObserveHook | None) -> None:
-        self._observe_hook = hook
-        if self.observer is not None:
-            self.observer.hook = hook or self._observed
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._listener is None:
             self.open()
         listener, mcast, streams = self._listener, self._mcast, self._streams
-        observer = self.observer
         assert listener is not None
         assert mcast is not None
         assert streams is not None
-        assert observer is not None
         cfg = self.config
         try:
             self._started_at = trio.current_time()
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._tick)
-                outer.start_soon(self._follow_role)
-                outer.start_soon(run_stoppable, observer.run)
+                self.activity.start(outer)
                 async with trio.open_nursery() as handlers:
                     await outer.start(self.gate.accept, listener, handlers, streams.serve)
                     self._listening = True
@@ -307,13 +297,13 @@ class EmitFeedRuntime:
             if self._destinations is not None:
                 self._destinations.close()
             self._release_arbitration()
-            observer.close()
+            self.activity.close()
 
     def health(self) -> FeedHealth:
         stats = self.stats
         stats.sync()
         failing = stats.sending_failed()
-        role = self.role.snapshot()
+        role = self.activity.role.snapshot()
         standby = role["role"] == "standby"
         healthy = self._listening and not failing
         if not self._listening:
@@ -330,7 +320,7 @@ class EmitFeedRuntime:
         detail: dict[str, Any] = {
             "listen": f"{self.config.listen.host}:{self.listen_port or self.config.listen.port}",
             "interface": str(self.interface_address or self.config.interface),
-            "connections": [self._describe(c) for c in self.sessions.active.values()],
+            "connections": [c.describe() for c in self.sessions.active.values()],
             "pending_connections": len(self.gate.pending),
             "sessions": len(self.sessions),
             # None until a datagram arrived (the metric counts from start-up instead)
@@ -375,16 +365,6 @@ class EmitFeedRuntime:
             if moved:
                 self._streams.forget_destinations()
 
-    @staticmethod
-    def _describe(conn: Connection) -> dict[str, Any]:
-        session = conn.session
-        return {
-            "peer": conn.peer,
-            "session": session.session_id.hex() if session else None,
-            "highest_seq": session.highest if session else 0,
-            "acked_seq": conn.acked_seq,
-        }
-
     def _last_datagram_age(self) -> float:
         since = self.stats.last_datagram_at
         if since is None:
@@ -424,99 +404,7 @@ class EmitFeedRuntime:
             "1 while the listener is bound and the emitter works.",
             float(self._listening and not self.stats.sending_failed()),
         )
-        yield from self._role_samples()
-
-    def _role_samples(self) -> Iterator[Sample]:
-        feed = (("feed", self.name),)
-        role = self.role.snapshot()
-        yield Sample(
-            "emit_active",
-            "gauge",
-            "1 while this host is the feed's active emitter (holds a stream, may emit), else 0.",
-            feed,
-            float(role["role"] == "active"),
-        )
-        yield Sample(
-            "emit_standby",
-            "gauge",
-            "1 while another relay emits the feed's groups and this host refuses its streams.",
-            feed,
-            float(role["role"] == "standby"),
-        )
-        yield Sample(
-            "emit_split_brain",
-            "gauge",
-            "1 while this host and another relay both emit the feed's groups.",
-            feed,
-            float(role["split_brain"]),
-        )
-        yield Sample(
-            "split_brain",
-            "counter",
-            "Split-brain events: this host emitting while another relay emits the feed's groups.",
-            feed,
-            role["split_brains"],
-        )
-        yield Sample(
-            "emit_claiming",
-            "gauge",
-            "1 while this host claims the feed: it holds a stream but emits nothing until the "
-            "claim period passes without another relay active or claiming from a lower address.",
-            feed,
-            float(role["role"] == "claiming"),
-        )
-        for outcome, count in role["claims"].items():
-            yield Sample(
-                "emit_claims",
-                "counter",
-                "Claims of the feed by this host, by outcome (won: became active; yielded: gave "
-                "way to another relay before emitting anything).",
-                (*feed, ("outcome", outcome)),
-                count,
-            )
-        for reason, count in role["stepped_down"].items():
-            yield Sample(
-                "emit_stepped_down",
-                "counter",
-                "Times this host stopped emitting the feed for another relay, by reason.",
-                (*feed, ("reason", reason)),
-                count,
-            )
-        observer = self.observer
-        if observer is not None:
-            for origin, count in (
-                ("own", observer.own_datagrams),
-                ("other", observer.other_datagrams),
-            ):
-                yield Sample(
-                    "emit_observed_datagrams",
-                    "counter",
-                    "Datagrams the observer sampled on the feed's groups, by origin "
-                    "(own: this host's, looped back).",
-                    (*feed, ("origin", origin)),
-                    count,
-                )
-            for kind, count in (
-                ("sent", observer.beacons_sent),
-                ("received", observer.beacons_received),
-                ("ignored", observer.beacons_ignored),
-                ("send_error", observer.beacon_send_errors),
-            ):
-                yield Sample(
-                    "emit_beacons",
-                    "counter",
-                    "Beacons of the feed (one active emitter): sent by this host, received "
-                    "from other hosts, ignored (another feed's or unreadable), failed sends.",
-                    (*feed, ("kind", kind)),
-                    count,
-                )
-            yield Sample(
-                "emit_watched_groups",
-                "gauge",
-                "group:port pairs the observer watches for other relays.",
-                feed,
-                len(observer.watched),
-            )
+        yield from self.activity.samples()
 
     async def _tick(self) -> None:
         """Once a second: feed the rate windows, follow the egress interface's address, and
@@ -524,7 +412,7 @@ class EmitFeedRuntime:
         or holds an error that would fail a later send while no pump is failing to take it."""
         while True:
             self.stats.tick(trio.current_time())
-            self._end_streams_if_standing_down()
+            self.activity.end_streams_if_standing_down()
             self._follow_interface()
             senders = [self._mcast] if self._mcast is not None else []
             if self._destinations is not None:
@@ -533,25 +421,6 @@ class EmitFeedRuntime:
                 if sock.fileno() >= 0:
                     self.stats.queued_errors(drain_error_queue(sock))
             await trio.sleep(1.0)
-
-    async def _follow_role(self) -> None:
-        """End the streams soon after the feed stands down (a yielded claim: the capture
-        side should find the active host before it sends anything here)."""
-        while True:
-            self._end_streams_if_standing_down()
-            await trio.sleep(OBSERVER_TICK)
-
-    def _end_streams_if_standing_down(self) -> None:
-        """A feed that stepped down ends its streams with NOT_ACTIVE. A pump with data ends
-        its own at the next datagram (the gate is closed); this ends the idle ones."""
-        if not self.sessions.active or not self.role.standing_down():
-            return
-        for conn in list(self.sessions.active.values()):
-            conn.end(
-                ErrorCode.NOT_ACTIVE,
-                f"feed {self.name!r} stepped down here (another relay emits it): connect again",
-                Closed.NOT_ACTIVE,
-            )
 
     def _follow_interface(self) -> None:
         """Read the egress interface's address again (one ioctl) and, when it changed,
@@ -569,7 +438,7 @@ class EmitFeedRuntime:
         if address == self.interface_address:
             return
         old, self.interface_address = self.interface_address, address
-        self.role.address = address
+        self.activity.role.address = address
         destinations.interface = address
         if self._mcast is not None:
             set_multicast_interface(self._mcast, address, destinations.ifindex)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import socket
 from collections import OrderedDict
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -110,6 +110,16 @@ class Connection:
         """Highest sequence ACKed so far (0 before the welcome ACK)."""
         pump = None if self.link is None else self.link.pump
         return max(self.acked if pump is None else pump.acked, 0)
+
+    def describe(self) -> dict[str, Any]:
+        """The connection in the feed's health detail."""
+        session = self.session
+        return {
+            "peer": self.peer,
+            "session": session.session_id.hex() if session else None,
+            "highest_seq": session.highest if session else 0,
+            "acked_seq": self.acked_seq,
+        }
 
     def end(self, code: int, message: str, reason: Closed | None) -> None:
         """End the connection with ERROR(code, message), counted as ``reason``."""
