@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 ABI: Final = 15
-LIBRARY: Final = Path(__file__).with_name("_fastpath.so")
+LIBRARY: Final = Path(__file__).parent.with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
 DEST_SLOTS: Final = 1024
 
