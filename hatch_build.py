@@ -9,10 +9,10 @@ The one place that holds the compile command and its flags. Used three ways:
   ``py3-none-<platform>``. The library is loaded with ctypes and uses no Python headers, so one
   wheel serves every Python 3 on the platform.
 - the editable install (``pip install -e``, ``make venv``): the hook compiles into the source
-  tree, next to ``relayd/fastpath.py``, where it is loaded from.
+  tree, in ``relayd/`` next to the ``relayd/fastpath/`` package, which loads it from there.
 
 Without a C compiler the build prints one warning and goes on without the library: relayd
-then runs its Python data path (``relayd/fastpath.py``). ``RELAYD_REQUIRE_FASTPATH=1`` turns
+then runs its Python data path (``relayd/pyplane/``). ``RELAYD_REQUIRE_FASTPATH=1`` turns
 that warning into an error. A compiler that fails on the source is always an error.
 """
 

@@ -1,7 +1,7 @@
 /* relayd's data plane in C: the per-datagram loops of both feeds, without the GIL.
  *
  * The C leaf of relayd's DataPlane (relayd/datapath.py), loaded with ctypes by
- * relayd/fastpath.py, so it does not depend on the Python ABI. Every entry point is called
+ * relayd/fastpath/, so it does not depend on the Python ABI. Every entry point is called
  * through ctypes.CDLL, which releases the GIL for the length of the call. The rules it applies
  * per datagram (sequence acceptance, destination verdict, ACK coalescing) are specified once,
  * in relayd/session.py (with the size rule), and the differential tests hold this file to them. Python keeps
@@ -15,7 +15,7 @@
  *
  * The ABI is defined here once: each struct shared with Python is a list of fields (the
  * RD_*_FIELDS macros) from which both the struct and the layout table rd_layout() are made,
- * and rd_constants() exports the shared constants. relayd/fastpath.py compares its ctypes
+ * and rd_constants() exports the shared constants. relayd/fastpath/abi.py compares its ctypes
  * definitions with both, field by field and value by value, when it loads the library.
  */
 #define _GNU_SOURCE

@@ -4,8 +4,8 @@ Three loops run in data-path threads, each behind an object of this interface: t
 (:class:`EmitPump`: receive a connection's stream, decode, dedup, multicast, write ACKs and
 HEARTBEATs), the capture receiver (:class:`CaptureReceiver`: receive a socket's datagrams and
 frame them, a batch at a time) and the capture ACK reader (:class:`AckReader`). Two leaves
-implement it: C (relayd/fastpath.py over relayd/_fastpath.c, production) and Python
-(relayd/pyplane.py, for machines without a compiler). Both follow the rules of
+implement it: C (relayd/fastpath/ over relayd/_fastpath.c, production) and Python
+(relayd/pyplane/, for machines without a compiler). Both follow the rules of
 relayd/session.py. :func:`select` picks the leaf (``RELAYD_DATAPATH``).
 
 The GIL rule, stated once: a data-path thread holds the GIL only while it runs Python; every

@@ -32,7 +32,7 @@ _NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
 _LABEL_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 #: Buckets of the latency histograms: log2 of 1 us .. 2**25 us (the C data plane counts in
-#: the same buckets; relayd/fastpath.py checks it at load).
+#: the same buckets; relayd/fastpath/abi.py checks it at load).
 LATENCY_BUCKETS = 26
 
 

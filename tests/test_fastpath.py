@@ -1,5 +1,5 @@
 """The two data paths do the same thing: the C data plane (relayd/_fastpath.c) and the Python
-one it replaces when the library is missing (``RELAYD_DATAPATH``, relayd/fastpath.py).
+one it replaces when the library is missing (``RELAYD_DATAPATH``, relayd/fastpath/).
 
 Each test plays one input on real sockets once per data path and compares what came out:
 for an emit feed, a stream written by the test with the wire encoders into its TCP listener on

@@ -1,4 +1,4 @@
-"""The C ABI is defined once (relayd/_fastpath.c) and checked at load (relayd/fastpath.py).
+"""The C ABI is defined once (relayd/_fastpath.c) and checked at load (relayd/fastpath/abi.py).
 
 Variants of the C file are compiled with the project's own build step (hatch_build.py) and
 loaded: a struct or a constant changed on the C side only must refuse to load, naming what

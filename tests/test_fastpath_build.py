@@ -142,7 +142,7 @@ def test_wheel_carries_the_library_and_a_platform_tag(built: Path, tmp_path: Pat
     assert wheel.name.endswith(f"-py3-none-{PLATFORM}.whl"), wheel.name
     names, meta = _wheel_files(wheel)
     assert "relayd/_fastpath.so" in names
-    assert "relayd/fastpath.py" in names
+    assert "relayd/fastpath/__init__.py" in names
     assert "Root-Is-Purelib: false" in meta
     assert f"Tag: py3-none-{PLATFORM}" in meta
     with zipfile.ZipFile(wheel) as zf:
@@ -183,7 +183,7 @@ def test_wheel_without_a_compiler_is_pure(tmp_path: Path) -> None:
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names, meta = _wheel_files(wheel)
     assert "relayd/_fastpath.so" not in names
-    assert "relayd/fastpath.py" in names
+    assert "relayd/fastpath/__init__.py" in names
     assert "Root-Is-Purelib: true" in meta
 
 

@@ -58,6 +58,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import relayd
 from relayd import fastpath, session
 from relayd.datapath import CLAIM_CLOSED, CLAIM_HELD, Why
 from relayd.netif import IP_PKTINFO, SO_RXQ_OVFL
@@ -1118,7 +1119,7 @@ def _sanitizer_runtime() -> tuple[str, Path] | str:
 
 def sanitized_package(directory: Path, compiler: str) -> Path:
     """A copy of the relayd package whose ``_fastpath.so`` is built with ASan and UBSan."""
-    source = Path(fastpath.__file__).resolve().parent
+    source = Path(relayd.__file__).resolve().parent
     package = directory / "relayd"
     shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
     build = subprocess.run(

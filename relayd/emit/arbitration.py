@@ -3,7 +3,7 @@
 Several capture hosts may stream one feed at once (A/B capture hosts). With ``arbitration =
 "deribit"`` or ``"content"`` the feed makes one arbiter (relayd/arbitration/ is the
 specification; each data plane makes its own, ``DataPlane.arbiter``) and every pump hands it each
-allowed datagram before the send (relayd/_fastpath.c ``arb_emit``, relayd/pyplane.py
+allowed datagram before the send (relayd/_fastpath.c ``arb_emit``, relayd/pyplane/emit.py
 ``_arbitrated``), so each upstream datagram goes out once, in order per channel. This class
 keeps what lives in Trio: the source number of each capture host (the share each one won is
 counted per source, labelled by host, at most ``ARBITER_SOURCES - 1`` hosts by name and the

@@ -1,4 +1,4 @@
-"""The per-datagram data paths a feed can run on (``RELAYD_DATAPATH``, relayd/fastpath.py),
+"""The per-datagram data paths a feed can run on (``RELAYD_DATAPATH``, relayd/fastpath/),
 and switching a test between them."""
 
 from __future__ import annotations
