@@ -250,10 +250,16 @@ async def test_refused_hello_keeps_retrying(nursery: trio.Nursery, sender: socke
     groups = groups_for(_base_port(), 1, third=16)
     feed = CaptureFeedRuntime(feed_config(groups, [server.port], reconnect_budget=0.3))
     await nursery.start(feed.run)
-    await wait_for(lambda: peer.hellos >= 3)
+    # The peer counts a HELLO before the capture side has read its ERROR: wait on the capture
+    # side's own counts.
+    await wait_for(
+        lambda: (
+            feed.link.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
+            and feed.link.connects[Connect.REFUSED] >= 3
+        )
+    )
+    assert peer.hellos >= 3
     assert not feed.connected
-    assert feed.link.errors_from_peer[int(wire.ErrorCode.WRONG_FEED)] >= 3
-    assert feed.link.connects[Connect.REFUSED] >= 3
     await trio.sleep(0.3)
     health = feed.health()
     assert not health.healthy
