@@ -8,7 +8,9 @@ suite's namespace harness (tests/helpers/netns.py), which names, tracks and alwa
     emit e1 10.77.3.1 ──── r0 10.77.3.2  recv   (multicast out; emit sends on e1)
     gen  g1 10.77.4.1 ──── r1 10.77.4.2  recv   (the direct path, no relay)
 
-Processes run at one nice level for all (``nice``), with text pipes, and are killed on close.
+Processes run at one nice level for all (``nice``), with text pipes, and are killed on close;
+``pins`` pins every process of a namespace to CPUs (``taskset``), e.g. the generator's and the
+receiver's.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def cannot_run(prog: str) -> bool:
 class Topology:
     """The four namespaces and four links; a context manager that always tears them down."""
 
-    def __init__(self, nice: int = 0) -> None:
+    def __init__(self, nice: int = 0, pins: dict[str, str] | None = None) -> None:
         self.nice = nice
+        self.pins = dict(pins or {})  # role -> taskset CPU list of every process started there
         self.ns: dict[str, Netns] = {}
         self.links: dict[str, Link] = {}
         self._net: NetnsHarness | None = None
@@ -95,9 +98,11 @@ class Topology:
         cwd: Path | None = None,
     ) -> subprocess.Popen[str]:
         """Start ``argv`` inside a namespace (``ip netns exec`` and ``nice`` exec it: the pid
-        is its own), at the topology's nice level."""
+        is its own), at the topology's nice level, pinned as ``pins`` says for ``role``."""
         assert self._net is not None, "the topology is not open"
         prefix = ["nice", "-n", str(self.nice)] if self.nice else []
+        if role in self.pins:
+            prefix += ["taskset", "-c", self.pins[role]]
         proc = subprocess.Popen(
             self.ns[role].argv([*prefix, *argv]), stdout=stdout, stderr=stderr, text=True, cwd=cwd
         )

@@ -36,6 +36,15 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def load_pins(cpus: str | None) -> dict[str, str]:
+    """The generator's and the receiver's CPUs from ``--cpus CAP/EMIT/LOAD`` (none without
+    LOAD)."""
+    parts = cpus.split("/") if cpus else []
+    if len(parts) not in (0, 2, 3) or not all(parts):
+        raise SystemExit(f"bench.relay: --cpus {cpus!r}: expected CAP/EMIT or CAP/EMIT/LOAD")
+    return {"gen": parts[2], "recv": parts[2]} if len(parts) == 3 else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.relay", description=(package.__doc__ or "").split("\n")[0]
@@ -72,12 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--busy-poll",
         metavar="DURATION",
-        help="run both relay feeds in latency mode: busy_poll = DURATION (e.g. 50us, 200us)",
+        help="run the relay feeds in latency mode: busy_poll = DURATION (e.g. 50us, 200us)",
+    )
+    parser.add_argument(
+        "--busy-poll-on",
+        default="both",
+        choices=("both", "cap", "emit"),
+        help="which relay feed --busy-poll applies to (default both): with --cpus, one hop"
+        " spinning on a core of its own",
     )
     parser.add_argument(
         "--cpus",
-        metavar="CAP/EMIT",
-        help="pin the relay processes with taskset, e.g. 0/1 (separate cores) or 0/0",
+        metavar="CAP/EMIT[/LOAD]",
+        help="pin the relay processes with taskset, e.g. 0/1 (separate cores) or 0/0; LOAD"
+        " pins the generator and the receiver too (e.g. 0/1/0: emit alone on core 1)",
     )
     parser.add_argument(
         "--nice",
@@ -130,14 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with (
         appliance_limits() as notes,
-        Topology(args.nice) as topo,
+        Topology(args.nice, load_pins(args.cpus)) as topo,
         tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
     ):
         for note in notes:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
         if "relayd" in paths or args.profile or args.hops or args.perf:
-            relay = Relay(topo, Path(tmp), busy_poll=args.busy_poll, cpus=args.cpus)
+            relay = Relay(
+                topo,
+                Path(tmp),
+                busy_poll=args.busy_poll,
+                busy_poll_on=args.busy_poll_on,
+                cpus="/".join(args.cpus.split("/")[:2]) if args.cpus else None,
+            )
             relay.start()
         bench = Bench(topo, gen, recv, relay)
         try:
@@ -187,9 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "machine": machine_description(),
         "load": load,
-        "notes": [*notes, f"generator, receiver and relay processes at nice {args.nice}"]
-        if args.nice
-        else notes,
+        "notes": [
+            *notes,
+            *([f"generator, receiver and relay processes at nice {args.nice}"] * bool(args.nice)),
+            *([f"busy_poll = {args.busy_poll} on {args.busy_poll_on}"] * bool(args.busy_poll)),
+            *([f"pinned (capture/emit[/generator and receiver]): {args.cpus}"] * bool(args.cpus)),
+        ],
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     print()

@@ -144,12 +144,14 @@ class Relay:
         log_level: str = "warning",
         *,
         busy_poll: str | None = None,
+        busy_poll_on: str = "both",
         cpus: str | None = None,
     ) -> None:
         self.topo = topo
         self.workdir = workdir
         self.log_level = log_level
-        self.busy_poll = busy_poll  # both feeds' latency mode (``busy_poll``), None: off
+        self.busy_poll = busy_poll  # the feeds' latency mode (``busy_poll``), None: off
+        self.busy_poll_on = busy_poll_on  # which feeds have it: "both", "cap" or "emit"
         # taskset CPU lists of the capture and the emit process ("0/1"), None: unpinned
         self.cpus = dict(zip(("cap", "emit"), cpus.split("/"), strict=True)) if cpus else {}
         self.procs: dict[str, subprocess.Popen[str]] = {}
@@ -160,7 +162,12 @@ class Relay:
             f'[process]\nlog_level = "{self.log_level}"\n\n[health]\nlisten = "127.0.0.1:18080"\n\n'
         )
         groups = ", ".join(f'"{g}:{PORT}"' for g in GROUPS)
-        latency = f'busy_poll = "{self.busy_poll}"\n' if self.busy_poll else ""
+        latency = {
+            role: f'busy_poll = "{self.busy_poll}"\n'
+            if self.busy_poll and self.busy_poll_on in ("both", role)
+            else ""
+            for role in ("cap", "emit")
+        }
         return {
             "emit": head + "[[emit]]\n"
             'name = "bench"\n'
@@ -168,12 +175,12 @@ class Relay:
             f'interface = "{out_link.a_dev}"\n'
             "ttl = 1\nloop = false\n"
             f'allowed_sources = ["{tcp_link.a_addr.network}"]\n'
-            'allowed_groups = ["239.77.0.0/24"]\n' + latency,
+            'allowed_groups = ["239.77.0.0/24"]\n' + latency["emit"],
             "cap": head + "[[capture]]\n"
             'name = "bench"\n'
             f'interface = "{cap_link.b_dev}"\n'
             f"groups = [{groups}]\n"
-            f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n' + latency,
+            f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n' + latency["cap"],
         }
 
     def start(self) -> None:
