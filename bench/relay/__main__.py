@@ -22,6 +22,7 @@ from bench.relay.harness import (
     Relay,
     appliance_limits,
     build,
+    compile_c,
     machine_description,
 )
 from bench.relay.hops import hops
@@ -52,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short sweep, 1 run per point")
     parser.add_argument("--runs", type=int, help="runs per point (median); default 3, quick 1")
     parser.add_argument("--seconds", type=float, help="seconds per point; default 3, quick 1.5")
-    parser.add_argument("--paths", default="direct,relayd", help="comma-separated paths")
+    parser.add_argument(
+        "--paths",
+        default="direct,relayd",
+        help="comma-separated paths: direct, relayd, or floor (bench/floor.c, the least a"
+        " two-hop TCP relay adds here, in relayd's place)",
+    )
     parser.add_argument("--fixed", help="comma-separated rates for the 160-byte shape")
     parser.add_argument("--bursty", help="comma-separated rates for the bursty shape")
     parser.add_argument("--docs", action="store_true",
@@ -138,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None:
             sweep[shape] = tuple(int(float(r)) for r in given.split(",") if r)
     paths = [p for p in args.paths.split(",") if p]
+    if "floor" in paths and ("relayd" in paths or args.profile or args.hops or args.perf):
+        print("bench.relay: the floor relay runs alone: --paths direct,floor, no profiling")
+        return 2
 
     gen, recv = build()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -153,18 +162,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
-        if "relayd" in paths or args.profile or args.hops or args.perf:
+        relayed = "floor" if "floor" in paths else "relayd"  # the path through the relay
+        if relayed in paths or args.profile or args.hops or args.perf:
             relay = Relay(
                 topo,
                 Path(tmp),
                 busy_poll=args.busy_poll,
                 busy_poll_on=args.busy_poll_on,
                 cpus="/".join(args.cpus.split("/")[:2]) if args.cpus else None,
+                floor=compile_c("floor") if relayed == "floor" else None,
             )
             relay.start()
         bench = Bench(topo, gen, recv, relay)
         try:
-            if relay is not None and not bench.probe("relayd"):
+            if relay is not None and not bench.probe(relayed):
                 problem = relay.failure() or (
                     f"no datagram came through; logs: cap: {relay.log_tail('cap')}"
                     f" emit: {relay.log_tail('emit')}"
@@ -172,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"bench.relay: relay path unavailable: {problem}")
                 relay.stop()
                 relay = bench.relay = None
-                paths = [p for p in paths if p != "relayd"]
+                paths = [p for p in paths if p != relayed]
                 if args.profile or args.hops or args.perf:
                     return 1
             if args.hops and relay is not None:
@@ -223,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(table(results)))
     guard = ratios(results)
     if guard:
-        print("\nrelayd against the direct path:")
+        print(f"\n{relayed} against the direct path:")
         print("\n".join(guard))
     (OUT / "relay-results.json").write_text(
         json.dumps({"meta": meta, "points": [asdict(p) for p in results]}, indent=1)

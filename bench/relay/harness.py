@@ -135,7 +135,8 @@ def sample(pid: int, port: int) -> ProcSample:
 
 class Relay:
     """Two ``relayd run`` processes: an emit feed in the emit namespace, a capture feed in the
-    capture namespace, joined by TCP over the cap-emit veth."""
+    capture namespace, joined by TCP over the cap-emit veth. ``floor``: bench/floor.c's two
+    processes in their place, the least a two-hop TCP relay adds on this machine."""
 
     def __init__(
         self,
@@ -146,8 +147,10 @@ class Relay:
         busy_poll: str | None = None,
         busy_poll_on: str = "both",
         cpus: str | None = None,
+        floor: Path | None = None,
     ) -> None:
         self.topo = topo
+        self.floor = floor  # the compiled bench/floor.c, run instead of relayd
         self.workdir = workdir
         self.log_level = log_level
         self.busy_poll = busy_poll  # the feeds' latency mode (``busy_poll``), None: off
@@ -183,15 +186,31 @@ class Relay:
             f'targets = ["{tcp_link.b_ip}:{TCP_PORT}"]\n' + latency["cap"],
         }
 
+    def _floor_argv(self) -> dict[str, list[str]]:
+        cap_link, tcp_link, out_link = (self.topo.links[d] for d in ("g0", "c1", "e1"))
+        assert self.floor is not None
+        to = f"{tcp_link.b_ip}:{TCP_PORT}"
+        return {
+            "emit": [str(self.floor), "emit", "--listen", to, "--iface", out_link.a_ip],
+            "cap": [str(self.floor), "cap", "--iface", cap_link.b_ip, "--groups",
+                    ",".join(GROUPS), "--port", str(PORT), "--to", to],
+        }  # fmt: skip
+
     def start(self) -> None:
-        for role, text in self._configs().items():
-            config = self.workdir / f"{role}.toml"
-            config.write_text(text)
+        if self.floor is not None:
+            commands = self._floor_argv()
+        else:
+            commands = {}
+            for role, text in self._configs().items():
+                config = self.workdir / f"{role}.toml"
+                config.write_text(text)
+                commands[role] = [sys.executable, "-m", "relayd", "run", "--config", str(config)]
+        for role, argv in commands.items():
             log = (self.workdir / f"{role}.log").open("w")
             pin = ["taskset", "-c", self.cpus[role]] if role in self.cpus else []
             self.procs[role] = self.topo.popen(
                 role,
-                [*pin, sys.executable, "-m", "relayd", "run", "--config", str(config)],
+                [*pin, *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -361,7 +380,7 @@ class Bench:
              "--count", str(count), "--run-id", str(self.run_id), "--idle-ms", idle_ms,
              "--timeout-ms", str(int((seconds * 3 + 15) * 1000))]
         )  # fmt: skip
-        pids = self.relay.pids() if path == "relayd" and self.relay else {}
+        pids = self.relay.pids() if path != "direct" and self.relay else {}
         before = {role: sample(pid, PORT) for role, pid in pids.items()}
         started = time.monotonic()
         gen = self.topo.run(

@@ -63,7 +63,7 @@ def diagnostics(points: Sequence[Point]) -> list[str]:
         "|" + "---|" * 8,
     ]
     for p in points:
-        if p.path != "relayd" or not p.sent:
+        if p.path == "direct" or not p.sent:
             continue
         peak = _pair(p.hwm_capture_mb, p.hwm_emit_mb)
         rows.append(
@@ -80,7 +80,7 @@ def ratios(points: Sequence[Point]) -> list[str]:
     by_key = {(p.path, p.shape, p.rate): p for p in points}
     lines = []
     for p in points:
-        if p.path != "relayd":
+        if p.path == "direct":
             continue
         d = by_key.get(("direct", p.shape, p.rate))
         if d is None or not d.received or not p.received or d.p50 <= 0 or d.p99 <= 0:
