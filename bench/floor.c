@@ -95,8 +95,6 @@ static int run_cap(const char *iface, char *groups, int port, const char *to) {
     }
     if (tcp < 0) return 0;
     setsockopt(tcp, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    printf("ready\n");
-    fflush(stdout);
     static uint8_t frame[HEADER + MAX_DGRAM];
     char control[CMSG_SPACE(sizeof(struct in_pktinfo))];
     while (!stop_flag) {
@@ -135,8 +133,6 @@ static int run_emit(const char *listen_on, const char *iface) {
     setsockopt(out, IPPROTO_IP, IP_MULTICAST_IF, &via, sizeof via);
     setsockopt(out, IPPROTO_IP, IP_MULTICAST_TTL, &ttl, sizeof ttl);
     setsockopt(out, IPPROTO_IP, IP_MULTICAST_LOOP, &zero, sizeof zero);
-    printf("ready\n");
-    fflush(stdout);
     int tcp = accept(lsock, NULL, NULL);
     if (tcp < 0) return stop_flag ? 0 : (perror("accept"), 1);
     static uint8_t buf[1 << 20];

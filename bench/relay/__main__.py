@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None:
             sweep[shape] = tuple(int(float(r)) for r in given.split(",") if r)
     paths = [p for p in args.paths.split(",") if p]
-    if "floor" in paths and ("relayd" in paths or args.profile or args.hops or args.perf):
+    if "floor" in paths and ("relayd" in paths or args.profile or args.perf):
         print("bench.relay: the floor relay runs alone: --paths direct,floor, no profiling")
         return 2
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.profile or args.hops or args.perf:
                     return 1
             if args.hops and relay is not None:
-                print("\n".join(hops(bench, relay, args.hops, seconds, Path(tmp))))
+                print("\n".join(hops(bench, relay, args.hops, seconds, Path(tmp), relayed)))
                 return 0
             if args.profile and relay is not None and spy is not None:
                 rate = args.profile_rate or 100_000

@@ -23,7 +23,9 @@ def _pcap_times(path: Path) -> list[float]:
     return times
 
 
-def hops(bench: Bench, relay: Relay, rate: int, seconds: float, workdir: Path) -> list[str]:
+def hops(
+    bench: Bench, relay: Relay, rate: int, seconds: float, workdir: Path, path: str = "relayd"
+) -> list[str]:
     """Where the relay's latency goes: tcpdump stamps on the capture's ingress (c0), the TCP
     stream leaving capture (c1) and reaching emit (e0), and the multicast leaving emit (e1).
 
@@ -49,7 +51,7 @@ def hops(bench: Bench, relay: Relay, rate: int, seconds: float, workdir: Path) -
         )
         captures[dev] = (proc, out)
     time.sleep(1.5)  # tcpdump attached
-    point = bench.point("relayd", "fixed", rate, seconds)
+    point = bench.point(path, "fixed", rate, seconds)  # relayd, or the floor relay
     time.sleep(0.5)
     for proc, out in captures.values():
         stop(proc)
