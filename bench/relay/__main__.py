@@ -37,13 +37,14 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def load_pins(cpus: str | None) -> dict[str, str]:
-    """The generator's and the receiver's CPUs from ``--cpus CAP/EMIT/LOAD`` (none without
-    LOAD)."""
+def split_cpus(cpus: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """``--cpus CAP/EMIT[/LOAD]``: the relay processes' CPU lists by role, and the generator's
+    and the receiver's (none without LOAD)."""
     parts = cpus.split("/") if cpus else []
     if len(parts) not in (0, 2, 3) or not all(parts):
         raise SystemExit(f"bench.relay: --cpus {cpus!r}: expected CAP/EMIT or CAP/EMIT/LOAD")
-    return {"gen": parts[2], "recv": parts[2]} if len(parts) == 3 else {}
+    relay = dict(zip(("cap", "emit"), parts, strict=False))
+    return relay, ({"gen": parts[2], "recv": parts[2]} if len(parts) == 3 else {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None:
             sweep[shape] = tuple(int(float(r)) for r in given.split(",") if r)
     paths = [p for p in args.paths.split(",") if p]
+    relay_pins, load_pins = split_cpus(args.cpus)
     if "floor" in paths and ("relayd" in paths or args.profile or args.perf):
         print("bench.relay: the floor relay runs alone: --paths direct,floor, no profiling")
         return 2
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with (
         appliance_limits() as notes,
-        Topology(args.nice, load_pins(args.cpus)) as topo,
+        Topology(args.nice, load_pins) as topo,
         tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
     ):
         for note in notes:
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(tmp),
                 busy_poll=args.busy_poll,
                 busy_poll_on=args.busy_poll_on,
-                cpus="/".join(args.cpus.split("/")[:2]) if args.cpus else None,
+                pins=relay_pins,
                 floor=compile_c("floor") if relayed == "floor" else None,
             )
             relay.start()

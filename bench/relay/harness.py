@@ -146,7 +146,7 @@ class Relay:
         *,
         busy_poll: str | None = None,
         busy_poll_on: str = "both",
-        cpus: str | None = None,
+        pins: dict[str, str] | None = None,
         floor: Path | None = None,
     ) -> None:
         self.topo = topo
@@ -155,8 +155,7 @@ class Relay:
         self.log_level = log_level
         self.busy_poll = busy_poll  # the feeds' latency mode (``busy_poll``), None: off
         self.busy_poll_on = busy_poll_on  # which feeds have it: "both", "cap" or "emit"
-        # taskset CPU lists of the capture and the emit process ("0/1"), None: unpinned
-        self.cpus = dict(zip(("cap", "emit"), cpus.split("/"), strict=True)) if cpus else {}
+        self.pins = dict(pins or {})  # "cap"/"emit" -> taskset CPU list; absent: unpinned
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def _configs(self) -> dict[str, str]:
@@ -207,7 +206,7 @@ class Relay:
                 commands[role] = [sys.executable, "-m", "relayd", "run", "--config", str(config)]
         for role, argv in commands.items():
             log = (self.workdir / f"{role}.log").open("w")
-            pin = ["taskset", "-c", self.cpus[role]] if role in self.cpus else []
+            pin = ["taskset", "-c", self.pins[role]] if role in self.pins else []
             self.procs[role] = self.topo.popen(
                 role,
                 [*pin, *argv],
