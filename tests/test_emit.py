@@ -76,6 +76,22 @@ def frames(datagrams: Iterable[tuple[int, IPv4Address, int, bytes]]) -> bytes:
     )
 
 
+async def stream_then_close(
+    feed: EmitFeedRuntime, session: bytes, datagrams: list[tuple[int, IPv4Address, int, bytes]]
+) -> None:
+    """One connection of ``session`` streams ``datagrams`` (from sequence 1), is ACKed in full
+    and closes; returns once the feed has closed it on its own (the data-path thread notices
+    the EOF), so the next connection is a reconnect, not a supersede."""
+    assert feed.listen_port
+    first = await Peer.start(feed.listen_port, session=session)
+    assert await first.welcome() == 0
+    await first.stream.send_all(frames(datagrams))
+    await first.wait_ack(datagrams[-1][0])
+    await first.aclose()
+    while metric(feed, "active_connections"):
+        await trio.sleep(0.01)
+
+
 async def send_in_pieces(peer: Peer, data: bytes, seed: int = 2) -> None:
     """Send with arbitrary splits, frames cut anywhere."""
     rng = random.Random(seed)
@@ -157,15 +173,7 @@ async def test_resent_frames_after_reconnect_are_not_emitted_twice(
     with trio.fail_after(15):
         async with running(make_config()) as feed:
             assert feed.listen_port
-            first = await Peer.start(feed.listen_port, session=session)
-            assert await first.welcome() == 0
-            await first.stream.send_all(frames(datagrams[:50]))
-            await first.wait_ack(50)
-            await first.aclose()
-            # The data-path thread notices the EOF on its own; wait until the feed has closed
-            # the first connection, so the second is a reconnect, not a supersede.
-            while metric(feed, "active_connections"):
-                await trio.sleep(0.01)
+            await stream_then_close(feed, session, datagrams[:50])
             # The capture side resends everything from its replay buffer after reconnecting.
             second = await Peer.start(feed.listen_port, session=session)
             assert await second.welcome() == 50
@@ -201,13 +209,7 @@ async def test_a_session_resumed_after_another_host_emitted_counts_no_false_gap(
     with trio.fail_after(15):
         async with running(make_config()) as feed:
             assert feed.listen_port
-            first = await Peer.start(feed.listen_port, session=session)
-            assert await first.welcome() == 0
-            await first.stream.send_all(frames(datagrams[:30]))
-            await first.wait_ack(30)
-            await first.aclose()
-            while metric(feed, "active_connections"):
-                await trio.sleep(0.01)
+            await stream_then_close(feed, session, datagrams[:30])
             back = await Peer.start(feed.listen_port, session=session)
             assert await back.welcome() == 30
             await send_in_pieces(back, frames(datagrams[50:80]))  # 51..80
