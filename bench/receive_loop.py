@@ -124,7 +124,11 @@ def loop_cpu(plane: DataPlane, count: int) -> float:
                 upstream: Any = None,
                 *,
                 busy_poll: float = 0.0,
+                hold: float = 0.0,
             ) -> CaptureReceiver:
+                # no hold: this thread feeds the socket, so a batch held open for more would
+                # only wait out the hold; this measures the pass per batch
+                del hold
                 inner = plane.capture_receiver(
                     sock, port, stop_fd, numbering, claim, upstream, busy_poll=busy_poll
                 )

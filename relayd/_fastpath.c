@@ -31,7 +31,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#define RD_ABI 15
+#define RD_ABI 16
 
 /* Why a call returned (both loops). */
 enum {
@@ -182,10 +182,14 @@ enum {
     F(uint64_t, room, ) /* a batch ends when less than this is left after the last frame */    \
     F(uint64_t, port, )                                                                        \
     F(int64_t, busy_ns, ) /* latency mode: poll without sleeping this long after a batch */    \
+    F(int64_t, hold_ns, ) /* a batch written whole stays open this long for more (capture_hold) */ \
     F(struct rd_numbering *, numbering, ) /* the feed's sequence, shared by its sockets */     \
     F(int64_t *, claim, ) /* the connection's claim word (rd_claim_swap), or NULL: never */    \
     F(uint64_t, held, ) /* this socket's thread holds the numbering lock (until the next call) */ \
     F(uint64_t, more, ) /* the last batch was full: the next call does not wait */             \
+    F(uint64_t, joined, ) /* counted in the numbering's users (until rd_capture_done) */      \
+    F(uint64_t, last_wake, ) /* datagrams the latest wake-up received (1: a low rate) */       \
+    F(int64_t, claimed_fd, ) /* the connection the batch claimed */                            \
     /* out, per batch */                                                                       \
     F(uint64_t, first, ) /* the batch's first sequence number */                                \
     F(uint64_t, claimed, ) /* the batch claimed the connection and was written to it */         \
@@ -1555,7 +1559,8 @@ void rd_upstream_scan(struct rd_upstream *m, const uint8_t *frames, uint64_t cou
  * rd_capture_next or rd_capture_done), so chunks enter the buffer in sequence order. */
 struct rd_numbering {
     pthread_mutex_t lock;
-    uint64_t seq; /* the highest sequence assigned */
+    uint64_t seq;   /* the highest sequence assigned */
+    uint64_t users; /* receive threads that have called rd_capture_next (atomic) */
 };
 
 /* A numbering whose highest sequence assigned so far is seq. */
@@ -1581,21 +1586,36 @@ int64_t rd_claim_swap(int64_t *word, int64_t expect, int64_t value) {
     return expect;
 }
 
-/* Block until the socket is readable (0) or the stop pipe is (RD_STOPPED). */
-static int capture_wait(struct rd_capture *s) {
+/* Block until the socket is readable (0), the stop pipe is (RD_STOPPED), or the deadline
+ * (CLOCK_MONOTONIC ns; 0: none) passes (RD_EMPTY). */
+static int capture_wait(struct rd_capture *s, int64_t deadline) {
     struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+    int64_t now = now_ns(CLOCK_MONOTONIC);
     /* latency mode: poll without sleeping for busy_ns after the last batch, then sleep */
-    int64_t spin_until = s->busy_ns > 0 ? now_ns(CLOCK_MONOTONIC) + s->busy_ns : 0;
+    int64_t spin_until = s->busy_ns > 0 ? now + s->busy_ns : 0;
     for (;;) {
-        int spin = spin_until && now_ns(CLOCK_MONOTONIC) < spin_until;
-        int n = poll(p, 2, spin ? 0 : -1);
-        if (n == 0 || (n < 0 && errno == EINTR)) continue;
-        if (n < 0) {
+        if (deadline && now >= deadline) return RD_EMPTY;
+        int64_t left = spin_until && now < spin_until ? 0 : deadline ? deadline - now : -1;
+        struct timespec timeout = {left / 1000000000, left % 1000000000};
+        int n = ppoll(p, 2, left < 0 ? NULL : &timeout, NULL);
+        if (n < 0 && errno != EINTR) {
             s->err = errno;
             return RD_ERROR;
         }
-        if (p[1].revents) return RD_STOPPED;
-        if (p[0].revents) return 0;
+        if (n > 0 && p[1].revents) return RD_STOPPED;
+        if (n > 0 && p[0].revents) return 0;
+        now = now_ns(CLOCK_MONOTONIC);
+    }
+}
+
+/* Claim the connection for the batch when the claim word holds its fd (s->claimed, with the
+ * fd in s->claimed_fd), unless the batch has already. */
+static void capture_claim(struct rd_capture *s) {
+    if (s->claimed) return;
+    int64_t fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
+    if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) {
+        s->claimed = 1;
+        s->claimed_fd = fd;
     }
 }
 
@@ -1613,25 +1633,22 @@ static void capture_send(struct rd_capture *s, int64_t fd, uint64_t end) {
     }
 }
 
-/* Receive every waiting datagram (non-blocking) into buf as DATA frames numbered from
- * first_seq, until the socket is empty (RD_EMPTY) or the buffer is (RD_FULL); then, when the
- * claim word holds the connection's fd, claim it and write the batch to it. `early` (the last
- * batch was one datagram: a low rate): claim and write the first datagram as soon as it is
- * received, before the receive that finds the socket empty. */
-static int capture_batch(struct rd_capture *s, uint64_t first_seq, int early) {
+/* Receive every waiting datagram (non-blocking) into buf after the batch so far (s->offset,
+ * s->count: numbered from s->first on), until the socket is empty (RD_EMPTY) or the buffer is
+ * (RD_FULL); then, when the batch has claimed the connection or the claim word holds its fd
+ * (claim it), write what the batch has not written to it. `early` (the last wake-up received
+ * one datagram: a low rate): claim and write the first datagram as soon as it is received,
+ * before the receive that finds the socket empty. */
+static int capture_batch(struct rd_capture *s, int early) {
     uint8_t *buf = s->buf;
-    uint64_t offset = 0, count = 0, bytes = 0;
+    const uint64_t start = s->offset, start_count = s->count;
+    uint64_t offset = start, count = start_count, bytes = s->payload_bytes;
     union {
         char space[CMSG_SPACE(sizeof(struct in_pktinfo)) + CMSG_SPACE(sizeof(uint32_t))];
         struct cmsghdr align;
     } control;
     int outcome = RD_FULL;
-    int64_t fd = -1;
-    uint64_t early_end = 0; /* what the early write was to cover */
-    s->drops_seen = 0;
-    s->sent = 0;
-    s->send_err = 0;
-    s->claimed = 0;
+    uint64_t written_to = start; /* the write goes on only when everything before it went */
     while (offset + s->room <= s->cap) {
         uint8_t *f = buf + offset;
         struct iovec iov = {f + DATA_HEADER, s->cap - offset - DATA_HEADER};
@@ -1670,72 +1687,104 @@ static int capture_batch(struct rd_capture *s, uint64_t first_seq, int early) {
         f[3] = 0;
         put16(f + 4, (uint16_t)s->port);
         put32(f + 6, group);
-        put64(f + 10, first_seq + count);
+        put64(f + 10, s->first + count);
         put64(f + 18, (uint64_t)ts);
         offset += DATA_HEADER + (uint64_t)size;
         bytes += (uint64_t)size;
         count++;
-        if (early && count == 1 && s->claim) {
-            fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
-            if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) {
-                s->claimed = 1;
-                early_end = offset;
-                capture_send(s, fd, offset);
+        if (early && count == start_count + 1 && s->claim && s->sent == start) {
+            capture_claim(s);
+            if (s->claimed) {
+                capture_send(s, s->claimed_fd, offset);
+                written_to = offset;
             }
         }
     }
     s->count = count;
     s->offset = offset;
     s->payload_bytes = bytes;
-    if (!s->claimed && count && s->claim) {
-        fd = __atomic_load_n(s->claim, __ATOMIC_ACQUIRE);
-        if (fd >= 0 && rd_claim_swap(s->claim, fd, RD_CLAIM_HELD) == fd) s->claimed = 1;
-    }
+    s->last_wake = count - start_count;
+    if (count > start_count && s->claim) capture_claim(s);
     /* latency first: written before any Python runs (after a partial write the rest waits) */
-    if (s->claimed && s->sent == early_end) capture_send(s, fd, offset);
-    if (count && s->upstream) rd_upstream_scan(s->upstream, buf, count, now_ns(CLOCK_MONOTONIC));
+    if (s->claimed && s->sent == written_to) capture_send(s, s->claimed_fd, offset);
+    if (count > start_count && s->upstream)
+        rd_upstream_scan(s->upstream, buf + start, count - start_count, now_ns(CLOCK_MONOTONIC));
+    return outcome;
+}
+
+/* Keep a batch open while it is written whole to the claimed connection and is the numbering's
+ * only user's (a feed of one socket: no other thread waits for its sequence numbers): up to
+ * hold_ns, wait again and add what comes to it, each datagram written to the connection at
+ * once as before. Python's pass over a batch (the replay buffer, the counters) then covers the
+ * datagrams of many wake-ups instead of one or two (docs/PERFORMANCE.md). Returns the batch's
+ * outcome: RD_EMPTY also when the hold ends (time, or the stop pipe: the next call sees it),
+ * RD_FULL, RD_ERROR. */
+static int capture_hold(struct rd_capture *s) {
+    int64_t until = now_ns(CLOCK_MONOTONIC) + s->hold_ns;
+    int outcome = RD_EMPTY;
+    while (outcome == RD_EMPTY && s->claimed && !s->send_err && s->sent == s->offset &&
+           s->offset + s->room <= s->cap &&
+           __atomic_load_n(&s->numbering->users, __ATOMIC_ACQUIRE) == 1) {
+        int why = capture_wait(s, until);
+        if (why == RD_ERROR) return RD_ERROR;
+        if (why) break; /* the hold is over, or the stop pipe is readable */
+        outcome = capture_batch(s, s->last_wake == 1);
+    }
     return outcome;
 }
 
 /* The previous batch is in the replay buffer: let the feed's other sockets number theirs. */
-void rd_capture_done(struct rd_capture *s) {
+static void capture_release(struct rd_capture *s) {
     if (s->held) {
         s->held = 0;
         pthread_mutex_unlock(&s->numbering->lock);
     }
 }
 
+/* The thread ends: hand the numbering back, and leave its users. */
+void rd_capture_done(struct rd_capture *s) {
+    capture_release(s);
+    if (s->joined) {
+        s->joined = 0;
+        __atomic_sub_fetch(&s->numbering->users, 1, __ATOMIC_ACQ_REL);
+    }
+}
+
 /* The receive thread's one call per batch: hand back the previous batch's numbering lock, wait
  * for datagrams (unless the last batch was full: then only look at the stop pipe), take the
- * lock, then receive, number and (claimed) write a batch as capture_batch. Returns RD_EMPTY or
- * RD_FULL (first, count, ...: the lock is held until the next call or rd_capture_done),
- * RD_STOPPED, or RD_ERROR (err; the lock is held when count > 0). */
+ * lock, then receive, number and (claimed) write a batch as capture_batch, held open for more
+ * as capture_hold when hold_ns > 0. Returns RD_EMPTY or RD_FULL (first, count, ...: the lock
+ * is held until the next call or rd_capture_done), RD_STOPPED, or RD_ERROR (err; the lock is
+ * held when count > 0). */
 int rd_capture_next(struct rd_capture *s) {
-    rd_capture_done(s);
+    capture_release(s);
+    s->count = s->offset = s->payload_bytes = s->sent = s->claimed = 0;
+    s->send_err = 0;
+    s->drops_seen = 0;
     if (s->room < DATA_HEADER + MAX_PAYLOAD || !s->numbering) { /* every datagram must fit */
         s->err = EINVAL;
-        s->count = s->offset = s->payload_bytes = s->sent = s->claimed = 0;
         return RD_ERROR;
+    }
+    struct rd_numbering *n = s->numbering;
+    if (!s->joined) {
+        s->joined = 1;
+        __atomic_add_fetch(&n->users, 1, __ATOMIC_ACQ_REL);
     }
     if (s->more) { /* sustained input must not hold up stop: the stop pipe before each batch */
         struct pollfd stop = {(int)s->stop_fd, POLLIN, 0};
         if (poll(&stop, 1, 0) > 0) return RD_STOPPED;
     } else {
-        int why = capture_wait(s);
-        if (why) {
-            s->count = 0;
-            return why;
-        }
+        int why = capture_wait(s, 0);
+        if (why) return why;
     }
-    int early = s->count == 1; /* the last batch was one datagram */
-    struct rd_numbering *n = s->numbering;
     pthread_mutex_lock(&n->lock);
     s->held = 1;
     s->first = n->seq + 1;
-    int outcome = capture_batch(s, s->first, early);
+    int outcome = capture_batch(s, s->last_wake == 1);
+    if (outcome == RD_EMPTY && s->hold_ns > 0) outcome = capture_hold(s);
     n->seq += s->count;
     s->more = outcome == RD_FULL;
-    if (outcome == RD_ERROR && !s->count) rd_capture_done(s);
+    if (outcome == RD_ERROR && !s->count) capture_release(s);
     return outcome;
 }
 

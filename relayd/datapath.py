@@ -204,7 +204,10 @@ class CaptureReceiver(Protocol):
         waiting datagram as DATA frames numbered from the feed's next sequence number, until
         the socket is EMPTY or the buffer FULL (or ERROR: ``err``). When the claim word holds
         the connection's fd, claim it and write the frames to it at once, before returning.
-        STOPPED: the stop pipe is readable. The numbering is held after EMPTY, FULL, and
+        With a ``hold``, a batch so written may go on over further waits for up to that long
+        (each datagram written as it comes), so one Python pass covers several wake-ups; it
+        ends early at the stop pipe, a write that is not whole, or a second socket on the
+        numbering. STOPPED: the stop pipe is readable. The numbering is held after EMPTY, FULL, and
         ERROR with datagrams, until the next call or ``done``."""
 
     def done(self) -> None:
@@ -448,10 +451,13 @@ class DataPlane(Protocol):
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
+        hold: float = 0.0,
     ) -> CaptureReceiver:
         """``numbering``, ``claim`` (None: never write a batch) and ``upstream`` (scan every
         batch) are this plane's. ``busy_poll``: seconds to poll without sleeping after a
-        batch (latency mode; the Python plane ignores it)."""
+        batch (latency mode; the Python plane ignores it). ``hold``: seconds a batch written
+        whole to the claimed connection may stay open for more datagrams while the socket is
+        its numbering's only one (``CaptureReceiver.next``; the Python plane ignores it)."""
 
     def upstream_counter(
         self,

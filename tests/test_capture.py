@@ -15,6 +15,8 @@ import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -23,9 +25,15 @@ import trio
 from relayd import datapath, wire
 from relayd.capture import BACKOFF_CAP, CaptureFeedRuntime, backoff_delay
 from relayd.capture.link import Connect
+from relayd.capture.receive import BATCH_HOLD, Receive
+from relayd.capture.sites import Fanout
+from relayd.capture.uplink import Uplink
 from relayd.config import Endpoint
 from relayd.datapath import Why
+from relayd.logs import RateLimitedLogger
 from relayd.netif import open_multicast_sender
+from relayd.pyplane import PLANE
+from relayd.replay import ReplayBuffer
 from tests.helpers.emit_standin import Peer, feed_config, groups_for, serve, stop
 from tests.helpers.loopback import FEED, LOOPBACK, per_group, wait_for
 
@@ -606,6 +614,44 @@ def test_sustained_input_does_not_hold_up_stop() -> None:
         tx.close()
         os.close(stop_r)
         os.close(stop_w)
+
+
+def test_only_a_feed_of_one_site_holds_batches_open() -> None:
+    """A receive thread asks the data plane for ``BATCH_HOLD`` when its feed streams to one
+    site, and for no hold with several: the data plane writes a batch to the first site only,
+    and the others get it from the Python pass, which a hold would delay."""
+    limited = RateLimitedLogger(logging.getLogger("t"))
+    holds: list[float] = []
+
+    class Stopped:
+        def next(self) -> Why:
+            return Why.STOPPED
+
+        def done(self) -> None:
+            pass
+
+        def frames(self) -> bytes:
+            return b""
+
+    class Plane:
+        claim_word = PLANE.claim_word
+
+        def capture_numbering(self, seq: int) -> object:
+            return seq
+
+        def capture_receiver(self, *_args: object, busy_poll: float, hold: float) -> Stopped:
+            holds.append(hold)
+            return Stopped()
+
+    def uplink() -> Uplink:
+        return Uplink("t", ReplayBuffer(1 << 20, 60.0), limited, cast(Any, Plane()))
+
+    token = cast(Any, SimpleNamespace(run_sync_soon=lambda _fn: None))
+    socket_ = cast(Any, SimpleNamespace(sock=None, port=1))
+    for sites in (uplink(), Fanout([uplink(), uplink()])):
+        Receive("feed", sites, limited).drain(cast(Any, Plane()), socket_, lambda: None, -1, token)
+    assert holds == [BATCH_HOLD, 0.0]
+    assert BATCH_HOLD > 0
 
 
 @pytest.mark.usefixtures("datapath")

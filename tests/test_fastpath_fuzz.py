@@ -1069,6 +1069,189 @@ def test_capture_after_a_single_datagram_writes_the_first_one_early_and_the_rest
         tcp_peer.close()
 
 
+#: A hold no test waits out: a held call ends at its stop pipe.
+LONG_HOLD_NS = 60 * 10**9
+
+
+def _read_frames(peer: socket.socket, count: int) -> list[Datagram]:
+    """``count`` DATA frames from the connection's far end (at most 10 s)."""
+    peer.settimeout(10)
+    decoder = Decoder({FrameType.DATA})
+    got: list[Datagram] = []
+    while len(got) < count:
+        data = peer.recv(1 << 16)
+        assert data, "the connection closed"
+        got += [e for e in decoder.feed(data) if isinstance(e, Datagram)]
+    return got
+
+
+def _capture_state(
+    buffer: ctypes.Array[ctypes.c_uint8],
+    receiver: socket.socket,
+    stop_fd: int,
+    numbering: int,
+    word: ctypes.c_int64,
+) -> Any:
+    return fastpath.CaptureState(
+        fd=receiver.fileno(),
+        stop_fd=stop_fd,
+        buf=ctypes.addressof(buffer),
+        cap=len(buffer),
+        room=ROOM,
+        port=7,
+        hold_ns=LONG_HOLD_NS,
+        numbering=numbering,
+        claim=ctypes.addressof(word),
+    )
+
+
+def test_capture_hold_keeps_a_written_batch_open_across_wake_ups() -> None:
+    """With ``hold_ns``, a batch written whole to the claimed connection takes in what comes
+    on later wake-ups, each datagram written as it arrives (the far end reads one before the
+    next is sent), until the hold ends (here: the stop pipe, which the next call then
+    reports). Without the hold the call returns after the first datagram."""
+    lib = plane()
+    buffer = (ctypes.c_uint8 * (512 * 1024))()
+    stop_r, stop_w = os.pipe()
+    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    numbering = lib.rd_numbering_new(0)
+    streamed: list[Datagram] = []
+
+    def feed_one_by_one(sender: socket.socket) -> None:
+        try:
+            for payload in (b"one", b"two", b"three"):
+                sender.send(payload)
+                streamed.extend(_read_frames(tcp_peer, 1))
+        finally:
+            os.write(stop_w, b"x")
+
+    try:
+        with capture_socket() as (receiver, sender):
+            word = ctypes.c_int64(tcp.fileno())
+            state = _capture_state(buffer, receiver, stop_r, numbering, word)
+            feeder = threading.Thread(target=feed_one_by_one, args=(sender,))
+            feeder.start()
+            try:
+                why = lib.rd_capture_next(ctypes.byref(state))
+            finally:
+                feeder.join()
+            assert why == Why.EMPTY
+            assert (state.first, state.count) == (1, 3)
+            assert state.claimed == 1
+            assert word.value == CLAIM_HELD
+            assert state.sent == state.offset
+            assert state.send_err == 0
+            assert [d.payload for d in streamed] == [b"one", b"two", b"three"]
+            assert [d.seq for d in streamed] == [1, 2, 3]
+            held = Decoder({FrameType.DATA}).feed(at(buffer, 0, state.offset))
+            assert [e.payload for e in held if isinstance(e, Datagram)] == [
+                b"one", b"two", b"three"
+            ]  # fmt: skip
+            word.value = tcp.fileno()  # the uplink's hand-back
+            assert lib.rd_capture_next(ctypes.byref(state)) == Why.STOPPED
+            lib.rd_capture_done(ctypes.byref(state))
+    finally:
+        lib.rd_numbering_free(numbering)
+        os.close(stop_r)
+        os.close(stop_w)
+        tcp.close()
+        tcp_peer.close()
+
+
+def test_capture_hold_is_off_while_another_socket_numbers_with_it() -> None:
+    """A second receive thread on the feed's numbering turns the hold off (the other socket's
+    datagrams would wait for the numbering): the call returns with its one datagram. Once the
+    other thread is done, batches are held again."""
+    lib = plane()
+    buffer = (ctypes.c_uint8 * (512 * 1024))()
+    other_buffer = (ctypes.c_uint8 * (512 * 1024))()
+    stop_r, stop_w = os.pipe()
+    other_stop_r, other_stop_w = os.pipe()
+    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    numbering = lib.rd_numbering_new(0)
+    try:
+        with capture_socket() as (receiver, sender), capture_socket() as (other, _):
+            word = ctypes.c_int64(tcp.fileno())
+            other_word = ctypes.c_int64(CLAIM_CLOSED)
+            os.write(other_stop_w, b"x")  # the other thread joins, then stops at once
+            other_state = _capture_state(other_buffer, other, other_stop_r, numbering, other_word)
+            assert lib.rd_capture_next(ctypes.byref(other_state)) == Why.STOPPED
+            state = _capture_state(buffer, receiver, stop_r, numbering, word)
+            sender.send(b"one")
+            # Held by mistake, it would end only at this stop: the test would see it written.
+            guard = threading.Timer(20, os.write, (stop_w, b"x"))
+            guard.start()
+            try:
+                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            finally:
+                guard.cancel()
+            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
+            assert (state.count, state.claimed) == (1, 1)
+            assert [d.payload for d in _read_frames(tcp_peer, 1)] == [b"one"]
+            word.value = tcp.fileno()  # the uplink's hand-back
+            lib.rd_capture_done(ctypes.byref(other_state))  # the other thread ends
+            sender.send(b"two")
+
+            def then_three() -> None:
+                try:
+                    _read_frames(tcp_peer, 1)
+                    sender.send(b"three")
+                    _read_frames(tcp_peer, 1)
+                finally:
+                    os.write(stop_w, b"x")
+
+            feeder = threading.Thread(target=then_three)
+            feeder.start()
+            try:
+                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            finally:
+                feeder.join()
+            assert (state.first, state.count) == (2, 2)  # held again
+            lib.rd_capture_done(ctypes.byref(state))
+    finally:
+        lib.rd_numbering_free(numbering)
+        for fd in (stop_r, stop_w, other_stop_r, other_stop_w):
+            os.close(fd)
+        tcp.close()
+        tcp_peer.close()
+
+
+def test_capture_hold_ends_when_the_connection_is_not_written_whole() -> None:
+    """A batch whose write to the connection stopped short (the socket is full) is not held:
+    the call returns, so Python hands the rest to the uplink's sender at once."""
+    lib = plane()
+    buffer = (ctypes.c_uint8 * (512 * 1024))()
+    stop_r, stop_w = os.pipe()
+    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tcp.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            tcp.send(bytes(4096))
+    numbering = lib.rd_numbering_new(0)
+    try:
+        with capture_socket() as (receiver, sender):
+            word = ctypes.c_int64(tcp.fileno())
+            state = _capture_state(buffer, receiver, stop_r, numbering, word)
+            sender.send(b"one")
+            guard = threading.Timer(20, os.write, (stop_w, b"x"))
+            guard.start()
+            try:
+                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            finally:
+                guard.cancel()
+            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
+            assert state.claimed == 1
+            assert state.sent < state.offset
+            lib.rd_capture_done(ctypes.byref(state))
+    finally:
+        lib.rd_numbering_free(numbering)
+        os.close(stop_r)
+        os.close(stop_w)
+        tcp.close()
+        tcp_peer.close()
+
+
 # -- the sanitizer build ---------------------------------------------------------------------
 
 #: the fuzz tests the sanitizer child runs (its own examples budget)

@@ -275,6 +275,7 @@ async def test_a_wedged_data_thread_stops_the_pings(
             _upstream: object = None,
             *,
             busy_poll: float = 0.0,
+            hold: float = 0.0,
         ) -> _Wedged:
             wedged.append(_Wedged(stop_fd))
             return wedged[0]

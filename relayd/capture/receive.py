@@ -7,7 +7,9 @@ buffer, stamp it (CLOCK_REALTIME ns), number it and write the DATA header in fro
 place, and when the connection is caught up claim it (its claim word, relayd/capture/uplink.py)
 and write the batch to it, all before any Python runs. The batch then becomes one ``bytes``
 (the only copy) and one chunk of the replay buffer. No await per datagram, and no waiting for
-more data to batch: latency first.
+more data to batch: latency first. A batch that went out whole may take in what comes over the
+next ``BATCH_HOLD`` before its Python pass (one socket, one site: the data plane's hold), each
+datagram still written as it comes.
 
 Sequence numbers are assigned while receiving, one per session across all groups: the feed's
 numbering (held by receive threads only, never by Trio, from a batch's numbers until its chunk
@@ -21,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -34,7 +36,13 @@ from relayd.replay import Chunk
 if TYPE_CHECKING:
     from relayd.capture.sites import Fanout
 
-__all__ = ["Receive"]
+__all__ = ["BATCH_HOLD", "Receive"]
+
+#: How long a batch already written whole to the connection may stay open for more datagrams
+#: (``CaptureReceiver.next``'s hold): one Python pass then covers the wake-ups of up to this
+#: long, at most this much later, while every datagram still goes out as it comes. Short beside
+#: what waits for the pass on the Trio side (a HEARTBEAT, a resend, the goodbye's 0.1 s).
+BATCH_HOLD: Final = 0.002
 
 
 class Receive:
@@ -45,6 +53,9 @@ class Receive:
         # which takes each batch through the same two calls
         self.name = name
         self._uplink = uplink
+        # Only the first site's connection is written by the data plane: the others get a
+        # batch from the Python pass, which the hold would delay.
+        self._hold = BATCH_HOLD if isinstance(uplink, Uplink) else 0.0
         self._limited = limited
         self._numbering_lock = threading.Lock()
         self._numbering: CaptureNumbering | None = None  # the data plane's, from the first drain
@@ -80,6 +91,7 @@ class Receive:
             self._uplink.claim_word(plane),
             self.upstream,
             busy_poll=busy_poll,
+            hold=self._hold,
         )
         # Every name the loop uses is a local: at low rates each batch is one datagram, and
         # this loop is most of the capture side's CPU per datagram (docs/PERFORMANCE.md).

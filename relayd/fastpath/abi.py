@@ -29,7 +29,7 @@ from relayd.metrics import LATENCY_BUCKETS
 from relayd.session import Destination
 from relayd.wire import ProtocolError
 
-ABI: Final = 15
+ABI: Final = 16
 #: Built next to this package, in relayd/ (hatch_build.py), for the wheel and the editable install.
 LIBRARY: Final = Path(__file__).parent.with_name("_fastpath.so")
 #: Entries of the C emit pump's destination table (per connection).
@@ -113,10 +113,14 @@ class CaptureState(ctypes.Structure):
         ("room", _u64),
         ("port", _u64),
         ("busy_ns", _i64),
+        ("hold_ns", _i64),
         ("numbering", ctypes.c_void_p),
         ("claim", ctypes.c_void_p),
         ("held", _u64),
         ("more", _u64),
+        ("joined", _u64),
+        ("last_wake", _u64),
+        ("claimed_fd", _i64),
         ("first", _u64),
         ("claimed", _u64),
         ("count", _u64),

@@ -100,6 +100,7 @@ class _CReceiver:
         claim: ClaimWord | None,
         upstream: UpstreamCounter | None,
         busy_poll: float,
+        hold: float = 0.0,
     ) -> None:
         if upstream is not None and not isinstance(upstream, _CUpstreamCounter):
             raise TypeError("the C capture receiver takes the C plane's upstream counter")
@@ -120,6 +121,7 @@ class _CReceiver:
             port=port,
             upstream=None if upstream is None else upstream.handle,
             busy_ns=int(busy_poll * 1e9),
+            hold_ns=int(hold * 1e9),
             numbering=numbering.handle,
             claim=None if claim is None else claim.address,
         )

@@ -163,8 +163,9 @@ class CPlane:
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
+        hold: float = 0.0,
     ) -> _CReceiver:
-        return _CReceiver(self, sock, port, stop_fd, numbering, claim, upstream, busy_poll)
+        return _CReceiver(self, sock, port, stop_fd, numbering, claim, upstream, busy_poll, hold)
 
     def upstream_counter(
         self,

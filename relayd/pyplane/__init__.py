@@ -61,8 +61,10 @@ class PythonPlane:
         upstream: UpstreamCounter | None = None,
         *,
         busy_poll: float = 0.0,
+        hold: float = 0.0,
     ) -> _Receiver:
         del busy_poll  # the latency mode is the C plane's (docs/CONFIG.md, busy_poll)
+        del hold  # a batch per wake-up: the hold saves the C plane's Python passes
         return _Receiver(sock, port, stop_fd, numbering, claim, upstream)
 
     def upstream_counter(
