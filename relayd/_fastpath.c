@@ -183,12 +183,14 @@ enum {
     F(uint64_t, port, )                                                                        \
     F(int64_t, busy_ns, ) /* latency mode: poll without sleeping this long after a batch */    \
     F(int64_t, hold_ns, ) /* a batch written whole stays open this long for more (capture_hold) */ \
+    F(int64_t, hold_gap_ns, ) /* ... while wake-ups come closer together than this */           \
     F(struct rd_numbering *, numbering, ) /* the feed's sequence, shared by its sockets */     \
     F(int64_t *, claim, ) /* the connection's claim word (rd_claim_swap), or NULL: never */    \
     F(uint64_t, held, ) /* this socket's thread holds the numbering lock (until the next call) */ \
     F(uint64_t, more, ) /* the last batch was full: the next call does not wait */             \
     F(uint64_t, joined, ) /* counted in the numbering's users (until rd_capture_done) */      \
     F(uint64_t, last_wake, ) /* datagrams the latest wake-up received (1: a low rate) */       \
+    F(int64_t, last_wake_ns, ) /* CLOCK_MONOTONIC of the latest wake-up */                     \
     F(int64_t, claimed_fd, ) /* the connection the batch claimed */                            \
     /* out, per batch */                                                                       \
     F(uint64_t, first, ) /* the batch's first sequence number */                                \
@@ -1712,13 +1714,23 @@ static int capture_batch(struct rd_capture *s, int early) {
     return outcome;
 }
 
-/* Keep a batch open while it is written whole to the claimed connection and is the numbering's
- * only user's (a feed of one socket: no other thread waits for its sequence numbers): up to
- * hold_ns, wait again and add what comes to it, each datagram written to the connection at
- * once as before. Python's pass over a batch (the replay buffer, the counters) then covers the
- * datagrams of many wake-ups instead of one or two (docs/PERFORMANCE.md). Returns the batch's
- * outcome: RD_EMPTY also when the hold ends (time, or the stop pipe: the next call sees it),
- * RD_FULL, RD_ERROR. */
+/* A wake-up at `woke`: 1 when it came less than hold_gap_ns after the one before (a high
+ * rate, where a batch is held open). */
+static int capture_woke(struct rd_capture *s, int64_t woke) {
+    int soon = woke - s->last_wake_ns < s->hold_gap_ns;
+    s->last_wake_ns = woke;
+    return soon;
+}
+
+/* Keep a batch open while it is written whole to the claimed connection, is the numbering's
+ * only user's (a feed of one socket: no other thread waits for its sequence numbers) and
+ * wake-ups come less than hold_gap_ns apart: up to hold_ns, wait again and add what comes to
+ * it, each datagram written to the connection at once as before. Python's pass over a batch
+ * (the replay buffer, the counters) then covers the datagrams of many wake-ups instead of one
+ * or two. Below that rate the pass costs no wake-up of its own, and holding measured a higher
+ * median latency with capture and emit on shared cores (docs/PERFORMANCE.md). Returns the
+ * batch's outcome: RD_EMPTY also when the hold ends (time, a gap, or the stop pipe: the next
+ * call sees it), RD_FULL, RD_ERROR. */
 static int capture_hold(struct rd_capture *s) {
     int64_t until = now_ns(CLOCK_MONOTONIC) + s->hold_ns;
     int outcome = RD_EMPTY;
@@ -1728,7 +1740,9 @@ static int capture_hold(struct rd_capture *s) {
         int why = capture_wait(s, until);
         if (why == RD_ERROR) return RD_ERROR;
         if (why) break; /* the hold is over, or the stop pipe is readable */
+        int soon = capture_woke(s, now_ns(CLOCK_MONOTONIC));
         outcome = capture_batch(s, s->last_wake == 1);
+        if (!soon) break;
     }
     return outcome;
 }
@@ -1753,7 +1767,7 @@ void rd_capture_done(struct rd_capture *s) {
 /* The receive thread's one call per batch: hand back the previous batch's numbering lock, wait
  * for datagrams (unless the last batch was full: then only look at the stop pipe), take the
  * lock, then receive, number and (claimed) write a batch as capture_batch, held open for more
- * as capture_hold when hold_ns > 0. Returns RD_EMPTY or RD_FULL (first, count, ...: the lock
+ * as capture_hold when hold_ns > 0 and the rate is high. Returns RD_EMPTY or RD_FULL (first, count, ...: the lock
  * is held until the next call or rd_capture_done), RD_STOPPED, or RD_ERROR (err; the lock is
  * held when count > 0). */
 int rd_capture_next(struct rd_capture *s) {
@@ -1777,11 +1791,12 @@ int rd_capture_next(struct rd_capture *s) {
         int why = capture_wait(s, 0);
         if (why) return why;
     }
+    int soon = capture_woke(s, now_ns(CLOCK_MONOTONIC));
     pthread_mutex_lock(&n->lock);
     s->held = 1;
     s->first = n->seq + 1;
     int outcome = capture_batch(s, s->last_wake == 1);
-    if (outcome == RD_EMPTY && s->hold_ns > 0) outcome = capture_hold(s);
+    if (outcome == RD_EMPTY && s->hold_ns > 0 && soon) outcome = capture_hold(s);
     n->seq += s->count;
     s->more = outcome == RD_FULL;
     if (outcome == RD_ERROR && !s->count) capture_release(s);

@@ -74,6 +74,10 @@ T = TypeVar("T")
 EMIT_RECEIVE_SIZE = 256 * 1024
 #: Frame buffer per capture socket; a batch ends when less than a maximal frame fits.
 CAPTURE_BATCH_SIZE = 512 * 1024
+#: A capture batch is held open (``CaptureReceiver.next``) only while wake-ups come less than
+#: this apart (above about 25k datagrams/s): below, holding saved CPU but measured a higher
+#: median latency with capture and emit on shared cores (docs/PERFORMANCE.md).
+CAPTURE_HOLD_GAP = 40e-6
 #: Bytes a capture ACK reader reads per ``recv``.
 ACK_READ_SIZE = 64 * 1024
 #: A capture connection's claim word (:class:`ClaimWord`) holds its fd, or one of these.
@@ -205,8 +209,9 @@ class CaptureReceiver(Protocol):
         the socket is EMPTY or the buffer FULL (or ERROR: ``err``). When the claim word holds
         the connection's fd, claim it and write the frames to it at once, before returning.
         With a ``hold``, a batch so written may go on over further waits for up to that long
-        (each datagram written as it comes), so one Python pass covers several wake-ups; it
-        ends early at the stop pipe, a write that is not whole, or a second socket on the
+        (each datagram written as it comes) while wake-ups come less than
+        ``CAPTURE_HOLD_GAP`` apart, so one Python pass covers several wake-ups; it ends early
+        at a longer gap, the stop pipe, a write that is not whole, or a second socket on the
         numbering. STOPPED: the stop pipe is readable. The numbering is held after EMPTY, FULL, and
         ERROR with datagrams, until the next call or ``done``."""
 

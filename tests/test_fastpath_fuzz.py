@@ -1091,7 +1091,11 @@ def _capture_state(
     stop_fd: int,
     numbering: int,
     word: ctypes.c_int64,
+    *,
+    hold_gap_ns: int = LONG_HOLD_NS,
 ) -> Any:
+    """A capture state that holds a batch open for ``LONG_HOLD_NS``, as if it had just woken
+    (the rate counts as high while wake-ups come less than ``hold_gap_ns`` apart)."""
     return fastpath.CaptureState(
         fd=receiver.fileno(),
         stop_fd=stop_fd,
@@ -1100,6 +1104,8 @@ def _capture_state(
         room=ROOM,
         port=7,
         hold_ns=LONG_HOLD_NS,
+        hold_gap_ns=hold_gap_ns,
+        last_wake_ns=time.monotonic_ns(),
         numbering=numbering,
         claim=ctypes.addressof(word),
     )
@@ -1212,6 +1218,60 @@ def test_capture_hold_is_off_while_another_socket_numbers_with_it() -> None:
         lib.rd_numbering_free(numbering)
         for fd in (stop_r, stop_w, other_stop_r, other_stop_w):
             os.close(fd)
+        tcp.close()
+        tcp_peer.close()
+
+
+def test_capture_hold_needs_wake_ups_close_together() -> None:
+    """A batch is held only while wake-ups come less than ``hold_gap_ns`` apart: a datagram
+    after a longer gap still joins the batch, then the call returns (no stop needed); a
+    first wake-up long after the one before holds nothing."""
+    lib = plane()
+    buffer = (ctypes.c_uint8 * (512 * 1024))()
+    stop_r, stop_w = os.pipe()
+    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    numbering = lib.rd_numbering_new(0)
+    gap = 50_000_000
+
+    def one_then_another_later(sender: socket.socket) -> None:
+        sender.send(b"one")
+        _read_frames(tcp_peer, 1)
+        time.sleep(4 * gap / 1e9)
+        sender.send(b"two")
+
+    try:
+        with capture_socket() as (receiver, sender):
+            word = ctypes.c_int64(tcp.fileno())
+            state = _capture_state(buffer, receiver, stop_r, numbering, word, hold_gap_ns=gap)
+            feeder = threading.Thread(target=one_then_another_later, args=(sender,))
+            guard = threading.Timer(20, os.write, (stop_w, b"x"))
+            feeder.start()
+            guard.start()
+            try:
+                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            finally:
+                guard.cancel()
+                feeder.join()
+            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
+            assert (state.first, state.count) == (1, 2)
+            word.value = tcp.fileno()  # the uplink's hand-back
+            time.sleep(4 * gap / 1e9)
+            sender.send(b"three")
+            guard = threading.Timer(20, os.write, (stop_w, b"x"))
+            guard.start()
+            try:
+                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+            finally:
+                guard.cancel()
+            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
+            assert (state.first, state.count) == (3, 1)
+            lib.rd_capture_done(ctypes.byref(state))
+        payloads = [d.payload for d in _read_frames(tcp_peer, 2)]
+        assert payloads == [b"two", b"three"]
+    finally:
+        lib.rd_numbering_free(numbering)
+        os.close(stop_r)
+        os.close(stop_w)
         tcp.close()
         tcp_peer.close()
 

@@ -11,6 +11,7 @@ from relayd import wire
 from relayd.datapath import (
     ACK_READ_SIZE,
     CAPTURE_BATCH_SIZE,
+    CAPTURE_HOLD_GAP,
     CLAIM_CLOSED,
     CaptureNumbering,
     ClaimWord,
@@ -122,6 +123,7 @@ class _CReceiver:
             upstream=None if upstream is None else upstream.handle,
             busy_ns=int(busy_poll * 1e9),
             hold_ns=int(hold * 1e9),
+            hold_gap_ns=int(CAPTURE_HOLD_GAP * 1e9),
             numbering=numbering.handle,
             claim=None if claim is None else claim.address,
         )
