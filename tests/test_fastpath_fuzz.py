@@ -1073,42 +1073,125 @@ def test_capture_after_a_single_datagram_writes_the_first_one_early_and_the_rest
 LONG_HOLD_NS = 60 * 10**9
 
 
-def _read_frames(peer: socket.socket, count: int) -> list[Datagram]:
-    """``count`` DATA frames from the connection's far end (at most 10 s)."""
-    peer.settimeout(10)
-    decoder = Decoder({FrameType.DATA})
-    got: list[Datagram] = []
-    while len(got) < count:
-        data = peer.recv(1 << 16)
-        assert data, "the connection closed"
-        got += [e for e in decoder.feed(data) if isinstance(e, Datagram)]
-    return got
+@attrs.define
+class HoldRig:
+    """A capture socket's C state that holds batches open (``hold_ns``), its stop pipe, and
+    a caught-up connection (a socket pair) whose far end the test reads."""
+
+    lib: Any
+    numbering: int
+    receiver: socket.socket
+    sender: socket.socket
+    tcp: socket.socket
+    peer: socket.socket
+    stop_r: int
+    stop_w: int
+    word: ctypes.c_int64 = attrs.field(init=False)
+    buffer: ctypes.Array[ctypes.c_uint8] = attrs.field(init=False)
+    state: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.word = ctypes.c_int64(self.tcp.fileno())
+        self.buffer = (ctypes.c_uint8 * (512 * 1024))()
+        self.state = self.capture_state(self.buffer, self.receiver, self.stop_r, self.word)
+
+    def capture_state(
+        self,
+        buffer: ctypes.Array[ctypes.c_uint8],
+        receiver: socket.socket,
+        stop_fd: int,
+        word: ctypes.c_int64,
+        hold_gap_ns: int = LONG_HOLD_NS,
+    ) -> Any:
+        """A state on this rig's numbering, as if it had just woken (the rate counts as high
+        while wake-ups come less than ``hold_gap_ns`` apart)."""
+        return fastpath.CaptureState(
+            fd=receiver.fileno(),
+            stop_fd=stop_fd,
+            buf=ctypes.addressof(buffer),
+            cap=len(buffer),
+            room=ROOM,
+            port=7,
+            hold_ns=LONG_HOLD_NS,
+            hold_gap_ns=hold_gap_ns,
+            last_wake_ns=time.monotonic_ns(),
+            numbering=self.numbering,
+            claim=ctypes.addressof(word),
+        )
+
+    def next(self) -> int:
+        """``rd_capture_next``, then the uplink's hand-back of the claim word."""
+        why = int(self.lib.rd_capture_next(ctypes.byref(self.state)))
+        if self.state.claimed:
+            self.word.value = self.tcp.fileno()
+        return why
+
+    def next_unheld(self) -> int:
+        """``next``, which must return by itself: held by mistake it would end only at the
+        stop pipe, which a guard writes after 20 s (and the test sees written)."""
+        guard = threading.Timer(20, os.write, (self.stop_w, b"x"))
+        guard.start()
+        try:
+            return self.next()
+        finally:
+            guard.cancel()
+            assert not select.select([self.stop_r], [], [], 0)[0], "the batch waited for the stop"
+
+    def frames(self, count: int) -> list[bytes]:
+        """The payloads of the next ``count`` DATA frames on the connection (at most 10 s)."""
+        self.peer.settimeout(10)
+        decoder = Decoder({FrameType.DATA})
+        got: list[Datagram] = []
+        while len(got) < count:
+            data = self.peer.recv(1 << 16)
+            assert data, "the connection closed"
+            got += [e for e in decoder.feed(data) if isinstance(e, Datagram)]
+        return [d.payload for d in got]
+
+    def held(self) -> list[bytes]:
+        """The payloads of the batch in the buffer."""
+        events = Decoder({FrameType.DATA}).feed(at(self.buffer, 0, self.state.offset))
+        return [e.payload for e in events if isinstance(e, Datagram)]
+
+    def feed_then_stop(self, *steps: bytes | float) -> threading.Thread:
+        """A thread that sends each payload and waits for its frame on the connection (or
+        sleeps a float's seconds), then writes the stop pipe."""
+
+        def run() -> None:
+            try:
+                for step in steps:
+                    if isinstance(step, float):
+                        time.sleep(step)
+                    else:
+                        self.sender.send(step)
+                        self.frames(1)
+            finally:
+                os.write(self.stop_w, b"x")
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
 
 
-def _capture_state(
-    buffer: ctypes.Array[ctypes.c_uint8],
-    receiver: socket.socket,
-    stop_fd: int,
-    numbering: int,
-    word: ctypes.c_int64,
-    *,
-    hold_gap_ns: int = LONG_HOLD_NS,
-) -> Any:
-    """A capture state that holds a batch open for ``LONG_HOLD_NS``, as if it had just woken
-    (the rate counts as high while wake-ups come less than ``hold_gap_ns`` apart)."""
-    return fastpath.CaptureState(
-        fd=receiver.fileno(),
-        stop_fd=stop_fd,
-        buf=ctypes.addressof(buffer),
-        cap=len(buffer),
-        room=ROOM,
-        port=7,
-        hold_ns=LONG_HOLD_NS,
-        hold_gap_ns=hold_gap_ns,
-        last_wake_ns=time.monotonic_ns(),
-        numbering=numbering,
-        claim=ctypes.addressof(word),
-    )
+@contextlib.contextmanager
+def hold_rig() -> Iterator[HoldRig]:
+    lib = plane()
+    stop_r, stop_w = os.pipe()
+    tcp, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    numbering = lib.rd_numbering_new(0)
+    try:
+        with capture_socket() as (receiver, sender):
+            rig = HoldRig(lib, numbering, receiver, sender, tcp, peer, stop_r, stop_w)
+            try:
+                yield rig
+            finally:
+                lib.rd_capture_done(ctypes.byref(rig.state))
+    finally:
+        lib.rd_numbering_free(numbering)
+        os.close(stop_r)
+        os.close(stop_w)
+        tcp.close()
+        peer.close()
 
 
 def test_capture_hold_keeps_a_written_batch_open_across_wake_ups() -> None:
@@ -1116,200 +1199,90 @@ def test_capture_hold_keeps_a_written_batch_open_across_wake_ups() -> None:
     on later wake-ups, each datagram written as it arrives (the far end reads one before the
     next is sent), until the hold ends (here: the stop pipe, which the next call then
     reports). Without the hold the call returns after the first datagram."""
-    lib = plane()
-    buffer = (ctypes.c_uint8 * (512 * 1024))()
-    stop_r, stop_w = os.pipe()
-    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    numbering = lib.rd_numbering_new(0)
-    streamed: list[Datagram] = []
-
-    def feed_one_by_one(sender: socket.socket) -> None:
+    with hold_rig() as rig:
+        feeder = rig.feed_then_stop(b"one", b"two", b"three")
         try:
-            for payload in (b"one", b"two", b"three"):
-                sender.send(payload)
-                streamed.extend(_read_frames(tcp_peer, 1))
+            why = rig.next()
         finally:
-            os.write(stop_w, b"x")
-
-    try:
-        with capture_socket() as (receiver, sender):
-            word = ctypes.c_int64(tcp.fileno())
-            state = _capture_state(buffer, receiver, stop_r, numbering, word)
-            feeder = threading.Thread(target=feed_one_by_one, args=(sender,))
-            feeder.start()
-            try:
-                why = lib.rd_capture_next(ctypes.byref(state))
-            finally:
-                feeder.join()
-            assert why == Why.EMPTY
-            assert (state.first, state.count) == (1, 3)
-            assert state.claimed == 1
-            assert word.value == CLAIM_HELD
-            assert state.sent == state.offset
-            assert state.send_err == 0
-            assert [d.payload for d in streamed] == [b"one", b"two", b"three"]
-            assert [d.seq for d in streamed] == [1, 2, 3]
-            held = Decoder({FrameType.DATA}).feed(at(buffer, 0, state.offset))
-            assert [e.payload for e in held if isinstance(e, Datagram)] == [
-                b"one", b"two", b"three"
-            ]  # fmt: skip
-            word.value = tcp.fileno()  # the uplink's hand-back
-            assert lib.rd_capture_next(ctypes.byref(state)) == Why.STOPPED
-            lib.rd_capture_done(ctypes.byref(state))
-    finally:
-        lib.rd_numbering_free(numbering)
-        os.close(stop_r)
-        os.close(stop_w)
-        tcp.close()
-        tcp_peer.close()
+            feeder.join()
+        assert why == Why.EMPTY
+        assert (rig.state.first, rig.state.count) == (1, 3)
+        assert rig.state.claimed == 1
+        assert rig.state.sent == rig.state.offset
+        assert rig.state.send_err == 0
+        assert rig.held() == [b"one", b"two", b"three"]
+        assert rig.next() == Why.STOPPED
 
 
 def test_capture_hold_is_off_while_another_socket_numbers_with_it() -> None:
     """A second receive thread on the feed's numbering turns the hold off (the other socket's
     datagrams would wait for the numbering): the call returns with its one datagram. Once the
     other thread is done, batches are held again."""
-    lib = plane()
-    buffer = (ctypes.c_uint8 * (512 * 1024))()
-    other_buffer = (ctypes.c_uint8 * (512 * 1024))()
-    stop_r, stop_w = os.pipe()
     other_stop_r, other_stop_w = os.pipe()
-    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    numbering = lib.rd_numbering_new(0)
+    other_buffer = (ctypes.c_uint8 * (512 * 1024))()
     try:
-        with capture_socket() as (receiver, sender), capture_socket() as (other, _):
-            word = ctypes.c_int64(tcp.fileno())
-            other_word = ctypes.c_int64(CLAIM_CLOSED)
+        with hold_rig() as rig, capture_socket() as (other, _):
             os.write(other_stop_w, b"x")  # the other thread joins, then stops at once
-            other_state = _capture_state(other_buffer, other, other_stop_r, numbering, other_word)
-            assert lib.rd_capture_next(ctypes.byref(other_state)) == Why.STOPPED
-            state = _capture_state(buffer, receiver, stop_r, numbering, word)
-            sender.send(b"one")
-            # Held by mistake, it would end only at this stop: the test would see it written.
-            guard = threading.Timer(20, os.write, (stop_w, b"x"))
-            guard.start()
+            other_word = ctypes.c_int64(CLAIM_CLOSED)
+            other_state = rig.capture_state(other_buffer, other, other_stop_r, other_word)
+            assert rig.lib.rd_capture_next(ctypes.byref(other_state)) == Why.STOPPED
+            rig.sender.send(b"one")
+            assert rig.next_unheld() == Why.EMPTY
+            assert (rig.state.count, rig.state.claimed) == (1, 1)
+            assert rig.frames(1) == [b"one"]
+            rig.lib.rd_capture_done(ctypes.byref(other_state))  # the other thread ends
+            feeder = rig.feed_then_stop(b"two", b"three")
             try:
-                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
-            finally:
-                guard.cancel()
-            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
-            assert (state.count, state.claimed) == (1, 1)
-            assert [d.payload for d in _read_frames(tcp_peer, 1)] == [b"one"]
-            word.value = tcp.fileno()  # the uplink's hand-back
-            lib.rd_capture_done(ctypes.byref(other_state))  # the other thread ends
-            sender.send(b"two")
-
-            def then_three() -> None:
-                try:
-                    _read_frames(tcp_peer, 1)
-                    sender.send(b"three")
-                    _read_frames(tcp_peer, 1)
-                finally:
-                    os.write(stop_w, b"x")
-
-            feeder = threading.Thread(target=then_three)
-            feeder.start()
-            try:
-                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
+                assert rig.next() == Why.EMPTY
             finally:
                 feeder.join()
-            assert (state.first, state.count) == (2, 2)  # held again
-            lib.rd_capture_done(ctypes.byref(state))
+            assert (rig.state.first, rig.state.count) == (2, 2)  # held again
     finally:
-        lib.rd_numbering_free(numbering)
-        for fd in (stop_r, stop_w, other_stop_r, other_stop_w):
-            os.close(fd)
-        tcp.close()
-        tcp_peer.close()
+        os.close(other_stop_r)
+        os.close(other_stop_w)
 
 
 def test_capture_hold_needs_wake_ups_close_together() -> None:
     """A batch is held only while wake-ups come less than ``hold_gap_ns`` apart: a datagram
     after a longer gap still joins the batch, then the call returns (no stop needed); a
     first wake-up long after the one before holds nothing."""
-    lib = plane()
-    buffer = (ctypes.c_uint8 * (512 * 1024))()
-    stop_r, stop_w = os.pipe()
-    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    numbering = lib.rd_numbering_new(0)
-    gap = 50_000_000
+    gap = 0.05
+    with hold_rig() as rig:
+        rig.state.hold_gap_ns = int(gap * 1e9)
+        rig.sender.send(b"one")
 
-    def one_then_another_later(sender: socket.socket) -> None:
-        sender.send(b"one")
-        _read_frames(tcp_peer, 1)
-        time.sleep(4 * gap / 1e9)
-        sender.send(b"two")
+        def two_after_a_gap() -> None:
+            rig.frames(1)
+            time.sleep(4 * gap)
+            rig.sender.send(b"two")
 
-    try:
-        with capture_socket() as (receiver, sender):
-            word = ctypes.c_int64(tcp.fileno())
-            state = _capture_state(buffer, receiver, stop_r, numbering, word, hold_gap_ns=gap)
-            feeder = threading.Thread(target=one_then_another_later, args=(sender,))
-            guard = threading.Timer(20, os.write, (stop_w, b"x"))
-            feeder.start()
-            guard.start()
-            try:
-                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
-            finally:
-                guard.cancel()
-                feeder.join()
-            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
-            assert (state.first, state.count) == (1, 2)
-            word.value = tcp.fileno()  # the uplink's hand-back
-            time.sleep(4 * gap / 1e9)
-            sender.send(b"three")
-            guard = threading.Timer(20, os.write, (stop_w, b"x"))
-            guard.start()
-            try:
-                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
-            finally:
-                guard.cancel()
-            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
-            assert (state.first, state.count) == (3, 1)
-            lib.rd_capture_done(ctypes.byref(state))
-        payloads = [d.payload for d in _read_frames(tcp_peer, 2)]
-        assert payloads == [b"two", b"three"]
-    finally:
-        lib.rd_numbering_free(numbering)
-        os.close(stop_r)
-        os.close(stop_w)
-        tcp.close()
-        tcp_peer.close()
+        feeder = threading.Thread(target=two_after_a_gap)
+        feeder.start()
+        try:
+            assert rig.next_unheld() == Why.EMPTY
+        finally:
+            feeder.join()
+        assert (rig.state.first, rig.state.count) == (1, 2)
+        time.sleep(4 * gap)
+        rig.sender.send(b"three")
+        assert rig.next_unheld() == Why.EMPTY
+        assert (rig.state.first, rig.state.count) == (3, 1)
+        assert rig.frames(2) == [b"two", b"three"]
 
 
 def test_capture_hold_ends_when_the_connection_is_not_written_whole() -> None:
     """A batch whose write to the connection stopped short (the socket is full) is not held:
     the call returns, so Python hands the rest to the uplink's sender at once."""
-    lib = plane()
-    buffer = (ctypes.c_uint8 * (512 * 1024))()
-    stop_r, stop_w = os.pipe()
-    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    tcp.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            tcp.send(bytes(4096))
-    numbering = lib.rd_numbering_new(0)
-    try:
-        with capture_socket() as (receiver, sender):
-            word = ctypes.c_int64(tcp.fileno())
-            state = _capture_state(buffer, receiver, stop_r, numbering, word)
-            sender.send(b"one")
-            guard = threading.Timer(20, os.write, (stop_w, b"x"))
-            guard.start()
-            try:
-                assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
-            finally:
-                guard.cancel()
-            assert not select.select([stop_r], [], [], 0)[0], "the batch waited for the stop"
-            assert state.claimed == 1
-            assert state.sent < state.offset
-            lib.rd_capture_done(ctypes.byref(state))
-    finally:
-        lib.rd_numbering_free(numbering)
-        os.close(stop_r)
-        os.close(stop_w)
-        tcp.close()
-        tcp_peer.close()
+    with hold_rig() as rig:
+        rig.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        rig.tcp.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                rig.tcp.send(bytes(4096))
+        rig.sender.send(b"one")
+        assert rig.next_unheld() == Why.EMPTY
+        assert rig.state.claimed == 1
+        assert rig.state.sent < rig.state.offset
 
 
 # -- the sanitizer build ---------------------------------------------------------------------
@@ -1321,6 +1294,8 @@ SANITIZED_TESTS = (
     "test_emit_pump_with_more_destinations_than_its_table_holds",
     "test_capture_reader_matches_the_python_decoder",
     "test_capture_batch_frames_every_datagram_size",
+    "test_capture_hold_keeps_a_written_batch_open_across_wake_ups",
+    "test_capture_hold_is_off_while_another_socket_numbers_with_it",
 )
 SANITIZER_FLAGS = (
     "-O1",
