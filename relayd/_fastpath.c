@@ -1767,9 +1767,9 @@ void rd_capture_done(struct rd_capture *s) {
 /* The receive thread's one call per batch: hand back the previous batch's numbering lock, wait
  * for datagrams (unless the last batch was full: then only look at the stop pipe), take the
  * lock, then receive, number and (claimed) write a batch as capture_batch, held open for more
- * as capture_hold when hold_ns > 0 and the rate is high. Returns RD_EMPTY or RD_FULL (first, count, ...: the lock
- * is held until the next call or rd_capture_done), RD_STOPPED, or RD_ERROR (err; the lock is
- * held when count > 0). */
+ * as capture_hold when hold_ns > 0 and the rate is high. Returns RD_EMPTY or RD_FULL (first,
+ * count, ...: the lock is held until the next call or rd_capture_done), RD_STOPPED, or
+ * RD_ERROR (err; the lock is held when count > 0). */
 int rd_capture_next(struct rd_capture *s) {
     capture_release(s);
     s->count = s->offset = s->payload_bytes = s->sent = s->claimed = 0;
