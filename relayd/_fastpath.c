@@ -1734,8 +1734,8 @@ static int capture_woke(struct rd_capture *s, int64_t woke) {
 static int capture_hold(struct rd_capture *s) {
     int64_t until = now_ns(CLOCK_MONOTONIC) + s->hold_ns;
     int outcome = RD_EMPTY;
-    while (outcome == RD_EMPTY && s->claimed && !s->send_err && s->sent == s->offset &&
-           s->offset + s->room <= s->cap &&
+    /* RD_EMPTY leaves room for another datagram, and a failed write leaves sent short */
+    while (outcome == RD_EMPTY && s->claimed && s->sent == s->offset &&
            __atomic_load_n(&s->numbering->users, __ATOMIC_ACQUIRE) == 1) {
         int why = capture_wait(s, until);
         if (why == RD_ERROR) return RD_ERROR;
@@ -1791,12 +1791,12 @@ int rd_capture_next(struct rd_capture *s) {
         int why = capture_wait(s, 0);
         if (why) return why;
     }
-    int soon = capture_woke(s, now_ns(CLOCK_MONOTONIC));
+    int soon = s->hold_ns > 0 && capture_woke(s, now_ns(CLOCK_MONOTONIC));
     pthread_mutex_lock(&n->lock);
     s->held = 1;
     s->first = n->seq + 1;
     int outcome = capture_batch(s, s->last_wake == 1);
-    if (outcome == RD_EMPTY && s->hold_ns > 0 && soon) outcome = capture_hold(s);
+    if (outcome == RD_EMPTY && soon) outcome = capture_hold(s);
     n->seq += s->count;
     s->more = outcome == RD_FULL;
     if (outcome == RD_ERROR && !s->count) capture_release(s);

@@ -1011,64 +1011,6 @@ def test_capture_batch_frames_every_datagram_size() -> None:
     fuzz()
 
 
-def test_capture_after_a_single_datagram_writes_the_first_one_early_and_the_rest_after() -> None:
-    """At a low rate (the last batch was one datagram) ``rd_capture_next`` writes the first
-    datagram of a batch to the claimed connection before it receives the rest: the stream is
-    still the batch's frames, whole and in order, and a batch that claims nothing sends none."""
-    lib = plane()
-    buffer = (ctypes.c_uint8 * (512 * 1024))()
-    stop_r, stop_w = os.pipe()
-    tcp, tcp_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    numbering = lib.rd_numbering_new(0)
-    try:
-        with capture_socket() as (receiver, sender):
-            word = ctypes.c_int64(tcp.fileno())
-            state = fastpath.CaptureState(
-                fd=receiver.fileno(),
-                stop_fd=stop_r,
-                buf=ctypes.addressof(buffer),
-                cap=len(buffer),
-                room=ROOM,
-                port=7,
-                numbering=numbering,
-                claim=ctypes.addressof(word),
-            )
-            for batch in ([b"one"], [b"two", b"three", b"four"], [b"five"], [b"six", b"seven"]):
-                for payload in batch:
-                    sender.send(payload)
-                while True:  # what the kernel has queued so far may come in more than one batch
-                    why = lib.rd_capture_next(ctypes.byref(state))
-                    assert why in (Why.EMPTY, Why.FULL)
-                    assert state.claimed == 1
-                    assert word.value == CLAIM_HELD
-                    assert state.sent == state.offset
-                    assert state.send_err == 0
-                    word.value = tcp.fileno()  # the uplink's hand-back
-                    if why == Why.EMPTY:
-                        break
-            word.value = CLAIM_CLOSED
-            sender.send(b"eight")
-            assert lib.rd_capture_next(ctypes.byref(state)) == Why.EMPTY
-            assert state.count == 1
-            assert state.claimed == 0
-            assert state.sent == 0
-            lib.rd_capture_done(ctypes.byref(state))
-            tcp.close()
-            streamed = b""
-            while chunk := tcp_peer.recv(1 << 16):
-                streamed += chunk
-        events = Decoder({FrameType.DATA}).feed(streamed)
-        payloads = [b"one", b"two", b"three", b"four", b"five", b"six", b"seven"]
-        assert [e.payload for e in events if isinstance(e, Datagram)] == payloads
-        assert [e.seq for e in events if isinstance(e, Datagram)] == list(range(1, 8))
-    finally:
-        lib.rd_numbering_free(numbering)
-        os.close(stop_r)
-        os.close(stop_w)
-        tcp.close()
-        tcp_peer.close()
-
-
 #: A hold no test waits out: a held call ends at its stop pipe.
 LONG_HOLD_NS = 60 * 10**9
 
@@ -1137,8 +1079,8 @@ class HoldRig:
             guard.cancel()
             assert not select.select([self.stop_r], [], [], 0)[0], "the batch waited for the stop"
 
-    def frames(self, count: int) -> list[bytes]:
-        """The payloads of the next ``count`` DATA frames on the connection (at most 10 s)."""
+    def datagrams(self, count: int) -> list[Datagram]:
+        """The next ``count`` DATA frames on the connection (at most 10 s)."""
         self.peer.settimeout(10)
         decoder = Decoder({FrameType.DATA})
         got: list[Datagram] = []
@@ -1146,7 +1088,11 @@ class HoldRig:
             data = self.peer.recv(1 << 16)
             assert data, "the connection closed"
             got += [e for e in decoder.feed(data) if isinstance(e, Datagram)]
-        return [d.payload for d in got]
+        return got
+
+    def frames(self, count: int) -> list[bytes]:
+        """The payloads of the next ``count`` DATA frames on the connection."""
+        return [d.payload for d in self.datagrams(count)]
 
     def held(self) -> list[bytes]:
         """The payloads of the batch in the buffer."""
@@ -1192,6 +1138,38 @@ def hold_rig() -> Iterator[HoldRig]:
         os.close(stop_w)
         tcp.close()
         peer.close()
+
+
+def test_capture_after_a_single_datagram_writes_the_first_one_early_and_the_rest_after() -> None:
+    """At a low rate (the last batch was one datagram) ``rd_capture_next`` writes the first
+    datagram of a batch to the claimed connection before it receives the rest: the stream is
+    still the batch's frames, whole and in order, and a batch that claims nothing sends none."""
+    with hold_rig() as rig:
+        rig.state.hold_ns = 0
+        for batch in ([b"one"], [b"two", b"three", b"four"], [b"five"], [b"six", b"seven"]):
+            for payload in batch:
+                rig.sender.send(payload)
+            while True:  # what the kernel has queued so far may come in more than one batch
+                why = rig.lib.rd_capture_next(ctypes.byref(rig.state))
+                assert why in (Why.EMPTY, Why.FULL)
+                assert rig.state.claimed == 1
+                assert rig.word.value == CLAIM_HELD
+                assert rig.state.sent == rig.state.offset
+                assert rig.state.send_err == 0
+                rig.word.value = rig.tcp.fileno()  # the uplink's hand-back
+                if why == Why.EMPTY:
+                    break
+        rig.word.value = CLAIM_CLOSED
+        rig.sender.send(b"eight")
+        assert rig.lib.rd_capture_next(ctypes.byref(rig.state)) == Why.EMPTY
+        assert rig.state.count == 1
+        assert rig.state.claimed == 0
+        assert rig.state.sent == 0
+        streamed = rig.datagrams(7)
+        assert not select.select([rig.peer], [], [], 0.1)[0], "more than the claimed batches"
+    payloads = [b"one", b"two", b"three", b"four", b"five", b"six", b"seven"]
+    assert [d.payload for d in streamed] == payloads
+    assert [d.seq for d in streamed] == list(range(1, 8))
 
 
 def test_capture_hold_keeps_a_written_batch_open_across_wake_ups() -> None:
