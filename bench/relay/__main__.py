@@ -23,9 +23,10 @@ from bench.relay.harness import (
     appliance_limits,
     build,
     compile_c,
+    cores_kept_awake,
     machine_description,
 )
-from bench.relay.hops import hops
+from bench.relay.hops import bursts, hops
 from bench.relay.perf import find_perf, perf_report
 from bench.relay.pyspy import find_py_spy, profile
 from bench.relay.report import ratios, table, write_docs
@@ -84,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="RATE",
         help="split the relay's latency per hop with tcpdump at RATE datagrams/s, no sweep",
     )
+    parser.add_argument(
+        "--bursts",
+        type=int,
+        metavar="RATE",
+        help="how a burst crosses the relay, per position in the burst, from tcpdump stamps"
+        " (bursty shape at RATE datagrams/s, after a direct run), no sweep",
+    )
     parser.add_argument("--profile-shape", default="fixed", choices=("fixed", "bursty"))
     parser.add_argument(
         "--busy-poll",
@@ -102,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="CAP/EMIT[/LOAD]",
         help="pin the relay processes with taskset, e.g. 0/1 (separate cores) or 0/0; LOAD"
         " pins the generator and the receiver too (e.g. 0/1/0: emit alone on core 1)",
+    )
+    parser.add_argument(
+        "--keep-awake",
+        action="store_true",
+        help="run a SCHED_IDLE spinner on every CPU, so no CPU halts between datagrams: what"
+        " the paths cost on a host whose cores stay out of deep idle",
     )
     parser.add_argument(
         "--nice",
@@ -157,15 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         load += f", CPU pressure {pressure.replace('=', ' ')} %"
     started = time.monotonic()
     with (
-        appliance_limits() as notes,
+        appliance_limits() as limit_notes,
+        cores_kept_awake(args.keep_awake) as awake,
         Topology(args.nice, load_pins) as topo,
         tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
     ):
+        notes = [*limit_notes, *awake]
         for note in notes:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
         relayed = "floor" if "floor" in paths else "relayd"  # the path through the relay
-        if relayed in paths or args.profile or args.hops or args.perf:
+        if relayed in paths or args.profile or args.hops or args.bursts or args.perf:
             relay = Relay(
                 topo,
                 Path(tmp),
@@ -186,10 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 relay.stop()
                 relay = bench.relay = None
                 paths = [p for p in paths if p != relayed]
-                if args.profile or args.hops or args.perf:
+                if args.profile or args.hops or args.bursts or args.perf:
                     return 1
             if args.hops and relay is not None:
                 print("\n".join(hops(bench, relay, args.hops, seconds, Path(tmp), relayed)))
+                return 0
+            if args.bursts and relay is not None:
+                print("\n".join(bursts(bench, args.bursts, seconds, Path(tmp), relayed)))
                 return 0
             if args.profile and relay is not None and spy is not None:
                 rate = args.profile_rate or 100_000

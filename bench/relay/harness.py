@@ -81,6 +81,27 @@ def appliance_limits() -> Iterator[list[str]]:
                 path.write_text(old)
 
 
+@contextlib.contextmanager
+def cores_kept_awake(enabled: bool) -> Iterator[list[str]]:
+    """With ``enabled``, a spinning process at SCHED_IDLE on every CPU for the run: a CPU then
+    never halts, so a woken thread runs without the wake-up of an idle CPU (on this VM a halted
+    vCPU, slow to wake after a few milliseconds idle), and any other thread preempts the
+    spinner at once. A stand-in for a host whose cores are kept out of deep idle states."""
+    spinners: list[subprocess.Popen[bytes]] = []
+    try:
+        if enabled:
+            # sched_yield: a spinner picked over a runnable thread (its tiny share still earns
+            # it a slice now and then) hands the CPU back at once instead of after the slice
+            spin = [sys.executable, "-c", "import os\nwhile True: os.sched_yield()"]
+            for cpu in sorted(os.sched_getaffinity(0)):
+                pinned = ["chrt", "--idle", "0", "taskset", "-c", str(cpu), *spin]
+                spinners.append(subprocess.Popen(pinned))
+        yield [f"cores kept awake: a SCHED_IDLE spinner on each of {len(spinners)} CPUs"][:enabled]
+    finally:
+        for proc in spinners:
+            stop(proc)
+
+
 def machine_description() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):
