@@ -10,10 +10,13 @@
  * emit: accept one connection, block in recv, send every whole frame's payload to its group
  * and port (IP_MULTICAST_IF ADDR, TTL 1, no loop). Both block in the receive call itself (no
  * poll before it): one syscall per wake-up fewer than relayd's threads, which must also watch
- * a stop pipe and timers. Used by `python -m bench.relay --paths direct,floor`. */
+ * a stop pipe and timers. With FLOOR_POLL set in the environment both hops first wait in
+ * ppoll on the socket and a pipe, as relayd's threads do: what that wait costs. Used by
+ * `python -m bench.relay --paths direct,floor`. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -67,6 +70,15 @@ static int send_all(int fd, const uint8_t *p, size_t n) {
     return 0;
 }
 
+static int stop_pipe[2] = {-1, -1}; /* never written: only watched, like relayd's */
+static int poll_first;                /* FLOOR_POLL */
+
+static void wait_readable(int fd) {
+    if (stop_pipe[0] < 0 && pipe(stop_pipe) < 0) die("pipe");
+    struct pollfd p[2] = {{fd, POLLIN, 0}, {stop_pipe[0], POLLIN, 0}};
+    ppoll(p, 2, NULL, NULL);
+}
+
 static int run_cap(const char *iface, char *groups, int port, const char *to) {
     int udp = socket(AF_INET, SOCK_DGRAM, 0), one = 1, rcvbuf = 8 << 20;
     if (udp < 0) die("socket");
@@ -101,6 +113,7 @@ static int run_cap(const char *iface, char *groups, int port, const char *to) {
         struct iovec iov = {frame + HEADER, MAX_DGRAM};
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
                              .msg_controllen = sizeof control};
+        if (poll_first) wait_readable(udp);
         ssize_t n = recvmsg(udp, &msg, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
@@ -138,6 +151,7 @@ static int run_emit(const char *listen_on, const char *iface) {
     static uint8_t buf[1 << 20];
     size_t end = 0;
     while (!stop_flag) {
+        if (poll_first) wait_readable(tcp);
         ssize_t n = recv(tcp, buf + end, sizeof buf - end, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) break;
@@ -163,6 +177,7 @@ static int run_emit(const char *listen_on, const char *iface) {
 }
 
 int main(int argc, char **argv) {
+    poll_first = getenv("FLOOR_POLL") != NULL;
     const char *iface = NULL, *to = NULL, *listen_on = NULL;
     char *groups = NULL;
     int port = 0;
