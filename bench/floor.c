@@ -11,7 +11,9 @@
  * and port (IP_MULTICAST_IF ADDR, TTL 1, no loop). Both block in the receive call itself (no
  * poll before it): one syscall per wake-up fewer than relayd's threads, which must also watch
  * a stop pipe and timers. With FLOOR_POLL set in the environment both hops first wait in
- * ppoll on the socket and a pipe, as relayd's threads do: what that wait costs. Used by
+ * ppoll on the socket and a pipe, as relayd's threads do: what that wait costs. With
+ * FLOOR_DRAIN cap receives again (non-blocking) after each datagram until the socket is empty,
+ * as relayd's capture does to batch: the receive that finds it empty. Used by
  * `python -m bench.relay --paths direct,floor`. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -109,16 +111,22 @@ static int run_cap(const char *iface, char *groups, int port, const char *to) {
     setsockopt(tcp, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     static uint8_t frame[HEADER + MAX_DGRAM];
     char control[CMSG_SPACE(sizeof(struct in_pktinfo))];
+    int drain = getenv("FLOOR_DRAIN") != NULL, draining = 0;
     while (!stop_flag) {
         struct iovec iov = {frame + HEADER, MAX_DGRAM};
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
                              .msg_controllen = sizeof control};
-        if (poll_first) wait_readable(udp);
-        ssize_t n = recvmsg(udp, &msg, 0);
+        if (poll_first && !draining) wait_readable(udp);
+        ssize_t n = recvmsg(udp, &msg, draining ? MSG_DONTWAIT : 0);
         if (n < 0) {
+            if (errno == EAGAIN && draining) {
+                draining = 0;
+                continue;
+            }
             if (errno == EINTR) continue;
             die("recvmsg");
         }
+        draining = drain;
         uint32_t group = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
             if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO)
