@@ -1263,6 +1263,61 @@ def test_capture_hold_ends_when_the_connection_is_not_written_whole() -> None:
         assert rig.state.sent < rig.state.offset
 
 
+def test_capture_hold_ends_at_its_time_when_nothing_more_comes() -> None:
+    """A hold ends ``hold_ns`` after it began when no datagram follows: the call returns by
+    itself with the batch (the stop pipe is not needed)."""
+    hold = 0.2
+    with hold_rig() as rig:
+        rig.state.hold_ns = int(hold * 1e9)
+        rig.sender.send(b"one")
+        started = time.monotonic()
+        why = rig.next_unheld()
+        elapsed = time.monotonic() - started
+        assert why == Why.EMPTY
+        assert (rig.state.first, rig.state.count, rig.state.claimed) == (1, 1, 1)
+        assert rig.frames(1) == [b"one"]
+        assert hold * 0.9 <= elapsed < 10
+
+
+def test_emit_pump_heartbeats_on_time_while_idle() -> None:
+    """With nothing to receive the pump writes a HEARTBEAT every ``heartbeat_ns`` (its own
+    deadline wakes it, no traffic does) and returns RD_IDLE after ``idle_ns``."""
+    lib = plane()
+    heartbeat, idle = 0.05, 0.5
+    pump_side, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stop_r, stop_w = os.pipe()
+    mcast = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    buffer = (ctypes.c_uint8 * EMIT_CAP)()
+    state = fastpath.EmitState(
+        tcp_fd=pump_side.fileno(),
+        stop_fd=stop_r,
+        mcast_fd=mcast.fileno(),
+        buf=ctypes.addressof(buffer),
+        cap=EMIT_CAP,
+        idle_ns=int(idle * 1e9),
+        ack_interval_ns=int(heartbeat / 5 * 1e9),
+        heartbeat_ns=int(heartbeat * 1e9),
+        max_payload=MAX_PAYLOAD,
+        acked_any=1,
+    )
+    try:
+        started = time.monotonic()
+        why = lib.rd_emit_pump(ctypes.byref(state))
+        elapsed = time.monotonic() - started
+        peer.setblocking(False)
+        events = Decoder(FROM_EMIT).feed(peer.recv(1 << 16))
+        assert why == Why.IDLE
+        assert idle * 0.9 <= elapsed < 10
+        assert all(isinstance(e, Heartbeat) for e in events), events
+        # one per interval over the idle time (a slow machine may send fewer, never more)
+        assert 3 <= len(events) <= idle / heartbeat + 1, len(events)
+    finally:
+        for sock in (pump_side, peer, mcast):
+            sock.close()
+        os.close(stop_r)
+        os.close(stop_w)
+
+
 # -- the sanitizer build ---------------------------------------------------------------------
 
 #: the fuzz tests the sanitizer child runs (its own examples budget)
