@@ -13,8 +13,8 @@
  * a stop pipe and timers. With FLOOR_POLL set in the environment both hops first wait in
  * ppoll on the socket and a pipe, as relayd's threads do: what that wait costs. With
  * FLOOR_DRAIN cap receives again (non-blocking) after each datagram until the socket is empty,
- * as relayd's capture does to batch: the receive that finds it empty. Used by
- * `python -m bench.relay --paths direct,floor`. */
+ * as relayd's capture does to batch: the receive that finds it empty. FLOOR_TIMED prices a
+ * timed wait (see wait_readable). Used by `python -m bench.relay --paths direct,floor`. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/timerfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -74,11 +75,25 @@ static int send_all(int fd, const uint8_t *p, size_t n) {
 
 static int stop_pipe[2] = {-1, -1}; /* never written: only watched, like relayd's */
 static int poll_first;                /* FLOOR_POLL */
+static int timed;                     /* FLOOR_TIMED: 1 a 2 ms timeout per wait, 2 ("fd") a timer */
 
+/* FLOOR_POLL's wait, like relayd's: untimed, or (FLOOR_TIMED=1) with a 2 ms timeout, which arms
+ * and cancels a kernel timer per wait, or (FLOOR_TIMED=fd) beside a timerfd firing every 2 ms,
+ * one timer for all the waits. */
 static void wait_readable(int fd) {
+    static int timer = -1;
+    struct timespec two_ms = {0, 2000000};
     if (stop_pipe[0] < 0 && pipe(stop_pipe) < 0) die("pipe");
-    struct pollfd p[2] = {{fd, POLLIN, 0}, {stop_pipe[0], POLLIN, 0}};
-    ppoll(p, 2, NULL, NULL);
+    if (timed == 2 && timer < 0) {
+        struct itimerspec every = {two_ms, two_ms};
+        timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+        if (timer < 0 || timerfd_settime(timer, 0, &every, NULL) < 0) die("timerfd");
+    }
+    struct pollfd p[3] = {{fd, POLLIN, 0}, {stop_pipe[0], POLLIN, 0}, {timer, POLLIN, 0}};
+    ppoll(p, timed == 2 ? 3 : 2, timed == 1 ? &two_ms : NULL, NULL);
+    uint64_t expirations;
+    if (timed == 2 && p[2].revents && read(timer, &expirations, sizeof expirations) < 0)
+        die("timerfd");
 }
 
 static int run_cap(const char *iface, char *groups, int port, const char *to) {
@@ -186,6 +201,8 @@ static int run_emit(const char *listen_on, const char *iface) {
 
 int main(int argc, char **argv) {
     poll_first = getenv("FLOOR_POLL") != NULL;
+    const char *timed_as = getenv("FLOOR_TIMED");
+    timed = !timed_as ? 0 : !strcmp(timed_as, "fd") ? 2 : 1;
     const char *iface = NULL, *to = NULL, *listen_on = NULL;
     char *groups = NULL;
     int port = 0;
