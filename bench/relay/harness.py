@@ -88,6 +88,9 @@ def cores_kept_awake(enabled: bool) -> Iterator[list[str]]:
     vCPU, slow to wake after a few milliseconds idle), and any other thread preempts the
     spinner at once. A stand-in for a host whose cores are kept out of deep idle states."""
     spinners: list[subprocess.Popen[bytes]] = []
+    missing = [tool for tool in ("chrt", "taskset") if shutil.which(tool) is None]
+    if enabled and missing:
+        raise SystemExit(f"bench.relay: --keep-awake needs {' and '.join(missing)} (util-linux)")
     try:
         if enabled:
             # sched_yield: a spinner picked over a runnable thread (its tiny share still earns
