@@ -1592,7 +1592,9 @@ int64_t rd_claim_swap(int64_t *word, int64_t expect, int64_t value) {
  * (CLOCK_MONOTONIC ns; 0: none) passes (RD_EMPTY). */
 static int capture_wait(struct rd_capture *s, int64_t deadline) {
     struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
-    int64_t now = now_ns(CLOCK_MONOTONIC);
+    /* the clock only when something is timed: not on a plain wait, once per wake-up */
+    int timed = s->busy_ns > 0 || deadline;
+    int64_t now = timed ? now_ns(CLOCK_MONOTONIC) : 0;
     /* latency mode: poll without sleeping for busy_ns after the last batch, then sleep */
     int64_t spin_until = s->busy_ns > 0 ? now + s->busy_ns : 0;
     for (;;) {
@@ -1606,7 +1608,7 @@ static int capture_wait(struct rd_capture *s, int64_t deadline) {
         }
         if (n > 0 && p[1].revents) return RD_STOPPED;
         if (n > 0 && p[0].revents) return 0;
-        now = now_ns(CLOCK_MONOTONIC);
+        if (timed) now = now_ns(CLOCK_MONOTONIC);
     }
 }
 
