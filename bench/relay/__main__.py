@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None:
             sweep[shape] = tuple(int(float(r)) for r in given.split(",") if r)
     paths = [p for p in args.paths.split(",") if p]
+    one_point = bool(args.profile or args.hops or args.bursts or args.perf)  # no sweep
     relay_pins, load_pins = split_cpus(args.cpus)
     if "floor" in paths and ("relayd" in paths or args.profile or args.perf):
         print("bench.relay: the floor relay runs alone: --paths direct,floor, no profiling")
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench.relay: {note}")
         relay: Relay | None = None
         relayed = "floor" if "floor" in paths else "relayd"  # the path through the relay
-        if relayed in paths or args.profile or args.hops or args.bursts or args.perf:
+        if relayed in paths or one_point:
             relay = Relay(
                 topo,
                 Path(tmp),
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 relay.stop()
                 relay = bench.relay = None
                 paths = [p for p in paths if p != relayed]
-                if args.profile or args.hops or args.bursts or args.perf:
+                if one_point:
                     return 1
             if args.hops and relay is not None:
                 print("\n".join(hops(bench, relay, args.hops, seconds, Path(tmp), relayed)))

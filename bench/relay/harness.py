@@ -99,7 +99,8 @@ def cores_kept_awake(enabled: bool) -> Iterator[list[str]]:
             for cpu in sorted(os.sched_getaffinity(0)):
                 pinned = ["chrt", "--idle", "0", "taskset", "-c", str(cpu), *spin]
                 spinners.append(subprocess.Popen(pinned))
-        yield [f"cores kept awake: a SCHED_IDLE spinner on each of {len(spinners)} CPUs"][:enabled]
+        note = f"cores kept awake: a SCHED_IDLE spinner on each of {len(spinners)} CPUs"
+        yield [note] if enabled else []
     finally:
         for proc in spinners:
             stop(proc)

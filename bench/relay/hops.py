@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import shutil
 import subprocess
 import time
@@ -88,16 +89,21 @@ def hops(
     lines = table([point])
     lines.append(f"per hop at {rate:,}/s ({len(t['c0'])} datagrams, {len(t['c1'])} TCP segments):")
     for name, values in parts.items():
-        values.sort()
         if values:
-            q = [values[min(len(values) - 1, int(f * len(values)))] * 1e6 for f in (0.5, 0.9, 0.99)]
+            q = [_quantile(values, f) * 1e6 for f in (0.5, 0.9, 0.99)]
             lines.append(f"  {name:34s} p50 {q[0]:7.1f}  p90 {q[1]:7.1f}  p99 {q[2]:8.1f} µs")
     return lines
 
 
-def _median(values: list[float]) -> float:
+def _quantile(values: list[float], fraction: float) -> float:
+    """The value at ``fraction`` of the sorted values (the upper one of two middles), nan for
+    none."""
     ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else math.nan
+
+
+def _median(values: list[float]) -> float:
+    return _quantile(values, 0.5)
 
 
 @dataclass(frozen=True)
