@@ -29,7 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #define RD_ABI 16
 
@@ -309,6 +311,79 @@ static int64_t now_ns(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* -- timed waits ------------------------------------------------------------------------------
+ * A ppoll with a timeout arms a kernel timer and cancels it on every wait, about a microsecond
+ * a wait on this VM kind (docs/PERFORMANCE.md). At high rates a data thread waits many times
+ * for one deadline (a hold's end, the next ACK), so from the second wait on the same deadline
+ * it uses a timerfd of its own, set once for that deadline and polled beside its sockets. A
+ * single wait (low rates, the ACK reader's moving idle deadline) keeps ppoll's timeout: a
+ * timerfd left set for a deadline given up early would fire later for nothing. The timerfd is
+ * closed when the thread exits; without one (timerfd_create failed) ppoll's timeout serves. */
+
+struct thread_timer {
+    int fd;       /* -1: none yet, -2: none to be had */
+    int64_t at;   /* the CLOCK_MONOTONIC deadline it is set to, 0: unset (or it fired) */
+    int64_t last; /* the deadline of the latest timed wait */
+};
+static __thread struct thread_timer thread_timer = {-1, 0, 0};
+static pthread_key_t timer_key;
+static int timer_key_made;
+static pthread_once_t timer_key_once = PTHREAD_ONCE_INIT;
+
+static void timer_close(void *fd_plus_one) { close((int)((intptr_t)fd_plus_one - 1)); }
+static void timer_key_make(void) {
+    timer_key_made = pthread_key_create(&timer_key, timer_close) == 0;
+}
+
+/* This thread's timerfd, made when it first waits twice for one deadline; -1: none. */
+static int timer_fd(void) {
+    struct thread_timer *t = &thread_timer;
+    if (t->fd == -1) {
+        t->fd = -2;
+        pthread_once(&timer_key_once, timer_key_make);
+        int fd = timer_key_made ? timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC) : -1;
+        if (fd >= 0 && pthread_setspecific(timer_key, (void *)((intptr_t)fd + 1)) == 0) t->fd = fd;
+        else if (fd >= 0) close(fd);
+    }
+    return t->fd < 0 ? -1 : t->fd;
+}
+
+/* Set the thread's timerfd to `deadline` (0: unset it; setting also clears an expiry not read). */
+static int timer_set(int fd, int64_t deadline) {
+    struct itimerspec when = {{0, 0}, {deadline / 1000000000, deadline % 1000000000}};
+    if (timerfd_settime(fd, TFD_TIMER_ABSTIME, &when, NULL) < 0) return -1;
+    thread_timer.at = deadline;
+    return 0;
+}
+
+/* ppoll p[0..n) (room for n + 1 entries) until one is ready or CLOCK_MONOTONIC reaches
+ * `deadline` (0: none; at or before `now`: look without sleeping). Returns how many of the n
+ * are ready, 0 at the deadline, or -1 (errno). */
+static int poll_until(struct pollfd *p, nfds_t n, int64_t deadline, int64_t now) {
+    if (!deadline) return ppoll(p, n, NULL, NULL);
+    struct thread_timer *t = &thread_timer;
+    int64_t left = deadline - now;
+    int again = deadline == t->last;
+    t->last = deadline;
+    int fd = left > 0 && (again || t->at) ? timer_fd() : -1;
+    if (fd >= 0 && !again && timer_set(fd, 0) < 0) return -1; /* a deadline given up */
+    if (fd < 0 || !again) {
+        if (left < 0) left = 0;
+        struct timespec timeout = {left / 1000000000, left % 1000000000};
+        return ppoll(p, n, &timeout, NULL);
+    }
+    if (t->at != deadline && timer_set(fd, deadline) < 0) return -1;
+    p[n] = (struct pollfd){fd, POLLIN, 0};
+    int ready = ppoll(p, n + 1, NULL, NULL);
+    if (ready > 0 && p[n].revents) { /* the deadline came (possibly with a socket) */
+        uint64_t expirations;
+        if (read(fd, &expirations, sizeof expirations) < 0 && errno != EAGAIN) return -1;
+        t->at = 0;
+        ready--;
+    }
+    return ready;
 }
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -1463,15 +1538,15 @@ static int flush_control(struct rd_emit *s, int64_t now) {
     return 0;
 }
 
-/* Wait up to left_ns for the TCP socket (events) or the stop pipe, then receive into buf (room
- * bytes): how many bytes came (> 0); 0 when there is nothing to receive yet (timeout, EINTR,
- * EAGAIN, or the socket is only writable): call again; or -RD_STOPPED, -RD_EOF, -RD_RESET
- * (*err set). Both TCP loops wait this way. */
-static int64_t wait_and_recv(int tcp_fd, int stop_fd, short events, int64_t left_ns, uint8_t *buf,
-                             uint64_t room, int64_t *err) {
-    struct timespec timeout = {left_ns / 1000000000, left_ns % 1000000000};
-    struct pollfd p[2] = {{tcp_fd, events, 0}, {stop_fd, POLLIN, 0}};
-    int n = ppoll(p, 2, &timeout, NULL);
+/* Wait until `deadline` (poll_until: at or before `now`, do not sleep) for the TCP socket
+ * (events) or the stop pipe, then receive into buf (room bytes): how many bytes came (> 0); 0
+ * when there is nothing to receive yet (the deadline, EINTR, EAGAIN, or the socket is only
+ * writable): call again; or -RD_STOPPED, -RD_EOF, -RD_RESET (*err set). Both TCP loops wait
+ * this way. */
+static int64_t wait_and_recv(int tcp_fd, int stop_fd, short events, int64_t deadline, int64_t now,
+                             uint8_t *buf, uint64_t room, int64_t *err) {
+    struct pollfd p[3] = {{tcp_fd, events, 0}, {stop_fd, POLLIN, 0}};
+    int n = poll_until(p, 2, deadline, now);
     if (n < 0 && errno != EINTR) {
         *err = errno;
         return -RD_RESET;
@@ -1535,11 +1610,9 @@ int rd_emit_pump(struct rd_emit *s) {
                 wake = min64(wake, s->last_out_ns + beat);
             }
             short events = (short)(POLLIN | (s->out_len ? POLLOUT : 0));
-            int64_t wait_ns = wake > now ? wake - now : 0;
-            if (now < s->last_rx_ns + s->busy_ns) wait_ns = 0; /* latency mode: do not sleep */
-            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, events, wait_ns,
-                                        s->buf + s->end,
-                                        s->cap - s->end, &s->err);
+            if (now < s->last_rx_ns + s->busy_ns) wake = now; /* latency mode: do not sleep */
+            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, events, wake, now,
+                                        s->buf + s->end, s->cap - s->end, &s->err);
             if (got < 0) return (int)-got;
             if (got == 0) continue; /* nothing yet, or only writable */
             now = now_ns(CLOCK_MONOTONIC);
@@ -1591,7 +1664,7 @@ int64_t rd_claim_swap(int64_t *word, int64_t expect, int64_t value) {
 /* Block until the socket is readable (0), the stop pipe is (RD_STOPPED), or the deadline
  * (CLOCK_MONOTONIC ns; 0: none) passes (RD_EMPTY). */
 static int capture_wait(struct rd_capture *s, int64_t deadline) {
-    struct pollfd p[2] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
+    struct pollfd p[3] = {{(int)s->fd, POLLIN, 0}, {(int)s->stop_fd, POLLIN, 0}};
     /* the clock only when something is timed: not on a plain wait, once per wake-up */
     int timed = s->busy_ns > 0 || deadline;
     int64_t now = timed ? now_ns(CLOCK_MONOTONIC) : 0;
@@ -1599,9 +1672,7 @@ static int capture_wait(struct rd_capture *s, int64_t deadline) {
     int64_t spin_until = s->busy_ns > 0 ? now + s->busy_ns : 0;
     for (;;) {
         if (deadline && now >= deadline) return RD_EMPTY;
-        int64_t left = spin_until && now < spin_until ? 0 : deadline ? deadline - now : -1;
-        struct timespec timeout = {left / 1000000000, left % 1000000000};
-        int n = ppoll(p, 2, left < 0 ? NULL : &timeout, NULL);
+        int n = poll_until(p, 2, spin_until && now < spin_until ? now : deadline, now);
         if (n < 0 && errno != EINTR) {
             s->err = errno;
             return RD_ERROR;
@@ -1845,9 +1916,9 @@ int rd_capture_read(struct rd_capture_rx *s) {
             s->start = 0;
         }
         for (;;) {
-            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
-            if (left <= 0) return RD_IDLE;
-            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, POLLIN, left,
+            int64_t now = now_ns(CLOCK_MONOTONIC);
+            if (now >= deadline) return RD_IDLE;
+            int64_t got = wait_and_recv((int)s->tcp_fd, (int)s->stop_fd, POLLIN, deadline, now,
                                         s->buf + s->end, s->cap - s->end, &s->err);
             if (got < 0) return (int)-got;
             if (got == 0) continue;

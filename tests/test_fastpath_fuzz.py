@@ -1318,6 +1318,76 @@ def test_emit_pump_heartbeats_on_time_while_idle() -> None:
         os.close(stop_w)
 
 
+def _timerfds() -> int:
+    """How many timerfds this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
+    return count
+
+
+def test_a_data_thread_keeps_one_timer_for_its_deadlines_and_closes_it_when_it_ends() -> None:
+    """Waits for one deadline after the first use the thread's own timerfd, set once for it:
+    a hold still ends on time; a later deadline given up (the stop pipe) does not hold up an
+    earlier one, nor does its expiry, unread, end a later hold early; the timer is closed when
+    the thread ends."""
+    seen: dict[str, Any] = {}
+
+    with hold_rig() as rig:
+        rig.state.hold_gap_ns = int(1e9)  # every wake-up here counts as a high rate
+        rig.state.last_wake_ns = time.monotonic_ns()
+
+        def hold(seconds: float, *then: bytes | float) -> tuple[int, float]:
+            """A batch of one datagram held open for ``seconds`` while a feeder sends
+            ``then`` (payloads, or pauses; b"stop": the stop pipe)."""
+
+            def feed() -> None:
+                for step in then:
+                    if isinstance(step, float):
+                        time.sleep(step)
+                    elif step == b"stop":
+                        os.write(rig.stop_w, b"x")
+                    else:
+                        rig.sender.send(step)
+
+            rig.state.hold_ns = int(seconds * 1e9)
+            rig.sender.send(b"first")
+            feeder = threading.Thread(target=feed)
+            feeder.start()
+            started = time.monotonic()
+            why = rig.next()
+            elapsed = time.monotonic() - started
+            feeder.join()
+            with contextlib.suppress(BlockingIOError):
+                os.set_blocking(rig.stop_r, False)
+                os.read(rig.stop_r, 1)
+            rig.frames(rig.state.count)
+            return why, elapsed
+
+        def thread() -> None:
+            seen["on time"] = hold(0.3, 0.02, b"b", 0.02, b"c", 0.02, b"d")
+            seen["count on time"] = rig.state.count
+            seen["timerfds while it runs"] = _timerfds()
+            hold(5.0, 0.02, b"b", 0.02, b"c", 0.02, b"stop")  # the timer is set 5 s ahead
+            seen["after a later deadline"] = hold(0.2, 0.02, b"b", 0.02, b"c")
+            hold(0.1, 0.02, b"b", 0.02, b"c", 0.02, b"stop", 0.2)  # expires unread
+            seen["after an unread expiry"] = hold(0.3, 0.02, b"b", 0.02, b"c")
+
+        before = _timerfds()
+        runner = threading.Thread(target=thread)
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive()
+        assert seen["on time"][0] == Why.EMPTY
+        assert 0.27 <= seen["on time"][1] < 3, seen
+        assert seen["count on time"] == 4  # first, b, c, d: one batch
+        assert seen["timerfds while it runs"] == before + 1
+        assert 0.18 <= seen["after a later deadline"][1] < 3, seen
+        assert 0.27 <= seen["after an unread expiry"][1] < 3, seen
+        assert _timerfds() == before  # closed with the thread
+
+
 # -- the sanitizer build ---------------------------------------------------------------------
 
 #: the fuzz tests the sanitizer child runs (its own examples budget)
