@@ -324,8 +324,8 @@ static int64_t now_ns(clockid_t clock) {
 
 struct thread_timer {
     int fd;       /* -1: none yet, -2: none to be had */
-    int64_t at;   /* the CLOCK_MONOTONIC deadline it is set to, 0: unset (or it fired) */
-    int64_t last; /* the deadline of the latest timed wait */
+    int set;      /* the timerfd is set to `last` (0: unset, or it fired and was read) */
+    int64_t last; /* the CLOCK_MONOTONIC deadline of the latest timed wait */
 };
 static __thread struct thread_timer thread_timer = {-1, 0, 0};
 static pthread_key_t timer_key;
@@ -354,7 +354,7 @@ static int timer_fd(void) {
 static int timer_set(int fd, int64_t deadline) {
     struct itimerspec when = {{0, 0}, {deadline / 1000000000, deadline % 1000000000}};
     if (timerfd_settime(fd, TFD_TIMER_ABSTIME, &when, NULL) < 0) return -1;
-    thread_timer.at = deadline;
+    thread_timer.set = deadline != 0;
     return 0;
 }
 
@@ -367,20 +367,20 @@ static int poll_until(struct pollfd *p, nfds_t n, int64_t deadline, int64_t now)
     int64_t left = deadline - now;
     int again = deadline == t->last;
     t->last = deadline;
-    int fd = left > 0 && (again || t->at) ? timer_fd() : -1;
+    int fd = left > 0 && (again || t->set) ? timer_fd() : -1;
     if (fd >= 0 && !again && timer_set(fd, 0) < 0) return -1; /* a deadline given up */
     if (fd < 0 || !again) {
         if (left < 0) left = 0;
         struct timespec timeout = {left / 1000000000, left % 1000000000};
         return ppoll(p, n, &timeout, NULL);
     }
-    if (t->at != deadline && timer_set(fd, deadline) < 0) return -1;
+    if (!t->set && timer_set(fd, deadline) < 0) return -1;
     p[n] = (struct pollfd){fd, POLLIN, 0};
     int ready = ppoll(p, n + 1, NULL, NULL);
     if (ready > 0 && p[n].revents) { /* the deadline came (possibly with a socket) */
         uint64_t expirations;
         if (read(fd, &expirations, sizeof expirations) < 0 && errno != EAGAIN) return -1;
-        t->at = 0;
+        t->set = 0;
         ready--;
     }
     return ready;
