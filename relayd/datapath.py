@@ -75,9 +75,11 @@ EMIT_RECEIVE_SIZE = 256 * 1024
 #: Frame buffer per capture socket; a batch ends when less than a maximal frame fits.
 CAPTURE_BATCH_SIZE = 512 * 1024
 #: A capture batch is held open (``CaptureReceiver.next``) only while wake-ups come less than
-#: this apart (above about 25k datagrams/s): below, holding saved CPU but measured a higher
-#: median latency with capture and emit on shared cores (docs/PERFORMANCE.md).
-CAPTURE_HOLD_GAP = 40e-6
+#: this apart (above about 1k datagrams/s): a rarer stream ends each batch at its wake-up, not
+#: at a timer. Above it, holding cut relay CPU by a sixth to a quarter at 5k-10k/s; its median
+#: cost at those rates showed only on some machines with capture and emit on shared cores
+#: (docs/PERFORMANCE.md, fourth and seventh rounds).
+CAPTURE_HOLD_GAP = 1e-3
 #: Bytes a capture ACK reader reads per ``recv``.
 ACK_READ_SIZE = 64 * 1024
 #: A capture connection's claim word (:class:`ClaimWord`) holds its fd, or one of these.
