@@ -411,7 +411,9 @@ class Sampler:
             self.rows[name].append((now, rss_kib(pid), fd_count(pid)))
 
     def figures(self, after: float = 0.0) -> dict[str, Any]:
-        """Per process: RSS first/max/last (KiB), fds first/max/last, and least-squares
+        """Per process: RSS first/max/last (KiB), fds first/max/last, the fds of the first
+        sample taken after ``after`` s (``fds_settled``: a data thread makes its timer at its
+        first repeated deadline, which may come after the first sample), and least-squares
         slopes (KiB per minute, fds per minute) of the samples taken after ``after`` s."""
         out: dict[str, Any] = {}
         for name, rows in self.rows.items():
@@ -424,6 +426,7 @@ class Sampler:
                 "fds_first": rows[0][2],
                 "fds_max": max(r[2] for r in rows),
                 "fds_last": rows[-1][2],
+                "fds_settled": late[0][2],
                 "fds_per_min": round(60 * slope([(t, f) for t, _, f in late]), 2),
                 "samples": len(rows),
             }
