@@ -139,6 +139,9 @@ async def test_a_site_that_reads_nothing_never_holds_back_the_other() -> None:
             await trio.sleep(3.0)
         total = sum(sender.sent.values())
         await wait_for(lambda: len(london.datagrams) >= total, timeout=30)
+        # the last batch reaches London (written at once) a moment before the Python pass
+        # puts it into Tokyo's replay buffer
+        await wait_for(lambda: feed.sites[1].replay.unacked_datagrams >= total, timeout=10)
         tokyo_waiting = feed.sites[1].replay.unacked_datagrams
         nursery.cancel_scope.cancel()
     assert lost_and_duplicated(received([london]), sender.sent) == (0, 0, True)
