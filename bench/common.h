@@ -1,4 +1,5 @@
-/* What bench/gen.c and bench/recv.c share: stop on SIGTERM/SIGINT, and a clock in ns. */
+/* What the benchmarks' C programs share: stop on SIGTERM/SIGINT, and a clock in ns (inline, so
+ * a program that uses one of them only is not warned about the other). */
 #ifndef BENCH_COMMON_H
 #define BENCH_COMMON_H
 
@@ -8,12 +9,12 @@
 
 static volatile sig_atomic_t stop_flag;
 
-static void on_signal(int sig) {
+static inline void on_signal(int sig) {
     (void)sig;
     stop_flag = 1;
 }
 
-static int64_t now_ns(clockid_t clock) {
+static inline int64_t now_ns(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
