@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import ctypes
 import json
 import os
@@ -138,6 +139,17 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def timer_count(pid: int) -> tuple[int, int]:
+    """The process's timerfds and its threads: a data-path thread makes one timerfd of its own
+    at its first repeated deadline (relayd/_fastpath.c), so there are never more timers than
+    threads."""
+    timers = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            timers += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[timerfd]"
+    return timers, len(os.listdir(f"/proc/{pid}/task"))
 
 
 def slope(points: Sequence[tuple[float, float]]) -> float:
@@ -404,17 +416,19 @@ class Sampler:
         self.pids = pids
         self.start = time.monotonic()
         self.rows: dict[str, list[tuple[float, int, int]]] = {k: [] for k in pids}
+        self.timers: dict[str, list[tuple[int, int]]] = {k: [] for k in pids}
 
     def sample(self) -> None:
         now = time.monotonic() - self.start
         for name, pid in self.pids.items():
             self.rows[name].append((now, rss_kib(pid), fd_count(pid)))
+            self.timers[name].append(timer_count(pid))
 
     def figures(self, after: float = 0.0) -> dict[str, Any]:
-        """Per process: RSS first/max/last (KiB), fds first/max/last, the fds of the first
-        sample taken after ``after`` s (``fds_settled``: a data thread makes its timer at its
-        first repeated deadline, which may come after the first sample), and least-squares
-        slopes (KiB per minute, fds per minute) of the samples taken after ``after`` s."""
+        """Per process: RSS first/max/last (KiB), fds first/max/last, the timerfds and
+        threads at the first and last sample (a data thread makes its timer at its first
+        repeated deadline, which may come after the first sample), and least-squares slopes
+        (KiB per minute, fds per minute) of the samples taken after ``after`` s."""
         out: dict[str, Any] = {}
         for name, rows in self.rows.items():
             late = [r for r in rows if r[0] >= after] or rows
@@ -426,7 +440,9 @@ class Sampler:
                 "fds_first": rows[0][2],
                 "fds_max": max(r[2] for r in rows),
                 "fds_last": rows[-1][2],
-                "fds_settled": late[0][2],
+                "timers_first": self.timers[name][0][0],
+                "timers_last": self.timers[name][-1][0],
+                "threads_last": self.timers[name][-1][1],
                 "fds_per_min": round(60 * slope([(t, f) for t, _, f in late]), 2),
                 "samples": len(rows),
             }
